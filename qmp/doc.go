@@ -1,0 +1,2 @@
+// Package qmp is qmigrate's own client for the QEMU Machine Protocol.
+package qmp
