@@ -1,0 +1,128 @@
+package blockmirror
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+)
+
+// Config selects the disks to migrate and how. The zero value mirrors every
+// writable, non-shared disk to an NBD server derived from the migration URI.
+type Config struct {
+	// Disks are the block nodes to mirror, by node name, device name or qdev
+	// id/path. Empty selects every writable disk that is not in Shared.
+	Disks []string
+	// NBDAddress is the destination NBD server: "unix:/path" or
+	// "tcp:host:port". "" derives it from the migration URI: for tcp the same
+	// host and a free port next to the migration port, for unix a socket
+	// beside the migration socket. Other migration URIs need it set.
+	NBDAddress string
+	// CreateTargets creates missing destination images over QMP
+	// (blockdev-create, same format and virtual size as the source) and adds
+	// them as block nodes of the same name. The caller still adds the devices.
+	CreateTargets bool
+	// TargetDir is where CreateTargets puts new images on the destination
+	// host: TargetDir/<basename of the source image>. "" = the source image's
+	// own path (the usual layout between two hosts).
+	TargetDir string
+	// WriteBlocking starts every mirror in write-blocking copy mode (guest
+	// writes complete only once they reached the destination), so a mirror
+	// converges under any write load at the price of write latency.
+	WriteBlocking bool
+	// Shared are node names on storage both hosts see; they are never
+	// mirrored and may not appear in Disks.
+	Shared []string
+	// Logger receives progress and clean-up messages; nil discards.
+	Logger *slog.Logger
+}
+
+// Sentinel errors. Match them with errors.Is.
+var (
+	// ErrPreflight wraps every error found before anything was changed on
+	// either QEMU.
+	ErrPreflight = errors.New("blockmirror: preflight")
+	// ErrUnsupported is errors.ErrUnsupported: the QEMU lacks a command
+	// (block-job-change before 8.2).
+	ErrUnsupported = errors.ErrUnsupported
+	// ErrMirrorFailed wraps a mirror that ended with an error, was cancelled or
+	// vanished before it was finished ([*JobError] carries the details).
+	ErrMirrorFailed = errors.New("blockmirror: mirror failed")
+	// ErrNotReady: Finish was called on a mirror that never reached READY.
+	ErrNotReady = errors.New("blockmirror: mirror not ready")
+	// ErrDestinationGone: the destination QMP connection ended.
+	ErrDestinationGone = errors.New("blockmirror: destination QEMU gone")
+	// ErrSourceGone: the source QMP connection ended.
+	ErrSourceGone = errors.New("blockmirror: source QEMU gone")
+	// ErrState: a method was called in the wrong phase (Finish after Abort...).
+	ErrState = errors.New("blockmirror: wrong state")
+)
+
+// JobError describes a mirror job that failed.
+type JobError struct {
+	Node  string // source node
+	Job   string // job id
+	Event string // BLOCK_JOB_ERROR, BLOCK_JOB_COMPLETED, BLOCK_JOB_CANCELLED or "" (vanished)
+	Msg   string // QEMU's error text, when it gave one
+}
+
+func (e *JobError) Error() string {
+	s := fmt.Sprintf("blockmirror: mirror %s of %s", e.Job, e.Node)
+	switch e.Event {
+	case "BLOCK_JOB_CANCELLED":
+		s += " was cancelled"
+	case "":
+		s += " vanished"
+	default:
+		s += " failed (" + e.Event + ")"
+	}
+	if e.Msg != "" {
+		s += ": " + e.Msg
+	}
+	return s
+}
+
+// Unwrap makes errors.Is(err, ErrMirrorFailed) true.
+func (e *JobError) Unwrap() error { return ErrMirrorFailed }
+
+// Validate checks the Config on its own (no QEMU needed). Errors wrap
+// ErrPreflight.
+func (c Config) Validate() error {
+	seen := map[string]bool{}
+	for _, d := range c.Disks {
+		if d == "" {
+			return fmt.Errorf("%w: empty disk name", ErrPreflight)
+		}
+		if seen[d] {
+			return fmt.Errorf("%w: disk %q selected twice", ErrPreflight, d)
+		}
+		seen[d] = true
+	}
+	for _, s := range c.Shared {
+		if s == "" {
+			return fmt.Errorf("%w: empty shared node name", ErrPreflight)
+		}
+		if seen[s] {
+			return fmt.Errorf("%w: disk %q is both selected and shared", ErrPreflight, s)
+		}
+	}
+	if c.NBDAddress != "" {
+		if _, err := parseNBDAddress(c.NBDAddress); err != nil {
+			return err
+		}
+	}
+	if c.TargetDir != "" && !c.CreateTargets {
+		return fmt.Errorf("%w: TargetDir set without CreateTargets", ErrPreflight)
+	}
+	if c.TargetDir != "" && !strings.HasPrefix(c.TargetDir, "/") {
+		return fmt.Errorf("%w: TargetDir %q is not absolute", ErrPreflight, c.TargetDir)
+	}
+	return nil
+}
+
+func (c Config) logger() *slog.Logger {
+	if c.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return c.Logger
+}
