@@ -1,0 +1,328 @@
+package strategy
+
+import (
+	"fmt"
+	"math"
+	"time"
+)
+
+// Machine is the switchover state machine of one migration. It is not safe
+// for concurrent use: one goroutine (the engine's owner loop) calls Step and
+// Applied in turn.
+type Machine struct {
+	cfg    Config
+	lim    Limits
+	pol    policy
+	now    time.Duration // monotonic: the largest Elapsed seen
+	done   bool
+	last   Decision // the last non-wait decision
+	levers levers
+}
+
+// levers is what the policies share about the levers: which failed to apply
+// and whether a finishing lever (postcopy, pause) is in flight.
+type levers struct {
+	downtimeFailed bool
+	throttleFailed bool
+	postcopyFailed bool
+	pauseFailed    bool
+	postcopy       bool // StartPostcopy decided and not failed
+	paused         bool // PauseSource decided and not failed, or the sample says so
+	inPostcopy     bool // a postcopy status was seen
+}
+
+func (l *levers) finishing() bool { return l.postcopy || l.paused || l.inPostcopy }
+
+// policy is one decision rule. step is called only for non-terminal,
+// non-postcopy samples, sanitized, with now = the monotonic elapsed time.
+type policy interface {
+	setup() Setup
+	step(s Sample, now time.Duration) Decision
+	// deadline is called when the user's Budget is reached and no finishing
+	// lever is in flight; it must return Abort, StartPostcopy or PauseSource.
+	deadline(s Sample, now time.Duration) Decision
+	applied(d Decision, err error)
+}
+
+// New validates cfg and returns a Machine for one migration.
+func New(cfg Config) (*Machine, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Policy == "" {
+		cfg.Policy = PolicyAuto
+	}
+	m := &Machine{cfg: cfg, lim: cfg.Limits}
+	switch cfg.Policy {
+	case PolicyAuto:
+		m.pol = newAuto(m)
+	case PolicyQEMU:
+		m.pol = &qemuPolicy{m: m}
+	case PolicyKubeVirt:
+		m.pol = newKubeVirt(m)
+	case PolicyNova:
+		m.pol = newNova(m)
+	case PolicyProxmox:
+		m.pol = newProxmox(m)
+	}
+	return m, nil
+}
+
+// Policy returns the name of the policy in use.
+func (m *Machine) Policy() string { return m.cfg.Policy }
+
+// Setup returns what the engine must configure before it starts the
+// migration. It obeys the Limits: the downtime limit is at most MaxDowntime,
+// AutoConverge only when throttling is permitted, Postcopy only when allowed.
+func (m *Machine) Setup() Setup {
+	s := m.pol.setup()
+	if max := m.lim.maxDowntime(); s.DowntimeLimit > max {
+		s.DowntimeLimit = max
+	}
+	if s.DowntimeLimit < 0 {
+		s.DowntimeLimit = 0
+	}
+	if m.lim.NoThrottle {
+		s.AutoConverge = false
+		s.Throttle = nil
+	}
+	if !s.AutoConverge {
+		s.Throttle = nil
+	}
+	if s.Throttle != nil {
+		t := clampThrottle(*s.Throttle)
+		s.Throttle = &t
+	}
+	if !m.lim.AllowPostcopy {
+		s.Postcopy = false
+	}
+	return s
+}
+
+// Done reports whether a terminal status was seen or Abort was decided.
+// Step then only returns Wait.
+func (m *Machine) Done() bool { return m.done }
+
+// Step takes the next sample and returns the decision. It never panics:
+// NaN or infinite rates count as zero and time going backwards is ignored
+// (the largest Elapsed seen is "now").
+func (m *Machine) Step(s Sample) Decision {
+	at := s.Elapsed
+	if m.done {
+		return Decision{Action: Wait, Reason: "done", At: at}
+	}
+	s = sanitize(s)
+	if s.Elapsed > m.now {
+		m.now = s.Elapsed
+	}
+	now := m.now
+	switch classify(s.Status) {
+	case statusTerminal:
+		m.done = true
+		return Decision{Action: Wait, Reason: fmt.Sprintf("migration %s", s.Status), At: at}
+	case statusPostcopy:
+		m.levers.inPostcopy = true
+		return Decision{Action: Wait, Reason: fmt.Sprintf("%s: postcopy is never aborted", s.Status), At: at}
+	}
+	if s.SourcePaused {
+		m.levers.paused = true
+	}
+	d := m.pol.step(s, now)
+	if b := m.lim.Budget; b > 0 && now >= b && !m.levers.finishing() && !isFinishing(d.Action) {
+		d = m.pol.deadline(s, now)
+		if !isFinishing(d.Action) || !m.permitted(d.Action) {
+			d = Decision{Action: Abort, Reason: fmt.Sprintf("budget %v reached at %v", b, roundDur(now))}
+		}
+	}
+	d = m.enforce(d, s)
+	d.At = at
+	switch d.Action {
+	case Wait:
+		return d
+	case Abort:
+		m.done = true
+	case StartPostcopy:
+		m.levers.postcopy = true
+	case PauseSource:
+		m.levers.paused = true
+	}
+	m.last = d
+	return d
+}
+
+// Applied reports the outcome of the last non-wait decision: err != nil means
+// it failed to apply. A failed lever is not tried again; a failed finishing
+// lever (postcopy, pause) lets the policy and the budget act again.
+func (m *Machine) Applied(d Decision, err error) {
+	if m.done || d.Action == Wait {
+		return
+	}
+	if err != nil {
+		switch d.Action {
+		case SetDowntime:
+			m.levers.downtimeFailed = true
+		case SetThrottle:
+			m.levers.throttleFailed = true
+		case StartPostcopy:
+			m.levers.postcopyFailed = true
+			m.levers.postcopy = false
+		case PauseSource:
+			m.levers.pauseFailed = true
+			m.levers.paused = false
+		}
+	}
+	m.pol.applied(d, err)
+}
+
+// enforce is the last guard of the hard limits, whatever a policy decided.
+func (m *Machine) enforce(d Decision, s Sample) Decision {
+	switch d.Action {
+	case SetDowntime:
+		if m.levers.downtimeFailed {
+			return wait("downtime limit cannot be set")
+		}
+		max := m.lim.maxDowntime()
+		if d.DowntimeLimit > max {
+			d.DowntimeLimit = max
+			d.Reason += fmt.Sprintf(" (capped at the %v maximum)", max)
+		}
+		if d.DowntimeLimit < 0 {
+			d.DowntimeLimit = 0
+		}
+		if d.DowntimeLimit == s.DowntimeLimit && s.DowntimeLimit != 0 {
+			return wait(fmt.Sprintf("downtime limit already %v", d.DowntimeLimit))
+		}
+	case SetThrottle:
+		if !m.lim.throttleOK() || m.levers.throttleFailed {
+			return wait("throttling not permitted")
+		}
+		d.Throttle = clampThrottle(d.Throttle)
+	case StartPostcopy:
+		if !m.permitted(StartPostcopy) {
+			return wait("postcopy not permitted")
+		}
+	case PauseSource:
+		if !m.permitted(PauseSource) {
+			return wait("pause not permitted")
+		}
+	case Abort:
+	default:
+		if d.Action != Wait {
+			return wait(fmt.Sprintf("unknown action %q", d.Action))
+		}
+		d.Action = Wait
+	}
+	return d
+}
+
+// permitted reports whether a finishing action is allowed now.
+func (m *Machine) permitted(a Action) bool {
+	switch a {
+	case StartPostcopy:
+		return m.lim.AllowPostcopy && !m.levers.postcopyFailed && !m.levers.finishing()
+	case PauseSource:
+		return m.lim.AllowPause && !m.levers.pauseFailed && !m.levers.finishing()
+	}
+	return true
+}
+
+func isFinishing(a Action) bool { return a == Abort || a == StartPostcopy || a == PauseSource }
+
+func wait(reason string) Decision { return Decision{Action: Wait, Reason: reason} }
+
+// clampThrottle keeps the parameters within what QEMU accepts:
+// initial and increment 1..99, initial ≤ max ≤ 99, threshold 0 (leave) .. 100.
+func clampThrottle(t Throttle) Throttle {
+	t.Initial = clampInt(t.Initial, 1, qemuMaxThrottle)
+	t.Increment = clampInt(t.Increment, 1, qemuMaxThrottle)
+	t.Max = clampInt(t.Max, t.Initial, qemuMaxThrottle)
+	t.TriggerThreshold = clampInt(t.TriggerThreshold, 0, qemuMaxTriggerThreshold)
+	return t
+}
+
+func clampInt(v, lo, hi int) int {
+	if v < lo {
+		return lo
+	}
+	if v > hi {
+		return hi
+	}
+	return v
+}
+
+type statusClass int
+
+const (
+	statusActive statusClass = iota
+	statusTerminal
+	statusPostcopy
+)
+
+func classify(status string) statusClass {
+	switch status {
+	case "completed", "failed", "cancelled":
+		return statusTerminal
+	case "postcopy-active", "postcopy-paused", "postcopy-recover", "postcopy-recover-setup", "postcopy-device":
+		return statusPostcopy
+	}
+	return statusActive
+}
+
+func sanitize(s Sample) Sample {
+	if s.Elapsed < 0 {
+		s.Elapsed = 0
+	}
+	s.DirtyRate = finite(s.DirtyRate)
+	s.Throughput = finite(s.Throughput)
+	if s.ExpectedDowntime < 0 {
+		s.ExpectedDowntime = 0
+	}
+	if s.DowntimeLimit < 0 {
+		s.DowntimeLimit = 0
+	}
+	s.ThrottlePercent = clampInt(s.ThrottlePercent, 0, 100)
+	return s
+}
+
+// finite maps NaN, ±Inf and negative values to 0 and caps absurd values.
+func finite(v float64) float64 {
+	if math.IsNaN(v) || math.IsInf(v, 0) || v < 0 {
+		return 0
+	}
+	if v > 1e18 {
+		return 1e18
+	}
+	return v
+}
+
+func roundDur(d time.Duration) time.Duration {
+	if d > time.Second {
+		return d.Round(100 * time.Millisecond)
+	}
+	return d.Round(time.Millisecond)
+}
+
+// bytesStr renders a byte count or rate readably (binary units).
+func bytesStr(b float64) string {
+	switch {
+	case b >= gib:
+		return fmt.Sprintf("%.2f GiB", b/gib)
+	case b >= mib:
+		return fmt.Sprintf("%.1f MiB", b/mib)
+	case b >= 1024:
+		return fmt.Sprintf("%.1f KiB", b/1024)
+	}
+	return fmt.Sprintf("%.0f B", b)
+}
+
+// seconds converts bytes / (bytes/s) to a duration, saturating.
+func seconds(bytes, rate float64) time.Duration {
+	if rate <= 0 {
+		return time.Duration(math.MaxInt64)
+	}
+	s := bytes / rate
+	if s >= float64(math.MaxInt64)/float64(time.Second) {
+		return time.Duration(math.MaxInt64)
+	}
+	return time.Duration(s * float64(time.Second))
+}

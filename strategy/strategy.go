@@ -1,0 +1,91 @@
+package strategy
+
+import (
+	"time"
+)
+
+// Action is what a Decision asks the engine to do.
+type Action string
+
+// The actions a Machine can decide.
+const (
+	Wait          Action = "wait"
+	SetDowntime   Action = "set-downtime"   // Decision.DowntimeLimit
+	SetThrottle   Action = "set-throttle"   // Decision.Throttle (auto-converge parameters)
+	StartPostcopy Action = "start-postcopy" // migrate-start-postcopy
+	PauseSource   Action = "pause"          // stop the source vCPUs: stop-and-copy finish
+	Abort         Action = "abort"          // migrate_cancel + rollback; the guest stays on the source
+)
+
+// Sample is one observation of the migration, built by the engine from query-migrate.
+// All fields are data: the Machine never reads a clock.
+type Sample struct {
+	Elapsed          time.Duration // since migration start
+	Status           string        // QEMU MigrationStatus: setup, active, postcopy-active, pre-switchover, device, completed, failed, cancelled, ... (unknown = non-terminal)
+	Iteration        uint64        // ram.dirty-sync-count
+	RemainingBytes   uint64
+	TransferredBytes uint64
+	TotalBytes       uint64        // guest RAM size
+	DirtyRate        float64       // bytes/s (dirty-pages-rate × page-size)
+	Throughput       float64       // bytes/s measured by QEMU (mbps)
+	ExpectedDowntime time.Duration // QEMU's expected-downtime
+	ThrottlePercent  int           // cpu-throttle-percentage currently applied
+	DowntimeLimit    time.Duration // currently configured limit
+	SourcePaused     bool          // source vCPUs stopped by a PauseSource decision
+	StorageRemaining uint64        // disk bytes still to mirror (0 when no storage migration)
+	StorageTotal     uint64
+}
+
+// Throttle holds the auto-converge parameters of migrate-set-parameters.
+type Throttle struct {
+	Initial, Increment, Max int // cpu-throttle-initial / -increment / max-cpu-throttle (%)
+	TriggerThreshold        int // throttle-trigger-threshold, 0 = leave
+	Tailslow                bool
+}
+
+// Decision is the output of one Step.
+type Decision struct {
+	Action        Action
+	DowntimeLimit time.Duration // for SetDowntime
+	Throttle      Throttle      // for SetThrottle
+	Reason        string        // human readable, says why, with numbers
+	At            time.Duration // Sample.Elapsed when decided
+}
+
+// Limits are the user's hard limits. Every policy obeys them.
+type Limits struct {
+	MaxDowntime     time.Duration // hard ceiling for any downtime limit set; 0 = 300ms
+	Budget          time.Duration // whole-migration budget; 0 = none (policy defaults apply)
+	ProgressTimeout time.Duration // abort if no progress this long; 0 = policy default
+	NoThrottle      bool          // user refused CPU throttling (permitted by default)
+	AllowPostcopy   bool
+	AllowPause      bool
+}
+
+// DefaultMaxDowntime is the downtime ceiling when Limits.MaxDowntime is zero (QEMU's default downtime-limit).
+const DefaultMaxDowntime = 300 * time.Millisecond
+
+// QEMUMaxDowntime is the largest downtime-limit QEMU accepts (2000 s).
+const QEMUMaxDowntime = 2000 * time.Second
+
+// Setup is what the engine must configure before it starts the migration.
+type Setup struct {
+	DowntimeLimit time.Duration // to set before migrate starts (0 = leave QEMU's)
+	AutoConverge  bool          // enable the auto-converge capability up front (policy may throttle AND user permits)
+	Postcopy      bool          // enable postcopy-ram up front (policy may use it AND user permits)
+	Throttle      *Throttle     // initial throttle parameters to set before start (nil = leave QEMU's)
+}
+
+// Policy names.
+const (
+	PolicyAuto     = "auto"
+	PolicyQEMU     = "qemu"
+	PolicyKubeVirt = "kubevirt"
+	PolicyNova     = "nova"
+	PolicyProxmox  = "proxmox"
+)
+
+// Policies returns the valid policy names, the default first.
+func Policies() []string {
+	return []string{PolicyAuto, PolicyQEMU, PolicyKubeVirt, PolicyNova, PolicyProxmox}
+}
