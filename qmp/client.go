@@ -190,6 +190,7 @@ func NewClient(ctx context.Context, conn net.Conn, opts ...Option) (*Client, err
 		conn.Close()
 		return nil, fmt.Errorf("qmp: reading greeting: %w", err)
 	}
+	line = bytes.TrimSpace(line)
 	c.logWire("<-", line)
 	var m message
 	if err := json.Unmarshal(line, &m); err != nil || m.QMP == nil {
@@ -306,11 +307,13 @@ func (c *Client) execute(ctx context.Context, verb, command string, args, result
 		c.mu.Unlock()
 	}
 
+	// Log before writing: once written, the reply may be logged by the
+	// reader before this goroutine runs again.
+	c.logWire("->", buf[:len(buf)-1])
 	if err := c.write(ctx, buf, fd); err != nil {
 		forget()
 		return &CommandError{Command: command, Err: err}
 	}
-	c.logWire("->", buf[:len(buf)-1])
 
 	select {
 	case r := <-ch:
