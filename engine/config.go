@@ -1,0 +1,103 @@
+package engine
+
+import (
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/qmigrate/qmigrate/qmp"
+	"github.com/qmigrate/qmigrate/transport"
+)
+
+// Defaults for the zero values of Config.
+const (
+	DefaultPollInterval   = 200 * time.Millisecond
+	DefaultConnectTimeout = 10 * time.Second
+	// UnlimitedBandwidth is the max-bandwidth set when Config.Bandwidth is 0:
+	// 64 GiB/s, far above any link, accepted by QEMU 7.2 to 10.x.
+	UnlimitedBandwidth uint64 = 64 << 30
+	// MaxMultifdChannels is QEMU's limit for multifd-channels.
+	MaxMultifdChannels = 255
+	// undoTimeout bounds the whole rollback when the caller's context is gone.
+	undoTimeout = 30 * time.Second
+)
+
+// Validate checks the config without touching any QEMU. Errors wrap
+// ErrInvalidConfig (and so ErrBadInput) and name the field.
+func (c Config) Validate() error {
+	bad := func(field, format string, args ...any) error {
+		return fmt.Errorf("%w: %s: %s", ErrInvalidConfig, field, fmt.Sprintf(format, args...))
+	}
+	for _, e := range []struct {
+		name string
+		ep   Endpoint
+	}{{"Source", c.Source}, {"Destination", c.Destination}} {
+		if e.ep.Client != nil {
+			continue
+		}
+		if e.ep.Address == "" {
+			return bad(e.name, "neither Address nor Client set")
+		}
+		if _, _, err := qmp.ParseAddress(e.ep.Address); err != nil {
+			return bad(e.name+".Address", "%v", err)
+		}
+	}
+	if c.Source.Client == nil && c.Destination.Client == nil && c.Source.Address == c.Destination.Address {
+		return bad("Destination.Address", "same QMP address as the source (%s)", c.Source.Address)
+	}
+	if c.Source.Client != nil && c.Source.Client == c.Destination.Client {
+		return bad("Destination.Client", "same client as the source")
+	}
+	if c.URI == "" {
+		return bad("URI", "empty (want unix:/path or tcp:host:port)")
+	}
+	if _, err := transport.Parse(c.URI); err != nil {
+		return bad("URI", "%v", err)
+	}
+	if c.MultifdChannels < 0 || c.MultifdChannels > MaxMultifdChannels {
+		return bad("MultifdChannels", "%d out of range 0..%d", c.MultifdChannels, MaxMultifdChannels)
+	}
+	if c.PollInterval < 0 {
+		return bad("PollInterval", "negative (%v)", c.PollInterval)
+	}
+	if c.ConnectTimeout < 0 {
+		return bad("ConnectTimeout", "negative (%v)", c.ConnectTimeout)
+	}
+	if err := c.Strategy.Validate(); err != nil {
+		return bad("Strategy", "%v", err)
+	}
+	if c.Storage != nil {
+		if err := c.Storage.Validate(); err != nil {
+			return bad("Storage", "%v", err)
+		}
+	}
+	return nil
+}
+
+func (c Config) pollInterval() time.Duration {
+	if c.PollInterval == 0 {
+		return DefaultPollInterval
+	}
+	return c.PollInterval
+}
+
+func (c Config) connectTimeout() time.Duration {
+	if c.ConnectTimeout == 0 {
+		return DefaultConnectTimeout
+	}
+	return c.ConnectTimeout
+}
+
+func (c Config) bandwidth() uint64 {
+	if c.Bandwidth == 0 {
+		return UnlimitedBandwidth
+	}
+	return c.Bandwidth
+}
+
+func (c Config) logger() *slog.Logger {
+	if c.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return c.Logger
+}

@@ -1,0 +1,59 @@
+// Package engine live-migrates a running QEMU guest from a source QEMU to a
+// destination QEMU by speaking QMP to both. It is the only place in qmigrate
+// that sequences I/O.
+//
+// # Lifecycle
+//
+// Migrate runs one migration to its end on the caller's goroutine, which owns
+// all state; nothing keeps running after it returns. The phases are:
+//
+//   - prepare: connect both monitors (each bounded by ConnectTimeout, also the
+//     first answers); check the destination waits in run state "inmigrate"
+//     with no incoming migration started (-incoming defer), the source runs
+//     (a paused source is accepted: the destination is then left paused),
+//     both have the same RAM size (query-memory-size-summary) and machine type
+//     (qom-get /machine type; skipped when a QEMU does not answer it), the
+//     same -uuid when multifd is on; probe both schemas; check every needed
+//     capability exists. Any failure so far wraps ErrBadInput: nothing has
+//     changed on either QEMU. Then (storage only) blockmirror.Start, and the
+//     capabilities and parameters are set on both sides and read back.
+//   - start: wait for the mirrors to be READY (storage only), subscribe to
+//     events, migrate-incoming on the destination (tcp port 0 is resolved
+//     from the destination's query-migrate), migrate on the source.
+//   - converge: poll query-migrate every PollInterval, woken early by
+//     MIGRATION and MIGRATION_PASS events; each sample goes to the strategy,
+//     each decision is applied and its outcome fed back.
+//   - switchover: entered when the source stops (STOP, pre-switchover,
+//     device or postcopy). In pre-switchover (storage) the mirrors are
+//     finished, then migrate-continue.
+//   - complete: the source says completed; the destination must report its
+//     incoming migration completed; storage clean-up; cont on the
+//     destination when the guest was running on the source and the
+//     destination did not start by itself (-S, late-block-activate or a
+//     PauseSource decision).
+//   - rollback: on any failure before the switchover point of no return the
+//     undo stack runs in reverse: migrate_cancel and a wait for the source to
+//     settle, cont of a source left paused, blockmirror Abort, capabilities
+//     and parameters restored. It runs with a fresh context (30 s) when the
+//     caller's context has ended. Once postcopy started there is no rollback:
+//     the engine never sends migrate_cancel in postcopy; it fails forward and
+//     reports.
+//
+// # Destination after a failure
+//
+// The engine does not send exit-on-error, so the destination QEMU keeps its
+// default (exit when its incoming migration fails, on every version). A
+// destination whose migration never connected stays in inmigrate with its
+// listener; it cannot be reused for another incoming migration and is left to
+// its owner, as are its capabilities. The engine removes a unix migration
+// socket file once the destination no longer listens on it. It holds no fds or
+// listeners of its own.
+//
+// # Contracts
+//
+// Result is non-nil once Config.Validate passed; the error is nil iff
+// Result.Status is "completed". Errors are *Error values naming the phase,
+// the side and the operation, wrapping QEMU's own text (*qmp.Error) or the
+// cause. Observer events arrive in order on the engine goroutine; the result
+// event is last. Clients passed in Endpoint.Client are never closed.
+package engine

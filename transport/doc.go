@@ -1,0 +1,21 @@
+// Package transport describes the channel a migration stream takes between
+// two QEMUs: a unix socket or a TCP address where the destination listens and
+// the source connects.
+//
+// Parse accepts "unix:/path" and "tcp:host:port" ("tcp:[::1]:port" for IPv6)
+// and refuses exec:, and every other scheme, with ErrUnsupportedScheme: qmigrate
+// never asks QEMU to run a command. A Channel gives the migrate-incoming and
+// migrate arguments for a QEMU's probed qmp.Features: the "channels" form when
+// the QEMU has it (8.2+), the "uri" form otherwise. A tcp port 0 lets the
+// destination choose; ResolvePort reads the real port back from the
+// destination's query-migrate after migrate-incoming.
+//
+// Multifd needs the multifd capability and the same multifd-channels on both
+// sides, and (qemu-protocol.md §3) the same -uuid on both QEMUs or none: each
+// multifd channel carries the source's uuid and the destination drops a
+// channel whose uuid differs from its own. CheckUUIDs turns that into a clear
+// error before anything starts.
+//
+// The package holds no state and no resources; RemoveSocket deletes a unix
+// socket file a destination left behind once it stopped listening.
+package transport

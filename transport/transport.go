@@ -1,0 +1,233 @@
+package transport
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/qmigrate/qmigrate/qmp"
+)
+
+// Errors; match with errors.Is.
+var (
+	// ErrUnsupportedScheme: the URI's scheme is not one qmigrate drives
+	// (exec:, rdma:, file:, vsock:, fd:, anything unknown).
+	ErrUnsupportedScheme = errors.New("unsupported migration URI scheme (want unix:/path or tcp:host:port)")
+	// ErrBadURI: the URI is malformed.
+	ErrBadURI = errors.New("malformed migration URI")
+	// ErrUUIDMismatch: multifd with different -uuid on the two QEMUs.
+	ErrUUIDMismatch = errors.New("multifd needs the same -uuid on both QEMUs (or none on both)")
+	// ErrNoListenAddress: the destination did not report where it listens.
+	ErrNoListenAddress = errors.New("destination reported no listening socket-address")
+)
+
+// Scheme is a migration transport.
+type Scheme string
+
+// Schemes qmigrate drives.
+const (
+	Unix Scheme = "unix"
+	TCP  Scheme = "tcp"
+)
+
+// Channel is where the destination listens for the migration stream and the
+// source connects to. It is a value; build it with Parse.
+type Channel struct {
+	Scheme Scheme
+	Path   string // Unix: socket path
+	Host   string // TCP: host name or address, without IPv6 brackets
+	Port   string // TCP: port, "0" = let the destination pick
+}
+
+// Parse reads "unix:/path" or "tcp:host:port" ("tcp:[::1]:4444" for IPv6).
+// Every other scheme, exec: included, is refused with ErrUnsupportedScheme.
+func Parse(uri string) (Channel, error) {
+	scheme, rest, ok := strings.Cut(uri, ":")
+	if !ok || scheme == "" {
+		return Channel{}, fmt.Errorf("transport: %q: %w", uri, ErrUnsupportedScheme)
+	}
+	switch Scheme(scheme) {
+	case Unix:
+		if rest == "" {
+			return Channel{}, fmt.Errorf("transport: %q: empty socket path: %w", uri, ErrBadURI)
+		}
+		if strings.Contains(rest, ",") {
+			// QEMU would read options after a comma; refuse the ambiguity.
+			return Channel{}, fmt.Errorf("transport: %q: comma in socket path: %w", uri, ErrBadURI)
+		}
+		return Channel{Scheme: Unix, Path: rest}, nil
+	case TCP:
+		host, port, err := net.SplitHostPort(rest)
+		if err != nil {
+			return Channel{}, fmt.Errorf("transport: %q: %v: %w", uri, err, ErrBadURI)
+		}
+		if host == "" {
+			return Channel{}, fmt.Errorf("transport: %q: empty host: %w", uri, ErrBadURI)
+		}
+		n, err := strconv.ParseUint(port, 10, 16)
+		if err != nil {
+			return Channel{}, fmt.Errorf("transport: %q: port %q: %w", uri, port, ErrBadURI)
+		}
+		return Channel{Scheme: TCP, Host: host, Port: strconv.FormatUint(n, 10)}, nil
+	default:
+		return Channel{}, fmt.Errorf("transport: %q: scheme %q: %w", uri, scheme, ErrUnsupportedScheme)
+	}
+}
+
+// String is the URI form QEMU takes ("unix:/p", "tcp:h:p", "tcp:[v6]:p").
+func (c Channel) String() string {
+	switch c.Scheme {
+	case Unix:
+		return "unix:" + c.Path
+	case TCP:
+		return "tcp:" + net.JoinHostPort(c.Host, c.Port)
+	}
+	return ""
+}
+
+// NeedsPort reports whether the destination picks the port (tcp port 0), so
+// the real one must be read back with ResolvePort before the source connects.
+func (c Channel) NeedsPort() bool { return c.Scheme == TCP && c.Port == "0" }
+
+// SocketAddress is the channel as QMP's flat SocketAddress.
+func (c Channel) SocketAddress() qmp.SocketAddress {
+	if c.Scheme == Unix {
+		return qmp.SocketAddress{Type: "unix", Path: c.Path}
+	}
+	return qmp.SocketAddress{Type: "inet", Host: c.Host, Port: c.Port}
+}
+
+func (c Channel) channels() []qmp.MigrationChannel {
+	return []qmp.MigrationChannel{{
+		ChannelType: "main",
+		Addr:        qmp.MigrationAddr{Transport: "socket", SocketAddress: c.SocketAddress()},
+	}}
+}
+
+// IncomingArgs are the migrate-incoming arguments for this channel: the
+// "channels" form when the destination has it (8.2+), "uri" otherwise.
+// exitOnError is sent only when the destination knows exit-on-error (9.1+).
+func (c Channel) IncomingArgs(f *qmp.Features, exitOnError bool) qmp.MigrateIncomingArgs {
+	var a qmp.MigrateIncomingArgs
+	if f != nil && f.MigrateChannels {
+		a.Channels = c.channels()
+	} else {
+		a.URI = c.String()
+	}
+	if f != nil && f.IncomingExitOnError {
+		a.ExitOnError = qmp.Ptr(exitOnError)
+	}
+	return a
+}
+
+// MigrateArgs are the migrate arguments for this channel: "channels" when
+// the source has it, "uri" otherwise.
+func (c Channel) MigrateArgs(f *qmp.Features) qmp.MigrateArgs {
+	if f != nil && f.MigrateChannels {
+		return qmp.MigrateArgs{Channels: c.channels()}
+	}
+	return qmp.MigrateArgs{URI: c.String()}
+}
+
+// ResolvePort reads the port the destination really listens on from its
+// query-migrate "socket-address" (after migrate-incoming) and returns the
+// channel the source must connect to. The host stays the one the caller gave
+// (the destination may report a wildcard address). A channel that needs no
+// resolution is returned unchanged.
+func ResolvePort(ctx context.Context, dst *qmp.Client, c Channel) (Channel, error) {
+	if !c.NeedsPort() {
+		return c, nil
+	}
+	info, err := dst.QueryMigrate(ctx)
+	if err != nil {
+		return c, fmt.Errorf("transport: reading destination port: %w", err)
+	}
+	for _, sa := range info.SocketAddress {
+		if sa.Type == "inet" && sa.Port != "" && sa.Port != "0" {
+			c.Port = sa.Port
+			return c, nil
+		}
+	}
+	return c, fmt.Errorf("transport: %s: %w", c, ErrNoListenAddress)
+}
+
+// RemoveSocket removes a unix channel's socket file that a destination left
+// behind (QEMU unlinks a stale path before it binds but does not remove its
+// listening socket when it stops listening). Only a socket is removed; a
+// missing file is fine. TCP channels are a no-op.
+func RemoveSocket(c Channel) error {
+	if c.Scheme != Unix {
+		return nil
+	}
+	fi, err := os.Lstat(c.Path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("transport: %w", err)
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return nil
+	}
+	if err := os.Remove(c.Path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("transport: %w", err)
+	}
+	return nil
+}
+
+// Multifd are the capability and parameter a multifd channel count needs on
+// both sides; nil/0 when n is 0.
+type Multifd struct {
+	Channels int
+}
+
+// Capabilities is the multifd capability map to set on both sides.
+func (m Multifd) Capabilities() map[string]bool {
+	if m.Channels <= 0 {
+		return nil
+	}
+	return map[string]bool{"multifd": true}
+}
+
+// Parameters sets multifd-channels when multifd is on.
+func (m Multifd) Parameters(p *qmp.MigrationParameters) {
+	if m.Channels > 0 {
+		p.MultifdChannels = qmp.Ptr(m.Channels)
+	}
+}
+
+// QueryUUID runs query-uuid; a QEMU started without -uuid answers the
+// all-zero UUID, returned as "".
+func QueryUUID(ctx context.Context, c *qmp.Client) (string, error) {
+	var r struct {
+		UUID string `json:"UUID"`
+	}
+	if err := c.Execute(ctx, "query-uuid", nil, &r); err != nil {
+		return "", err
+	}
+	if r.UUID == "00000000-0000-0000-0000-000000000000" {
+		return "", nil
+	}
+	return strings.ToLower(r.UUID), nil
+}
+
+// CheckUUIDs enforces the multifd uuid rule: every multifd channel carries
+// the source's -uuid and the destination rejects it when it differs from its
+// own, so both sides must have the same uuid or none at all. srcUUID and
+// dstUUID are QueryUUID results.
+func CheckUUIDs(srcUUID, dstUUID string) error {
+	if srcUUID == dstUUID {
+		return nil
+	}
+	show := func(s string) string {
+		if s == "" {
+			return "none"
+		}
+		return s
+	}
+	return fmt.Errorf("transport: source uuid %s, destination uuid %s: %w", show(srcUUID), show(dstUUID), ErrUUIDMismatch)
+}
