@@ -2,9 +2,11 @@ package blockmirror
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
+	"time"
 
 	"github.com/qmigrate/qmigrate/qmp"
 )
@@ -20,8 +22,19 @@ type Progress struct {
 	CopyMode string  // "background" or "write-blocking"
 }
 
+// pollInterval is how often waits re-read query-block-jobs, the truth that
+// events only hint at.
+const pollInterval = 250 * time.Millisecond
+
+// undoTimeout bounds the clean-up Start runs on its own failure, which must
+// happen even when the caller's context is already done.
+const undoTimeout = 30 * time.Second
+
+var jobEvents = []string{"BLOCK_JOB_READY", "BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}
+
 // Session is a set of mirrors from one source to one destination QEMU,
-// created by Start and ended by Finish+Cleanup or by Abort.
+// created by Start and ended by Finish+Cleanup or by Abort. Its methods are
+// safe for concurrent use; they serialise.
 type Session struct {
 	src, dst   *qmp.Client
 	srcF, dstF *qmp.Features
@@ -29,53 +42,711 @@ type Session struct {
 	log        *slog.Logger
 	token      string // random, per session
 	addr       nbdAddr
+	derived    bool // addr derived from the migration URI (port may be moved)
 
-	mu    sync.Mutex
-	disks []*disk
+	mu            sync.Mutex
+	disks         []*disk
+	sub           *qmp.Subscription // source job events
+	serverStarted bool
+	finishing     bool
+	finished      bool
+	cleaned       bool
 }
 
 // Start checks the disks, exports them on the destination and starts one
 // mirror per disk on the source. See the package documentation.
 func Start(ctx context.Context, src, dst *qmp.Client, srcF, dstF *qmp.Features, cfg Config, migrationURI string) (*Session, error) {
-	return nil, fmt.Errorf("blockmirror: not implemented yet")
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if src == nil || dst == nil {
+		return nil, fmt.Errorf("%w: nil QMP client", ErrPreflight)
+	}
+	s := &Session{src: src, dst: dst, srcF: srcF, dstF: dstF, cfg: cfg, log: cfg.logger(), token: randomHex(4)}
+	var err error
+	if cfg.NBDAddress != "" {
+		s.addr, err = parseNBDAddress(cfg.NBDAddress)
+	} else {
+		s.addr, err = deriveNBDAddress(migrationURI, s.token)
+		s.derived = true
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := s.plan(ctx); err != nil {
+		return nil, err
+	}
+	if err := s.start(ctx); err != nil {
+		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), undoTimeout)
+		defer cancel()
+		if aerr := s.Abort(uctx); aerr != nil {
+			return nil, errors.Join(err, fmt.Errorf("blockmirror: undo after failed start: %w", aerr))
+		}
+		return nil, err
+	}
+	return s, nil
 }
 
-// WaitReady waits until every mirror is READY, calling progress (if not nil)
-// with each new sample.
-func (s *Session) WaitReady(ctx context.Context, progress func([]Progress)) error {
-	return fmt.Errorf("blockmirror: not implemented yet")
+func (s *Session) start(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, d := range s.disks {
+		if d.create {
+			if err := s.createTarget(ctx, d); err != nil {
+				return err
+			}
+		}
+	}
+	if err := s.startServer(ctx); err != nil {
+		return err
+	}
+	for _, d := range s.disks {
+		if err := s.dst.BlockExportAdd(ctx, qmp.BlockExportAddArgs{ID: d.exportID, NodeName: d.dstNode, Writable: true, Name: d.export}); err != nil {
+			return fmt.Errorf("blockmirror: destination export of %s: %w", d.name, err)
+		}
+		d.exported = true
+	}
+	jobs := map[string]bool{}
+	for _, d := range s.disks {
+		jobs[d.job] = true
+	}
+	s.sub = s.src.Subscribe(qmp.EventFilter{Names: jobEvents, Match: func(e qmp.Event) bool { return jobs[e.Field("device")] }})
+	for _, d := range s.disks {
+		if err := s.src.BlockdevAdd(ctx, map[string]any{
+			"driver": "nbd", "node-name": d.nbdNode, "server": s.addr.client(), "export": d.export,
+		}); err != nil {
+			return fmt.Errorf("blockmirror: source NBD client for %s at %s: %w", d.name, s.addr, err)
+		}
+		d.nbdAdded = true
+		args := qmp.BlockdevMirrorArgs{JobID: d.job, Device: d.node, Target: d.nbdNode, Sync: d.sync}
+		if d.copyMode != "background" {
+			args.CopyMode = d.copyMode
+		}
+		if err := s.src.BlockdevMirror(ctx, args); err != nil {
+			return fmt.Errorf("blockmirror: blockdev-mirror of %s: %w", d.name, err)
+		}
+		d.mirroring = true
+		s.log.Info("mirror started", "disk", d.name, "job", d.job, "sync", d.sync, "copy-mode", d.copyMode, "nbd", s.addr.String(), "bytes", d.size)
+	}
+	return nil
+}
+
+// startServer runs nbd-server-start, moving a derived TCP port on while it is
+// taken.
+func (s *Session) startServer(ctx context.Context) error {
+	tries := 1
+	if s.derived && s.addr.unix == "" {
+		tries = nbdPortTries
+	}
+	var err error
+	for i := 0; i < tries; i++ {
+		if err = s.dst.NBDServerStart(ctx, s.addr.server(), ""); err == nil {
+			s.serverStarted = true
+			s.log.Debug("destination NBD server started", "addr", s.addr.String())
+			return nil
+		}
+		var qe *qmp.Error
+		if !errors.As(err, &qe) {
+			break
+		}
+		s.addr.port++
+	}
+	return fmt.Errorf("blockmirror: destination nbd-server-start: %w", err)
+}
+
+// createTarget creates the destination image of d with blockdev-create and
+// adds it as a node named d.dstNode.
+func (s *Session) createTarget(ctx context.Context, d *disk) error {
+	path := s.targetPath(d)
+	fileNode := fmt.Sprintf("qmfile-%s-%s", s.token, randomHex(2))
+	if err := s.runCreateJob(ctx, d, map[string]any{"driver": "file", "filename": path, "size": d.size}); err != nil {
+		return err
+	}
+	if err := s.dst.BlockdevAdd(ctx, map[string]any{"driver": "file", "filename": path, "node-name": fileNode}); err != nil {
+		return fmt.Errorf("blockmirror: destination blockdev-add %s: %w", path, err)
+	}
+	d.createdNodes = append(d.createdNodes, fileNode)
+	if d.format == "qcow2" {
+		if err := s.runCreateJob(ctx, d, map[string]any{"driver": "qcow2", "file": fileNode, "size": d.size}); err != nil {
+			return err
+		}
+	}
+	if err := s.dst.BlockdevAdd(ctx, map[string]any{"driver": d.format, "node-name": d.dstNode, "file": fileNode}); err != nil {
+		return fmt.Errorf("blockmirror: destination blockdev-add %s: %w", d.dstNode, err)
+	}
+	d.createdNodes = append(d.createdNodes, d.dstNode)
+	s.log.Info("destination image created", "disk", d.name, "file", path, "format", d.format, "bytes", d.size)
+	return nil
+}
+
+// runCreateJob runs one blockdev-create job on the destination to its end and
+// dismisses it.
+func (s *Session) runCreateJob(ctx context.Context, d *disk, opts map[string]any) error {
+	id := fmt.Sprintf("qmigrate-create-%s-%s", s.token, randomHex(2))
+	sub := s.dst.Subscribe(qmp.EventFilter{Names: []string{"JOB_STATUS_CHANGE"}, Match: qmp.ForDevice(id)})
+	defer sub.Close()
+	if err := s.dst.BlockdevCreate(ctx, id, opts); err != nil {
+		return fmt.Errorf("blockmirror: destination blockdev-create for %s: %w", d.name, err)
+	}
+	t := time.NewTicker(pollInterval)
+	defer t.Stop()
+	for {
+		jobs, err := s.dst.QueryJobs(ctx)
+		if err != nil {
+			return fmt.Errorf("blockmirror: destination query-jobs: %w", err)
+		}
+		for _, j := range jobs {
+			if j.ID != id || j.Status != "concluded" {
+				continue
+			}
+			derr := s.dst.JobDismiss(ctx, id)
+			if j.Error != "" {
+				return fmt.Errorf("blockmirror: destination blockdev-create for %s (%v): %s", d.name, opts["driver"], j.Error)
+			}
+			if derr != nil {
+				return fmt.Errorf("blockmirror: destination job-dismiss %s: %w", id, derr)
+			}
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("blockmirror: waiting for blockdev-create: %w", ctx.Err())
+		case <-sub.C:
+		case <-t.C:
+		}
+	}
+}
+
+// drain handles the job events already received. Caller holds mu.
+func (s *Session) drain() {
+	if s.sub == nil {
+		return
+	}
+	for {
+		select {
+		case e, ok := <-s.sub.C:
+			if !ok {
+				return
+			}
+			s.handle(e)
+		default:
+			return
+		}
+	}
+}
+
+// handle applies one job event. Caller holds mu.
+func (s *Session) handle(e qmp.Event) {
+	id := e.Field("device")
+	for _, d := range s.disks {
+		if d.job != id {
+			continue
+		}
+		switch e.Name {
+		case "BLOCK_JOB_READY":
+			d.ready = true
+		case "BLOCK_JOB_ERROR":
+			if d.endErr == nil && e.Field("action") != "ignore" {
+				d.endErr = &JobError{Node: d.node, Job: d.job, Event: e.Name, Msg: fmt.Sprintf("%s error, action %s", e.Field("operation"), e.Field("action"))}
+			}
+		case "BLOCK_JOB_COMPLETED":
+			d.ended, d.mirroring = true, false
+			if msg := e.Field("error"); msg != "" {
+				d.endErr = &JobError{Node: d.node, Job: d.job, Event: e.Name, Msg: msg}
+			} else if s.finishing && d.endErr == nil {
+				d.finished = true
+				var c struct{ Len, Offset uint64 }
+				if e.Decode(&c) == nil {
+					d.done, d.total = c.Offset, c.Len
+				}
+			} else if d.endErr == nil {
+				d.endErr = &JobError{Node: d.node, Job: d.job, Event: e.Name, Msg: "completed before it was finished"}
+			}
+		case "BLOCK_JOB_CANCELLED":
+			d.ended, d.mirroring = true, false
+			if d.endErr == nil {
+				d.endErr = &JobError{Node: d.node, Job: d.job, Event: e.Name}
+			}
+		}
+		s.log.Debug("mirror event", "event", e.Name, "disk", d.name, "job", d.job, "data", string(e.Data))
+	}
+}
+
+// sample reads query-block-jobs and updates every disk. Caller holds mu.
+func (s *Session) sample(ctx context.Context) ([]Progress, error) {
+	s.drain()
+	jobs, err := s.src.QueryBlockJobs(ctx)
+	if err != nil {
+		if s.src.Err() != nil {
+			return nil, fmt.Errorf("%w: %w", ErrSourceGone, err)
+		}
+		return nil, fmt.Errorf("blockmirror: query-block-jobs: %w", err)
+	}
+	// Events are dispatched before the reply that follows them, so a job
+	// missing from the reply has its end event in the channel by now.
+	s.drain()
+	now := time.Now().UnixNano()
+	out := make([]Progress, 0, len(s.disks))
+	for _, d := range s.disks {
+		if d.mirroring {
+			i := -1
+			for k := range jobs {
+				if jobs[k].Device == d.job {
+					i = k
+				}
+			}
+			if i < 0 {
+				d.mirroring, d.ended = false, true
+				if d.endErr == nil && !d.finished {
+					d.endErr = &JobError{Node: d.node, Job: d.job}
+				}
+			} else {
+				j := jobs[i]
+				if d.rateAt != 0 && now > d.rateAt && j.Offset >= d.done {
+					d.rate = float64(j.Offset-d.done) / (float64(now-d.rateAt) / 1e9)
+				}
+				d.done, d.total, d.rateAt = j.Offset, j.Len, now
+				if j.Ready {
+					d.ready = true
+				}
+				if j.Status == "concluded" && d.endErr == nil && !s.finishing {
+					d.endErr = &JobError{Node: d.node, Job: d.job, Event: "", Msg: "concluded: " + j.Error}
+				}
+			}
+		}
+		out = append(out, Progress{Node: d.node, Job: d.job, Done: d.done, Total: d.total, Rate: d.rate, Ready: d.ready, CopyMode: d.copyMode})
+	}
+	return out, nil
+}
+
+// failure is the first mirror error, if any. Caller holds mu.
+func (s *Session) failure() error {
+	var errs []error
+	for _, d := range s.disks {
+		if d.endErr != nil {
+			errs = append(errs, d.endErr)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Progress samples every mirror (query-block-jobs).
 func (s *Session) Progress(ctx context.Context) ([]Progress, error) {
-	return nil, fmt.Errorf("blockmirror: not implemented yet")
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p, err := s.sample(ctx)
+	if err != nil {
+		return p, err
+	}
+	if !s.finishing {
+		return p, s.failure()
+	}
+	return p, nil
+}
+
+// wait samples until cond holds, an error shows or ctx ends, waking on job
+// events and every pollInterval. Caller holds mu.
+func (s *Session) wait(ctx context.Context, cond func() bool, progress func([]Progress)) error {
+	t := time.NewTicker(pollInterval)
+	defer t.Stop()
+	for {
+		p, err := s.sample(ctx)
+		if err != nil {
+			return err
+		}
+		if progress != nil {
+			progress(p)
+		}
+		if err := s.failure(); err != nil {
+			return err
+		}
+		if cond() {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("blockmirror: %w", ctx.Err())
+		case <-s.dst.Done():
+			return fmt.Errorf("%w: %w", ErrDestinationGone, s.dst.Err())
+		case <-s.src.Done():
+			return fmt.Errorf("%w: %w", ErrSourceGone, s.src.Err())
+		case e, ok := <-s.sub.C:
+			if ok {
+				s.handle(e)
+			}
+		case <-t.C:
+		}
+	}
+}
+
+// WaitReady waits until every mirror is READY, calling progress (if not nil)
+// with each new sample. A mirror error, cancellation or a QEMU going away
+// ends it with an error; the caller then calls Abort.
+func (s *Session) WaitReady(ctx context.Context, progress func([]Progress)) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.finishing || s.cleaned {
+		return fmt.Errorf("%w: WaitReady after Finish or Abort", ErrState)
+	}
+	return s.wait(ctx, func() bool {
+		for _, d := range s.disks {
+			if !d.ready {
+				return false
+			}
+		}
+		return true
+	}, progress)
 }
 
 // SetWriteBlocking switches every mirror to write-blocking copy mode
-// (block-job-change, QEMU 8.2+); on older QEMUs it returns an error wrapping
-// ErrUnsupported.
+// (block-job-change, QEMU 8.2+): from then on guest writes complete only once
+// they reached the destination, so the mirror converges under any write load.
+// On older QEMUs it returns an error wrapping ErrUnsupported and changes
+// nothing; start with Config.WriteBlocking there.
 func (s *Session) SetWriteBlocking(ctx context.Context) error {
-	return fmt.Errorf("blockmirror: not implemented yet")
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.srcF == nil || !s.srcF.BlockJobChange {
+		return fmt.Errorf("blockmirror: block-job-change (QEMU 8.2+) missing on the source: %w", ErrUnsupported)
+	}
+	for _, d := range s.disks {
+		if !d.mirroring || d.copyMode == "write-blocking" {
+			continue
+		}
+		if err := s.src.BlockJobChange(ctx, d.job, "write-blocking"); err != nil {
+			if qmp.IsCommandNotFound(err) {
+				return fmt.Errorf("blockmirror: block-job-change: %w: %w", ErrUnsupported, err)
+			}
+			return fmt.Errorf("blockmirror: block-job-change %s: %w", d.job, err)
+		}
+		d.copyMode = "write-blocking"
+		s.log.Info("mirror switched to write-blocking", "disk", d.name, "job", d.job)
+	}
+	return nil
 }
 
 // Finish ends every mirror with a soft block-job-cancel and waits for
 // BLOCK_JOB_COMPLETED without error: the destination images then hold the
-// source's content at this moment. Call it in the pre-switchover window.
+// source's content at this moment. Call it in the pre-switchover window (guest
+// stopped). A mirror that is not READY is an error wrapping ErrNotReady, and
+// nothing is cancelled: call Abort.
 func (s *Session) Finish(ctx context.Context) error {
-	return fmt.Errorf("blockmirror: not implemented yet")
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cleaned {
+		return fmt.Errorf("%w: Finish after Cleanup or Abort", ErrState)
+	}
+	if s.finished {
+		return nil
+	}
+	if _, err := s.sample(ctx); err != nil {
+		return err
+	}
+	if err := s.failure(); err != nil {
+		return err
+	}
+	for _, d := range s.disks {
+		if !d.ready || !d.mirroring {
+			return fmt.Errorf("blockmirror: %s (job %s): %w", d.name, d.job, ErrNotReady)
+		}
+	}
+	s.finishing = true
+	for _, d := range s.disks {
+		if err := s.src.BlockJobCancel(ctx, d.job, false); err != nil {
+			return fmt.Errorf("blockmirror: block-job-cancel %s: %w", d.job, err)
+		}
+	}
+	err := s.wait(ctx, func() bool {
+		for _, d := range s.disks {
+			if !d.finished {
+				return false
+			}
+		}
+		return true
+	}, nil)
+	if err != nil {
+		return err
+	}
+	s.finished = true
+	for _, d := range s.disks {
+		s.log.Info("mirror finished", "disk", d.name, "job", d.job, "bytes", d.done)
+	}
+	return nil
 }
 
 // Cleanup removes the NBD client nodes on the source, then the exports and
-// the NBD server on the destination. Call it after switchover, before cont on
-// the destination.
+// the NBD server on the destination. Call it after Finish and switchover,
+// before cont on the destination. It tries every step and returns all errors.
 func (s *Session) Cleanup(ctx context.Context) error {
-	return fmt.Errorf("blockmirror: not implemented yet")
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.finished {
+		return fmt.Errorf("%w: Cleanup before Finish (use Abort)", ErrState)
+	}
+	if s.cleaned {
+		return nil
+	}
+	err := errors.Join(s.delNBDNodes(ctx), s.delExports(ctx, ""), s.stopServer(ctx))
+	for _, d := range s.disks {
+		d.createdNodes = nil // they are the destination's disks now
+	}
+	if err == nil {
+		s.cleaned = true
+		if s.sub != nil {
+			s.sub.Close()
+		}
+	}
+	return err
 }
 
-// Abort undoes everything Start did, whatever the phase before switchover.
-// It is idempotent.
+// Abort undoes everything Start did, whatever the phase before switchover:
+// mirrors are force-cancelled (concluded ones dismissed) and waited for, the
+// source NBD nodes deleted, then on the destination (when its QMP connection
+// is alive) the exports, the NBD server and any image nodes CreateTargets
+// added. The source disks stay in use. Abort is idempotent: a step that fails
+// is retried by the next call.
 func (s *Session) Abort(ctx context.Context) error {
-	return fmt.Errorf("blockmirror: not implemented yet")
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cleaned {
+		return nil
+	}
+	var errs []error
+	if s.src.Err() == nil {
+		errs = append(errs, s.cancelJobs(ctx))
+		errs = append(errs, s.delNBDNodes(ctx))
+	} else {
+		for _, d := range s.disks {
+			d.mirroring, d.nbdAdded = false, false
+		}
+	}
+	if s.dst.Err() == nil {
+		errs = append(errs, s.delExports(ctx, "hard"), s.stopServer(ctx), s.delCreated(ctx))
+	} else {
+		s.serverStarted = false
+		for _, d := range s.disks {
+			d.exported, d.createdNodes = false, nil
+		}
+	}
+	err := errors.Join(errs...)
+	if err == nil {
+		s.cleaned = true
+		if s.sub != nil {
+			s.sub.Close()
+		}
+		s.log.Info("block migration aborted; source disks untouched")
+	}
+	return err
 }
 
-type disk struct{}
+// cancelJobs force-cancels every running mirror and waits until none is left.
+// Caller holds mu.
+func (s *Session) cancelJobs(ctx context.Context) error {
+	t := time.NewTicker(pollInterval)
+	defer t.Stop()
+	asked := map[string]bool{}
+	for {
+		s.drain()
+		jobs, err := s.src.QueryBlockJobs(ctx)
+		if err != nil {
+			return fmt.Errorf("blockmirror: query-block-jobs: %w", err)
+		}
+		left := 0
+		for _, d := range s.disks {
+			if !d.mirroring && !d.ended {
+				continue
+			}
+			var j *qmp.BlockJobInfo
+			for k := range jobs {
+				if jobs[k].Device == d.job {
+					j = &jobs[k]
+				}
+			}
+			if j == nil {
+				d.mirroring, d.ended = false, true
+				continue
+			}
+			left++
+			switch {
+			case j.Status == "concluded":
+				if err := s.src.JobDismiss(ctx, d.job); err != nil && !isGone(err) {
+					return fmt.Errorf("blockmirror: job-dismiss %s: %w", d.job, err)
+				}
+			case j.Status == "pending":
+				_ = s.src.JobCancel(ctx, d.job)
+			case !asked[d.job]:
+				asked[d.job] = true
+				if err := s.src.BlockJobCancel(ctx, d.job, true); err != nil && !isGone(err) {
+					return fmt.Errorf("blockmirror: block-job-cancel %s: %w", d.job, err)
+				}
+				s.log.Debug("mirror force-cancelled", "disk", d.name, "job", d.job)
+			}
+		}
+		if left == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("blockmirror: waiting for cancelled mirrors: %w", ctx.Err())
+		case <-s.src.Done():
+			return fmt.Errorf("%w: %w", ErrSourceGone, s.src.Err())
+		case <-t.C:
+		}
+	}
+}
+
+// isGone reports whether a QMP error says the object does not exist (any
+// more): DeviceNotFound, or a GenericError for a missing job/node/export.
+func isGone(err error) bool {
+	var qe *qmp.Error
+	if !errors.As(err, &qe) {
+		return false
+	}
+	return qe.Class == "DeviceNotFound" || qe.Class == "GenericError"
+}
+
+// delNBDNodes deletes the source NBD client nodes. Caller holds mu.
+func (s *Session) delNBDNodes(ctx context.Context) error {
+	var errs []error
+	for _, d := range s.disks {
+		if !d.nbdAdded {
+			continue
+		}
+		if err := s.src.BlockdevDel(ctx, d.nbdNode); err != nil && !nodeMissing(ctx, s.src, d.nbdNode) {
+			errs = append(errs, fmt.Errorf("blockmirror: source blockdev-del %s: %w", d.nbdNode, err))
+			continue
+		}
+		d.nbdAdded = false
+	}
+	return errors.Join(errs...)
+}
+
+// nodeMissing reports whether the node is absent (so a failed blockdev-del
+// has nothing left to do).
+func nodeMissing(ctx context.Context, c *qmp.Client, node string) bool {
+	nodes, err := c.QueryNamedBlockNodes(ctx)
+	if err != nil {
+		return false
+	}
+	for _, n := range nodes {
+		if n.NodeName == node {
+			return false
+		}
+	}
+	return true
+}
+
+// delExports removes the destination exports and waits until they are gone.
+// mode "" (safe) is retried briefly while the NBD client is still
+// disconnecting, then "hard". Caller holds mu.
+func (s *Session) delExports(ctx context.Context, mode string) error {
+	var ids []string
+	for _, d := range s.disks {
+		if d.exported {
+			ids = append(ids, d.exportID)
+		}
+	}
+	if len(ids) == 0 {
+		return nil
+	}
+	sub := s.dst.Subscribe(qmp.EventFilter{Names: []string{"BLOCK_EXPORT_DELETED"}})
+	defer sub.Close()
+	deadline := time.Now().Add(2 * time.Second)
+	for _, id := range ids {
+		for {
+			err := s.dst.BlockExportDel(ctx, id, mode)
+			if err == nil || exportMissing(ctx, s.dst, id) {
+				break
+			}
+			if mode == "" && time.Now().Before(deadline) {
+				select {
+				case <-ctx.Done():
+					return fmt.Errorf("blockmirror: block-export-del %s: %w", id, ctx.Err())
+				case <-time.After(50 * time.Millisecond):
+				}
+				continue
+			}
+			if mode == "" {
+				mode = "hard"
+				continue
+			}
+			return fmt.Errorf("blockmirror: destination block-export-del %s: %w", id, err)
+		}
+	}
+	// Deletion is asynchronous (BLOCK_EXPORT_DELETED); query-block-exports is
+	// the truth.
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		exps, err := s.dst.QueryBlockExports(ctx)
+		if err != nil {
+			return fmt.Errorf("blockmirror: destination query-block-exports: %w", err)
+		}
+		left := 0
+		for _, e := range exps {
+			for _, id := range ids {
+				if e.ID == id {
+					left++
+				}
+			}
+		}
+		if left == 0 {
+			for _, d := range s.disks {
+				d.exported = false
+			}
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("blockmirror: waiting for BLOCK_EXPORT_DELETED: %w", ctx.Err())
+		case <-sub.C:
+		case <-t.C:
+		}
+	}
+}
+
+func exportMissing(ctx context.Context, c *qmp.Client, id string) bool {
+	exps, err := c.QueryBlockExports(ctx)
+	if err != nil {
+		return false
+	}
+	for _, e := range exps {
+		if e.ID == id {
+			return false
+		}
+	}
+	return true
+}
+
+// stopServer stops the destination NBD server. Caller holds mu.
+func (s *Session) stopServer(ctx context.Context) error {
+	if !s.serverStarted {
+		return nil
+	}
+	if err := s.dst.NBDServerStop(ctx); err != nil {
+		var qe *qmp.Error
+		if !errors.As(err, &qe) { // a QEMU error here means no server is running
+			return fmt.Errorf("blockmirror: destination nbd-server-stop: %w", err)
+		}
+	}
+	s.serverStarted = false
+	return nil
+}
+
+// delCreated removes the nodes CreateTargets added (the image files stay:
+// QMP cannot delete files). Caller holds mu.
+func (s *Session) delCreated(ctx context.Context) error {
+	var errs []error
+	for _, d := range s.disks {
+		for i := len(d.createdNodes) - 1; i >= 0; i-- {
+			n := d.createdNodes[i]
+			if err := s.dst.BlockdevDel(ctx, n); err != nil && !nodeMissing(ctx, s.dst, n) {
+				errs = append(errs, fmt.Errorf("blockmirror: destination blockdev-del %s: %w", n, err))
+				break
+			}
+			d.createdNodes = d.createdNodes[:i]
+		}
+	}
+	return errors.Join(errs...)
+}
+

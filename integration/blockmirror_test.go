@@ -1,0 +1,344 @@
+package integration
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/qmigrate/qmigrate/blockmirror"
+	"github.com/qmigrate/qmigrate/qmp"
+)
+
+// bmQEMU is one QEMU build to test against.
+type bmQEMU struct {
+	name     string // "7.2", "10.0" or the env's binary
+	bin      string
+	firmware string
+	img      string
+}
+
+// bmQEMUs lists the QEMUs to run on: QMIGRATE_QEMU when set, else
+// /usr/bin's and the testbed's cached 10.0 when present. It skips when none is
+// found and CI is unset.
+func bmQEMUs(t *testing.T) []bmQEMU {
+	t.Helper()
+	var out []bmQEMU
+	if b := os.Getenv("QMIGRATE_QEMU"); b != "" {
+		img := os.Getenv("QMIGRATE_QEMU_IMG")
+		if img == "" {
+			img = "qemu-img"
+		}
+		out = append(out, bmQEMU{name: filepath.Base(filepath.Dir(filepath.Dir(filepath.Dir(b)))), bin: b, firmware: os.Getenv("QMIGRATE_QEMU_FIRMWARE"), img: img})
+	} else {
+		if _, err := os.Stat("/usr/bin/qemu-system-x86_64"); err == nil {
+			out = append(out, bmQEMU{name: "7.2", bin: "/usr/bin/qemu-system-x86_64", img: "/usr/bin/qemu-img"})
+		}
+		home, _ := os.UserHomeDir()
+		cache := os.Getenv("QMIGRATE_CACHE")
+		if cache == "" {
+			cache = filepath.Join(home, ".cache", "qmigrate")
+		}
+		if env, err := bmReadEnvFile(filepath.Join(cache, "qemu-10.0.env")); err == nil && env["QMIGRATE_QEMU"] != "" {
+			if _, err := os.Stat(env["QMIGRATE_QEMU"]); err == nil {
+				out = append(out, bmQEMU{name: "10.0", bin: env["QMIGRATE_QEMU"], firmware: env["QMIGRATE_QEMU_FIRMWARE"], img: env["QMIGRATE_QEMU_IMG"]})
+			}
+		}
+	}
+	if len(out) == 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("no QEMU found and CI is set")
+		}
+		t.Skip("no QEMU found (set QMIGRATE_QEMU)")
+	}
+	return out
+}
+
+func bmReadEnvFile(path string) (map[string]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	m := map[string]string{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if k, v, ok := strings.Cut(sc.Text(), "="); ok {
+			m[k] = v
+		}
+	}
+	return m, sc.Err()
+}
+
+// bmVM is a QEMU process with a disk, driven over QMP.
+type bmVM struct {
+	t    *testing.T
+	q    bmQEMU
+	cmd  *exec.Cmd
+	qmp  *qmp.Client
+	f    *qmp.Features
+	disk string // image path
+	dir  string
+	done chan struct{}
+}
+
+type bmOpts struct {
+	incoming bool   // -incoming defer
+	format   string // raw | qcow2
+	size     string // qemu-img size, e.g. 64M
+	readOnly string // optional read-only second disk image
+	noDisk   bool   // no disk (for CreateTargets)
+}
+
+// bmStartVM creates the image (unless it exists) and starts QEMU with the disk
+// as node "disk0" on device "vd0". The process and its files are cleaned up
+// with the test.
+func bmStartVM(t *testing.T, q bmQEMU, dir, name string, o bmOpts) *bmVM {
+	t.Helper()
+	if o.format == "" {
+		o.format = "raw"
+	}
+	if o.size == "" {
+		o.size = "64M"
+	}
+	img := filepath.Join(dir, name+"."+o.format)
+	if _, err := os.Stat(img); os.IsNotExist(err) && !o.noDisk {
+		out, err := exec.Command(q.img, "create", "-q", "-f", o.format, img, o.size).CombinedOutput()
+		require.NoError(t, err, "%s", out)
+	}
+	sock := filepath.Join(dir, name+".qmp")
+	_ = os.Remove(sock)
+	args := []string{"-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "64", "-nodefaults", "-display", "none",
+		"-qmp", "unix:" + sock + ",server=on,wait=off"}
+	if q.firmware != "" {
+		args = append(args, "-L", q.firmware, "-L", "/usr/share/seabios")
+	}
+	if !o.noDisk {
+		args = append(args,
+			"-blockdev", "driver=file,filename="+img+",node-name=f0",
+			"-blockdev", "driver="+o.format+",file=f0,node-name=disk0",
+			"-device", "virtio-blk-pci,drive=disk0,id=vd0")
+	}
+	if o.readOnly != "" {
+		args = append(args,
+			"-blockdev", "driver=file,filename="+o.readOnly+",node-name=rof,read-only=on",
+			"-blockdev", "driver=raw,file=rof,node-name=ro0,read-only=on",
+			"-device", "virtio-blk-pci,drive=ro0,id=vdro")
+	}
+	if o.incoming {
+		args = append(args, "-S", "-incoming", "defer")
+	}
+	cmd := exec.Command(q.bin, args...)
+	logPath := filepath.Join(dir, name+".log")
+	logf, err := os.Create(logPath)
+	require.NoError(t, err)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	t.Cleanup(func() {
+		_ = logf.Close()
+		if b, _ := os.ReadFile(logPath); t.Failed() && len(b) > 0 {
+			t.Logf("%s output:\n%s", name, b)
+		}
+	})
+	require.NoError(t, cmd.Start())
+	vm := &bmVM{t: t, q: q, cmd: cmd, disk: img, dir: dir, done: make(chan struct{})}
+	go func() { _ = cmd.Wait(); close(vm.done) }()
+	t.Cleanup(vm.kill)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for {
+		c, err := qmp.DialAddress(ctx, "unix:"+sock)
+		if err == nil {
+			vm.qmp = c
+			break
+		}
+		select {
+		case <-vm.done:
+			t.Fatalf("%s exited early", name)
+		case <-ctx.Done():
+			t.Fatalf("QMP of %s: %v", name, err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	f, err := vm.qmp.ProbeFeatures(ctx)
+	require.NoError(t, err)
+	vm.f = f
+	return vm
+}
+
+// kill stops the QEMU process and waits for it.
+func (vm *bmVM) kill() {
+	if vm.qmp != nil {
+		_ = vm.qmp.Close()
+	}
+	if vm.cmd.Process != nil {
+		_ = vm.cmd.Process.Kill()
+	}
+	<-vm.done
+}
+
+// quit asks QEMU to quit and waits for the process (images flushed).
+func (vm *bmVM) quit(ctx context.Context) {
+	_ = vm.qmp.Quit(ctx)
+	select {
+	case <-vm.done:
+	case <-time.After(10 * time.Second):
+		vm.kill()
+	}
+}
+
+func (vm *bmVM) hmp(ctx context.Context, line string) {
+	vm.t.Helper()
+	out, err := vm.qmp.HumanMonitorCommand(ctx, line)
+	require.NoError(vm.t, err)
+	require.NotContains(vm.t, strings.ToLower(out), "error", "%s -> %s", line, out)
+}
+
+// write writes pattern at off (len bytes) through the guest device.
+func (vm *bmVM) write(ctx context.Context, pattern byte, off, n uint64) {
+	vm.t.Helper()
+	vm.hmp(ctx, fmt.Sprintf(`qemu-io -d vd0/virtio-backend "write -P 0x%02x %d %d"`, pattern, off, n))
+}
+
+func (vm *bmVM) status(ctx context.Context) string {
+	st, err := vm.qmp.QueryStatus(ctx)
+	require.NoError(vm.t, err)
+	return st.Status
+}
+
+// bmAssertNothingLeft checks that no job, NBD node or export is left.
+func bmAssertNothingLeft(t *testing.T, ctx context.Context, src, dst *bmVM) {
+	t.Helper()
+	jobs, err := src.qmp.QueryBlockJobs(ctx)
+	require.NoError(t, err)
+	assert.Empty(t, jobs, "source block jobs")
+	nodes, err := src.qmp.QueryNamedBlockNodes(ctx)
+	require.NoError(t, err)
+	for _, n := range nodes {
+		assert.NotEqual(t, "nbd", n.Driver, "source NBD node %s left", n.NodeName)
+		assert.False(t, strings.HasPrefix(n.NodeName, "qmnbd"), "source node %s left", n.NodeName)
+	}
+	if dst != nil {
+		exps, err := dst.qmp.QueryBlockExports(ctx)
+		require.NoError(t, err)
+		assert.Empty(t, exps, "destination exports")
+		// nbd-server-stop succeeds only when... a second start proves the server is gone.
+		err = dst.qmp.NBDServerStart(ctx, qmp.NBDUnix(filepath.Join(dst.dir, "probe.sock")), "")
+		assert.NoError(t, err, "NBD server still running on the destination")
+		if err == nil {
+			require.NoError(t, dst.qmp.NBDServerStop(ctx))
+		}
+	}
+}
+
+// bmLogger logs to the test log.
+func bmLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(bmTestWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type bmTestWriter struct{ t *testing.T }
+
+func (w bmTestWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+// bmMigrate runs the storage+RAM sequence of qemu-protocol.md 2.7 with the
+// mirrors already READY: migrate-incoming, migrate, pre-switchover, Finish,
+// migrate-continue, completed on both sides, Cleanup, cont.
+func bmMigrate(t *testing.T, ctx context.Context, s *blockmirror.Session, src, dst *bmVM) {
+	t.Helper()
+	uri := "unix:" + filepath.Join(src.dir, "mig.sock")
+	require.NoError(t, dst.qmp.MigrateIncoming(ctx, qmp.MigrateIncomingArgs{URI: uri}))
+	require.NoError(t, src.qmp.Migrate(ctx, qmp.MigrateArgs{URI: uri}))
+	bmWaitStatus(t, ctx, src, qmp.StatusPreSwitchover)
+	require.NoError(t, s.Finish(ctx))
+	require.NoError(t, src.qmp.MigrateContinue(ctx, qmp.StatusPreSwitchover))
+	bmWaitStatus(t, ctx, src, qmp.StatusCompleted)
+	bmWaitStatus(t, ctx, dst, qmp.StatusCompleted)
+	require.NoError(t, s.Cleanup(ctx))
+	require.NoError(t, dst.qmp.Cont(ctx))
+	require.Equal(t, "running", dst.status(ctx))
+}
+
+func bmWaitStatus(t *testing.T, ctx context.Context, vm *bmVM, want qmp.MigrationStatus) {
+	t.Helper()
+	for {
+		info, err := vm.qmp.QueryMigrate(ctx)
+		require.NoError(t, err)
+		if info.Status == want {
+			return
+		}
+		require.False(t, info.Status.Terminal(), "migration ended %s (waiting for %s): %+v", info.Status, want, info)
+		select {
+		case <-ctx.Done():
+			t.Fatalf("waiting for %s: %v", want, ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+func bmCaps(t *testing.T, ctx context.Context, src, dst *bmVM) {
+	t.Helper()
+	require.NoError(t, src.qmp.MigrateSetCapabilities(ctx, map[string]bool{"events": true, "pause-before-switchover": true}))
+	require.NoError(t, dst.qmp.MigrateSetCapabilities(ctx, map[string]bool{"events": true, "late-block-activate": true}))
+}
+
+// bmCompare runs qemu-img compare on the two images (both QEMUs stopped).
+func bmCompare(t *testing.T, q bmQEMU, a, b string) {
+	t.Helper()
+	out, err := exec.Command(q.img, "compare", "-q", a, b).CombinedOutput()
+	require.NoError(t, err, "qemu-img compare %s %s: %s", a, b, out)
+}
+
+func bmPair(t *testing.T, q bmQEMU, o bmOpts) (src, dst *bmVM) {
+	t.Helper()
+	dir := t.TempDir()
+	src = bmStartVM(t, q, dir, "src", o)
+	o.incoming = true
+	dst = bmStartVM(t, q, dir, "dst", o)
+	return src, dst
+}
+
+func TestBlockMirror(t *testing.T) {
+	for _, q := range bmQEMUs(t) {
+		t.Run(q.name, func(t *testing.T) {
+			t.Run("migrate-raw", func(t *testing.T) { bmTestMigrate(t, q, "raw") })
+			t.Run("migrate-qcow2", func(t *testing.T) { bmTestMigrate(t, q, "qcow2") })
+		})
+	}
+}
+
+func bmTestMigrate(t *testing.T, q bmQEMU, format string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	src, dst := bmPair(t, q, bmOpts{format: format, size: "64M"})
+	bmCaps(t, ctx, src, dst)
+	src.write(ctx, 0x11, 0, 8<<20)
+	src.write(ctx, 0x22, 40<<20, 4<<20)
+
+	cfg := blockmirror.Config{Logger: bmLogger(t)}
+	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, cfg, "unix:"+filepath.Join(src.dir, "mig.sock"))
+	require.NoError(t, err)
+	src.write(ctx, 0x33, 4<<20, 1<<20) // during the mirror
+	var last []blockmirror.Progress
+	require.NoError(t, s.WaitReady(ctx, func(p []blockmirror.Progress) { last = p }))
+	require.Len(t, last, 1)
+	assert.Equal(t, "disk0", last[0].Node)
+	assert.True(t, last[0].Ready)
+	assert.Equal(t, "background", last[0].CopyMode)
+	src.write(ctx, 0x44, 60<<20, 2<<20) // after READY
+	bmMigrate(t, ctx, s, src, dst)
+	bmAssertNothingLeft(t, ctx, src, dst)
+	src.quit(ctx)
+	dst.quit(ctx)
+	bmCompare(t, q, src.disk, dst.disk)
+}
