@@ -749,4 +749,3 @@ func (s *Session) delCreated(ctx context.Context) error {
 	}
 	return errors.Join(errs...)
 }
-
