@@ -1,0 +1,239 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"math"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/qmigrate/qmigrate/qmp"
+	"github.com/qmigrate/qmigrate/strategy"
+)
+
+// usageError is a problem with the command line: exit status 2, message on
+// stderr, and a pointer to --help.
+type usageError struct {
+	cmd string // "migrate", "demo", "" for the top level
+	msg string
+}
+
+func (e *usageError) Error() string { return e.msg }
+
+// inputError is bad input found after the command line parsed: an address
+// that cannot be reached or does not speak QMP. Exit status 2.
+type inputError struct {
+	flag    string // "--src", "--dst"
+	address string
+	err     error
+}
+
+func (e *inputError) Error() string {
+	return fmt.Sprintf("%s %s: %v", e.flag, e.address, e.err)
+}
+
+func (e *inputError) Unwrap() error { return e.err }
+
+// byteSize is a flag.Value for a byte count (or a rate in bytes per second)
+// with an optional unit: 256MiB, 1GiB, 500MB, 100K, 1.5G, 64MiB/s. Binary
+// units (K, M, G, T, KiB, MiB, GiB, TiB) are powers of 1024, decimal ones (KB,
+// MB, GB, TB) powers of 1000; B or no unit means bytes. Units are
+// case-insensitive and always mean bytes, never bits. A trailing "/s" is
+// allowed. "0" and "unlimited" mean no limit.
+type byteSize uint64
+
+var sizeUnits = map[string]float64{
+	"":    1,
+	"b":   1,
+	"k":   1 << 10,
+	"kib": 1 << 10,
+	"kb":  1e3,
+	"m":   1 << 20,
+	"mib": 1 << 20,
+	"mb":  1e6,
+	"g":   1 << 30,
+	"gib": 1 << 30,
+	"gb":  1e9,
+	"t":   1 << 40,
+	"tib": 1 << 40,
+	"tb":  1e12,
+}
+
+// parseByteSize parses a size as documented on byteSize.
+func parseByteSize(s string) (uint64, error) {
+	in := strings.TrimSpace(s)
+	in = strings.TrimSuffix(in, "/s")
+	if strings.EqualFold(in, "unlimited") {
+		return 0, nil
+	}
+	i := 0
+	for i < len(in) && (in[i] >= '0' && in[i] <= '9' || in[i] == '.') {
+		i++
+	}
+	num, unit := in[:i], strings.ToLower(strings.TrimSpace(in[i:]))
+	if num == "" {
+		return 0, fmt.Errorf("%q is not a size: want a number of bytes with an optional unit, such as 256MiB, 1GiB, 500MB or 100K", s)
+	}
+	mult, ok := sizeUnits[unit]
+	if !ok {
+		return 0, fmt.Errorf("%q: unknown unit %q (want B, K, KiB, KB, M, MiB, MB, G, GiB, GB, T, TiB or TB)", s, in[i:])
+	}
+	v, err := strconv.ParseFloat(num, 64)
+	if err != nil {
+		return 0, fmt.Errorf("%q is not a size: %v", s, errors.Unwrap(err))
+	}
+	b := math.Round(v * mult)
+	if b >= math.MaxUint64 {
+		return 0, fmt.Errorf("%q is too large", s)
+	}
+	return uint64(b), nil
+}
+
+func (b *byteSize) String() string {
+	if b == nil || *b == 0 {
+		return "unlimited"
+	}
+	return formatBytes(uint64(*b))
+}
+
+func (b *byteSize) Set(s string) error {
+	v, err := parseByteSize(s)
+	if err != nil {
+		return err
+	}
+	*b = byteSize(v)
+	return nil
+}
+
+// duration is a flag.Value for a non-negative time.Duration ("300ms", "2m").
+// A bare number is refused: its unit would be a guess.
+type duration time.Duration
+
+func (d *duration) String() string {
+	if d == nil {
+		return "0s"
+	}
+	return time.Duration(*d).String()
+}
+
+func (d *duration) Set(s string) error {
+	v, err := time.ParseDuration(strings.TrimSpace(s))
+	if err != nil {
+		if _, nerr := strconv.ParseFloat(strings.TrimSpace(s), 64); nerr == nil && s != "0" {
+			return fmt.Errorf("%q has no unit: want a duration such as 300ms, 30s or 5m", s)
+		}
+		return fmt.Errorf("%q is not a duration: want a duration such as 300ms, 30s or 5m", s)
+	}
+	if v < 0 {
+		return fmt.Errorf("%q is negative", s)
+	}
+	*d = duration(v)
+	return nil
+}
+
+// policyName is a flag.Value that accepts only the strategy's policy names.
+type policyName string
+
+func (p *policyName) String() string {
+	if p == nil || *p == "" {
+		return strategy.PolicyAuto
+	}
+	return string(*p)
+}
+
+func (p *policyName) Set(s string) error {
+	name := strings.ToLower(strings.TrimSpace(s))
+	if !slices.Contains(strategy.Policies(), name) {
+		return fmt.Errorf("unknown policy %q (valid: %s)", s, strings.Join(strategy.Policies(), ", "))
+	}
+	*p = policyName(name)
+	return nil
+}
+
+// stringList is a repeatable flag (--disk a --disk b); a comma-separated value
+// adds several at once.
+type stringList []string
+
+func (l *stringList) String() string {
+	if l == nil {
+		return ""
+	}
+	return strings.Join(*l, ",")
+}
+
+func (l *stringList) Set(s string) error {
+	for _, v := range strings.Split(s, ",") {
+		v = strings.TrimSpace(v)
+		if v == "" {
+			return fmt.Errorf("%q: empty name", s)
+		}
+		if !slices.Contains(*l, v) {
+			*l = append(*l, v)
+		}
+	}
+	return nil
+}
+
+// channelCount is a flag.Value for --multifd: 0 (off) to 255 (QEMU's limit).
+type channelCount int
+
+func (c *channelCount) String() string {
+	if c == nil {
+		return "0"
+	}
+	return strconv.Itoa(int(*c))
+}
+
+func (c *channelCount) Set(s string) error {
+	n, err := strconv.Atoi(strings.TrimSpace(s))
+	if err != nil || n < 0 || n > 255 {
+		return fmt.Errorf("%q: want a channel count from 0 (off) to 255", s)
+	}
+	*c = channelCount(n)
+	return nil
+}
+
+// checkAddress checks that an address flag is unix:/path or tcp:host:port.
+func checkAddress(flagName, value string) error {
+	if value == "" {
+		return fmt.Errorf("%s is required (unix:/path or tcp:host:port)", flagName)
+	}
+	if _, _, err := qmp.ParseAddress(value); err != nil {
+		return fmt.Errorf("%s %q: want unix:/path or tcp:host:port", flagName, value)
+	}
+	return nil
+}
+
+// parseFlags parses args with fs, turning the flag package's errors into a
+// usageError that names the command. flag.ErrHelp is returned as is.
+func parseFlags(fs *flag.FlagSet, cmd string, args []string) error {
+	err := fs.Parse(args)
+	if err == nil {
+		if fs.NArg() > 0 {
+			return &usageError{cmd: cmd, msg: fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
+		}
+		return nil
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		return err
+	}
+	return &usageError{cmd: cmd, msg: strings.Replace(err.Error(), " -", " --", 1)}
+}
+
+// wantsJSON reports whether args ask for --json, for the rare case where the
+// flags failed to parse and the result line must still be written.
+func wantsJSON(args []string) bool {
+	for _, a := range args {
+		if a == "--" {
+			return false
+		}
+		switch a {
+		case "-json", "--json", "-json=true", "--json=true", "-json=1", "--json=1":
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,240 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/qmigrate/qmigrate/strategy"
+)
+
+func TestParseByteSize(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want uint64
+	}{
+		{"0", 0},
+		{"unlimited", 0},
+		{"1234", 1234},
+		{"100B", 100},
+		{"100K", 100 << 10},
+		{"100k", 100 << 10},
+		{"100KiB", 100 << 10},
+		{"100KB", 100_000},
+		{"500MB", 500_000_000},
+		{"256MiB", 256 << 20},
+		{"256mib", 256 << 20},
+		{"256M", 256 << 20},
+		{"1GiB", 1 << 30},
+		{"1G", 1 << 30},
+		{"1GB", 1_000_000_000},
+		{"1.5GiB", 3 << 29},
+		{"2TiB", 2 << 40},
+		{"1TB", 1_000_000_000_000},
+		{"64MiB/s", 64 << 20},
+		{"1 GiB", 1 << 30},
+		{" 10MB/s ", 10_000_000},
+	} {
+		got, err := parseByteSize(tc.in)
+		require.NoError(t, err, tc.in)
+		assert.Equal(t, tc.want, got, tc.in)
+	}
+	for _, bad := range []string{"", "MiB", "-1", "1XB", "1.2.3M", "abc", "1e3", "1Mbit", "99999999TiB"} {
+		_, err := parseByteSize(bad)
+		assert.Error(t, err, bad)
+	}
+}
+
+func TestDurationFlag(t *testing.T) {
+	var d duration
+	require.NoError(t, d.Set("300ms"))
+	assert.Equal(t, 300*time.Millisecond, time.Duration(d))
+	require.NoError(t, d.Set("0"))
+	assert.Zero(t, d)
+	err := d.Set("300")
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "no unit")
+	assert.Error(t, d.Set("-1s"))
+	assert.Error(t, d.Set("soon"))
+}
+
+func TestPolicyFlag(t *testing.T) {
+	var p policyName
+	assert.Equal(t, "auto", p.String())
+	for _, name := range strategy.Policies() {
+		require.NoError(t, p.Set(name))
+		assert.Equal(t, name, string(p))
+	}
+	require.NoError(t, p.Set("KubeVirt"))
+	assert.Equal(t, "kubevirt", string(p))
+	err := p.Set("libvirt")
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "auto, qemu, kubevirt, nova, proxmox")
+}
+
+func TestStringListAndChannels(t *testing.T) {
+	var l stringList
+	require.NoError(t, l.Set("disk0"))
+	require.NoError(t, l.Set("disk1,disk2"))
+	require.NoError(t, l.Set("disk0"))
+	assert.Equal(t, stringList{"disk0", "disk1", "disk2"}, l)
+	assert.Error(t, l.Set("a,,b"))
+
+	var c channelCount
+	require.NoError(t, c.Set("4"))
+	assert.Equal(t, channelCount(4), c)
+	assert.Error(t, c.Set("-1"))
+	assert.Error(t, c.Set("256"))
+	assert.Error(t, c.Set("two"))
+}
+
+func TestMigrateConfigFromFlags(t *testing.T) {
+	var o migrateOptions
+	fs := o.flagSet()
+	require.NoError(t, parseFlags(fs, "migrate", []string{
+		"--src", "unix:/run/src.qmp", "--dst=tcp:10.0.0.2:4000", "-uri", "tcp:10.0.0.2:0",
+		"--max-downtime=500ms", "--bandwidth", "1GiB", "--timeout", "5m", "--progress-timeout=30s",
+		"--policy", "nova", "--allow-postcopy", "--allow-pause", "--no-auto-converge", "--multifd", "4",
+		"--disk", "disk0", "--disk=disk1", "--nbd", "tcp:10.0.0.2:10809", "--connect-timeout", "3s", "-v",
+	}))
+	cfg, err := o.config()
+	require.NoError(t, err)
+	assert.Equal(t, "unix:/run/src.qmp", cfg.Source.Address)
+	assert.Equal(t, "tcp:10.0.0.2:4000", cfg.Destination.Address)
+	assert.Equal(t, "tcp:10.0.0.2:0", cfg.URI)
+	assert.Equal(t, uint64(1<<30), cfg.Bandwidth)
+	assert.Equal(t, 4, cfg.MultifdChannels)
+	assert.Equal(t, 3*time.Second, cfg.ConnectTimeout)
+	assert.Equal(t, strategy.Config{Policy: "nova", Limits: strategy.Limits{
+		MaxDowntime: 500 * time.Millisecond, Budget: 5 * time.Minute, ProgressTimeout: 30 * time.Second,
+		NoThrottle: true, AllowPostcopy: true, AllowPause: true,
+	}}, cfg.Strategy)
+	require.NotNil(t, cfg.Storage)
+	assert.Equal(t, []string{"disk0", "disk1"}, cfg.Storage.Disks)
+	assert.Equal(t, "tcp:10.0.0.2:10809", cfg.Storage.NBDAddress)
+	assert.True(t, o.verbose)
+}
+
+func TestMigrateConfigDefaults(t *testing.T) {
+	var o migrateOptions
+	require.NoError(t, parseFlags(o.flagSet(), "migrate", []string{"--src", "unix:/a", "--dst", "unix:/b", "--uri", "unix:/c"}))
+	cfg, err := o.config()
+	require.NoError(t, err)
+	assert.Equal(t, strategy.Config{Policy: "auto", Limits: strategy.Limits{MaxDowntime: 300 * time.Millisecond}}, cfg.Strategy)
+	assert.Zero(t, cfg.Bandwidth)
+	assert.Zero(t, cfg.MultifdChannels)
+	assert.Nil(t, cfg.Storage)
+	assert.Equal(t, 10*time.Second, cfg.ConnectTimeout)
+	assert.False(t, o.jsonOut)
+
+	o = migrateOptions{}
+	require.NoError(t, parseFlags(o.flagSet(), "migrate", []string{"--src", "unix:/a", "--dst", "unix:/b", "--uri", "unix:/c", "--copy-storage"}))
+	cfg, err = o.config()
+	require.NoError(t, err)
+	require.NotNil(t, cfg.Storage)
+	assert.Empty(t, cfg.Storage.Disks)
+	assert.Empty(t, cfg.Storage.NBDAddress)
+}
+
+// runCLI runs the CLI in-process and returns its exit status and output.
+func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code = run(context.Background(), args, &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+func TestUsageErrorsExit2NamingTheProblem(t *testing.T) {
+	base := []string{"migrate", "--src", "unix:/a", "--dst", "unix:/b", "--uri", "unix:/c"}
+	for _, tc := range []struct {
+		name string
+		args []string
+		want []string // substrings of stderr
+	}{
+		{"no command", nil, []string{"Usage:"}},
+		{"unknown command", []string{"migr"}, []string{`unknown command "migr"`}},
+		{"unknown flag", append(base, "--fast"), []string{"--fast", "not defined", "qmigrate migrate --help"}},
+		{"bad bandwidth", append(base, "--bandwidth", "fast"), []string{"--bandwidth", `"fast"`}},
+		{"bad bandwidth unit", append(base, "--bandwidth=10XB"), []string{"--bandwidth", "XB"}},
+		{"bad duration", append(base, "--max-downtime", "300"), []string{"--max-downtime", "no unit"}},
+		{"zero downtime", append(base, "--max-downtime", "0s"), []string{"--max-downtime"}},
+		{"huge downtime", append(base, "--max-downtime", "1h"), []string{"--max-downtime", "maximum"}},
+		{"bad timeout", append(base, "--timeout", "-5s"), []string{"--timeout", "negative"}},
+		{"bad policy", append(base, "--policy", "libvirt"), []string{"--policy", `"libvirt"`, "auto, qemu, kubevirt, nova, proxmox"}},
+		{"bad multifd", append(base, "--multifd", "x"), []string{"--multifd"}},
+		{"missing src", []string{"migrate", "--dst", "unix:/b", "--uri", "unix:/c"}, []string{"--src is required"}},
+		{"missing dst", []string{"migrate", "--src", "unix:/a", "--uri", "unix:/c"}, []string{"--dst is required"}},
+		{"missing uri", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/b"}, []string{"--uri is required"}},
+		{"bad src", []string{"migrate", "--src", "/run/src.qmp", "--dst", "unix:/b", "--uri", "unix:/c"}, []string{"--src", "/run/src.qmp", "unix:/path or tcp:host:port"}},
+		{"tcp without port", []string{"migrate", "--src", "tcp:localhost", "--dst", "unix:/b", "--uri", "unix:/c"}, []string{"--src", "tcp:localhost"}},
+		{"exec uri", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/b", "--uri", "exec:cat"}, []string{"--uri", "exec:cat"}},
+		{"same socket", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/a", "--uri", "unix:/c"}, []string{"--src and --dst"}},
+		{"nbd alone", append(base, "--nbd", "unix:/n"), []string{"--nbd needs --copy-storage or --disk"}},
+		{"bad nbd", append(base, "--copy-storage", "--nbd", "nbd://x"), []string{"--nbd", "nbd://x"}},
+		{"positional", append(base, "extra"), []string{`unexpected argument "extra"`}},
+		{"version arg", []string{"version", "x"}, []string{"unexpected argument"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, stdout, stderr := runCLI(t, tc.args...)
+			assert.Equal(t, exitUsage, code)
+			assert.Empty(t, stdout)
+			for _, w := range tc.want {
+				assert.Contains(t, stderr, w)
+			}
+		})
+	}
+}
+
+func TestUsageErrorWithJSONStillEndsWithResult(t *testing.T) {
+	for _, args := range [][]string{
+		{"migrate", "--json", "--src", "unix:/a", "--dst", "unix:/b", "--uri", "unix:/c", "--policy", "bogus"},
+		{"migrate", "--json", "--dst", "unix:/b", "--uri", "unix:/c"},
+	} {
+		code, stdout, stderr := runCLI(t, args...)
+		assert.Equal(t, exitUsage, code)
+		assert.NotEmpty(t, stderr)
+		lines := strings.Split(strings.TrimSpace(stdout), "\n")
+		require.Len(t, lines, 1, stdout)
+		var res map[string]any
+		require.NoError(t, json.Unmarshal([]byte(lines[0]), &res))
+		assert.Equal(t, "result", res["type"])
+		assert.Equal(t, "failed", res["status"])
+		assert.NotEmpty(t, res["error"])
+		assert.Equal(t, []any{}, res["decisions"])
+	}
+}
+
+func TestHelpAndVersion(t *testing.T) {
+	for _, args := range [][]string{{"--help"}, {"-h"}, {"help"}} {
+		code, stdout, _ := runCLI(t, args...)
+		assert.Equal(t, exitOK, code)
+		assert.Contains(t, stdout, "qmigrate migrate --src ADDR --dst ADDR --uri URI")
+		assert.Contains(t, stdout, "qmigrate demo")
+	}
+	for _, args := range [][]string{{"migrate", "--help"}, {"migrate", "-h"}, {"help", "migrate"}} {
+		code, stdout, _ := runCLI(t, args...)
+		assert.Equal(t, exitOK, code)
+		for _, f := range migrateFlagOrder {
+			assert.Contains(t, stdout, "--"+f, f)
+		}
+		assert.Contains(t, stdout, "-v, --verbose")
+		assert.Contains(t, stdout, "EXIT STATUS")
+		assert.Contains(t, stdout, `"type":"result"`)
+	}
+	code, stdout, _ := runCLI(t, "version")
+	assert.Equal(t, exitOK, code)
+	assert.True(t, strings.HasPrefix(stdout, "qmigrate "), stdout)
+}
+
+func TestWantsJSON(t *testing.T) {
+	assert.True(t, wantsJSON([]string{"--bad", "--json"}))
+	assert.True(t, wantsJSON([]string{"-json=true"}))
+	assert.False(t, wantsJSON([]string{"--json=false"}))
+	assert.False(t, wantsJSON([]string{"--", "--json"}))
+}

@@ -1,0 +1,163 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/qmigrate/qmigrate/blockmirror"
+	"github.com/qmigrate/qmigrate/engine"
+	"github.com/qmigrate/qmigrate/strategy"
+)
+
+// renderer shows a migration to the user as it runs.
+type renderer interface {
+	// Event shows one engine event (the result event is ignored: Result
+	// shows the outcome).
+	Event(engine.Event)
+	// Message shows a human note (the demo's steps).
+	Message(string)
+	// Result shows the outcome, last. demo is nil outside the demo.
+	Result(res *engine.Result, demo *demoVerdict)
+}
+
+// demoVerdict is what the demo's check of the destination guest found.
+type demoVerdict struct {
+	OK   bool
+	Text string
+}
+
+// newRenderer picks the output: JSON lines, a live line on a terminal, or
+// plain log lines.
+func newRenderer(jsonOut bool, stdout, stderr io.Writer) renderer {
+	if jsonOut {
+		r := newJSONRenderer(stdout)
+		r.notes = stderr
+		return r
+	}
+	if width, ok := terminalWidth(stdout); ok {
+		return &termRenderer{w: stdout, width: width}
+	}
+	return &plainRenderer{w: stdout}
+}
+
+// formatBytes renders a byte count with binary units: "512 B", "1.5 GiB".
+func formatBytes(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	v := float64(n)
+	for _, u := range []string{"KiB", "MiB", "GiB", "TiB"} {
+		v /= unit
+		if v < unit || u == "TiB" {
+			if v < 10 {
+				return fmt.Sprintf("%.2f %s", v, u)
+			}
+			if v < 100 {
+				return fmt.Sprintf("%.1f %s", v, u)
+			}
+			return fmt.Sprintf("%.0f %s", v, u)
+		}
+	}
+	return fmt.Sprintf("%d B", n) // not reached
+}
+
+func formatRate(bps float64) string { return formatBytes(rate(bps)) + "/s" }
+
+// formatDuration rounds for display: 45ms, 1.2s, 2m3s.
+func formatDuration(d time.Duration) string {
+	switch {
+	case d < time.Second:
+		return d.Round(time.Millisecond).String()
+	case d < time.Minute:
+		return d.Round(100 * time.Millisecond).String()
+	default:
+		return d.Round(time.Second).String()
+	}
+}
+
+func formatElapsed(d time.Duration) string {
+	return fmt.Sprintf("[%7.1fs]", d.Seconds())
+}
+
+// describeDecision is one line for a decision: "set-downtime 500ms: why".
+func describeDecision(d strategy.Decision, err error) string {
+	var b strings.Builder
+	b.WriteString("decision ")
+	b.WriteString(string(d.Action))
+	switch d.Action {
+	case strategy.SetDowntime:
+		fmt.Fprintf(&b, " %s", formatDuration(d.DowntimeLimit))
+	case strategy.SetThrottle:
+		fmt.Fprintf(&b, " initial %d%% +%d%% max %d%%", d.Throttle.Initial, d.Throttle.Increment, d.Throttle.Max)
+	}
+	if d.Reason != "" {
+		b.WriteString(": ")
+		b.WriteString(d.Reason)
+	}
+	if err != nil {
+		fmt.Fprintf(&b, " (failed: %v)", err)
+	}
+	return b.String()
+}
+
+func describeStats(s *engine.Stats) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s: pass %d, %s sent, %s remaining of %s, %s, dirty %s, expected downtime %s (limit %s), throttle %d%%",
+		s.Status, s.Iteration, formatBytes(s.TransferredBytes), formatBytes(s.RemainingBytes),
+		formatBytes(s.TotalBytes), formatRate(s.Throughput), formatRate(s.DirtyRate),
+		formatDuration(s.ExpectedDowntime), formatDuration(s.DowntimeLimit), s.ThrottlePercent)
+	if s.StorageTotal > 0 {
+		fmt.Fprintf(&b, ", disks %s remaining of %s", formatBytes(s.StorageRemaining), formatBytes(s.StorageTotal))
+	}
+	return b.String()
+}
+
+func describeDisk(p *blockmirror.Progress) string {
+	state := "mirroring"
+	if p.Ready {
+		state = "ready"
+	}
+	pct := 0.0
+	if p.Total > 0 {
+		pct = 100 * float64(p.Done) / float64(p.Total)
+	}
+	return fmt.Sprintf("disk %s (%s): %s of %s (%.0f%%), %s, %s", p.Node, p.Job,
+		formatBytes(p.Done), formatBytes(p.Total), pct, formatRate(p.Rate), state)
+}
+
+// summary is the closing lines for a result.
+func summary(r *engine.Result, demo *demoVerdict) []string {
+	var lines []string
+	plural := "s"
+	if len(r.Decisions) == 1 {
+		plural = ""
+	}
+	switch r.Status {
+	case engine.StatusCompleted:
+		lines = append(lines, fmt.Sprintf("completed in %s: downtime %s, %s transferred, %d decision%s; the guest runs on the destination",
+			formatDuration(r.Total), formatDuration(r.Downtime), formatBytes(r.TransferredBytes), len(r.Decisions), plural))
+	default:
+		// The error itself goes to stderr (see finish).
+		lines = append(lines, fmt.Sprintf("%s after %s", r.Status, formatDuration(r.Total)))
+		if len(r.Undone) > 0 {
+			lines = append(lines, "rolled back: "+strings.Join(r.Undone, "; "))
+		}
+		if len(r.UndoErrors) > 0 {
+			lines = append(lines, "rollback problems: "+strings.Join(r.UndoErrors, "; "))
+		}
+		switch {
+		case errors.Is(r.Err, engine.ErrPostcopyFailed):
+			lines = append(lines, "the failure came during postcopy: the guest's state is split between source and destination")
+		case !isBadInput(r.Err):
+			lines = append(lines, "the guest runs on the source")
+		}
+	}
+	if demo != nil {
+		lines = append(lines, demo.Text)
+	}
+	return lines
+}

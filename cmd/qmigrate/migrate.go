@@ -1,0 +1,437 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/qmigrate/qmigrate/blockmirror"
+	"github.com/qmigrate/qmigrate/engine"
+	"github.com/qmigrate/qmigrate/qmp"
+	"github.com/qmigrate/qmigrate/strategy"
+)
+
+// limitOptions are the flags that shape a migration, shared by migrate and
+// demo.
+type limitOptions struct {
+	maxDowntime     duration
+	bandwidth       byteSize
+	timeout         duration
+	progressTimeout duration
+	policy          policyName
+	allowPostcopy   bool
+	allowPause      bool
+	noAutoConverge  bool
+	multifd         channelCount
+	connectTimeout  duration
+	jsonOut         bool
+	verbose         bool
+}
+
+const (
+	defaultMaxDowntime    = 300 * time.Millisecond
+	defaultConnectTimeout = 10 * time.Second
+)
+
+func (o *limitOptions) register(fs *flag.FlagSet) {
+	o.maxDowntime = duration(defaultMaxDowntime)
+	o.connectTimeout = duration(defaultConnectTimeout)
+	o.policy = strategy.PolicyAuto
+	fs.Var(&o.maxDowntime, "max-downtime", "longest pause of the guest allowed at switchover, a `duration`; no policy ever sets a larger downtime limit")
+	fs.Var(&o.bandwidth, "bandwidth", "migration bandwidth limit in bytes per `rate`: 256MiB, 1GiB, 500MB, 100K, a plain number is bytes, \"/s\" is optional; K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB powers of 1000; 0 is unlimited")
+	fs.Var(&o.timeout, "timeout", "budget for the whole migration, a `duration`; when nothing permitted can finish within it the migration is aborted and the guest stays on the source (default none)")
+	fs.Var(&o.progressTimeout, "progress-timeout", "abort when the migration makes no progress for this `duration` (default: the policy's)")
+	fs.Var(&o.policy, "policy", "switchover `policy`: "+strings.Join(strategy.Policies(), ", "))
+	fs.BoolVar(&o.allowPostcopy, "allow-postcopy", false, "permit switching to postcopy when pre-copy cannot converge (a failure after that point cannot be rolled back)")
+	fs.BoolVar(&o.allowPause, "allow-pause", false, "permit pausing the guest to finish the copy (stop-and-copy) when nothing else converges")
+	fs.BoolVar(&o.noAutoConverge, "no-auto-converge", false, "refuse CPU throttling of the guest (auto-converge), which is permitted by default")
+	fs.Var(&o.multifd, "multifd", "use `N` parallel multifd channels for RAM (0: a single stream)")
+	fs.Var(&o.connectTimeout, "connect-timeout", "bound on connecting to each QMP socket and on QEMU's first answers, a `duration`")
+	fs.BoolVar(&o.jsonOut, "json", false, "write one JSON object per line on stdout (see JSON OUTPUT); human messages go to stderr")
+	fs.BoolVar(&o.verbose, "v", false, "")
+	fs.BoolVar(&o.verbose, "verbose", false, "write debug logs (every QMP step) to stderr")
+}
+
+// check validates what flag parsing alone cannot.
+func (o *limitOptions) check() error {
+	if o.maxDowntime == 0 {
+		return errors.New("--max-downtime must be more than 0")
+	}
+	if time.Duration(o.maxDowntime) > strategy.QEMUMaxDowntime {
+		return fmt.Errorf("--max-downtime %s is more than QEMU's maximum of %s", time.Duration(o.maxDowntime), strategy.QEMUMaxDowntime)
+	}
+	if o.connectTimeout == 0 {
+		return errors.New("--connect-timeout must be more than 0")
+	}
+	return nil
+}
+
+func (o *limitOptions) strategy() strategy.Config {
+	return strategy.Config{
+		Policy: string(o.policy),
+		Limits: strategy.Limits{
+			MaxDowntime:     time.Duration(o.maxDowntime),
+			Budget:          time.Duration(o.timeout),
+			ProgressTimeout: time.Duration(o.progressTimeout),
+			NoThrottle:      o.noAutoConverge,
+			AllowPostcopy:   o.allowPostcopy,
+			AllowPause:      o.allowPause,
+		},
+	}
+}
+
+func (o *limitOptions) logger(stderr io.Writer) *slog.Logger {
+	if !o.verbose {
+		return nil
+	}
+	return slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// migrateOptions are the flags of "qmigrate migrate".
+type migrateOptions struct {
+	limitOptions
+	src, dst, uri string
+	copyStorage   bool
+	disks         stringList
+	nbd           string
+}
+
+func (o *migrateOptions) flagSet() *flag.FlagSet {
+	fs := flag.NewFlagSet("qmigrate migrate", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.StringVar(&o.src, "src", "", "QMP socket `ADDR` of the source QEMU: unix:/path or tcp:host:port (required)")
+	fs.StringVar(&o.dst, "dst", "", "QMP socket `ADDR` of the destination QEMU, started with -incoming defer: unix:/path or tcp:host:port (required)")
+	fs.StringVar(&o.uri, "uri", "", "`URI` where the destination listens for the migration stream: unix:/path or tcp:host:port (port 0 lets QEMU pick) (required)")
+	o.limitOptions.register(fs)
+	fs.BoolVar(&o.copyStorage, "copy-storage", false, "also migrate the disks (all writable, non-shared ones) over NBD, for hosts that do not share storage")
+	fs.Var(&o.disks, "disk", "migrate the disk of block `NODE` (repeatable, or comma-separated); implies --copy-storage for just those nodes")
+	fs.StringVar(&o.nbd, "nbd", "", "`ADDR` of the NBD server the destination starts for the disks: unix:/path or tcp:host:port (default: derived from --uri)")
+	return fs
+}
+
+// config builds the engine configuration, checking the addresses.
+func (o *migrateOptions) config() (engine.Config, error) {
+	if err := checkAddress("--src", o.src); err != nil {
+		return engine.Config{}, err
+	}
+	if err := checkAddress("--dst", o.dst); err != nil {
+		return engine.Config{}, err
+	}
+	if err := checkAddress("--uri", o.uri); err != nil {
+		return engine.Config{}, err
+	}
+	if o.src == o.dst {
+		return engine.Config{}, fmt.Errorf("--src and --dst are the same socket %q", o.src)
+	}
+	if err := o.limitOptions.check(); err != nil {
+		return engine.Config{}, err
+	}
+	cfg := engine.Config{
+		Source:          engine.Endpoint{Address: o.src},
+		Destination:     engine.Endpoint{Address: o.dst},
+		URI:             o.uri,
+		MultifdChannels: int(o.multifd),
+		Bandwidth:       uint64(o.bandwidth),
+		Strategy:        o.limitOptions.strategy(),
+		ConnectTimeout:  time.Duration(o.connectTimeout),
+	}
+	if o.nbd != "" {
+		if err := checkAddress("--nbd", o.nbd); err != nil {
+			return engine.Config{}, err
+		}
+		if !o.copyStorage && len(o.disks) == 0 {
+			return engine.Config{}, errors.New("--nbd needs --copy-storage or --disk")
+		}
+	}
+	if o.copyStorage || len(o.disks) > 0 {
+		cfg.Storage = &blockmirror.Config{Disks: append([]string(nil), o.disks...), NBDAddress: o.nbd}
+	}
+	return cfg, nil
+}
+
+const migrateUsage = `Usage: qmigrate migrate --src ADDR --dst ADDR --uri URI [flags]
+
+Live-migrates the running guest of the source QEMU to the destination QEMU,
+which must have been started with "-incoming defer" and the same machine type
+and RAM size. When it completes, the guest runs on the destination and the
+source is left in "postmigrate". On any failure or cancel before switchover,
+everything done is rolled back and the guest keeps running on the source.
+
+ADDR is a QMP socket: unix:/path or tcp:host:port. Flags take "--flag value" or
+"--flag=value" (one dash works too). Durations look like 300ms, 30s, 5m.
+
+Flags:
+`
+
+const migrateUsageTail = `
+OUTPUT
+  On a terminal: one live line (phase, a bar of sent/(sent+remaining), rate,
+  remaining, expected downtime, pass, throttle) with decisions printed above
+  it. Otherwise: plain lines, one per phase change, per strategy decision (with
+  its reason), per 2s of stats, and a closing summary. Errors go to stderr.
+
+JSON OUTPUT (--json)
+  One JSON object per line on stdout and nothing else; human messages go to
+  stderr. Every object has "type". Times are whole milliseconds, sizes bytes,
+  rates bytes per second.
+    {"type":"phase","phase":P,"elapsed_ms":N}
+        P is prepare, start, converge, switchover, complete or rollback
+    {"type":"stats","elapsed_ms","status","iteration","transferred_bytes",
+     "remaining_bytes","total_bytes","dirty_rate_bps","throughput_bps",
+     "expected_downtime_ms","throttle_pct","downtime_limit_ms",
+     "storage_remaining_bytes","storage_total_bytes"}
+    {"type":"decision","elapsed_ms","action","reason"[,"downtime_limit_ms"]
+     [,"throttle":{"initial","increment","max"}][,"error"]}
+        action is wait, set-downtime, set-throttle, start-postcopy, pause or
+        abort; "error" says why applying it failed
+    {"type":"disk","node","job","done_bytes","total_bytes","rate_bps","ready"}
+  The last line is always the result, whatever happened, even for bad usage
+  or an address that cannot be reached (then status is "failed"):
+    {"type":"result","status","total_ms","downtime_ms","transferred_bytes",
+     "decisions":[{"action","reason","at_ms"[,"downtime_limit_ms"]
+                   [,"throttle"]}, ...],
+     "error","undone":[...],"undo_errors":[...]}
+        status is completed, failed or cancelled; decisions, undone and
+        undo_errors are arrays, [] when empty; error is present only when the
+        status is not completed; undone lists the rollback steps that ran,
+        undo_errors those that failed.
+
+EXIT STATUS
+  0  completed: the guest runs on the destination
+  1  failed, aborted by the policy or cancelled: the guest runs on the source
+  2  bad usage or bad input: a bad flag, an address that cannot be reached or
+     does not answer QMP within --connect-timeout, a destination not started
+     with -incoming defer, different RAM sizes, a disk that cannot be mirrored
+
+SIGNALS
+  SIGINT or SIGTERM cancels: the migration is rolled back, status
+  "cancelled", exit 1. A second signal does not cut the rollback short.
+
+EXAMPLES
+  qmigrate migrate --src unix:/run/vm1-src.qmp --dst unix:/run/vm1-dst.qmp \
+      --uri tcp:10.0.0.2:4444 --max-downtime 500ms --bandwidth 1GiB --timeout 5m
+  qmigrate migrate --src tcp:10.0.0.1:4000 --dst tcp:10.0.0.2:4000 \
+      --uri tcp:10.0.0.2:0 --copy-storage --json
+`
+
+// printFlags lists the flags as --name, one dash-pair per line, in the
+// order of names (help lists -v with --verbose).
+func printFlags(w io.Writer, fs *flag.FlagSet, names []string) {
+	for _, name := range names {
+		f := fs.Lookup(name)
+		if f == nil {
+			continue
+		}
+		arg, usage := flag.UnquoteUsage(f)
+		head := "  --" + f.Name
+		if f.Name == "verbose" {
+			head = "  -v, --verbose"
+		}
+		if arg != "" {
+			head += " " + strings.ToUpper(arg)
+		}
+		def := ""
+		switch f.DefValue {
+		case "", "false", "0", "0s", "unlimited":
+		default:
+			def = " (default " + f.DefValue + ")"
+		}
+		if f.Name == "bandwidth" {
+			def = " (default unlimited)"
+		}
+		fmt.Fprintf(w, "%s\n      %s%s\n", head, wrap(usage+def, 72, "      "), "")
+	}
+}
+
+// wrap breaks s into lines of at most width bytes, indenting the rest.
+func wrap(s string, width int, indent string) string {
+	var b strings.Builder
+	n := 0
+	for i, word := range strings.Fields(s) {
+		if i > 0 {
+			if n+1+len(word) > width {
+				b.WriteString("\n" + indent)
+				n = 0
+			} else {
+				b.WriteByte(' ')
+				n++
+			}
+		}
+		b.WriteString(word)
+		n += len(word)
+	}
+	return b.String()
+}
+
+var migrateFlagOrder = []string{
+	"src", "dst", "uri", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
+	"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "copy-storage", "disk", "nbd",
+	"connect-timeout", "json", "verbose",
+}
+
+// usageFailure reports a usage or input error: the message on stderr and,
+// with --json, the result line on stdout. It returns exit status 2.
+func usageFailure(stdout, stderr io.Writer, cmd string, jsonOut bool, err error) int {
+	fmt.Fprintf(stderr, "qmigrate %s: %v\n", cmd, err)
+	var ue *usageError
+	if errors.As(err, &ue) {
+		fmt.Fprintf(stderr, "Run 'qmigrate %s --help' for usage.\n", cmd)
+	}
+	if jsonOut {
+		newJSONRenderer(stdout).Result(&engine.Result{Status: engine.StatusFailed, Err: err}, nil)
+	}
+	return exitUsage
+}
+
+func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	var o migrateOptions
+	fs := o.flagSet()
+	if err := parseFlags(fs, "migrate", args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprint(stdout, migrateUsage)
+			printFlags(stdout, fs, migrateFlagOrder)
+			fmt.Fprint(stdout, migrateUsageTail)
+			return exitOK
+		}
+		return usageFailure(stdout, stderr, "migrate", wantsJSON(args), err)
+	}
+	cfg, err := o.config()
+	if err != nil {
+		return usageFailure(stdout, stderr, "migrate", o.jsonOut, &usageError{cmd: "migrate", msg: err.Error()})
+	}
+	log := o.logger(stderr)
+	cfg.Logger = log
+	r := newRenderer(o.jsonOut, stdout, stderr)
+	cfg.Observer = r.Event
+	if err := cfg.Validate(); err != nil {
+		return usageFailure(stdout, stderr, "migrate", o.jsonOut, err)
+	}
+
+	start := time.Now()
+	src, dst, err := dialBoth(ctx, o.src, o.dst, cfg.ConnectTimeout, log)
+	if err != nil {
+		res := resultOf(nil, err)
+		res.Total = time.Since(start)
+		return finish(r, stderr, res, nil)
+	}
+	defer src.Close()
+	defer dst.Close()
+	cfg.Source.Client, cfg.Destination.Client = src, dst
+
+	res, err := engine.Migrate(ctx, cfg)
+	return finish(r, stderr, resultOf(res, err), nil)
+}
+
+// finish shows the result and returns the exit status for it.
+func finish(r renderer, stderr io.Writer, res *engine.Result, demo *demoVerdict) int {
+	r.Result(res, demo)
+	code := exitCode(res)
+	if demo != nil && !demo.OK && code == exitOK {
+		code = exitFailed
+	}
+	if res.Err != nil {
+		fmt.Fprintf(stderr, "qmigrate: %v\n", res.Err)
+	}
+	return code
+}
+
+// resultOf returns the result to show: the engine's, with its error filled
+// in, or one made from err when there is none.
+func resultOf(res *engine.Result, err error) *engine.Result {
+	if res == nil {
+		res = &engine.Result{Status: engine.StatusFailed}
+		if errors.Is(err, engine.ErrCancelled) || errors.Is(err, context.Canceled) {
+			res.Status = engine.StatusCancelled
+		}
+	} else {
+		c := *res
+		res = &c
+	}
+	if res.Err == nil {
+		res.Err = err
+	}
+	if res.Err != nil && res.Status == engine.StatusCompleted {
+		res.Status = engine.StatusFailed
+	}
+	if res.Err == nil && res.Status != engine.StatusCompleted {
+		res.Err = fmt.Errorf("migration ended with status %q", res.Status)
+	}
+	return res
+}
+
+// isBadInput reports whether err means bad usage or bad input (exit 2).
+func isBadInput(err error) bool {
+	var ue *usageError
+	var ie *inputError
+	return errors.Is(err, engine.ErrBadInput) || errors.Is(err, engine.ErrInvalidConfig) ||
+		errors.As(err, &ue) || errors.As(err, &ie)
+}
+
+// exitCode maps a result to the exit status.
+func exitCode(res *engine.Result) int {
+	switch {
+	case res.Status == engine.StatusCompleted && res.Err == nil:
+		return exitOK
+	case isBadInput(res.Err):
+		return exitUsage
+	default:
+		return exitFailed
+	}
+}
+
+// dialBoth connects to both QMP sockets at once, each within timeout. An
+// error names the flag and the address.
+func dialBoth(ctx context.Context, srcAddr, dstAddr string, timeout time.Duration, log *slog.Logger) (src, dst *qmp.Client, err error) {
+	var wg sync.WaitGroup
+	var srcErr, dstErr error
+	wg.Go(func() { src, srcErr = dial(ctx, "--src", srcAddr, timeout, log) })
+	wg.Go(func() { dst, dstErr = dial(ctx, "--dst", dstAddr, timeout, log) })
+	wg.Wait()
+	if err = errors.Join(srcErr, dstErr); err != nil {
+		if src != nil {
+			src.Close()
+		}
+		if dst != nil {
+			dst.Close()
+		}
+		return nil, nil, err
+	}
+	return src, dst, nil
+}
+
+// dial connects to one QMP socket and negotiates capabilities.
+func dial(ctx context.Context, flagName, address string, timeout time.Duration, log *slog.Logger) (*qmp.Client, error) {
+	dctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var opts []qmp.Option
+	if log != nil {
+		opts = append(opts, qmp.WithLogger(log.With("side", strings.TrimPrefix(flagName, "--"))))
+	}
+	c, err := qmp.DialAddress(dctx, address, opts...)
+	if err == nil {
+		return c, nil
+	}
+	if ctx.Err() != nil {
+		return nil, fmt.Errorf("%s %s: %w: %w", flagName, address, engine.ErrCancelled, ctx.Err())
+	}
+	if dctx.Err() != nil {
+		err = fmt.Errorf("no QMP answer within %s (--connect-timeout): is it a QEMU monitor socket? (%w)", timeout, err)
+	} else {
+		// The innermost cause says it best: "no such file or directory",
+		// "connection refused"; the rest repeats the address.
+		var se *os.SyscallError
+		if errors.As(err, &se) {
+			err = fmt.Errorf("cannot connect: %w", se.Err)
+		} else {
+			err = fmt.Errorf("cannot connect: %w", err)
+		}
+	}
+	return nil, &inputError{flag: flagName, address: address, err: err}
+}
