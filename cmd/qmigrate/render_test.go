@@ -75,7 +75,7 @@ func failedResult() *engine.Result {
 	err := &engine.Error{Phase: engine.PhaseConverge, Side: engine.SideSource, Op: "query-migrate",
 		Err: errors.New("Migration failed: Unable to write to socket: Broken pipe")}
 	return &engine.Result{Status: engine.StatusFailed, Total: 2 * time.Second, TransferredBytes: 1 << 20,
-		Undone: []string{"migrate_cancel on source", "restore source parameters"},
+		Undone:     []string{"migrate_cancel on source", "restore source parameters"},
 		UndoErrors: []string{"cont on source: qmp: cont: guest already running (GenericError)"}, Err: err}
 }
 
