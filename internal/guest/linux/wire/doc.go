@@ -30,7 +30,7 @@
 //	QMIGRATE READY mode=memdirty mem=268435456 pages=65536 rate=52428800 uptime=7.91
 //	QMIGRATE PROGRESS pass=12 pages=786432 rate=52401203 uptime=20.02
 //	QMIGRATE CHECK OK pass=12 failed_passes=0
-//	QMIGRATE CHECK FAIL pass=13 page=4711 want=13 got=12
+//	QMIGRATE CHECK FAIL pass=13 page=4711 want=13 got=12 state=stale
 //	QMIGRATE CHECK FAIL pass=13 bad=3 failed_passes=1
 //	QMIGRATE DISK seq=4096 synced=4090 rate=1048576 uptime=12.00
 //	QMIGRATE DISKVERIFY OK records=4096 last=4096
