@@ -58,26 +58,32 @@ type AutoConfig struct {
 	// InitialDowntime is the downtime limit set before the start (300 ms,
 	// QEMU's default, capped at Limits.MaxDowntime).
 	InitialDowntime time.Duration
-	// ConvergeRatio: pre-copy counts as converging while the smoothed ratio of
-	// successive per-iteration peaks of RemainingBytes is below this (0.9).
-	ConvergeRatio float64
+	// FlatRatio: when the per-iteration peaks of RemainingBytes (the dirty set
+	// at each bitmap sync) shrink by less than this factor per iteration, or
+	// the measured dirty rate is at least this × the throughput, pre-copy is
+	// judged never to converge (0.97).
+	FlatRatio float64
 	// MaxConvergeTime: a converging migration whose predicted remaining time
-	// exceeds this is treated as not converging (60 s).
+	// exceeds this is "too slow": auto uses levers on it, but never aborts it
+	// for that alone (60 s).
 	MaxConvergeTime time.Duration
 	// TargetRatio is k in p = 1 - k×throughput/dirty: the throttled dirty rate
 	// aimed for, as a fraction of the throughput (0.5).
 	TargetRatio float64
-	// SaturationFactor: when every iteration re-dirties the whole working set,
-	// QEMU's dirty rate only shows a lower bound; the true rate is assumed to be
-	// this × the measured one (2).
+	// SaturationFactor: when the peaks are flat, every pass re-dirties the
+	// whole working set and QEMU's dirty rate (distinct pages per sync period)
+	// is only a lower bound; the true rate is assumed to be this × the
+	// measured one (at least the throughput) (2).
 	SaturationFactor float64
 	// Margin on the downtime needed: set remaining/throughput × Margin (1.25).
 	Margin float64
-	// SettleIterations: iterations a lever gets to take effect before escalating (2).
+	// SettleIterations: iterations a lever gets, once it shows in the samples,
+	// before auto escalates (2).
 	SettleIterations int
-	// SettleTime: re-evaluate at the latest this long after a lever, even if
-	// the iterations did not come (QEMU applies a throttle only after two
-	// ≥1 s sync periods) (6 s).
+	// SettleTime shortens the wait when iterations are long: one iteration
+	// suffices once the lever has shown for this long. It is also how long a
+	// throttle may take to show (QEMU applies it only at its next trigger,
+	// after two ≥1 s sync periods) before auto judges anyway (4 s).
 	SettleTime time.Duration
 	// MaxThrottle is the highest CPU throttle auto sets (99).
 	MaxThrottle int
@@ -103,13 +109,13 @@ const (
 	defProxmoxStallPolls        = 5
 	defProxmoxPollInterval      = time.Second
 	defAutoInitialDowntime      = 300 * time.Millisecond
-	defAutoConvergeRatio        = 0.9
+	defAutoFlatRatio            = 0.97
 	defAutoMaxConvergeTime      = 60 * time.Second
 	defAutoTargetRatio          = 0.5
 	defAutoSaturationFactor     = 2
 	defAutoMargin               = 1.25
 	defAutoSettleIterations     = 2
-	defAutoSettleTime           = 6 * time.Second
+	defAutoSettleTime           = 4 * time.Second
 	defAutoMaxThrottle          = 99
 	defAutoPostcopyThrottle     = 50
 	defAutoProgressTimeout      = 30 * time.Second
@@ -197,7 +203,7 @@ func (c Config) Validate() error {
 		v      float64
 		lo, hi float64
 	}{
-		{"Auto.ConvergeRatio", a.ConvergeRatio, 0, 1},
+		{"Auto.FlatRatio", a.FlatRatio, 0, 1},
 		{"Auto.TargetRatio", a.TargetRatio, 0, 1},
 		{"Auto.Alpha", a.Alpha, 0, 1},
 	} {
@@ -260,7 +266,7 @@ func (l Limits) throttleOK() bool { return !l.NoThrottle }
 // withDefaults returns a copy with every zero tunable replaced by its default.
 func (a AutoConfig) withDefaults() AutoConfig {
 	a.InitialDowntime = orDur(a.InitialDowntime, defAutoInitialDowntime)
-	a.ConvergeRatio = orFloat(a.ConvergeRatio, defAutoConvergeRatio)
+	a.FlatRatio = orFloat(a.FlatRatio, defAutoFlatRatio)
 	a.MaxConvergeTime = orDur(a.MaxConvergeTime, defAutoMaxConvergeTime)
 	a.TargetRatio = orFloat(a.TargetRatio, defAutoTargetRatio)
 	a.SaturationFactor = orFloat(a.SaturationFactor, defAutoSaturationFactor)

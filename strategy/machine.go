@@ -76,7 +76,9 @@ func (m *Machine) Policy() string { return m.cfg.Policy }
 // AutoConverge only when throttling is permitted, Postcopy only when allowed.
 func (m *Machine) Setup() Setup {
 	s := m.pol.setup()
-	if max := m.lim.maxDowntime(); s.DowntimeLimit > max {
+	max := m.lim.maxDowntime()
+	if s.DowntimeLimit > max || (s.DowntimeLimit == 0 && max < DefaultMaxDowntime) {
+		// Leaving QEMU's 300 ms would exceed a lower user maximum.
 		s.DowntimeLimit = max
 	}
 	if s.DowntimeLimit < 0 {

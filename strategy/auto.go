@@ -1,0 +1,407 @@
+package strategy
+
+import (
+	"fmt"
+	"math"
+	"time"
+)
+
+// auto is the predictive default policy. See the package documentation for
+// the rule; the code below follows it section by section.
+type auto struct {
+	m           *Machine
+	c           AutoConfig
+	progTimeout time.Duration
+	prog        progress
+
+	// Estimator.
+	bw, dirty     float64 // EWMA of throughput and dirty rate, bytes/s
+	bwOK, dirtyOK bool
+	cur           iterRec   // the iteration in progress
+	hist          []iterRec // closed iterations, oldest first, at most histLen
+
+	// Levers.
+	downtime   time.Duration // the limit auto believes is configured
+	target     int           // throttle decided (0 = none)
+	lever      Action        // the last lever decided (Wait = none yet)
+	leverAt    time.Duration
+	leverIter  uint64        // iteration when the lever was decided
+	seenIter   uint64        // iteration when the lever was first seen in effect (0 = not yet)
+	seenAt     time.Duration // when it was seen
+	reevaluate bool          // a lever failed to apply: decide again at once
+}
+
+type iterRec struct {
+	n     uint64 // dirty-sync-count
+	start time.Duration
+	peak  uint64 // largest RemainingBytes seen in it: the dirty set at its sync
+}
+
+const (
+	histLen = 8
+)
+
+func newAuto(m *Machine) *auto {
+	c := m.cfg.Auto.withDefaults()
+	a := &auto{
+		m:           m,
+		c:           c,
+		progTimeout: orDur(m.lim.ProgressTimeout, c.ProgressTimeout),
+		lever:       Wait,
+	}
+	a.downtime = min(c.InitialDowntime, m.lim.maxDowntime())
+	return a
+}
+
+// holdBack is the throttle set before the start: auto-converge is enabled so
+// that auto can throttle later, but QEMU's own ramp is held at 1%.
+var holdBack = Throttle{Initial: 1, Increment: 1, Max: 1}
+
+func (a *auto) setup() Setup {
+	t := holdBack
+	return Setup{
+		DowntimeLimit: a.downtime,
+		AutoConverge:  true,
+		Postcopy:      true,
+		Throttle:      &t,
+	}
+}
+
+func (a *auto) step(s Sample, now time.Duration) Decision {
+	a.prog.observe(s, now)
+	if why, ok := a.prog.stalled(now, a.progTimeout); ok {
+		return Decision{Action: Abort, Reason: "auto: " + why}
+	}
+	lv := &a.m.levers
+	if lv.postcopy {
+		return wait("auto: postcopy requested, waiting for QEMU to switch")
+	}
+	if lv.paused {
+		return wait(fmt.Sprintf("auto: source paused, stop-and-copy of %s", bytesStr(float64(s.RemainingBytes))))
+	}
+	a.observe(s)
+	if s.Status != "active" && s.Status != "" {
+		return wait("auto: status " + s.Status)
+	}
+	boundary := a.track(s, now)
+	if !boundary && !a.reevaluate {
+		return wait(a.waitReason())
+	}
+	a.reevaluate = false
+	return a.evaluate(s, now)
+}
+
+func (a *auto) waitReason() string {
+	return fmt.Sprintf("auto: iteration %d in progress", a.cur.n)
+}
+
+// observe updates the smoothed rates.
+func (a *auto) observe(s Sample) {
+	if s.Throughput > 0 {
+		a.bw, a.bwOK = ewma(a.bw, s.Throughput, a.c.Alpha, a.bwOK), true
+	}
+	// QEMU's dirty rate is only measured at a sync after the bulk pass.
+	if s.Iteration >= 2 && s.DirtyRate > 0 {
+		a.dirty, a.dirtyOK = ewma(a.dirty, s.DirtyRate, a.c.Alpha, a.dirtyOK), true
+	}
+}
+
+func ewma(old, v, alpha float64, ok bool) float64 {
+	if !ok {
+		return v
+	}
+	return alpha*v + (1-alpha)*old
+}
+
+// track follows the saw-tooth of RemainingBytes per iteration. It reports
+// whether a new iteration started with this sample.
+func (a *auto) track(s Sample, now time.Duration) bool {
+	if s.Iteration == 0 {
+		return false
+	}
+	switch {
+	case a.cur.n == 0:
+		a.cur = iterRec{n: s.Iteration, start: now, peak: s.RemainingBytes}
+		return false
+	case s.Iteration > a.cur.n:
+		a.hist = append(a.hist, a.cur)
+		if len(a.hist) > histLen {
+			a.hist = a.hist[len(a.hist)-histLen:]
+		}
+		a.cur = iterRec{n: s.Iteration, start: now, peak: s.RemainingBytes}
+		return true
+	case s.Iteration == a.cur.n:
+		a.cur.peak = max(a.cur.peak, s.RemainingBytes)
+	}
+	return false
+}
+
+// peaks returns the iterations observed since iteration from (inclusive),
+// the current one last.
+func (a *auto) peaks(from uint64) []iterRec {
+	var out []iterRec
+	for _, r := range a.hist {
+		if r.n >= from {
+			out = append(out, r)
+		}
+	}
+	if a.cur.n >= from && a.cur.n > 0 {
+		out = append(out, a.cur)
+	}
+	return out
+}
+
+// ratio is the per-iteration shrink factor of the peaks over the last (up to)
+// two observed intervals, normalised by the iterations they span.
+func ratio(p []iterRec) float64 {
+	if len(p) < 2 {
+		return math.NaN()
+	}
+	first := p[max(0, len(p)-3)]
+	last := p[len(p)-1]
+	span := float64(last.n - first.n)
+	if span <= 0 {
+		return math.NaN()
+	}
+	if first.peak == 0 {
+		if last.peak == 0 {
+			return 0
+		}
+		return math.Inf(1)
+	}
+	return math.Pow(float64(last.peak)/float64(first.peak), 1/span)
+}
+
+// verdict is auto's view of convergence.
+type verdict int
+
+const (
+	converging verdict = iota // leave it alone
+	slow                      // converges, but too slowly: use levers, never abort for it
+	stuck                     // will not converge (or not within the budget)
+)
+
+func (a *auto) evaluate(s Sample, now time.Duration) Decision {
+	lv := &a.m.levers
+	limit := a.downtime
+	if s.DowntimeLimit > 0 {
+		limit = s.DowntimeLimit
+	}
+	if !a.bwOK || a.bw <= 0 {
+		return wait("auto: no throughput measured yet")
+	}
+	// Settle: a lever gets SettleIterations iterations once it shows.
+	from := uint64(0)
+	if a.lever != Wait {
+		if a.seenIter == 0 {
+			if s.ThrottlePercent < a.target && now-a.leverAt < a.c.SettleTime {
+				return wait(fmt.Sprintf("auto: waiting for the %d%% throttle to apply (now %d%%)", a.target, s.ThrottlePercent))
+			}
+			a.seen(now) // shown, or never showed within SettleTime: judge from here
+		}
+		n := a.cur.n - a.seenIter
+		if n < uint64(a.c.SettleIterations) && (n < 1 || now-a.seenAt < a.c.SettleTime) {
+			return wait(fmt.Sprintf("auto: giving the %s lever %d iterations (%d so far)", a.lever, a.c.SettleIterations, n))
+		}
+		from = a.seenIter
+	}
+	p := a.peaks(from)
+	if len(p) < 2 {
+		return wait(fmt.Sprintf("auto: %d iteration peaks, need 2", len(p)))
+	}
+	r := ratio(p)
+	last := float64(p[len(p)-1].peak)
+	floor := last
+	for _, x := range p[max(0, len(p)-3):] {
+		floor = min(floor, float64(x.peak))
+	}
+	bw, dirty := a.bw, a.dirty
+	if !a.dirtyOK {
+		dirty = 0
+	}
+	stats := fmt.Sprintf("peaks ×%.2f/iteration, last %s, dirty %s/s, throughput %s/s, limit %v",
+		r, bytesStr(last), bytesStr(dirty), bytesStr(bw), limit)
+	if r == 0 || seconds(last, bw) <= limit {
+		return wait("auto: converging, the next switchover fits: " + stats)
+	}
+
+	v, pred := a.judge(r, dirty/bw, last, bw, limit, now)
+	if v == converging {
+		return wait(fmt.Sprintf("auto: converging in ~%v: %s", roundDur(pred), stats))
+	}
+	what := "not converging"
+	switch {
+	case v == slow:
+		what = fmt.Sprintf("converging too slowly (~%v)", roundDur(pred))
+	case pred < time.Duration(math.MaxInt64):
+		what = fmt.Sprintf("not converging within the budget (~%v)", roundDur(pred))
+	}
+	stats = what + ": " + stats
+
+	// Lever 1: downtime, if the floor of the peaks fits within the maximum.
+	maxDT := a.m.lim.maxDowntime()
+	if !lv.downtimeFailed && seconds(floor, bw) <= maxDT && limit < maxDT {
+		dl := roundUp(mulDur(seconds(floor, bw), a.c.Margin), 10*time.Millisecond)
+		if dl <= limit {
+			dl = maxDT // the estimate fitted the limit, yet QEMU did not switch
+		}
+		dl = min(dl, maxDT)
+		return a.decide(Decision{Action: SetDowntime, DowntimeLimit: dl, Reason: fmt.Sprintf(
+			"auto: %s; %s / throughput = %v fits the %v maximum: downtime limit %v",
+			stats, bytesStr(floor), roundDur(seconds(floor, bw)), maxDT, dl)}, now)
+	}
+
+	// Lever 2: CPU throttle computed from the stats.
+	pct, how := a.throttleFor(r, dirty, bw, s.ThrottlePercent)
+	throttleOK := a.m.lim.throttleOK() && !lv.throttleFailed && a.target < a.c.MaxThrottle
+	postcopyOK := a.m.lim.AllowPostcopy && !lv.postcopyFailed
+	if throttleOK && !(postcopyOK && pct > a.c.PostcopyThrottle) {
+		inc := pct - s.ThrottlePercent
+		t := Throttle{Initial: pct, Increment: clampInt(inc, 1, qemuMaxThrottle), Max: pct}
+		return a.decide(Decision{Action: SetThrottle, Throttle: t, Reason: fmt.Sprintf(
+			"auto: %s; %s: throttle %d%%", stats, how, pct)}, now)
+	}
+
+	// Lever 3: postcopy.
+	if postcopyOK {
+		why := "throttling exhausted or refused"
+		if throttleOK {
+			why = fmt.Sprintf("%s would need %d%% throttle, above %d%%", how, pct, a.c.PostcopyThrottle)
+		}
+		return a.decide(Decision{Action: StartPostcopy, Reason: fmt.Sprintf("auto: %s; %s: start postcopy", stats, why)}, now)
+	}
+	// Lever 4: pause (stop-and-copy).
+	if a.m.lim.AllowPause && !lv.pauseFailed {
+		return a.decide(Decision{Action: PauseSource, Reason: fmt.Sprintf(
+			"auto: %s; no other lever left: pause the guest, stop-and-copy of ~%v",
+			stats, roundDur(seconds(last, bw)))}, now)
+	}
+	if v == slow {
+		return wait("auto: " + stats + "; no lever left, letting it converge")
+	}
+	return Decision{Action: Abort, Reason: fmt.Sprintf(
+		"auto: %s; no permitted lever can make it converge (downtime max %v, throttle %s, postcopy %s, pause %s)",
+		stats, maxDT, permittedStr(a.m.lim.throttleOK() && !lv.throttleFailed, fmt.Sprintf("at %d%%", a.target)),
+		permittedStr(a.m.lim.AllowPostcopy && !lv.postcopyFailed, ""), permittedStr(a.m.lim.AllowPause && !lv.pauseFailed, ""))}
+}
+
+// seen marks the last lever as in effect from now.
+func (a *auto) seen(now time.Duration) {
+	a.seenIter, a.seenAt = a.cur.n, now
+	a.dirtyOK = false // measure the dirty rate afresh under the lever
+}
+
+func permittedStr(ok bool, extra string) string {
+	if !ok {
+		return "not permitted"
+	}
+	if extra != "" {
+		return extra
+	}
+	return "permitted"
+}
+
+// judge classifies the trend. The per-pass shrink factor is the measured
+// dirty rate over the throughput (q) when known, robust to syncs in the middle
+// of a pass; flat peaks (r) override it, because a saturated dirty rate is
+// only a lower bound. pred is the predicted time until the dirty set fits
+// bw×limit: passes shrinking geometrically from last.
+func (a *auto) judge(r, q, last, bw float64, limit, now time.Duration) (verdict, time.Duration) {
+	inf := time.Duration(math.MaxInt64)
+	flat := a.c.FlatRatio
+	if math.IsNaN(r) || r >= flat || q >= flat {
+		return stuck, inf
+	}
+	rr := r
+	if q > 0 {
+		rr = q
+	}
+	thr := bw * limit.Seconds()
+	n := 1.0
+	if thr > 0 && last > thr && rr > 0 {
+		n = math.Ceil(math.Log(thr/last) / math.Log(rr))
+	}
+	pred := seconds(last*(1-math.Pow(rr, n))/(1-rr), bw)
+	if b := a.m.lim.Budget; b > 0 && (pred >= b || now+pred > b) {
+		return stuck, pred
+	}
+	if pred > a.c.MaxConvergeTime {
+		return slow, pred
+	}
+	return converging, pred
+}
+
+// throttleFor computes p = 1 - k×throughput/dirty for the guest's true dirty
+// rate: the measured one divided by the run fraction left by the current
+// throttle, and, when the peaks are flat (the working set is re-dirtied every
+// pass, so the measured rate is only a lower bound), at least the throughput
+// times the SaturationFactor. An escalation at least halves the guest's
+// remaining run time.
+func (a *auto) throttleFor(r, dirty, bw float64, cur int) (int, string) {
+	run := math.Max(1-float64(cur)/100, 0.01)
+	trueDirty := dirty / run
+	how := fmt.Sprintf("true dirty rate ~%s/s", bytesStr(trueDirty))
+	if math.IsNaN(r) || r >= a.c.FlatRatio {
+		trueDirty = math.Max(dirty, bw) / run * a.c.SaturationFactor
+		how = fmt.Sprintf("working set re-dirtied every pass, true dirty rate ≥ ~%s/s", bytesStr(trueDirty))
+	}
+	p := 1.0
+	if trueDirty > 0 {
+		p = 1 - a.c.TargetRatio*bw/trueDirty
+	}
+	pct := int(math.Ceil(p * 100))
+	if a.target > 0 {
+		pct = max(pct, 100-(100-max(a.target, cur))/2)
+	}
+	pct = clampInt(pct, 1, a.c.MaxThrottle)
+	return pct, how + fmt.Sprintf(" vs %.0f%% of %s/s", a.c.TargetRatio*100, bytesStr(bw))
+}
+
+// decide records a lever decision for the settle rule.
+func (a *auto) decide(d Decision, now time.Duration) Decision {
+	a.lever, a.leverAt, a.leverIter, a.seenIter = d.Action, now, a.cur.n, 0
+	switch d.Action {
+	case SetDowntime:
+		a.downtime = d.DowntimeLimit
+		a.seen(now) // in effect at once
+	case SetThrottle:
+		a.target = d.Throttle.Max
+	}
+	return d
+}
+
+func (a *auto) deadline(s Sample, now time.Duration) Decision {
+	lv := &a.m.levers
+	why := fmt.Sprintf("auto: budget %v reached at %v", a.m.lim.Budget, roundDur(now))
+	if a.m.lim.AllowPostcopy && !lv.postcopyFailed {
+		return Decision{Action: StartPostcopy, Reason: why + ": finish by postcopy"}
+	}
+	if a.m.lim.AllowPause && !lv.pauseFailed {
+		return Decision{Action: PauseSource, Reason: why + ": finish by stop-and-copy"}
+	}
+	return Decision{Action: Abort, Reason: why + ": no finishing lever permitted"}
+}
+
+func (a *auto) applied(d Decision, err error) {
+	if err == nil {
+		return
+	}
+	switch d.Action {
+	case SetDowntime, SetThrottle, StartPostcopy, PauseSource:
+		a.lever, a.seenIter = Wait, 0
+		a.reevaluate = true
+	}
+	if d.Action == SetDowntime {
+		a.downtime = 0
+	}
+}
+
+func roundUp(d, unit time.Duration) time.Duration {
+	if d <= 0 || d >= time.Duration(math.MaxInt64)-unit {
+		return d
+	}
+	if r := d % unit; r != 0 {
+		d += unit - r
+	}
+	return d
+}
