@@ -545,6 +545,8 @@ func (s *Session) cancelJobs(ctx context.Context) error {
 	t := time.NewTicker(pollInterval)
 	defer t.Stop()
 	asked := map[string]bool{}
+	var yankAt time.Time // when to yank the NBD connections of jobs still stuck
+	yanked := false
 	for {
 		s.drain()
 		jobs, err := s.src.QueryBlockJobs(ctx)
@@ -585,6 +587,15 @@ func (s *Session) cancelJobs(ctx context.Context) error {
 		if left == 0 {
 			return nil
 		}
+		if yankAt.IsZero() {
+			yankAt = time.Now().Add(yankAfter)
+		} else if !yanked && time.Now().After(yankAt) {
+			// A cancelled mirror waits for its in-flight NBD requests; against
+			// a destination that hangs (frozen process, cut link) they never
+			// return. yank shuts the NBD sockets down so they fail now.
+			yanked = true
+			s.yank(ctx)
+		}
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("blockmirror: waiting for cancelled mirrors: %w", ctx.Err())
@@ -593,6 +604,28 @@ func (s *Session) cancelJobs(ctx context.Context) error {
 		case <-t.C:
 		}
 	}
+}
+
+// yankAfter is how long Abort waits for force-cancelled mirrors before it
+// yanks their NBD connections.
+const yankAfter = 2 * time.Second
+
+// yank runs yank on the source NBD client nodes (QEMU 6.0+). Caller holds mu.
+func (s *Session) yank(ctx context.Context) {
+	if s.srcF != nil && !s.srcF.HasCommand("yank") {
+		return
+	}
+	var inst []map[string]any
+	for _, d := range s.disks {
+		if d.nbdAdded && (d.mirroring || !d.ended) {
+			inst = append(inst, map[string]any{"type": "block-node", "node-name": d.nbdNode})
+		}
+	}
+	if len(inst) == 0 {
+		return
+	}
+	err := s.src.Execute(ctx, "yank", map[string]any{"instances": inst}, nil)
+	s.log.Warn("mirrors stuck after cancel: yanked their NBD connections", "nodes", len(inst), "err", err)
 }
 
 // isGone reports whether a QMP error says the object does not exist (any

@@ -3,12 +3,14 @@ package integration
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -313,6 +315,11 @@ func TestBlockMirror(t *testing.T) {
 		t.Run(q.name, func(t *testing.T) {
 			t.Run("migrate-raw", func(t *testing.T) { bmTestMigrate(t, q, "raw") })
 			t.Run("migrate-qcow2", func(t *testing.T) { bmTestMigrate(t, q, "qcow2") })
+			t.Run("abort-before-ready-then-retry", func(t *testing.T) { bmTestAbort(t, q, false) })
+			t.Run("abort-after-ready-then-retry", func(t *testing.T) { bmTestAbort(t, q, true) })
+			t.Run("destination-killed", func(t *testing.T) { bmTestDestinationLost(t, q, false) })
+			t.Run("destination-frozen", func(t *testing.T) { bmTestDestinationLost(t, q, true) })
+			t.Run("preflight", func(t *testing.T) { bmTestPreflight(t, q) })
 		})
 	}
 }
@@ -341,4 +348,160 @@ func bmTestMigrate(t *testing.T, q bmQEMU, format string) {
 	src.quit(ctx)
 	dst.quit(ctx)
 	bmCompare(t, q, src.disk, dst.disk)
+}
+
+// bmSourceIntact checks the source guest runs, its disk is node disk0 again
+// and holds the data written before.
+func bmSourceIntact(t *testing.T, ctx context.Context, src *bmVM, checks map[uint64]byte, n uint64) {
+	t.Helper()
+	assert.Equal(t, "running", src.status(ctx))
+	blocks, err := src.qmp.QueryBlock(ctx)
+	require.NoError(t, err)
+	found := false
+	for _, b := range blocks {
+		if b.Inserted != nil && b.Inserted.NodeName == "disk0" {
+			found = true
+			assert.False(t, b.Inserted.ReadOnly)
+		}
+	}
+	assert.True(t, found, "device vd0 no longer on node disk0: %+v", blocks)
+	for off, p := range checks {
+		out, err := src.qmp.HumanMonitorCommand(ctx, fmt.Sprintf(`qemu-io -d vd0/virtio-backend "read -P 0x%02x %d %d"`, p, off, n))
+		require.NoError(t, err)
+		assert.NotContains(t, strings.ToLower(out), "fail", "read back at %d: %s", off, out)
+	}
+	src.write(ctx, 0x5a, 63<<20, 64<<10) // still writable
+}
+
+func bmJob(t *testing.T, ctx context.Context, s *blockmirror.Session) string {
+	t.Helper()
+	p, err := s.Progress(ctx)
+	require.NoError(t, err)
+	require.Len(t, p, 1)
+	return p[0].Job
+}
+
+func bmTestAbort(t *testing.T, q bmQEMU, afterReady bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	src, dst := bmPair(t, q, bmOpts{size: "64M"})
+	bmCaps(t, ctx, src, dst)
+	src.write(ctx, 0x11, 0, 32<<20)
+	uri := "unix:" + filepath.Join(src.dir, "mig.sock")
+	cfg := blockmirror.Config{Logger: bmLogger(t)}
+
+	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, cfg, uri)
+	require.NoError(t, err)
+	if afterReady {
+		require.NoError(t, s.WaitReady(ctx, nil))
+	} else {
+		require.NoError(t, src.qmp.BlockJobSetSpeed(ctx, bmJob(t, ctx, s), 1<<20))
+		p, err := s.Progress(ctx)
+		require.NoError(t, err)
+		require.False(t, p[0].Ready, "mirror READY already: %+v", p)
+		assert.Less(t, p[0].Done, p[0].Total)
+		require.ErrorIs(t, s.Finish(ctx), blockmirror.ErrNotReady)
+	}
+	src.write(ctx, 0x22, 40<<20, 1<<20)
+	require.NoError(t, s.Abort(ctx))
+	require.NoError(t, s.Abort(ctx), "Abort is idempotent")
+	bmAssertNothingLeft(t, ctx, src, dst)
+	bmSourceIntact(t, ctx, src, map[uint64]byte{0: 0x11, 40 << 20: 0x22}, 1<<20)
+
+	// A retry on the same pair migrates.
+	s, err = blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, cfg, uri)
+	require.NoError(t, err)
+	require.NoError(t, s.WaitReady(ctx, nil))
+	bmMigrate(t, ctx, s, src, dst)
+	bmAssertNothingLeft(t, ctx, src, dst)
+	src.quit(ctx)
+	dst.quit(ctx)
+	bmCompare(t, q, src.disk, dst.disk)
+}
+
+// bmTestDestinationLost kills (or SIGSTOPs) the destination while a slow
+// mirror runs: the source must stay intact with nothing left behind.
+func bmTestDestinationLost(t *testing.T, q bmQEMU, freeze bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	src, dst := bmPair(t, q, bmOpts{size: "64M"})
+	bmCaps(t, ctx, src, dst)
+	src.write(ctx, 0x11, 0, 32<<20)
+	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, blockmirror.Config{Logger: bmLogger(t)}, "unix:"+filepath.Join(src.dir, "mig.sock"))
+	require.NoError(t, err)
+	require.NoError(t, src.qmp.BlockJobSetSpeed(ctx, bmJob(t, ctx, s), 4<<20))
+	time.Sleep(300 * time.Millisecond)
+	if freeze {
+		require.NoError(t, dst.cmd.Process.Signal(syscall.SIGSTOP))
+		defer func() { _ = dst.cmd.Process.Signal(syscall.SIGCONT) }()
+		// Unlimited speed so that in-flight NBD requests pile up against the frozen peer.
+		require.NoError(t, src.qmp.BlockJobSetSpeed(ctx, bmJob(t, ctx, s), 0))
+		wctx, wcancel := context.WithTimeout(ctx, 2*time.Second)
+		err := s.WaitReady(wctx, nil)
+		wcancel()
+		require.Error(t, err)
+	} else {
+		require.NoError(t, dst.cmd.Process.Kill())
+		err := s.WaitReady(ctx, nil)
+		require.Error(t, err)
+		t.Logf("WaitReady after the destination died: %v", err)
+		assert.True(t, errors.Is(err, blockmirror.ErrMirrorFailed) || errors.Is(err, blockmirror.ErrDestinationGone), "%v", err)
+	}
+	actx, acancel := context.WithTimeout(ctx, 8*time.Second)
+	start := time.Now()
+	err = s.Abort(actx)
+	acancel()
+	t.Logf("Abort took %v: %v", time.Since(start).Round(time.Millisecond), err)
+	if !freeze {
+		require.NoError(t, err)
+	} else if err != nil {
+		// The destination part cannot be done against a frozen QEMU; the
+		// source part must be.
+		assert.NotContains(t, err.Error(), "source")
+	}
+	bmAssertNothingLeft(t, ctx, src, nil)
+	bmSourceIntact(t, ctx, src, map[uint64]byte{0: 0x11}, 1<<20)
+}
+
+func bmTestPreflight(t *testing.T, q bmQEMU) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	ro := filepath.Join(dir, "ro.raw")
+	out, err := exec.Command(q.img, "create", "-q", "-f", "raw", ro, "1M").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	src := bmStartVM(t, q, dir, "src", bmOpts{size: "64M", readOnly: ro})
+	dst := bmStartVM(t, q, dir, "dst", bmOpts{size: "32M", incoming: true, readOnly: ro})
+	uri := "unix:" + filepath.Join(dir, "mig.sock")
+	start := func(cfg blockmirror.Config, d *bmVM) error {
+		s, err := blockmirror.Start(ctx, src.qmp, d.qmp, src.f, d.f, cfg, uri)
+		if err == nil {
+			_ = s.Abort(ctx)
+		}
+		return err
+	}
+	err = start(blockmirror.Config{}, dst)
+	require.ErrorIs(t, err, blockmirror.ErrPreflight)
+	assert.Contains(t, err.Error(), "33554432")
+	t.Logf("size mismatch: %v", err)
+	err = start(blockmirror.Config{Disks: []string{"ro0"}}, dst)
+	require.ErrorIs(t, err, blockmirror.ErrPreflight)
+	t.Logf("read-only: %v", err)
+	err = start(blockmirror.Config{Disks: []string{"disk0"}, Shared: []string{"disk0"}}, dst)
+	require.ErrorIs(t, err, blockmirror.ErrPreflight)
+	err = start(blockmirror.Config{Disks: []string{"nope"}}, dst)
+	require.ErrorIs(t, err, blockmirror.ErrPreflight)
+	bmAssertNothingLeft(t, ctx, src, dst)
+	dst.kill()
+
+	// The same image file on both sides (shared storage not declared).
+	dst2 := bmStartVM(t, q, dir, "src", bmOpts{size: "64M", incoming: true, readOnly: ro})
+	err = start(blockmirror.Config{}, dst2)
+	require.ErrorIs(t, err, blockmirror.ErrPreflight)
+	assert.Contains(t, err.Error(), "same image file")
+	t.Logf("same file: %v", err)
+	// Declared shared: nothing left to mirror.
+	err = start(blockmirror.Config{Shared: []string{"disk0"}}, dst2)
+	require.ErrorIs(t, err, blockmirror.ErrPreflight)
+	bmAssertNothingLeft(t, ctx, src, dst2)
 }
