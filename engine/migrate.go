@@ -3,13 +3,227 @@ package engine
 import (
 	"context"
 	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/qmigrate/qmigrate/blockmirror"
+	"github.com/qmigrate/qmigrate/qmp"
+	"github.com/qmigrate/qmigrate/strategy"
+	"github.com/qmigrate/qmigrate/transport"
 )
 
-// Migrate runs one migration. See the package documentation.
+// Migrate runs one migration from cfg.Source to cfg.Destination and returns
+// when the guest runs on the destination (Status "completed", nil error), or
+// when the migration failed or was cancelled and the rollback ran (the guest
+// runs on the source). An invalid config returns a nil Result and an error
+// wrapping ErrInvalidConfig. See the package documentation for the phases.
 func Migrate(ctx context.Context, cfg Config) (*Result, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	err := &Error{Phase: PhasePrepare, Op: "migrate", Err: errors.New("not implemented yet")}
-	return &Result{Status: StatusFailed, Err: err}, err
+	m, err := strategy.New(cfg.Strategy)
+	if err != nil {
+		return nil, fmt.Errorf("%w: Strategy: %v", ErrInvalidConfig, err)
+	}
+	ch, _ := transport.Parse(cfg.URI) // Validate checked it
+	r := &run{
+		cfg:    cfg,
+		log:    cfg.logger(),
+		t0:     time.Now(),
+		res:    &Result{},
+		ch:     ch,
+		migCh:  ch,
+		m:      m,
+		phase:  PhasePrepare,
+		prevSC: map[string]bool{},
+		prevDC: map[string]bool{},
+	}
+	err = r.execute(ctx)
+	r.finish(err)
+	return r.res, r.res.Err
+}
+
+// run is the state of one migration. It is owned by the goroutine that called
+// Migrate; nothing else touches it.
+type run struct {
+	cfg   Config
+	log   *slog.Logger
+	t0    time.Time
+	res   *Result
+	phase Phase
+	m     *strategy.Machine
+	setup strategy.Setup
+
+	ch    transport.Channel // as configured
+	migCh transport.Channel // what the source connects to (port resolved)
+
+	src, dst   *qmp.Client
+	srcF, dstF *qmp.Features
+	owned      []*qmp.Client
+	srcSub     *qmp.Subscription
+	dstSub     *qmp.Subscription
+
+	prevSC, prevDC map[string]bool // capabilities as they were, for those we changed
+	prevSP, prevDP *qmp.MigrationParameters
+	setSP, setDP   qmp.MigrationParameters // what we set
+
+	undo []undoStep
+
+	mirror        *blockmirror.Session
+	srcWasRunning bool
+	incoming      bool // migrate-incoming ran on the destination
+	postcopy      bool // postcopy requested or running: no rollback from here
+	pausedByUs    bool
+	switchover    bool
+	srcCompleted  bool // point of no return passed
+	downtimeLimit time.Duration
+	stopAt        time.Time
+	resumeAt      time.Time
+	lastInfo      *qmp.MigrationInfo
+	storageDone   uint64
+	storageTotal  uint64
+}
+
+func (r *run) elapsed() time.Duration { return time.Since(r.t0) }
+
+func (r *run) emit(ev Event) {
+	if r.cfg.Observer == nil {
+		return
+	}
+	ev.Elapsed = r.elapsed()
+	r.cfg.Observer(ev)
+}
+
+func (r *run) setPhase(p Phase) {
+	if r.phase == p && p != PhasePrepare {
+		return
+	}
+	r.phase = p
+	r.log.Debug("phase", "phase", p, "elapsed", r.elapsed())
+	r.emit(Event{Kind: EventPhase, Phase: p})
+}
+
+func (r *run) execute(ctx context.Context) error {
+	defer r.closeAll()
+	r.emit(Event{Kind: EventPhase, Phase: PhasePrepare})
+	steps := []func(context.Context) error{r.prepare, r.start, r.converge, r.complete}
+	for _, step := range steps {
+		if err := step(ctx); err != nil {
+			return r.fail(ctx, err)
+		}
+	}
+	return nil
+}
+
+// fail runs the rollback when it is still possible and returns err.
+func (r *run) fail(ctx context.Context, err error) error {
+	r.log.Debug("migration failed", "phase", r.phase, "err", err)
+	switch {
+	case r.srcCompleted:
+		// The guest state is on the destination; the source is in
+		// postmigrate. Nothing to roll back to.
+		return err
+	case r.postcopy:
+		r.res.UndoErrors = append(r.res.UndoErrors, "rollback impossible: postcopy started, the guest runs on the destination")
+		return fmt.Errorf("%w: %w", ErrPostcopyFailed, err)
+	}
+	if len(r.undo) == 0 {
+		return err
+	}
+	r.setPhase(PhaseRollback)
+	uctx := ctx
+	if ctx.Err() != nil {
+		var cancel context.CancelFunc
+		uctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), undoTimeout)
+		defer cancel()
+	}
+	for i := len(r.undo) - 1; i >= 0; i-- {
+		u := r.undo[i]
+		did, uerr := u.fn(uctx)
+		if uerr != nil {
+			r.log.Debug("undo failed", "step", u.name, "err", uerr)
+			r.res.UndoErrors = append(r.res.UndoErrors, u.name+": "+uerr.Error())
+			continue
+		}
+		if did != "" {
+			r.log.Debug("undone", "step", did)
+			r.res.Undone = append(r.res.Undone, did)
+		}
+	}
+	r.undo = nil
+	return err
+}
+
+func (r *run) finish(err error) {
+	res := r.res
+	res.Total = r.elapsed()
+	res.Err = err
+	switch {
+	case err == nil:
+		res.Status = StatusCompleted
+	case errors.Is(err, ErrCancelled):
+		res.Status = StatusCancelled
+	default:
+		res.Status = StatusFailed
+	}
+	r.log.Debug("migration ended", "status", res.Status, "total", res.Total, "downtime", res.Downtime, "err", err)
+	r.emit(Event{Kind: EventResult, Result: res})
+}
+
+func (r *run) closeAll() {
+	if r.srcSub != nil {
+		r.srcSub.Close()
+	}
+	if r.dstSub != nil {
+		r.dstSub.Close()
+	}
+	for _, c := range r.owned {
+		_ = c.Close()
+	}
+}
+
+// undoStep is one entry of the undo stack. fn returns what it did ("" when
+// there was nothing to do) or why it failed.
+type undoStep struct {
+	name string
+	fn   func(context.Context) (string, error)
+}
+
+func (r *run) pushUndo(name string, fn func(context.Context) (string, error)) {
+	r.undo = append(r.undo, undoStep{name: name, fn: fn})
+}
+
+// errorf builds an *Error in the current phase.
+func (r *run) errorf(side Side, op string, err error) error {
+	return &Error{Phase: r.phase, Side: side, Op: op, Err: err}
+}
+
+// badInput is an *Error in prepare that wraps ErrBadInput and the cause.
+func (r *run) badInput(side Side, op string, err error) error {
+	return &Error{Phase: r.phase, Side: side, Op: op, Err: fmt.Errorf("%w: %w", ErrBadInput, err)}
+}
+
+// cancelled is the error for the caller's context ending.
+func (r *run) cancelled(ctx context.Context, op string) error {
+	return &Error{Phase: r.phase, Op: op, Err: fmt.Errorf("%w: %w", ErrCancelled, ctx.Err())}
+}
+
+// callErr classifies the failure of a QMP call made with the caller's ctx
+// (or a context derived from it).
+func (r *run) callErr(ctx context.Context, side Side, op string, err error) error {
+	if ctx.Err() != nil {
+		return r.cancelled(ctx, op)
+	}
+	if errors.Is(err, qmp.ErrClosed) {
+		err = fmt.Errorf("%s QEMU went away: %w", side, err)
+	}
+	return r.errorf(side, op, err)
+}
+
+func (r *run) client(side Side) *qmp.Client {
+	if side == SideSource {
+		return r.src
+	}
+	return r.dst
 }

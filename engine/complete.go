@@ -1,0 +1,148 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/qmigrate/qmigrate/qmp"
+	"github.com/qmigrate/qmigrate/transport"
+)
+
+// completeTimeout bounds the wait for the destination to finish loading
+// after the source completed.
+const completeTimeout = 60 * time.Second
+
+// complete waits for the destination to finish its incoming migration, cleans
+// up storage, resumes the destination if needed and measures the downtime.
+func (r *run) complete(ctx context.Context) error {
+	r.setPhase(PhaseComplete)
+	info := r.lastInfo
+	if info.RAM != nil {
+		r.res.TransferredBytes = info.RAM.Transferred
+	}
+	qemuDowntime := info.Downtime
+
+	wctx, cancel := context.WithTimeout(ctx, completeTimeout)
+	defer cancel()
+	st, err := r.waitDestination(wctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			return r.cancelled(ctx, "wait for destination")
+		}
+		return err
+	}
+	if r.mirror != nil {
+		if err := r.mirror.Cleanup(ctx); err != nil {
+			// The guest is on the destination; leftovers are reported, the
+			// migration still counts as completed.
+			r.res.UndoErrors = append(r.res.UndoErrors, "storage clean-up: "+err.Error())
+		}
+	}
+	if st != "running" && r.srcWasRunning {
+		r.log.Debug("cont on destination", "runstate", st)
+		if err := r.dst.Cont(ctx); err != nil {
+			return r.callErr(ctx, SideDestination, "cont", err)
+		}
+		r.waitResume(wctx)
+	}
+	if r.ch.Scheme == transport.Unix {
+		if err := transport.RemoveSocket(r.ch); err != nil {
+			r.log.Debug("remove migration socket", "err", err)
+		}
+	}
+	r.res.Downtime = qemuDowntime
+	if !r.stopAt.IsZero() && r.resumeAt.After(r.stopAt) {
+		if wall := r.resumeAt.Sub(r.stopAt); wall > r.res.Downtime {
+			r.res.Downtime = wall
+		}
+	}
+	r.log.Debug("completed", "qemu-downtime", qemuDowntime, "downtime", r.res.Downtime,
+		"transferred", r.res.TransferredBytes)
+	return nil
+}
+
+// waitDestination waits until the destination's incoming migration completed
+// and returns its run state then.
+func (r *run) waitDestination(ctx context.Context) (string, error) {
+	poll := min(r.cfg.pollInterval(), 50*time.Millisecond)
+	t := time.NewTicker(poll)
+	defer t.Stop()
+	for {
+		r.drainEvents()
+		dm, err := r.dst.QueryMigrate(ctx)
+		if err != nil {
+			return "", r.callErr(ctx, SideDestination, "query-migrate", err)
+		}
+		switch dm.Status {
+		case qmp.StatusFailed:
+			return "", r.errorf(SideDestination, "incoming migration", fmt.Errorf("%w: %s", ErrMigrationFailed, orUnknown(dm.ErrorDesc)))
+		case qmp.StatusCompleted:
+			st, err := r.dst.QueryStatus(ctx)
+			if err != nil {
+				return "", r.callErr(ctx, SideDestination, "query-status", err)
+			}
+			switch st.Status {
+			case "inmigrate", "finish-migrate", "restore-vm":
+				// still loading
+			default:
+				return st.Status, nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return "", r.errorf(SideDestination, "wait for completion", fmt.Errorf("destination still %s: %w", dm.Status, ctx.Err()))
+		case <-r.dst.Done():
+			return "", r.dstGone("wait for completion")
+		case <-t.C:
+		}
+	}
+}
+
+// waitResume waits briefly for the destination's RESUME after cont so the
+// downtime measure includes it.
+func (r *run) waitResume(ctx context.Context) {
+	if r.dstSub == nil {
+		return
+	}
+	r.resumeAt = time.Time{}
+	deadline := time.NewTimer(2 * time.Second)
+	defer deadline.Stop()
+	for r.resumeAt.IsZero() {
+		select {
+		case ev, ok := <-r.dstSub.C:
+			if !ok {
+				return
+			}
+			r.event(SideDestination, ev)
+		case <-deadline.C:
+			r.resumeAt = time.Now()
+			return
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+func (r *run) drainEvents() {
+	r.drain(SideSource, r.srcSub)
+	r.drain(SideDestination, r.dstSub)
+}
+
+// drain records the events already queued on sub without blocking.
+func (r *run) drain(side Side, sub *qmp.Subscription) {
+	if sub == nil {
+		return
+	}
+	for {
+		select {
+		case ev, ok := <-sub.C:
+			if !ok {
+				return
+			}
+			r.event(side, ev)
+		default:
+			return
+		}
+	}
+}

@@ -1,0 +1,408 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/qmigrate/qmigrate/blockmirror"
+	"github.com/qmigrate/qmigrate/qmp"
+	"github.com/qmigrate/qmigrate/strategy"
+	"github.com/qmigrate/qmigrate/transport"
+)
+
+// start waits for the mirrors, starts the incoming side, then the migration.
+func (r *run) start(ctx context.Context) error {
+	r.setPhase(PhaseStart)
+	if r.mirror != nil {
+		err := r.mirror.WaitReady(ctx, func(ps []blockmirror.Progress) { r.diskProgress(ps) })
+		if err != nil {
+			if ctx.Err() != nil {
+				return r.cancelled(ctx, "wait for mirrors")
+			}
+			return r.errorf("", "wait for mirrors", err)
+		}
+	}
+	// Subscribe before the commands that cause the events.
+	r.srcSub = r.src.SubscribeNames("MIGRATION", "MIGRATION_PASS", "STOP")
+	r.dstSub = r.dst.SubscribeNames("MIGRATION", "RESUME")
+
+	args := r.ch.IncomingArgs(r.dstF, true)
+	r.log.Debug("migrate-incoming", "channel", r.ch.String(), "channels-form", args.Channels != nil)
+	r.incoming = true // from the first attempt on, the destination is not reusable
+	if err := r.dst.MigrateIncoming(ctx, args); err != nil {
+		return r.callErr(ctx, SideDestination, "migrate-incoming", err)
+	}
+	if r.ch.Scheme == transport.Unix {
+		r.pushUndo("destination: remove migration socket", func(context.Context) (string, error) {
+			if r.dst.Err() == nil {
+				return "", nil // still listening: the destination owns it
+			}
+			if err := transport.RemoveSocket(r.ch); err != nil {
+				return "", err
+			}
+			return "destination: removed migration socket " + r.ch.Path, nil
+		})
+	}
+	ch, err := transport.ResolvePort(ctx, r.dst, r.ch)
+	if err != nil {
+		return r.callErr(ctx, SideDestination, "read listening port", err)
+	}
+	r.migCh = ch
+	// The source must end up running again after any rollback; then the
+	// migration must be cancelled first (undo runs in reverse).
+	r.pushUndo("source: resume guest", r.undoResumeSource)
+	r.pushUndo("source: cancel migration", r.undoCancel)
+	margs := ch.MigrateArgs(r.srcF)
+	r.log.Debug("migrate", "channel", ch.String(), "channels-form", margs.Channels != nil)
+	if err := r.src.Migrate(ctx, margs); err != nil {
+		return r.callErr(ctx, SideSource, "migrate", err)
+	}
+	return nil
+}
+
+func (r *run) diskProgress(ps []blockmirror.Progress) {
+	var done, total uint64
+	for i := range ps {
+		p := ps[i]
+		done += p.Done
+		total += p.Total
+		r.emit(Event{Kind: EventDisk, Disk: &p})
+	}
+	r.storageDone, r.storageTotal = done, total
+}
+
+// undoCancel cancels the migration on the source (never in postcopy) and
+// waits until the source settles.
+func (r *run) undoCancel(ctx context.Context) (string, error) {
+	info, err := r.src.QueryMigrate(ctx)
+	if err != nil {
+		return "", err
+	}
+	if info.Status.Postcopy() || r.postcopy {
+		return "", fmt.Errorf("status %s: postcopy is never cancelled", info.Status)
+	}
+	if info.Status == qmp.StatusNone || info.Status.Terminal() {
+		if info.Status == qmp.StatusCompleted {
+			r.srcCompleted = true
+			return "", errors.New("the migration had completed: the guest runs on the destination")
+		}
+		return "", nil
+	}
+	r.log.Debug("migrate_cancel", "status", info.Status)
+	if err := r.src.MigrateCancel(ctx); err != nil {
+		return "", err
+	}
+	st, err := r.waitSourceSettled(ctx)
+	if err != nil {
+		return "", err
+	}
+	if st == qmp.StatusCompleted {
+		r.srcCompleted = true
+		return "", errors.New("the migration completed before the cancel took effect: the guest runs on the destination")
+	}
+	return fmt.Sprintf("source: migrate_cancel from %s, now %s", info.Status, st), nil
+}
+
+// waitSourceSettled polls the source until its migration is terminal.
+func (r *run) waitSourceSettled(ctx context.Context) (qmp.MigrationStatus, error) {
+	t := time.NewTicker(min(r.cfg.pollInterval(), 50*time.Millisecond))
+	defer t.Stop()
+	for {
+		info, err := r.src.QueryMigrate(ctx)
+		if err != nil {
+			return "", err
+		}
+		if info.Status.Terminal() || info.Status == qmp.StatusNone {
+			return info.Status, nil
+		}
+		select {
+		case <-ctx.Done():
+			return info.Status, fmt.Errorf("source still %s: %w", info.Status, ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+// undoResumeSource makes sure a guest that ran on the source runs again.
+func (r *run) undoResumeSource(ctx context.Context) (string, error) {
+	if !r.srcWasRunning || r.srcCompleted {
+		return "", nil
+	}
+	st, err := r.src.QueryStatus(ctx)
+	if err != nil {
+		return "", err
+	}
+	if st.Running {
+		return "", nil
+	}
+	switch st.Status {
+	case "paused", "postmigrate", "finish-migrate":
+	default:
+		return "", fmt.Errorf("source in run state %q, not resumed", st.Status)
+	}
+	if err := r.src.Cont(ctx); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("source: cont (was %s)", st.Status), nil
+}
+
+// converge polls the source until the migration completed, applying the
+// strategy's decisions; it also drives the switchover.
+func (r *run) converge(ctx context.Context) error {
+	r.setPhase(PhaseConverge)
+	poll := r.cfg.pollInterval()
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	<-timer.C
+	limits := r.cfg.Strategy.Limits
+	var lastTransferred uint64
+	lastProgress := time.Now()
+	srcEv, dstEv := r.srcSub.C, r.dstSub.C
+	for {
+		info, err := r.src.QueryMigrate(ctx)
+		if err != nil {
+			if r.dst.Err() != nil && ctx.Err() == nil {
+				return r.dstGone("query-migrate")
+			}
+			return r.callErr(ctx, SideSource, "query-migrate", err)
+		}
+		r.lastInfo = info
+		if r.mirror != nil && !r.switchover {
+			if ps, err := r.mirror.Progress(ctx); err == nil {
+				r.diskProgress(ps)
+			} else {
+				r.log.Debug("mirror progress", "err", err)
+			}
+		}
+		sample := r.sample(info)
+		r.emit(Event{Kind: EventStats, Stats: statsOf(sample)})
+
+		switch s := info.Status; {
+		case s == qmp.StatusCompleted:
+			r.srcCompleted = true
+			return nil
+		case s == qmp.StatusFailed:
+			if r.dst.Err() != nil {
+				return r.dstGone("incoming migration: source reports " + info.ErrorDesc)
+			}
+			return r.errorf(SideSource, "migrate", fmt.Errorf("%w: %s", ErrMigrationFailed, orUnknown(info.ErrorDesc)))
+		case s == qmp.StatusCancelled || s == qmp.StatusCancelling:
+			return r.errorf(SideSource, "migrate", fmt.Errorf("%w: cancelled outside the engine (status %s)", ErrMigrationFailed, s))
+		case s.Postcopy():
+			r.postcopy = true
+			r.setPhase(PhaseSwitchover)
+		case s == qmp.StatusPreSwitchover && !r.switchover:
+			if err := r.switchOver(ctx); err != nil {
+				return err
+			}
+			continue
+		case s == qmp.StatusPreSwitchover:
+			// migrate-continue sent; wait for QEMU to move on.
+		case s == qmp.StatusDevice:
+			r.setPhase(PhaseSwitchover)
+		}
+
+		if !r.m.Done() && !r.switchover {
+			d := r.m.Step(sample)
+			if d.Action != strategy.Wait {
+				aerr := r.apply(ctx, d)
+				r.m.Applied(d, aerr)
+				r.res.Decisions = append(r.res.Decisions, d)
+				r.log.Debug("decision", "action", d.Action, "reason", d.Reason, "err", aerr)
+				r.emit(Event{Kind: EventDecision, Decision: &d, DecisionErr: aerr})
+				if d.Action == strategy.Abort {
+					return r.errorf("", "strategy", fmt.Errorf("%w: %s", ErrAborted, d.Reason))
+				}
+				if aerr != nil && ctx.Err() != nil {
+					return r.cancelled(ctx, "apply decision")
+				}
+			}
+		}
+
+		// Safety nets under the strategy.
+		finishing := r.postcopy || r.pausedByUs || r.switchover
+		if b := limits.Budget; b > 0 && !finishing && r.elapsed() >= b+poll {
+			return r.errorf("", "budget", fmt.Errorf("%w: budget %v exhausted at %v", ErrAborted, b, r.elapsed().Round(time.Millisecond)))
+		}
+		if info.RAM != nil && info.RAM.Transferred > lastTransferred {
+			lastTransferred = info.RAM.Transferred
+			lastProgress = time.Now()
+		}
+		if pt := limits.ProgressTimeout; pt > 0 && !finishing && time.Since(lastProgress) >= pt+poll {
+			return r.errorf(SideSource, "progress", fmt.Errorf("%w: nothing transferred for %v", ErrAborted, time.Since(lastProgress).Round(time.Millisecond)))
+		}
+
+		// Wait for the next poll or an event that says something changed.
+		timer.Reset(poll)
+	wait:
+		for {
+			select {
+			case <-ctx.Done():
+				return r.cancelled(ctx, "converge")
+			case <-r.dst.Done():
+				if r.postcopy {
+					return r.errorf(SideDestination, "monitor", fmt.Errorf("destination QEMU went away during postcopy: %w", r.dst.Err()))
+				}
+				return r.dstGone("monitor")
+			case <-r.src.Done():
+				return r.errorf(SideSource, "monitor", fmt.Errorf("source QEMU went away: %w", r.src.Err()))
+			case ev, ok := <-srcEv:
+				if !ok {
+					srcEv = nil
+					continue
+				}
+				r.event(SideSource, ev)
+				if ev.Name != "STOP" {
+					break wait
+				}
+			case ev, ok := <-dstEv:
+				if !ok {
+					dstEv = nil
+					continue
+				}
+				r.event(SideDestination, ev)
+			case <-timer.C:
+				break wait
+			}
+		}
+		timer.Stop() // Go 1.23+ timers: no stale tick after Stop/Reset
+	}
+}
+
+func orUnknown(s string) string {
+	if s == "" {
+		return "QEMU gave no error-desc"
+	}
+	return s
+}
+
+// dstGone is the error for a destination that died mid-migration.
+func (r *run) dstGone(op string) error {
+	cause := r.dst.Err()
+	if cause == nil {
+		cause = qmp.ErrClosed
+	}
+	return r.errorf(SideDestination, op, fmt.Errorf("%w: destination QEMU went away: %w", ErrMigrationFailed, cause))
+}
+
+func (r *run) event(side Side, ev qmp.Event) {
+	r.log.Debug("event", "side", side, "name", ev.Name, "data", string(ev.Data))
+	switch {
+	case side == SideSource && ev.Name == "STOP":
+		if r.stopAt.IsZero() {
+			r.stopAt = eventTime(ev)
+		}
+	case side == SideDestination && ev.Name == "RESUME":
+		r.resumeAt = eventTime(ev)
+	}
+}
+
+func eventTime(ev qmp.Event) time.Time {
+	if ev.Time.IsZero() {
+		return time.Now()
+	}
+	return ev.Time
+}
+
+// switchOver handles pre-switchover: finish the mirrors, then continue.
+func (r *run) switchOver(ctx context.Context) error {
+	r.switchover = true
+	r.setPhase(PhaseSwitchover)
+	if r.mirror != nil {
+		r.log.Debug("finishing mirrors")
+		if err := r.mirror.Finish(ctx); err != nil {
+			if ctx.Err() != nil {
+				return r.cancelled(ctx, "finish mirrors")
+			}
+			return r.errorf(SideSource, "finish mirrors", err)
+		}
+	}
+	r.log.Debug("migrate-continue pre-switchover")
+	if err := r.src.MigrateContinue(ctx, qmp.StatusPreSwitchover); err != nil {
+		return r.callErr(ctx, SideSource, "migrate-continue", err)
+	}
+	return nil
+}
+
+func (r *run) sample(info *qmp.MigrationInfo) strategy.Sample {
+	s := strategy.Sample{
+		Elapsed:          r.elapsed(),
+		Status:           string(info.Status),
+		ExpectedDowntime: info.ExpectedDowntime,
+		ThrottlePercent:  info.CPUThrottlePercentage,
+		DowntimeLimit:    r.downtimeLimit,
+		SourcePaused:     r.pausedByUs,
+		StorageTotal:     r.storageTotal,
+	}
+	if r.storageTotal > r.storageDone {
+		s.StorageRemaining = r.storageTotal - r.storageDone
+	}
+	if ram := info.RAM; ram != nil {
+		s.Iteration = ram.DirtySyncCount
+		s.RemainingBytes = ram.Remaining
+		s.TransferredBytes = ram.Transferred
+		s.TotalBytes = ram.Total
+		s.DirtyRate = ram.DirtyRate()
+		s.Throughput = ram.Throughput()
+	}
+	return s
+}
+
+func statsOf(s strategy.Sample) *Stats {
+	return &Stats{
+		Status:           s.Status,
+		Iteration:        s.Iteration,
+		TransferredBytes: s.TransferredBytes,
+		RemainingBytes:   s.RemainingBytes,
+		TotalBytes:       s.TotalBytes,
+		DirtyRate:        s.DirtyRate,
+		Throughput:       s.Throughput,
+		ExpectedDowntime: s.ExpectedDowntime,
+		ThrottlePercent:  s.ThrottlePercent,
+		DowntimeLimit:    s.DowntimeLimit,
+		StorageRemaining: s.StorageRemaining,
+		StorageTotal:     s.StorageTotal,
+	}
+}
+
+// apply carries out one decision on the source.
+func (r *run) apply(ctx context.Context, d strategy.Decision) error {
+	switch d.Action {
+	case strategy.SetDowntime:
+		lim := r.capDowntime(d.DowntimeLimit)
+		if err := r.src.MigrateSetParameters(ctx, qmp.MigrationParameters{DowntimeLimit: qmp.Ptr(qmp.MillisOf(lim))}); err != nil {
+			return err
+		}
+		r.downtimeLimit = lim
+	case strategy.SetThrottle:
+		if !r.setup.AutoConverge {
+			return errors.New("auto-converge was not enabled before the start")
+		}
+		var p qmp.MigrationParameters
+		r.throttleParams(&p, d.Throttle)
+		return r.src.MigrateSetParameters(ctx, p)
+	case strategy.StartPostcopy:
+		if !r.setup.Postcopy {
+			return errors.New("postcopy-ram was not enabled before the start")
+		}
+		if err := r.src.MigrateStartPostcopy(ctx); err != nil {
+			return err
+		}
+		// From here QEMU may switch at any moment: never cancel again.
+		r.postcopy = true
+	case strategy.PauseSource:
+		if !r.cfg.Strategy.Limits.AllowPause {
+			return errors.New("pausing the source is not permitted")
+		}
+		if err := r.src.Stop(ctx); err != nil {
+			return err
+		}
+		r.pausedByUs = true
+	case strategy.Abort:
+	default:
+		return fmt.Errorf("unknown action %q", d.Action)
+	}
+	return nil
+}

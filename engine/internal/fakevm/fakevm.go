@@ -1,0 +1,794 @@
+// Package fakevm simulates a source and a destination QEMU on top of
+// qmp/qmptest, enough for the engine to migrate between them: run states,
+// capabilities and parameters, migrate-incoming/migrate, a RAM model with
+// passes, dirtying, bandwidth, downtime limit, auto-converge, pause-before-
+// switchover, postcopy, stop/cont, cancel, and events. Time is the real (or,
+// under testing/synctest, the virtual) clock: a goroutine ticks the model
+// while a migration runs.
+package fakevm
+
+import (
+	"encoding/json"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/qmigrate/qmigrate/qmp"
+	"github.com/qmigrate/qmigrate/qmp/qmptest"
+)
+
+// Options shape the simulated pair. Zero values take the defaults shown.
+type Options struct {
+	Version        [3]int        // 10.0.2
+	RAM            uint64        // 150 MiB
+	DstRAM         uint64        // = RAM
+	Machine        string        // "pc-q35-10.0"
+	DstMachine     string        // = Machine
+	SrcUUID        string        // "" (no -uuid)
+	DstUUID        string        // ""
+	Throughput     float64       // bytes/s, 1 GiB/s (capped by max-bandwidth)
+	DirtyRate      float64       // bytes/s while the source vCPUs run, 0
+	Tick           time.Duration // 10 ms
+	DstAutostart   bool          // destination started without -S: runs by itself after completion
+	DstNotDeferred bool          // destination started with -incoming URI: already listening
+	DstRunState    string        // "inmigrate"
+	SrcRunState    string        // "running"
+	// PostcopyRate is the throughput in postcopy (default Throughput).
+	PostcopyRate float64
+}
+
+func (o *Options) defaults() {
+	if o.Version == [3]int{} {
+		o.Version = [3]int{10, 0, 2}
+	}
+	if o.RAM == 0 {
+		o.RAM = 150 << 20
+	}
+	if o.DstRAM == 0 {
+		o.DstRAM = o.RAM
+	}
+	if o.Machine == "" {
+		o.Machine = "pc-q35-10.0"
+	}
+	if o.DstMachine == "" {
+		o.DstMachine = o.Machine
+	}
+	if o.Throughput == 0 {
+		o.Throughput = 1 << 30
+	}
+	if o.PostcopyRate == 0 {
+		o.PostcopyRate = o.Throughput
+	}
+	if o.Tick == 0 {
+		o.Tick = 10 * time.Millisecond
+	}
+	if o.DstRunState == "" {
+		o.DstRunState = "inmigrate"
+	}
+	if o.SrcRunState == "" {
+		o.SrcRunState = "running"
+	}
+}
+
+// Pair is a simulated source and destination.
+type Pair struct {
+	Src, Dst *qmptest.Server
+	opt      Options
+
+	mu               sync.Mutex
+	side             [2]*vm // 0 src, 1 dst
+	status           qmp.MigrationStatus
+	dstStatus        qmp.MigrationStatus
+	listening        bool
+	sockAddr         []qmp.SocketAddress
+	iter             uint64
+	passLeft         float64 // bytes left in this pass
+	dirtyNext        float64 // bytes dirtied since the pass started
+	sent             float64
+	started          time.Time
+	stopAt           time.Time
+	downtime         time.Duration
+	throttle         int
+	wantPost         bool
+	continued        bool
+	wasRunning       bool
+	runningAtStop    bool
+	errDesc          string
+	dstDead          bool
+	cancelInPostcopy int
+	stopSim          chan struct{}
+	simDone          chan struct{}
+	log              []string
+}
+
+type vm struct {
+	srv    *qmptest.Server
+	run    string
+	caps   map[string]bool
+	params map[string]any
+}
+
+var capNames = []string{"xbzrle", "auto-converge", "events", "postcopy-ram", "return-path",
+	"pause-before-switchover", "multifd", "late-block-activate", "validate-uuid", "postcopy-preempt"}
+
+// New starts a simulated pair. Close it when done.
+func New(opt Options) *Pair {
+	opt.defaults()
+	v := opt.Version
+	p := &Pair{
+		Src:       qmptest.NewServer(qmptest.WithVersion(v[0], v[1], v[2])),
+		Dst:       qmptest.NewServer(qmptest.WithVersion(v[0], v[1], v[2])),
+		opt:       opt,
+		status:    qmp.StatusNone,
+		dstStatus: qmp.StatusNone,
+	}
+	for i, srv := range []*qmptest.Server{p.Src, p.Dst} {
+		m := &vm{srv: srv, caps: map[string]bool{}, params: map[string]any{
+			"max-bandwidth": uint64(134217728), "downtime-limit": uint64(300), "multifd-channels": 2,
+			"cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "max-cpu-throttle": 99,
+			"throttle-trigger-threshold": 50, "cpu-throttle-tailslow": false,
+		}}
+		for _, c := range capNames {
+			m.caps[c] = false
+		}
+		p.side[i] = m
+		p.install(i)
+	}
+	p.side[0].run = opt.SrcRunState
+	p.side[1].run = opt.DstRunState
+	if opt.DstNotDeferred {
+		p.listening = true
+		p.sockAddr = []qmp.SocketAddress{{Type: "inet", Host: "127.0.0.1", Port: "4444"}}
+		p.dstStatus = qmp.StatusSetup
+	}
+	return p
+}
+
+// Close stops the simulation and both servers.
+func (p *Pair) Close() {
+	p.mu.Lock()
+	stop, done := p.stopSim, p.simDone
+	p.stopSim = nil
+	p.mu.Unlock()
+	if stop != nil {
+		close(stop)
+		<-done
+	}
+	p.Src.Close()
+	p.Dst.Close()
+}
+
+// KillDst makes the destination QEMU exit: its connections close and the
+// source's migration fails on the next tick.
+func (p *Pair) KillDst() {
+	p.mu.Lock()
+	p.dstDead = true
+	p.mu.Unlock()
+	p.Dst.CloseConns()
+}
+
+// SrcRunState returns the source's run state.
+func (p *Pair) SrcRunState() string { p.mu.Lock(); defer p.mu.Unlock(); return p.side[0].run }
+
+// DstRunState returns the destination's run state.
+func (p *Pair) DstRunState() string { p.mu.Lock(); defer p.mu.Unlock(); return p.side[1].run }
+
+// Status returns the source's migration status.
+func (p *Pair) Status() qmp.MigrationStatus { p.mu.Lock(); defer p.mu.Unlock(); return p.status }
+
+// Caps returns a copy of one side's capabilities (0 source, 1 destination).
+func (p *Pair) Caps(side int) map[string]bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := map[string]bool{}
+	for k, v := range p.side[side].caps {
+		out[k] = v
+	}
+	return out
+}
+
+// Param returns one side's parameter value.
+func (p *Pair) Param(side int, name string) any {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.side[side].params[name]
+}
+
+// CancelsInPostcopy counts migrate_cancel received during postcopy.
+func (p *Pair) CancelsInPostcopy() int { p.mu.Lock(); defer p.mu.Unlock(); return p.cancelInPostcopy }
+
+// SetDirtyRate changes the source's dirty rate.
+func (p *Pair) SetDirtyRate(r float64) { p.mu.Lock(); p.opt.DirtyRate = r; p.mu.Unlock() }
+
+func errGeneric(desc string) error { return &qmp.Error{Class: "GenericError", Desc: desc} }
+
+func (p *Pair) install(i int) {
+	m := p.side[i]
+	srv := m.srv
+	isSrc := i == 0
+	h := func(name string, f func(args json.RawMessage) (any, error)) {
+		srv.Handle(name, func(args json.RawMessage) (any, error) {
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			return f(args)
+		})
+	}
+	h("query-status", func(json.RawMessage) (any, error) {
+		return map[string]any{"running": m.run == "running", "singlestep": false, "status": m.run}, nil
+	})
+	h("query-qmp-schema", func(json.RawMessage) (any, error) { return p.schema(), nil })
+	h("query-memory-size-summary", func(json.RawMessage) (any, error) {
+		ram := p.opt.RAM
+		if !isSrc {
+			ram = p.opt.DstRAM
+		}
+		return map[string]any{"base-memory": ram}, nil
+	})
+	h("qom-get", func(json.RawMessage) (any, error) {
+		if isSrc {
+			return p.opt.Machine, nil
+		}
+		return p.opt.DstMachine, nil
+	})
+	h("query-uuid", func(json.RawMessage) (any, error) {
+		u := p.opt.SrcUUID
+		if !isSrc {
+			u = p.opt.DstUUID
+		}
+		if u == "" {
+			u = "00000000-0000-0000-0000-000000000000"
+		}
+		return map[string]any{"UUID": u}, nil
+	})
+	h("query-migrate-capabilities", func(json.RawMessage) (any, error) {
+		var out []map[string]any
+		for _, c := range capNames {
+			out = append(out, map[string]any{"capability": c, "state": m.caps[c]})
+		}
+		return out, nil
+	})
+	h("migrate-set-capabilities", func(args json.RawMessage) (any, error) {
+		var a struct {
+			Capabilities []qmp.MigrationCapabilityStatus `json:"capabilities"`
+		}
+		if err := json.Unmarshal(args, &a); err != nil {
+			return nil, err
+		}
+		if isSrc && p.active() {
+			return nil, errGeneric("There's a migration process in progress")
+		}
+		for _, c := range a.Capabilities {
+			if _, ok := m.caps[c.Capability]; !ok {
+				return nil, errGeneric(fmt.Sprintf("Parameter 'capability' does not accept value '%s'", c.Capability))
+			}
+		}
+		for _, c := range a.Capabilities {
+			m.caps[c.Capability] = c.State
+		}
+		return nil, nil
+	})
+	h("query-migrate-parameters", func(json.RawMessage) (any, error) { return m.params, nil })
+	h("migrate-set-parameters", func(args json.RawMessage) (any, error) {
+		var a map[string]json.RawMessage
+		if err := json.Unmarshal(args, &a); err != nil {
+			return nil, err
+		}
+		for k, raw := range a {
+			cur, ok := m.params[k]
+			if !ok {
+				return nil, errGeneric("Invalid parameter '" + k + "'")
+			}
+			switch cur.(type) {
+			case uint64:
+				var v uint64
+				if err := json.Unmarshal(raw, &v); err != nil {
+					return nil, errGeneric("Parameter '" + k + "' expects uint64")
+				}
+				if k == "downtime-limit" && v > 2000000 {
+					return nil, errGeneric("Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms")
+				}
+				m.params[k] = v
+			case int:
+				var v int
+				if err := json.Unmarshal(raw, &v); err != nil {
+					return nil, errGeneric("Parameter '" + k + "' expects int")
+				}
+				m.params[k] = v
+			case bool:
+				var v bool
+				if err := json.Unmarshal(raw, &v); err != nil {
+					return nil, errGeneric("Parameter '" + k + "' expects bool")
+				}
+				m.params[k] = v
+			}
+		}
+		return nil, nil
+	})
+	h("stop", func(json.RawMessage) (any, error) {
+		if m.run == "running" {
+			m.run = "paused"
+			srv.Emit("STOP", nil)
+			if isSrc && p.stopAt.IsZero() && p.active() {
+				p.stopAt = time.Now()
+			}
+		}
+		return nil, nil
+	})
+	h("cont", func(json.RawMessage) (any, error) {
+		switch m.run {
+		case "inmigrate":
+			return nil, errGeneric("Guest is waiting for an incoming migration")
+		case "running":
+			return nil, nil
+		}
+		if !isSrc && p.dstStatus != qmp.StatusCompleted {
+			return nil, errGeneric("migration not completed")
+		}
+		m.run = "running"
+		srv.Emit("RESUME", nil)
+		return nil, nil
+	})
+	h("query-migrate", func(json.RawMessage) (any, error) {
+		if isSrc {
+			return p.srcInfo(), nil
+		}
+		out := map[string]any{}
+		if p.dstStatus != qmp.StatusNone || p.opt.Version[0] >= 8 {
+			if p.dstStatus != qmp.StatusNone {
+				out["status"] = p.dstStatus
+			}
+		}
+		if p.listening && len(p.sockAddr) > 0 {
+			out["socket-address"] = p.sockAddr
+		}
+		return out, nil
+	})
+	if isSrc {
+		h("migrate", p.migrate)
+		h("migrate_cancel", func(json.RawMessage) (any, error) {
+			if p.status.Postcopy() {
+				p.cancelInPostcopy++
+				if p.opt.Version[0] >= 10 {
+					return nil, errGeneric("Postcopy migration in progress, cannot cancel.")
+				}
+			}
+			if p.active() {
+				p.setStatus(qmp.StatusCancelling)
+			}
+			return nil, nil
+		})
+		h("migrate-continue", func(args json.RawMessage) (any, error) {
+			var a struct {
+				State string `json:"state"`
+			}
+			_ = json.Unmarshal(args, &a)
+			if string(p.status) != a.State {
+				return nil, errGeneric(fmt.Sprintf("Migration not in expected state: %s", p.status))
+			}
+			p.continued = true
+			return nil, nil
+		})
+		h("migrate-start-postcopy", func(json.RawMessage) (any, error) {
+			if !m.caps["postcopy-ram"] {
+				return nil, errGeneric("Enable postcopy with migrate_set_capability before the start of migration")
+			}
+			if !p.active() {
+				return nil, errGeneric("Postcopy must be started after migration has been started")
+			}
+			p.wantPost = true
+			return nil, nil
+		})
+	} else {
+		h("migrate-incoming", func(args json.RawMessage) (any, error) {
+			if m.run != "inmigrate" {
+				return nil, errGeneric("'-incoming' was not specified on the command line")
+			}
+			if p.listening {
+				return nil, errGeneric("The incoming migration has already been started")
+			}
+			var a qmp.MigrateIncomingArgs
+			if err := json.Unmarshal(args, &a); err != nil {
+				return nil, err
+			}
+			sa, err := p.parseChannel(a.URI, a.Channels)
+			if err != nil {
+				return nil, err
+			}
+			if sa.Type == "inet" && sa.Port == "0" {
+				sa.Port = "45678"
+			}
+			p.listening = true
+			p.sockAddr = []qmp.SocketAddress{sa}
+			if p.opt.Version[0] >= 10 {
+				p.dstStatus = qmp.StatusSetup
+			}
+			if m.caps["events"] || p.opt.Version[0] < 8 {
+				srv.Emit("MIGRATION", map[string]any{"status": "setup"})
+			}
+			return nil, nil
+		})
+	}
+}
+
+func (p *Pair) parseChannel(uri string, chans []qmp.MigrationChannel) (qmp.SocketAddress, error) {
+	if (uri == "") == (len(chans) == 0) {
+		return qmp.SocketAddress{}, errGeneric("need either 'uri' or 'channels' argument")
+	}
+	if len(chans) > 0 {
+		if !p.hasChannels() {
+			return qmp.SocketAddress{}, errGeneric("Parameter 'channels' is unexpected")
+		}
+		return chans[0].Addr.SocketAddress, nil
+	}
+	switch {
+	case len(uri) > 5 && uri[:5] == "unix:":
+		return qmp.SocketAddress{Type: "unix", Path: uri[5:]}, nil
+	case len(uri) > 4 && uri[:4] == "tcp:":
+		rest := uri[4:]
+		for i := len(rest) - 1; i >= 0; i-- {
+			if rest[i] == ':' {
+				host := rest[:i]
+				if len(host) > 1 && host[0] == '[' {
+					host = host[1 : len(host)-1]
+				}
+				return qmp.SocketAddress{Type: "inet", Host: host, Port: rest[i+1:]}, nil
+			}
+		}
+	}
+	return qmp.SocketAddress{}, errGeneric("unknown migration protocol: " + uri)
+}
+
+func (p *Pair) hasChannels() bool {
+	v := p.opt.Version
+	return v[0] > 8 || (v[0] == 8 && v[1] >= 2)
+}
+
+func (p *Pair) active() bool {
+	return p.status != qmp.StatusNone && !p.status.Terminal()
+}
+
+func (p *Pair) setStatus(s qmp.MigrationStatus) {
+	p.status = s
+	if p.side[0].caps["events"] {
+		p.Src.Emit("MIGRATION", map[string]any{"status": s})
+	}
+}
+
+func (p *Pair) setDstStatus(s qmp.MigrationStatus) {
+	p.dstStatus = s
+	if p.side[1].caps["events"] && !p.dstDead {
+		p.Dst.Emit("MIGRATION", map[string]any{"status": s})
+	}
+}
+
+func (p *Pair) migrate(args json.RawMessage) (any, error) {
+	src := p.side[0]
+	if src.run == "inmigrate" {
+		return nil, errGeneric("Guest is waiting for an incoming migration")
+	}
+	if src.run == "postmigrate" {
+		return nil, errGeneric("Can't migrate the vm that was paused due to previous migration")
+	}
+	if p.active() {
+		return nil, errGeneric("There's a migration process in progress")
+	}
+	var a qmp.MigrateArgs
+	if err := json.Unmarshal(args, &a); err != nil {
+		return nil, err
+	}
+	sa, err := p.parseChannel(a.URI, a.Channels)
+	if err != nil {
+		return nil, err
+	}
+	p.setStatus(qmp.StatusSetup)
+	p.started = time.Now()
+	p.iter, p.sent, p.dirtyNext, p.throttle = 0, 0, 0, 0
+	p.passLeft = float64(p.opt.RAM)
+	p.stopAt = time.Time{}
+	p.wasRunning = src.run == "running"
+	ok := p.listening && !p.dstDead && len(p.sockAddr) > 0 && sameAddr(p.sockAddr[0], sa)
+	if !ok {
+		p.errDesc = "Failed to connect to '" + addrString(sa) + "': Connection refused"
+	}
+	if mf := src.caps["multifd"]; mf != p.side[1].caps["multifd"] ||
+		(mf && p.opt.SrcUUID != p.opt.DstUUID) {
+		p.errDesc = "multifd: received uuid mismatch or multifd setting differs"
+	}
+	p.stopSim = make(chan struct{})
+	p.simDone = make(chan struct{})
+	go p.sim(p.stopSim, p.simDone)
+	return nil, nil
+}
+
+func sameAddr(a, b qmp.SocketAddress) bool {
+	return a.Type == b.Type && a.Path == b.Path && a.Port == b.Port
+}
+
+func addrString(sa qmp.SocketAddress) string {
+	if sa.Type == "unix" {
+		return sa.Path
+	}
+	return sa.Host + ":" + sa.Port
+}
+
+func (p *Pair) param(side int, name string) uint64 {
+	switch v := p.side[side].params[name].(type) {
+	case uint64:
+		return v
+	case int:
+		return uint64(v)
+	}
+	return 0
+}
+
+func (p *Pair) rate() float64 {
+	r := p.opt.Throughput
+	if p.status.Postcopy() {
+		r = p.opt.PostcopyRate
+	}
+	if bw := float64(p.param(0, "max-bandwidth")); bw > 0 && bw < r {
+		r = bw
+	}
+	return r
+}
+
+func (p *Pair) dirty() float64 {
+	if p.side[0].run != "running" {
+		return 0
+	}
+	return p.opt.DirtyRate * float64(100-p.throttle) / 100
+}
+
+func (p *Pair) srcInfo() map[string]any {
+	out := map[string]any{}
+	if p.status == qmp.StatusNone {
+		return out
+	}
+	out["status"] = p.status
+	rem := uint64(p.passLeft)
+	out["ram"] = map[string]any{
+		"transferred": uint64(p.sent), "remaining": rem, "total": p.opt.RAM,
+		"dirty-pages-rate": uint64(p.dirty() / 4096), "page-size": 4096,
+		"mbps": p.rate() * 8 / 1e6, "dirty-sync-count": p.iter,
+	}
+	out["total-time"] = time.Since(p.started).Milliseconds()
+	if p.status == qmp.StatusActive {
+		out["expected-downtime"] = int64(float64(rem) / p.rate() * 1000)
+	}
+	if p.throttle > 0 {
+		out["cpu-throttle-percentage"] = p.throttle
+	}
+	if p.status == qmp.StatusCompleted {
+		out["downtime"] = p.downtime.Milliseconds()
+	}
+	if p.status == qmp.StatusFailed {
+		out["error-desc"] = p.errDesc
+	}
+	return out
+}
+
+func (p *Pair) sim(stop, done chan struct{}) {
+	defer close(done)
+	t := time.NewTicker(p.opt.Tick)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		p.mu.Lock()
+		end := p.step(p.opt.Tick.Seconds())
+		p.mu.Unlock()
+		if end {
+			return
+		}
+	}
+}
+
+func (p *Pair) pass() {
+	p.iter++
+	if p.side[0].caps["events"] {
+		p.Src.Emit("MIGRATION_PASS", map[string]any{"pass": p.iter})
+	}
+}
+
+// switchover stops the source (QEMU's migration_completion).
+func (p *Pair) switchover() {
+	src := p.side[0]
+	p.runningAtStop = src.run == "running"
+	if src.run == "running" {
+		src.run = "finish-migrate"
+		p.Src.Emit("STOP", nil)
+	} else if src.run == "paused" {
+		src.run = "finish-migrate"
+	}
+	if p.stopAt.IsZero() {
+		p.stopAt = time.Now()
+	}
+}
+
+// step advances the model by dt seconds; true ends the simulation.
+func (p *Pair) step(dt float64) bool {
+	src, dst := p.side[0], p.side[1]
+	fail := func(desc string) bool {
+		p.errDesc = desc
+		p.setStatus(qmp.StatusFailed)
+		if src.run == "finish-migrate" && p.runningAtStop {
+			src.run = "running"
+			p.Src.Emit("RESUME", nil)
+		}
+		return true
+	}
+	switch p.status {
+	case qmp.StatusCancelling:
+		p.setStatus(qmp.StatusCancelled)
+		if src.run == "finish-migrate" {
+			if p.runningAtStop {
+				src.run = "running"
+				p.Src.Emit("RESUME", nil)
+			} else {
+				src.run = "postmigrate"
+			}
+		}
+		p.dstExit()
+		return true
+	case qmp.StatusSetup:
+		if p.errDesc != "" {
+			p.dstExit()
+			return fail(p.errDesc)
+		}
+		p.setStatus(qmp.StatusActive)
+		p.setDstStatus(qmp.StatusActive)
+		p.pass()
+		return false
+	}
+	if p.dstDead {
+		return fail("Unable to write to socket: Broken pipe")
+	}
+	switch {
+	case p.status == qmp.StatusPreSwitchover:
+		if p.continued {
+			p.setStatus(qmp.StatusDevice)
+		}
+		return false
+	case p.status == qmp.StatusDevice || p.status.Postcopy():
+		send := p.rate() * dt
+		p.sent += min(send, p.passLeft)
+		p.passLeft = max(0, p.passLeft-send)
+		if p.passLeft > 0 {
+			return false
+		}
+		if !p.status.Postcopy() {
+			p.downtime = time.Since(p.stopAt)
+		} else {
+			p.downtime = 0
+		}
+		p.pass()
+		src.run = "postmigrate"
+		p.setStatus(qmp.StatusCompleted)
+		p.setDstStatus(qmp.StatusCompleted)
+		if dst.run == "inmigrate" {
+			if p.opt.DstAutostart {
+				dst.run = "running"
+				p.Dst.Emit("RESUME", nil)
+			} else {
+				dst.run = "paused"
+			}
+		}
+		return true
+	}
+	// active
+	if p.wantPost {
+		p.wantPost = false
+		p.switchover()
+		p.passLeft += p.dirtyNext
+		p.dirtyNext = 0
+		p.setStatus(qmp.StatusPostcopyActive)
+		p.setDstStatus(qmp.StatusPostcopyActive)
+		dst.run = "running"
+		p.Dst.Emit("RESUME", nil)
+		return false
+	}
+	send := p.rate() * dt
+	p.sent += min(send, p.passLeft)
+	p.passLeft = max(0, p.passLeft-send)
+	p.dirtyNext = min(p.dirtyNext+p.dirty()*dt, float64(p.opt.RAM))
+	if p.passLeft > 0 {
+		return false
+	}
+	// End of pass: sync the dirty bitmap.
+	p.passLeft, p.dirtyNext = p.dirtyNext, 0
+	p.pass()
+	limit := time.Duration(p.param(0, "downtime-limit")) * time.Millisecond
+	if time.Duration(p.passLeft/p.rate()*float64(time.Second)) <= limit || p.passLeft == 0 {
+		p.switchover()
+		if src.caps["pause-before-switchover"] {
+			p.setStatus(qmp.StatusPreSwitchover)
+			return false
+		}
+		p.setStatus(qmp.StatusDevice)
+		return false
+	}
+	if src.caps["auto-converge"] && p.iter >= 2 && p.dirty() > p.rate()*float64(p.param(0, "throttle-trigger-threshold"))/100 {
+		if p.throttle == 0 {
+			p.throttle = int(p.param(0, "cpu-throttle-initial"))
+		} else {
+			p.throttle = min(p.throttle+int(p.param(0, "cpu-throttle-increment")), int(p.param(0, "max-cpu-throttle")))
+		}
+	}
+	return false
+}
+
+// dstExit is the destination QEMU exiting after a failed incoming migration
+// (exit-on-error default).
+func (p *Pair) dstExit() {
+	if p.dstDead || !p.listening {
+		return
+	}
+	p.dstDead = true
+	go p.Dst.CloseConns()
+}
+
+// schema builds a minimal query-qmp-schema for qmp.FeaturesFromSchema.
+func (p *Pair) schema() []map[string]any {
+	v := p.opt.Version
+	caps := []string{}
+	caps = append(caps, capNames...)
+	statuses := []string{"none", "setup", "cancelling", "cancelled", "active", "postcopy-active", "postcopy-paused",
+		"postcopy-recover", "completed", "failed", "colo", "pre-switchover", "device", "wait-unplug"}
+	members := func(names ...string) []map[string]any {
+		var out []map[string]any
+		for _, n := range names {
+			out = append(out, map[string]any{"name": n, "type": "str"})
+		}
+		return out
+	}
+	migrateArgs := []string{"uri", "blk", "inc", "detach", "resume"}
+	incomingArgs := []string{"uri"}
+	if p.hasChannels() {
+		migrateArgs = append(migrateArgs, "channels")
+		incomingArgs = append(incomingArgs, "channels")
+	}
+	if v[0] > 9 || (v[0] == 9 && v[1] >= 1) {
+		incomingArgs = append(incomingArgs, "exit-on-error")
+	}
+	var params []string
+	for k := range p.side[0].params {
+		params = append(params, k)
+	}
+	cmds := []string{"query-status", "query-migrate", "migrate-set-capabilities", "migrate-set-parameters",
+		"query-migrate-capabilities", "query-migrate-parameters", "migrate", "migrate-incoming", "migrate_cancel",
+		"migrate-continue", "migrate-start-postcopy", "stop", "cont", "query-uuid", "qom-get", "query-memory-size-summary"}
+	out := []map[string]any{
+		{"name": "migrate-set-capabilities", "meta-type": "command", "arg-type": "0", "ret-type": "1"},
+		{"name": "0", "meta-type": "object", "members": []map[string]any{{"name": "capabilities", "type": "[2]"}}},
+		{"name": "[2]", "meta-type": "array", "element-type": "2"},
+		{"name": "2", "meta-type": "object", "members": []map[string]any{{"name": "capability", "type": "3"}, {"name": "state", "type": "bool"}}},
+		{"name": "3", "meta-type": "enum", "values": caps},
+		{"name": "migrate-set-parameters", "meta-type": "command", "arg-type": "4", "ret-type": "1"},
+		{"name": "4", "meta-type": "object", "members": members(params...)},
+		{"name": "query-migrate", "meta-type": "command", "arg-type": "1", "ret-type": "5"},
+		{"name": "5", "meta-type": "object", "members": []map[string]any{{"name": "status", "type": "6"}}},
+		{"name": "6", "meta-type": "enum", "values": statuses},
+		{"name": "migrate", "meta-type": "command", "arg-type": "7", "ret-type": "1"},
+		{"name": "7", "meta-type": "object", "members": members(migrateArgs...)},
+		{"name": "migrate-incoming", "meta-type": "command", "arg-type": "8", "ret-type": "1"},
+		{"name": "8", "meta-type": "object", "members": members(incomingArgs...)},
+		{"name": "1", "meta-type": "object", "members": []map[string]any{}},
+	}
+	for _, c := range cmds {
+		switch c {
+		case "migrate-set-capabilities", "migrate-set-parameters", "query-migrate", "migrate", "migrate-incoming":
+			continue
+		}
+		out = append(out, map[string]any{"name": c, "meta-type": "command", "arg-type": "1", "ret-type": "1"})
+	}
+	for _, e := range []string{"MIGRATION", "MIGRATION_PASS", "STOP", "RESUME"} {
+		out = append(out, map[string]any{"name": e, "meta-type": "event", "arg-type": "1"})
+	}
+	return out
+}
+
+// Port is the port the simulated destination picks for tcp port 0.
+const Port = 45678
