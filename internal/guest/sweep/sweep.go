@@ -80,15 +80,23 @@ func DriveArgs(path, id string) []string {
 	}
 }
 
-// Calibration of the spin count under TCG (-accel tcg -cpu max) on the
-// project's 2-core machines, measured from the 'B' rate (passes per second ×
-// Pages × PageSize). TCG speed varies with QEMU version and load; treat these
-// as ±50 %.
+// Calibration of the spin count under TCG (-accel tcg -cpu max, q35, 150M)
+// on the project's 2-core machines, measured from the 'B' rate (passes per
+// second × Pages × PageSize) with other TCG guests sharing the cores:
+//
+//	spin     QEMU 7.2.22          QEMU 10.0.2
+//	0        38 GB/s (107 ns/pg)  53 GB/s (78 ns/pg)
+//	100      8.7 GB/s             8.0 GB/s
+//	1000     690 MB/s             1.1 GB/s
+//	10000    69 MB/s              35 MB/s
+//
+// The model below (UnthrottledRate, SpinNanos per iteration) is within about
+// a factor of two of those; TCG speed varies with QEMU version and load.
 const (
 	// UnthrottledRate is the dirty rate with spin 0, in bytes per second.
 	UnthrottledRate = 40e9
 	// SpinNanos is the cost of one spin iteration, in nanoseconds.
-	SpinNanos = 1.0
+	SpinNanos = 5.0
 )
 
 // RateForSpin estimates the dirty rate in bytes per second for a spin count.

@@ -1,0 +1,21 @@
+// Package testbed runs real QEMU processes for qmigrate's integration tests
+// and for the CLI's demo: it resolves the QEMU binary from the environment,
+// launches source and destination QEMUs (QMP on a private unix socket, serial
+// to a file, TCG by default), builds two-host networks from network
+// namespaces joined by a shaped veth link, drives a plain migration through
+// package qmp for self-tests, and checks guests from outside after a
+// migration (CheckSweep for the boot-sector sweep guest).
+//
+// The core does not import package testing. tb.go adds thin helpers over the
+// TB interface (satisfied by *testing.T) that skip when QEMU or network
+// namespaces are unavailable and the CI environment variable is unset, fail
+// when it is set, and register every clean-up with TB.Cleanup.
+//
+// Environment:
+//
+//	QMIGRATE_QEMU           path of qemu-system-x86_64 (default: on PATH)
+//	QMIGRATE_QEMU_FIRMWARE  firmware folder; when set, QEMU gets
+//	                        -L $QMIGRATE_QEMU_FIRMWARE -L /usr/share/seabios
+//	QMIGRATE_QEMU_IMG       path of qemu-img (default: on PATH)
+//	CI                      when set, missing prerequisites fail instead of skip
+package testbed

@@ -1,0 +1,108 @@
+package testbed
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+
+	"github.com/qmigrate/qmigrate/qmp"
+)
+
+// Environment variables of the QEMU contract.
+const (
+	EnvQEMU         = "QMIGRATE_QEMU"
+	EnvQEMUFirmware = "QMIGRATE_QEMU_FIRMWARE"
+	EnvQEMUImg      = "QMIGRATE_QEMU_IMG"
+	EnvCI           = "CI"
+)
+
+// SeaBIOSDir is added after QMIGRATE_QEMU_FIRMWARE as a firmware search path.
+const SeaBIOSDir = "/usr/share/seabios"
+
+// ErrQEMUNotFound means no usable qemu-system-x86_64 was found.
+var ErrQEMUNotFound = errors.New("testbed: qemu-system-x86_64 not found")
+
+// QEMU is a resolved QEMU installation.
+type QEMU struct {
+	Binary   string // path of qemu-system-x86_64
+	Firmware string // -L folder, may be empty
+	Img      string // path of qemu-img, may be empty when not found
+}
+
+// FindQEMU resolves QEMU from the environment contract: $QMIGRATE_QEMU or
+// qemu-system-x86_64 on PATH; $QMIGRATE_QEMU_FIRMWARE; $QMIGRATE_QEMU_IMG or
+// qemu-img on PATH. Errors wrap ErrQEMUNotFound.
+func FindQEMU() (*QEMU, error) {
+	q := &QEMU{Firmware: os.Getenv(EnvQEMUFirmware)}
+	bin := os.Getenv(EnvQEMU)
+	if bin == "" {
+		bin = "qemu-system-x86_64"
+	}
+	p, err := exec.LookPath(bin)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s=%q: %w", ErrQEMUNotFound, EnvQEMU, os.Getenv(EnvQEMU), err)
+	}
+	q.Binary = p
+	if q.Firmware != "" {
+		if st, err := os.Stat(q.Firmware); err != nil || !st.IsDir() {
+			return nil, fmt.Errorf("%w: %s=%q is not a folder", ErrQEMUNotFound, EnvQEMUFirmware, q.Firmware)
+		}
+	}
+	img := os.Getenv(EnvQEMUImg)
+	if img == "" {
+		img = "qemu-img"
+	}
+	if p, err := exec.LookPath(img); err == nil {
+		q.Img = p
+	}
+	return q, nil
+}
+
+// FirmwareArgs are the -L arguments for this installation (none when
+// Firmware is empty).
+func (q *QEMU) FirmwareArgs() []string {
+	if q.Firmware == "" {
+		return nil
+	}
+	return []string{"-L", q.Firmware, "-L", SeaBIOSDir}
+}
+
+// Version runs "qemu-system-x86_64 -version" and parses the version.
+func (q *QEMU) Version(ctx context.Context) (qmp.Version, error) {
+	out, err := exec.CommandContext(ctx, q.Binary, "-version").Output()
+	if err != nil {
+		return qmp.Version{}, fmt.Errorf("testbed: %s -version: %w", q.Binary, err)
+	}
+	v, ok := parseVersion(string(out))
+	if !ok {
+		return qmp.Version{}, fmt.Errorf("testbed: %s -version: cannot parse %q", q.Binary, out)
+	}
+	return v, nil
+}
+
+// parseVersion reads "QEMU emulator version 7.2.22 (Debian ...)".
+func parseVersion(out string) (qmp.Version, bool) {
+	_, rest, ok := strings.Cut(out, "version ")
+	if !ok {
+		return qmp.Version{}, false
+	}
+	word, _, _ := strings.Cut(rest, " ")
+	word = strings.TrimSpace(word)
+	parts := strings.Split(word, ".")
+	if len(parts) < 2 {
+		return qmp.Version{}, false
+	}
+	var nums [3]int
+	for i := 0; i < len(parts) && i < 3; i++ {
+		n, err := strconv.Atoi(parts[i])
+		if err != nil {
+			return qmp.Version{}, false
+		}
+		nums[i] = n
+	}
+	return qmp.Version{Major: nums[0], Minor: nums[1], Micro: nums[2]}, true
+}
