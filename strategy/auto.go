@@ -17,6 +17,8 @@ type auto struct {
 	// Estimator.
 	bw, dirty     float64 // EWMA of throughput and dirty rate, bytes/s
 	bwOK, dirtyOK bool
+	lastDirty     float64   // DirtyRate of the last sample
+	staleDirty    float64   // a DirtyRate value to ignore (-1 = none)
 	cur           iterRec   // the iteration in progress
 	hist          []iterRec // closed iterations, oldest first, at most histLen
 
@@ -30,6 +32,10 @@ type auto struct {
 	seenAt     time.Duration // when it was seen
 	reevaluate bool          // a lever failed to apply: decide again at once
 }
+
+// saturatedQ: a dirty rate measured below this × the throughput, in a
+// migration that does not converge, is taken as saturated (a lower bound).
+const saturatedQ = 1.5
 
 type iterRec struct {
 	n     uint64 // dirty-sync-count
@@ -48,6 +54,7 @@ func newAuto(m *Machine) *auto {
 		c:           c,
 		progTimeout: orDur(m.lim.ProgressTimeout, c.ProgressTimeout),
 		lever:       Wait,
+		staleDirty:  -1,
 	}
 	a.downtime = min(c.InitialDowntime, m.lim.maxDowntime())
 	return a
@@ -80,10 +87,14 @@ func (a *auto) step(s Sample, now time.Duration) Decision {
 		return wait(fmt.Sprintf("auto: source paused, stop-and-copy of %s", bytesStr(float64(s.RemainingBytes))))
 	}
 	a.observe(s)
+	a.lastDirty = s.DirtyRate
 	if s.Status != "active" && s.Status != "" {
 		return wait("auto: status " + s.Status)
 	}
 	boundary := a.track(s, now)
+	if a.lever == SetThrottle && a.seenIter == 0 && s.ThrottlePercent >= a.target {
+		a.seen(now)
+	}
 	if !boundary && !a.reevaluate {
 		return wait(a.waitReason())
 	}
@@ -101,7 +112,10 @@ func (a *auto) observe(s Sample) {
 		a.bw, a.bwOK = ewma(a.bw, s.Throughput, a.c.Alpha, a.bwOK), true
 	}
 	// QEMU's dirty rate is only measured at a sync after the bulk pass.
-	if s.Iteration >= 2 && s.DirtyRate > 0 {
+	// After a lever shows, QEMU keeps reporting the old rate until its next
+	// rate update (a sync ≥1 s later): skip it until it changes.
+	if s.Iteration >= 2 && s.DirtyRate > 0 && s.DirtyRate != a.staleDirty {
+		a.staleDirty = -1
 		a.dirty, a.dirtyOK = ewma(a.dirty, s.DirtyRate, a.c.Alpha, a.dirtyOK), true
 	}
 }
@@ -252,10 +266,11 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 	}
 
 	// Lever 2: CPU throttle computed from the stats.
-	pct, how := a.throttleFor(r, dirty, bw, s.ThrottlePercent)
+	need, how := a.throttleFor(r, dirty, bw, s.ThrottlePercent)
+	pct := clampInt(need, 1, a.c.MaxThrottle)
 	throttleOK := a.m.lim.throttleOK() && !lv.throttleFailed && a.target < a.c.MaxThrottle
 	postcopyOK := a.m.lim.AllowPostcopy && !lv.postcopyFailed
-	if throttleOK && !(postcopyOK && pct > a.c.PostcopyThrottle) {
+	if throttleOK && !(postcopyOK && need > min(a.c.PostcopyThrottle, a.c.MaxThrottle)) {
 		inc := pct - s.ThrottlePercent
 		t := Throttle{Initial: pct, Increment: clampInt(inc, 1, qemuMaxThrottle), Max: pct}
 		return a.decide(Decision{Action: SetThrottle, Throttle: t, Reason: fmt.Sprintf(
@@ -266,7 +281,7 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 	if postcopyOK {
 		why := "throttling exhausted or refused"
 		if throttleOK {
-			why = fmt.Sprintf("%s would need %d%% throttle, above %d%%", how, pct, a.c.PostcopyThrottle)
+			why = fmt.Sprintf("%s would need %d%% throttle, above %d%%", how, need, min(a.c.PostcopyThrottle, a.c.MaxThrottle))
 		}
 		return a.decide(Decision{Action: StartPostcopy, Reason: fmt.Sprintf("auto: %s; %s: start postcopy", stats, why)}, now)
 	}
@@ -289,6 +304,7 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 func (a *auto) seen(now time.Duration) {
 	a.seenIter, a.seenAt = a.cur.n, now
 	a.dirtyOK = false // measure the dirty rate afresh under the lever
+	a.staleDirty = a.lastDirty
 }
 
 func permittedStr(ok bool, extra string) string {
@@ -309,7 +325,7 @@ func permittedStr(ok bool, extra string) string {
 func (a *auto) judge(r, q, last, bw float64, limit, now time.Duration) (verdict, time.Duration) {
 	inf := time.Duration(math.MaxInt64)
 	flat := a.c.FlatRatio
-	if math.IsNaN(r) || r >= flat || q >= flat {
+	if q >= flat || ((math.IsNaN(r) || r >= flat) && !(last <= 1.5*bw*limit.Seconds())) {
 		return stuck, inf
 	}
 	rr := r
@@ -317,6 +333,11 @@ func (a *auto) judge(r, q, last, bw float64, limit, now time.Duration) (verdict,
 		rr = q
 	}
 	thr := bw * limit.Seconds()
+	if last <= 1.5*thr && q < flat {
+		// Near the threshold QEMU syncs on every pass check, so the peaks
+		// look flat: what matters is that the dirty rate is below the link.
+		return converging, seconds(last, bw)
+	}
 	n := 1.0
 	if thr > 0 && last > thr && rr > 0 {
 		n = math.Ceil(math.Log(thr/last) / math.Log(rr))
@@ -333,15 +354,16 @@ func (a *auto) judge(r, q, last, bw float64, limit, now time.Duration) (verdict,
 
 // throttleFor computes p = 1 - k×throughput/dirty for the guest's true dirty
 // rate: the measured one divided by the run fraction left by the current
-// throttle, and, when the peaks are flat (the working set is re-dirtied every
-// pass, so the measured rate is only a lower bound), at least the throughput
-// times the SaturationFactor. An escalation at least halves the guest's
+// throttle. When the peaks are flat or the measured rate is close to the
+// throughput, the working set is re-dirtied every pass and QEMU's rate
+// (distinct pages per sync period) is only a lower bound: the true rate is
+// then taken as at least the throughput times the SaturationFactor. An escalation at least halves the guest's
 // remaining run time.
 func (a *auto) throttleFor(r, dirty, bw float64, cur int) (int, string) {
 	run := math.Max(1-float64(cur)/100, 0.01)
 	trueDirty := dirty / run
 	how := fmt.Sprintf("true dirty rate ~%s/s", bytesStr(trueDirty))
-	if math.IsNaN(r) || r >= a.c.FlatRatio {
+	if math.IsNaN(r) || r >= a.c.FlatRatio || dirty < saturatedQ*bw {
 		trueDirty = math.Max(dirty, bw) / run * a.c.SaturationFactor
 		how = fmt.Sprintf("working set re-dirtied every pass, true dirty rate ≥ ~%s/s", bytesStr(trueDirty))
 	}
@@ -353,8 +375,7 @@ func (a *auto) throttleFor(r, dirty, bw float64, cur int) (int, string) {
 	if a.target > 0 {
 		pct = max(pct, 100-(100-max(a.target, cur))/2)
 	}
-	pct = clampInt(pct, 1, a.c.MaxThrottle)
-	return pct, how + fmt.Sprintf(" vs %.0f%% of %s/s", a.c.TargetRatio*100, bytesStr(bw))
+	return clampInt(pct, 1, 100), how + fmt.Sprintf(" vs %.0f%% of %s/s", a.c.TargetRatio*100, bytesStr(bw))
 }
 
 // decide records a lever decision for the settle rule.

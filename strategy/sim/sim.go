@@ -60,6 +60,7 @@ type Result struct {
 	Downtime    time.Duration // guest stopped: final stop-and-copy, pause, postcopy switch
 	Bytes       uint64        // bytes sent over the link
 	Slowdown    float64       // 1 - mean guest speed during the migration (0 = none, 1 = stopped)
+	GuestLost   time.Duration // guest run time lost to throttling, pauses and postcopy faults: ∫(1 - speed) dt
 	MaxThrottle int
 	Postcopy    bool
 	Paused      bool
@@ -68,9 +69,9 @@ type Result struct {
 }
 
 func (r Result) String() string {
-	return fmt.Sprintf("%s in %v, downtime %v, %.0f MiB sent, slowdown %.0f%%, max throttle %d%%",
+	return fmt.Sprintf("%s in %v, downtime %v, %.0f MiB sent, slowdown %.0f%% (%v guest time lost), max throttle %d%%",
 		r.Outcome, r.Total.Round(10*time.Millisecond), r.Downtime.Round(time.Millisecond),
-		float64(r.Bytes)/(1<<20), r.Slowdown*100, r.MaxThrottle)
+		float64(r.Bytes)/(1<<20), r.Slowdown*100, r.GuestLost.Round(10*time.Millisecond), r.MaxThrottle)
 }
 
 const (
@@ -179,7 +180,8 @@ func Run(sc Scenario, cfg strategy.Config) (Result, error) {
 	res.Total = q.now
 	res.Bytes = uint64(q.sent)
 	if q.now > 0 {
-		res.Slowdown = 1 - q.runTime/q.now.Seconds()
+		res.Slowdown = math.Max(0, 1-q.runTime/q.now.Seconds())
+		res.GuestLost = max(0, q.now-time.Duration(q.runTime*float64(time.Second)))
 	}
 	res.Postcopy, res.Paused = q.postcopy, q.paused
 	for _, p := range res.Trace {
@@ -359,4 +361,16 @@ func (q *qemu) sync() {
 	q.dirtyPeriod = 0
 	q.sentAtRate = q.sent
 	q.lastRate = q.now
+}
+
+// Standard returns the benchmark scenarios for a guest of ram bytes over a
+// link of link bytes/s: idle, converging (dirty 0.3× the link), borderline
+// (0.9×), 2× and 10× the link, each dirtying the whole RAM.
+func Standard(ram uint64, link float64) []Scenario {
+	mk := func(name string, f float64) Scenario {
+		return Scenario{Name: name, RAM: ram, DirtyRate: f * link, Link: link}
+	}
+	return []Scenario{
+		mk("idle", 0), mk("converging", 0.3), mk("borderline", 0.9), mk("2x", 2), mk("10x", 10),
+	}
 }

@@ -1,0 +1,473 @@
+package strategy_test
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/qmigrate/qmigrate/strategy"
+)
+
+const (
+	MiB = 1 << 20
+	GiB = 1 << 30
+	ms  = time.Millisecond
+	sec = time.Second
+)
+
+// want is an expected non-wait decision.
+type want struct {
+	At       time.Duration
+	Action   strategy.Action
+	Downtime time.Duration // SetDowntime
+	Throttle int           // SetThrottle: Throttle.Max
+}
+
+func (w want) String() string {
+	switch w.Action {
+	case strategy.SetDowntime:
+		return fmt.Sprintf("%v %s %v", w.At, w.Action, w.Downtime)
+	case strategy.SetThrottle:
+		return fmt.Sprintf("%v %s %d%%", w.At, w.Action, w.Throttle)
+	}
+	return fmt.Sprintf("%v %s", w.At, w.Action)
+}
+
+// run feeds the samples and returns the non-wait decisions. The applied
+// levers are fed back into the following samples the way QEMU would show
+// them: the downtime limit, a throttle (applied at once), the source paused.
+func run(t *testing.T, cfg strategy.Config, samples []strategy.Sample) ([]want, []strategy.Decision) {
+	t.Helper()
+	m, err := strategy.New(cfg)
+	require.NoError(t, err)
+	setup := m.Setup()
+	limit := setup.DowntimeLimit
+	if limit == 0 {
+		limit = 300 * ms
+	}
+	throttle, paused := 0, false
+	var got []want
+	var all []strategy.Decision
+	for _, s := range samples {
+		if s.DowntimeLimit == 0 {
+			s.DowntimeLimit = limit
+		}
+		if s.ThrottlePercent == 0 {
+			s.ThrottlePercent = throttle
+		}
+		s.SourcePaused = s.SourcePaused || paused
+		d := m.Step(s)
+		all = append(all, d)
+		assert.Equal(t, s.Elapsed, d.At)
+		assert.NotEmpty(t, d.Reason)
+		if d.Action == strategy.Wait {
+			continue
+		}
+		w := want{At: d.At, Action: d.Action}
+		switch d.Action {
+		case strategy.SetDowntime:
+			w.Downtime = d.DowntimeLimit
+			limit = d.DowntimeLimit
+		case strategy.SetThrottle:
+			w.Throttle = d.Throttle.Max
+			throttle = d.Throttle.Max
+		case strategy.PauseSource:
+			paused = true
+		}
+		got = append(got, w)
+		m.Applied(d, nil)
+	}
+	return got, all
+}
+
+// saw builds a saw-tooth trace: one iteration every period starting at
+// iteration first, time start, with the given peaks; each iteration is
+// sampled at its start (the peak) and three more times as the link drains it.
+func saw(start, period time.Duration, first uint64, peaks []uint64, dirty, bw float64, total uint64) []strategy.Sample {
+	var out []strategy.Sample
+	var sent uint64
+	for i, p := range peaks {
+		t0 := start + time.Duration(i)*period
+		for k := 0; k < 4; k++ {
+			rem := p - p/4*uint64(k)
+			if k > 0 {
+				sent += p / 4
+			}
+			st := strategy.Sample{
+				Elapsed: t0 + period/4*time.Duration(k), Status: "active", Iteration: first + uint64(i),
+				RemainingBytes: rem, TransferredBytes: sent, TotalBytes: total, Throughput: bw,
+			}
+			if st.Iteration >= 2 {
+				st.DirtyRate = dirty
+			}
+			out = append(out, st)
+		}
+	}
+	return out
+}
+
+func repeat(v uint64, n int) []uint64 {
+	out := make([]uint64, n)
+	for i := range out {
+		out[i] = v
+	}
+	return out
+}
+
+func TestAutoTraces(t *testing.T) {
+	bw := 256.0 * MiB
+	// Bulk pass of 256 MiB, then the 128 MiB working set is re-dirtied every
+	// 0.5 s pass: flat peaks, dirty rate saturated at the throughput.
+	flat := append([]uint64{256 * MiB}, repeat(128*MiB, 12)...)
+	nonConv := saw(0, 500*ms, 1, flat, bw, bw, 256*MiB)
+	// Converging: each pass a third of the previous.
+	conv := saw(0, 500*ms, 1, []uint64{256 * MiB, 90 * MiB, 30 * MiB, 10 * MiB}, bw/3, bw, 256*MiB)
+	// Saw-tooth that shrinks: the peaks go down although single samples rise.
+	shrinking := saw(0, 500*ms, 1, []uint64{256 * MiB, 200 * MiB, 150 * MiB, 110 * MiB, 80 * MiB}, 0.7*bw, bw, 256*MiB)
+
+	tests := []struct {
+		name    string
+		cfg     strategy.Config
+		samples []strategy.Sample
+		want    []want
+	}{
+		{"converging guest: only wait", strategy.Config{}, conv, nil},
+		{"shrinking saw-tooth: only wait", strategy.Config{}, shrinking, nil},
+		{
+			// 128 MiB at 256 MiB/s needs 500 ms: fits a 1 s maximum, with 25% margin.
+			"not converging, downtime fits the maximum",
+			strategy.Config{Limits: strategy.Limits{MaxDowntime: sec}},
+			nonConv,
+			[]want{{At: 500 * ms, Action: strategy.SetDowntime, Downtime: 630 * ms}},
+		},
+		{
+			// Iteration 2 (0.5 s): the measured dirty rate equals the throughput, a
+			// lower bound, so the true rate is taken as 2 × 256 MiB/s and
+			// p = 1 - 0.5×256/512 = 75%. Two iterations after the throttle shows,
+			// still flat and still at the throughput: the true rate must be above
+			// 256 MiB/s / 25% × 2, so p = 1 - 0.5/8 = 94%, then 99%; then nothing is left.
+			"not converging, throttle computed, then escalated",
+			strategy.Config{},
+			nonConv,
+			[]want{
+				{At: 500 * ms, Action: strategy.SetThrottle, Throttle: 75},
+				{At: 1500 * ms, Action: strategy.SetThrottle, Throttle: 94},
+				{At: 2500 * ms, Action: strategy.SetThrottle, Throttle: 99},
+				{At: 3500 * ms, Action: strategy.Abort},
+			},
+		},
+		{
+			"not converging, postcopy permitted: postcopy rather than a 75% throttle",
+			strategy.Config{Limits: strategy.Limits{AllowPostcopy: true}},
+			nonConv,
+			[]want{{At: 500 * ms, Action: strategy.StartPostcopy}},
+		},
+		{
+			"not converging, postcopy permitted and a lower throttle suffices",
+			strategy.Config{Limits: strategy.Limits{AllowPostcopy: true}, Auto: strategy.AutoConfig{PostcopyThrottle: 80, MaxThrottle: 80}},
+			nonConv,
+			[]want{
+				{At: 500 * ms, Action: strategy.SetThrottle, Throttle: 75},
+				{At: 1500 * ms, Action: strategy.StartPostcopy},
+			},
+		},
+		{
+			"not converging, throttle refused, pause permitted",
+			strategy.Config{Limits: strategy.Limits{NoThrottle: true, AllowPause: true}},
+			nonConv,
+			[]want{{At: 500 * ms, Action: strategy.PauseSource}},
+		},
+		{
+			"not converging, no lever permitted: abort at once",
+			strategy.Config{Limits: strategy.Limits{NoThrottle: true}},
+			nonConv,
+			[]want{{At: 500 * ms, Action: strategy.Abort}},
+		},
+		{
+			"converging guest past the budget: abort at the budget",
+			strategy.Config{Limits: strategy.Limits{Budget: 1200 * ms}},
+			conv,
+			[]want{{At: 1250 * ms, Action: strategy.Abort}},
+		},
+		{
+			"budget with postcopy permitted: postcopy at the budget",
+			strategy.Config{Limits: strategy.Limits{Budget: 1200 * ms, AllowPostcopy: true}},
+			conv,
+			[]want{{At: 1250 * ms, Action: strategy.StartPostcopy}},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, _ := run(t, tt.cfg, tt.samples)
+			assert.Equal(t, fmt.Sprint(tt.want), fmt.Sprint(got))
+		})
+	}
+}
+
+func TestAutoStuckLinkAborts(t *testing.T) {
+	// Nothing moves: transferred and remaining frozen.
+	var samples []strategy.Sample
+	for i := 0; i <= 40; i++ {
+		samples = append(samples, strategy.Sample{Elapsed: time.Duration(i) * sec, Status: "active", Iteration: 1,
+			RemainingBytes: 100 * MiB, TransferredBytes: 10 * MiB, TotalBytes: GiB})
+	}
+	got, all := run(t, strategy.Config{}, samples)
+	assert.Equal(t, fmt.Sprint([]want{{At: 30 * sec, Action: strategy.Abort}}), fmt.Sprint(got))
+	assert.Contains(t, all[30].Reason, "no progress for 30s")
+}
+
+func TestAutoFailedLeverEscalates(t *testing.T) {
+	bw := 256.0 * MiB
+	flat := append([]uint64{256 * MiB}, repeat(128*MiB, 6)...)
+	m, err := strategy.New(strategy.Config{Limits: strategy.Limits{AllowPause: true}})
+	require.NoError(t, err)
+	var acts []strategy.Action
+	for _, s := range saw(0, 500*ms, 1, flat, bw, bw, 256*MiB) {
+		s.DowntimeLimit = 300 * ms
+		d := m.Step(s)
+		if d.Action == strategy.Wait {
+			continue
+		}
+		acts = append(acts, d.Action)
+		if d.Action == strategy.SetThrottle {
+			m.Applied(d, errors.New("max_cpu_throttle: invalid"))
+		} else {
+			m.Applied(d, nil)
+		}
+	}
+	assert.Equal(t, []strategy.Action{strategy.SetThrottle, strategy.PauseSource}, acts)
+}
+
+func TestPostcopyNeverAborts(t *testing.T) {
+	for _, pol := range strategy.Policies() {
+		m, err := strategy.New(strategy.Config{Policy: pol, Limits: strategy.Limits{Budget: sec, ProgressTimeout: sec}})
+		require.NoError(t, err)
+		for i := 0; i < 100; i++ {
+			d := m.Step(strategy.Sample{Elapsed: time.Duration(i) * sec, Status: "postcopy-active", RemainingBytes: GiB, TotalBytes: GiB})
+			require.Equal(t, strategy.Wait, d.Action, pol)
+		}
+		assert.False(t, m.Done())
+		d := m.Step(strategy.Sample{Elapsed: 200 * sec, Status: "completed"})
+		assert.Equal(t, strategy.Wait, d.Action)
+		assert.True(t, m.Done())
+	}
+}
+
+func TestQEMUPresetNeverActs(t *testing.T) {
+	bw := 256.0 * MiB
+	samples := saw(0, 500*ms, 1, append([]uint64{256 * MiB}, repeat(128*MiB, 400)...), bw, bw, 256*MiB)
+	got, _ := run(t, strategy.Config{Policy: "qemu"}, samples)
+	assert.Empty(t, got)
+
+	got, _ = run(t, strategy.Config{Policy: "qemu", Limits: strategy.Limits{Budget: 10 * sec}}, samples)
+	assert.Equal(t, fmt.Sprint([]want{{At: 10 * sec, Action: strategy.Abort}}), fmt.Sprint(got))
+}
+
+// steady returns samples every step from start to end with a constant or
+// computed remaining.
+func steady(start, end, step time.Duration, total uint64, remaining func(i int) uint64) []strategy.Sample {
+	var out []strategy.Sample
+	for i := 0; start+time.Duration(i)*step <= end; i++ {
+		out = append(out, strategy.Sample{
+			Elapsed: start + time.Duration(i)*step, Status: "active", Iteration: uint64(1 + i/4),
+			RemainingBytes: remaining(i), TransferredBytes: uint64(i) * 10 * MiB, TotalBytes: total,
+			Throughput: 100 * MiB, DirtyRate: 200 * MiB,
+		})
+	}
+	return out
+}
+
+func TestKubeVirtTraces(t *testing.T) {
+	// 1 GiB of RAM is 1.07 GB: 2 GB rounded up; 1 s per GB gives a 2 s completion budget.
+	kv := strategy.KubeVirtConfig{ProgressTimeout: 2 * sec, CompletionTimeoutPerGiB: 5 * sec}
+	constant := func(int) uint64 { return 500 * MiB }
+	sawtooth := func(i int) uint64 { return uint64(500-100*(i%2)) * MiB } // every other sample decreases
+	tests := []struct {
+		name    string
+		cfg     strategy.Config
+		samples []strategy.Sample
+		want    []want
+	}{
+		{
+			"stuck: no decrease versus the previous sample for the progress timeout",
+			strategy.Config{Policy: "kubevirt", KubeVirt: kv},
+			steady(0, 20*sec, 500*ms, GiB, constant),
+			[]want{{At: 2500 * ms, Action: strategy.Abort}},
+		},
+		{
+			// The legacy check counts any decrease: a saw-tooth never looks stuck,
+			// so only the completion timeout (5 s × 2 GB) ends it.
+			"saw-tooth resets the progress timer; completion timeout aborts",
+			strategy.Config{Policy: "kubevirt", KubeVirt: kv},
+			steady(0, 20*sec, 500*ms, GiB, sawtooth),
+			[]want{{At: 10500 * ms, Action: strategy.Abort}},
+		},
+		{
+			"completion timeout with postcopy allowed: postcopy",
+			strategy.Config{Policy: "kubevirt", KubeVirt: kv, Limits: strategy.Limits{AllowPostcopy: true}},
+			steady(0, 20*sec, 500*ms, GiB, sawtooth),
+			[]want{{At: 10500 * ms, Action: strategy.StartPostcopy}},
+		},
+		{
+			"completion timeout with pause allowed: pause, budget doubled, then abort",
+			strategy.Config{Policy: "kubevirt", KubeVirt: kv, Limits: strategy.Limits{AllowPause: true}},
+			steady(0, 30*sec, 500*ms, GiB, sawtooth),
+			[]want{{At: 10500 * ms, Action: strategy.PauseSource}, {At: 20500 * ms, Action: strategy.Abort}},
+		},
+		{
+			"user progress timeout overrides the preset's",
+			strategy.Config{Policy: "kubevirt", KubeVirt: kv, Limits: strategy.Limits{ProgressTimeout: 4 * sec}},
+			steady(0, 20*sec, 500*ms, GiB, constant),
+			[]want{{At: 4500 * ms, Action: strategy.Abort}},
+		},
+		{
+			"defaults: 150 s of no progress",
+			strategy.Config{Policy: "kubevirt"},
+			steady(0, 200*sec, sec, 4*GiB, constant),
+			[]want{{At: 151 * sec, Action: strategy.Abort}},
+		},
+		{
+			// 4 GiB = 4.29 GB → 5 GB × 150 s = 750 s.
+			"defaults: completion 150 s per GB rounded up",
+			strategy.Config{Policy: "kubevirt"},
+			steady(0, 800*sec, sec, 4*GiB, sawtooth),
+			[]want{{At: 751 * sec, Action: strategy.Abort}},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, _ := run(t, tt.cfg, tt.samples)
+			assert.Equal(t, fmt.Sprint(tt.want), fmt.Sprint(got))
+		})
+	}
+}
+
+func TestNovaTraces(t *testing.T) {
+	// 1 GiB of RAM counts as 2 GiB (Nova's floor): one step every 2 × 1 s.
+	nv := strategy.NovaConfig{DelayPerGiB: sec, CompletionTimeoutPerGiB: 15 * sec}
+	shrink := func(i int) uint64 { return uint64(1000-i) * MiB }
+	var ramp []want
+	for i := 1; i <= 10; i++ {
+		ramp = append(ramp, want{At: time.Duration(2*i)*sec + 500*ms, Action: strategy.SetDowntime, Downtime: time.Duration(50+45*i) * ms})
+	}
+	var capped []want
+	for i := 1; i <= 6; i++ {
+		capped = append(capped, want{At: time.Duration(2*i)*sec + 500*ms, Action: strategy.SetDowntime, Downtime: min(time.Duration(50+45*i)*ms, 300*ms)})
+	}
+	tests := []struct {
+		name    string
+		cfg     strategy.Config
+		samples []strategy.Sample
+		want    []want
+	}{
+		{
+			"ramp 50 → 500 ms in 10 steps, then the completion timeout aborts",
+			strategy.Config{Policy: "nova", Nova: nv, Limits: strategy.Limits{MaxDowntime: sec}},
+			steady(500*ms, 40*sec, 500*ms, GiB, shrink),
+			append(ramp, want{At: 30500 * ms, Action: strategy.Abort}),
+		},
+		{
+			"ramp capped at the user's 300 ms maximum",
+			strategy.Config{Policy: "nova", Nova: nv},
+			steady(500*ms, 29*sec, 500*ms, GiB, shrink),
+			capped,
+		},
+		{
+			"force_complete: postcopy when allowed",
+			strategy.Config{Policy: "nova", Nova: strategy.NovaConfig{DelayPerGiB: 100 * sec, CompletionTimeoutPerGiB: 5 * sec, TimeoutAction: "force_complete"},
+				Limits: strategy.Limits{AllowPostcopy: true}},
+			steady(500*ms, 20*sec, 500*ms, GiB, shrink),
+			[]want{{At: 10500 * ms, Action: strategy.StartPostcopy}},
+		},
+		{
+			"force_complete: pause when postcopy is not allowed",
+			strategy.Config{Policy: "nova", Nova: strategy.NovaConfig{DelayPerGiB: 100 * sec, CompletionTimeoutPerGiB: 5 * sec, TimeoutAction: "force_complete"},
+				Limits: strategy.Limits{AllowPause: true}},
+			steady(500*ms, 20*sec, 500*ms, GiB, shrink),
+			[]want{{At: 10500 * ms, Action: strategy.PauseSource}},
+		},
+		{
+			"force_complete with no lever permitted: abort",
+			strategy.Config{Policy: "nova", Nova: strategy.NovaConfig{DelayPerGiB: 100 * sec, CompletionTimeoutPerGiB: 5 * sec, TimeoutAction: "force_complete"}},
+			steady(500*ms, 20*sec, 500*ms, GiB, shrink),
+			[]want{{At: 10500 * ms, Action: strategy.Abort}},
+		},
+		{
+			// 4 GiB: a step every 300 s, timeout at 3200 s.
+			"defaults: 4 GiB guest",
+			strategy.Config{Policy: "nova", Limits: strategy.Limits{MaxDowntime: sec}},
+			steady(10*sec, 3300*sec, 10*sec, 4*GiB, shrink),
+			[]want{
+				{At: 310 * sec, Action: strategy.SetDowntime, Downtime: 95 * ms},
+				{At: 610 * sec, Action: strategy.SetDowntime, Downtime: 140 * ms},
+				{At: 910 * sec, Action: strategy.SetDowntime, Downtime: 185 * ms},
+				{At: 1210 * sec, Action: strategy.SetDowntime, Downtime: 230 * ms},
+				{At: 1510 * sec, Action: strategy.SetDowntime, Downtime: 275 * ms},
+				{At: 1810 * sec, Action: strategy.SetDowntime, Downtime: 320 * ms},
+				{At: 2110 * sec, Action: strategy.SetDowntime, Downtime: 365 * ms},
+				{At: 2410 * sec, Action: strategy.SetDowntime, Downtime: 410 * ms},
+				{At: 2710 * sec, Action: strategy.SetDowntime, Downtime: 455 * ms},
+				{At: 3010 * sec, Action: strategy.SetDowntime, Downtime: 500 * ms},
+				{At: 3210 * sec, Action: strategy.Abort},
+			},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, _ := run(t, tt.cfg, tt.samples)
+			assert.Equal(t, fmt.Sprint(tt.want), fmt.Sprint(got))
+		})
+	}
+}
+
+func TestProxmoxTraces(t *testing.T) {
+	growing := func(i int) uint64 { return uint64(100+i) * MiB }
+	tests := []struct {
+		name    string
+		cfg     strategy.Config
+		samples []strategy.Sample
+		want    []want
+	}{
+		{
+			// Polls at 1 s: the counter passes 5 on the 6th growth (t = 6 s), doubles 100 → 200 ms,
+			// resets; 6 polls later 400 ms is capped at 300; then it has nowhere to go.
+			"doubling after more than 5 bad polls, capped at the maximum",
+			strategy.Config{Policy: "proxmox"},
+			steady(0, 30*sec, sec, GiB, growing),
+			[]want{{At: 6 * sec, Action: strategy.SetDowntime, Downtime: 200 * ms}, {At: 12 * sec, Action: strategy.SetDowntime, Downtime: 300 * ms}},
+		},
+		{
+			"a faster engine poll does not speed it up",
+			strategy.Config{Policy: "proxmox"},
+			steady(0, 13*sec, 200*ms, GiB, growing),
+			[]want{{At: 6 * sec, Action: strategy.SetDowntime, Downtime: 200 * ms}, {At: 12 * sec, Action: strategy.SetDowntime, Downtime: 300 * ms}},
+		},
+		{
+			"higher maximum: 100, 200, 400, 800 ms",
+			strategy.Config{Policy: "proxmox", Limits: strategy.Limits{MaxDowntime: sec}},
+			steady(0, 30*sec, sec, GiB, growing),
+			[]want{
+				{At: 6 * sec, Action: strategy.SetDowntime, Downtime: 200 * ms},
+				{At: 12 * sec, Action: strategy.SetDowntime, Downtime: 400 * ms},
+				{At: 18 * sec, Action: strategy.SetDowntime, Downtime: 800 * ms},
+				{At: 24 * sec, Action: strategy.SetDowntime, Downtime: sec},
+			},
+		},
+		{
+			"decreasing remaining: nothing",
+			strategy.Config{Policy: "proxmox"},
+			steady(0, 30*sec, sec, GiB, func(i int) uint64 { return uint64(1000-i) * MiB }),
+			nil,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, _ := run(t, tt.cfg, tt.samples)
+			assert.Equal(t, fmt.Sprint(tt.want), fmt.Sprint(got))
+		})
+	}
+}
