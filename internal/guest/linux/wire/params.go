@@ -199,3 +199,13 @@ func parseDuration(s string) (time.Duration, error) {
 	}
 	return d, err
 }
+
+// KernelArgs are the kernel options Cmdline puts before the workload's keys: the serial console
+// (the kernel's messages are kept quiet so that QMIGRATE lines are not interleaved), and no
+// reboot loop on a panic (the VM halts and the panic stays on the console).
+const KernelArgs = "console=ttyS0 quiet loglevel=1 panic=0 mitigations=off"
+
+// Cmdline returns the whole kernel command line (QEMU's -append) for w.
+func (w Workload) Cmdline() string {
+	return KernelArgs + " " + strings.Join(w.Args(), " ")
+}

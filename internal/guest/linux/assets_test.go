@@ -1,0 +1,102 @@
+package linux
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/qmigrate/qmigrate/internal/initramfs"
+)
+
+func TestAssets(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	kernel, initrd, err := Assets(ctx)
+	if err != nil && os.Getenv("CI") == "" {
+		t.Skipf("guest kernel not set up: %v", err)
+	}
+	require.NoError(t, err)
+	assert.FileExists(t, kernel)
+	data, err := os.ReadFile(initrd)
+	require.NoError(t, err)
+	entries, err := initramfs.ReadAll(bytes.NewReader(data))
+	require.NoError(t, err)
+	names := map[string]initramfs.Entry{}
+	for _, e := range entries {
+		names[e.Name] = e
+	}
+	require.Contains(t, names, "init")
+	assert.Equal(t, []byte("\x7fELF"), names["init"].Data[:4])
+	assert.Equal(t, initramfs.TypeCharDev, names["dev/console"].Type)
+	order := string(names["modules/order"].Data)
+	assert.Regexp(t, `(?s)virtio_ring.*virtio\n.*virtio_pci\n.*virtio_blk\n$`, order, "dependencies first")
+
+	// The second call reuses the cached archive.
+	_, initrd2, err := Assets(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, initrd, initrd2)
+}
+
+func TestAssetsNotSetUp(t *testing.T) {
+	t.Setenv("QMIGRATE_CACHE", t.TempDir())
+	t.Setenv("QMIGRATE_KERNEL", "")
+	t.Setenv("QMIGRATE_KMOD_DIR", "")
+	_, _, err := Assets(context.Background())
+	require.ErrorIs(t, err, ErrNotSetUp)
+	assert.ErrorContains(t, err, "scripts/setup.sh")
+}
+
+func TestCmdline(t *testing.T) {
+	w := Workload{Mode: ModeMemDirty, MemBytes: 256 << 20, RateBytes: 50 << 20}
+	assert.Equal(t, "console=ttyS0 quiet loglevel=1 panic=0 mitigations=off qmigrate.mode=memdirty qmigrate.mem=268435456 qmigrate.rate=52428800", w.Cmdline())
+	args := BootArgs("/k", "/i", w)
+	assert.Equal(t, []string{"-kernel", "/k", "-initrd", "/i", "-append", w.Cmdline()}, args)
+}
+
+func TestSerial(t *testing.T) {
+	path := t.TempDir() + "/serial.log"
+	s := NewSerial(path)
+	s.Poll = time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	go func() {
+		f, err := os.Create(path)
+		if err != nil {
+			return
+		}
+		defer f.Close()
+		for _, chunk := range []string{"[    0.1] Linux booting\r\n", "QMIGRATE READY mode=mem", "dirty uptime=7.9\r\n",
+			"QMIGRATE CHECK OK pass=1 failed_passes=0\r\n", "QMIGRATE CHECK OK pass=2 failed_passes=0\r\n",
+			"QMIGRATE CHECK FAIL pass=3 bad=1 failed_passes=1\r\n"} {
+			_, _ = f.WriteString(chunk)
+			time.Sleep(2 * time.Millisecond)
+		}
+	}()
+	l, err := s.WaitFor(ctx, Kind(KindReady))
+	require.NoError(t, err)
+	assert.Equal(t, "memdirty", l.Fields["mode"])
+	l, err = s.WaitFor(ctx, Verdict(KindCheck, "pass", 2))
+	require.NoError(t, err)
+	assert.Equal(t, "2", l.Fields["pass"])
+	_, err = s.WaitFor(ctx, Verdict(KindCheck, "pass", 9))
+	assert.ErrorContains(t, err, "CHECK FAIL pass=3")
+
+	short, cancel2 := context.WithTimeout(context.Background(), 30*time.Millisecond)
+	defer cancel2()
+	_, err = s.Next(short)
+	assert.ErrorIs(t, err, context.DeadlineExceeded)
+}
+
+func TestResolveModulesErrors(t *testing.T) {
+	dir := t.TempDir()
+	_, err := resolveModules(dir, []string{"virtio_blk"})
+	assert.ErrorIs(t, err, ErrNotSetUp)
+	require.NoError(t, os.WriteFile(dir+"/bad.ko", []byte("not elf"), 0o644))
+	_, err = resolveModules(dir, []string{"bad"})
+	assert.ErrorContains(t, err, "not an uncompressed kernel module")
+}
