@@ -1,0 +1,118 @@
+package transport_test
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/qmigrate/qmigrate/qmp"
+	"github.com/qmigrate/qmigrate/transport"
+)
+
+func TestParse(t *testing.T) {
+	for uri, want := range map[string]transport.Channel{
+		"unix:/run/m.sock":     {Scheme: transport.Unix, Path: "/run/m.sock"},
+		"tcp:10.0.0.2:4444":    {Scheme: transport.TCP, Host: "10.0.0.2", Port: "4444"},
+		"tcp:[fd00::2]:0":      {Scheme: transport.TCP, Host: "fd00::2", Port: "0"},
+		"tcp:dst.example:0049": {Scheme: transport.TCP, Host: "dst.example", Port: "49"},
+	} {
+		got, err := transport.Parse(uri)
+		require.NoError(t, err, uri)
+		assert.Equal(t, want, got, uri)
+	}
+	c, _ := transport.Parse("tcp:[fd00::2]:0")
+	assert.Equal(t, "tcp:[fd00::2]:0", c.String())
+	assert.True(t, c.NeedsPort())
+
+	for uri, want := range map[string]error{
+		"exec:cat /dev/zero": transport.ErrUnsupportedScheme,
+		"rdma:1.2.3.4:5":     transport.ErrUnsupportedScheme,
+		"fd:mig":             transport.ErrUnsupportedScheme,
+		"/run/m.sock":        transport.ErrUnsupportedScheme,
+		"unix:":              transport.ErrBadURI,
+		"unix:/a,b":          transport.ErrBadURI,
+		"tcp:host":           transport.ErrBadURI,
+		"tcp::4444":          transport.ErrBadURI,
+		"tcp:host:70000":     transport.ErrBadURI,
+		"tcp:::1:4444":       transport.ErrBadURI,
+	} {
+		_, err := transport.Parse(uri)
+		assert.ErrorIs(t, err, want, uri)
+	}
+}
+
+func TestArgs(t *testing.T) {
+	c, err := transport.Parse("tcp:[::1]:4444")
+	require.NoError(t, err)
+	old := &qmp.Features{}
+	newer := &qmp.Features{MigrateChannels: true, IncomingExitOnError: true}
+
+	a := c.IncomingArgs(old, true)
+	assert.Equal(t, "tcp:[::1]:4444", a.URI)
+	assert.Nil(t, a.Channels)
+	assert.Nil(t, a.ExitOnError)
+
+	a = c.IncomingArgs(newer, false)
+	assert.Empty(t, a.URI)
+	require.Len(t, a.Channels, 1)
+	assert.Equal(t, qmp.MigrationChannel{ChannelType: "main", Addr: qmp.MigrationAddr{Transport: "socket",
+		SocketAddress: qmp.SocketAddress{Type: "inet", Host: "::1", Port: "4444"}}}, a.Channels[0])
+	require.NotNil(t, a.ExitOnError)
+	assert.False(t, *a.ExitOnError)
+
+	assert.Equal(t, qmp.MigrateArgs{URI: "tcp:[::1]:4444"}, c.MigrateArgs(old))
+	assert.Len(t, c.MigrateArgs(newer).Channels, 1)
+
+	u, _ := transport.Parse("unix:/m.sock")
+	assert.Equal(t, qmp.SocketAddress{Type: "unix", Path: "/m.sock"}, u.SocketAddress())
+}
+
+func TestCheckUUIDs(t *testing.T) {
+	u := "11111111-1111-1111-1111-111111111111"
+	assert.NoError(t, transport.CheckUUIDs("", ""))
+	assert.NoError(t, transport.CheckUUIDs(u, u))
+	err := transport.CheckUUIDs(u, "")
+	assert.ErrorIs(t, err, transport.ErrUUIDMismatch)
+	assert.Contains(t, err.Error(), "destination uuid none")
+}
+
+func TestRemoveSocket(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "m.sock")
+	l, err := net.Listen("unix", path)
+	require.NoError(t, err)
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	c, _ := transport.Parse("unix:" + path)
+	require.NoError(t, transport.RemoveSocket(c))
+	_, err = os.Stat(path)
+	assert.True(t, os.IsNotExist(err))
+	require.NoError(t, transport.RemoveSocket(c), "missing is fine")
+
+	plain := filepath.Join(dir, "file")
+	require.NoError(t, os.WriteFile(plain, nil, 0o600))
+	c, _ = transport.Parse("unix:" + plain)
+	require.NoError(t, transport.RemoveSocket(c))
+	_, err = os.Stat(plain)
+	assert.NoError(t, err, "a regular file is never removed")
+}
+
+func ExampleParse() {
+	c, err := transport.Parse("tcp:[fd00::2]:0")
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println(c.Scheme, c.Host, c.Port, c.NeedsPort())
+	fmt.Println(c.MigrateArgs(&qmp.Features{}).URI)
+	_, err = transport.Parse("exec:nc dst 4444")
+	fmt.Println(err)
+	// Output:
+	// tcp fd00::2 0 true
+	// tcp:[fd00::2]:0
+	// transport: "exec:nc dst 4444": scheme "exec": unsupported migration URI scheme (want unix:/path or tcp:host:port)
+}
