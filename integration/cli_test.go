@@ -1,0 +1,244 @@
+package integration
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/qmigrate/qmigrate/internal/guest/sweep"
+	"github.com/qmigrate/qmigrate/internal/testbed"
+)
+
+// TestCLI runs the qmigrate binary against real QEMUs: it is built once, and
+// the subtests run one after another (never more than two QEMUs at a time).
+func TestCLI(t *testing.T) {
+	q := testbed.RequireQEMU(t)
+	bin := buildCLI(t)
+
+	t.Run("MigrateJSON", func(t *testing.T) { testCLIMigrateJSON(t, q, bin) })
+	t.Run("SIGINTRollsBack", func(t *testing.T) { testCLISIGINT(t, q, bin) })
+	t.Run("DestinationNotIncoming", func(t *testing.T) { testCLINotIncoming(t, q, bin) })
+	t.Run("DemoJSON", func(t *testing.T) { testCLIDemo(t, bin) })
+}
+
+// buildCLI builds cmd/qmigrate into the test's temporary folder.
+func buildCLI(t *testing.T) string {
+	t.Helper()
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
+	}
+	bin := filepath.Join(t.TempDir(), "qmigrate")
+	cmd := exec.CommandContext(t.Context(), goBin, "build", "-o", bin, "github.com/qmigrate/qmigrate/cmd/qmigrate")
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "go build: %s", out)
+	return bin
+}
+
+// cliPair starts a source running the sweep guest and a destination waiting
+// with -incoming defer. Each gets a second QMP monitor for the CLI (a QEMU
+// monitor socket serves one client at a time; the test keeps the first).
+func cliPair(t *testing.T, q *testbed.QEMU, rate float64, incoming bool) (src, dst *testbed.Instance, srcSock, dstSock string) {
+	t.Helper()
+	dir := shortTempDir(t)
+	srcSock, dstSock = filepath.Join(dir, "src-cli.qmp"), filepath.Join(dir, "dst-cli.qmp")
+	guest := testbed.NewSweepGuest(rate)
+	src = testbed.StartT(t, q, testbed.Config{Name: "src", Guest: guest,
+		Args: []string{"-qmp", "unix:" + srcSock + ",server=on,wait=off"}})
+	dst = testbed.StartT(t, q, testbed.Config{Name: "dst", Guest: guest, Incoming: incoming,
+		Args: []string{"-qmp", "unix:" + dstSock + ",server=on,wait=off"}})
+	// The guest is live: at least one full pass done.
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	_, err := src.CountSerial(ctx, sweep.StartChar, sweep.PassChar, 1)
+	require.NoError(t, err)
+	return src, dst, srcSock, dstSock
+}
+
+// shortTempDir is a temporary folder with a short path: unix socket paths
+// are limited to 108 bytes, and t.TempDir() names can be long.
+func shortTempDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "qm-cli-")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// jsonLines decodes every stdout line, failing on anything that is not one
+// JSON object with a "type".
+func jsonLines(t *testing.T, stdout []byte) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	for _, l := range strings.Split(strings.TrimSpace(string(stdout)), "\n") {
+		var m map[string]any
+		require.NoError(t, json.Unmarshal([]byte(l), &m), "stdout line %q", l)
+		require.Contains(t, m, "type", l)
+		out = append(out, m)
+	}
+	require.NotEmpty(t, out)
+	return out
+}
+
+func exitCode(t *testing.T, err error) int {
+	t.Helper()
+	if err == nil {
+		return 0
+	}
+	var ee *exec.ExitError
+	require.ErrorAs(t, err, &ee)
+	return ee.ExitCode()
+}
+
+func testCLIMigrateJSON(t *testing.T, q *testbed.QEMU, bin string) {
+	src, dst, srcSock, dstSock := cliPair(t, q, 64<<20, true)
+	uri := "unix:" + filepath.Join(shortTempDir(t), "mig.sock")
+
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst=unix:"+dstSock,
+		"--uri", uri, "--max-downtime", "500ms", "--timeout=2m")
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	t.Logf("stderr: %s", stderr.String())
+	require.Equal(t, 0, exitCode(t, err), "stdout: %s", stdout.String())
+
+	lines := jsonLines(t, stdout.Bytes())
+	res := lines[len(lines)-1]
+	assert.Equal(t, "result", res["type"])
+	assert.Equal(t, "completed", res["status"])
+	assert.NotContains(t, res, "error")
+	assert.IsType(t, []any{}, res["decisions"])
+	assert.Greater(t, res["transferred_bytes"], float64(100<<20))
+	assert.LessOrEqual(t, res["downtime_ms"], float64(500+250), "downtime within the limit (plus switchover overhead)")
+	var phases []string
+	stats := 0
+	for _, l := range lines[:len(lines)-1] {
+		switch l["type"] {
+		case "phase":
+			phases = append(phases, l["phase"].(string))
+		case "stats":
+			stats++
+			for _, k := range []string{"elapsed_ms", "status", "iteration", "transferred_bytes", "remaining_bytes",
+				"total_bytes", "dirty_rate_bps", "throughput_bps", "expected_downtime_ms", "throttle_pct",
+				"downtime_limit_ms", "storage_remaining_bytes", "storage_total_bytes"} {
+				assert.Contains(t, l, k)
+			}
+		case "result":
+			t.Fatalf("result before the last line: %v", l)
+		}
+	}
+	assert.Contains(t, phases, "prepare")
+	assert.Contains(t, phases, "converge")
+	assert.Equal(t, "complete", phases[len(phases)-1])
+	assert.Positive(t, stats)
+
+	// The guest runs on the destination, every page intact; the source is
+	// left in postmigrate.
+	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	require.NoError(t, err)
+}
+
+func testCLISIGINT(t *testing.T, q *testbed.QEMU, bin string) {
+	src, dst, srcSock, dstSock := cliPair(t, q, 64<<20, true)
+	uri := "unix:" + filepath.Join(shortTempDir(t), "mig.sock")
+
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst", "unix:"+dstSock,
+		"--uri", uri, "--bandwidth", "1MiB")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	pipe, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+
+	// Interrupt once RAM is being sent.
+	var lines []string
+	sc := bufio.NewScanner(pipe)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	signalled := false
+	for sc.Scan() {
+		lines = append(lines, sc.Text())
+		var m map[string]any
+		require.NoError(t, json.Unmarshal(sc.Bytes(), &m), sc.Text())
+		if !signalled && m["type"] == "stats" && m["status"] == "active" && m["transferred_bytes"].(float64) > 0 {
+			require.NoError(t, cmd.Process.Signal(syscall.SIGINT))
+			signalled = true
+		}
+	}
+	require.NoError(t, sc.Err())
+	err = cmd.Wait()
+	t.Logf("stderr: %s", stderr.String())
+	require.True(t, signalled, "no active stats line seen: %v", lines)
+	assert.Equal(t, 1, exitCode(t, err))
+	assert.Contains(t, stderr.String(), "cancelling")
+
+	var res map[string]any
+	require.NoError(t, json.Unmarshal([]byte(lines[len(lines)-1]), &res))
+	assert.Equal(t, "result", res["type"])
+	assert.Equal(t, "cancelled", res["status"])
+	assert.NotEmpty(t, res["error"])
+	assert.NotEmpty(t, res["undone"], "rollback steps are reported")
+
+	// The guest still runs on the source, intact.
+	st, err := src.QMP.QueryStatus(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, "running", st.Status)
+	_, err = testbed.CheckSweep(ctx, nil, src.QMP, testbed.SweepCheckOptions{})
+	require.NoError(t, err)
+	_ = dst
+}
+
+func testCLINotIncoming(t *testing.T, q *testbed.QEMU, bin string) {
+	_, _, srcSock, dstSock := cliPair(t, q, 64<<20, false)
+	uri := "unix:" + filepath.Join(shortTempDir(t), "mig.sock")
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst", "unix:"+dstSock, "--uri", uri)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	assert.Equal(t, 2, exitCode(t, err), "stderr: %s", stderr.String())
+	lines := jsonLines(t, stdout.Bytes())
+	res := lines[len(lines)-1]
+	assert.Equal(t, "failed", res["status"])
+	assert.Contains(t, res["error"], "incoming")
+}
+
+func testCLIDemo(t *testing.T, bin string) {
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, bin, "demo", "--json")
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	t.Logf("stderr: %s", stderr.String())
+	require.Equal(t, 0, exitCode(t, err), "stdout: %s", stdout.String())
+	lines := jsonLines(t, stdout.Bytes())
+	res := lines[len(lines)-1]
+	assert.Equal(t, "result", res["type"])
+	assert.Equal(t, "completed", res["status"])
+	assert.Equal(t, true, res["verified"])
+	// Nothing left behind: no QEMU of this demo, no temporary folder.
+	_, after, ok := strings.Cut(stderr.String(), " in /")
+	require.True(t, ok, "the demo names its folder")
+	dir := "/" + strings.Fields(after)[0]
+	require.True(t, strings.Contains(dir, "qmigrate-demo-"), dir)
+	assert.NoDirExists(t, dir)
+	out, _ := exec.Command("pgrep", "-f", dir).Output()
+	assert.Empty(t, strings.TrimSpace(string(out)), "demo QEMUs left running")
+}
