@@ -363,7 +363,8 @@ func (a *auto) throttleFor(r, dirty, bw float64, cur int) (int, string) {
 	run := math.Max(1-float64(cur)/100, 0.01)
 	trueDirty := dirty / run
 	how := fmt.Sprintf("true dirty rate ~%s/s", bytesStr(trueDirty))
-	if math.IsNaN(r) || r >= a.c.FlatRatio || dirty < saturatedQ*bw {
+	q := dirty / bw
+	if math.IsNaN(r) || r >= a.c.FlatRatio || (q >= a.c.FlatRatio && q < saturatedQ) {
 		trueDirty = math.Max(dirty, bw) / run * a.c.SaturationFactor
 		how = fmt.Sprintf("working set re-dirtied every pass, true dirty rate ≥ ~%s/s", bytesStr(trueDirty))
 	}
