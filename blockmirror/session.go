@@ -252,6 +252,10 @@ func (s *Session) handle(e qmp.Event) {
 		case "BLOCK_JOB_COMPLETED":
 			d.ended, d.mirroring = true, false
 			if msg := e.Field("error"); msg != "" {
+				var prev *JobError
+				if errors.As(d.endErr, &prev) && prev.Event == "BLOCK_JOB_ERROR" {
+					msg = prev.Msg + ": " + msg
+				}
 				d.endErr = &JobError{Node: d.node, Job: d.job, Event: e.Name, Msg: msg}
 			} else if s.finishing && d.endErr == nil {
 				d.finished = true
