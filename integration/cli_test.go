@@ -233,12 +233,15 @@ func testCLIDemo(t *testing.T, bin string) {
 	assert.Equal(t, "result", res["type"])
 	assert.Equal(t, "completed", res["status"])
 	assert.Equal(t, true, res["verified"])
-	// Nothing left behind: no QEMU of this demo, no temporary folder.
-	_, after, ok := strings.Cut(stderr.String(), " in /")
-	require.True(t, ok, "the demo names its folder")
-	dir := "/" + strings.Fields(after)[0]
-	require.True(t, strings.Contains(dir, "qmigrate-demo-"), dir)
-	assert.NoDirExists(t, dir)
-	out, _ := exec.Command("pgrep", "-f", dir).Output()
-	assert.Empty(t, strings.TrimSpace(string(out)), "demo QEMUs left running")
+	// Nothing left behind: no QEMU of this demo, no folder.
+	_, after, ok := strings.Cut(stderr.String(), "source in ")
+	require.True(t, ok, "the demo names its folders")
+	src, dst, ok := strings.Cut(strings.SplitN(after, "\n", 2)[0], ", destination in ")
+	require.True(t, ok, after)
+	for _, dir := range []string{src, dst} {
+		require.Contains(t, dir, "qm-demo-")
+		assert.NoDirExists(t, dir)
+		out, _ := exec.Command("pgrep", "-f", dir).Output()
+		assert.Empty(t, strings.TrimSpace(string(out)), "demo QEMU left running in %s", dir)
+	}
 }

@@ -9,11 +9,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/guest/sweep"
+	"github.com/qmigrate/qmigrate/internal/testbed"
 )
 
 // demoOptions are the flags of "qmigrate demo".
@@ -83,7 +83,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if o.dirtyRate == 0 && o.spin < 0 {
 		return usageFailure(stdout, stderr, "demo", o.jsonOut, &usageError{cmd: "demo", msg: "--dirty-rate must be more than 0 (use --spin 0 for the fastest guest)"})
 	}
-	bin, firmware, err := o.findQEMU()
+	qemu, err := o.findQEMU()
 	if err != nil {
 		return usageFailure(stdout, stderr, "demo", o.jsonOut, err)
 	}
@@ -91,44 +91,43 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if o.spin < 0 {
 		spin = sweep.SpinForRate(float64(o.dirtyRate))
 	}
-	d := &demo{opts: &o, bin: bin, firmware: firmware, spin: spin, stdout: stdout, stderr: stderr}
+	d := &demo{opts: &o, qemu: qemu, spin: spin, stdout: stdout, stderr: stderr}
 	d.r = newRenderer(o.jsonOut, stdout, stderr)
 	return d.run(ctx)
 }
 
-// findQEMU resolves the QEMU binary and its firmware arguments.
-func (o *demoOptions) findQEMU() (bin string, firmware []string, err error) {
-	bin = o.qemu
-	from := "--qemu"
-	if bin == "" {
-		bin, from = os.Getenv("QMIGRATE_QEMU"), "QMIGRATE_QEMU"
-	}
-	if bin == "" {
-		bin, from = "qemu-system-x86_64", "PATH"
-	}
-	path, err := exec.LookPath(bin)
-	if err != nil {
-		return "", nil, &inputError{flag: from, address: bin, err: fmt.Errorf("no QEMU here (install qemu-system-x86, or give --qemu PATH): %w", err)}
-	}
-	if fw := os.Getenv("QMIGRATE_QEMU_FIRMWARE"); fw != "" {
-		if st, err := os.Stat(fw); err != nil || !st.IsDir() {
-			return "", nil, &inputError{flag: "QMIGRATE_QEMU_FIRMWARE", address: fw, err: errors.New("not a folder")}
+// findQEMU resolves QEMU: --qemu, else the testbed's environment contract
+// ($QMIGRATE_QEMU, else qemu-system-x86_64 on PATH; $QMIGRATE_QEMU_FIRMWARE).
+func (o *demoOptions) findQEMU() (*testbed.QEMU, error) {
+	if o.qemu == "" {
+		q, err := testbed.FindQEMU()
+		if err != nil {
+			return nil, &inputError{flag: "QEMU", address: "qemu-system-x86_64",
+				err: fmt.Errorf("not found (install qemu-system-x86, or give --qemu PATH): %w", err)}
 		}
-		firmware = []string{"-L", fw, "-L", "/usr/share/seabios"}
+		return q, nil
 	}
-	return path, firmware, nil
+	path, err := exec.LookPath(o.qemu)
+	if err != nil {
+		return nil, &inputError{flag: "--qemu", address: o.qemu, err: err}
+	}
+	q := &testbed.QEMU{Binary: path, Firmware: os.Getenv(testbed.EnvQEMUFirmware)}
+	if q.Firmware != "" {
+		if st, err := os.Stat(q.Firmware); err != nil || !st.IsDir() {
+			return nil, &inputError{flag: testbed.EnvQEMUFirmware, address: q.Firmware, err: errors.New("not a folder")}
+		}
+	}
+	return q, nil
 }
 
 // demo is one run of the demo.
 type demo struct {
 	opts           *demoOptions
-	bin            string
-	firmware       []string
+	qemu           *testbed.QEMU
 	spin           uint32
 	stdout, stderr io.Writer
 	r              renderer
-	dir            string
-	src, dst       *demoQEMU
+	src, dst       *testbed.Instance
 }
 
 func (d *demo) say(format string, args ...any) { d.r.Message(fmt.Sprintf(format, args...)) }
@@ -136,21 +135,15 @@ func (d *demo) say(format string, args ...any) { d.r.Message(fmt.Sprintf(format,
 func (d *demo) run(ctx context.Context) (code int) {
 	start := time.Now()
 	fail := func(err error) int {
+		if ctx.Err() != nil && !errors.Is(err, engine.ErrCancelled) {
+			err = fmt.Errorf("%w: %w", engine.ErrCancelled, err)
+		}
 		res := resultOf(nil, err)
 		res.Total = time.Since(start)
 		return finish(d.r, d.stderr, res, &demoVerdict{OK: false, Text: "demo not run: " + err.Error()})
 	}
-	dir, err := os.MkdirTemp("", "qmigrate-demo-")
-	if err != nil {
-		return fail(err)
-	}
-	d.dir = dir
 	defer d.cleanup()
-
 	if err := d.startQEMUs(ctx); err != nil {
-		if ctx.Err() != nil {
-			return fail(fmt.Errorf("%w: %w", engine.ErrCancelled, ctx.Err()))
-		}
 		return fail(err)
 	}
 	if err := d.waitGuest(ctx); err != nil {
@@ -169,83 +162,77 @@ func (d *demo) run(ctx context.Context) (code int) {
 	defer cancel()
 	verdict := &demoVerdict{}
 	if result.Status == engine.StatusCompleted {
-		text, verr := d.dst.checkGuest(vctx, d.dir)
+		rep, verr := testbed.CheckSweep(vctx, d.src.QMP, d.dst.QMP, testbed.SweepCheckOptions{})
 		if verr != nil {
 			verdict.Text = "NOT VERIFIED on the destination: " + verr.Error()
 			result.Status = engine.StatusFailed
 			result.Err = fmt.Errorf("checking the guest on the destination: %w", verr)
 		} else {
-			verdict.OK, verdict.Text = true, "verified on the destination: "+text
+			verdict.OK = true
+			verdict.Text = fmt.Sprintf("verified: the guest runs on the destination and all %d swept pages are intact (first pages hold %#02x); the source is in postmigrate",
+				sweep.Pages, rep.Value)
 		}
 	} else {
-		text, verr := d.src.checkGuest(vctx, d.dir)
+		_, verr := testbed.CheckSweep(vctx, nil, d.src.QMP, testbed.SweepCheckOptions{})
 		if verr != nil {
-			verdict.Text = "the source guest is NOT intact: " + verr.Error()
+			verdict.Text = "the guest on the source is NOT intact: " + verr.Error()
 		} else {
-			verdict.Text = "checked on the source: " + text
+			verdict.Text = fmt.Sprintf("checked: the guest still runs on the source and all %d swept pages are intact", sweep.Pages)
 		}
 	}
 	return finish(d.r, d.stderr, result, verdict)
 }
 
-// startQEMUs writes the guest's disks and starts both QEMUs.
+// startQEMUs starts the source with the sweep guest and the destination
+// with -incoming defer. They outlive a Ctrl-C (the engine must roll back
+// through them); cleanup ends them.
 func (d *demo) startQEMUs(ctx context.Context) error {
-	var log = d.opts.logger(d.stderr)
-	version := ""
-	if out, err := exec.Command(d.bin, "-version").Output(); err == nil {
-		version = strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
+	version := "QEMU"
+	if v, err := d.qemu.Version(ctx); err == nil {
+		version = "QEMU " + v.String()
 	}
-	d.say("starting two QEMUs (%s; TCG) in %s", version, d.dir)
-	for _, side := range []struct {
-		name     string
-		incoming bool
-		q        **demoQEMU
-	}{{"source", false, &d.src}, {"destination", true, &d.dst}} {
-		// Each side has its own copy of the boot disk: the guest never
-		// writes to it, and two QEMUs never lock the same file.
-		disk := filepath.Join(d.dir, side.name+".img")
-		if err := sweep.WriteDisk(disk, d.spin); err != nil {
-			return err
-		}
-		q, err := startQEMU(ctx, d.bin, qemuArgs(d.firmware, d.dir, side.name, disk, side.incoming), side.name, d.dir, log)
-		if err != nil {
-			return err
-		}
-		*side.q = q
+	d.say("starting two QEMUs (%s, TCG, -cpu max)", version)
+	var logf func(string, ...any)
+	if d.opts.verbose {
+		logf = func(format string, args ...any) { fmt.Fprintf(d.stderr, format+"\n", args...) }
 	}
+	guest := testbed.SweepGuest{Spin: d.spin}
+	qctx := context.WithoutCancel(ctx)
+	var err error
+	d.src, err = d.qemu.Start(qctx, testbed.Config{Name: "demo-src", Guest: guest, Logf: logf})
+	if err != nil {
+		return err
+	}
+	d.dst, err = d.qemu.Start(qctx, testbed.Config{Name: "demo-dst", Guest: guest, Incoming: true, Logf: logf})
+	if err != nil {
+		return err
+	}
+	d.say("source in %s, destination in %s", d.src.Dir(), d.dst.Dir())
 	return nil
 }
 
 // waitGuest waits until the source guest has completed a pass of its sweep:
 // it then really is dirtying memory.
 func (d *demo) waitGuest(ctx context.Context) error {
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		if strings.Count(d.src.serial(), string(rune(sweep.PassChar))) >= 1 {
-			d.say("the guest runs on the source: sweeping %s of RAM at about %s (spin %d)",
-				formatBytes(sweep.RangeSize), formatRate(sweep.RateForSpin(d.spin)), d.spin)
-			return nil
-		}
-		if !d.src.running() {
-			return fmt.Errorf("source QEMU exited: %s", d.src.stderr.String())
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("the guest did not complete a pass in 60s (serial: %q)", d.src.serial())
-		}
-		select {
-		case <-ctx.Done():
+	wctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	if _, err := d.src.CountSerial(wctx, sweep.StartChar, sweep.PassChar, 1); err != nil {
+		if ctx.Err() != nil {
 			return fmt.Errorf("%w: %w", engine.ErrCancelled, ctx.Err())
-		case <-time.After(20 * time.Millisecond):
 		}
+		return fmt.Errorf("waiting for the guest to start: %w", err)
 	}
+	d.say("the guest runs on the source: sweeping %s of RAM at about %s (spin %d)",
+		formatBytes(sweep.RangeSize), formatRate(sweep.RateForSpin(d.spin)), d.spin)
+	return nil
 }
 
 func (d *demo) config() engine.Config {
 	o := d.opts
 	return engine.Config{
-		Source:          engine.Endpoint{Address: d.src.qmpAddr, Client: d.src.client},
-		Destination:     engine.Endpoint{Address: d.dst.qmpAddr, Client: d.dst.client},
-		URI:             "unix:" + filepath.Join(d.dir, "migration.sock"),
+		Source:          engine.Endpoint{Address: "unix:" + d.src.QMPSocket(), Client: d.src.QMP},
+		Destination:     engine.Endpoint{Address: "unix:" + d.dst.QMPSocket(), Client: d.dst.QMP},
+		URI:             "unix:" + filepath.Join(d.dst.Dir(), "migration.sock"),
 		MultifdChannels: int(o.multifd),
 		Bandwidth:       uint64(o.bandwidth),
 		Strategy:        o.limitOptions.strategy(),
@@ -255,11 +242,16 @@ func (d *demo) config() engine.Config {
 	}
 }
 
-// cleanup stops both QEMUs and removes the temporary folder.
+// cleanup quits both QEMUs (killing them if they linger) and removes their
+// folders.
 func (d *demo) cleanup() {
-	d.src.stop()
-	d.dst.stop()
-	if d.dir != "" {
-		_ = os.RemoveAll(d.dir)
+	for _, q := range []*testbed.Instance{d.src, d.dst} {
+		if q == nil {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		_ = q.Quit(ctx)
+		cancel()
+		_ = q.Close()
 	}
 }
