@@ -2,4 +2,137 @@
 // state machine in the style of etcd-raft's RawNode. Samples go in, decisions
 // come out; time is passed in as data (Sample.Elapsed). There is no clock, no
 // I/O and no goroutine, and the same inputs always give the same decisions.
+// It imports the standard library only.
+//
+// # Driving a Machine
+//
+//	m, err := strategy.New(cfg)          // cfg.Validate() names a bad field
+//	setup := m.Setup()                    // apply BEFORE migrate starts
+//	for !m.Done() {
+//	    d := m.Step(sample)               // every poll (~200 ms) and on MIGRATION_PASS
+//	    if d.Action != strategy.Wait {
+//	        m.Applied(d, apply(d))        // report the outcome before the next Step
+//	    }
+//	}
+//
+// A Machine serves one migration and is not safe for concurrent use: the
+// engine's owner goroutine calls Step and Applied in turn.
+//
+// The engine MUST apply Setup before starting the migration:
+// migrate-set-parameters downtime-limit (when non-zero) and the throttle
+// parameters (when non-nil); the auto-converge capability when AutoConverge;
+// postcopy-ram (on both sides) when Postcopy. Setup already obeys the Limits.
+//
+// The engine MUST apply every non-wait Decision and report it with Applied:
+//
+//   - SetDowntime: migrate-set-parameters downtime-limit = DowntimeLimit.
+//   - SetThrottle: migrate-set-parameters cpu-throttle-initial, -increment,
+//     max-cpu-throttle, cpu-throttle-tailslow, and throttle-trigger-threshold
+//     when non-zero. The values are always within QEMU's ranges (initial and
+//     increment 1..99, initial ≤ max ≤ 99). QEMU applies a throttle only at
+//     its next auto-converge trigger; the Machine watches
+//     Sample.ThrottlePercent for it.
+//   - StartPostcopy: migrate-start-postcopy.
+//   - PauseSource: stop on the source (the migration then finishes as
+//     stop-and-copy); later samples carry SourcePaused.
+//   - Abort: migrate_cancel and roll back; the guest keeps running on the
+//     source. Done is true from then on.
+//
+// Applied(d, err) with err != nil marks that lever failed: it is not tried
+// again, and the policy moves on (a failed postcopy or pause re-arms the
+// budget). The Machine otherwise assumes a decision took effect when it was
+// returned.
+//
+// # Contracts (fuzzed)
+//
+//   - A DowntimeLimit is never above Limits.MaxDowntime (300 ms when zero),
+//     in Setup or in a Decision.
+//   - StartPostcopy only with Limits.AllowPostcopy, PauseSource only with
+//     Limits.AllowPause, SetThrottle and Setup.AutoConverge never with
+//     Limits.NoThrottle.
+//   - A terminal status (completed, failed, cancelled) or an Abort decision
+//     makes Done true; Step then only returns Wait.
+//   - In a postcopy status (postcopy-active, -paused, -recover, ...) Step only
+//     returns Wait: cancelling postcopy would lose the guest, so the Machine
+//     never aborts it, whatever the budget.
+//   - With Limits.Budget > 0, the first sample whose Elapsed reaches the
+//     budget gets a finishing decision (Abort, or StartPostcopy or
+//     PauseSource when the policy prefers and the user permits them) unless
+//     a postcopy or pause is already under way.
+//   - No panic on any Sample: NaN, infinite or negative rates count as 0,
+//     absurd sizes saturate, and Elapsed going backwards is ignored (the
+//     largest Elapsed seen is "now"). Decision.At is the sample's Elapsed.
+//   - Unknown statuses are non-terminal: timeouts and the budget keep
+//     running in setup, pre-switchover, device and the like; auto judges
+//     convergence only in "active".
+//
+// # Policies
+//
+// auto (the default) predicts. It reads the saw-tooth of RemainingBytes per
+// iteration (dirty-sync-count): the peak of each iteration is the dirty set
+// QEMU found at that bitmap sync, so single samples on the falling edge never
+// fool it. With q = dirty rate / throughput (EWMA) and r = per-iteration ratio
+// of the peaks, it judges at every new iteration, from the second on:
+//
+//   - converging: the next peak fits throughput × downtime limit, or the
+//     passes shrink geometrically (by q, or r when the rate is unknown) to
+//     the threshold within AutoConfig.MaxConvergeTime (60 s) and the budget:
+//     do nothing.
+//   - too slow: converging, but not within MaxConvergeTime: use a lever, but
+//     never abort for that alone.
+//   - stuck: q ≥ FlatRatio (0.97), or flat peaks (r ≥ 0.97), or the
+//     prediction exceeds the budget.
+//
+// When not converging, levers go in order of guest impact: (1) raise the
+// downtime limit to the smallest peak / throughput × 1.25, if that fits the
+// user's maximum; (2) a CPU throttle p = 1 - k × throughput / true dirty
+// rate, k = TargetRatio (0.5), where the true rate is the measured one over
+// the run fraction the current throttle leaves, and, when the measurement is
+// saturated (flat peaks, or q within [0.97, 1.5): the working set is
+// re-dirtied every pass so QEMU's rate is only a lower bound), at least
+// SaturationFactor (2) × the throughput; an escalation at least halves the
+// guest's remaining run time; (3) postcopy, directly instead of a throttle
+// above PostcopyThrottle (50%) when permitted; (4) pause. After a lever
+// shows in the samples it gets SettleIterations (2) iterations before auto
+// escalates. When no permitted lever is left and the migration is stuck,
+// auto aborts at once rather than waiting for the budget. It also aborts
+// after ProgressTimeout (30 s) with neither transferred bytes growing nor
+// remaining bytes reaching a new low (a dead link). At the budget it starts
+// postcopy, else pauses, else aborts.
+//
+// auto's Setup holds QEMU's own auto-converge ramp back: the capability is
+// on (unless NoThrottle) with cpu-throttle-initial = increment = max = 1%, so
+// QEMU throttles by at most 1% until auto sets a computed throttle
+// (initial = max = p, increment = p - current).
+//
+// The presets reproduce the anchors (notes/policies.md), with every time
+// taken from their Config fields so tests can shrink them:
+//
+//   - qemu: QEMU alone. No lever, never aborts unless the user sets a Budget
+//     or a ProgressTimeout.
+//   - kubevirt: KubeVirt's legacy monitor. Progress: RemainingBytes lower than
+//     the previous sample; abort when none for 150 s. Completion budget:
+//     150 s × (RAM + storage) in decimal GB rounded up; past it, with postcopy
+//     allowed, postcopy; else with pause allowed, pause and double the
+//     budget; else abort. Auto-converge off, downtime left at QEMU's 300 ms.
+//   - nova: Nova's downtime ramp, steps+1 values int(base + offset×i) ms
+//     (50 → 500 ms in 10 steps), step i once elapsed exceeds i × 75 s ×
+//     data GB, data GB = max(RAM GiB, 2) + max(storage GiB, 2) when storage
+//     is migrated; the completion timeout 800 s × data GB then aborts, or with
+//     force_complete starts postcopy (if allowed) or pauses (if allowed).
+//     Nova truncates these times to whole seconds; below one second (shrunk
+//     test configurations) they are kept to the millisecond.
+//   - proxmox: qemu-server's loop. Downtime starts at 100 ms; a cumulative
+//     counter grows on every poll where remaining grew or is 0; when it
+//     exceeds 5, the downtime doubles and the counter resets. Polls are
+//     Proxmox's 1 s period (faster samples are not counted). Auto-converge is
+//     on with QEMU's default ramp (20% + 10%). No timeout.
+//
+// Where the Limits are stricter than the anchor, the Limits win, and the
+// presets then differ from the real thing: a downtime value above
+// MaxDowntime is capped (Nova's ramp stops at 300 ms by default, Proxmox's
+// doubling too), a lever the user did not permit is replaced by an abort
+// (Nova's force_complete pause, KubeVirt's workload disruption), throttling
+// is off with NoThrottle (Proxmox's auto-converge), and a user Budget or
+// ProgressTimeout aborts every preset.
 package strategy
