@@ -170,7 +170,7 @@ func testCLISIGINT(t *testing.T, q *testbed.QEMU, bin string) {
 	var lines []string
 	sc := bufio.NewScanner(pipe)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	signalled := false
+	signalled, secondSent := false, false
 	for sc.Scan() {
 		lines = append(lines, sc.Text())
 		var m map[string]any
@@ -178,6 +178,11 @@ func testCLISIGINT(t *testing.T, q *testbed.QEMU, bin string) {
 		if !signalled && m["type"] == "stats" && m["status"] == "active" && m["transferred_bytes"].(float64) > 0 {
 			require.NoError(t, cmd.Process.Signal(syscall.SIGINT))
 			signalled = true
+			// An impatient second Ctrl-C must not cut the rollback short.
+			time.Sleep(20 * time.Millisecond)
+			if err := cmd.Process.Signal(syscall.SIGINT); err == nil {
+				secondSent = true
+			}
 		}
 	}
 	require.NoError(t, sc.Err())
@@ -186,6 +191,9 @@ func testCLISIGINT(t *testing.T, q *testbed.QEMU, bin string) {
 	require.True(t, signalled, "no active stats line seen: %v", lines)
 	assert.Equal(t, 1, exitCode(t, err))
 	assert.Contains(t, stderr.String(), "cancelling")
+	if secondSent && !strings.Contains(stderr.String(), "still rolling back") {
+		t.Logf("the second SIGINT arrived after the rollback had finished")
+	}
 
 	var res map[string]any
 	require.NoError(t, json.Unmarshal([]byte(lines[len(lines)-1]), &res))
