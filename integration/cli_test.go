@@ -29,6 +29,7 @@ func TestCLI(t *testing.T) {
 
 	t.Run("MigrateJSON", func(t *testing.T) { testCLIMigrateJSON(t, q, bin) })
 	t.Run("SIGINTRollsBack", func(t *testing.T) { testCLISIGINT(t, q, bin) })
+	t.Run("CopyStorage", func(t *testing.T) { testCLICopyStorage(t, q, bin) })
 	t.Run("DestinationNotIncoming", func(t *testing.T) { testCLINotIncoming(t, q, bin) })
 	t.Run("DemoJSON", func(t *testing.T) { testCLIDemo(t, bin) })
 }
@@ -209,6 +210,37 @@ func testCLISIGINT(t *testing.T, q *testbed.QEMU, bin string) {
 	_, err = testbed.CheckSweep(ctx, nil, src.QMP, testbed.SweepCheckOptions{})
 	require.NoError(t, err)
 	_ = dst
+}
+
+// testCLICopyStorage migrates the sweep guest's boot disk too: --disk names
+// its drive, --nbd puts the NBD server on a unix socket of our choosing.
+func testCLICopyStorage(t *testing.T, q *testbed.QEMU, bin string) {
+	src, dst, srcSock, dstSock := cliPair(t, q, 64<<20, true)
+	dir := shortTempDir(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst", "unix:"+dstSock,
+		"--uri", "unix:"+filepath.Join(dir, "mig.sock"), "--disk", "sweep0", "--nbd", "unix:"+filepath.Join(dir, "nbd.sock"))
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	t.Logf("stderr: %s", stderr.String())
+	require.Equal(t, 0, exitCode(t, err), "stdout: %s", stdout.String())
+	lines := jsonLines(t, stdout.Bytes())
+	assert.Equal(t, "completed", lines[len(lines)-1]["status"])
+	var disks []map[string]any
+	for _, l := range lines {
+		if l["type"] == "disk" {
+			disks = append(disks, l)
+			for _, k := range []string{"node", "job", "done_bytes", "total_bytes", "rate_bps", "ready"} {
+				assert.Contains(t, l, k)
+			}
+		}
+	}
+	require.NotEmpty(t, disks, "disk progress lines")
+	assert.Equal(t, true, disks[len(disks)-1]["ready"])
+	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	require.NoError(t, err)
 }
 
 func testCLINotIncoming(t *testing.T, q *testbed.QEMU, bin string) {
