@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/guest/sweep"
 	"github.com/qmigrate/qmigrate/internal/testbed"
@@ -19,10 +20,14 @@ import (
 // demoOptions are the flags of "qmigrate demo".
 type demoOptions struct {
 	limitOptions
-	qemu      string
-	dirtyRate byteSize
-	spin      int64 // -1: derive from dirtyRate
+	qemu        string
+	dirtyRate   byteSize
+	spin        int64 // -1: derive from dirtyRate
+	copyStorage bool
 }
+
+// demoDisk is the drive id of the sweep guest's boot disk (testbed.SweepGuest).
+const demoDisk = "sweep0"
 
 // defaultDemoDirtyRate converges quickly on an unlimited local link and
 // still shows a few passes.
@@ -35,12 +40,13 @@ func (o *demoOptions) flagSet() *flag.FlagSet {
 	o.dirtyRate = defaultDemoDirtyRate
 	fs.Var(&o.dirtyRate, "dirty-rate", "how fast the guest dirties its memory, bytes per second (`rate`, as --bandwidth; approximate, TCG speed varies)")
 	fs.Int64Var(&o.spin, "spin", -1, "set the guest's busy-wait per page directly (`N` iterations, 0: as fast as it can); overrides --dirty-rate")
+	fs.BoolVar(&o.copyStorage, "copy-storage", false, "also mirror the guest's boot disk to the destination over NBD, as between hosts without shared storage")
 	o.limitOptions.register(fs)
 	return fs
 }
 
 var demoFlagOrder = []string{
-	"qemu", "dirty-rate", "spin", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
+	"qemu", "dirty-rate", "spin", "copy-storage", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
 	"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "connect-timeout", "json", "verbose",
 }
 
@@ -151,7 +157,11 @@ func (d *demo) run(ctx context.Context) (code int) {
 	}
 
 	cfg := d.config()
-	d.say("migrating the guest live over %s (policy %s, max downtime %s, bandwidth %s)", cfg.URI,
+	what := "the guest"
+	if cfg.Storage != nil {
+		what = "the guest and its disk"
+	}
+	d.say("migrating %s live over %s (policy %s, max downtime %s, bandwidth %s)", what, cfg.URI,
 		cfg.Strategy.Policy, formatDuration(cfg.Strategy.Limits.MaxDowntime), d.opts.bandwidth.String())
 	res, err := engine.Migrate(ctx, cfg)
 	result := resultOf(res, err)
@@ -196,7 +206,7 @@ func (d *demo) startQEMUs(ctx context.Context) error {
 	if d.opts.verbose {
 		logf = func(format string, args ...any) { fmt.Fprintf(d.stderr, format+"\n", args...) }
 	}
-	guest := testbed.SweepGuest{Spin: d.spin}
+	guest := testbed.SweepGuest{Spin: d.spin} // its boot disk is drive demoDisk
 	qctx := context.WithoutCancel(ctx)
 	var err error
 	d.src, err = d.qemu.Start(qctx, testbed.Config{Name: "demo-src", Guest: guest, Logf: logf})
@@ -229,7 +239,12 @@ func (d *demo) waitGuest(ctx context.Context) error {
 
 func (d *demo) config() engine.Config {
 	o := d.opts
+	var storage *blockmirror.Config
+	if o.copyStorage {
+		storage = &blockmirror.Config{Disks: []string{demoDisk}}
+	}
 	return engine.Config{
+		Storage:         storage,
 		Source:          engine.Endpoint{Address: "unix:" + d.src.QMPSocket(), Client: d.src.QMP},
 		Destination:     engine.Endpoint{Address: "unix:" + d.dst.QMPSocket(), Client: d.dst.QMP},
 		URI:             "unix:" + filepath.Join(d.dst.Dir(), "migration.sock"),
