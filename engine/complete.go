@@ -25,12 +25,17 @@ func (r *run) complete(ctx context.Context) error {
 
 	wctx, cancel := context.WithTimeout(ctx, completeTimeout)
 	defer cancel()
+	r.drainEvents()
 	st, err := r.waitDestination(wctx)
 	if err != nil {
 		if ctx.Err() != nil {
 			return r.cancelled(ctx, "wait for destination")
 		}
 		return err
+	}
+	if st == "running" && r.resumeAt.IsZero() {
+		// It started by itself; its RESUME may still be on the way.
+		r.waitResume(wctx, false)
 	}
 	if r.mirror != nil {
 		if err := r.mirror.Cleanup(ctx); err != nil {
@@ -44,7 +49,8 @@ func (r *run) complete(ctx context.Context) error {
 		if err := r.dst.Cont(ctx); err != nil {
 			return r.callErr(ctx, SideDestination, "cont", err)
 		}
-		r.waitResume(wctx)
+		r.resumeAt = time.Time{}
+		r.waitResume(wctx, true)
 	}
 	if r.ch.Scheme == transport.Unix {
 		if err := transport.RemoveSocket(r.ch); err != nil {
@@ -99,14 +105,14 @@ func (r *run) waitDestination(ctx context.Context) (string, error) {
 	}
 }
 
-// waitResume waits briefly for the destination's RESUME after cont so the
-// downtime measure includes it.
-func (r *run) waitResume(ctx context.Context) {
+// waitResume waits briefly for the destination's RESUME so the downtime
+// measure includes it. Without the event, orNow takes the current time (the
+// engine's cont returned, so the guest runs).
+func (r *run) waitResume(ctx context.Context, orNow bool) {
 	if r.dstSub == nil {
 		return
 	}
-	r.resumeAt = time.Time{}
-	deadline := time.NewTimer(2 * time.Second)
+	deadline := time.NewTimer(time.Second)
 	defer deadline.Stop()
 	for r.resumeAt.IsZero() {
 		select {
@@ -116,7 +122,9 @@ func (r *run) waitResume(ctx context.Context) {
 			}
 			r.event(SideDestination, ev)
 		case <-deadline.C:
-			r.resumeAt = time.Now()
+			if orNow {
+				r.resumeAt = time.Now()
+			}
 			return
 		case <-ctx.Done():
 			return

@@ -240,7 +240,7 @@ func (r *run) converge(ctx context.Context) error {
 		for {
 			select {
 			case <-ctx.Done():
-				return r.cancelled(ctx, "converge")
+				return r.cancelled(ctx, "wait for migration")
 			case <-r.dst.Done():
 				if r.postcopy {
 					return r.errorf(SideDestination, "monitor", fmt.Errorf("destination QEMU went away during postcopy: %w", r.dst.Err()))
