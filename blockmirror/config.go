@@ -30,6 +30,10 @@ type Config struct {
 	// writes complete only once they reached the destination), so a mirror
 	// converges under any write load at the price of write latency.
 	WriteBlocking bool
+	// Speed limits each mirror's background copy, in bytes per second
+	// (blockdev-mirror speed); 0 is unlimited. Write-blocking guest writes are
+	// not limited. Change it later with qmp's BlockJobSetSpeed on Progress.Job.
+	Speed uint64
 	// Shared are node names on storage both hosts see; they are never
 	// mirrored and may not appear in Disks.
 	Shared []string

@@ -118,7 +118,7 @@ func (s *Session) start(ctx context.Context) error {
 			return fmt.Errorf("blockmirror: source NBD client for %s at %s: %w", d.name, s.addr, err)
 		}
 		d.nbdAdded = true
-		args := qmp.BlockdevMirrorArgs{JobID: d.job, Device: d.node, Target: d.nbdNode, Sync: d.sync}
+		args := qmp.BlockdevMirrorArgs{JobID: d.job, Device: d.node, Target: d.nbdNode, Sync: d.sync, Speed: s.cfg.Speed}
 		if d.copyMode != "background" {
 			args.CopyMode = d.copyMode
 		}
@@ -162,16 +162,22 @@ func (s *Session) createTarget(ctx context.Context, d *disk) error {
 	if err := s.runCreateJob(ctx, d, map[string]any{"driver": "file", "filename": path, "size": d.size}); err != nil {
 		return err
 	}
-	if err := s.dst.BlockdevAdd(ctx, map[string]any{"driver": "file", "filename": path, "node-name": fileNode}); err != nil {
-		return fmt.Errorf("blockmirror: destination blockdev-add %s: %w", path, err)
-	}
-	d.createdNodes = append(d.createdNodes, fileNode)
 	if d.format == "qcow2" {
-		if err := s.runCreateJob(ctx, d, map[string]any{"driver": "qcow2", "file": fileNode, "size": d.size}); err != nil {
+		// The file is given inline: nodes added with blockdev-add while the
+		// destination is inmigrate are inactive and refuse the writes of
+		// formatting ("Permission 'write, resize' unavailable on inactive
+		// node"); a node the create job opens itself is active.
+		if err := s.runCreateJob(ctx, d, map[string]any{"driver": "qcow2", "file": map[string]any{"driver": "file", "filename": path}, "size": d.size}); err != nil {
 			return err
 		}
 	}
-	if err := s.dst.BlockdevAdd(ctx, map[string]any{"driver": d.format, "node-name": d.dstNode, "file": fileNode}); err != nil {
+	// discard=unmap lets the mirror's zero writes punch holes: a sparse
+	// source stays sparse on the destination.
+	if err := s.dst.BlockdevAdd(ctx, map[string]any{"driver": "file", "filename": path, "node-name": fileNode, "discard": "unmap"}); err != nil {
+		return fmt.Errorf("blockmirror: destination blockdev-add %s: %w", path, err)
+	}
+	d.createdNodes = append(d.createdNodes, fileNode)
+	if err := s.dst.BlockdevAdd(ctx, map[string]any{"driver": d.format, "node-name": d.dstNode, "file": fileNode, "discard": "unmap"}); err != nil {
 		return fmt.Errorf("blockmirror: destination blockdev-add %s: %w", d.dstNode, err)
 	}
 	d.createdNodes = append(d.createdNodes, d.dstNode)
@@ -276,10 +282,23 @@ func (s *Session) handle(e qmp.Event) {
 	}
 }
 
+// queryTimeout bounds one poll of query-block-jobs.
+const queryTimeout = 10 * time.Second
+
+// queryContext detaches a poll from the caller's context: the caller's
+// deadline ends the waits between polls, never a poll in flight. (A context
+// that ends while the qmp client writes a command poisons the connection's
+// write deadline; this keeps routine deadlines of WaitReady away from that.)
+func queryContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), queryTimeout)
+}
+
 // sample reads query-block-jobs and updates every disk. Caller holds mu.
 func (s *Session) sample(ctx context.Context) ([]Progress, error) {
 	s.drain()
-	jobs, err := s.src.QueryBlockJobs(ctx)
+	qctx, cancel := queryContext(ctx)
+	jobs, err := s.src.QueryBlockJobs(qctx)
+	cancel()
 	if err != nil {
 		if s.src.Err() != nil {
 			return nil, fmt.Errorf("%w: %w", ErrSourceGone, err)

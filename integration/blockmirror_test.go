@@ -6,10 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -99,6 +103,8 @@ type bmOpts struct {
 	size     string // qemu-img size, e.g. 64M
 	readOnly string // optional read-only second disk image
 	noDisk   bool   // no disk (for CreateTargets)
+	machine  string // default q35
+	discard  bool   // discard=unmap on the disk nodes (keeps a mirrored image sparse)
 }
 
 // bmStartVM creates the image (unless it exists) and starts QEMU with the disk
@@ -119,15 +125,22 @@ func bmStartVM(t *testing.T, q bmQEMU, dir, name string, o bmOpts) *bmVM {
 	}
 	sock := filepath.Join(dir, name+".qmp")
 	_ = os.Remove(sock)
-	args := []string{"-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "64", "-nodefaults", "-display", "none",
+	if o.machine == "" {
+		o.machine = "q35"
+	}
+	args := []string{"-M", o.machine, "-accel", "tcg", "-cpu", "max", "-m", "64", "-nodefaults", "-display", "none",
 		"-qmp", "unix:" + sock + ",server=on,wait=off"}
 	if q.firmware != "" {
 		args = append(args, "-L", q.firmware, "-L", "/usr/share/seabios")
 	}
 	if !o.noDisk {
+		disc := ""
+		if o.discard {
+			disc = ",discard=unmap"
+		}
 		args = append(args,
-			"-blockdev", "driver=file,filename="+img+",node-name=f0",
-			"-blockdev", "driver="+o.format+",file=f0,node-name=disk0",
+			"-blockdev", "driver=file,filename="+img+",node-name=f0"+disc,
+			"-blockdev", "driver="+o.format+",file=f0,node-name=disk0"+disc,
 			"-device", "virtio-blk-pci,drive=disk0,id=vd0")
 	}
 	if o.readOnly != "" {
@@ -320,6 +333,9 @@ func TestBlockMirror(t *testing.T) {
 			t.Run("destination-killed", func(t *testing.T) { bmTestDestinationLost(t, q, false) })
 			t.Run("destination-frozen", func(t *testing.T) { bmTestDestinationLost(t, q, true) })
 			t.Run("preflight", func(t *testing.T) { bmTestPreflight(t, q) })
+			t.Run("sparse", func(t *testing.T) { bmTestSparse(t, q) })
+			t.Run("heavy-writer", func(t *testing.T) { bmTestHeavyWriter(t, q) })
+			t.Run("create-targets", func(t *testing.T) { bmTestCreateTargets(t, q) })
 		})
 	}
 }
@@ -504,4 +520,169 @@ func bmTestPreflight(t *testing.T, q bmQEMU) {
 	err = start(blockmirror.Config{Shared: []string{"disk0"}}, dst2)
 	require.ErrorIs(t, err, blockmirror.ErrPreflight)
 	bmAssertNothingLeft(t, ctx, src, dst2)
+}
+
+// bmFreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func bmFreePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// bmTCPReceived is bytes_received of the established TCP connections whose
+// local port is port (ss -ti), i.e. what a server on that port has read.
+func bmTCPReceived(t *testing.T, port int) uint64 {
+	t.Helper()
+	out, err := exec.Command("ss", "-tinH", "state", "established", fmt.Sprintf("( sport = :%d )", port)).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	var total uint64
+	for _, f := range strings.Fields(string(out)) {
+		if v, ok := strings.CutPrefix(f, "bytes_received:"); ok {
+			n, err := strconv.ParseUint(v, 10, 64)
+			require.NoError(t, err)
+			total += n
+		}
+	}
+	return total
+}
+
+func bmAllocated(t *testing.T, path string) uint64 {
+	t.Helper()
+	var st syscall.Stat_t
+	require.NoError(t, syscall.Stat(path, &st))
+	return uint64(st.Blocks) * 512
+}
+
+// A 4 GiB disk with 200 MiB written: only about the written data crosses.
+// The NBD connection runs over TCP loopback so ss can count its bytes.
+func bmTestSparse(t *testing.T, q bmQEMU) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	src, dst := bmPair(t, q, bmOpts{size: "4G", discard: true})
+	bmCaps(t, ctx, src, dst)
+	const chunk = 50 << 20
+	for i := uint64(0); i < 4; i++ {
+		src.write(ctx, byte(0x61+i), i*(1<<30)+(7<<20), chunk)
+	}
+	port := bmFreePort(t)
+	start := time.Now()
+	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, blockmirror.Config{NBDAddress: fmt.Sprintf("tcp:127.0.0.1:%d", port)}, "unix:"+filepath.Join(src.dir, "mig.sock"))
+	require.NoError(t, err)
+	var last []blockmirror.Progress
+	require.NoError(t, s.WaitReady(ctx, func(p []blockmirror.Progress) { last = p }))
+	took := time.Since(start)
+	wire := bmTCPReceived(t, port)
+	t.Logf("QEMU %s sparse 4 GiB, 200 MiB written: READY in %v, job len %d offset %d, NBD bytes received by the destination %.1f MiB, destination image allocated %.1f MiB",
+		q.name, took.Round(time.Millisecond), last[0].Total, last[0].Done, float64(wire)/(1<<20), float64(bmAllocated(t, dst.disk))/(1<<20))
+	assert.Less(t, wire, uint64(220<<20), "more than the written data crossed")
+	assert.Greater(t, wire, uint64(200<<20))
+	bmMigrate(t, ctx, s, src, dst)
+	src.quit(ctx)
+	dst.quit(ctx)
+	alloc := bmAllocated(t, dst.disk)
+	t.Logf("destination image allocated after migration: %.1f MiB", float64(alloc)/(1<<20))
+	if q.name == "7.2" {
+		// 10.0 fills the destination with zeroes (NBD bytes stay at the data size).
+		assert.Less(t, alloc, uint64(260<<20), "destination image no longer sparse")
+	}
+	bmCompare(t, q, src.disk, dst.disk)
+}
+
+// bmWriter writes 1 MiB blocks at rotating offsets through the guest device
+// until stop is called, which returns the bytes written. Its commands do not
+// take a context that ends mid-write.
+func bmWriter(vm *bmVM, span uint64) (stop func() uint64) {
+	var quit atomic.Bool
+	out := make(chan uint64, 1)
+	go func() {
+		var n, off uint64
+		for !quit.Load() {
+			_, err := vm.qmp.HumanMonitorCommand(context.Background(), fmt.Sprintf(`qemu-io -d vd0/virtio-backend "write -P 0x%02x %d 1M"`, byte(n>>20), off))
+			if err != nil {
+				break
+			}
+			n += 1 << 20
+			off = (off + 7<<20) % span
+		}
+		out <- n
+	}()
+	var once sync.Once
+	var total uint64
+	return func() uint64 {
+		once.Do(func() { quit.Store(true); total = <-out })
+		return total
+	}
+}
+
+// A writer that outpaces a rate-limited mirror: the mirror does not reach
+// READY in background mode; write-blocking (switched live on 8.2+, from the
+// start on 7.2) makes it converge.
+func bmTestHeavyWriter(t *testing.T, q bmQEMU) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	src, dst := bmPair(t, q, bmOpts{size: "64M"})
+	bmCaps(t, ctx, src, dst)
+	uri := "unix:" + filepath.Join(src.dir, "mig.sock")
+	const speed = 4 << 20
+	wstop := bmWriter(src, 64<<20)
+	defer wstop()
+	time.Sleep(200 * time.Millisecond)
+
+	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, blockmirror.Config{Logger: bmLogger(t), Speed: speed}, uri)
+	require.NoError(t, err)
+	rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
+	err = s.WaitReady(rctx, nil)
+	rcancel()
+	require.ErrorIs(t, err, context.DeadlineExceeded, "mirror converged against the writer in background mode")
+	p, err := s.Progress(ctx)
+	require.NoError(t, err)
+	t.Logf("background after 5 s: %d/%d bytes, rate %.1f MiB/s, ready %v", p[0].Done, p[0].Total, p[0].Rate/(1<<20), p[0].Ready)
+
+	err = s.SetWriteBlocking(ctx)
+	if !src.f.BlockJobChange {
+		require.ErrorIs(t, err, blockmirror.ErrUnsupported)
+		t.Logf("QEMU %s: %v; restarting with Config.WriteBlocking", q.name, err)
+		require.NoError(t, s.Abort(ctx))
+		s, err = blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, blockmirror.Config{Logger: bmLogger(t), WriteBlocking: true, Speed: speed}, uri)
+		require.NoError(t, err)
+	} else {
+		require.NoError(t, err)
+	}
+	start := time.Now()
+	require.NoError(t, s.WaitReady(ctx, nil), "write-blocking mirror did not converge")
+	p, err = s.Progress(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, "write-blocking", p[0].CopyMode)
+	t.Logf("write-blocking READY after %v with the writer running (%d/%d bytes)", time.Since(start).Round(time.Millisecond), p[0].Done, p[0].Total)
+	time.Sleep(500 * time.Millisecond) // writes keep being mirrored
+	t.Logf("writer wrote %d MiB", wstop()>>20)
+	bmMigrate(t, ctx, s, src, dst)
+	src.quit(ctx)
+	dst.quit(ctx)
+	bmCompare(t, q, src.disk, dst.disk)
+}
+
+// CreateTargets: the destination starts without the disk; blockmirror
+// creates the image and node, the test adds the device, then migrates.
+func bmTestCreateTargets(t *testing.T, q bmQEMU) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	// pc: its PCI bus takes the hot-added disk device.
+	src := bmStartVM(t, q, dir, "src", bmOpts{format: "qcow2", size: "64M", machine: "pc"})
+	dst := bmStartVM(t, q, dir, "dst", bmOpts{incoming: true, noDisk: true, machine: "pc"})
+	bmCaps(t, ctx, src, dst)
+	src.write(ctx, 0x77, 1<<20, 3<<20)
+	tdir := filepath.Join(dir, "dst")
+	require.NoError(t, os.Mkdir(tdir, 0o755))
+	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, blockmirror.Config{CreateTargets: true, TargetDir: tdir, Logger: bmLogger(t)}, "unix:"+filepath.Join(dir, "mig.sock"))
+	require.NoError(t, err)
+	require.NoError(t, dst.qmp.Execute(ctx, "device_add", map[string]any{"driver": "virtio-blk-pci", "drive": "disk0", "id": "vd0"}, nil))
+	require.NoError(t, s.WaitReady(ctx, nil))
+	bmMigrate(t, ctx, s, src, dst)
+	src.quit(ctx)
+	dst.quit(ctx)
+	bmCompare(t, q, src.disk, filepath.Join(tdir, "src.qcow2"))
 }
