@@ -238,3 +238,32 @@ func TestWantsJSON(t *testing.T) {
 	assert.False(t, wantsJSON([]string{"--json=false"}))
 	assert.False(t, wantsJSON([]string{"--", "--json"}))
 }
+
+func TestDemoUsageErrors(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"demo", "--qemu", "/nonexistent/qemu-system-x86_64"}, []string{"--qemu", "/nonexistent/qemu-system-x86_64"}},
+		{[]string{"demo", "--spin", "-5"}, []string{"--spin"}},
+		{[]string{"demo", "--dirty-rate", "fast"}, []string{"--dirty-rate", `"fast"`}},
+		{[]string{"demo", "--dirty-rate", "0"}, []string{"--dirty-rate must be more than 0"}},
+		{[]string{"demo", "--policy", "vmware"}, []string{"--policy", "auto, qemu, kubevirt, nova, proxmox"}},
+		{[]string{"demo", "--src", "unix:/a"}, []string{"--src", "not defined"}},
+	} {
+		code, stdout, stderr := runCLI(t, tc.args...)
+		assert.Equal(t, exitUsage, code, tc.args)
+		assert.Empty(t, stdout, tc.args)
+		for _, w := range tc.want {
+			assert.Contains(t, stderr, w, tc.args)
+		}
+	}
+	code, stdout, _ := runCLI(t, "demo", "--help")
+	assert.Equal(t, exitOK, code)
+	for _, f := range demoFlagOrder {
+		assert.Contains(t, stdout, "--"+f, f)
+	}
+	code, stdout, _ = runCLI(t, "demo", "--json", "--qemu", "/nonexistent/qemu")
+	assert.Equal(t, exitUsage, code)
+	assert.Contains(t, stdout, `"type":"result","status":"failed"`)
+}

@@ -50,6 +50,10 @@ const (
 )
 
 func main() {
+	// A reader of --json that goes away (qmigrate ... | head -1) must not
+	// kill qmigrate mid-migration with SIGPIPE: the write fails instead and
+	// the migration finishes or rolls back as usual.
+	signal.Ignore(syscall.SIGPIPE)
 	ctx, stop := signalContext(context.Background(), os.Stderr)
 	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()

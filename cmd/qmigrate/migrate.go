@@ -54,7 +54,7 @@ func (o *limitOptions) register(fs *flag.FlagSet) {
 	fs.BoolVar(&o.noAutoConverge, "no-auto-converge", false, "refuse CPU throttling of the guest (auto-converge), which is permitted by default")
 	fs.Var(&o.multifd, "multifd", "use `N` parallel multifd channels for RAM (0: a single stream)")
 	fs.Var(&o.connectTimeout, "connect-timeout", "bound on connecting to each QMP socket and on QEMU's first answers, a `duration`")
-	fs.BoolVar(&o.jsonOut, "json", false, "write one JSON object per line on stdout (see JSON OUTPUT); human messages go to stderr")
+	fs.BoolVar(&o.jsonOut, "json", false, "write one JSON object per line on stdout (see JSON OUTPUT in qmigrate migrate --help); human messages go to stderr")
 	fs.BoolVar(&o.verbose, "v", false, "")
 	fs.BoolVar(&o.verbose, "verbose", false, "write debug logs (every QMP step) to stderr")
 }
@@ -243,8 +243,13 @@ func printFlags(w io.Writer, fs *flag.FlagSet, names []string) {
 		default:
 			def = " (default " + f.DefValue + ")"
 		}
-		if f.Name == "bandwidth" {
+		switch f.Name {
+		case "bandwidth":
 			def = " (default unlimited)"
+		case "dirty-rate":
+			def = " (default " + f.DefValue + "/s)"
+		case "spin":
+			def = ""
 		}
 		fmt.Fprintf(w, "%s\n      %s%s\n", head, wrap(usage+def, 72, "      "), "")
 	}
