@@ -384,6 +384,8 @@ func exitCode(res *engine.Result) int {
 	switch {
 	case res.Status == engine.StatusCompleted && res.Err == nil:
 		return exitOK
+	case res.Status == engine.StatusCancelled:
+		return exitFailed // a cancel is never bad input, even during prepare
 	case isBadInput(res.Err):
 		return exitUsage
 	default:

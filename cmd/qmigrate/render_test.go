@@ -199,6 +199,11 @@ func TestResultOfAndExitCode(t *testing.T) {
 	assert.Equal(t, engine.StatusCancelled, cancelled.Status)
 	assert.Equal(t, exitFailed, exitCode(cancelled))
 
+	// Cancelled while preparing: still exit 1, not 2.
+	early := resultOf(nil, errors.Join(engine.ErrBadInput, cancelledErr()))
+	assert.Equal(t, engine.StatusCancelled, early.Status)
+	assert.Equal(t, exitFailed, exitCode(early))
+
 	failed := resultOf(failedResult(), failedResult().Err)
 	assert.Equal(t, exitFailed, exitCode(failed))
 
