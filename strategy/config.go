@@ -30,6 +30,9 @@ type KubeVirtConfig struct {
 	// CompletionTimeoutPerGiB: the completion budget is this × the migrated data
 	// size in decimal GB rounded up (completionTimeoutPerGiB, 150 s).
 	CompletionTimeoutPerGiB time.Duration
+	// AllowAutoConverge enables QEMU's auto-converge with its default ramp
+	// (allowAutoConverge, false).
+	AllowAutoConverge bool
 }
 
 // NovaConfig tunes the nova preset (Nova's libvirt driver monitor).
@@ -41,6 +44,9 @@ type NovaConfig struct {
 	// A negative value disables the timeout (Nova's 0).
 	CompletionTimeoutPerGiB time.Duration
 	TimeoutAction           string // live_migration_timeout_action: "abort" (default) or "force_complete"
+	// PermitAutoConverge enables QEMU's auto-converge with its default ramp,
+	// only when postcopy is not enabled (live_migration_permit_auto_converge, false).
+	PermitAutoConverge bool
 }
 
 // ProxmoxConfig tunes the proxmox preset (qemu-server's phase2 loop).

@@ -68,6 +68,12 @@ func TestSetup(t *testing.T) {
 		{"qemu under a 200 ms maximum", strategy.Config{Policy: "qemu", Limits: strategy.Limits{MaxDowntime: 200 * ms}}, strategy.Setup{DowntimeLimit: 200 * ms}},
 		{"kubevirt", strategy.Config{Policy: "kubevirt", Limits: strategy.Limits{AllowPostcopy: true}}, strategy.Setup{Postcopy: true}},
 		{"nova starts its ramp at 50 ms", strategy.Config{Policy: "nova"}, strategy.Setup{DowntimeLimit: 50 * ms}},
+		{"kubevirt with allowAutoConverge", strategy.Config{Policy: "kubevirt", KubeVirt: strategy.KubeVirtConfig{AllowAutoConverge: true}},
+			strategy.Setup{AutoConverge: true}},
+		{"nova auto-converge only without postcopy", strategy.Config{Policy: "nova", Nova: strategy.NovaConfig{PermitAutoConverge: true},
+			Limits: strategy.Limits{AllowPostcopy: true}}, strategy.Setup{DowntimeLimit: 50 * ms, Postcopy: true}},
+		{"nova auto-converge", strategy.Config{Policy: "nova", Nova: strategy.NovaConfig{PermitAutoConverge: true}},
+			strategy.Setup{DowntimeLimit: 50 * ms, AutoConverge: true}},
 		{"proxmox: 100 ms, auto-converge with QEMU's ramp", strategy.Config{Policy: "proxmox"}, strategy.Setup{DowntimeLimit: 100 * ms, AutoConverge: true}},
 		{"proxmox without throttling", strategy.Config{Policy: "proxmox", Limits: strategy.Limits{NoThrottle: true}}, strategy.Setup{DowntimeLimit: 100 * ms}},
 	}

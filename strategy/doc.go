@@ -114,14 +114,16 @@
 //     the previous sample; abort when none for 150 s. Completion budget:
 //     150 s × (RAM + storage) in decimal GB rounded up; past it, with postcopy
 //     allowed, postcopy; else with pause allowed, pause and double the
-//     budget; else abort. Auto-converge off, downtime left at QEMU's 300 ms.
+//     budget; else abort. Downtime left at QEMU's 300 ms; auto-converge
+//     (QEMU's ramp) only with KubeVirtConfig.AllowAutoConverge.
 //   - nova: Nova's downtime ramp, steps+1 values int(base + offset×i) ms
 //     (50 → 500 ms in 10 steps), step i once elapsed exceeds i × 75 s ×
 //     data GB, data GB = max(RAM GiB, 2) + max(storage GiB, 2) when storage
 //     is migrated; the completion timeout 800 s × data GB then aborts, or with
 //     force_complete starts postcopy (if allowed) or pauses (if allowed).
 //     Nova truncates these times to whole seconds; below one second (shrunk
-//     test configurations) they are kept to the millisecond.
+//     test configurations) they are kept to the millisecond. Auto-converge
+//     (QEMU's ramp) only with NovaConfig.PermitAutoConverge and no postcopy.
 //   - proxmox: qemu-server's loop. Downtime starts at 100 ms; a cumulative
 //     counter grows on every poll where remaining grew or is 0; when it
 //     exceeds 5, the downtime doubles and the counter resets. Polls are

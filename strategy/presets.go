@@ -87,7 +87,9 @@ func newKubeVirt(m *Machine) *kubeVirt {
 }
 
 func (p *kubeVirt) setup() Setup {
-	return Setup{Postcopy: true} // VIR_MIGRATE_POSTCOPY when allowPostCopy; auto-converge off by default
+	// VIR_MIGRATE_POSTCOPY when allowPostCopy; auto-converge (off by default)
+	// with QEMU's own parameters.
+	return Setup{Postcopy: true, AutoConverge: p.m.cfg.KubeVirt.AllowAutoConverge}
 }
 
 // kubeVirtGB is getVMIMigrationDataSize: RAM plus migrated disks, in decimal
@@ -219,7 +221,9 @@ func novaSeconds(per time.Duration, gb float64) time.Duration {
 }
 
 func (p *nova) setup() Setup {
-	return Setup{DowntimeLimit: p.stepValue(0), Postcopy: true}
+	// _handle_live_migration_auto_converge: only without post-copy.
+	ac := p.m.cfg.Nova.PermitAutoConverge && !p.m.lim.AllowPostcopy
+	return Setup{DowntimeLimit: p.stepValue(0), Postcopy: true, AutoConverge: ac}
 }
 
 func (p *nova) step(s Sample, now time.Duration) Decision {
