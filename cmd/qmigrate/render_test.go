@@ -158,10 +158,13 @@ func TestTermRendererGolden(t *testing.T) {
 
 func TestStatusLineNarrowTerminal(t *testing.T) {
 	s := &engine.Stats{Status: "active", Iteration: 2, TransferredBytes: 75, RemainingBytes: 25, Throughput: 1 << 30}
-	line := statusLine(engine.PhaseConverge, 1500*time.Millisecond, s, 40)
+	line := statusLine(engine.PhaseConverge, 1500*time.Millisecond, s, nil, 40)
 	assert.Len(t, line, 39)
 	assert.True(t, strings.HasPrefix(line, "converge   [===============>    ]  75%"), line)
-	assert.Equal(t, "converge     1.5s", statusLine(engine.PhaseConverge, 1500*time.Millisecond, nil, 80))
+	assert.Equal(t, "converge     1.5s", statusLine(engine.PhaseConverge, 1500*time.Millisecond, nil, nil, 80))
+	disk := &blockmirror.Progress{Node: "disk0", Done: 1 << 30, Total: 4 << 30, Rate: 100 << 20}
+	assert.Equal(t, "prepare    [=====>              ]  25%  disk disk0  100 MiB/s  rem 3.00 GiB  2s",
+		statusLine(engine.PhasePrepare, 2*time.Second, nil, disk, 100))
 }
 
 func TestProgressBar(t *testing.T) {

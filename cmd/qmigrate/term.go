@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
 )
 
@@ -42,8 +43,9 @@ type termRenderer struct {
 	phase   engine.Phase
 	elapsed time.Duration
 	stats   *engine.Stats
-	shown   bool // the live line is on screen
-	seen    bool // any event arrived: the migration got under way
+	disk    *blockmirror.Progress // the latest disk progress
+	shown   bool                  // the live line is on screen
+	seen    bool                  // any event arrived: the migration got under way
 }
 
 // progressBar draws [=====>    ] for done/total in width cells (brackets included).
@@ -74,10 +76,19 @@ func progressBar(done, total uint64, width int) string {
 // statusLine is the live line: phase, bar, percent, rate, remaining,
 // expected downtime, pass, throttle, elapsed. Cut to width-1 columns so the
 // terminal never wraps it.
-func statusLine(phase engine.Phase, elapsed time.Duration, s *engine.Stats, width int) string {
+func statusLine(phase engine.Phase, elapsed time.Duration, s *engine.Stats, disk *blockmirror.Progress, width int) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%-10s ", phase)
-	if s != nil {
+	switch {
+	case s == nil && disk != nil:
+		// Before RAM moves: the disk mirrors' progress.
+		pct := 0.0
+		if disk.Total > 0 {
+			pct = 100 * float64(disk.Done) / float64(disk.Total)
+		}
+		fmt.Fprintf(&b, "%s %3.0f%%  disk %s  %s  rem %s", progressBar(disk.Done, disk.Total, 22), pct,
+			disk.Node, formatRate(disk.Rate), formatBytes(disk.Total-min(disk.Done, disk.Total)))
+	case s != nil:
 		done := s.TransferredBytes
 		total := s.TransferredBytes + s.RemainingBytes
 		pct := 0.0
@@ -101,7 +112,7 @@ func statusLine(phase engine.Phase, elapsed time.Duration, s *engine.Stats, widt
 }
 
 func (r *termRenderer) redraw() {
-	fmt.Fprint(r.w, eraseLine+statusLine(r.phase, r.elapsed, r.stats, r.width))
+	fmt.Fprint(r.w, eraseLine+statusLine(r.phase, r.elapsed, r.stats, r.disk, r.width))
 	r.shown = true
 }
 
@@ -129,6 +140,7 @@ func (r *termRenderer) Event(ev engine.Event) {
 			r.above(formatElapsed(ev.Elapsed) + " " + describeDecision(*ev.Decision, ev.DecisionErr))
 		}
 	case engine.EventDisk:
+		r.disk = ev.Disk
 		if ev.Disk != nil && ev.Disk.Ready {
 			r.above(formatElapsed(ev.Elapsed) + " " + describeDisk(ev.Disk))
 		}
