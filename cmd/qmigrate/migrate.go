@@ -330,6 +330,8 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	defer dst.Close()
 	cfg.Source.Client, cfg.Destination.Client = src, dst
 
+	r.Message(fmt.Sprintf("migrating %s -> %s over %s (policy %s, max downtime %s, bandwidth %s)", o.src, o.dst, o.uri,
+		cfg.Strategy.Policy, formatDuration(cfg.Strategy.Limits.MaxDowntime), o.bandwidth.String()))
 	res, err := engine.Migrate(ctx, cfg)
 	return finish(r, stderr, resultOf(res, err), nil)
 }
