@@ -54,7 +54,9 @@
 //     makes Done true; Step then only returns Wait.
 //   - In a postcopy status (postcopy-active, -paused, -recover, ...) Step only
 //     returns Wait: cancelling postcopy would lose the guest, so the Machine
-//     never aborts it, whatever the budget.
+//     never aborts it, whatever the budget. The same holds from the moment a
+//     StartPostcopy decision is returned (unless Applied reports it failed):
+//     QEMU may switch at any moment after migrate-start-postcopy.
 //   - With Limits.Budget > 0, the first sample whose Elapsed reaches the
 //     budget gets a finishing decision (Abort, or StartPostcopy or
 //     PauseSource when the policy prefers and the user permits them) unless

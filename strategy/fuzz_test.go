@@ -139,6 +139,7 @@ func checkInvariants(in fuzzInput) ([]strategy.Decision, error) {
 	finishing := false // a postcopy or pause decided and not failed, or a postcopy status seen
 	var now time.Duration
 	budgetDue := false
+	postcopyAsked := false // a StartPostcopy applied without error
 	for i, s := range in.samples {
 		d := m.Step(s)
 		out = append(out, d)
@@ -161,6 +162,9 @@ func checkInvariants(in fuzzInput) ([]strategy.Decision, error) {
 		}
 		if s.SourcePaused && !done {
 			finishing = true
+		}
+		if postcopyAsked && d.Action == strategy.Abort {
+			return out, fmt.Errorf("sample %d: abort after postcopy was started", i)
 		}
 		switch d.Action {
 		case strategy.SetDowntime:
@@ -203,6 +207,9 @@ func checkInvariants(in fuzzInput) ([]strategy.Decision, error) {
 				err = errors.New("refused")
 			}
 			m.Applied(d, err)
+			if d.Action == strategy.StartPostcopy && err == nil {
+				postcopyAsked = true
+			}
 			switch {
 			case (d.Action == strategy.StartPostcopy || d.Action == strategy.PauseSource) && err == nil:
 				finishing = true

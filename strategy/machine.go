@@ -208,6 +208,11 @@ func (m *Machine) enforce(d Decision, s Sample) Decision {
 			return wait("pause not permitted")
 		}
 	case Abort:
+		if m.levers.postcopy || m.levers.inPostcopy {
+			// migrate-start-postcopy was accepted: QEMU may switch at any
+			// moment, and a cancelled postcopy loses the guest.
+			return wait("postcopy requested, never aborted: " + d.Reason)
+		}
 	default:
 		if d.Action != Wait {
 			return wait(fmt.Sprintf("unknown action %q", d.Action))
