@@ -162,7 +162,7 @@ func (d *demo) run(ctx context.Context) (code int) {
 		what = "the guest and its disk"
 	}
 	d.say("migrating %s live over %s (policy %s, max downtime %s, bandwidth %s)", what, cfg.URI,
-		cfg.Strategy.Policy, formatDuration(cfg.Strategy.Limits.MaxDowntime), d.opts.bandwidth.String())
+		cfg.Strategy.Policy, formatDuration(cfg.Strategy.Limits.MaxDowntime), d.opts.bandwidth.rate())
 	res, err := engine.Migrate(ctx, cfg)
 	result := resultOf(res, err)
 

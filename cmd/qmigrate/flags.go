@@ -99,6 +99,14 @@ func (b *byteSize) String() string {
 	return formatBytes(uint64(*b))
 }
 
+// rate renders the size as a rate: "unlimited" or "256 MiB/s".
+func (b byteSize) rate() string {
+	if b == 0 {
+		return "unlimited"
+	}
+	return formatBytes(uint64(b)) + "/s"
+}
+
 func (b *byteSize) Set(s string) error {
 	v, err := parseByteSize(s)
 	if err != nil {

@@ -331,7 +331,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	cfg.Source.Client, cfg.Destination.Client = src, dst
 
 	r.Message(fmt.Sprintf("migrating %s -> %s over %s (policy %s, max downtime %s, bandwidth %s)", o.src, o.dst, o.uri,
-		cfg.Strategy.Policy, formatDuration(cfg.Strategy.Limits.MaxDowntime), o.bandwidth.String()))
+		cfg.Strategy.Policy, formatDuration(cfg.Strategy.Limits.MaxDowntime), o.bandwidth.rate()))
 	res, err := engine.Migrate(ctx, cfg)
 	return finish(r, stderr, resultOf(res, err), nil)
 }
