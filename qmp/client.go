@@ -359,13 +359,29 @@ func (c *Client) write(ctx context.Context, buf []byte, fd int) error {
 	if err := c.Err(); err != nil {
 		return err
 	}
-	stop := context.AfterFunc(ctx, func() { _ = c.conn.SetWriteDeadline(time.Unix(1, 0)) })
-	defer stop()
+	var stop func() bool
+	var fired chan struct{}
+	if ctx.Done() != nil {
+		fired = make(chan struct{})
+		stop = context.AfterFunc(ctx, func() {
+			_ = c.conn.SetWriteDeadline(time.Unix(1, 0))
+			close(fired)
+		})
+	}
 	var err error
 	if fd >= 0 {
 		err = c.writeWithFD(buf, fd)
 	} else {
 		_, err = c.conn.Write(buf)
+	}
+	if stop != nil && !stop() {
+		// The context ended while or just after writing: the deadline is
+		// (being) set in the past. Wait for it and clear it, or every later
+		// write would fail and kill a healthy connection.
+		<-fired
+		if err == nil {
+			_ = c.conn.SetWriteDeadline(time.Time{})
+		}
 	}
 	if err != nil {
 		if ctx.Err() != nil {

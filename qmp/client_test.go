@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -586,4 +587,79 @@ func TestParseAddress(t *testing.T) {
 	}
 	_, _, err := qmp.ParseAddress("vsock:1:2")
 	assert.True(t, errors.Is(err, qmp.ErrBadAddress))
+}
+
+// lateCancelCtx is a context that is cancelled at a moment the test picks
+// (cancel), through the hook context.AfterFunc offers to custom contexts.
+type lateCancelCtx struct {
+	context.Context
+	done  chan struct{}
+	mu    sync.Mutex
+	f     func()
+	fired bool
+}
+
+func (c *lateCancelCtx) Done() <-chan struct{} { return c.done }
+
+func (c *lateCancelCtx) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.fired {
+		return context.Canceled
+	}
+	return nil
+}
+
+func (c *lateCancelCtx) AfterFunc(f func()) func() bool {
+	c.mu.Lock()
+	c.f = f
+	c.mu.Unlock()
+	return func() bool { return true }
+}
+
+func (c *lateCancelCtx) cancel() {
+	c.mu.Lock()
+	f := c.f
+	c.fired = true
+	c.mu.Unlock()
+	if f != nil {
+		f()
+	}
+}
+
+// hookConn runs afterWrite once a write has gone through.
+type hookConn struct {
+	net.Conn
+	afterWrite func()
+}
+
+func (h *hookConn) Write(b []byte) (int, error) {
+	n, err := h.Conn.Write(b)
+	if h.afterWrite != nil {
+		h.afterWrite()
+	}
+	return n, err
+}
+
+// A context that ends right after the command was written, before the client
+// stops watching it, must not leave a write deadline behind that would kill
+// the next command.
+func TestCancelJustAfterWriteKeepsConnection(t *testing.T) {
+	s := qmptest.NewServer()
+	defer s.Close()
+	s.Handle("query-status", qmptest.Return(map[string]any{"status": "running", "running": true}))
+	hc := &hookConn{Conn: s.Conn()}
+	c, err := qmp.NewClient(t.Context(), hc)
+	require.NoError(t, err)
+	defer c.Close()
+
+	ctx := &lateCancelCtx{Context: t.Context(), done: make(chan struct{})}
+	hc.afterWrite = ctx.cancel
+	_, _ = c.QueryStatus(ctx) // may return the reply or context.Canceled
+	hc.afterWrite = nil
+	require.True(t, ctx.fired)
+	time.Sleep(10 * time.Millisecond) // let a stray deadline land, if any
+	_, err = c.QueryStatus(t.Context())
+	require.NoError(t, err)
+	assert.NoError(t, c.Err())
 }
