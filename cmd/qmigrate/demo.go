@@ -72,7 +72,7 @@ Flags:
 func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var o demoOptions
 	fs := o.flagSet()
-	if err := parseFlags(fs, "demo", args); err != nil {
+	if err := parseFlags(fs, args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fmt.Fprint(stdout, demoUsage)
 			printFlags(stdout, fs, demoFlagOrder)
@@ -81,13 +81,13 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return usageFailure(stdout, stderr, "demo", wantsJSON(args), err)
 	}
 	if err := o.limitOptions.check(); err != nil {
-		return usageFailure(stdout, stderr, "demo", o.jsonOut, &usageError{cmd: "demo", msg: err.Error()})
+		return usageFailure(stdout, stderr, "demo", o.jsonOut, &usageError{msg: err.Error()})
 	}
 	if o.spin < -1 || o.spin > int64(^uint32(0)) {
-		return usageFailure(stdout, stderr, "demo", o.jsonOut, &usageError{cmd: "demo", msg: fmt.Sprintf("--spin %d: want 0 to %d", o.spin, ^uint32(0))})
+		return usageFailure(stdout, stderr, "demo", o.jsonOut, &usageError{msg: fmt.Sprintf("--spin %d: want 0 to %d", o.spin, ^uint32(0))})
 	}
 	if o.dirtyRate == 0 && o.spin < 0 {
-		return usageFailure(stdout, stderr, "demo", o.jsonOut, &usageError{cmd: "demo", msg: "--dirty-rate must be more than 0 (use --spin 0 for the fastest guest)"})
+		return usageFailure(stdout, stderr, "demo", o.jsonOut, &usageError{msg: "--dirty-rate must be more than 0 (use --spin 0 for the fastest guest)"})
 	}
 	qemu, err := o.findQEMU()
 	if err != nil {

@@ -17,7 +17,6 @@ import (
 // usageError is a problem with the command line: exit status 2, message on
 // stderr, and a pointer to --help.
 type usageError struct {
-	cmd string // "migrate", "demo", "" for the top level
 	msg string
 }
 
@@ -216,19 +215,20 @@ func checkAddress(flagName, value string) error {
 }
 
 // parseFlags parses args with fs, turning the flag package's errors into a
-// usageError that names the command. flag.ErrHelp is returned as is.
-func parseFlags(fs *flag.FlagSet, cmd string, args []string) error {
+// usageError that names the flag the way the help does (--name). flag.ErrHelp
+// is returned as is.
+func parseFlags(fs *flag.FlagSet, args []string) error {
 	err := fs.Parse(args)
 	if err == nil {
 		if fs.NArg() > 0 {
-			return &usageError{cmd: cmd, msg: fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
+			return &usageError{msg: fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
 		}
 		return nil
 	}
 	if errors.Is(err, flag.ErrHelp) {
 		return err
 	}
-	return &usageError{cmd: cmd, msg: strings.Replace(err.Error(), " -", " --", 1)}
+	return &usageError{msg: strings.Replace(err.Error(), " -", " --", 1)}
 }
 
 // wantsJSON reports whether args ask for --json, for the rare case where the

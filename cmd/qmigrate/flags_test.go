@@ -97,7 +97,7 @@ func TestStringListAndChannels(t *testing.T) {
 func TestMigrateConfigFromFlags(t *testing.T) {
 	var o migrateOptions
 	fs := o.flagSet()
-	require.NoError(t, parseFlags(fs, "migrate", []string{
+	require.NoError(t, parseFlags(fs, []string{
 		"--src", "unix:/run/src.qmp", "--dst=tcp:10.0.0.2:4000", "-uri", "tcp:10.0.0.2:0",
 		"--max-downtime=500ms", "--bandwidth", "1GiB", "--timeout", "5m", "--progress-timeout=30s",
 		"--policy", "nova", "--allow-postcopy", "--allow-pause", "--no-auto-converge", "--multifd", "4",
@@ -123,7 +123,7 @@ func TestMigrateConfigFromFlags(t *testing.T) {
 
 func TestMigrateConfigDefaults(t *testing.T) {
 	var o migrateOptions
-	require.NoError(t, parseFlags(o.flagSet(), "migrate", []string{"--src", "unix:/a", "--dst", "unix:/b", "--uri", "unix:/c"}))
+	require.NoError(t, parseFlags(o.flagSet(), []string{"--src", "unix:/a", "--dst", "unix:/b", "--uri", "unix:/c"}))
 	cfg, err := o.config()
 	require.NoError(t, err)
 	assert.Equal(t, strategy.Config{Policy: "auto", Limits: strategy.Limits{MaxDowntime: 300 * time.Millisecond}}, cfg.Strategy)
@@ -134,7 +134,7 @@ func TestMigrateConfigDefaults(t *testing.T) {
 	assert.False(t, o.jsonOut)
 
 	o = migrateOptions{}
-	require.NoError(t, parseFlags(o.flagSet(), "migrate", []string{"--src", "unix:/a", "--dst", "unix:/b", "--uri", "unix:/c", "--copy-storage"}))
+	require.NoError(t, parseFlags(o.flagSet(), []string{"--src", "unix:/a", "--dst", "unix:/b", "--uri", "unix:/c", "--copy-storage"}))
 	cfg, err = o.config()
 	require.NoError(t, err)
 	require.NotNil(t, cfg.Storage)

@@ -38,7 +38,7 @@ func newRenderer(jsonOut bool, stdout, stderr io.Writer) renderer {
 		return r
 	}
 	if width, ok := terminalWidth(stdout); ok {
-		return &termRenderer{w: stdout, width: width}
+		return &termRenderer{w: stdout, width: width, resize: true}
 	}
 	return &plainRenderer{w: stdout}
 }

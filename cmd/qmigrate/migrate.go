@@ -298,7 +298,7 @@ func usageFailure(stdout, stderr io.Writer, cmd string, jsonOut bool, err error)
 func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var o migrateOptions
 	fs := o.flagSet()
-	if err := parseFlags(fs, "migrate", args); err != nil {
+	if err := parseFlags(fs, args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fmt.Fprint(stdout, migrateUsage)
 			printFlags(stdout, fs, migrateFlagOrder)
@@ -309,7 +309,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	}
 	cfg, err := o.config()
 	if err != nil {
-		return usageFailure(stdout, stderr, "migrate", o.jsonOut, &usageError{cmd: "migrate", msg: err.Error()})
+		return usageFailure(stdout, stderr, "migrate", o.jsonOut, &usageError{msg: err.Error()})
 	}
 	log := o.logger(stderr)
 	cfg.Logger = log

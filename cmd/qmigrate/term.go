@@ -40,6 +40,7 @@ const eraseLine = "\r\x1b[K"
 type termRenderer struct {
 	w       io.Writer
 	width   int
+	resize  bool // re-read the width before each redraw (w is a terminal)
 	phase   engine.Phase
 	elapsed time.Duration
 	stats   *engine.Stats
@@ -112,6 +113,13 @@ func statusLine(phase engine.Phase, elapsed time.Duration, s *engine.Stats, disk
 }
 
 func (r *termRenderer) redraw() {
+	if r.resize {
+		// Follow a resized window: a line longer than the terminal would
+		// wrap and \r could no longer erase it.
+		if w, ok := terminalWidth(r.w); ok {
+			r.width = w
+		}
+	}
 	fmt.Fprint(r.w, eraseLine+statusLine(r.phase, r.elapsed, r.stats, r.disk, r.width))
 	r.shown = true
 }
