@@ -322,10 +322,16 @@ func permittedStr(ok bool, extra string) string {
 // of a pass; flat peaks (r) override it, because a saturated dirty rate is
 // only a lower bound. pred is the predicted time until the dirty set fits
 // bw×limit: passes shrinking geometrically from last.
+// nearThreshold: the last peak is within 10% of the switchover threshold and
+// the measured dirty rate (known, q > 0) is clearly below the throughput.
+func nearThreshold(last, thr, q float64) bool {
+	return last <= 1.1*thr && q > 0 && q < 0.9
+}
+
 func (a *auto) judge(r, q, last, bw float64, limit, now time.Duration) (verdict, time.Duration) {
 	inf := time.Duration(math.MaxInt64)
 	flat := a.c.FlatRatio
-	if q >= flat || ((math.IsNaN(r) || r >= flat) && !(last <= 1.5*bw*limit.Seconds())) {
+	if q >= flat || ((math.IsNaN(r) || r >= flat) && !nearThreshold(last, bw*limit.Seconds(), q)) {
 		return stuck, inf
 	}
 	rr := r
@@ -333,7 +339,7 @@ func (a *auto) judge(r, q, last, bw float64, limit, now time.Duration) (verdict,
 		rr = q
 	}
 	thr := bw * limit.Seconds()
-	if last <= 1.5*thr && q < flat {
+	if nearThreshold(last, thr, q) {
 		// Near the threshold QEMU syncs on every pass check, so the peaks
 		// look flat: what matters is that the dirty rate is below the link.
 		return converging, seconds(last, bw)
