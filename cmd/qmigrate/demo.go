@@ -45,9 +45,12 @@ func (o *demoOptions) flagSet() *flag.FlagSet {
 	return fs
 }
 
-var demoFlagOrder = []string{
-	"qemu", "dirty-rate", "spin", "copy-storage", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
-	"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "connect-timeout", "json", "verbose",
+// demoFlagOrder lists the flags in the order the help shows them.
+func demoFlagOrder() []string {
+	return []string{
+		"qemu", "dirty-rate", "spin", "copy-storage", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
+		"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "connect-timeout", "json", "verbose",
+	}
 }
 
 const demoUsage = `Usage: qmigrate demo [flags]
@@ -75,7 +78,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if err := parseFlags(fs, args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fmt.Fprint(stdout, demoUsage)
-			printFlags(stdout, fs, demoFlagOrder)
+			printFlags(stdout, fs, demoFlagOrder())
 			return exitOK
 		}
 		return usageFailure(stdout, stderr, "demo", wantsJSON(args), err)

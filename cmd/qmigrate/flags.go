@@ -44,21 +44,30 @@ func (e *inputError) Unwrap() error { return e.err }
 // allowed. "0" and "unlimited" mean no limit.
 type byteSize uint64
 
-var sizeUnits = map[string]float64{
-	"":    1,
-	"b":   1,
-	"k":   1 << 10,
-	"kib": 1 << 10,
-	"kb":  1e3,
-	"m":   1 << 20,
-	"mib": 1 << 20,
-	"mb":  1e6,
-	"g":   1 << 30,
-	"gib": 1 << 30,
-	"gb":  1e9,
-	"t":   1 << 40,
-	"tib": 1 << 40,
-	"tb":  1e12,
+// unitMultiplier returns the bytes in one unit (lower case), as documented
+// on byteSize.
+func unitMultiplier(unit string) (float64, bool) {
+	switch unit {
+	case "", "b":
+		return 1, true
+	case "k", "kib":
+		return 1 << 10, true
+	case "kb":
+		return 1e3, true
+	case "m", "mib":
+		return 1 << 20, true
+	case "mb":
+		return 1e6, true
+	case "g", "gib":
+		return 1 << 30, true
+	case "gb":
+		return 1e9, true
+	case "t", "tib":
+		return 1 << 40, true
+	case "tb":
+		return 1e12, true
+	}
+	return 0, false
 }
 
 // parseByteSize parses a size as documented on byteSize.
@@ -76,7 +85,7 @@ func parseByteSize(s string) (uint64, error) {
 	if num == "" {
 		return 0, fmt.Errorf("%q is not a size: want a number of bytes with an optional unit, such as 256MiB, 1GiB, 500MB or 100K", s)
 	}
-	mult, ok := sizeUnits[unit]
+	mult, ok := unitMultiplier(unit)
 	if !ok {
 		return 0, fmt.Errorf("%q: unknown unit %q (want B, K, KiB, KB, M, MiB, MB, G, GiB, GB, T, TiB or TB)", s, in[i:])
 	}

@@ -220,7 +220,7 @@ func TestHelpAndVersion(t *testing.T) {
 	for _, args := range [][]string{{"migrate", "--help"}, {"migrate", "-h"}, {"help", "migrate"}} {
 		code, stdout, _ := runCLI(t, args...)
 		assert.Equal(t, exitOK, code)
-		for _, f := range migrateFlagOrder {
+		for _, f := range migrateFlagOrder() {
 			assert.Contains(t, stdout, "--"+f, f)
 		}
 		assert.Contains(t, stdout, "-v, --verbose")
@@ -260,7 +260,7 @@ func TestDemoUsageErrors(t *testing.T) {
 	}
 	code, stdout, _ := runCLI(t, "demo", "--help")
 	assert.Equal(t, exitOK, code)
-	for _, f := range demoFlagOrder {
+	for _, f := range demoFlagOrder() {
 		assert.Contains(t, stdout, "--"+f, f)
 	}
 	code, stdout, _ = runCLI(t, "demo", "--json", "--qemu", "/nonexistent/qemu")

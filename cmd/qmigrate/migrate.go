@@ -275,10 +275,13 @@ func wrap(s string, width int, indent string) string {
 	return b.String()
 }
 
-var migrateFlagOrder = []string{
-	"src", "dst", "uri", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
-	"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "copy-storage", "disk", "nbd",
-	"connect-timeout", "json", "verbose",
+// migrateFlagOrder lists the flags in the order the help shows them.
+func migrateFlagOrder() []string {
+	return []string{
+		"src", "dst", "uri", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
+		"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "copy-storage", "disk", "nbd",
+		"connect-timeout", "json", "verbose",
+	}
 }
 
 // usageFailure reports a usage or input error: the message on stderr and,
@@ -301,7 +304,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	if err := parseFlags(fs, args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fmt.Fprint(stdout, migrateUsage)
-			printFlags(stdout, fs, migrateFlagOrder)
+			printFlags(stdout, fs, migrateFlagOrder())
 			fmt.Fprint(stdout, migrateUsageTail)
 			return exitOK
 		}
