@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"flag"
 	"strings"
 	"testing"
 	"time"
@@ -266,4 +267,22 @@ func TestDemoUsageErrors(t *testing.T) {
 	code, stdout, _ = runCLI(t, "demo", "--json", "--qemu", "/nonexistent/qemu")
 	assert.Equal(t, exitUsage, code)
 	assert.Contains(t, stdout, `"type":"result","status":"failed"`)
+}
+
+// Every flag is listed in the help (a new flag missing from the order would
+// silently vanish from --help).
+func TestHelpListsEveryFlag(t *testing.T) {
+	for _, tc := range []struct {
+		fs    *flag.FlagSet
+		order []string
+	}{
+		{(&migrateOptions{}).flagSet(), migrateFlagOrder()},
+		{(&demoOptions{}).flagSet(), demoFlagOrder()},
+	} {
+		tc.fs.VisitAll(func(f *flag.Flag) {
+			if f.Name != "v" {
+				assert.Contains(t, tc.order, f.Name, tc.fs.Name())
+			}
+		})
+	}
 }
