@@ -285,6 +285,11 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 		}
 		return a.decide(Decision{Action: StartPostcopy, Reason: fmt.Sprintf("auto: %s; %s: start postcopy", stats, why)}, now)
 	}
+	// The last two are disruptive or final: confirm the verdict with a second
+	// sync after the first one (or a measured dirty rate) before taking them.
+	if len(p) < 3 && !(a.dirtyOK && dirty/bw >= a.c.FlatRatio) {
+		return wait("auto: " + stats + "; confirming over one more iteration before a pause or an abort")
+	}
 	// Lever 4: pause (stop-and-copy).
 	if a.m.lim.AllowPause && !lv.pauseFailed {
 		return a.decide(Decision{Action: PauseSource, Reason: fmt.Sprintf(

@@ -96,8 +96,10 @@
 // guest's remaining run time; (3) postcopy, directly instead of a throttle
 // above PostcopyThrottle (50%) when permitted; (4) pause. After a lever
 // shows in the samples it gets SettleIterations (2) iterations before auto
-// escalates. When no permitted lever is left and the migration is stuck,
-// auto aborts at once rather than waiting for the budget. It also aborts
+// escalates. Pause and abort are only taken on a confirmed verdict (three
+// iteration peaks, or a measured dirty rate at the throughput). When no
+// permitted lever is left and the migration is stuck, auto aborts then,
+// rather than waiting for the budget. It also aborts
 // after ProgressTimeout (30 s) with neither transferred bytes growing nor
 // remaining bytes reaching a new low (a dead link). At the budget it starts
 // postcopy, else pauses, else aborts.

@@ -188,6 +188,13 @@ func TestAutoTraces(t *testing.T) {
 			[]want{{At: 500 * ms, Action: strategy.Abort}},
 		},
 		{
+			// Without a measured dirty rate, two flat peaks are confirmed by a third.
+			"no lever permitted, dirty rate not measured: abort after one more iteration",
+			strategy.Config{Limits: strategy.Limits{NoThrottle: true}},
+			saw(0, 500*ms, 1, flat, 0, bw, 256*MiB)[4:],
+			[]want{{At: 1500 * ms, Action: strategy.Abort}},
+		},
+		{
 			"converging guest past the budget: abort at the budget",
 			strategy.Config{Limits: strategy.Limits{Budget: 1200 * ms}},
 			conv,
