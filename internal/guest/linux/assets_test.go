@@ -53,7 +53,7 @@ func TestAssetsNotSetUp(t *testing.T) {
 
 func TestCmdline(t *testing.T) {
 	w := Workload{Mode: ModeMemDirty, MemBytes: 256 << 20, RateBytes: 50 << 20}
-	assert.Equal(t, "console=ttyS0 quiet loglevel=1 panic=0 mitigations=off qmigrate.mode=memdirty qmigrate.mem=268435456 qmigrate.rate=52428800", w.Cmdline())
+	assert.Equal(t, "console=ttyS0 quiet loglevel=1 panic=0 no_timer_check mitigations=off qmigrate.mode=memdirty qmigrate.mem=268435456 qmigrate.rate=52428800", w.Cmdline())
 	args := BootArgs("/k", "/i", w)
 	assert.Equal(t, []string{"-kernel", "/k", "-initrd", "/i", "-append", w.Cmdline()}, args)
 }
@@ -99,4 +99,15 @@ func TestResolveModulesErrors(t *testing.T) {
 	require.NoError(t, os.WriteFile(dir+"/bad.ko", []byte("not elf"), 0o644))
 	_, err = resolveModules(dir, []string{"bad"})
 	assert.ErrorContains(t, err, "not an uncompressed kernel module")
+}
+
+func TestSerialReportsKernelCrash(t *testing.T) {
+	path := t.TempDir() + "/serial.log"
+	require.NoError(t, os.WriteFile(path, []byte("QMIGRATE READY mode=idle\r\n[    7.85] Kernel panic - not syncing: Fatal exception in interrupt\r\n"), 0o644))
+	s := NewSerial(path)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err := s.WaitFor(ctx, Kind(KindTick))
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "Kernel panic - not syncing: Fatal exception in interrupt")
 }

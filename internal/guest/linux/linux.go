@@ -388,6 +388,9 @@ func (s *Serial) Next(ctx context.Context) (Line, error) {
 			if l, ok := ParseLine(raw); ok {
 				return l, nil
 			}
+			if l, ok := kernelFailure(raw); ok {
+				return l, nil
+			}
 		}
 		n, err := s.read()
 		if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -402,6 +405,22 @@ func (s *Serial) Next(ctx context.Context) (Line, error) {
 		case <-time.After(poll):
 		}
 	}
+}
+
+// KindKernel is the kind of the lines Serial makes up for kernel oopses and panics on the
+// console (their Status is StatusFail, Raw the kernel's line).
+const KindKernel = "KERNEL"
+
+// kernelFailure recognizes the kernel's own reports of a crash. They reach the console even with
+// loglevel=1, because an oops raises the console log level.
+func kernelFailure(raw string) (Line, bool) {
+	for _, marker := range []string{"Kernel panic - not syncing", "BUG: ", "Oops: ", "general protection fault"} {
+		if i := strings.Index(raw, marker); i >= 0 {
+			return Line{Kind: KindKernel, Status: StatusFail, Fields: map[string]string{},
+				Raw: strings.TrimRight(raw[i:], "\r")}, true
+		}
+	}
+	return Line{}, false
 }
 
 func (s *Serial) read() (int, error) {
