@@ -71,7 +71,7 @@ type Client struct {
 	nextID atomic.Uint64
 
 	mu      sync.Mutex
-	pending map[string]chan response
+	pending map[uint64]chan response
 	subs    map[*Subscription]struct{}
 	err     error // set once when the connection dies
 	done    chan struct{}
@@ -171,7 +171,7 @@ func NewClient(ctx context.Context, conn net.Conn, opts ...Option) (*Client, err
 		conn:    conn,
 		log:     log,
 		evBuf:   o.eventBuffer,
-		pending: make(map[string]chan response),
+		pending: make(map[uint64]chan response),
 		subs:    make(map[*Subscription]struct{}),
 		done:    make(chan struct{}),
 	}
@@ -281,16 +281,11 @@ func (c *Client) execute(ctx context.Context, verb, command string, args, result
 	if err := ctx.Err(); err != nil {
 		return &CommandError{Command: command, Err: err}
 	}
-	id := strconv.FormatUint(c.nextID.Add(1), 10)
-	req := map[string]any{verb: command, "id": id}
-	if args != nil {
-		req["arguments"] = args
-	}
-	buf, err := json.Marshal(req)
+	id := c.nextID.Add(1)
+	buf, err := appendRequest(make([]byte, 0, 64+len(command)), verb, command, id, args)
 	if err != nil {
 		return &CommandError{Command: command, Err: fmt.Errorf("encoding arguments: %w", err)}
 	}
-	buf = append(buf, '\n')
 
 	ch := make(chan response, 1)
 	c.mu.Lock()
@@ -437,15 +432,18 @@ func (c *Client) readLoop(r *bufio.Reader) {
 			}
 			c.dispatch(ev)
 		case m.Return != nil || m.Error != nil:
-			id := idString(m.ID)
-			c.mu.Lock()
-			ch, ok := c.pending[id]
-			delete(c.pending, id)
-			c.mu.Unlock()
+			id, ok := parseID(m.ID)
+			var ch chan response
+			if ok {
+				c.mu.Lock()
+				ch, ok = c.pending[id]
+				delete(c.pending, id)
+				c.mu.Unlock()
+			}
 			if !ok {
 				// A reply nobody waits for: its caller gave up, or QEMU
 				// answered an id-less error (e.g. a parse error). Drop it.
-				c.log.Debug("qmp: dropped unmatched reply", "id", id)
+				c.log.Debug("qmp: dropped unmatched reply", "id", string(m.ID))
 				continue
 			}
 			resp := response{ret: m.Return}
@@ -464,12 +462,56 @@ func (c *Client) readLoop(r *bufio.Reader) {
 	}
 }
 
-func idString(raw json.RawMessage) string {
-	var s string
-	if json.Unmarshal(raw, &s) == nil {
-		return s
+// appendRequest encodes {"<verb>":"<command>","id":"<id>","arguments":<args>}
+// and a newline. Nil args (or args encoding to null) leave "arguments" out.
+func appendRequest(buf []byte, verb, command string, id uint64, args any) ([]byte, error) {
+	buf = append(buf, '{', '"')
+	buf = append(buf, verb...)
+	buf = append(buf, '"', ':')
+	buf = appendString(buf, command)
+	buf = append(buf, `,"id":"`...)
+	buf = strconv.AppendUint(buf, id, 10)
+	buf = append(buf, '"')
+	if args != nil {
+		a, err := json.Marshal(args)
+		if err != nil {
+			return nil, err
+		}
+		if string(a) != "null" {
+			buf = append(buf, `,"arguments":`...)
+			buf = append(buf, a...)
+		}
 	}
-	return string(raw)
+	return append(buf, '}', '\n'), nil
+}
+
+// appendString appends s as a JSON string.
+func appendString(buf []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		if b := s[i]; b < 0x20 || b > 0x7e || b == '"' || b == '\\' {
+			q, _ := json.Marshal(s) // a string always encodes
+			return append(buf, q...)
+		}
+	}
+	buf = append(buf, '"')
+	buf = append(buf, s...)
+	return append(buf, '"')
+}
+
+// parseID reads the ids this client sends: a decimal number in a JSON string.
+// Anything else is not ours.
+func parseID(raw json.RawMessage) (uint64, bool) {
+	if len(raw) < 3 || raw[0] != '"' || raw[len(raw)-1] != '"' || len(raw) > 21 { // at most 19 digits: no overflow
+		return 0, false
+	}
+	var n uint64
+	for _, b := range raw[1 : len(raw)-1] {
+		if b < '0' || b > '9' {
+			return 0, false
+		}
+		n = n*10 + uint64(b-'0')
+	}
+	return n, true
 }
 
 // closeWith ends the connection once; cause nil means a local Close.
