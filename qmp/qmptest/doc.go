@@ -26,5 +26,7 @@
 //   - Sending never blocks a handler or Emit: every connection has an unbounded
 //     queue drained by its own writer goroutine, so events and replies keep
 //     their order per connection.
-//   - Calls records every command (not the handshake) in arrival order.
+//   - Calls records every command (not the handshake) in arrival order;
+//     WaitCall blocks until the n-th call of a command has arrived, so a test
+//     can act on it without sleeping (it works inside synctest bubbles).
 package qmptest

@@ -94,6 +94,7 @@ type Server struct {
 	listeners  []net.Listener
 	calls      []Call
 	handshakes []json.RawMessage
+	called     chan struct{} // closed (and dropped) when a call arrives
 	closed     bool
 	wg         sync.WaitGroup
 }
@@ -222,6 +223,36 @@ func (s *Server) CallsOf(command string) []Call {
 		}
 	}
 	return out
+}
+
+// WaitCall waits until the server has received n calls of command (n >= 1)
+// and returns the n-th, or fails when ctx ends. It lets a test act on the
+// moment the code under test sends a command (emit events, check arguments)
+// without sleeping.
+func (s *Server) WaitCall(ctx context.Context, command string, n int) (Call, error) {
+	for {
+		s.mu.Lock()
+		seen := 0
+		for _, c := range s.calls {
+			if c.Command == command {
+				seen++
+				if seen == n {
+					s.mu.Unlock()
+					return c, nil
+				}
+			}
+		}
+		if s.called == nil {
+			s.called = make(chan struct{})
+		}
+		ch := s.called
+		s.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return Call{}, fmt.Errorf("qmptest: waiting for call %d of %s (%d seen): %w", n, command, seen, ctx.Err())
+		}
+	}
 }
 
 // Handshakes returns the arguments of every qmp_capabilities received (nil
@@ -474,6 +505,10 @@ func (c *conn) request(req request) {
 
 	c.s.mu.Lock()
 	c.s.calls = append(c.s.calls, Call{Command: cmd, Args: req.Arguments, OOB: oob})
+	if c.s.called != nil {
+		close(c.s.called)
+		c.s.called = nil
+	}
 	c.s.mu.Unlock()
 
 	if !negotiated {
@@ -495,10 +530,9 @@ func (c *conn) request(req request) {
 	}
 	if c.s.serial && !oob {
 		// In-band commands run one at a time; the reader goes on reading so
-		// that exec-oob still overtakes, as in QEMU.
-		c.s.wg.Add(1)
+		// that exec-oob still overtakes, as in QEMU. Like handlers in the
+		// default mode, these goroutines are not waited for by Close.
 		go func() {
-			defer c.s.wg.Done()
 			select {
 			case c.serialMu <- struct{}{}:
 			case <-c.done:

@@ -189,3 +189,44 @@ func TestServerCloseConnsAndReconnect(t *testing.T) {
 	_, err := c2.QueryStatus(t.Context())
 	assert.NoError(t, err)
 }
+
+func TestServerWaitCall(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		s := qmptest.NewServer()
+		defer s.Close()
+		s.Handle("migrate", qmptest.Return(nil))
+		c := newClient(t, s)
+		go func() {
+			time.Sleep(time.Second)
+			_ = c.Migrate(t.Context(), qmp.MigrateArgs{URI: "unix:/a"})
+			_ = c.Migrate(t.Context(), qmp.MigrateArgs{URI: "unix:/b"})
+		}()
+		call, err := s.WaitCall(t.Context(), "migrate", 2)
+		require.NoError(t, err)
+		assert.JSONEq(t, `{"uri":"unix:/b"}`, string(call.Args))
+		call, err = s.WaitCall(t.Context(), "migrate", 1)
+		require.NoError(t, err)
+		assert.JSONEq(t, `{"uri":"unix:/a"}`, string(call.Args))
+
+		ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+		defer cancel()
+		_, err = s.WaitCall(ctx, "migrate", 3)
+		assert.ErrorIs(t, err, context.DeadlineExceeded)
+	})
+}
+
+func TestServerCloseDoesNotWaitForBlockedHandlers(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		s := qmptest.NewServer(qmptest.WithSerial())
+		release := make(chan struct{})
+		s.Handle("block", func(json.RawMessage) (any, error) { <-release; return nil, nil })
+		c := newClient(t, s)
+		go func() { _ = c.Execute(t.Context(), "block", nil, nil) }()
+		go func() { _ = c.Execute(t.Context(), "block", nil, nil) }()
+		_, err := s.WaitCall(t.Context(), "block", 2)
+		require.NoError(t, err)
+		s.Close()
+		<-c.Done()
+		close(release)
+	})
+}
