@@ -271,6 +271,15 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 	throttleOK := a.m.lim.throttleOK() && !lv.throttleFailed && a.target < a.c.MaxThrottle
 	postcopyOK := a.m.lim.AllowPostcopy && !lv.postcopyFailed
 	if throttleOK && !(postcopyOK && need > min(a.c.PostcopyThrottle, a.c.MaxThrottle)) {
+		if !lv.downtimeFailed && limit < maxDT {
+			// The throttled passes then only need to shrink to throughput ×
+			// the maximum: less throttling, for a downtime the user accepts.
+			// The throttle follows at the next sample.
+			a.downtime, a.reevaluate = maxDT, true
+			return Decision{Action: SetDowntime, DowntimeLimit: maxDT, Reason: fmt.Sprintf(
+				"auto: %s; %s / throughput = %v does not fit the %v maximum: downtime limit %v before throttling",
+				stats, bytesStr(floor), roundDur(seconds(floor, bw)), maxDT, maxDT)}
+		}
 		inc := pct - s.ThrottlePercent
 		t := Throttle{Initial: pct, Increment: clampInt(inc, 1, qemuMaxThrottle), Max: pct}
 		return a.decide(Decision{Action: SetThrottle, Throttle: t, Reason: fmt.Sprintf(

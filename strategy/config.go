@@ -61,8 +61,9 @@ type ProxmoxConfig struct {
 
 // AutoConfig tunes the auto policy. Zero fields take the documented defaults.
 type AutoConfig struct {
-	// InitialDowntime is the downtime limit set before the start (300 ms,
-	// QEMU's default, capped at Limits.MaxDowntime).
+	// InitialDowntime is the downtime limit set before the start (100 ms,
+	// capped at Limits.MaxDowntime): converging guests finish with a third of
+	// QEMU's default 300 ms; auto raises it when that does not converge.
 	InitialDowntime time.Duration
 	// FlatRatio: when the per-iteration peaks of RemainingBytes (the dirty set
 	// at each bitmap sync) shrink by less than this factor per iteration, or
@@ -114,7 +115,7 @@ const (
 	defProxmoxInitialDowntime   = 100 * time.Millisecond
 	defProxmoxStallPolls        = 5
 	defProxmoxPollInterval      = time.Second
-	defAutoInitialDowntime      = 300 * time.Millisecond
+	defAutoInitialDowntime      = 100 * time.Millisecond
 	defAutoFlatRatio            = 0.97
 	defAutoMaxConvergeTime      = 60 * time.Second
 	defAutoTargetRatio          = 0.5

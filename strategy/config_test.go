@@ -59,11 +59,11 @@ func TestSetup(t *testing.T) {
 		cfg  strategy.Config
 		want strategy.Setup
 	}{
-		{"auto", strategy.Config{}, strategy.Setup{DowntimeLimit: 300 * ms, AutoConverge: true, Throttle: hold}},
+		{"auto", strategy.Config{}, strategy.Setup{DowntimeLimit: 100 * ms, AutoConverge: true, Throttle: hold}},
 		{"auto, everything permitted", strategy.Config{Limits: strategy.Limits{AllowPostcopy: true, AllowPause: true, MaxDowntime: sec}},
-			strategy.Setup{DowntimeLimit: 300 * ms, AutoConverge: true, Postcopy: true, Throttle: hold}},
-		{"auto, no throttle, low maximum", strategy.Config{Limits: strategy.Limits{NoThrottle: true, MaxDowntime: 100 * ms}},
-			strategy.Setup{DowntimeLimit: 100 * ms}},
+			strategy.Setup{DowntimeLimit: 100 * ms, AutoConverge: true, Postcopy: true, Throttle: hold}},
+		{"auto, no throttle, low maximum", strategy.Config{Limits: strategy.Limits{NoThrottle: true, MaxDowntime: 50 * ms}},
+			strategy.Setup{DowntimeLimit: 50 * ms}},
 		{"qemu leaves QEMU's defaults", strategy.Config{Policy: "qemu"}, strategy.Setup{}},
 		{"qemu under a 200 ms maximum", strategy.Config{Policy: "qemu", Limits: strategy.Limits{MaxDowntime: 200 * ms}}, strategy.Setup{DowntimeLimit: 200 * ms}},
 		{"kubevirt", strategy.Config{Policy: "kubevirt", Limits: strategy.Limits{AllowPostcopy: true}}, strategy.Setup{Postcopy: true}},

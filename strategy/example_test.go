@@ -8,8 +8,9 @@ import (
 )
 
 // A guest whose 128 MiB working set is re-dirtied every pass over a
-// 256 MiB/s link: auto sees it at the second iteration and, with postcopy not
-// permitted, computes a throttle instead of ramping blindly.
+// 256 MiB/s link: auto sees it at the second iteration. With postcopy not
+// permitted, it raises the downtime limit to the user's maximum, then
+// computes a throttle instead of ramping blindly.
 func ExampleMachine() {
 	m, err := strategy.New(strategy.Config{}) // auto, 300 ms max downtime, throttling permitted
 	if err != nil {
@@ -19,28 +20,35 @@ func ExampleMachine() {
 	fmt.Printf("setup: downtime %v, auto-converge %v, held at %d%%\n", setup.DowntimeLimit, setup.AutoConverge, setup.Throttle.Max)
 
 	const MiB = 1 << 20
+	limit := setup.DowntimeLimit
 	for i, peak := range []uint64{256 * MiB, 128 * MiB, 128 * MiB} {
 		s := strategy.Sample{
 			Elapsed: time.Duration(i) * 500 * time.Millisecond, Status: "active",
 			Iteration: uint64(i + 1), RemainingBytes: peak, TransferredBytes: uint64(i) * 128 * MiB,
-			TotalBytes: 256 * MiB, Throughput: 256 * MiB, DowntimeLimit: setup.DowntimeLimit,
+			TotalBytes: 256 * MiB, Throughput: 256 * MiB, DowntimeLimit: limit,
 		}
 		if i > 0 {
 			s.DirtyRate = 256 * MiB // QEMU measures it from the second sync on
 		}
 		d := m.Step(s)
-		fmt.Printf("%v: %s", d.At, d.Action)
-		if d.Action == strategy.SetThrottle {
-			fmt.Printf(" %d%%", d.Throttle.Max)
-			m.Applied(d, nil)
+		switch d.Action {
+		case strategy.SetDowntime:
+			fmt.Println(d.At, d.Action, d.DowntimeLimit)
+			limit = d.DowntimeLimit
+		case strategy.SetThrottle:
+			fmt.Printf("%v %s %d%%\n", d.At, d.Action, d.Throttle.Max)
+		default:
+			fmt.Println(d.At, d.Action)
 		}
-		fmt.Println()
+		if d.Action != strategy.Wait {
+			m.Applied(d, nil) // after applying it with migrate-set-parameters
+		}
 	}
 	// Output:
-	// setup: downtime 300ms, auto-converge true, held at 1%
-	// 0s: wait
-	// 500ms: set-throttle 75%
-	// 1s: wait
+	// setup: downtime 100ms, auto-converge true, held at 1%
+	// 0s wait
+	// 500ms set-downtime 300ms
+	// 1s set-throttle 75%
 }
 
 // The Nova preset ramps the downtime limit; its times scale with the

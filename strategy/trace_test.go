@@ -147,14 +147,17 @@ func TestAutoTraces(t *testing.T) {
 		{
 			// Iteration 2 (0.5 s): the measured dirty rate equals the throughput, a
 			// lower bound, so the true rate is taken as 2 × 256 MiB/s and
-			// p = 1 - 0.5×256/512 = 75%. Two iterations after the throttle shows,
+			// p = 1 - 0.5×256/512 = 75%. The downtime limit goes from 100 ms to the
+			// 300 ms maximum first (the throttled passes then need to shrink less),
+			// the throttle at the next sample. Two iterations after the throttle shows,
 			// still flat and still at the throughput: the true rate must be above
 			// 256 MiB/s / 25% × 2, so p = 1 - 0.5/8 = 94%, then 99%; then nothing is left.
 			"not converging, throttle computed, then escalated",
 			strategy.Config{},
 			nonConv,
 			[]want{
-				{At: 500 * ms, Action: strategy.SetThrottle, Throttle: 75},
+				{At: 500 * ms, Action: strategy.SetDowntime, Downtime: 300 * ms},
+				{At: 625 * ms, Action: strategy.SetThrottle, Throttle: 75},
 				{At: 1500 * ms, Action: strategy.SetThrottle, Throttle: 94},
 				{At: 2500 * ms, Action: strategy.SetThrottle, Throttle: 99},
 				{At: 3500 * ms, Action: strategy.Abort},
@@ -171,7 +174,8 @@ func TestAutoTraces(t *testing.T) {
 			strategy.Config{Limits: strategy.Limits{AllowPostcopy: true}, Auto: strategy.AutoConfig{PostcopyThrottle: 80, MaxThrottle: 80}},
 			nonConv,
 			[]want{
-				{At: 500 * ms, Action: strategy.SetThrottle, Throttle: 75},
+				{At: 500 * ms, Action: strategy.SetDowntime, Downtime: 300 * ms},
+				{At: 625 * ms, Action: strategy.SetThrottle, Throttle: 75},
 				{At: 1500 * ms, Action: strategy.StartPostcopy},
 			},
 		},
