@@ -364,19 +364,26 @@ func TestArgumentsEncodeError(t *testing.T) {
 func TestMultiMegabyteLines(t *testing.T) {
 	s, c := fake(t)
 	big := strings.Repeat("0123456789abcdef", 8<<20/16) // 8 MiB
-	s.Handle("big", echo)
+	reply := json.RawMessage(`{"s":"` + big + `"}`)
+	s.Handle("big", qmptest.Return(reply))
 	var out struct{ S string }
-	require.NoError(t, c.Execute(t.Context(), "big", map[string]string{"s": big}, &out))
+	require.NoError(t, c.Execute(t.Context(), "big", nil, &out))
 	assert.Equal(t, len(big), len(out.S))
 	assert.True(t, out.S == big)
 
+	// A 1 MiB command goes the other way.
+	s.Handle("echo", echo)
+	var e struct{ S string }
+	require.NoError(t, c.Execute(t.Context(), "echo", map[string]string{"s": big[:1<<20]}, &e))
+	assert.Len(t, e.S, 1<<20)
+
 	sub := c.SubscribeNames("BIG")
 	defer sub.Close()
-	s.Emit("BIG", map[string]string{"s": big[:3<<20]})
+	s.Emit("BIG", map[string]string{"s": big[:1<<20]})
 	ev := <-sub.C
 	var d struct{ S string }
 	require.NoError(t, ev.Decode(&d))
-	assert.Len(t, d.S, 3<<20)
+	assert.Len(t, d.S, 1<<20)
 }
 
 func TestEventsByNameAndFilter(t *testing.T) {
