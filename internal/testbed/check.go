@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/qmigrate/qmigrate/internal/guest/sweep"
@@ -43,6 +45,8 @@ type SweepCheckOptions struct {
 	// Corrupt, when set, may alter the final dump before it is checked
 	// (negative controls).
 	Corrupt func(mem []byte)
+	// Logf, when set, receives progress notes.
+	Logf func(format string, args ...any)
 }
 
 // SweepReport describes a destination that passed CheckSweep.
@@ -84,9 +88,13 @@ func CheckSweep(ctx context.Context, src, dst *qmp.Client, opts SweepCheckOption
 			return fail("source status", fmt.Errorf("source is %q, want postmigrate", st.Status))
 		}
 	}
+	logf := opts.Logf
+	if logf == nil {
+		logf = func(string, ...any) {}
+	}
 	rep := &SweepReport{}
 	if !opts.SkipRunning {
-		d, err := waitSweepRunning(ctx, dst, dir, opts.RunTimeout)
+		d, err := waitSweepRunning(ctx, dst, dir, opts.RunTimeout, logf)
 		if err != nil {
 			return fail("destination running", err)
 		}
@@ -122,9 +130,11 @@ func CheckSweep(ctx context.Context, src, dst *qmp.Client, opts SweepCheckOption
 	return rep, nil
 }
 
-// waitSweepRunning waits until the destination reports running and two
-// dumps of the first bytes of the swept range differ.
-func waitSweepRunning(ctx context.Context, dst *qmp.Client, dir string, timeout time.Duration) (time.Duration, error) {
+// waitSweepRunning waits until the destination reports running and its
+// guest makes progress. The cheap proof is the sweep's page pointer (EDI,
+// read with HMP "info registers") moving inside the swept range; when the
+// registers cannot be read, two dumps of the swept range must differ.
+func waitSweepRunning(ctx context.Context, dst *qmp.Client, dir string, timeout time.Duration, logf func(string, ...any)) (time.Duration, error) {
 	if timeout == 0 {
 		timeout = 30 * time.Second
 	}
@@ -133,16 +143,35 @@ func waitSweepRunning(ctx context.Context, dst *qmp.Client, dir string, timeout 
 	defer cancel()
 	path := filepath.Join(dir, "sweep-running.mem")
 	var first []byte
+	var firstEDI uint32
+	useDumps := false
+	status := ""
 	for {
 		st, err := dst.QueryStatus(ctx)
 		if err != nil {
 			return 0, err
 		}
-		if st.Running {
+		status = st.Status
+		if st.Running && !useDumps {
+			edi, err := sweepCursor(ctx, dst)
+			switch {
+			case err != nil:
+				logf("testbed: check sweep: %v; falling back to memory dumps", err)
+				useDumps = true
+			case firstEDI == 0:
+				firstEDI = edi
+			case edi != firstEDI:
+				logf("testbed: check sweep: destination sweep pointer moved %#x -> %#x", firstEDI, edi)
+				return time.Since(start), nil
+			}
+		}
+		if st.Running && useDumps {
+			t0 := time.Now()
 			mem, err := DumpSweep(ctx, dst, path)
 			if err != nil {
 				return 0, err
 			}
+			logf("testbed: check sweep: running destination dumped in %v", time.Since(t0).Round(time.Millisecond))
 			fb := sweep.FirstBytes(mem)
 			if first == nil {
 				first = fb
@@ -152,11 +181,33 @@ func waitSweepRunning(ctx context.Context, dst *qmp.Client, dir string, timeout 
 		}
 		select {
 		case <-ctx.Done():
-			status := st.Status
 			return 0, fmt.Errorf("%w within %v (status %s): %w", ErrNotAdvancing, timeout, status, ctx.Err())
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(20 * time.Millisecond):
 		}
 	}
+}
+
+// ErrNoCursor means the sweep's page pointer could not be read.
+var ErrNoCursor = errors.New("cannot read the sweep guest's page pointer")
+
+// sweepCursor reads EDI, the sweep's page pointer, with HMP info registers.
+func sweepCursor(ctx context.Context, c *qmp.Client) (uint32, error) {
+	out, err := c.HumanMonitorCommand(ctx, "info registers")
+	if err != nil {
+		return 0, fmt.Errorf("%w: %w", ErrNoCursor, err)
+	}
+	_, rest, ok := strings.Cut(out, "EDI=")
+	if !ok || len(rest) < 8 {
+		return 0, fmt.Errorf("%w: no EDI in %q", ErrNoCursor, out)
+	}
+	v, err := strconv.ParseUint(rest[:8], 16, 32)
+	if err != nil {
+		return 0, fmt.Errorf("%w: %w", ErrNoCursor, err)
+	}
+	if v < sweep.RangeStart || v > sweep.RangeEnd {
+		return 0, fmt.Errorf("%w: EDI=%#x is outside the swept range (not the sweep loop?)", ErrNoCursor, v)
+	}
+	return uint32(v), nil
 }
 
 // DumpSweep pmemsaves the swept range [1 MiB, 100 MiB) of c's guest to path

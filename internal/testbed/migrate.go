@@ -121,3 +121,10 @@ func WaitMigration(ctx context.Context, src *qmp.Client, opts MigrateOptions) (*
 		}
 	}
 }
+
+// WaitIncoming polls query-migrate on the destination until its side of the
+// migration has ended. Resume a destination whose source was paused (cont)
+// only after this: QEMU ignores cont while the incoming migration still runs.
+func WaitIncoming(ctx context.Context, dst *qmp.Client) (*qmp.MigrationInfo, error) {
+	return WaitMigration(ctx, dst, MigrateOptions{Poll: 20 * time.Millisecond})
+}
