@@ -670,3 +670,26 @@ func TestCancelJustAfterWriteKeepsConnection(t *testing.T) {
 	require.NoError(t, err)
 	assert.NoError(t, c.Err())
 }
+
+func TestDialTCP(t *testing.T) {
+	s := qmptest.NewServer(qmptest.WithVersion(9, 2, 0))
+	defer s.Close()
+	s.Handle("query-status", qmptest.Return(map[string]any{"status": "running", "running": true}))
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	go func() {
+		nc, err := l.Accept()
+		if err == nil {
+			s.ServeConn(nc)
+		}
+	}()
+	c, err := qmp.DialAddress(t.Context(), "tcp:"+l.Addr().String())
+	require.NoError(t, err)
+	defer c.Close()
+	assert.Equal(t, "9.2.0", c.Version().String())
+	st, err := c.QueryStatus(t.Context())
+	require.NoError(t, err)
+	assert.True(t, st.Running)
+	assert.ErrorIs(t, c.Getfd(t.Context(), "x", 0), qmp.ErrNoFDPassing, "no fd passing over TCP")
+}

@@ -176,6 +176,10 @@ func (s *Server) Client(ctx context.Context, opts ...qmp.Option) (*qmp.Client, e
 	return qmp.NewClient(ctx, s.Conn(), opts...)
 }
 
+// ServeConn serves an existing connection (e.g. one accepted from a TCP
+// listener the test made). The server owns it from then on.
+func (s *Server) ServeConn(nc net.Conn) { s.serve(nc) }
+
 // ListenUnix also serves connections on a unix socket at path, for code that
 // dials (CLI tests). Close removes the socket.
 func (s *Server) ListenUnix(path string) error {
