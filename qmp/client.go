@@ -383,7 +383,7 @@ func (c *Client) write(ctx context.Context, buf []byte, fd int) error {
 			err = fmt.Errorf("%w (write abandoned: %v)", ctx.Err(), err)
 		}
 		c.closeWith(fmt.Errorf("write: %w", err))
-		return err
+		return c.Err() // wraps ErrClosed and the first cause
 	}
 	return nil
 }

@@ -693,3 +693,30 @@ func TestDialTCP(t *testing.T) {
 	assert.True(t, st.Running)
 	assert.ErrorIs(t, c.Getfd(t.Context(), "x", 0), qmp.ErrNoFDPassing, "no fd passing over TCP")
 }
+
+// A QEMU that stops reading: the write cannot finish before the context
+// ends, so the connection is closed (a half-written command would corrupt
+// the stream) and the error says both.
+func TestWriteAbandonedKillsConnection(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		client, server := net.Pipe()
+		defer server.Close()
+		go func() {
+			_, _ = server.Write([]byte(`{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}, "capabilities": []}}` + "\n"))
+			buf := make([]byte, 4096)
+			_, _ = server.Read(buf) // qmp_capabilities
+			_, _ = server.Write([]byte(`{"return": {}, "id": "1"}` + "\n"))
+			// and never read again
+		}()
+		c, err := qmp.NewClient(t.Context(), client)
+		require.NoError(t, err)
+		defer c.Close()
+		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		defer cancel()
+		err = c.Execute(ctx, "query-status", nil, nil)
+		assert.ErrorIs(t, err, context.DeadlineExceeded)
+		assert.ErrorIs(t, err, qmp.ErrClosed)
+		<-c.Done()
+		assert.ErrorIs(t, c.Err(), context.DeadlineExceeded)
+	})
+}
