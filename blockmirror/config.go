@@ -34,6 +34,11 @@ type Config struct {
 	// (blockdev-mirror speed); 0 is unlimited. Write-blocking guest writes are
 	// not limited. Change it later with qmp's BlockJobSetSpeed on Progress.Job.
 	Speed uint64
+	// BufSize and Granularity tune blockdev-mirror (buf-size: bytes in
+	// flight, QEMU default 16 MiB; granularity: dirty-tracking unit, a power of
+	// two in [512 B, 64 MiB], default the cluster size or 64 KiB). 0 = default.
+	BufSize     uint64
+	Granularity uint32
 	// Shared are node names on storage both hosts see; they are never
 	// mirrored and may not appear in Disks.
 	Shared []string

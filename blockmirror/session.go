@@ -118,7 +118,8 @@ func (s *Session) start(ctx context.Context) error {
 			return fmt.Errorf("blockmirror: source NBD client for %s at %s: %w", d.name, s.addr, err)
 		}
 		d.nbdAdded = true
-		args := qmp.BlockdevMirrorArgs{JobID: d.job, Device: d.node, Target: d.nbdNode, Sync: d.sync, Speed: s.cfg.Speed}
+		args := qmp.BlockdevMirrorArgs{JobID: d.job, Device: d.node, Target: d.nbdNode, Sync: d.sync, Speed: s.cfg.Speed,
+			BufSize: s.cfg.BufSize, Granularity: s.cfg.Granularity}
 		if d.copyMode != "background" {
 			args.CopyMode = d.copyMode
 		}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -36,7 +37,7 @@ type bmQEMU struct {
 // bmQEMUs lists the QEMUs to run on: QMIGRATE_QEMU when set, else
 // /usr/bin's and the testbed's cached 10.0 when present. It skips when none is
 // found and CI is unset.
-func bmQEMUs(t *testing.T) []bmQEMU {
+func bmQEMUs(t testing.TB) []bmQEMU {
 	t.Helper()
 	var out []bmQEMU
 	if b := os.Getenv("QMIGRATE_QEMU"); b != "" {
@@ -87,7 +88,7 @@ func bmReadEnvFile(path string) (map[string]string, error) {
 
 // bmVM is a QEMU process with a disk, driven over QMP.
 type bmVM struct {
-	t    *testing.T
+	t    testing.TB
 	q    bmQEMU
 	cmd  *exec.Cmd
 	qmp  *qmp.Client
@@ -110,7 +111,7 @@ type bmOpts struct {
 // bmStartVM creates the image (unless it exists) and starts QEMU with the disk
 // as node "disk0" on device "vd0". The process and its files are cleaned up
 // with the test.
-func bmStartVM(t *testing.T, q bmQEMU, dir, name string, o bmOpts) *bmVM {
+func bmStartVM(t testing.TB, q bmQEMU, dir, name string, o bmOpts) *bmVM {
 	t.Helper()
 	if o.format == "" {
 		o.format = "raw"
@@ -230,7 +231,7 @@ func (vm *bmVM) status(ctx context.Context) string {
 }
 
 // bmAssertNothingLeft checks that no job, NBD node or export is left.
-func bmAssertNothingLeft(t *testing.T, ctx context.Context, src, dst *bmVM) {
+func bmAssertNothingLeft(t testing.TB, ctx context.Context, src, dst *bmVM) {
 	t.Helper()
 	jobs, err := src.qmp.QueryBlockJobs(ctx)
 	require.NoError(t, err)
@@ -255,11 +256,11 @@ func bmAssertNothingLeft(t *testing.T, ctx context.Context, src, dst *bmVM) {
 }
 
 // bmLogger logs to the test log.
-func bmLogger(t *testing.T) *slog.Logger {
+func bmLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(bmTestWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
-type bmTestWriter struct{ t *testing.T }
+type bmTestWriter struct{ t testing.TB }
 
 func (w bmTestWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
@@ -269,7 +270,7 @@ func (w bmTestWriter) Write(p []byte) (int, error) {
 // bmMigrate runs the storage+RAM sequence of qemu-protocol.md 2.7 with the
 // mirrors already READY: migrate-incoming, migrate, pre-switchover, Finish,
 // migrate-continue, completed on both sides, Cleanup, cont.
-func bmMigrate(t *testing.T, ctx context.Context, s *blockmirror.Session, src, dst *bmVM) {
+func bmMigrate(t testing.TB, ctx context.Context, s *blockmirror.Session, src, dst *bmVM) {
 	t.Helper()
 	uri := "unix:" + filepath.Join(src.dir, "mig.sock")
 	require.NoError(t, dst.qmp.MigrateIncoming(ctx, qmp.MigrateIncomingArgs{URI: uri}))
@@ -284,7 +285,7 @@ func bmMigrate(t *testing.T, ctx context.Context, s *blockmirror.Session, src, d
 	require.Equal(t, "running", dst.status(ctx))
 }
 
-func bmWaitStatus(t *testing.T, ctx context.Context, vm *bmVM, want qmp.MigrationStatus) {
+func bmWaitStatus(t testing.TB, ctx context.Context, vm *bmVM, want qmp.MigrationStatus) {
 	t.Helper()
 	for {
 		info, err := vm.qmp.QueryMigrate(ctx)
@@ -301,20 +302,20 @@ func bmWaitStatus(t *testing.T, ctx context.Context, vm *bmVM, want qmp.Migratio
 	}
 }
 
-func bmCaps(t *testing.T, ctx context.Context, src, dst *bmVM) {
+func bmCaps(t testing.TB, ctx context.Context, src, dst *bmVM) {
 	t.Helper()
 	require.NoError(t, src.qmp.MigrateSetCapabilities(ctx, map[string]bool{"events": true, "pause-before-switchover": true}))
 	require.NoError(t, dst.qmp.MigrateSetCapabilities(ctx, map[string]bool{"events": true, "late-block-activate": true}))
 }
 
 // bmCompare runs qemu-img compare on the two images (both QEMUs stopped).
-func bmCompare(t *testing.T, q bmQEMU, a, b string) {
+func bmCompare(t testing.TB, q bmQEMU, a, b string) {
 	t.Helper()
 	out, err := exec.Command(q.img, "compare", "-q", a, b).CombinedOutput()
 	require.NoError(t, err, "qemu-img compare %s %s: %s", a, b, out)
 }
 
-func bmPair(t *testing.T, q bmQEMU, o bmOpts) (src, dst *bmVM) {
+func bmPair(t testing.TB, q bmQEMU, o bmOpts) (src, dst *bmVM) {
 	t.Helper()
 	dir := t.TempDir()
 	src = bmStartVM(t, q, dir, "src", o)
@@ -368,7 +369,7 @@ func bmTestMigrate(t *testing.T, q bmQEMU, format string) {
 
 // bmSourceIntact checks the source guest runs, its disk is node disk0 again
 // and holds the data written before.
-func bmSourceIntact(t *testing.T, ctx context.Context, src *bmVM, checks map[uint64]byte, n uint64) {
+func bmSourceIntact(t testing.TB, ctx context.Context, src *bmVM, checks map[uint64]byte, n uint64) {
 	t.Helper()
 	assert.Equal(t, "running", src.status(ctx))
 	blocks, err := src.qmp.QueryBlock(ctx)
@@ -389,7 +390,7 @@ func bmSourceIntact(t *testing.T, ctx context.Context, src *bmVM, checks map[uin
 	src.write(ctx, 0x5a, 63<<20, 64<<10) // still writable
 }
 
-func bmJob(t *testing.T, ctx context.Context, s *blockmirror.Session) string {
+func bmJob(t testing.TB, ctx context.Context, s *blockmirror.Session) string {
 	t.Helper()
 	p, err := s.Progress(ctx)
 	require.NoError(t, err)
@@ -523,7 +524,7 @@ func bmTestPreflight(t *testing.T, q bmQEMU) {
 }
 
 // bmFreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func bmFreePort(t *testing.T) int {
+func bmFreePort(t testing.TB) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
@@ -533,7 +534,7 @@ func bmFreePort(t *testing.T) int {
 
 // bmTCPReceived is bytes_received of the established TCP connections whose
 // local port is port (ss -ti), i.e. what a server on that port has read.
-func bmTCPReceived(t *testing.T, port int) uint64 {
+func bmTCPReceived(t testing.TB, port int) uint64 {
 	t.Helper()
 	out, err := exec.Command("ss", "-tinH", "state", "established", fmt.Sprintf("( sport = :%d )", port)).CombinedOutput()
 	require.NoError(t, err, "%s", out)
@@ -548,7 +549,7 @@ func bmTCPReceived(t *testing.T, port int) uint64 {
 	return total
 }
 
-func bmAllocated(t *testing.T, path string) uint64 {
+func bmAllocated(t testing.TB, path string) uint64 {
 	t.Helper()
 	var st syscall.Stat_t
 	require.NoError(t, syscall.Stat(path, &st))
@@ -685,4 +686,98 @@ func bmTestCreateTargets(t *testing.T, q bmQEMU) {
 	src.quit(ctx)
 	dst.quit(ctx)
 	bmCompare(t, q, src.disk, filepath.Join(tdir, "src.qcow2"))
+}
+
+// BenchmarkBlockMirror compares the mirror's initial copy (Start to READY)
+// with qemu-img convert -n of the same image into the same kind of NBD export
+// on the same destination QEMU. Both write every byte (the image is full of
+// non-zero data). Each iteration runs both, alternating which goes first.
+//
+//	go test ./integration -run '^$' -bench BlockMirror -benchtime 3x
+func BenchmarkBlockMirror(b *testing.B) {
+	for _, q := range bmQEMUs(b) {
+		b.Run(q.name, func(b *testing.B) { bmBench(b, q) })
+	}
+}
+
+func bmBench(b *testing.B, q bmQEMU) {
+	const size = 1 << 30
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	dir := b.TempDir()
+	img := filepath.Join(dir, "src.raw")
+	out, err := exec.Command(q.img, "create", "-q", "-f", "raw", img, fmt.Sprint(size)).CombinedOutput()
+	require.NoError(b, err, "%s", out)
+	qio := filepath.Join(filepath.Dir(q.img), "qemu-io")
+	out, err = exec.Command(qio, "-f", "raw", "-c", fmt.Sprintf("write -P 0xa5 0 %d", size), img).CombinedOutput()
+	require.NoError(b, err, "%s", out)
+	// The source is paused (-S via incoming=false has no -S; stop it) so that
+	// its vCPU does not compete with the copy on a 2-core machine.
+	src := bmStartVM(b, q, dir, "src", bmOpts{})
+	require.NoError(b, src.qmp.Stop(ctx))
+	dst := bmStartVM(b, q, dir, "dst", bmOpts{incoming: true, size: fmt.Sprint(size)})
+	sock := filepath.Join(dir, "nbd.sock")
+	cfg := blockmirror.Config{NBDAddress: "unix:" + sock}
+	if v := os.Getenv("QMIGRATE_BENCH_BUFSIZE"); v != "" {
+		n, err := strconv.ParseUint(v, 10, 64)
+		require.NoError(b, err)
+		cfg.BufSize = n
+	}
+	if v := os.Getenv("QMIGRATE_BENCH_GRANULARITY"); v != "" {
+		n, err := strconv.ParseUint(v, 10, 32)
+		require.NoError(b, err)
+		cfg.Granularity = uint32(n)
+	}
+
+	mirror := func() time.Duration {
+		start := time.Now()
+		s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, cfg, "")
+		require.NoError(b, err)
+		require.NoError(b, s.WaitReady(ctx, nil))
+		d := time.Since(start)
+		require.NoError(b, s.Abort(ctx))
+		return d
+	}
+	convert := func() time.Duration {
+		require.NoError(b, dst.qmp.NBDServerStart(ctx, qmp.NBDUnix(sock), ""))
+		require.NoError(b, dst.qmp.BlockExportAdd(ctx, qmp.BlockExportAddArgs{ID: "bench", NodeName: "disk0", Writable: true, Name: "bench"}))
+		start := time.Now()
+		out, err := exec.Command(q.img, "convert", "-U", "-n", "-f", "raw", "-O", "raw", img, "nbd+unix:///bench?socket="+sock).CombinedOutput()
+		d := time.Since(start)
+		require.NoError(b, err, "%s", out)
+		require.NoError(b, dst.qmp.BlockExportDel(ctx, "bench", ""))
+		for !func() bool { e, err := dst.qmp.QueryBlockExports(ctx); require.NoError(b, err); return len(e) == 0 }() {
+			time.Sleep(10 * time.Millisecond)
+		}
+		require.NoError(b, dst.qmp.NBDServerStop(ctx))
+		return d
+	}
+	// One untimed round warms the page cache and allocates the destination file.
+	mirror()
+	convert()
+	var tm, tc time.Duration
+	var ratios []float64
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		var m, c time.Duration
+		if i%2 == 0 {
+			m = mirror()
+			c = convert()
+		} else {
+			c = convert()
+			m = mirror()
+		}
+		tm, tc = tm+m, tc+c
+		ratios = append(ratios, c.Seconds()/m.Seconds())
+		b.Logf("round %d: mirror %.0f MB/s, convert %.0f MB/s", i, size/m.Seconds()/1e6, size/c.Seconds()/1e6)
+	}
+	b.StopTimer()
+	slices.Sort(ratios)
+	med := ratios[len(ratios)/2]
+	mm := float64(size) * float64(b.N) / tm.Seconds() / 1e6
+	mc := float64(size) * float64(b.N) / tc.Seconds() / 1e6
+	b.ReportMetric(mm, "mirror-MB/s")
+	b.ReportMetric(mc, "convert-MB/s")
+	b.ReportMetric(100*med, "median-mirror-%-of-convert")
+	b.Logf("QEMU %s, 1 GiB of data over NBD (unix), %d rounds: mirror %.0f MB/s, qemu-img convert %.0f MB/s (total %.0f%%, median round %.0f%%)", q.name, b.N, mm, mc, 100*mm/mc, 100*med)
 }
