@@ -3,6 +3,7 @@ package strategy
 import (
 	"fmt"
 	"math"
+	"slices"
 	"time"
 )
 
@@ -225,10 +226,10 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 	}
 	r := ratio(p)
 	last := float64(p[len(p)-1].peak)
-	floor := last
-	for _, x := range p[max(0, len(p)-3):] {
-		floor = min(floor, float64(x.peak))
-	}
+	// The dirty set a switchover would face: the median of the last three
+	// peaks. A sync right after another shows a small peak, which must not
+	// pass for the steady state.
+	typical := median(p[max(0, len(p)-3):])
 	bw, dirty := a.bw, a.dirty
 	if !a.dirtyOK {
 		dirty = 0
@@ -252,17 +253,17 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 	}
 	stats = what + ": " + stats
 
-	// Lever 1: downtime, if the floor of the peaks fits within the maximum.
+	// Lever 1: downtime, if the typical peak fits within the maximum.
 	maxDT := a.m.lim.maxDowntime()
-	if !lv.downtimeFailed && seconds(floor, bw) <= maxDT && limit < maxDT {
-		dl := roundUp(mulDur(seconds(floor, bw), a.c.Margin), 10*time.Millisecond)
+	if !lv.downtimeFailed && seconds(typical, bw) <= maxDT && limit < maxDT {
+		dl := roundUp(mulDur(seconds(typical, bw), a.c.Margin), 10*time.Millisecond)
 		if dl <= limit {
 			dl = maxDT // the estimate fitted the limit, yet QEMU did not switch
 		}
 		dl = min(dl, maxDT)
 		return a.decide(Decision{Action: SetDowntime, DowntimeLimit: dl, Reason: fmt.Sprintf(
 			"auto: %s; %s / throughput = %v fits the %v maximum: downtime limit %v",
-			stats, bytesStr(floor), roundDur(seconds(floor, bw)), maxDT, dl)}, now)
+			stats, bytesStr(typical), roundDur(seconds(typical, bw)), maxDT, dl)}, now)
 	}
 
 	// Lever 2: CPU throttle computed from the stats.
@@ -278,7 +279,7 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 			a.downtime, a.reevaluate = maxDT, true
 			return Decision{Action: SetDowntime, DowntimeLimit: maxDT, Reason: fmt.Sprintf(
 				"auto: %s; %s / throughput = %v does not fit the %v maximum: downtime limit %v before throttling",
-				stats, bytesStr(floor), roundDur(seconds(floor, bw)), maxDT, maxDT)}
+				stats, bytesStr(typical), roundDur(seconds(typical, bw)), maxDT, maxDT)}
 		}
 		inc := pct - s.ThrottlePercent
 		t := Throttle{Initial: pct, Increment: clampInt(inc, 1, qemuMaxThrottle), Max: pct}
@@ -446,4 +447,14 @@ func roundUp(d, unit time.Duration) time.Duration {
 		d += unit - r
 	}
 	return d
+}
+
+// median of the peaks (the lower middle one for an even count).
+func median(p []iterRec) float64 {
+	v := make([]float64, len(p))
+	for i, r := range p {
+		v[i] = float64(r.peak)
+	}
+	slices.Sort(v)
+	return v[(len(v)-1)/2]
 }

@@ -87,8 +87,8 @@
 //
 // auto starts with a 100 ms downtime limit (AutoConfig.InitialDowntime, at
 // most the user's maximum). When not converging, levers go in order of guest
-// impact: (1) raise the downtime limit to the smallest peak / throughput ×
-// 1.25, if that fits the user's maximum; (2) a CPU throttle, preceded by the
+// impact: (1) raise the downtime limit to the typical peak (median of
+// the last three) / throughput × 1.25, if that fits the user's maximum; (2) a CPU throttle, preceded by the
 // downtime limit raised to the maximum (the throttled passes then need to
 // shrink less), with p = 1 - k × throughput / true dirty
 // rate, k = TargetRatio (0.5), where the true rate is the measured one over
