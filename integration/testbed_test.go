@@ -80,6 +80,10 @@ func testTestbedSweepPrecopy(t *testing.T, q *testbed.QEMU, v qmp.Version) {
 func testTestbedSweepNegative(t *testing.T, q *testbed.QEMU) {
 	g := testbed.NewSweepGuest(300e6)
 	src := startSweepSource(t, q, g, testbed.Config{})
+	// Two full passes: every swept page holds 2 or more, so a page the
+	// destination has not received yet (still 0) can never pass as the edge.
+	_, err := src.CountSerial(tbTimeout(t, time.Minute), sweep.StartChar, sweep.PassChar, 2)
+	require.NoError(t, err)
 	dst := testbed.StartT(t, q, testbed.Config{Name: "dst", Guest: g, Incoming: true})
 
 	ctx := tbTimeout(t, 2*time.Minute)
@@ -109,11 +113,16 @@ func testTestbedSweepNegative(t *testing.T, q *testbed.QEMU) {
 	require.ErrorAs(t, err, &be, "a half-migrated destination must fail the check")
 	t.Logf("mid-migration destination: %d bad pages; first: %v", bad, err)
 
-	// Let it finish: the same destination is now consistent.
+	// Let it finish (pause the source so that it converges whatever the
+	// load): the same destination is then consistent.
+	require.NoError(t, src.QMP.Stop(ctx))
 	require.NoError(t, src.QMP.MigrateSetParameters(ctx, qmp.MigrationParameters{MaxBandwidth: qmp.Ptr(uint64(testbed.DefaultMaxBandwidth))}))
 	info, err := testbed.WaitMigration(ctx, src.QMP, opts)
-	tbLogMigration(t, "sweep pre-copy (throttled, then released)", info)
+	tbLogMigration(t, "sweep pre-copy (throttled, then source paused and released)", info)
 	require.NoError(t, err)
+	_, err = testbed.WaitIncoming(ctx, dst.QMP)
+	require.NoError(t, err)
+	require.NoError(t, dst.QMP.Cont(ctx))
 
 	// One stale page, far from the sweep's edge, planted in the final dump.
 	planted := -1
