@@ -23,6 +23,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/qmigrate/qmigrate/blockmirror"
+	"github.com/qmigrate/qmigrate/internal/guest/linux"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
@@ -99,13 +100,15 @@ type bmVM struct {
 }
 
 type bmOpts struct {
-	incoming bool   // -incoming defer
-	format   string // raw | qcow2
-	size     string // qemu-img size, e.g. 64M
-	readOnly string // optional read-only second disk image
-	noDisk   bool   // no disk (for CreateTargets)
-	machine  string // default q35
-	discard  bool   // discard=unmap on the disk nodes (keeps a mirrored image sparse)
+	incoming bool     // -incoming defer
+	format   string   // raw | qcow2
+	size     string   // qemu-img size, e.g. 64M
+	readOnly string   // optional read-only second disk image
+	noDisk   bool     // no disk (for CreateTargets)
+	machine  string   // default q35
+	mem      string   // -m, default 64
+	extra    []string // more QEMU arguments
+	discard  bool     // discard=unmap on the disk nodes (keeps a mirrored image sparse)
 }
 
 // bmStartVM creates the image (unless it exists) and starts QEMU with the disk
@@ -129,7 +132,10 @@ func bmStartVM(t testing.TB, q bmQEMU, dir, name string, o bmOpts) *bmVM {
 	if o.machine == "" {
 		o.machine = "q35"
 	}
-	args := []string{"-M", o.machine, "-accel", "tcg", "-cpu", "max", "-m", "64", "-nodefaults", "-display", "none",
+	if o.mem == "" {
+		o.mem = "64"
+	}
+	args := []string{"-M", o.machine, "-accel", "tcg", "-cpu", "max", "-m", o.mem, "-nodefaults", "-display", "none",
 		"-qmp", "unix:" + sock + ",server=on,wait=off"}
 	if q.firmware != "" {
 		args = append(args, "-L", q.firmware, "-L", "/usr/share/seabios")
@@ -150,6 +156,7 @@ func bmStartVM(t testing.TB, q bmQEMU, dir, name string, o bmOpts) *bmVM {
 			"-blockdev", "driver=raw,file=rof,node-name=ro0,read-only=on",
 			"-device", "virtio-blk-pci,drive=ro0,id=vdro")
 	}
+	args = append(args, o.extra...)
 	if o.incoming {
 		args = append(args, "-S", "-incoming", "defer")
 	}
@@ -270,7 +277,7 @@ func (w bmTestWriter) Write(p []byte) (int, error) {
 // bmMigrate runs the storage+RAM sequence of qemu-protocol.md 2.7 with the
 // mirrors already READY: migrate-incoming, migrate, pre-switchover, Finish,
 // migrate-continue, completed on both sides, Cleanup, cont.
-func bmMigrate(t testing.TB, ctx context.Context, s *blockmirror.Session, src, dst *bmVM) {
+func bmMigrate(t testing.TB, ctx context.Context, s *blockmirror.Session, src, dst *bmVM, beforeCont ...func()) {
 	t.Helper()
 	uri := "unix:" + filepath.Join(src.dir, "mig.sock")
 	require.NoError(t, dst.qmp.MigrateIncoming(ctx, qmp.MigrateIncomingArgs{URI: uri}))
@@ -281,6 +288,9 @@ func bmMigrate(t testing.TB, ctx context.Context, s *blockmirror.Session, src, d
 	bmWaitStatus(t, ctx, src, qmp.StatusCompleted)
 	bmWaitStatus(t, ctx, dst, qmp.StatusCompleted)
 	require.NoError(t, s.Cleanup(ctx))
+	for _, f := range beforeCont {
+		f()
+	}
 	require.NoError(t, dst.qmp.Cont(ctx))
 	require.Equal(t, "running", dst.status(ctx))
 }
@@ -780,4 +790,75 @@ func bmBench(b *testing.B, q bmQEMU) {
 	b.ReportMetric(mc, "convert-MB/s")
 	b.ReportMetric(100*med, "median-mirror-%-of-convert")
 	b.Logf("QEMU %s, 1 GiB of data over NBD (unix), %d rounds: mirror %.0f MB/s, qemu-img convert %.0f MB/s (total %.0f%%, median round %.0f%%)", q.name, b.N, mm, mc, 100*mm/mc, 100*med)
+}
+
+// TestBlockMirrorLinuxGuest migrates the Linux guest while it appends its
+// checksummed log to its disk (/dev/vda) throughout: at the switchover, with
+// the source stopped and the destination not yet running, the two images are
+// identical; after cont the destination guest verifies the whole log,
+// including records written after the switchover.
+func TestBlockMirrorLinuxGuest(t *testing.T) {
+	qs := bmQEMUs(t)
+	if testing.Short() {
+		t.Skip("boots Linux; skipped with -short")
+	}
+	actx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	kernel, initrd, err := linux.Assets(actx)
+	cancel()
+	if err != nil && os.Getenv("CI") == "" {
+		t.Skipf("guest kernel not set up: %v", err)
+	}
+	require.NoError(t, err)
+	for _, q := range qs {
+		t.Run(q.name, func(t *testing.T) { bmTestLinuxGuest(t, q, kernel, initrd) })
+	}
+}
+
+func bmTestLinuxGuest(t *testing.T, q bmQEMU, kernel, initrd string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	w := linux.Workload{Mode: linux.ModeDiskWrite, RateBytes: 2 << 20, VerifyEvery: 2 * time.Second}
+	serial := func(name string) string { return filepath.Join(dir, name+".serial") }
+	opts := func(name string, incoming bool) bmOpts {
+		return bmOpts{size: "32M", mem: "256", incoming: incoming,
+			extra: append([]string{"-serial", "file:" + serial(name)}, linux.BootArgs(kernel, initrd, w)...)}
+	}
+	src := bmStartVM(t, q, dir, "src", opts("src", false))
+	ss := linux.NewSerial(serial("src"))
+	_, err := ss.WaitFor(ctx, linux.Kind(linux.KindReady))
+	require.NoError(t, err)
+	_, err = ss.WaitFor(ctx, linux.Verdict(linux.KindDiskVerify, "records", 1))
+	require.NoError(t, err, "source guest writing and verifying its disk log")
+	dst := bmStartVM(t, q, dir, "dst", opts("dst", true))
+	bmCaps(t, ctx, src, dst)
+
+	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, blockmirror.Config{Logger: bmLogger(t)}, "unix:"+filepath.Join(dir, "mig.sock"))
+	require.NoError(t, err)
+	require.NoError(t, s.WaitReady(ctx, nil))
+	time.Sleep(2 * time.Second) // the guest keeps writing through the READY mirror
+	bmMigrate(t, ctx, s, src, dst, func() {
+		// Both stopped: source postmigrate, destination not yet cont'ed.
+		out, err := exec.Command(q.img, "compare", "-U", "-q", src.disk, dst.disk).CombinedOutput()
+		require.NoError(t, err, "images differ at the switchover: %s", out)
+	})
+	var seq uint64
+	for {
+		short, c := context.WithTimeout(ctx, 200*time.Millisecond)
+		l, err := ss.Next(short)
+		c()
+		if err != nil {
+			break
+		}
+		require.False(t, l.Failed(), l.Raw)
+		if n, ok := l.Uint("seq"); ok && l.Kind == linux.KindDisk {
+			seq = n
+		}
+	}
+	src.quit(ctx)
+	ds := linux.NewSerial(serial("dst"))
+	l, err := ds.WaitFor(ctx, linux.Verdict(linux.KindDiskVerify, "last", seq+100))
+	require.NoError(t, err, "destination disk verification")
+	t.Logf("QEMU %s: source wrote up to record %d; destination: %s", q.name, seq, l.Raw)
+	dst.quit(ctx)
 }
