@@ -1,0 +1,99 @@
+package integration
+
+import (
+	"context"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/qmigrate/qmigrate/engine"
+	"github.com/qmigrate/qmigrate/internal/testbed"
+)
+
+// benchRate is the sweep guest's dirty rate for the overhead benchmark: low,
+// so the migration is one bulk pass plus a short tail and the time measured
+// is dominated by the transfer, as for an idle production guest.
+const benchRate = 20e6
+
+// migrateOnce starts a fresh pair, migrates it with the engine or the raw
+// driver, and returns the time of the call (QEMU start-up is outside it) and
+// the time from the start phase on (for the engine: without prepare's checks
+// and schema probes; for the raw driver the same as the call).
+func migrateOnce(tb testing.TB, q *testbed.QEMU, useEngine bool) (total, fromStart time.Duration) {
+	t := tb.(interface {
+		testbed.TB
+		Helper()
+	})
+	t.Helper()
+	guest := testbed.NewSweepGuest(benchRate)
+	src := testbed.StartT(t, q, testbed.Config{Name: "src", Guest: guest})
+	dst := testbed.StartT(t, q, testbed.Config{Name: "dst", Guest: guest, Incoming: true})
+	defer src.Close()
+	defer dst.Close()
+	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
+	defer cancel()
+	_, err := src.CountSerial(ctx, 'A', 'B', 1)
+	require.NoError(tb, err)
+	uri := "unix:" + filepath.Join(dst.Dir(), "mig.sock")
+	start := time.Now()
+	var prepare time.Duration
+	if useEngine {
+		_, err = engine.Migrate(ctx, engine.Config{
+			Source:      engine.Endpoint{Client: src.QMP},
+			Destination: engine.Endpoint{Client: dst.QMP},
+			URI:         uri,
+			Observer: func(e engine.Event) {
+				if e.Kind == engine.EventPhase && e.Phase == engine.PhaseStart {
+					prepare = e.Elapsed
+				}
+			},
+		})
+	} else {
+		// The minimal raw-QMP driver: events on, max-bandwidth, incoming,
+		// migrate, poll query-migrate every 50 ms until completed.
+		_, err = testbed.MigrateQMP(ctx, src.QMP, dst.QMP, testbed.MigrateOptions{URI: uri})
+	}
+	took := time.Since(start)
+	require.NoError(tb, err)
+	return took, took - prepare
+}
+
+// BenchmarkEngineVsRaw times the same migration (fresh QEMU pair each time,
+// sweep guest, unix socket) driven by engine.Migrate and by a minimal raw
+// driver, alternating, and reports both means and their ratio.
+//
+//	go test -run '^$' -bench EngineVsRaw -benchtime 5x ./integration/
+func BenchmarkEngineVsRaw(b *testing.B) {
+	q := testbed.RequireQEMU(b)
+	var eng, engStart, raw time.Duration
+	n := 0
+	for b.Loop() {
+		b.StopTimer()
+		// Alternate the order to spread drift (other load, caches) evenly.
+		var e, es, r time.Duration
+		if n%2 == 0 {
+			e, es = migrateOnce(b, q, true)
+			r, _ = migrateOnce(b, q, false)
+		} else {
+			r, _ = migrateOnce(b, q, false)
+			e, es = migrateOnce(b, q, true)
+		}
+		b.Logf("round %d: engine %v (from start %v), raw %v", n, e, es, r)
+		eng, engStart, raw = eng+e, engStart+es, raw+r
+		n++
+		b.StartTimer()
+	}
+	if n == 0 {
+		return
+	}
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 / float64(n) }
+	b.ReportMetric(ms(eng), "engine-ms")
+	b.ReportMetric(ms(engStart), "engine-from-start-ms")
+	b.ReportMetric(ms(raw), "raw-ms")
+	b.ReportMetric(ms(eng)/ms(raw), "ratio")
+	b.ReportMetric(ms(engStart)/ms(raw), "ratio-from-start")
+	b.Logf("%d rounds: engine %.0f ms (%.0f ms from start), raw %.0f ms: ratio %.3f (%.3f from start)",
+		n, ms(eng), ms(engStart), ms(raw), ms(eng)/ms(raw), ms(engStart)/ms(raw))
+}
