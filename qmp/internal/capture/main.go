@@ -21,11 +21,14 @@ import (
 	"flag"
 	"fmt"
 	"log"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/qmigrate/qmigrate/qmp"
 )
@@ -82,6 +85,7 @@ func main() {
 	}{
 		{"basic", cp.basic},
 		{"precopy", cp.precopy},
+		{"setup", cp.setup},
 		{"cancel", cp.cancel},
 		{"failed", cp.failed},
 		{"switchover", cp.switchover},
@@ -636,4 +640,58 @@ func (cp *capturer) mirror(ctx context.Context) error {
 		return ctx.Err()
 	}
 	return cp.saveEvents(v, "events/mirror")
+}
+
+// setup holds the source in "setup": it migrates to a TCP listener whose
+// accept queue is full, so the connect hangs in SYN retries.
+func (cp *capturer) setup(ctx context.Context) error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		return err
+	}
+	if err := unix.Listen(fd, 0); err != nil {
+		return err
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return err
+	}
+	port := sa.(*unix.SockaddrInet4).Port
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	// Fill the accept queue (backlog 0 holds one connection).
+	var fillers []net.Conn
+	defer func() {
+		for _, c := range fillers {
+			c.Close()
+		}
+	}()
+	for range 2 {
+		d := net.Dialer{Timeout: 300 * time.Millisecond}
+		c, err := d.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			break
+		}
+		fillers = append(fillers, c)
+	}
+	src, err := cp.start(ctx, "src")
+	if err != nil {
+		return err
+	}
+	defer src.kill()
+	if err := src.c.Migrate(ctx, qmp.MigrateArgs{URI: "tcp:" + addr}); err != nil {
+		return err
+	}
+	time.Sleep(300 * time.Millisecond)
+	r, err := src.raw(ctx, "query-migrate", nil)
+	if err != nil {
+		return err
+	}
+	if err := cp.saveIf(r, "query-migrate/src-setup", qmp.StatusSetup); err != nil {
+		return err
+	}
+	return src.c.MigrateCancel(ctx)
 }
