@@ -104,7 +104,11 @@ func TestGoldenQueryMigrate(t *testing.T) {
 				case qmp.StatusNone, qmp.StatusSetup, qmp.StatusCancelled:
 					assert.Nil(t, info.RAM)
 				case qmp.StatusFailed:
-					assert.Contains(t, info.ErrorDesc, "Failed to connect")
+					if src {
+						assert.Contains(t, info.ErrorDesc, "Failed to connect")
+					} else {
+						assert.Contains(t, info.ErrorDesc, "load of migration failed")
+					}
 				}
 				if info.Status == qmp.StatusCompleted && src {
 					assert.Zero(t, info.RAM.Remaining)

@@ -86,6 +86,7 @@ func main() {
 		{"basic", cp.basic},
 		{"precopy", cp.precopy},
 		{"setup", cp.setup},
+		{"dstfail", cp.dstFail},
 		{"cancel", cp.cancel},
 		{"failed", cp.failed},
 		{"switchover", cp.switchover},
@@ -694,4 +695,45 @@ func (cp *capturer) setup(ctx context.Context) error {
 		return err
 	}
 	return src.c.MigrateCancel(ctx)
+}
+
+// dstFail makes a destination that survives its failure (exit-on-error
+// false, 9.1+) fail on a stream of garbage.
+func (cp *capturer) dstFail(ctx context.Context) error {
+	dst, err := cp.start(ctx, "dst", "-incoming", "defer")
+	if err != nil {
+		return err
+	}
+	defer dst.kill()
+	f, err := dst.c.ProbeFeatures(ctx)
+	if err != nil {
+		return err
+	}
+	if !f.IncomingExitOnError {
+		log.Printf("  no exit-on-error on %s: a failing destination exits; nothing to capture", dst.c.Version())
+		return nil
+	}
+	if err := dst.c.MigrateSetCapabilities(ctx, map[string]bool{"events": true}); err != nil {
+		return err
+	}
+	sock := filepath.Join(cp.tmp, "mig.sock")
+	if err := dst.c.MigrateIncoming(ctx, qmp.MigrateIncomingArgs{URI: "unix:" + sock, ExitOnError: qmp.Ptr(false)}); err != nil {
+		return err
+	}
+	conn, err := net.Dial("unix", sock)
+	if err != nil {
+		return err
+	}
+	_, _ = conn.Write([]byte("this is not a migration stream\n"))
+	conn.Close()
+	if _, err := dst.waitStatus(ctx, qmp.StatusFailed); err != nil {
+		return err
+	}
+	if _, err := cp.save(ctx, dst, "query-migrate/dst-failed", "query-migrate", nil); err != nil {
+		return err
+	}
+	if _, err := cp.save(ctx, dst, "query-status/dst-after-failure", "query-status", nil); err != nil {
+		return err
+	}
+	return cp.saveEvents(dst, "events/dstfail-dst")
 }
