@@ -196,6 +196,12 @@ func sweepCursor(ctx context.Context, c *qmp.Client) (uint32, error) {
 	if err != nil {
 		return 0, fmt.Errorf("%w: %w", ErrNoCursor, err)
 	}
+	return parseCursor(out)
+}
+
+// parseCursor finds EDI in the output of info registers (32-bit format) and
+// checks that it points into the swept range.
+func parseCursor(out string) (uint32, error) {
 	_, rest, ok := strings.Cut(out, "EDI=")
 	if !ok || len(rest) < 8 {
 		return 0, fmt.Errorf("%w: no EDI in %q", ErrNoCursor, out)
