@@ -23,6 +23,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/qmigrate/qmigrate/blockmirror"
+	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/guest/linux"
 	"github.com/qmigrate/qmigrate/qmp"
 )
@@ -810,11 +811,14 @@ func TestBlockMirrorLinuxGuest(t *testing.T) {
 	}
 	require.NoError(t, err)
 	for _, q := range qs {
-		t.Run(q.name, func(t *testing.T) { bmTestLinuxGuest(t, q, kernel, initrd) })
+		t.Run(q.name+"/direct", func(t *testing.T) { bmTestLinuxGuest(t, q, kernel, initrd, false) })
+		t.Run(q.name+"/engine", func(t *testing.T) { bmTestLinuxGuest(t, q, kernel, initrd, true) })
 	}
 }
 
-func bmTestLinuxGuest(t *testing.T, q bmQEMU, kernel, initrd string) {
+// bmTestLinuxGuest drives the sequence itself (and compares the images at
+// the switchover), or with useEngine runs engine.Migrate with Storage.
+func bmTestLinuxGuest(t *testing.T, q bmQEMU, kernel, initrd string, useEngine bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
@@ -831,17 +835,38 @@ func bmTestLinuxGuest(t *testing.T, q bmQEMU, kernel, initrd string) {
 	_, err = ss.WaitFor(ctx, linux.Verdict(linux.KindDiskVerify, "records", 1))
 	require.NoError(t, err, "source guest writing and verifying its disk log")
 	dst := bmStartVM(t, q, dir, "dst", opts("dst", true))
-	bmCaps(t, ctx, src, dst)
-
-	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, blockmirror.Config{Logger: bmLogger(t)}, "unix:"+filepath.Join(dir, "mig.sock"))
-	require.NoError(t, err)
-	require.NoError(t, s.WaitReady(ctx, nil))
-	time.Sleep(2 * time.Second) // the guest keeps writing through the READY mirror
-	bmMigrate(t, ctx, s, src, dst, func() {
-		// Both stopped: source postmigrate, destination not yet cont'ed.
-		out, err := exec.Command(q.img, "compare", "-U", "-q", src.disk, dst.disk).CombinedOutput()
-		require.NoError(t, err, "images differ at the switchover: %s", out)
-	})
+	uri := "unix:" + filepath.Join(dir, "mig.sock")
+	if useEngine {
+		var disks []blockmirror.Progress
+		res, err := engine.Migrate(ctx, engine.Config{
+			Source: engine.Endpoint{Client: src.qmp}, Destination: engine.Endpoint{Client: dst.qmp},
+			URI: uri, Storage: &blockmirror.Config{Logger: bmLogger(t)}, Logger: bmLogger(t),
+			Observer: func(e engine.Event) {
+				if e.Kind == engine.EventDisk {
+					disks = append(disks, *e.Disk)
+				}
+			},
+		})
+		require.NoError(t, err)
+		require.Equal(t, engine.StatusCompleted, res.Status)
+		require.NotEmpty(t, disks)
+		last := disks[len(disks)-1]
+		assert.True(t, last.Ready)
+		t.Logf("%d disk events, last %+v", len(disks), last)
+		bmAssertNothingLeft(t, ctx, src, dst)
+		assert.Equal(t, "running", dst.status(ctx))
+	} else {
+		bmCaps(t, ctx, src, dst)
+		s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, blockmirror.Config{Logger: bmLogger(t)}, uri)
+		require.NoError(t, err)
+		require.NoError(t, s.WaitReady(ctx, nil))
+		time.Sleep(2 * time.Second) // the guest keeps writing through the READY mirror
+		bmMigrate(t, ctx, s, src, dst, func() {
+			// Both stopped: source postmigrate, destination not yet cont'ed.
+			out, err := exec.Command(q.img, "compare", "-U", "-q", src.disk, dst.disk).CombinedOutput()
+			require.NoError(t, err, "images differ at the switchover: %s", out)
+		})
+	}
 	var seq uint64
 	for {
 		short, c := context.WithTimeout(ctx, 200*time.Millisecond)
