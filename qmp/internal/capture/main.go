@@ -66,10 +66,17 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer os.RemoveAll(tmp)
-	cp := &capturer{qemu: *qemu, out: *out, tmp: tmp}
-	if *fw != "" {
-		cp.firmware = []string{*fw, "/usr/share/seabios"}
+	if err := run(tmp, *qemu, *fw, *out, *only); err != nil {
+		os.RemoveAll(tmp)
+		log.Fatal(err)
+	}
+	os.RemoveAll(tmp)
+}
+
+func run(tmp, qemu, fw, out, only string) error {
+	cp := &capturer{qemu: qemu, out: out, tmp: tmp}
+	if fw != "" {
+		cp.firmware = []string{fw, "/usr/share/seabios"}
 	}
 	// Guest RAM backed by a private mapping of random data, so pages are not
 	// zero and a throttled migration stays active.
@@ -77,7 +84,7 @@ func main() {
 	buf := make([]byte, 64<<20)
 	rand.Read(buf)
 	if err := os.WriteFile(cp.memFile, buf, 0o600); err != nil {
-		log.Fatal(err)
+		return err
 	}
 	scenarios := []struct {
 		name string
@@ -95,7 +102,7 @@ func main() {
 	}
 	failed := false
 	for _, s := range scenarios {
-		if *only != "" && s.name != *only {
+		if only != "" && s.name != only {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -107,8 +114,9 @@ func main() {
 		cancel()
 	}
 	if failed {
-		os.Exit(1)
+		return errors.New("some scenarios failed")
 	}
+	return nil
 }
 
 func (cp *capturer) start(ctx context.Context, name string, extra ...string) (*vm, error) {
@@ -537,7 +545,6 @@ func (cp *capturer) postcopy(ctx context.Context) error {
 		return err
 	}
 	if _, err := src.waitStatus(ctx, qmp.StatusPostcopyActive); err != nil {
-		cp.saveEvents(src, "debug/postcopy-src")
 		return err
 	}
 	if _, err := dst.waitStatus(ctx, qmp.StatusPostcopyActive); err != nil {
