@@ -27,9 +27,10 @@ type fakeQEMU struct {
 	exports map[string]string // id -> node
 	server  bool
 	// knobs
-	mirrorErr             map[string]*qmp.Error // by device: blockdev-mirror fails
-	serverErr             int                   // nbd-server-start fails this many times
-	softCancelBeforeReady bool
+	mirrorErr  map[string]*qmp.Error // by device: blockdev-mirror fails
+	serverErr  int                   // nbd-server-start fails this many times
+	createJobs []qmp.JobInfo
+	createErr  string // blockdev-create jobs conclude with this error
 }
 
 func blk(node, file string, size uint64, ro bool) qmp.BlockInfo {
@@ -191,9 +192,17 @@ func newFake(t *testing.T, blocks ...qmp.BlockInfo) *fakeQEMU {
 	})
 	h("block-job-set-speed", func(map[string]any) (any, error) { return nil, nil })
 	h("job-dismiss", func(a map[string]any) (any, error) {
+		f.createJobs = slices.DeleteFunc(f.createJobs, func(j qmp.JobInfo) bool { return j.ID == a["id"] })
 		delete(f.jobs, a["id"].(string))
 		return nil, nil
 	})
+	h("blockdev-create", func(a map[string]any) (any, error) {
+		id := a["job-id"].(string)
+		f.createJobs = append(f.createJobs, qmp.JobInfo{ID: id, Type: "create", Status: "concluded", Error: f.createErr})
+		f.s.Emit("JOB_STATUS_CHANGE", map[string]any{"id": id, "status": "concluded"})
+		return nil, nil
+	})
+	h("query-jobs", func(map[string]any) (any, error) { return append([]qmp.JobInfo{}, f.createJobs...), nil })
 	c, err := f.s.Client(context.Background())
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = c.Close() })

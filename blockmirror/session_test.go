@@ -382,3 +382,36 @@ func TestWaitReadyContextDeadline(t *testing.T) {
 		nothingLeft(t, src, dst)
 	})
 }
+
+func TestCreateTargets(t *testing.T) {
+	ctx := context.Background()
+	b := blk("disk0", "/src/vm/a.qcow2", 64*mib, false)
+	b.Inserted.Driver = "qcow2"
+	src, dst := newFake(t, b), newFake(t)
+	_, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+	require.ErrorIs(t, err, ErrPreflight, "missing node without CreateTargets")
+
+	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{CreateTargets: true, TargetDir: "/dst/vm"}, uri)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"blockdev-create", "job-dismiss", "blockdev-create", "job-dismiss", "blockdev-add", "blockdev-add",
+		"nbd-server-start", "block-export-add"}, dst.commands())
+	c := dst.args("blockdev-create", 0)["options"].(map[string]any)
+	assert.Equal(t, map[string]any{"driver": "file", "filename": "/dst/vm/a.qcow2", "size": float64(64 * mib)}, c)
+	c = dst.args("blockdev-create", 1)["options"].(map[string]any)
+	assert.Equal(t, "qcow2", c["driver"])
+	assert.Equal(t, map[string]any{"driver": "file", "filename": "/dst/vm/a.qcow2"}, c["file"], "inline file: an inactive node refuses writes")
+	fmtNode := dst.args("blockdev-add", 1)
+	assert.Equal(t, "disk0", fmtNode["node-name"])
+	assert.Equal(t, "qcow2", fmtNode["driver"])
+	assert.Equal(t, "unmap", fmtNode["discard"])
+	assert.Equal(t, "disk0", dst.args("block-export-add", 0)["node-name"])
+	require.NoError(t, s.Abort(ctx))
+	nothingLeft(t, src, dst)
+
+	// A failed creation job is an error and is undone.
+	dst.createErr = "Could not create '/dst/vm/a.qcow2': Permission denied"
+	_, err = Start(ctx, src.c, dst.c, feat72, feat72, Config{CreateTargets: true, TargetDir: "/dst/vm"}, uri)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "Permission denied")
+	nothingLeft(t, src, dst)
+}
