@@ -31,6 +31,16 @@ func TestTestbed(t *testing.T) {
 	t.Run("LinuxPrecopy", func(t *testing.T) { testTestbedLinuxPrecopy(t, q, v) })
 	t.Run("TwoHostThroughput", func(t *testing.T) { testTestbedTwoHost(t, q) })
 	t.Run("TwoHostLinkCut", func(t *testing.T) { testTestbedLinkCut(t, q) })
+	t.Run("KVMProbe", func(t *testing.T) {
+		// Informational: the suite runs under TCG; KVM is used only where
+		// such a probe passes for the guest in question.
+		start := time.Now()
+		err := q.ProbeKVMSweep(t.Context())
+		t.Logf("KVM probe with the sweep guest (%v): %v", time.Since(start).Round(time.Millisecond), err)
+		if err != nil {
+			require.ErrorIs(t, err, testbed.ErrAccelUnusable)
+		}
+	})
 }
 
 // startSweepSource starts a source running g and waits for its 'A' (the
