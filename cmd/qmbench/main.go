@@ -1,0 +1,192 @@
+// Command qmbench benchmarks qmigrate's switchover policies against the
+// anchors' (strategy presets qemu, kubevirt, nova, proxmox) on real QEMU:
+// every policy migrates the same sweep guest, at several dirty rates
+// relative to a tbf-shaped link between two network namespaces, under the
+// same limits. It writes a Markdown report (a section per QEMU version) and
+// a PNG plot of remaining RAM over time per scenario and profile.
+//
+//	go run ./cmd/qmbench                          # everything, ~30 min
+//	go run ./cmd/qmbench -quick -scenarios 2x     # a smoke run
+//
+// It needs root (network namespaces) and QEMU (QMIGRATE_QEMU and
+// QMIGRATE_QEMU_FIRMWARE pick the version, see internal/testbed). It runs at
+// most two QEMU processes at a time and removes its namespaces and QEMUs on
+// every exit path (also on SIGINT).
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/strategy"
+)
+
+type options struct {
+	out, plots          string
+	scenarios, policies string
+	profiles            string
+	rateMB              float64
+	budget              time.Duration
+	memMiB              int
+	quick, verbose      bool
+}
+
+func main() {
+	var o options
+	flag.StringVar(&o.out, "out", "docs/benchmarks.md", "Markdown report to write (this QEMU version's section is replaced)")
+	flag.StringVar(&o.plots, "plots", "docs/plots", "folder for the PNG plots")
+	flag.StringVar(&o.scenarios, "scenarios", "idle,converging,borderline,2x,10x", "scenarios to run (comma-separated)")
+	flag.StringVar(&o.policies, "policies", strings.Join(strategy.Policies(), ","), "policies to run (comma-separated)")
+	flag.StringVar(&o.profiles, "profiles", "throttle,postcopy", "limit profiles to run: throttle (no postcopy), postcopy")
+	flag.Float64Var(&o.rateMB, "rate", 32, "link rate in MB/s (tbf, each direction)")
+	flag.DurationVar(&o.budget, "budget", 60*time.Second, "budget of every migration (the presets' clocks scale with it)")
+	flag.IntVar(&o.memMiB, "mem", testbed.DefaultMemMiB, "guest RAM in MiB")
+	flag.BoolVar(&o.quick, "quick", false, "smoke run: 30 s budget, one calibration round, short baselines")
+	flag.BoolVar(&o.verbose, "v", false, "log QEMU command lines")
+	flag.Parse()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, o)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "qmbench:", err)
+		os.Exit(1)
+	}
+}
+
+func pick[T any](all []T, name func(T) string, list, what string) ([]T, error) {
+	var out []T
+	for _, n := range strings.Split(list, ",") {
+		n = strings.TrimSpace(n)
+		if n == "" {
+			continue
+		}
+		i := slices.IndexFunc(all, func(t T) bool { return name(t) == n })
+		if i < 0 {
+			var names []string
+			for _, t := range all {
+				names = append(names, name(t))
+			}
+			return nil, fmt.Errorf("unknown %s %q (valid: %s)", what, n, strings.Join(names, ", "))
+		}
+		out = append(out, all[i])
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no %s selected", what)
+	}
+	return out, nil
+}
+
+func run(ctx context.Context, o options) error {
+	scs, err := pick(allScenarios, func(s scenario) string { return s.Name }, o.scenarios, "scenario")
+	if err != nil {
+		return err
+	}
+	profs, err := pick(allProfiles, func(p profile) string { return p.Name }, o.profiles, "profile")
+	if err != nil {
+		return err
+	}
+	pols, err := pick(strategy.Policies(), func(s string) string { return s }, o.policies, "policy")
+	if err != nil {
+		return err
+	}
+	q, err := testbed.FindQEMU()
+	if err != nil {
+		return err
+	}
+	v, err := q.Version(ctx)
+	if err != nil {
+		return err
+	}
+	version := v.String()
+	logf := func(format string, args ...any) {
+		fmt.Fprintf(os.Stderr, "%s "+format+"\n", append([]any{time.Now().Format("15:04:05")}, args...)...)
+	}
+	logf("QEMU %s (%s)", version, q.Binary)
+
+	rate := o.rateMB * 1e6
+	r := &runner{q: q, memMiB: o.memMiB, budget: o.budget, warmup: 8 * time.Second, base: 3 * time.Second, logf: logf, verbose: o.verbose}
+	rounds := 3
+	if o.quick {
+		r.budget, r.warmup, r.base, rounds = 30*time.Second, 4*time.Second, 1500*time.Millisecond, 1
+	}
+	net, err := testbed.NewNetwork(ctx, uint64(rate))
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := net.Close(); err != nil {
+			logf("network close: %v", err)
+		}
+	}()
+	r.net = net
+	if err := os.MkdirAll(o.plots, 0o755); err != nil {
+		return err
+	}
+
+	rp := &report{
+		Version: version, Command: "go run ./cmd/qmbench " + strings.Join(os.Args[1:], " "), Date: time.Now(),
+		Rate: rate, Budget: r.budget, MemMiB: o.memMiB, Calib: map[string]float64{},
+		Host: fmt.Sprintf("%d cores, %s/%s", runtime.NumCPU(), runtime.GOOS, runtime.GOARCH),
+	}
+	if rel, err := filepath.Rel(filepath.Dir(o.out), o.plots); err == nil {
+		rp.PlotsRel = rel
+	}
+	for _, sc := range scs {
+		spin, got, err := r.calibrate(ctx, sc.Ratio*rate, rounds)
+		if err != nil {
+			return fmt.Errorf("calibrate %s: %w", sc.Name, err)
+		}
+		rp.Calib[sc.Name] = got
+		for _, pf := range profs {
+			var ss []series
+			for _, pol := range pols {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				logf("run %s / %s / %s", sc.Name, pf.Name, pol)
+				res := r.run(ctx, sc, pf, pol, spin)
+				logf("  %s in %s, downtime %v, sent %.0f MB, dirty rate before %s, slowdown %s, %s, %s",
+					outcome(res), secs(res.Total), res.Downtime.Round(time.Millisecond), float64(res.Sent)/1e6,
+					rateStr(res.BaseRate), slowdown(res), levers(res.Decisions), integrity(res))
+				if res.Err != "" {
+					logf("  error: %s", res.Err)
+				}
+				if res.IntactErr != "" {
+					logf("  integrity: %s", res.IntactErr)
+				}
+				rp.Runs = append(rp.Runs, res)
+				ss = append(ss, series{Name: pol, Color: policyColor(pol), Points: res.Points, Outcome: outcome(res)})
+			}
+			title := fmt.Sprintf("%s, %s profile: QEMU %s, link %s", sc.Title, pf.Name, version, rateStr(rate))
+			if err := writePlot(filepath.Join(o.plots, plotName(version, sc.Name, pf.Name)), title, ss); err != nil {
+				return err
+			}
+			// Write the report as it grows, so an interrupted run keeps its results.
+			if err := mergeSection(o.out, version, rp.section(scs, profs)); err != nil {
+				return err
+			}
+		}
+	}
+	logf("wrote %s and plots in %s", o.out, o.plots)
+	return nil
+}
+
+func writePlot(path, title string, ss []series) (err error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, f.Close()) }()
+	return plotRemaining(f, title, ss)
+}

@@ -1,0 +1,163 @@
+package main
+
+import (
+	"bytes"
+	"image/png"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/qmigrate/qmigrate/strategy"
+)
+
+func TestParseXP(t *testing.T) {
+	b, err := parseXP("0000000000100000: 0x2a\r\n")
+	require.NoError(t, err)
+	assert.Equal(t, byte(42), b)
+	_, err = parseXP("Cannot access memory")
+	assert.Error(t, err)
+	_, err = parseXP("0000000000100000: 0x1ff")
+	assert.Error(t, err)
+}
+
+func TestResolvePasses(t *testing.T) {
+	for _, c := range []struct {
+		low  byte
+		est  int
+		want int
+	}{
+		{0, 0, 0}, {5, 5, 5}, {6, 5, 6}, {4, 5, 4},
+		{0, 255, 256}, {255, 256, 255}, {3, 300, 259},
+		{250, 0, 0}, // never negative
+	} {
+		assert.Equal(t, c.want, resolvePasses(c.low, c.est), "low %d est %d", c.low, c.est)
+	}
+}
+
+func TestLevers(t *testing.T) {
+	ds := []strategy.Decision{
+		{Action: strategy.SetDowntime, DowntimeLimit: 50 * time.Millisecond, At: time.Second},
+		{Action: strategy.SetDowntime, DowntimeLimit: 95 * time.Millisecond, At: 2 * time.Second},
+		{Action: strategy.SetThrottle, Throttle: strategy.Throttle{Max: 75}, At: 3 * time.Second},
+		{Action: strategy.StartPostcopy, At: 4 * time.Second},
+	}
+	assert.Equal(t, "downtime 50→95 ms ×2 @1.0–2.0 s, throttle 75 % @3.0 s, postcopy @4.0 s", levers(ds))
+	assert.Equal(t, "none", levers(nil))
+}
+
+func TestJudge(t *testing.T) {
+	run := func(pol, status string, total time.Duration, base, during float64) *runResult {
+		return &runResult{Policy: pol, Status: status, Total: total, BaseRate: base, DuringRate: during}
+	}
+	v := judge([]*runResult{
+		run("auto", "completed", 10*time.Second, 100e6, 60e6),
+		run("qemu", "aborted", 60*time.Second, 100e6, 100e6),
+		run("proxmox", "completed", 25*time.Second, 100e6, 30e6),
+		run("nova", "completed", 40*time.Second, 100e6, 90e6),
+	})
+	assert.True(t, v.Met, v.Why)
+	assert.Equal(t, "proxmox", v.Best.Policy)
+	v = judge([]*runResult{run("auto", "completed", 15*time.Second, 100e6, 60e6), run("proxmox", "completed", 25*time.Second, 100e6, 30e6)})
+	assert.False(t, v.Met, "0.6× is not half")
+	v = judge([]*runResult{run("auto", "completed", 15*time.Second, 100e6, 60e6), run("qemu", "aborted", 60*time.Second, 1, 1)})
+	assert.True(t, v.Met)
+	assert.Equal(t, "auto completes, no anchor preset does", v.Why)
+	v = judge([]*runResult{run("auto", "aborted", 15*time.Second, 100e6, 60e6)})
+	assert.False(t, v.Met)
+}
+
+func TestMergeSection(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "b.md")
+	require.NoError(t, mergeSection(p, "10.0.2", "ten\n"))
+	require.NoError(t, mergeSection(p, "7.2.22", "seven\n"))
+	require.NoError(t, mergeSection(p, "10.0.2", "ten again\n"))
+	b, err := os.ReadFile(p)
+	require.NoError(t, err)
+	doc := string(b)
+	assert.True(t, strings.HasPrefix(doc, docHeader))
+	assert.NotContains(t, doc, "ten\n")
+	assert.Less(t, strings.Index(doc, "seven"), strings.Index(doc, "ten again"), "versions in order")
+	assert.Equal(t, 1, strings.Count(doc, "<!-- qmbench QEMU 10.0.2 begin -->"))
+	assert.True(t, versionLess("7.2.22", "10.0.2"))
+	assert.False(t, versionLess("10.0.2", "10.0.2"))
+}
+
+func TestPlotRemaining(t *testing.T) {
+	pts := func(end time.Duration, last uint64) []point {
+		return []point{{0, 150e6}, {end / 2, 80e6}, {end, last}}
+	}
+	var buf bytes.Buffer
+	require.NoError(t, plotRemaining(&buf, "2 × the link, throttle profile: QEMU 7.2.22", []series{
+		{Name: "auto", Color: policyColor("auto"), Points: pts(10*time.Second, 0), Outcome: "completed"},
+		{Name: "qemu", Color: policyColor("qemu"), Points: pts(60*time.Second, 99e6), Outcome: "aborted"},
+	}))
+	img, err := png.Decode(&buf)
+	require.NoError(t, err)
+	assert.Equal(t, plotW, img.Bounds().Dx())
+	assert.Equal(t, plotH, img.Bounds().Dy())
+	counts := map[[3]uint32]int{}
+	for y := 0; y < plotH; y++ {
+		for x := 0; x < plotW; x++ {
+			r, g, b, _ := img.At(x, y).RGBA()
+			counts[[3]uint32{r >> 8, g >> 8, b >> 8}]++
+		}
+	}
+	for _, pol := range []string{"auto", "qemu"} {
+		c := policyColor(pol)
+		assert.Greater(t, counts[[3]uint32{uint32(c.R), uint32(c.G), uint32(c.B)}], 500, "%s's line is drawn", pol)
+	}
+	// An empty plot still renders.
+	buf.Reset()
+	require.NoError(t, plotRemaining(&buf, "empty", nil))
+}
+
+func TestGlyphsCoverLabels(t *testing.T) {
+	var labels []string
+	for _, s := range allScenarios {
+		for _, p := range allProfiles {
+			labels = append(labels, s.Title+", "+p.Name+" profile: QEMU 10.0.2, link 32.0 MB/s")
+		}
+	}
+	labels = append(labels, "time since the migration started (s)", "remaining RAM (MB)", "dot: completed, cross: aborted",
+		"completed (postcopy) 12.5 s", "0123456789")
+	labels = append(labels, strategy.Policies()...)
+	for _, l := range labels {
+		for _, r := range l {
+			_, ok := glyphs[r]
+			if !ok {
+				_, ok = glyphs[[]rune(strings.ToLower(string(r)))[0]]
+			}
+			assert.True(t, ok, "glyph for %q in %q", r, l)
+		}
+	}
+	for r, g := range glyphs {
+		for _, row := range g {
+			assert.Len(t, row, 5, "glyph %q", r)
+		}
+	}
+}
+
+func TestNiceStep(t *testing.T) {
+	assert.Equal(t, 5.0, niceStep(40, 10))
+	assert.Equal(t, 20.0, niceStep(110, 6))
+	assert.Equal(t, 0.2, niceStep(1.1, 6))
+	assert.Equal(t, 1.0, niceStep(0, 6))
+}
+
+func TestStrategyConfigsValid(t *testing.T) {
+	for _, p := range allProfiles {
+		for _, pol := range strategy.Policies() {
+			cfg := strategyConfig(pol, p, 60*time.Second)
+			require.NoError(t, cfg.Validate(), "%s/%s", pol, p.Name)
+			assert.Equal(t, p.Postcopy, cfg.Limits.AllowPostcopy)
+		}
+	}
+	kv, nv := anchorScale(60 * time.Second)
+	assert.InDelta(t, 0.2, kv, 1e-9, "KubeVirt's 150 s completion for 1 GB lands at 30 s")
+	assert.InDelta(t, 30.0/1600, nv, 1e-9, "Nova's 800 s × 2 GiB lands at 30 s")
+}

@@ -1,0 +1,336 @@
+package main
+
+import (
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/qmigrate/qmigrate/strategy"
+)
+
+func rateStr(bps float64) string {
+	switch {
+	case math.IsNaN(bps):
+		return "?"
+	case bps >= 1e9:
+		return fmt.Sprintf("%.2f GB/s", bps/1e9)
+	case bps >= 1e6:
+		return fmt.Sprintf("%.1f MB/s", bps/1e6)
+	}
+	return fmt.Sprintf("%.0f kB/s", bps/1e3)
+}
+
+func secs(d time.Duration) string { return fmt.Sprintf("%.1f s", d.Seconds()) }
+
+// slowdown is the share of the guest's work lost during the migration, as
+// text ("–" for an idle guest).
+func slowdown(r *runResult) string {
+	s := r.speed()
+	if math.IsNaN(s) {
+		return "–"
+	}
+	return fmt.Sprintf("%.0f %%", 100*(1-s))
+}
+
+// levers summarises the decisions: runs of the same action are merged.
+func levers(ds []strategy.Decision) string {
+	var parts []string
+	for i := 0; i < len(ds); {
+		j := i
+		for j+1 < len(ds) && ds[j+1].Action == ds[i].Action {
+			j++
+		}
+		d, e := ds[i], ds[j]
+		at := fmt.Sprintf("%.1f s", d.At.Seconds())
+		if j > i {
+			at = fmt.Sprintf("%.1f–%.1f s", d.At.Seconds(), e.At.Seconds())
+		}
+		var what string
+		switch d.Action {
+		case strategy.SetDowntime:
+			what = fmt.Sprintf("downtime %d ms", d.DowntimeLimit.Milliseconds())
+			if j > i {
+				what = fmt.Sprintf("downtime %d→%d ms ×%d", d.DowntimeLimit.Milliseconds(), e.DowntimeLimit.Milliseconds(), j-i+1)
+			}
+		case strategy.SetThrottle:
+			what = fmt.Sprintf("throttle %d %%", d.Throttle.Max)
+			if j > i {
+				what = fmt.Sprintf("throttle %d→%d %%", d.Throttle.Max, e.Throttle.Max)
+			}
+		case strategy.StartPostcopy:
+			what = "postcopy"
+		case strategy.PauseSource:
+			what = "pause"
+		case strategy.Abort:
+			what = "abort"
+		default:
+			what = string(d.Action)
+		}
+		parts = append(parts, what+" @"+at)
+		i = j + 1
+	}
+	if len(parts) == 0 {
+		return "none"
+	}
+	return strings.Join(parts, ", ")
+}
+
+func outcome(r *runResult) string {
+	switch {
+	case r.Status == "completed" && r.Postcopy:
+		return "completed (postcopy)"
+	case r.Status == "error":
+		return "error"
+	}
+	return r.Status
+}
+
+func integrity(r *runResult) string {
+	if r.Status == "error" {
+		return "–"
+	}
+	where := "destination"
+	if r.Status != "completed" {
+		where = "source"
+	}
+	if r.Intact {
+		return "intact (" + where + ")"
+	}
+	return "**BROKEN** (" + where + ")"
+}
+
+// verdict compares auto with the best anchor preset on one scenario and profile.
+type verdict struct {
+	Auto, Best *runResult
+	Met        bool
+	Why        string
+}
+
+func judge(runs []*runResult) verdict {
+	var v verdict
+	for _, r := range runs {
+		if r.Policy == strategy.PolicyAuto {
+			v.Auto = r
+			continue
+		}
+		if r.Status == "completed" && (v.Best == nil || r.Total < v.Best.Total) {
+			v.Best = r
+		}
+	}
+	switch {
+	case v.Auto == nil:
+		v.Why = "auto not run"
+	case v.Auto.Status != "completed":
+		v.Why = "auto did not complete"
+	case v.Best == nil:
+		v.Met, v.Why = true, "auto completes, no anchor preset does"
+	default:
+		ratio := v.Auto.Total.Seconds() / v.Best.Total.Seconds()
+		as, bs := v.Auto.speed(), v.Best.speed()
+		faster := ratio <= 0.5
+		lessSlow := math.IsNaN(as) || math.IsNaN(bs) || as >= bs
+		v.Met = faster && lessSlow
+		v.Why = fmt.Sprintf("auto takes %.2f× the time of %s", ratio, v.Best.Policy)
+		if !math.IsNaN(as) && !math.IsNaN(bs) {
+			v.Why += fmt.Sprintf(", guest slowdown %.0f %% vs %.0f %%", 100*(1-as), 100*(1-bs))
+		}
+	}
+	return v
+}
+
+// report is one benchmark invocation's results.
+type report struct {
+	Version  string
+	Command  string
+	Date     time.Time
+	Rate     float64
+	Budget   time.Duration
+	MemMiB   int
+	Calib    map[string]float64 // scenario → calibrated dirty rate
+	Runs     []*runResult
+	PlotsRel string // plots folder relative to the Markdown file
+	Host     string
+}
+
+func (rp *report) runs(sc, prof string) []*runResult {
+	var out []*runResult
+	for _, r := range rp.Runs {
+		if r.Scenario == sc && r.Profile == prof {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+func plotName(version, sc, prof string) string {
+	return fmt.Sprintf("%s-%s-%s.png", version, sc, prof)
+}
+
+// section renders the Markdown section of one QEMU version.
+func (rp *report) section(scs []scenario, profs []profile) string {
+	var b strings.Builder
+	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
+	w("## QEMU %s\n\n", rp.Version)
+	w("- command: `%s`\n", rp.Command)
+	w("- date: %s\n", rp.Date.UTC().Format("2006-01-02 15:04 MST"))
+	w("- link: two network namespaces joined by a veth pair shaped by tc tbf to %s each way; migration over TCP, max-bandwidth unlimited\n", rateStr(rp.Rate))
+	w("- guest: the boot-sector sweep guest, %d MiB RAM, TCG, `-cpu max`; it rewrites a 99 MiB range page by page, and its spin count is calibrated per scenario so its dirty rate is the scenario's multiple of the link\n", rp.MemMiB)
+	w("- host: %s; other engineers' QEMUs shared the 2 cores, so TCG speed (and dirty rates) varied between runs\n", rp.Host)
+	w("- guest slowdown: share of the guest's own progress (sweep passes, read from its serial port and its memory) lost during the migration, against the mean of its rates just before and just after it (downtime, pause and throttling all count). Negative values are noise from the shared cores\n")
+	w("- integrity: the sweep invariant checked from a memory dump of the guest where it runs after the migration (destination when completed, source when aborted)\n\n")
+	w("%s\n", scalingNote(rp.Budget))
+
+	w("### Summary: auto against the best anchor preset\n\n")
+	w("Goal: auto completes every scenario, and on the hard ones (dirty rate ≥ link) in at most half the time of the best anchor preset that completes, with less guest slowdown.\n\n")
+	w("| scenario | profile | auto | best anchor | goal met | why |\n|---|---|---|---|---|---|\n")
+	for _, sc := range scs {
+		for _, pf := range profs {
+			runs := rp.runs(sc.Name, pf.Name)
+			if len(runs) == 0 {
+				continue
+			}
+			v := judge(runs)
+			auto, best := "–", "none completes"
+			if v.Auto != nil {
+				auto = fmt.Sprintf("%s %s", outcome(v.Auto), secs(v.Auto.Total))
+			}
+			if v.Best != nil {
+				best = fmt.Sprintf("%s %s", v.Best.Policy, secs(v.Best.Total))
+			}
+			met := "yes"
+			switch {
+			case !sc.hard() && v.Auto != nil && v.Auto.Status == "completed":
+				met = "n/a (completes)"
+			case !v.Met:
+				met = "**no**"
+			}
+			w("| %s | %s | %s | %s | %s | %s |\n", sc.Name, pf.Name, auto, best, met, v.Why)
+		}
+	}
+	w("\n")
+
+	for _, sc := range scs {
+		w("### %s\n\n", sc.Title)
+		if r, ok := rp.Calib[sc.Name]; ok && sc.Ratio > 0 {
+			w("Target dirty rate %s (%.1f × %s); calibration measured %s.\n\n", rateStr(sc.Ratio*rp.Rate), sc.Ratio, rateStr(rp.Rate), rateStr(r))
+		} else if sc.Ratio == 0 {
+			w("The guest is booted and idle (it writes nothing after boot).\n\n")
+		}
+		for _, pf := range profs {
+			runs := rp.runs(sc.Name, pf.Name)
+			if len(runs) == 0 {
+				continue
+			}
+			w("#### %s profile: %s\n\n", pf.Name, pf.Title)
+			w("| policy | outcome | total | downtime | sent | guest dirty rate before / after | guest slowdown | max throttle | levers | integrity |\n")
+			w("|---|---|---|---|---|---|---|---|---|---|\n")
+			for _, r := range runs {
+				dt := "–"
+				if r.Status == "completed" {
+					dt = fmt.Sprintf("%d ms", r.Downtime.Milliseconds())
+				}
+				w("| %s | %s | %s | %s | %.0f MB | %s | %s | %d %% | %s | %s |\n",
+					r.Policy, outcome(r), secs(r.Total), dt, float64(r.Sent)/1e6, rateStr(r.BeforeRate)+" / "+rateStr(r.AfterRate), slowdown(r), r.MaxThrottle, levers(r.Decisions), integrity(r))
+			}
+			w("\n![remaining RAM over time, %s, %s profile](%s)\n\n", sc.Name, pf.Name, filepath.ToSlash(filepath.Join(rp.PlotsRel, plotName(rp.Version, sc.Name, pf.Name))))
+			w("<details><summary>decisions and errors</summary>\n\n")
+			for _, r := range runs {
+				w("- **%s**", r.Policy)
+				if r.Err != "" {
+					w(" (error: %s)", oneLine(r.Err))
+				}
+				if r.IntactErr != "" {
+					w(" (integrity: %s)", oneLine(r.IntactErr))
+				}
+				w("\n")
+				for _, d := range r.Decisions {
+					w("  - %.1f s %s: %s\n", d.At.Seconds(), d.Action, oneLine(d.Reason))
+				}
+			}
+			w("\n</details>\n\n")
+		}
+	}
+	return b.String()
+}
+
+func oneLine(s string) string {
+	s = strings.ReplaceAll(s, "\n", " ")
+	return strings.ReplaceAll(s, "|", "\\|")
+}
+
+const docHeader = `# Benchmarks: qmigrate's switchover policies against the anchors'
+
+Generated by ` + "`go run ./cmd/qmbench`" + ` (see ` + "`go run ./cmd/qmbench -h`" + `); every policy (auto, and the presets
+qemu, kubevirt, nova, proxmox that reproduce QEMU alone, KubeVirt, OpenStack Nova and Proxmox; see
+strategy/doc.go) migrates the same guests over the same shaped link with the same limits. Each QEMU
+version has its own section; a new run replaces its version's section and keeps the others.
+
+`
+
+// mergeSection writes section into the Markdown file at path between the
+// version's markers, replacing an older one and keeping the other versions.
+func mergeSection(path, version, section string) error {
+	begin := fmt.Sprintf("<!-- qmbench QEMU %s begin -->\n", version)
+	end := fmt.Sprintf("<!-- qmbench QEMU %s end -->\n", version)
+	old, err := os.ReadFile(path)
+	if err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	doc := string(old)
+	if doc == "" {
+		doc = docHeader
+	}
+	block := begin + section + end
+	if i := strings.Index(doc, begin); i >= 0 {
+		if j := strings.Index(doc[i:], end); j >= 0 {
+			doc = doc[:i] + block + doc[i+j+len(end):]
+			return os.WriteFile(path, []byte(doc), 0o644)
+		}
+	}
+	// Keep versions in order: insert before the first later version.
+	type sec struct {
+		at int
+		v  string
+	}
+	var secs []sec
+	for rest, off := doc, 0; ; {
+		i := strings.Index(rest, "<!-- qmbench QEMU ")
+		if i < 0 {
+			break
+		}
+		k := strings.Index(rest[i:], " begin -->")
+		if k < 0 {
+			break
+		}
+		secs = append(secs, sec{off + i, rest[i+len("<!-- qmbench QEMU ") : i+k]})
+		off += i + k
+		rest = rest[i+k:]
+	}
+	at := len(doc)
+	if i := slices.IndexFunc(secs, func(s sec) bool { return versionLess(version, s.v) }); i >= 0 {
+		at = secs[i].at
+	}
+	if at == len(doc) && !strings.HasSuffix(doc, "\n\n") {
+		doc += "\n"
+	}
+	doc = doc[:at] + block + "\n" + doc[at:]
+	return os.WriteFile(path, []byte(doc), 0o644)
+}
+
+// versionLess compares dotted versions numerically.
+func versionLess(a, b string) bool {
+	pa, pb := strings.Split(a, "."), strings.Split(b, ".")
+	for i := 0; i < len(pa) && i < len(pb); i++ {
+		var x, y int
+		fmt.Sscan(pa[i], &x)
+		fmt.Sscan(pb[i], &y)
+		if x != y {
+			return x < y
+		}
+	}
+	return len(pa) < len(pb)
+}
