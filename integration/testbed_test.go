@@ -324,3 +324,29 @@ func TestTestbedNoLeaks(t *testing.T) {
 		t.Skipf("pgrep: %v", err)
 	}
 }
+
+// TestTestbedSweepCalibration measures the sweep guest's dirty rate for a
+// few spin counts (the table in package sweep). Opt-in: set
+// QMIGRATE_CALIBRATE=1; it takes about 20 s.
+func TestTestbedSweepCalibration(t *testing.T) {
+	if os.Getenv("QMIGRATE_CALIBRATE") == "" {
+		t.Skip("set QMIGRATE_CALIBRATE=1 to measure the sweep guest's dirty rate")
+	}
+	q, v := tbQEMU(t)
+	for _, spin := range []uint32{0, 100, 1000, 10000} {
+		inst := testbed.StartT(t, q, testbed.Config{Name: "cal", Guest: testbed.SweepGuest{Spin: spin}})
+		_, err := inst.CountSerial(tbTimeout(t, time.Minute), sweep.StartChar, sweep.PassChar, 1)
+		require.NoError(t, err)
+		b0, err := inst.Serial()
+		require.NoError(t, err)
+		t0 := time.Now()
+		time.Sleep(3 * time.Second)
+		b1, err := inst.Serial()
+		require.NoError(t, err)
+		el := time.Since(t0).Seconds()
+		passes := float64(testbed.CountAfter(b1, sweep.StartChar, sweep.PassChar)-testbed.CountAfter(b0, sweep.StartChar, sweep.PassChar)) / el
+		rate := passes * sweep.Pages * sweep.PageSize
+		t.Logf("QEMU %s spin=%d: %.2f passes/s = %.3g B/s (model %.3g B/s)", v, spin, passes, rate, sweep.RateForSpin(spin))
+		require.NoError(t, inst.Close())
+	}
+}

@@ -65,9 +65,14 @@ func TestWriteDisk(t *testing.T) {
 }
 
 // mem builds a dump whose page first-bytes are firsts (other bytes are noise
-// the check must ignore).
-func mem(firsts func(i int) byte) []byte {
-	m := make([]byte, RangeSize)
+// the check must ignore), reusing buf when given.
+func mem(firsts func(i int) byte, buf ...[]byte) []byte {
+	var m []byte
+	if len(buf) > 0 {
+		m = buf[0]
+	} else {
+		m = make([]byte, RangeSize)
+	}
 	for i := 0; i < Pages; i++ {
 		m[i*PageSize] = firsts(i)
 		m[i*PageSize+1] = byte(i * 7)
@@ -152,9 +157,10 @@ func TestCheck(t *testing.T) {
 			return 42
 		}, 2, 25000},
 	}
+	buf := make([]byte, RangeSize)
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			bad, err := Check(mem(tc.firsts))
+			bad, err := Check(mem(tc.firsts, buf))
 			assert.Equal(t, tc.bad, bad)
 			if tc.bad == 0 {
 				assert.NoError(t, err)
