@@ -25,6 +25,8 @@ func TestEngine(t *testing.T) {
 	q := testbed.RequireQEMU(t)
 	t.Run("Converges", func(t *testing.T) { testEngineConverges(t, q, "unix", 0) })
 	t.Run("TCPPortZeroMultifd", func(t *testing.T) { testEngineConverges(t, q, "tcp", 2) })
+	t.Run("AutoThrottlesNonConverging", func(t *testing.T) { testEngineAutoThrottle(t, q) })
+	t.Run("PostcopyAtBudget", func(t *testing.T) { testEnginePostcopy(t, q) })
 	t.Run("CancelRollsBack", func(t *testing.T) { testEngineCancel(t, q) })
 	t.Run("DestinationKilled", func(t *testing.T) { testEngineDstKilled(t, q) })
 	t.Run("StrategyAbortsWithinBudget", func(t *testing.T) { testEngineAbort(t, q) })
@@ -134,6 +136,67 @@ func nonConverging(t *testing.T, src, dst *testbed.Instance) engine.Config {
 	cfg.Bandwidth = 20e6
 	cfg.Strategy.Policy = strategy.PolicyQEMU
 	return cfg
+}
+
+// The guest dirties its range faster than the 40 MB/s link: the auto policy
+// must apply its levers (downtime, CPU throttle) on the real QEMU and
+// complete with the guest intact.
+func testEngineAutoThrottle(t *testing.T, q *testbed.QEMU) {
+	src, dst := enginePair(t, q, 500e6, true, "")
+	cfg := engineConfig(t, src, dst, "unix:"+filepath.Join(dst.Dir(), "mig.sock"))
+	cfg.Bandwidth = 40e6
+	cfg.Strategy.Limits.MaxDowntime = time.Second
+	cfg.Strategy.Limits.Budget = 60 * time.Second
+	var applied []string
+	var maxThrottle int
+	cfg.Observer = func(e engine.Event) {
+		switch e.Kind {
+		case engine.EventDecision:
+			applied = append(applied, string(e.Decision.Action))
+			assert.NoError(t, e.DecisionErr, "decision %+v applied", e.Decision)
+		case engine.EventStats:
+			maxThrottle = max(maxThrottle, e.Stats.ThrottlePercent)
+		}
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
+	defer cancel()
+	res, err := engine.Migrate(ctx, cfg)
+	require.NoError(t, err)
+	t.Logf("completed in %v, downtime %v, decisions %v, max throttle %d%%", res.Total, res.Downtime, applied, maxThrottle)
+	for _, d := range res.Decisions {
+		t.Logf("  at %v: %s: %s", d.At.Round(time.Millisecond), d.Action, d.Reason)
+	}
+	assert.NotEmpty(t, res.Decisions, "levers were needed")
+	assert.LessOrEqual(t, res.Downtime, time.Second+200*time.Millisecond)
+	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	require.NoError(t, err, "destination guest intact")
+}
+
+// With throttling refused and postcopy permitted, the budget ends pre-copy
+// by postcopy on the real QEMU: no cancel, guest intact on the destination.
+func testEnginePostcopy(t *testing.T, q *testbed.QEMU) {
+	src, dst := enginePair(t, q, 500e6, true, "")
+	cfg := nonConverging(t, src, dst)
+	cfg.Strategy.Policy = strategy.PolicyAuto
+	cfg.Strategy.Limits.NoThrottle = true
+	cfg.Strategy.Limits.AllowPostcopy = true
+	cfg.Strategy.Limits.Budget = 3 * time.Second
+	var statuses []string
+	cfg.Observer = func(e engine.Event) {
+		if e.Kind == engine.EventStats && (len(statuses) == 0 || statuses[len(statuses)-1] != e.Stats.Status) {
+			statuses = append(statuses, e.Stats.Status)
+		}
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
+	defer cancel()
+	res, err := engine.Migrate(ctx, cfg)
+	require.NoError(t, err)
+	t.Logf("completed in %v, downtime %v, statuses %v, decisions %+v", res.Total, res.Downtime, statuses, res.Decisions)
+	assert.Contains(t, statuses, "postcopy-active")
+	require.NotEmpty(t, res.Decisions)
+	assert.Equal(t, strategy.StartPostcopy, res.Decisions[len(res.Decisions)-1].Action)
+	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	require.NoError(t, err, "destination guest intact")
 }
 
 func testEngineCancel(t *testing.T, q *testbed.QEMU) {
