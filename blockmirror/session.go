@@ -224,20 +224,23 @@ func (s *Session) runCreateJob(ctx context.Context, d *disk, opts map[string]any
 	}
 }
 
-// drain handles the job events already received. Caller holds mu.
-func (s *Session) drain() {
+// drain handles the job events already received and returns how many.
+// Caller holds mu.
+func (s *Session) drain() int {
 	if s.sub == nil {
-		return
+		return 0
 	}
+	n := 0
 	for {
 		select {
 		case e, ok := <-s.sub.C:
 			if !ok {
-				return
+				return n
 			}
 			s.handle(e)
+			n++
 		default:
-			return
+			return n
 		}
 	}
 }
@@ -297,18 +300,26 @@ func queryContext(ctx context.Context) (context.Context, context.CancelFunc) {
 // sample reads query-block-jobs and updates every disk. Caller holds mu.
 func (s *Session) sample(ctx context.Context) ([]Progress, error) {
 	s.drain()
-	qctx, cancel := queryContext(ctx)
-	jobs, err := s.src.QueryBlockJobs(qctx)
-	cancel()
-	if err != nil {
-		if s.src.Err() != nil {
-			return nil, fmt.Errorf("%w: %w", ErrSourceGone, err)
+	var jobs []qmp.BlockJobInfo
+	for try := 0; ; try++ {
+		qctx, cancel := queryContext(ctx)
+		var err error
+		jobs, err = s.src.QueryBlockJobs(qctx)
+		cancel()
+		if err != nil {
+			if s.src.Err() != nil {
+				return nil, fmt.Errorf("%w: %w", ErrSourceGone, err)
+			}
+			return nil, fmt.Errorf("blockmirror: query-block-jobs: %w", err)
 		}
-		return nil, fmt.Errorf("blockmirror: query-block-jobs: %w", err)
+		// Events are dispatched before the reply that follows them, so a job
+		// missing from the reply has its end event in the channel by now.
+		// Events that came in during the query may be newer than the reply:
+		// ask again so the sample agrees with them.
+		if s.drain() == 0 || try == 2 {
+			break
+		}
 	}
-	// Events are dispatched before the reply that follows them, so a job
-	// missing from the reply has its end event in the channel by now.
-	s.drain()
 	now := time.Now().UnixNano()
 	out := make([]Progress, 0, len(s.disks))
 	for _, d := range s.disks {
