@@ -6,6 +6,22 @@
 // package qmp for self-tests, and checks guests from outside after a
 // migration (CheckSweep for the boot-sector sweep guest).
 //
+// A self-test in outline (see integration/testbed_test.go):
+//
+//	q := testbed.RequireQEMU(t)
+//	g := testbed.NewSweepGuest(100e6) // ~100 MB/s of dirtied pages under TCG
+//	src := testbed.StartT(t, q, testbed.Config{Name: "src", Guest: g})
+//	dst := testbed.StartT(t, q, testbed.Config{Name: "dst", Guest: g, Incoming: true})
+//	info, err := testbed.Migrate(ctx, src, dst, testbed.MigrateOptions{})
+//	rep, err := testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+//
+// Source and destination must be given equal guests. The sweep guest boots
+// from a virtio-blk disk on q35 (SeaBIOS 1.16.2 hangs on AHCI under QEMU
+// 10.0); the Linux guest (LinuxGuest, CheckLinux) from -kernel/-initrd.
+// Everything runs under TCG with -cpu max unless ProbeAccel proved another
+// accelerator for the guest in question (KVM does not boot either guest on
+// the project's machines).
+//
 // The core does not import package testing. tb.go adds thin helpers over the
 // TB interface (satisfied by *testing.T) that skip when QEMU or network
 // namespaces are unavailable and the CI environment variable is unset, fail
