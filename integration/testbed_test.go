@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -29,6 +31,7 @@ func TestTestbed(t *testing.T) {
 	t.Run("SweepPrecopy", func(t *testing.T) { testTestbedSweepPrecopy(t, q, v) })
 	t.Run("SweepNegativeControl", func(t *testing.T) { testTestbedSweepNegative(t, q) })
 	t.Run("LinuxPrecopy", func(t *testing.T) { testTestbedLinuxPrecopy(t, q, v) })
+	t.Run("LinuxDiskSharedStorage", func(t *testing.T) { testTestbedLinuxDisk(t, q) })
 	t.Run("TwoHostThroughput", func(t *testing.T) { testTestbedTwoHost(t, q) })
 	t.Run("TwoHostLinkCut", func(t *testing.T) { testTestbedLinkCut(t, q) })
 	t.Run("KVMProbe", func(t *testing.T) {
@@ -201,6 +204,53 @@ func testTestbedLinuxPrecopy(t *testing.T, q *testbed.QEMU, v qmp.Version) {
 	l, err := testbed.CheckLinux(tbTimeout(t, time.Minute), dst, srcPass)
 	require.NoError(t, err)
 	t.Logf("destination guest verified a full pass after migration (source was at pass %d): %s", srcPass, l.Raw)
+}
+
+// testTestbedLinuxDisk migrates the Linux disk writer with its disk on
+// storage both QEMUs share: the destination's periodic verification must
+// find every record the source wrote.
+func testTestbedLinuxDisk(t *testing.T, q *testbed.QEMU) {
+	kernel, initrd := tbLinuxAssets(t)
+	disk := filepath.Join(t.TempDir(), "disk.raw")
+	require.NoError(t, os.WriteFile(disk, nil, 0o644))
+	require.NoError(t, os.Truncate(disk, 32<<20))
+	g := testbed.LinuxGuest{Kernel: kernel, Initrd: initrd, Disk: disk, Workload: linux.Workload{
+		Mode: linux.ModeDiskWrite, RateBytes: 1 << 20, VerifyEvery: 2 * time.Second,
+	}}
+	cfg := testbed.Config{Name: "src", Guest: g, MemMiB: 192}
+	src := testbed.StartT(t, q, cfg)
+	_, err := testbed.WaitLinuxReady(tbTimeout(t, 2*time.Minute), src)
+	require.NoError(t, err)
+	_, err = src.WaitSerialLine(tbTimeout(t, time.Minute), func(s string) (bool, error) {
+		l, ok := linux.ParseLine(s)
+		if ok && l.Failed() {
+			return false, fmt.Errorf("source guest failed: %s", l.Raw)
+		}
+		return ok && l.Kind == linux.KindDiskVerify && l.OK(), nil
+	})
+	require.NoError(t, err, "a verification before the migration")
+
+	cfg.Name, cfg.Incoming = "dst", true
+	dst := testbed.StartT(t, q, cfg)
+	info, err := testbed.Migrate(tbTimeout(t, 2*time.Minute), src, dst, testbed.MigrateOptions{})
+	tbLogMigration(t, "linux diskwrite pre-copy over unix, shared disk", info)
+	require.NoError(t, err)
+	seq, err := testbed.LinuxDiskSeq(src)
+	require.NoError(t, err)
+	l, err := testbed.CheckLinuxDisk(tbTimeout(t, time.Minute), dst, seq)
+	require.NoError(t, err)
+	t.Logf("destination verified the disk log past the source's last reported record %d: %s", seq, l.Raw)
+
+	// Negative control: wipe the log behind the guest's back (the
+	// superblock stays); the next verification must fail.
+	f, err := os.OpenFile(disk, os.O_WRONLY, 0)
+	require.NoError(t, err)
+	_, err = f.WriteAt(make([]byte, 16<<20-4096), 4096)
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+	_, err = testbed.CheckLinuxDisk(tbTimeout(t, time.Minute), dst, math.MaxUint64)
+	require.ErrorIs(t, err, testbed.ErrGuestFailed, "a wiped log must fail the guest's verification")
+	t.Logf("wiped log detected: %v", err)
 }
 
 // twoHostPair starts a sweep source in host A and a destination in host B.

@@ -57,17 +57,46 @@ func waitLinux(ctx context.Context, inst *Instance, match func(linux.Line) bool)
 	return got, err
 }
 
+// LinuxDiskSeq returns the highest record sequence number the diskwrite
+// guest has reported (DISK lines) on inst's serial so far (0 when none).
+func LinuxDiskSeq(inst *Instance) (uint64, error) {
+	return maxField(inst, linux.KindDisk, "seq")
+}
+
+// CheckLinuxDisk checks a diskwrite Linux guest (started with a periodic
+// verification, Workload.VerifyEvery) on the destination after a migration:
+// it waits for a "DISKVERIFY OK" whose last record is at least minSeq (e.g.
+// LinuxDiskSeq of the source), so every record written before the migration
+// was found intact on the destination's disk. A DISKVERIFY FAIL or ERROR
+// line fails. The error is an *IntegrityError.
+func CheckLinuxDisk(ctx context.Context, dst *Instance, minSeq uint64) (linux.Line, error) {
+	l, err := waitLinux(ctx, dst, func(l linux.Line) bool {
+		last, ok := l.Uint("last")
+		return l.Kind == linux.KindDiskVerify && l.OK() && ok && last >= minSeq
+	})
+	if err != nil {
+		return l, &IntegrityError{Guest: "linux", Step: "disk log verification on the destination", Err: err}
+	}
+	return l, nil
+}
+
 // LinuxPass returns the highest pass number the memdirty guest has reported
 // on inst's serial so far (0 when none).
 func LinuxPass(inst *Instance) (uint64, error) {
+	return maxField(inst, "", "pass")
+}
+
+// maxField is the largest numeric field key over the guest's lines of kind
+// (any kind when empty).
+func maxField(inst *Instance, kind, key string) (uint64, error) {
 	b, err := inst.Serial()
 	if err != nil {
 		return 0, err
 	}
 	var max uint64
 	for _, line := range splitLines(b) {
-		if l, ok := linux.ParseLine(line); ok {
-			if p, ok := l.Uint("pass"); ok && p > max {
+		if l, ok := linux.ParseLine(line); ok && (kind == "" || l.Kind == kind) {
+			if p, ok := l.Uint(key); ok && p > max {
 				max = p
 			}
 		}

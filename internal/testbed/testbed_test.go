@@ -234,6 +234,33 @@ func TestCheckLinux(t *testing.T) {
 	})
 }
 
+func TestCheckLinuxDisk(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	src := fakeInstance(t)
+	appendSerial(t, src, "QMIGRATE DISK seq=100 synced=90\nQMIGRATE DISKVERIFY OK records=100 last=100\nQMIGRATE DISK seq=250 synced=250\n")
+	seq, err := LinuxDiskSeq(src)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(250), seq)
+
+	dst := fakeInstance(t)
+	appendSerial(t, dst, "QMIGRATE DISK seq=300 synced=300\nQMIGRATE DISKVERIFY OK records=200 last=240\n")
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		appendSerial(t, dst, "QMIGRATE DISKVERIFY OK records=300 last=310\n")
+	}()
+	l, err := CheckLinuxDisk(ctx, dst, seq)
+	require.NoError(t, err)
+	assert.Equal(t, "QMIGRATE DISKVERIFY OK records=300 last=310", l.Raw)
+
+	bad := fakeInstance(t)
+	appendSerial(t, bad, "QMIGRATE DISKVERIFY FAIL seq=17 slot=16 reason=stale got=1\n")
+	_, err = CheckLinuxDisk(ctx, bad, 1)
+	var ie *IntegrityError
+	require.ErrorAs(t, err, &ie)
+	require.ErrorIs(t, err, ErrGuestFailed)
+}
+
 func TestParseCursor(t *testing.T) {
 	out := "CPU#0\r\nEAX=00000000 EBX=00000000 ECX=00000010 EDX=000003f8\r\nESI=00000000 EDI=0012f000 EBP=00000000 ESP=00007c00\r\n"
 	v, err := parseCursor(out)
