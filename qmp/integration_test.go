@@ -347,3 +347,23 @@ func BenchmarkQueryStatus(b *testing.B) {
 		b.ReportMetric(float64(client)/float64(raw), "client/raw")
 	})
 }
+
+// exec-oob reaches QEMU and its reply is matched by id like any other.
+func TestQEMUExecOOB(t *testing.T) {
+	c := dialQEMU(t, startQEMU(t)[0])
+	ctx := ctxT(t)
+	require.True(t, c.OOB())
+	err := c.MigratePause(ctx) // out of band; no postcopy is running
+	var qe *qmp.Error
+	require.ErrorAs(t, err, &qe)
+	assert.Equal(t, "GenericError", qe.Class)
+	assert.Equal(t, "migrate-pause", qe.Command)
+	assert.Contains(t, qe.Desc, "postcopy")
+	// An in-band-only command sent out of band is refused by QEMU.
+	err = c.ExecuteOOB(ctx, "query-status", nil, nil)
+	require.ErrorAs(t, err, &qe)
+	assert.Equal(t, "GenericError", qe.Class)
+	st, err := c.QueryStatus(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, "prelaunch", st.Status)
+}
