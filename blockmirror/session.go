@@ -556,7 +556,11 @@ func (s *Session) Abort(ctx context.Context) error {
 		}
 	}
 	if s.dst.Err() == nil {
-		errs = append(errs, s.delExports(ctx, "hard"), s.stopServer(ctx), s.delCreated(ctx))
+		// A destination that no longer answers (frozen, link cut) must not
+		// hold the rollback for the caller's whole deadline.
+		dctx, cancel := context.WithTimeout(ctx, abortDestinationTimeout)
+		errs = append(errs, s.delExports(dctx, "hard"), s.stopServer(dctx), s.delCreated(dctx))
+		cancel()
 	} else {
 		s.serverStarted = false
 		for _, d := range s.disks {
@@ -640,6 +644,9 @@ func (s *Session) cancelJobs(ctx context.Context) error {
 		}
 	}
 }
+
+// abortDestinationTimeout bounds Abort's clean-up on the destination.
+const abortDestinationTimeout = 10 * time.Second
 
 // yankAfter is how long Abort waits for force-cancelled mirrors before it
 // yanks their NBD connections.
