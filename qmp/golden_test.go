@@ -69,7 +69,7 @@ func goldenName(path string) string {
 func TestGoldenQueryMigrate(t *testing.T) {
 	for _, v := range goldenVersions {
 		paths := goldenPaths(t, v, "query-migrate")
-		require.GreaterOrEqual(t, len(paths), 14, "captures for %s", v)
+		require.GreaterOrEqual(t, len(paths), 18, "captures for %s", v)
 		for _, p := range paths {
 			name := goldenName(p)
 			t.Run(v+"/"+name, func(t *testing.T) {
@@ -90,7 +90,8 @@ func TestGoldenQueryMigrate(t *testing.T) {
 				src := strings.HasPrefix(name, "src-")
 
 				switch info.Status {
-				case qmp.StatusActive, qmp.StatusPostcopyActive, qmp.StatusPreSwitchover, qmp.StatusCompleted, qmp.StatusCancelling:
+				case qmp.StatusActive, qmp.StatusPostcopyActive, qmp.StatusPostcopyPaused, qmp.StatusPostcopyRecover,
+					qmp.StatusPreSwitchover, qmp.StatusCompleted, qmp.StatusCancelling:
 					if !src {
 						break
 					}
@@ -125,7 +126,7 @@ func TestGoldenQueryMigrate(t *testing.T) {
 					assert.Equal(t, "unix", info.SocketAddress[0].Type)
 					assert.True(t, strings.HasSuffix(info.SocketAddress[0].Path, "mig.sock"))
 				}
-				assert.Equal(t, info.Status == qmp.StatusPostcopyActive, info.Status.Postcopy())
+				assert.Equal(t, strings.HasPrefix(string(info.Status), "postcopy-"), info.Status.Postcopy())
 				assert.Equal(t, info.Status == qmp.StatusCompleted || info.Status == qmp.StatusFailed || info.Status == qmp.StatusCancelled, info.Status.Terminal())
 			})
 		}

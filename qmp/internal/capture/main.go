@@ -246,6 +246,21 @@ func (cp *capturer) saveIf(r json.RawMessage, file string, want qmp.MigrationSta
 	return cp.write(file, r)
 }
 
+// saveAsStatus keeps a query-migrate reply of a recovery state under
+// prefix+status.
+func (cp *capturer) saveAsStatus(r json.RawMessage, prefix string) error {
+	var info qmp.MigrationInfo
+	if err := json.Unmarshal(r, &info); err != nil {
+		return err
+	}
+	switch info.Status {
+	case qmp.StatusPostcopyRecover, qmp.StatusPostcopyRecoverSetup:
+		return cp.write(prefix+string(info.Status), r)
+	}
+	log.Printf("  %s<recover>: missed (status was %s)", prefix, info.Status)
+	return nil
+}
+
 func (cp *capturer) saveEvents(v *vm, file string) error {
 	time.Sleep(100 * time.Millisecond)
 	v.mu.Lock()
@@ -562,6 +577,33 @@ func (cp *capturer) postcopy(ctx context.Context) error {
 		if err := cp.saveIf(r, s.file, qmp.StatusPostcopyActive); err != nil {
 			return err
 		}
+	}
+	// Pause (out of band) and recover over a new channel.
+	if err := src.c.MigratePause(ctx); err != nil {
+		return err
+	}
+	for _, v := range []*vm{src, dst} {
+		if _, err := v.waitStatus(ctx, qmp.StatusPostcopyPaused); err != nil {
+			return err
+		}
+		if _, err := cp.save(ctx, v, "query-migrate/"+v.name+"-postcopy-paused", "query-migrate", nil); err != nil {
+			return err
+		}
+	}
+	uri2 := "unix:" + filepath.Join(cp.tmp, "mig2.sock")
+	r, err := pipelined(ctx, dst, "migrate-recover", map[string]any{"uri": uri2})
+	if err != nil {
+		return err
+	}
+	if err := cp.saveAsStatus(r, "query-migrate/dst-"); err != nil {
+		return err
+	}
+	r, err = pipelined(ctx, src, "migrate", map[string]any{"uri": uri2, "resume": true})
+	if err != nil {
+		return err
+	}
+	if err := cp.saveAsStatus(r, "query-migrate/src-"); err != nil {
+		return err
 	}
 	if err := src.c.MigrateSetParameters(ctx, qmp.MigrationParameters{MaxPostcopyBandwidth: qmp.Ptr[uint64](0)}); err != nil {
 		return err
