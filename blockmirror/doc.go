@@ -55,7 +55,9 @@
 //     (49152 when it is 0), unix a socket beside the migration socket.
 //   - Events hint, queries decide: job state comes from BLOCK_JOB_* events and
 //     query-block-jobs; a job that vanishes without an event is a failure.
-//   - The Session's methods serialise on a mutex; none starts a goroutine.
+//   - The Session's methods serialise on a mutex (a WaitReady or Finish in
+//     progress holds it: cancel its context before calling Abort from another
+//     goroutine); none starts a goroutine.
 //     Contexts bound every wait; Start's own undo runs with a fresh 30 s bound
 //     even when the caller's context has ended.
 //   - Errors wrap sentinels (ErrPreflight, ErrMirrorFailed with a *JobError,

@@ -361,7 +361,13 @@ func bmTestMigrate(t *testing.T, q bmQEMU, format string) {
 	src.write(ctx, 0x22, 40<<20, 4<<20)
 
 	cfg := blockmirror.Config{Logger: bmLogger(t)}
-	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, cfg, "unix:"+filepath.Join(src.dir, "mig.sock"))
+	// raw: NBD address derived from a unix migration URI; qcow2: from a tcp
+	// one (the next port after the migration port).
+	uri := "unix:" + filepath.Join(src.dir, "mig.sock")
+	if format == "qcow2" {
+		uri = fmt.Sprintf("tcp:127.0.0.1:%d", bmFreePort(t))
+	}
+	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, cfg, uri)
 	require.NoError(t, err)
 	src.write(ctx, 0x33, 4<<20, 1<<20) // during the mirror
 	var last []blockmirror.Progress
