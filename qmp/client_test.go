@@ -720,3 +720,67 @@ func TestWriteAbandonedKillsConnection(t *testing.T) {
 		assert.ErrorIs(t, c.Err(), context.DeadlineExceeded)
 	})
 }
+
+// Many callers, subscribers that come and go, events, and finally the
+// connection dying under them: no race, no hang, no reply to the wrong caller.
+func TestStressConcurrentUse(t *testing.T) {
+	s, c := fake(t)
+	s.Handle("echo", echo)
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	for g := range 8 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				var out struct{ G, I int }
+				err := c.Execute(t.Context(), "echo", map[string]int{"g": g, "i": i}, &out)
+				if err != nil {
+					assert.ErrorIs(t, err, qmp.ErrClosed)
+					return
+				}
+				if out.G != g || out.I != i {
+					t.Errorf("goroutine %d call %d got reply %+v", g, i, out)
+					return
+				}
+			}
+		})
+	}
+	for range 3 {
+		wg.Go(func() {
+			for {
+				sub := c.Subscribe(qmp.EventFilter{Names: []string{"TICK"}, Buffer: 4})
+				select {
+				case <-sub.C:
+				case <-stop:
+					sub.Close()
+					return
+				}
+				sub.Close()
+			}
+		})
+	}
+	wg.Go(func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			s.Emit("TICK", map[string]int{"i": i})
+			if i%64 == 0 {
+				_ = c.Execute(t.Context(), "echo", nil, nil)
+			}
+		}
+	})
+	_, err := s.WaitCall(t.Context(), "echo", 2000)
+	require.NoError(t, err)
+	s.CloseConns()
+	<-c.Done()
+	close(stop)
+	wg.Wait()
+	assert.ErrorIs(t, c.Err(), qmp.ErrClosed)
+}
