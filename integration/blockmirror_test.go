@@ -25,6 +25,7 @@ import (
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/guest/linux"
+	"github.com/qmigrate/qmigrate/internal/testbed"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
@@ -107,6 +108,7 @@ type bmOpts struct {
 	readOnly string   // optional read-only second disk image
 	noDisk   bool     // no disk (for CreateTargets)
 	machine  string   // default q35
+	netns    string   // run inside this network namespace
 	mem      string   // -m, default 64
 	extra    []string // more QEMU arguments
 	discard  bool     // discard=unmap on the disk nodes (keeps a mirrored image sparse)
@@ -162,6 +164,9 @@ func bmStartVM(t testing.TB, q bmQEMU, dir, name string, o bmOpts) *bmVM {
 		args = append(args, "-S", "-incoming", "defer")
 	}
 	cmd := exec.Command(q.bin, args...)
+	if o.netns != "" {
+		cmd = exec.Command("ip", append([]string{"netns", "exec", o.netns, q.bin}, args...)...)
+	}
 	logPath := filepath.Join(dir, name+".log")
 	logf, err := os.Create(logPath)
 	require.NoError(t, err)
@@ -344,6 +349,7 @@ func TestBlockMirror(t *testing.T) {
 			t.Run("abort-after-ready-then-retry", func(t *testing.T) { bmTestAbort(t, q, true) })
 			t.Run("destination-killed", func(t *testing.T) { bmTestDestinationLost(t, q, false) })
 			t.Run("destination-frozen", func(t *testing.T) { bmTestDestinationLost(t, q, true) })
+			t.Run("link-cut-then-retry", func(t *testing.T) { bmTestLinkCut(t, q) })
 			t.Run("preflight", func(t *testing.T) { bmTestPreflight(t, q) })
 			t.Run("sparse", func(t *testing.T) { bmTestSparse(t, q) })
 			t.Run("heavy-writer", func(t *testing.T) { bmTestHeavyWriter(t, q) })
@@ -892,4 +898,56 @@ func bmTestLinuxGuest(t *testing.T, q bmQEMU, kernel, initrd string, useEngine b
 	require.NoError(t, err, "destination disk verification")
 	t.Logf("QEMU %s: source wrote up to record %d; destination: %s", q.name, seq, l.Raw)
 	dst.quit(ctx)
+}
+
+// bmTestLinkCut runs source and destination in two network namespaces with
+// the NBD connection over a shaped veth link, cuts the link mid-mirror, aborts
+// (the stuck NBD connection is yanked), restores the link and migrates.
+func bmTestLinkCut(t *testing.T, q bmQEMU) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	n, err := testbed.NewNetwork(ctx, 8<<20)
+	if errors.Is(err, testbed.ErrNetnsUnavailable) && os.Getenv("CI") == "" {
+		t.Skipf("no network namespaces: %v", err)
+	}
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = n.Close() })
+	dir := t.TempDir()
+	src := bmStartVM(t, q, dir, "src", bmOpts{size: "64M", netns: n.A.Netns})
+	dst := bmStartVM(t, q, dir, "dst", bmOpts{size: "64M", incoming: true, netns: n.B.Netns})
+	bmCaps(t, ctx, src, dst)
+	src.write(ctx, 0x11, 0, 48<<20)
+	cfg := blockmirror.Config{NBDAddress: "tcp:" + n.B.Addr + ":10809", Logger: bmLogger(t)}
+	uri := "unix:" + filepath.Join(dir, "mig.sock")
+
+	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, cfg, uri)
+	require.NoError(t, err)
+	time.Sleep(time.Second)
+	p, err := s.Progress(ctx)
+	require.NoError(t, err)
+	require.False(t, p[0].Ready)
+	require.NoError(t, n.Cut(ctx))
+	wctx, wcancel := context.WithTimeout(ctx, 3*time.Second)
+	err = s.WaitReady(wctx, nil)
+	wcancel()
+	require.ErrorIs(t, err, context.DeadlineExceeded, "a cut link stalls the mirror")
+	p, err = s.Progress(ctx)
+	require.NoError(t, err)
+	t.Logf("stalled at %d/%d bytes", p[0].Done, p[0].Total)
+	start := time.Now()
+	require.NoError(t, s.Abort(ctx))
+	t.Logf("Abort with the link cut took %v", time.Since(start).Round(time.Millisecond))
+	bmAssertNothingLeft(t, ctx, src, dst)
+	bmSourceIntact(t, ctx, src, map[uint64]byte{0: 0x11, 40 << 20: 0x11}, 1<<20)
+
+	require.NoError(t, n.Restore(ctx))
+	require.NoError(t, n.SetRate(ctx, 0))
+	s, err = blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, cfg, uri)
+	require.NoError(t, err)
+	require.NoError(t, s.WaitReady(ctx, nil))
+	bmMigrate(t, ctx, s, src, dst)
+	bmAssertNothingLeft(t, ctx, src, dst)
+	src.quit(ctx)
+	dst.quit(ctx)
+	bmCompare(t, q, src.disk, dst.disk)
 }
