@@ -1,0 +1,149 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/qmigrate/qmigrate/engine"
+	"github.com/qmigrate/qmigrate/internal/guest/sweep"
+	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/strategy"
+)
+
+// The strategy's proof on real QEMU: a sweep guest that dirties memory
+// faster than the link can carry, migrated between two network namespaces
+// over a veth link shaped by tbf.
+const (
+	// strategyLink is the tbf rate of the link, bytes/s.
+	strategyLink = 32e6
+	// strategyDirty is the sweep guest's nominal dirty rate: 10 × the link,
+	// so that it stays at least 2 × the link on a loaded machine, where TCG
+	// runs the guest at half its nominal speed or less.
+	strategyDirty = 10 * strategyLink
+	// strategyBudget bounds the runs that must abort.
+	strategyBudget = 25 * time.Second
+)
+
+// TestStrategy runs the auto policy and the qemu preset on a guest that
+// pre-copy alone cannot migrate (see the Proof): auto completes
+// with CPU throttling, completes with postcopy when permitted (and we
+// compare the times), aborts within the budget with the guest intact on the
+// source when no lever is permitted, and the qemu preset does not complete
+// within the same budget.
+func TestStrategy(t *testing.T) {
+	q, _ := tbQEMU(t)
+	n := testbed.NewNetworkT(t, strategyLink)
+	var throttled, postcopy time.Duration
+	t.Run("AutoThrottleCompletes", func(t *testing.T) {
+		res := strategyRun(t, q, n, strategy.Config{Limits: strategy.Limits{MaxDowntime: 500 * time.Millisecond}}, true)
+		throttled = res.Total
+		assertLever(t, res, strategy.SetThrottle)
+	})
+	t.Run("AutoPostcopyCompletes", func(t *testing.T) {
+		res := strategyRun(t, q, n, strategy.Config{Limits: strategy.Limits{MaxDowntime: 500 * time.Millisecond, AllowPostcopy: true}}, true)
+		postcopy = res.Total
+		assertLever(t, res, strategy.StartPostcopy)
+		if throttled > 0 {
+			t.Logf("auto: %v with CPU throttling only, %v with postcopy permitted (%.2f×)",
+				throttled.Round(time.Millisecond), postcopy.Round(time.Millisecond), postcopy.Seconds()/throttled.Seconds())
+			// Speed is a benchmark (cmd/qmbench), not a timed assertion on a
+			// shared machine: only a postcopy run far slower than the
+			// throttled one fails.
+			assert.Less(t, postcopy, throttled*3/2, "postcopy permitted: not slower than throttling alone")
+		}
+	})
+	t.Run("AutoNoLeverAbortsWithinBudget", func(t *testing.T) {
+		res := strategyRun(t, q, n, strategy.Config{Limits: strategy.Limits{NoThrottle: true, Budget: strategyBudget}}, false)
+		assert.LessOrEqual(t, res.Total, strategyBudget+3*time.Second, "aborted within the budget")
+		for _, d := range res.Decisions {
+			assert.Contains(t, []strategy.Action{strategy.SetDowntime, strategy.Abort}, d.Action, "no lever but the downtime: %s", d.Reason)
+		}
+	})
+	t.Run("QEMUPresetDoesNotComplete", func(t *testing.T) {
+		res := strategyRun(t, q, n, strategy.Config{Policy: strategy.PolicyQEMU, Limits: strategy.Limits{Budget: strategyBudget}}, false)
+		assert.GreaterOrEqual(t, res.Total, strategyBudget, "ran until the budget")
+		assert.LessOrEqual(t, res.Total, strategyBudget+3*time.Second, "aborted at the budget")
+	})
+}
+
+// strategyRun boots a sweep guest in host A and a destination in host B,
+// checks that the guest dirties at least twice the link, migrates it with
+// sc, and checks the guest where it runs afterwards: on the destination when
+// want is true (the migration must complete), else on the source (it must be
+// aborted, the guest running there intact).
+func strategyRun(t *testing.T, q *testbed.QEMU, n *testbed.Network, sc strategy.Config, want bool) *engine.Result {
+	t.Helper()
+	g := testbed.NewSweepGuest(strategyDirty)
+	src := testbed.StartT(t, q, testbed.Config{Name: "src", Guest: g, Netns: n.A.Netns})
+	dst := testbed.StartT(t, q, testbed.Config{Name: "dst", Guest: g, Incoming: true, Netns: n.B.Netns})
+	rate := sweepRate(t, src)
+	t.Logf("sweep guest dirties %.0f MB/s, %.1f × the %.0f MB/s link", rate/1e6, rate/strategyLink, strategyLink/1e6)
+	require.GreaterOrEqual(t, rate, 2*strategyLink, "premise: the guest dirties at least twice the link")
+
+	cfg := engine.Config{
+		Source:      engine.Endpoint{Client: src.QMP},
+		Destination: engine.Endpoint{Client: dst.QMP},
+		URI:         fmt.Sprintf("tcp:%s:4444", n.B.Addr),
+		Strategy:    sc,
+		Logger:      testLogger(t),
+		Observer: func(e engine.Event) {
+			if e.Kind == engine.EventDecision {
+				t.Logf("%5.1fs %s: %s", e.Elapsed.Seconds(), e.Decision.Action, e.Decision.Reason)
+			}
+		},
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	res, err := engine.Migrate(ctx, cfg)
+	require.NotNil(t, res)
+	t.Logf("%s: %s in %v, downtime %v, %d MB sent, %d decisions",
+		sc.Policy, res.Status, res.Total.Round(time.Millisecond), res.Downtime, res.TransferredBytes/1e6, len(res.Decisions))
+	if want {
+		require.NoError(t, err)
+		require.Equal(t, engine.StatusCompleted, res.Status)
+		assert.LessOrEqual(t, res.Downtime, time.Second, "downtime near the 500ms limit")
+		_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{Dir: dst.Dir(), Logf: t.Logf})
+		require.NoError(t, err, "destination guest intact")
+		return res
+	}
+	require.Error(t, err)
+	assert.ErrorIs(t, err, engine.ErrAborted)
+	assert.NotEqual(t, engine.StatusCompleted, res.Status)
+	// The guest still runs on the source: it keeps writing passes.
+	passes, err := src.Serial()
+	require.NoError(t, err)
+	_, err = src.CountSerial(tbTimeout(t, 30*time.Second), sweep.StartChar, sweep.PassChar, testbed.CountAfter(passes, sweep.StartChar, sweep.PassChar)+1)
+	require.NoError(t, err, "the guest advances on the source after the abort")
+	sourceIntact(t, src)
+	return res
+}
+
+// sweepRate measures the sweep guest's dirty rate from its serial port: the
+// time between passes (each pass dirties the 99 MiB range once).
+func sweepRate(t *testing.T, src *testbed.Instance) float64 {
+	t.Helper()
+	ctx := tbTimeout(t, 30*time.Second)
+	_, err := src.CountSerial(ctx, sweep.StartChar, sweep.PassChar, 1)
+	require.NoError(t, err)
+	t0 := time.Now()
+	const passes = 3
+	_, err = src.CountSerial(ctx, sweep.StartChar, sweep.PassChar, 1+passes)
+	require.NoError(t, err, "the guest is too slow for this test")
+	return passes * sweep.RangeSize / time.Since(t0).Seconds()
+}
+
+// assertLever checks that auto used lever (and no abort).
+func assertLever(t *testing.T, res *engine.Result, lever strategy.Action) {
+	t.Helper()
+	var used bool
+	for _, d := range res.Decisions {
+		used = used || d.Action == lever
+		assert.NotEqual(t, strategy.Abort, d.Action)
+	}
+	assert.True(t, used, "auto used %s: %+v", lever, res.Decisions)
+}
