@@ -226,11 +226,11 @@ func testEngineCancel(t *testing.T, q *testbed.QEMU) {
 func testEngineDstKilled(t *testing.T, q *testbed.QEMU) {
 	src, dst := enginePair(t, q, 500e6, true, "")
 	cfg := nonConverging(t, src, dst)
-	var killedAt time.Time
-	time.AfterFunc(2*time.Second, func() { killedAt = time.Now(); dst.Kill() })
+	killed := make(chan time.Time, 1)
+	time.AfterFunc(2*time.Second, func() { killed <- time.Now(); dst.Kill() })
 	res, err := engine.Migrate(t.Context(), cfg)
 	require.Error(t, err)
-	took := time.Since(killedAt)
+	took := time.Since(<-killed)
 	t.Logf("failed %v after the kill: %v; undone %q; undo errors %q", took, err, res.Undone, res.UndoErrors)
 	assert.Less(t, took, 5*time.Second, "surfaced within seconds")
 	assert.Equal(t, engine.StatusFailed, res.Status)
