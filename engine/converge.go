@@ -35,9 +35,17 @@ func (r *run) start(ctx context.Context) error {
 		return r.callErr(ctx, SideDestination, "migrate-incoming", err)
 	}
 	if r.ch.Scheme == transport.Unix {
-		r.pushUndo("destination: remove migration socket", func(context.Context) (string, error) {
-			if r.dst.Err() == nil {
-				return "", nil // still listening: the destination owns it
+		r.pushUndo("destination: remove migration socket", func(ctx context.Context) (string, error) {
+			// After a cancel the destination exits (exit-on-error); give it
+			// a moment, then remove the socket it leaves behind.
+			t := time.NewTimer(2 * time.Second)
+			defer t.Stop()
+			select {
+			case <-r.dst.Done():
+			case <-t.C:
+				return "", nil // still there and listening: the destination owns it
+			case <-ctx.Done():
+				return "", nil
 			}
 			if err := transport.RemoveSocket(r.ch); err != nil {
 				return "", err

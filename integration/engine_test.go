@@ -220,6 +220,8 @@ func testEngineCancel(t *testing.T, q *testbed.QEMU) {
 	caps, err := src.QMP.QueryMigrateCapabilities(t.Context())
 	require.NoError(t, err)
 	assert.False(t, caps["events"], "source capabilities restored")
+	_, err = os.Stat(filepath.Join(dst.Dir(), "mig.sock"))
+	assert.True(t, os.IsNotExist(err), "migration socket removed once the destination exited")
 	sourceIntact(t, src)
 }
 
