@@ -88,6 +88,11 @@ type Instance struct {
 
 // Start launches QEMU as described by cfg and connects to its QMP socket.
 // The process is killed when ctx ends; call Close when done with it.
+//
+// QEMU runs in its own process group (killed as a whole) with a parent-death
+// signal of SIGKILL, so it does not outlive a crashed test binary. (The
+// parent-death signal is tied to the OS thread that forked; nothing in this
+// module ends threads with runtime.LockOSThread, which would fire it early.)
 func (q *QEMU) Start(ctx context.Context, cfg Config) (_ *Instance, err error) {
 	if cfg.Name == "" {
 		cfg.Name = "vm"
