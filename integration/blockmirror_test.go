@@ -48,7 +48,7 @@ func bmQEMUs(t testing.TB) []bmQEMU {
 		if img == "" {
 			img = "qemu-img"
 		}
-		out = append(out, bmQEMU{name: filepath.Base(filepath.Dir(filepath.Dir(filepath.Dir(b)))), bin: b, firmware: os.Getenv("QMIGRATE_QEMU_FIRMWARE"), img: img})
+		out = append(out, bmQEMU{name: bmVersion(t, b), bin: b, firmware: os.Getenv("QMIGRATE_QEMU_FIRMWARE"), img: img})
 	} else {
 		if _, err := os.Stat("/usr/bin/qemu-system-x86_64"); err == nil {
 			out = append(out, bmQEMU{name: "7.2", bin: "/usr/bin/qemu-system-x86_64", img: "/usr/bin/qemu-img"})
@@ -71,6 +71,23 @@ func bmQEMUs(t testing.TB) []bmQEMU {
 		t.Skip("no QEMU found (set QMIGRATE_QEMU)")
 	}
 	return out
+}
+
+// bmVersion is "major.minor" of a QEMU binary ("QEMU emulator version 7.2.22 ...").
+func bmVersion(t testing.TB, bin string) string {
+	t.Helper()
+	out, err := exec.Command(bin, "--version").Output()
+	require.NoError(t, err, "%s --version", bin)
+	f := strings.Fields(string(out))
+	for i, w := range f {
+		if w == "version" && i+1 < len(f) {
+			parts := strings.SplitN(f[i+1], ".", 3)
+			if len(parts) >= 2 {
+				return parts[0] + "." + parts[1]
+			}
+		}
+	}
+	return filepath.Base(bin)
 }
 
 func bmReadEnvFile(path string) (map[string]string, error) {
