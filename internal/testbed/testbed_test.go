@@ -3,6 +3,7 @@ package testbed
 import (
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -302,4 +303,54 @@ func TestSkipOrFail(t *testing.T) {
 	SkipOrFail(f, "no qemu")
 	assert.Empty(t, f.skipped)
 	assert.Contains(t, f.failed, "CI is set")
+}
+
+func ipOut(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	require.NoError(t, err, "%v: %s", args, out)
+	return string(out)
+}
+
+func TestNetwork(t *testing.T) {
+	n := NewNetworkT(t, 10e6)
+	assert.True(t, strings.HasPrefix(n.A.Netns, "qm-"))
+	assert.LessOrEqual(t, len(n.A.Dev), 15, "interface names are at most 15 bytes")
+	assert.Contains(t, ipOut(t, "ip", "netns", "list"), n.B.Netns)
+	assert.Contains(t, ipOut(t, "ip", "-n", n.A.Netns, "addr", "show", n.A.Dev), AddrA+"/24")
+	assert.Contains(t, ipOut(t, "ip", "-n", n.B.Netns, "addr", "show", n.B.Dev), AddrB+"/24")
+	qd := ipOut(t, "tc", "-n", n.B.Netns, "qdisc", "show", "dev", n.B.Dev)
+	assert.Contains(t, qd, "tbf")
+	assert.Contains(t, qd, "80Mbit")
+	assert.Equal(t, uint64(10e6), n.Rate())
+
+	ctx := context.Background()
+	require.NoError(t, n.SetRate(ctx, 25e6))
+	assert.Contains(t, ipOut(t, "tc", "-n", n.A.Netns, "qdisc", "show", "dev", n.A.Dev), "200Mbit")
+	require.NoError(t, n.SetRate(ctx, 0))
+	assert.NotContains(t, ipOut(t, "tc", "-n", n.A.Netns, "qdisc", "show", "dev", n.A.Dev), "tbf")
+
+	require.NoError(t, n.Cut(ctx))
+	assert.NotContains(t, ipOut(t, "ip", "-n", n.A.Netns, "link", "show", n.A.Dev), ",UP")
+	require.NoError(t, n.Restore(ctx))
+	assert.Contains(t, ipOut(t, "ip", "-n", n.A.Netns, "link", "show", n.A.Dev), ",UP")
+
+	// A process left inside is killed by Close, and the namespaces go.
+	sleeper := exec.Command("ip", "netns", "exec", n.A.Netns, "sleep", "60")
+	require.NoError(t, sleeper.Start())
+	done := make(chan error, 1)
+	go func() { done <- sleeper.Wait() }()
+	require.Eventually(t, func() bool {
+		return strings.TrimSpace(ipOut(t, "ip", "netns", "pids", n.A.Netns)) != ""
+	}, 5*time.Second, 20*time.Millisecond)
+	require.NoError(t, n.Close())
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the process inside the namespace survived Close")
+	}
+	list := ipOut(t, "ip", "netns", "list")
+	assert.NotContains(t, list, n.A.Netns)
+	assert.NotContains(t, list, n.B.Netns)
+	require.NoError(t, n.Close(), "Close twice is fine")
 }
