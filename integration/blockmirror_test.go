@@ -125,6 +125,7 @@ type bmOpts struct {
 	readOnly string   // optional read-only second disk image
 	noDisk   bool     // no disk (for CreateTargets)
 	machine  string   // default q35
+	second   bool     // a second writable raw disk: node disk1 (16 MiB) on device vd1
 	netns    string   // run inside this network namespace
 	mem      string   // -m, default 64
 	extra    []string // more QEMU arguments
@@ -169,6 +170,17 @@ func bmStartVM(t testing.TB, q bmQEMU, dir, name string, o bmOpts) *bmVM {
 			"-blockdev", "driver=file,filename="+img+",node-name=f0"+disc,
 			"-blockdev", "driver="+o.format+",file=f0,node-name=disk0"+disc,
 			"-device", "virtio-blk-pci,drive=disk0,id=vd0")
+	}
+	if o.second {
+		img1 := filepath.Join(dir, name+"-1.raw")
+		if _, err := os.Stat(img1); os.IsNotExist(err) {
+			out, err := exec.Command(q.img, "create", "-q", "-f", "raw", img1, "16M").CombinedOutput()
+			require.NoError(t, err, "%s", out)
+		}
+		args = append(args,
+			"-blockdev", "driver=file,filename="+img1+",node-name=f1",
+			"-blockdev", "driver=raw,file=f1,node-name=disk1",
+			"-device", "virtio-blk-pci,drive=disk1,id=vd1")
 	}
 	if o.readOnly != "" {
 		args = append(args,
@@ -378,10 +390,14 @@ func TestBlockMirror(t *testing.T) {
 func bmTestMigrate(t *testing.T, q bmQEMU, format string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	src, dst := bmPair(t, q, bmOpts{format: format, size: "64M"})
+	// raw runs with a second disk: two mirrors, finished together.
+	src, dst := bmPair(t, q, bmOpts{format: format, size: "64M", second: format == "raw"})
 	bmCaps(t, ctx, src, dst)
 	src.write(ctx, 0x11, 0, 8<<20)
 	src.write(ctx, 0x22, 40<<20, 4<<20)
+	if format == "raw" {
+		src.hmp(ctx, `qemu-io -d vd1/virtio-backend "write -P 0x66 1M 3M"`)
+	}
 
 	cfg := blockmirror.Config{Logger: bmLogger(t)}
 	// raw: NBD address derived from a unix migration URI; qcow2: from a tcp
@@ -395,16 +411,28 @@ func bmTestMigrate(t *testing.T, q bmQEMU, format string) {
 	src.write(ctx, 0x33, 4<<20, 1<<20) // during the mirror
 	var last []blockmirror.Progress
 	require.NoError(t, s.WaitReady(ctx, func(p []blockmirror.Progress) { last = p }))
-	require.Len(t, last, 1)
-	assert.Equal(t, "disk0", last[0].Node)
-	assert.True(t, last[0].Ready)
-	assert.Equal(t, "background", last[0].CopyMode)
+	nodes := []string{"disk0"}
+	if format == "raw" {
+		nodes = append(nodes, "disk1")
+	}
+	require.Len(t, last, len(nodes))
+	for i, n := range nodes {
+		assert.Equal(t, n, last[i].Node)
+		assert.True(t, last[i].Ready)
+		assert.Equal(t, "background", last[i].CopyMode)
+	}
 	src.write(ctx, 0x44, 60<<20, 2<<20) // after READY
+	if format == "raw" {
+		src.hmp(ctx, `qemu-io -d vd1/virtio-backend "write -P 0x77 8M 1M"`)
+	}
 	bmMigrate(t, ctx, s, src, dst)
 	bmAssertNothingLeft(t, ctx, src, dst)
 	src.quit(ctx)
 	dst.quit(ctx)
 	bmCompare(t, q, src.disk, dst.disk)
+	if format == "raw" {
+		bmCompare(t, q, filepath.Join(src.dir, "src-1.raw"), filepath.Join(dst.dir, "dst-1.raw"))
+	}
 }
 
 // bmSourceIntact checks the source guest runs, its disk is node disk0 again
