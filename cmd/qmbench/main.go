@@ -158,7 +158,7 @@ func run(ctx context.Context, o options) error {
 				res := r.run(ctx, sc, pf, pol, spin)
 				logf("  %s in %s, downtime %v, sent %.0f MB, dirty rate before %s, slowdown %s, %s, %s",
 					outcome(res), secs(res.Total), res.Downtime.Round(time.Millisecond), float64(res.Sent)/1e6,
-					rateStr(res.BaseRate), slowdown(res), levers(res.Decisions), integrity(res))
+					rateStr(res.BeforeRate), slowdown(res), levers(res.Decisions), integrity(res))
 				if res.Err != "" {
 					logf("  error: %s", res.Err)
 				}

@@ -180,7 +180,8 @@ func (rp *report) section(scs []scenario, profs []profile) string {
 	w("- link: two network namespaces joined by a veth pair shaped by tc tbf to %s each way; migration over TCP, max-bandwidth unlimited\n", rateStr(rp.Rate))
 	w("- guest: the boot-sector sweep guest, %d MiB RAM, TCG, `-cpu max`; it rewrites a 99 MiB range page by page, and its spin count is calibrated per scenario so its dirty rate is the scenario's multiple of the link\n", rp.MemMiB)
 	w("- host: %s; other engineers' QEMUs shared the 2 cores, so TCG speed (and dirty rates) varied between runs\n", rp.Host)
-	w("- guest slowdown: share of the guest's own progress (sweep passes, read from its serial port and its memory) lost during the migration, against the mean of its rates just before and just after it (downtime, pause and throttling all count). Negative values are noise from the shared cores\n")
+	w("- guest slowdown: share of the guest's own progress (sweep passes, read from its serial port and its memory) lost during the migration, against the mean of its rates just before and just after it. Rates are over the time the guest's vCPU threads ran or were stopped: the time they were ready but waited for a host core taken by other processes (their schedstat runqueue wait) is left out, so that the other work on the shared cores does not count. Throttling, downtime and postcopy page faults do count. A few %% either way is noise\n")
+	w("- guest dirty rate: wall-clock rate of page writes just before and just after the migration (what the link faces)\n")
 	w("- integrity: the sweep invariant checked from a memory dump of the guest where it runs after the migration (destination when completed, source when aborted)\n\n")
 	w("%s\n", scalingNote(rp.Budget))
 

@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -27,15 +30,18 @@ type runResult struct {
 	Err                       string
 	Total, Downtime           time.Duration
 	Sent                      uint64
-	BaseRate                  float64 // guest dirty rate without migration (mean of before and after), bytes/s (passes × swept range)
-	BeforeRate, AfterRate     float64 // the same just before and just after the migration
-	DuringRate                float64 // the same during the migration
-	Intact                    bool
-	IntactErr                 string
-	Decisions                 []strategy.Decision
-	Points                    []point
-	Postcopy                  bool // the migration switched to postcopy
-	MaxThrottle               int
+	// BaseRate is the guest's dirty rate without migration (mean of just
+	// before and just after), DuringRate during it, in bytes/s of swept
+	// pages over the time its vCPUs did not wait for a host core (rateBetween).
+	BaseRate, DuringRate float64
+	// BeforeRate and AfterRate are wall-clock rates (what the link faces).
+	BeforeRate, AfterRate float64
+	Intact                bool
+	IntactErr             string
+	Decisions             []strategy.Decision
+	Points                []point
+	Postcopy              bool // the migration switched to postcopy
+	MaxThrottle           int
 }
 
 // speed is the guest's progress during the migration relative to before, or
@@ -63,7 +69,7 @@ type runner struct {
 // destination waiting for it in host B.
 func (r *runner) pair(ctx context.Context, spin uint32) (src, dst *testbed.Instance, err error) {
 	g := testbed.SweepGuest{Spin: spin}
-	cfg := testbed.Config{Name: "src", Guest: g, MemMiB: r.memMiB, Netns: r.net.A.Netns}
+	cfg := testbed.Config{Name: "src", Guest: g, MemMiB: r.memMiB, Netns: r.net.A.Netns, Args: debugThreads("src")}
 	if r.verbose {
 		cfg.Logf = r.logf
 	}
@@ -71,7 +77,7 @@ func (r *runner) pair(ctx context.Context, spin uint32) (src, dst *testbed.Insta
 	if err != nil {
 		return nil, nil, err
 	}
-	cfg.Name, cfg.Incoming, cfg.Netns = "dst", true, r.net.B.Netns
+	cfg.Name, cfg.Incoming, cfg.Netns, cfg.Args = "dst", true, r.net.B.Netns, debugThreads("dst")
 	dst, err = r.q.Start(ctx, cfg)
 	if err != nil {
 		src.Close()
@@ -93,48 +99,108 @@ func (r *runner) warm(ctx context.Context, src *testbed.Instance) error {
 	return err
 }
 
-// measureRate returns the guest's dirty rate (bytes/s of swept pages) over
-// window, and its position (passes) and time at the end.
-func measureRate(ctx context.Context, src *testbed.Instance, window time.Duration) (rate, pos float64, at time.Time, err error) {
-	p0, t0, err := guestProgress(ctx, src.QMP, serialPasses(src, true))
-	if err != nil {
-		return 0, 0, time.Time{}, err
-	}
-	select {
-	case <-ctx.Done():
-		return 0, 0, time.Time{}, ctx.Err()
-	case <-time.After(window):
-	}
-	p1, t1, err := guestProgress(ctx, src.QMP, serialPasses(src, true))
-	if err != nil {
-		return 0, 0, time.Time{}, err
-	}
-	return (p1 - p0) * sweep.RangeSize / t1.Sub(t0).Seconds(), p1, t1, nil
+// mark is the guest's position (in passes) at a moment, with the time its
+// vCPUs had spent so far waiting for a host core.
+type mark struct {
+	Pos  float64
+	At   time.Time
+	Wait time.Duration
 }
 
-// measureRateOn is measureRate on the QEMU the guest runs on after the
-// migration: the destination (moved) counts passes from both serial ports.
-func measureRateOn(ctx context.Context, on *testbed.Instance, moved bool, src *testbed.Instance, window time.Duration) (float64, error) {
-	est := func() int {
-		if moved {
-			return serialPasses(src, true) + serialPasses(on, false)
-		}
-		return serialPasses(on, true)
+// takeMark reads the guest's position on the QEMU it runs on (on) and the
+// runqueue wait of every given QEMU's vCPUs. moved says the guest was
+// migrated from src to on (its passes are then counted on both serials).
+func takeMark(ctx context.Context, on, src *testbed.Instance, moved bool, all ...*testbed.Instance) (mark, error) {
+	est := serialPasses(on, true)
+	if moved {
+		est = serialPasses(src, true) + serialPasses(on, false)
 	}
-	p0, t0, err := guestProgress(ctx, on.QMP, est())
+	pos, at, err := guestProgress(ctx, on.QMP, est)
 	if err != nil {
-		return 0, err
+		return mark{}, err
+	}
+	var wait time.Duration
+	for _, q := range all {
+		w, err := vcpuWait(q.Pid())
+		if err != nil {
+			return mark{}, err
+		}
+		wait += w
+	}
+	return mark{Pos: pos, At: at, Wait: wait}, nil
+}
+
+// rateBetween is the guest's dirty rate (bytes/s of swept pages) from a to
+// b, over the time its vCPUs ran or were stopped: the time they were ready
+// but waited for a core taken by other processes is left out, so the
+// figure does not depend on the host's other load. Throttling, downtime,
+// pauses and postcopy faults stop the vCPUs and so do count.
+func rateBetween(a, b mark) float64 {
+	d := b.At.Sub(a.At) - (b.Wait - a.Wait)
+	if d <= 0 {
+		return math.NaN()
+	}
+	return (b.Pos - a.Pos) * sweep.RangeSize / d.Seconds()
+}
+
+// wallRate is the guest's dirty rate from a to b in wall-clock time: what
+// the migration faces.
+func wallRate(a, b mark) float64 {
+	return (b.Pos - a.Pos) * sweep.RangeSize / b.At.Sub(a.At).Seconds()
+}
+
+// measure returns the rate over window (rateBetween), the wall-clock rate,
+// and the mark at its end.
+func measure(ctx context.Context, window time.Duration, on, src *testbed.Instance, moved bool, all ...*testbed.Instance) (rate, wall float64, end mark, err error) {
+	a, err := takeMark(ctx, on, src, moved, all...)
+	if err != nil {
+		return 0, 0, mark{}, err
 	}
 	select {
 	case <-ctx.Done():
-		return 0, ctx.Err()
+		return 0, 0, mark{}, ctx.Err()
 	case <-time.After(window):
 	}
-	p1, t1, err := guestProgress(ctx, on.QMP, est())
+	b, err := takeMark(ctx, on, src, moved, all...)
 	if err != nil {
-		return 0, err
+		return 0, 0, mark{}, err
 	}
-	return (p1 - p0) * sweep.RangeSize / t1.Sub(t0).Seconds(), nil
+	return rateBetween(a, b), wallRate(a, b), b, nil
+}
+
+// vcpuWait sums the runqueue wait (schedstat) of a QEMU's vCPU threads,
+// named "CPU n/TCG" (or /KVM) with -name debug-threads=on.
+func vcpuWait(pid int) (time.Duration, error) {
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*", pid))
+	if err != nil || len(tasks) == 0 {
+		return 0, fmt.Errorf("vcpu wait: no tasks for pid %d", pid)
+	}
+	var sum time.Duration
+	n := 0
+	for _, t := range tasks {
+		comm, err := os.ReadFile(filepath.Join(t, "comm"))
+		if err != nil || !strings.HasPrefix(string(comm), "CPU ") {
+			continue
+		}
+		st, err := os.ReadFile(filepath.Join(t, "schedstat"))
+		if err != nil {
+			continue // the thread just exited
+		}
+		f := strings.Fields(string(st))
+		if len(f) < 2 {
+			return 0, fmt.Errorf("vcpu wait: %s/schedstat: %q", t, st)
+		}
+		ns, err := strconv.ParseInt(f[1], 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("vcpu wait: %s/schedstat: %w", t, err)
+		}
+		sum += time.Duration(ns)
+		n++
+	}
+	if n == 0 {
+		return 0, fmt.Errorf("vcpu wait: no vCPU thread in pid %d (debug-threads off?)", pid)
+	}
+	return sum, nil
 }
 
 // calibrate finds the spin count that makes the sweep guest dirty about
@@ -148,14 +214,15 @@ func (r *runner) calibrate(ctx context.Context, target float64, rounds int) (uin
 	var got float64
 	for i := range rounds {
 		g := testbed.SweepGuest{Spin: spin}
-		src, err := r.q.Start(ctx, testbed.Config{Name: "cal", Guest: g, MemMiB: r.memMiB})
+		src, err := r.q.Start(ctx, testbed.Config{Name: "cal", Guest: g, MemMiB: r.memMiB, Args: debugThreads("cal")})
 		if err != nil {
 			return 0, 0, err
 		}
 		_, err = src.CountSerial(ctx, 0, sweep.StartChar, 1)
 		if err == nil {
 			time.Sleep(500 * time.Millisecond)
-			got, _, _, err = measureRate(ctx, src, 2*time.Second)
+			// The scenarios set the dirty rate the link faces: wall-clock.
+			_, got, _, err = measure(ctx, 2*time.Second, src, src, false)
 		}
 		src.Close()
 		if err != nil {
@@ -178,6 +245,10 @@ func (r *runner) calibrate(ctx context.Context, target float64, rounds int) (uin
 	return spin, got, nil
 }
 
+// debugThreads names QEMU's threads ("CPU 0/TCG"), for vcpuWait; QEMU
+// merges it into the testbed's own -name.
+func debugThreads(name string) []string { return []string{"-name", name + ",debug-threads=on"} }
+
 // run migrates a fresh sweep guest with spin under policy and the profile's
 // limits and measures it.
 func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy string, spin uint32) *runResult {
@@ -192,14 +263,19 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 	}
 	defer src.Close()
 	defer dst.Close()
-	if err := r.warm(ctx, src); err != nil {
+	if sc.Ratio == 0 {
+		_, err = src.CountSerial(ctx, 0, sweep.StartChar, 1) // idle: booted is enough
+	} else {
+		err = r.warm(ctx, src)
+	}
+	if err != nil {
 		return fail(fmt.Errorf("warm-up: %w", err))
 	}
-	base, pos0, t0, err := measureRate(ctx, src, r.base)
+	base, before, m0, err := measure(ctx, r.base, src, src, false, src, dst)
 	if err != nil {
 		return fail(fmt.Errorf("baseline: %w", err))
 	}
-	res.BaseRate, res.BeforeRate = base, base
+	res.BaseRate, res.BeforeRate = base, before
 
 	cfg := engine.Config{
 		Source:      engine.Endpoint{Client: src.QMP},
@@ -253,22 +329,21 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 	// the destination when it moved) against the baseline's end.
 	cctx, ccancel := context.WithTimeout(ctx, 90*time.Second)
 	defer ccancel()
+	moved := res.Status == "completed"
 	on := src
-	est := serialPasses(src, true)
-	if res.Status == "completed" {
+	if moved {
 		on = dst
-		est += serialPasses(dst, false)
 	}
-	if pos1, t1, err := guestProgress(cctx, on.QMP, est); err == nil {
-		res.DuringRate = (pos1 - pos0) * sweep.RangeSize / t1.Sub(t0).Seconds()
+	if m1, err := takeMark(cctx, on, src, moved, src, dst); err == nil {
+		res.DuringRate = rateBetween(m0, m1)
 	} else {
 		r.logf("  guest progress after the migration: %v", err)
 		res.DuringRate = math.NaN()
 	}
-	// The cores are shared with other work, so the guest's speed drifts: the
-	// reference is the mean of its rate just before and just after.
-	if after, err := measureRateOn(cctx, on, res.Status == "completed", src, r.base); err == nil {
-		res.AfterRate = after
+	// The reference is the mean of the guest's rates just before and just
+	// after the migration.
+	if after, afterWall, _, err := measure(cctx, r.base, on, src, moved, src, dst); err == nil {
+		res.AfterRate = afterWall
 		res.BaseRate = (base + after) / 2
 	} else {
 		r.logf("  guest rate after the migration: %v", err)
@@ -278,7 +353,14 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 	// source, which must be running the guest.
 	var cerr error
 	if res.Status == "completed" {
-		_, cerr = testbed.CheckSweep(cctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{Dir: dst.Dir()})
+		// An idle guest's memory does not change, so its running state is
+		// taken from its status instead of two differing dumps.
+		opts := testbed.SweepCheckOptions{Dir: dst.Dir(), SkipRunning: sc.Ratio == 0}
+		if st, err := dst.QMP.QueryStatus(cctx); err != nil || st.Status != "running" {
+			cerr = fmt.Errorf("destination not running after the migration (%v, %v)", st, err)
+		} else {
+			_, cerr = testbed.CheckSweep(cctx, src.QMP, dst.QMP, opts)
+		}
 	} else {
 		st, err := src.QMP.QueryStatus(cctx)
 		switch {
@@ -287,7 +369,7 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 		case st.Status != "running":
 			cerr = fmt.Errorf("source is %s, not running", st.Status)
 		default:
-			_, cerr = testbed.CheckSweep(cctx, nil, src.QMP, testbed.SweepCheckOptions{Dir: src.Dir()})
+			_, cerr = testbed.CheckSweep(cctx, nil, src.QMP, testbed.SweepCheckOptions{Dir: src.Dir(), SkipRunning: sc.Ratio == 0})
 		}
 	}
 	res.Intact = cerr == nil
