@@ -115,7 +115,7 @@ func run(ctx context.Context, o options) error {
 	logf("QEMU %s (%s)", version, q.Binary)
 
 	rate := o.rateMB * 1e6
-	r := &runner{q: q, memMiB: o.memMiB, budget: o.budget, warmup: 8 * time.Second, base: 3 * time.Second, logf: logf, verbose: o.verbose}
+	r := &runner{q: q, memMiB: o.memMiB, budget: o.budget, warmup: 8 * time.Second, base: 3 * time.Second, logf: logf, verbose: o.verbose, waits: map[int]time.Duration{}}
 	rounds := 3
 	if o.quick {
 		r.budget, r.warmup, r.base, rounds = 30*time.Second, 4*time.Second, 1500*time.Millisecond, 1

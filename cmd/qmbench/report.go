@@ -217,7 +217,7 @@ func (rp *report) section(scs []scenario, profs []profile) string {
 	for _, sc := range scs {
 		w("### %s\n\n", sc.Title)
 		if r, ok := rp.Calib[sc.Name]; ok && sc.Ratio > 0 {
-			w("Target dirty rate %s (%.1f × %s); calibration measured %s.\n\n", rateStr(sc.Ratio*rp.Rate), sc.Ratio, rateStr(rp.Rate), rateStr(r))
+			w("Target dirty rate %s (%.1f × %s); calibration measured %s on the guest's own vCPU time (the rates the link faced in each run are in the table).\n\n", rateStr(sc.Ratio*rp.Rate), sc.Ratio, rateStr(rp.Rate), rateStr(r))
 		} else if sc.Ratio == 0 {
 			w("The guest is booted and idle (it writes nothing after boot).\n\n")
 		}

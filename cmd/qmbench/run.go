@@ -63,6 +63,9 @@ type runner struct {
 	base    time.Duration // baseline measurement window
 	logf    func(format string, args ...any)
 	verbose bool
+	// waits remembers the last runqueue wait read per QEMU process, for a
+	// QEMU that has exited since (a destination after an abort).
+	waits map[int]time.Duration
 }
 
 // pair boots a source running the sweep guest with spin in host A and a
@@ -110,7 +113,7 @@ type mark struct {
 // takeMark reads the guest's position on the QEMU it runs on (on) and the
 // runqueue wait of every given QEMU's vCPUs. moved says the guest was
 // migrated from src to on (its passes are then counted on both serials).
-func takeMark(ctx context.Context, on, src *testbed.Instance, moved bool, all ...*testbed.Instance) (mark, error) {
+func (r *runner) takeMark(ctx context.Context, on, src *testbed.Instance, moved bool, all ...*testbed.Instance) (mark, error) {
 	est := serialPasses(on, true)
 	if moved {
 		est = serialPasses(src, true) + serialPasses(on, false)
@@ -122,7 +125,12 @@ func takeMark(ctx context.Context, on, src *testbed.Instance, moved bool, all ..
 	var wait time.Duration
 	for _, q := range all {
 		w, err := vcpuWait(q.Pid())
-		if err != nil {
+		switch {
+		case err == nil:
+			r.waits[q.Pid()] = w
+		case q.Exited():
+			w = r.waits[q.Pid()]
+		default:
 			return mark{}, err
 		}
 		wait += w
@@ -151,8 +159,8 @@ func wallRate(a, b mark) float64 {
 
 // measure returns the rate over window (rateBetween), the wall-clock rate,
 // and the mark at its end.
-func measure(ctx context.Context, window time.Duration, on, src *testbed.Instance, moved bool, all ...*testbed.Instance) (rate, wall float64, end mark, err error) {
-	a, err := takeMark(ctx, on, src, moved, all...)
+func (r *runner) measure(ctx context.Context, window time.Duration, on, src *testbed.Instance, moved bool, all ...*testbed.Instance) (rate, wall float64, end mark, err error) {
+	a, err := r.takeMark(ctx, on, src, moved, all...)
 	if err != nil {
 		return 0, 0, mark{}, err
 	}
@@ -161,7 +169,7 @@ func measure(ctx context.Context, window time.Duration, on, src *testbed.Instanc
 		return 0, 0, mark{}, ctx.Err()
 	case <-time.After(window):
 	}
-	b, err := takeMark(ctx, on, src, moved, all...)
+	b, err := r.takeMark(ctx, on, src, moved, all...)
 	if err != nil {
 		return 0, 0, mark{}, err
 	}
@@ -221,8 +229,10 @@ func (r *runner) calibrate(ctx context.Context, target float64, rounds int) (uin
 		_, err = src.CountSerial(ctx, 0, sweep.StartChar, 1)
 		if err == nil {
 			time.Sleep(500 * time.Millisecond)
-			// The scenarios set the dirty rate the link faces: wall-clock.
-			_, got, _, err = measure(ctx, 2*time.Second, src, src, false)
+			// On the vCPU's own time: the cores' other load changes by the
+			// minute, so a wall-clock calibration would chase it. The runs
+			// report the wall-clock rates the link faced.
+			got, _, _, err = r.measure(ctx, 2*time.Second, src, src, false, src)
 		}
 		src.Close()
 		if err != nil {
@@ -236,6 +246,8 @@ func (r *runner) calibrate(ctx context.Context, target float64, rounds int) (uin
 		perPage := sweep.PageSize / got
 		want := sweep.PageSize / target
 		fixed := sweep.PageSize / sweep.UnthrottledRate
+		// The cores' load changes quickly: move at most 3× per round.
+		want = min(max(want, perPage/3), perPage*3)
 		if perPage <= fixed {
 			spin = uint32(float64(spin) * want / perPage)
 		} else {
@@ -271,7 +283,7 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 	if err != nil {
 		return fail(fmt.Errorf("warm-up: %w", err))
 	}
-	base, before, m0, err := measure(ctx, r.base, src, src, false, src, dst)
+	base, before, m0, err := r.measure(ctx, r.base, src, src, false, src, dst)
 	if err != nil {
 		return fail(fmt.Errorf("baseline: %w", err))
 	}
@@ -334,7 +346,7 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 	if moved {
 		on = dst
 	}
-	if m1, err := takeMark(cctx, on, src, moved, src, dst); err == nil {
+	if m1, err := r.takeMark(cctx, on, src, moved, src, dst); err == nil {
 		res.DuringRate = rateBetween(m0, m1)
 	} else {
 		r.logf("  guest progress after the migration: %v", err)
@@ -342,7 +354,7 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 	}
 	// The reference is the mean of the guest's rates just before and just
 	// after the migration.
-	if after, afterWall, _, err := measure(cctx, r.base, on, src, moved, src, dst); err == nil {
+	if after, afterWall, _, err := r.measure(cctx, r.base, on, src, moved, src, dst); err == nil {
 		res.AfterRate = afterWall
 		res.BaseRate = (base + after) / 2
 	} else {
