@@ -114,11 +114,12 @@ if [[ "$REFRESH" == 1 ]] || ! q10_ok; then
 		fi
 		APT_UPDATED=0
 	fi
-	if ! apt-cache madison qemu-system-x86 2>/dev/null | grep -q 'bookworm-backports'; then
+	# (No early-exiting readers on pipes below: with pipefail a SIGPIPE'd writer fails the script.)
+	if [[ "$(apt-cache madison qemu-system-x86 2>/dev/null || true)" != *bookworm-backports* ]]; then
 		APT_UPDATED=0
 	fi
 	apt_update
-	VER10="$(apt-cache madison qemu-system-x86 | awk -F'|' '$3 ~ /bookworm-backports/ {gsub(/ /,"",$2); print $2; exit}')"
+	VER10="$(apt-cache madison qemu-system-x86 | awk -F'|' '$3 ~ /bookworm-backports/ && v == "" {gsub(/ /,"",$2); v = $2} END {print v}')"
 	[[ -n "$VER10" || "$DRY" == 1 ]] || die "no qemu-system-x86 in bookworm-backports (apt-cache madison qemu-system-x86)"
 	[[ "$VER10" == *:10.0.* || "$DRY" == 1 ]] || die "bookworm-backports has qemu $VER10, expected 10.0.x"
 	log "unpacking QEMU $VER10 into $Q10"
@@ -158,7 +159,7 @@ kernel_ok() {
 }
 if [[ "$REFRESH" == 1 ]] || ! kernel_ok; then
 	apt_update
-	KPKG="$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
+	KPKG="$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ && p == "" {p = $2} END {print p}')"
 	[[ -n "$KPKG" || "$DRY" == 1 ]] || die "cannot resolve the cloud kernel from 'apt-cache depends linux-image-cloud-amd64'"
 	KVER="${KPKG#linux-image-}"
 	log "fetching $KPKG"
@@ -174,7 +175,7 @@ if [[ "$REFRESH" == 1 ]] || ! kernel_ok; then
 		mkdir -p "$DEST/modules"
 		cp "$X/boot/vmlinuz-$KVER" "$DEST/vmlinuz"
 		for mod in "${KMODS[@]}"; do
-			f="$(find "$X/lib/modules/$KVER" -name "$mod.ko" -o -name "$mod.ko.xz" -o -name "$mod.ko.zst" | head -n1)"
+			f="$(find "$X/lib/modules/$KVER" \( -name "$mod.ko" -o -name "$mod.ko.xz" -o -name "$mod.ko.zst" \) -print -quit)"
 			[[ -n "$f" ]] || die "module $mod not found in $KPKG"
 			case "$f" in
 			*.ko.xz) xz -dc "$f" >"$DEST/modules/$mod.ko" ;;

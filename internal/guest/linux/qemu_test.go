@@ -155,12 +155,13 @@ func TestMemDirtyMigrates(t *testing.T) {
 	dst := startVM(t, ctx, "dst", kernel, initrd, w, "-incoming", "defer")
 	ss := NewSerial(src.serial)
 	waitReady(t, ctx, ss, started)
+	last := uint64(0) // the last pass the source finished
 	_, err := ss.WaitFor(ctx, Verdict(KindCheck, "pass", 1))
 	require.NoError(t, err)
+	last = 1
 
 	migrate(t, ctx, src, dst)
-	// The last pass the source finished; the destination must finish two more, intact.
-	last := uint64(0)
+	// The destination must finish two more passes than the source did, intact.
 	for {
 		short, c := context.WithTimeout(ctx, 200*time.Millisecond)
 		l, err := ss.Next(short)
@@ -250,11 +251,16 @@ func TestDiskWriteMigrates(t *testing.T) {
 	dst := startVM(t, ctx, "dst", kernel, initrd, w, append(drive, "-incoming", "defer")...)
 	ss := NewSerial(src.serial)
 	waitReady(t, ctx, ss, started)
-	_, err := ss.WaitFor(ctx, Verdict(KindDiskVerify, "records", 1))
+	var seq uint64 // the last record the source reported
+	_, err := ss.WaitFor(ctx, func(l Line) bool {
+		if n, ok := l.Uint("seq"); ok && l.Kind == KindDisk {
+			seq = n
+		}
+		return Verdict(KindDiskVerify, "records", 1)(l)
+	})
 	require.NoError(t, err)
 
 	migrate(t, ctx, src, dst)
-	var seq uint64
 	for {
 		short, c := context.WithTimeout(ctx, 200*time.Millisecond)
 		l, err := ss.Next(short)
