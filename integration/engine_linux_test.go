@@ -1,0 +1,95 @@
+package integration
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/qmigrate/qmigrate/engine"
+	"github.com/qmigrate/qmigrate/internal/guest/linux"
+	"github.com/qmigrate/qmigrate/internal/testbed"
+)
+
+// TestEngineLinuxGuest migrates the Linux guest while it dirties a 128 MiB
+// working set and checks it with its own generation stamps: the engine's
+// migration completes, the destination runs, and the guest's self-check
+// passes on the destination for two more passes after the switchover.
+func TestEngineLinuxGuest(t *testing.T) {
+	q := testbed.RequireQEMU(t)
+	if testing.Short() {
+		t.Skip("boots Linux; skipped with -short")
+	}
+	if v, err := q.Version(t.Context()); err == nil && v.Major < 8 {
+		// Measured on 7.2.22 (TCG, -cpu max and qemu64 alike): the
+		// destination kernel oopses after most migrations (page faults on
+		// kernel addresses, GPF), with the engine and with the linux
+		// package's raw driver (TestMemDirtyMigrates) alike; the sweep guest,
+		// which runs without paging, migrates intact. A QEMU 7.2 TCG bug, not
+		// the engine's; the likely cause is page-table A/D-bit updates by the
+		// TCG page walker that the dirty log misses.
+		t.Skipf("QEMU %s: Linux guests do not survive TCG migration on 7.x (see comment)", v)
+	}
+	actx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	kernel, initrd, err := linux.Assets(actx)
+	cancel()
+	if err != nil && os.Getenv("CI") == "" {
+		t.Skipf("guest kernel not set up: %v", err)
+	}
+	require.NoError(t, err)
+
+	ctx, cancel := context.WithTimeout(t.Context(), 4*time.Minute)
+	defer cancel()
+	w := linux.Workload{Mode: linux.ModeMemDirty, MemBytes: 128 << 20, RateBytes: 64 << 20}
+	args := linux.BootArgs(kernel, initrd, w)
+	src := testbed.StartT(t, q, testbed.Config{Name: "src", MemMiB: 384, Args: args})
+	dst := testbed.StartT(t, q, testbed.Config{Name: "dst", MemMiB: 384, Args: args, Incoming: true})
+	ss := linux.NewSerial(src.SerialPath())
+	_, err = ss.WaitFor(ctx, linux.Kind(linux.KindReady))
+	require.NoError(t, err)
+	_, err = ss.WaitFor(ctx, linux.Verdict(linux.KindCheck, "pass", 1))
+	require.NoError(t, err, "source guest dirtying and checking its memory")
+
+	res, err := engine.Migrate(ctx, engine.Config{
+		Source:      engine.Endpoint{Client: src.QMP},
+		Destination: engine.Endpoint{Client: dst.QMP},
+		URI:         "unix:" + filepath.Join(dst.Dir(), "mig.sock"),
+		Logger:      testLogger(t),
+	})
+	require.NoError(t, err)
+	t.Logf("completed: total %v, downtime %v, transferred %d MiB, decisions %d",
+		res.Total, res.Downtime, res.TransferredBytes>>20, len(res.Decisions))
+	assert.LessOrEqual(t, res.Downtime, 300*time.Millisecond+100*time.Millisecond)
+
+	// The last pass the source finished; the destination must finish two more, intact.
+	var last uint64
+	for {
+		short, c := context.WithTimeout(ctx, 200*time.Millisecond)
+		l, err := ss.Next(short)
+		c()
+		if err != nil {
+			break
+		}
+		require.False(t, l.Failed(), l.Raw)
+		if p, ok := l.Uint("pass"); ok && l.Kind == linux.KindCheck {
+			last = p
+		}
+	}
+	st, err := src.QMP.QueryStatus(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, "postmigrate", st.Status)
+	st, err = dst.QMP.QueryStatus(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, "running", st.Status)
+	require.NoError(t, src.Quit(ctx))
+
+	ds := linux.NewSerial(dst.SerialPath())
+	l, err := ds.WaitFor(ctx, linux.Verdict(linux.KindCheck, "pass", last+2))
+	require.NoError(t, err, "destination self-check")
+	assert.Equal(t, "0", l.Fields["failed_passes"])
+	t.Logf("destination: %s", l.Raw)
+}
