@@ -415,3 +415,103 @@ func TestMissingCapabilityIsBadInput(t *testing.T) {
 }
 
 var _ = errors.Is
+
+// QEMU's own failure text reaches the caller, naming the source when the
+// destination is still up.
+func TestSourceReportsFailure(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, fakevm.Options{FailWith: "multifd: received uuid '1111' and expected uuid '2222'"})
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.Error(t, err)
+		assert.Equal(t, engine.StatusFailed, res.Status)
+		assert.ErrorIs(t, err, engine.ErrMigrationFailed)
+		var ee *engine.Error
+		require.ErrorAs(t, err, &ee)
+		assert.Equal(t, engine.SideSource, ee.Side)
+		assert.Contains(t, err.Error(), "expected uuid '2222'")
+		assert.Equal(t, "running", p.SrcRunState())
+		assert.Empty(t, res.UndoErrors)
+	})
+}
+
+func TestSourceDies(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+		cfg.Strategy.Policy = strategy.PolicyQEMU
+		time.AfterFunc(time.Second, p.Src.CloseConns)
+		var rec recorder
+		cfg.Observer = rec.observe
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.Error(t, err)
+		var ee *engine.Error
+		require.ErrorAs(t, err, &ee)
+		assert.Equal(t, engine.SideSource, ee.Side)
+		assert.ErrorIs(t, err, qmp.ErrClosed)
+		for _, e := range rec.events {
+			if e.Kind == engine.EventPhase && e.Phase == engine.PhaseRollback {
+				assert.Less(t, e.Elapsed, 1100*time.Millisecond, "noticed at once")
+			}
+		}
+		assert.NotEmpty(t, res.UndoErrors, "nothing can be undone on a dead source, and the result says so")
+	})
+}
+
+// A migration that stops moving is aborted after the progress timeout.
+func TestProgressTimeout(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+		cfg.Strategy.Policy = strategy.PolicyQEMU
+		cfg.Strategy.Limits.ProgressTimeout = 3 * time.Second
+		time.AfterFunc(time.Second, func() { p.SetThroughput(0) })
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.Error(t, err)
+		assert.ErrorIs(t, err, engine.ErrAborted)
+		assert.InDelta(t, 4*time.Second, res.Total, float64(time.Second))
+		assert.Equal(t, "running", p.SrcRunState())
+		assert.Len(t, p.Src.CallsOf("migrate_cancel"), 1)
+	})
+}
+
+// A context cancelled while prepare waits for an answer: cancelled, not bad
+// input, and nothing changed.
+func TestCancelDuringPrepare(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, fakevm.Options{})
+		p.Dst.Handle("query-migrate-parameters", func(json.RawMessage) (any, error) { return nil, qmptest.ErrNoReply })
+		ctx, cancel := context.WithCancel(t.Context())
+		time.AfterFunc(time.Second, cancel)
+		res, err := engine.Migrate(ctx, cfg)
+		require.Error(t, err)
+		assert.Equal(t, engine.StatusCancelled, res.Status)
+		assert.ErrorIs(t, err, engine.ErrCancelled)
+		assert.ErrorIs(t, err, context.Canceled)
+		assert.NotErrorIs(t, err, engine.ErrBadInput)
+		assert.Empty(t, p.Src.CallsOf("migrate-set-capabilities"))
+	})
+}
+
+// Events come in order: phases in sequence, Elapsed never decreasing, the
+// result last.
+func TestEventOrder(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		_, cfg := pair(t, fakevm.Options{Throughput: 200 << 20, DirtyRate: 250 << 20})
+		cfg.Strategy.Limits.MaxDowntime = 2 * time.Second
+		var rec recorder
+		cfg.Observer = rec.observe
+		_, err := engine.Migrate(t.Context(), cfg)
+		require.NoError(t, err)
+		var last time.Duration
+		for i, e := range rec.events {
+			assert.GreaterOrEqual(t, e.Elapsed, last, "event %d", i)
+			last = e.Elapsed
+			switch e.Kind {
+			case engine.EventStats:
+				assert.NotNil(t, e.Stats)
+			case engine.EventDecision:
+				assert.NotNil(t, e.Decision)
+			case engine.EventResult:
+				assert.Equal(t, len(rec.events)-1, i, "result is last")
+			}
+		}
+	})
+}

@@ -35,6 +35,9 @@ type Options struct {
 	SrcRunState    string        // "running"
 	// PostcopyRate is the throughput in postcopy (default Throughput).
 	PostcopyRate float64
+	// FailWith makes the migration fail in setup with this error-desc while
+	// the destination stays up (exit-on-error false).
+	FailWith string
 }
 
 func (o *Options) defaults() {
@@ -199,6 +202,13 @@ func (p *Pair) CancelsInPostcopy() int { p.mu.Lock(); defer p.mu.Unlock(); retur
 
 // SetDirtyRate changes the source's dirty rate.
 func (p *Pair) SetDirtyRate(r float64) { p.mu.Lock(); p.opt.DirtyRate = r; p.mu.Unlock() }
+
+// SetThroughput changes the link's throughput (0 stalls the migration).
+func (p *Pair) SetThroughput(r float64) {
+	p.mu.Lock()
+	p.opt.Throughput, p.opt.PostcopyRate = r, r
+	p.mu.Unlock()
+}
 
 func errGeneric(desc string) error { return &qmp.Error{Class: "GenericError", Desc: desc} }
 
@@ -552,7 +562,7 @@ func (p *Pair) srcInfo() map[string]any {
 		"mbps": p.rate() * 8 / 1e6, "dirty-sync-count": p.iter,
 	}
 	out["total-time"] = time.Since(p.started).Milliseconds()
-	if p.status == qmp.StatusActive {
+	if p.status == qmp.StatusActive && p.rate() > 0 {
 		out["expected-downtime"] = int64(float64(rem) / p.rate() * 1000)
 	}
 	if p.throttle > 0 {
@@ -634,6 +644,9 @@ func (p *Pair) step(dt float64) bool {
 		p.dstExit()
 		return true
 	case qmp.StatusSetup:
+		if p.opt.FailWith != "" {
+			return fail(p.opt.FailWith)
+		}
 		if p.errDesc != "" {
 			p.dstExit()
 			return fail(p.errDesc)
@@ -694,7 +707,7 @@ func (p *Pair) step(dt float64) bool {
 	p.sent += min(send, p.passLeft)
 	p.passLeft = max(0, p.passLeft-send)
 	p.dirtyNext = min(p.dirtyNext+p.dirty()*dt, float64(p.opt.RAM))
-	if p.passLeft > 0 {
+	if p.passLeft > 0 || p.rate() == 0 {
 		return false
 	}
 	// End of pass: sync the dirty bitmap.
