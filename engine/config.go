@@ -51,8 +51,12 @@ func (c Config) Validate() error {
 	if c.URI == "" {
 		return bad("URI", "empty (want unix:/path or tcp:host:port)")
 	}
-	if _, err := transport.Parse(c.URI); err != nil {
+	ch, err := transport.Parse(c.URI)
+	if err != nil {
 		return bad("URI", "%v", err)
+	}
+	if ch.Scheme == transport.FD && c.MultifdChannels > 0 {
+		return bad("MultifdChannels", "multifd needs a unix or tcp channel, not fd:")
 	}
 	if c.MultifdChannels < 0 || c.MultifdChannels > MaxMultifdChannels {
 		return bad("MultifdChannels", "%d out of range 0..%d", c.MultifdChannels, MaxMultifdChannels)

@@ -2,9 +2,13 @@ package engine
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/qmp"
@@ -28,6 +32,11 @@ func (r *run) start(ctx context.Context) error {
 	r.srcSub = r.src.SubscribeNames("MIGRATION", "MIGRATION_PASS", "STOP")
 	r.dstSub = r.dst.SubscribeNames("MIGRATION", "RESUME")
 
+	if r.ch.Scheme == transport.FD {
+		if err := r.passFDs(ctx); err != nil {
+			return err
+		}
+	}
 	args := r.ch.IncomingArgs(r.dstF, true)
 	r.log.Debug("migrate-incoming", "channel", r.ch.String(), "channels-form", args.Channels != nil)
 	r.incoming = true // from the first attempt on, the destination is not reusable
@@ -68,6 +77,50 @@ func (r *run) start(ctx context.Context) error {
 		return r.callErr(ctx, SideSource, "migrate", err)
 	}
 	return nil
+}
+
+// passFDs makes a socketpair and hands one end to each QEMU (getfd). QEMU
+// consumes the descriptor at migrate-incoming / migrate; the undo closes
+// whatever was not consumed. The engine's own copies are closed at once.
+func (r *run) passFDs(ctx context.Context) error {
+	name := "qmigrate-" + randomHex(6)
+	r.ch.FDName = name
+	dfd, sfd, err := transport.Socketpair()
+	if err != nil {
+		return r.errorf("", "socketpair", err)
+	}
+	defer unix.Close(dfd)
+	defer unix.Close(sfd)
+	for _, p := range []struct {
+		side Side
+		fd   int
+	}{{SideDestination, dfd}, {SideSource, sfd}} {
+		c := r.client(p.side)
+		if err := c.Getfd(ctx, name, p.fd); err != nil {
+			return r.callErr(ctx, p.side, "getfd", err)
+		}
+		side := p.side
+		r.pushUndo(string(side)+": close migration fd", func(ctx context.Context) (string, error) {
+			if c.Err() != nil {
+				return "", nil // QEMU gone, and its fds with it
+			}
+			if err := c.Closefd(ctx, name); err != nil {
+				var qe *qmp.Error
+				if errors.As(err, &qe) {
+					return "", nil // consumed by the migration: nothing to close
+				}
+				return "", err
+			}
+			return fmt.Sprintf("%s: closed unused migration fd %s", side, name), nil
+		})
+	}
+	return nil
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
 }
 
 func (r *run) diskProgress(ps []blockmirror.Progress) {

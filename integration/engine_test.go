@@ -25,6 +25,7 @@ func TestEngine(t *testing.T) {
 	q := testbed.RequireQEMU(t)
 	t.Run("Converges", func(t *testing.T) { testEngineConverges(t, q, "unix", 0) })
 	t.Run("TCPPortZeroMultifd", func(t *testing.T) { testEngineConverges(t, q, "tcp", 2) })
+	t.Run("SocketpairFD", func(t *testing.T) { testEngineConverges(t, q, "fd", 0) })
 	t.Run("AutoThrottlesNonConverging", func(t *testing.T) { testEngineAutoThrottle(t, q) })
 	t.Run("PostcopyAtBudget", func(t *testing.T) { testEnginePostcopy(t, q) })
 	t.Run("CancelRollsBack", func(t *testing.T) { testEngineCancel(t, q) })
@@ -97,8 +98,11 @@ func testEngineConverges(t *testing.T, q *testbed.QEMU, scheme string, multifd i
 	}
 	src, dst := enginePair(t, q, 50e6, true, uuid)
 	uri := "unix:" + filepath.Join(dst.Dir(), "mig.sock")
-	if scheme == "tcp" {
+	switch scheme {
+	case "tcp":
 		uri = "tcp:127.0.0.1:0"
+	case "fd":
+		uri = "fd:"
 	}
 	cfg := engineConfig(t, src, dst, uri)
 	cfg.MultifdChannels = multifd

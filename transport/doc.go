@@ -2,8 +2,10 @@
 // two QEMUs: a unix socket or a TCP address where the destination listens and
 // the source connects.
 //
-// Parse accepts "unix:/path" and "tcp:host:port" ("tcp:[::1]:port" for IPv6)
-// and refuses exec:, and every other scheme, with ErrUnsupportedScheme: qmigrate
+// Parse accepts "unix:/path", "tcp:host:port" ("tcp:[::1]:port" for IPv6)
+// and "fd:" (a socketpair the engine makes, one end passed to each QEMU with
+// getfd; no listener at all, both monitors must be local unix sockets), and
+// refuses exec:, and every other scheme, with ErrUnsupportedScheme: qmigrate
 // never asks QEMU to run a command. A Channel gives the migrate-incoming and
 // migrate arguments for a QEMU's probed qmp.Features: the "channels" form when
 // the QEMU has it (8.2+), the "uri" form otherwise. A tcp port 0 lets the

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
@@ -32,6 +34,11 @@ type Scheme string
 const (
 	Unix Scheme = "unix"
 	TCP  Scheme = "tcp"
+	// FD is "fd:": the engine makes a socketpair and passes one end to each
+	// QEMU with getfd (both monitors must be unix sockets on this host). No
+	// listener, no socket file, no port. Not with multifd (QEMU needs
+	// multi-channel URIs for it).
+	FD Scheme = "fd"
 )
 
 // Channel is where the destination listens for the migration stream and the
@@ -41,10 +48,13 @@ type Channel struct {
 	Path   string // Unix: socket path
 	Host   string // TCP: host name or address, without IPv6 brackets
 	Port   string // TCP: port, "0" = let the destination pick
+	FDName string // FD: the getfd name both QEMUs know the descriptor by (set by the engine)
 }
 
-// Parse reads "unix:/path" or "tcp:host:port" ("tcp:[::1]:4444" for IPv6).
-// Every other scheme, exec: included, is refused with ErrUnsupportedScheme.
+// Parse reads "unix:/path", "tcp:host:port" ("tcp:[::1]:4444" for IPv6) or
+// "fd:" (a socketpair the engine makes; "fd:NAME" for a descriptor passed by
+// someone else is refused). Every other scheme, exec: included, is refused
+// with ErrUnsupportedScheme.
 func Parse(uri string) (Channel, error) {
 	scheme, rest, ok := strings.Cut(uri, ":")
 	if !ok || scheme == "" {
@@ -73,6 +83,11 @@ func Parse(uri string) (Channel, error) {
 			return Channel{}, fmt.Errorf("transport: %q: port %q: %w", uri, port, ErrBadURI)
 		}
 		return Channel{Scheme: TCP, Host: host, Port: strconv.FormatUint(n, 10)}, nil
+	case FD:
+		if rest != "" {
+			return Channel{}, fmt.Errorf("transport: %q: only \"fd:\" (a socketpair made by qmigrate) is supported: %w", uri, ErrBadURI)
+		}
+		return Channel{Scheme: FD}, nil
 	default:
 		return Channel{}, fmt.Errorf("transport: %q: scheme %q: %w", uri, scheme, ErrUnsupportedScheme)
 	}
@@ -85,6 +100,8 @@ func (c Channel) String() string {
 		return "unix:" + c.Path
 	case TCP:
 		return "tcp:" + net.JoinHostPort(c.Host, c.Port)
+	case FD:
+		return "fd:" + c.FDName
 	}
 	return ""
 }
@@ -95,8 +112,11 @@ func (c Channel) NeedsPort() bool { return c.Scheme == TCP && c.Port == "0" }
 
 // SocketAddress is the channel as QMP's flat SocketAddress.
 func (c Channel) SocketAddress() qmp.SocketAddress {
-	if c.Scheme == Unix {
+	switch c.Scheme {
+	case Unix:
 		return qmp.SocketAddress{Type: "unix", Path: c.Path}
+	case FD:
+		return qmp.SocketAddress{Type: "fd", Str: c.FDName}
 	}
 	return qmp.SocketAddress{Type: "inet", Host: c.Host, Port: c.Port}
 }
@@ -177,6 +197,17 @@ func RemoveSocket(c Channel) error {
 		return fmt.Errorf("transport: %w", err)
 	}
 	return nil
+}
+
+// Socketpair makes the connected pair of stream sockets for an FD channel:
+// one end for the destination, one for the source. The caller passes them
+// with qmp.Client.Getfd and closes its copies right after.
+func Socketpair() (dst, src int, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, -1, fmt.Errorf("transport: socketpair: %w", err)
+	}
+	return fds[0], fds[1], nil
 }
 
 // Multifd are the capability and parameter a multifd channel count needs on

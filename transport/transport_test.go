@@ -20,6 +20,7 @@ func TestParse(t *testing.T) {
 		"tcp:10.0.0.2:4444":    {Scheme: transport.TCP, Host: "10.0.0.2", Port: "4444"},
 		"tcp:[fd00::2]:0":      {Scheme: transport.TCP, Host: "fd00::2", Port: "0"},
 		"tcp:dst.example:0049": {Scheme: transport.TCP, Host: "dst.example", Port: "49"},
+		"fd:":                  {Scheme: transport.FD},
 	} {
 		got, err := transport.Parse(uri)
 		require.NoError(t, err, uri)
@@ -32,7 +33,7 @@ func TestParse(t *testing.T) {
 	for uri, want := range map[string]error{
 		"exec:cat /dev/zero": transport.ErrUnsupportedScheme,
 		"rdma:1.2.3.4:5":     transport.ErrUnsupportedScheme,
-		"fd:mig":             transport.ErrUnsupportedScheme,
+		"fd:mig":             transport.ErrBadURI,
 		"/run/m.sock":        transport.ErrUnsupportedScheme,
 		"unix:":              transport.ErrBadURI,
 		"unix:/a,b":          transport.ErrBadURI,
@@ -70,6 +71,10 @@ func TestArgs(t *testing.T) {
 
 	u, _ := transport.Parse("unix:/m.sock")
 	assert.Equal(t, qmp.SocketAddress{Type: "unix", Path: "/m.sock"}, u.SocketAddress())
+
+	fd := transport.Channel{Scheme: transport.FD, FDName: "qm-1"}
+	assert.Equal(t, qmp.MigrateArgs{URI: "fd:qm-1"}, fd.MigrateArgs(old))
+	assert.Equal(t, qmp.SocketAddress{Type: "fd", Str: "qm-1"}, fd.MigrateArgs(newer).Channels[0].Addr.SocketAddress)
 }
 
 func TestCheckUUIDs(t *testing.T) {
