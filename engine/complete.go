@@ -17,6 +17,10 @@ const completeTimeout = 60 * time.Second
 // up storage, resumes the destination if needed and measures the downtime.
 func (r *run) complete(ctx context.Context) error {
 	r.setPhase(PhaseComplete)
+	// The source completed: the guest's state is on the destination. A
+	// cancel now would leave it paused nowhere, so this phase finishes
+	// regardless, bounded by completeTimeout.
+	ctx = context.WithoutCancel(ctx)
 	info := r.lastInfo
 	if info.RAM != nil {
 		r.res.TransferredBytes = info.RAM.Transferred
@@ -28,9 +32,6 @@ func (r *run) complete(ctx context.Context) error {
 	r.drainEvents()
 	st, err := r.waitDestination(wctx)
 	if err != nil {
-		if ctx.Err() != nil {
-			return r.cancelled(ctx, "wait for destination")
-		}
 		return err
 	}
 	if st == "running" && r.resumeAt.IsZero() {

@@ -245,6 +245,14 @@ func (r *run) converge(ctx context.Context) error {
 			r.srcCompleted = true
 			return nil
 		case s == qmp.StatusFailed:
+			// A dead destination is the usual cause; its monitor closes at
+			// about the same moment. Give it a moment to say so.
+			grace := time.NewTimer(500 * time.Millisecond)
+			select {
+			case <-r.dst.Done():
+			case <-grace.C:
+			}
+			grace.Stop()
 			if r.dst.Err() != nil {
 				return r.dstGone("incoming migration: source reports " + info.ErrorDesc)
 			}
@@ -301,7 +309,13 @@ func (r *run) converge(ctx context.Context) error {
 		for {
 			select {
 			case <-ctx.Done():
-				return r.cancelled(ctx, "wait for migration")
+				if !r.postcopy {
+					return r.cancelled(ctx, "wait for migration")
+				}
+				// The guest already runs on the destination: there is no way
+				// back, so finishing is the only safe outcome of a cancel.
+				r.log.Warn("cancel ignored: postcopy started, the migration must finish", "err", ctx.Err())
+				ctx = context.WithoutCancel(ctx)
 			case <-r.dst.Done():
 				if r.postcopy {
 					return r.errorf(SideDestination, "monitor", fmt.Errorf("destination QEMU went away during postcopy: %w", r.dst.Err()))

@@ -38,8 +38,11 @@
 //     settle, cont of a source left paused, blockmirror Abort, capabilities
 //     and parameters restored. It runs with a fresh context (30 s) when the
 //     caller's context has ended. Once postcopy started there is no rollback:
-//     the engine never sends migrate_cancel in postcopy; it fails forward and
-//     reports.
+//     the engine never sends migrate_cancel in postcopy; a cancel of the
+//     caller's context is then ignored and the migration finishes (the guest
+//     already runs on the destination), and a failure is reported wrapping
+//     ErrPostcopyFailed. Likewise the complete phase, entered once the source
+//     completed, finishes (bounded by 60 s) whatever the caller's context.
 //
 // # Destination after a failure
 //

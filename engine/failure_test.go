@@ -279,6 +279,27 @@ func TestStrategyAbortWithinBudget(t *testing.T) {
 	})
 }
 
+// A destination that dies in postcopy: no rollback (never migrate_cancel),
+// an error that says so.
+func TestPostcopyDestinationDies(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20, PostcopyRate: 10 << 20})
+		cfg.Strategy.Limits.Budget = 3 * time.Second
+		cfg.Strategy.Limits.AllowPostcopy = true
+		time.AfterFunc(5*time.Second, p.KillDst)
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.Error(t, err)
+		assert.ErrorIs(t, err, engine.ErrPostcopyFailed)
+		var ee *engine.Error
+		require.ErrorAs(t, err, &ee)
+		assert.Equal(t, engine.SideDestination, ee.Side)
+		assert.Empty(t, p.Src.CallsOf("migrate_cancel"))
+		assert.Equal(t, engine.StatusFailed, res.Status)
+		assert.NotEmpty(t, res.UndoErrors, "says why nothing was rolled back")
+		assert.Empty(t, res.Undone)
+	})
+}
+
 func TestPostcopyNeverCancelled(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		// Postcopy runs slowly so the cancel lands in postcopy-active.
@@ -288,13 +309,15 @@ func TestPostcopyNeverCancelled(t *testing.T) {
 		ctx, cancel := context.WithCancel(t.Context())
 		time.AfterFunc(5*time.Second, cancel)
 		res, err := engine.Migrate(ctx, cfg)
-		require.Error(t, err)
-		assert.ErrorIs(t, err, engine.ErrPostcopyFailed)
+		// The cancel came in postcopy: the only safe outcome is to finish.
+		require.NoError(t, err)
+		assert.Equal(t, engine.StatusCompleted, res.Status)
+		assert.Greater(t, res.Total, 5*time.Second, "the cancel came during postcopy")
 		assert.Zero(t, p.CancelsInPostcopy())
 		assert.Empty(t, p.Src.CallsOf("migrate_cancel"))
 		assert.True(t, p.Caps(0)["postcopy-ram"] && p.Caps(1)["postcopy-ram"])
+		assert.Equal(t, "running", p.DstRunState())
 		require.NotEmpty(t, res.Decisions)
-		assert.NotEmpty(t, res.UndoErrors, "says why nothing was rolled back")
 	})
 }
 
