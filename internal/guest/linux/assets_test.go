@@ -111,3 +111,16 @@ func TestSerialReportsKernelCrash(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "Kernel panic - not syncing: Fatal exception in interrupt")
 }
+
+func TestParseConsoleLine(t *testing.T) {
+	l, ok := ParseConsoleLine("[   10.72] BUG: kernel NULL pointer dereference, address: 0000000000000000\r")
+	require.True(t, ok)
+	assert.Equal(t, KindKernel, l.Kind)
+	assert.True(t, l.Failed())
+	assert.Equal(t, "BUG: kernel NULL pointer dereference, address: 0000000000000000", l.Raw)
+	l, ok = ParseConsoleLine("QMIGRATE TICK n=1")
+	require.True(t, ok)
+	assert.Equal(t, KindTick, l.Kind)
+	_, ok = ParseConsoleLine("[    0.00] Linux version 6.1.0")
+	assert.False(t, ok)
+}

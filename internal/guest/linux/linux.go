@@ -55,6 +55,16 @@ const (
 // program's.
 func ParseLine(s string) (Line, bool) { return wire.ParseLine(s) }
 
+// ParseConsoleLine is ParseLine that also turns the kernel's own crash reports (oops, BUG,
+// general protection fault, panic) into failed lines of kind KindKernel. Use it when scanning a
+// console for failures: a guest whose kernel crashed prints no QMIGRATE FAIL line.
+func ParseConsoleLine(s string) (Line, bool) {
+	if l, ok := wire.ParseLine(s); ok {
+		return l, true
+	}
+	return kernelFailure(s)
+}
+
 // Modules returns the kernel modules the initramfs carries (their dependencies are added,
 // resolved from each module's .modinfo).
 func Modules() []string { return []string{"virtio_pci", "virtio_blk"} }
@@ -385,10 +395,7 @@ func (s *Serial) Next(ctx context.Context) (Line, error) {
 			}
 			raw := string(s.partial[:i])
 			s.partial = s.partial[i+1:]
-			if l, ok := ParseLine(raw); ok {
-				return l, nil
-			}
-			if l, ok := kernelFailure(raw); ok {
+			if l, ok := ParseConsoleLine(raw); ok {
 				return l, nil
 			}
 		}
