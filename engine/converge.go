@@ -329,9 +329,11 @@ func (r *run) converge(ctx context.Context) error {
 					continue
 				}
 				r.event(SideSource, ev)
-				if ev.Name != "STOP" {
-					break wait
+				if ev.Name == "STOP" {
+					r.setPhase(PhaseSwitchover) // vCPUs stopped: stop-and-copy
+					continue
 				}
+				break wait
 			case ev, ok := <-dstEv:
 				if !ok {
 					dstEv = nil
