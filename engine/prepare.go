@@ -240,13 +240,9 @@ func (r *run) check(si, di *sideInfo) error {
 	return nil
 }
 
-// managed capabilities: the engine sets each explicitly (on or off) on the
-// side where it matters, so leftovers of an earlier run cannot interfere.
-var (
-	srcManaged = []string{"events", "auto-converge", "postcopy-ram", "multifd", "pause-before-switchover"}
-	dstManaged = []string{"events", "postcopy-ram", "multifd", "late-block-activate"}
-)
-
+// wantCaps are the capabilities the engine manages, with the state it wants
+// on each side. Each is set explicitly (on or off) where the QEMU has it, so
+// leftovers of an earlier run cannot interfere; the rest are left alone.
 func (r *run) wantCaps() (src, dst map[string]bool) {
 	storage := r.cfg.Storage != nil
 	multifd := r.cfg.MultifdChannels > 0

@@ -1,10 +1,3 @@
-// Package fakevm simulates a source and a destination QEMU on top of
-// qmp/qmptest, enough for the engine to migrate between them: run states,
-// capabilities and parameters, migrate-incoming/migrate, a RAM model with
-// passes, dirtying, bandwidth, downtime limit, auto-converge, pause-before-
-// switchover, postcopy, stop/cont, cancel, and events. Time is the real (or,
-// under testing/synctest, the virtual) clock: a goroutine ticks the model
-// while a migration runs.
 package fakevm
 
 import (
@@ -111,8 +104,10 @@ type vm struct {
 	params map[string]any
 }
 
-var capNames = []string{"xbzrle", "auto-converge", "events", "postcopy-ram", "return-path",
-	"pause-before-switchover", "multifd", "late-block-activate", "validate-uuid", "postcopy-preempt"}
+func capNames() []string {
+	return []string{"xbzrle", "auto-converge", "events", "postcopy-ram", "return-path",
+		"pause-before-switchover", "multifd", "late-block-activate", "validate-uuid", "postcopy-preempt"}
+}
 
 // New starts a simulated pair. Close it when done.
 func New(opt Options) *Pair {
@@ -131,7 +126,7 @@ func New(opt Options) *Pair {
 			"cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "max-cpu-throttle": 99,
 			"throttle-trigger-threshold": 50, "cpu-throttle-tailslow": false,
 		}}
-		for _, c := range capNames {
+		for _, c := range capNames() {
 			m.caps[c] = false
 		}
 		p.side[i] = m
@@ -252,7 +247,7 @@ func (p *Pair) install(i int) {
 	})
 	h("query-migrate-capabilities", func(json.RawMessage) (any, error) {
 		var out []map[string]any
-		for _, c := range capNames {
+		for _, c := range capNames() {
 			out = append(out, map[string]any{"capability": c, "state": m.caps[c]})
 		}
 		return out, nil
@@ -747,7 +742,7 @@ func (p *Pair) dstExit() {
 func (p *Pair) schema() []map[string]any {
 	v := p.opt.Version
 	caps := []string{}
-	caps = append(caps, capNames...)
+	caps = append(caps, capNames()...)
 	statuses := []string{"none", "setup", "cancelling", "cancelled", "active", "postcopy-active", "postcopy-paused",
 		"postcopy-recover", "completed", "failed", "colo", "pre-switchover", "device", "wait-unplug"}
 	members := func(names ...string) []map[string]any {

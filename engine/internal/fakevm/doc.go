@@ -1,0 +1,14 @@
+// Package fakevm simulates a source and a destination QEMU on top of
+// qmp/qmptest, enough for the engine to migrate between them: run states,
+// capabilities and parameters, migrate-incoming/migrate, a RAM model with
+// passes, dirtying, bandwidth, downtime limit, auto-converge, pause-before-
+// switchover, postcopy, stop/cont, cancel, and events. Time is the real (or,
+// under testing/synctest, the virtual) clock: a goroutine ticks the model
+// while a migration runs.
+//
+// Lifecycle: New starts two qmptest servers (Src, Dst) with handlers that
+// share one model under a mutex; tests connect with Src.Client/Dst.Client,
+// inject failures by replacing handlers (Handle), KillDst, SetThroughput or
+// Options.FailWith, and Close stops the model goroutine and both servers.
+// It is a test double: it models what the engine relies on, not QEMU.
+package fakevm
