@@ -16,6 +16,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -35,7 +36,7 @@ import (
 type options struct {
 	out, plots          string
 	scenarios, policies string
-	profiles            string
+	profiles, jsonOut   string
 	rateMB              float64
 	budget              time.Duration
 	memMiB              int
@@ -54,6 +55,7 @@ func main() {
 	flag.IntVar(&o.memMiB, "mem", testbed.DefaultMemMiB, "guest RAM in MiB")
 	flag.BoolVar(&o.quick, "quick", false, "smoke run: 30 s budget, one calibration round, short baselines")
 	flag.BoolVar(&o.verbose, "v", false, "log QEMU command lines")
+	flag.StringVar(&o.jsonOut, "json", "", "also write every run's raw results (samples, decisions) to this JSON file")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, o)
@@ -175,6 +177,15 @@ func run(ctx context.Context, o options) error {
 			// Write the report as it grows, so an interrupted run keeps its results.
 			if err := mergeSection(o.out, version, rp.section(scs, profs)); err != nil {
 				return err
+			}
+			if o.jsonOut != "" {
+				b, err := json.MarshalIndent(rp, "", "  ")
+				if err != nil {
+					return err
+				}
+				if err := os.WriteFile(o.jsonOut, b, 0o644); err != nil {
+					return err
+				}
 			}
 		}
 	}

@@ -200,8 +200,10 @@ func plotRemaining(w io.Writer, title string, ss []series) error {
 	c.vtext(14, (y0+y1+textWidth("remaining RAM (MB)"))/2, "remaining RAM (MB)", black)
 	c.text((plotW-textWidth(title))/2, 16, title, black)
 
-	// The lines, then the end markers on top.
-	for _, s := range ss {
+	// The lines, the first series (auto) last so that it is on top, then
+	// the end markers.
+	for k := range ss {
+		s := ss[len(ss)-1-k]
 		for i := 1; i < len(s.Points); i++ {
 			a, b := s.Points[i-1], s.Points[i]
 			c.line(px(a.At.Seconds()), py(float64(a.Remaining)/1e6), px(b.At.Seconds()), py(float64(b.Remaining)/1e6), 2, s.Color)
