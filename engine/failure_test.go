@@ -538,3 +538,18 @@ func TestEventOrder(t *testing.T) {
 		}
 	})
 }
+
+// multifd and postcopy together only from 10.1 on: before, postcopy-ram is
+// left off (7.2 would crash the destination at the switch).
+func TestMultifdNoPostcopyBefore101(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, fakevm.Options{Version: [3]int{7, 2, 22}})
+		cfg.MultifdChannels = 2
+		cfg.Strategy.Limits.AllowPostcopy = true
+		_, err := engine.Migrate(t.Context(), cfg)
+		require.NoError(t, err)
+		assert.False(t, p.Caps(0)["postcopy-ram"])
+		assert.False(t, p.Caps(1)["postcopy-ram"])
+		assert.True(t, p.Caps(0)["multifd"])
+	})
+}

@@ -60,6 +60,13 @@ func (r *run) prepare(ctx context.Context) error {
 		return err
 	}
 	r.setup = r.m.Setup()
+	if r.setup.Postcopy && r.cfg.MultifdChannels > 0 &&
+		!(si.feat.Version.AtLeast(10, 1) && di.feat.Version.AtLeast(10, 1)) {
+		// 8.1-10.0 refuse multifd with postcopy-ram; 7.2 accepts it and
+		// crashes the destination when postcopy starts (qemu-protocol.md 3).
+		r.log.Debug("postcopy not enabled: multifd with postcopy needs QEMU 10.1 on both sides")
+		r.setup.Postcopy = false
+	}
 	r.log.Debug("strategy setup", "policy", r.m.Policy(), "downtime", r.setup.DowntimeLimit,
 		"auto-converge", r.setup.AutoConverge, "postcopy", r.setup.Postcopy, "throttle", r.setup.Throttle)
 	srcCaps, dstCaps := r.wantCaps()
