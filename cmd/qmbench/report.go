@@ -85,6 +85,8 @@ func outcome(r *runResult) string {
 		return "completed (postcopy)"
 	case r.Status == "error":
 		return "error"
+	case r.MovedAnyway:
+		return r.Status + ", yet the guest moved"
 	}
 	return r.Status
 }
@@ -94,7 +96,7 @@ func integrity(r *runResult) string {
 		return "–"
 	}
 	where := "destination"
-	if r.Status != "completed" {
+	if r.Status != "completed" && !r.MovedAnyway {
 		where = "source"
 	}
 	if r.Intact {
@@ -246,6 +248,9 @@ func (rp *report) section(scs []scenario, profs []profile) string {
 				}
 				if r.IntactErr != "" {
 					w(" (integrity: %s)", oneLine(r.IntactErr))
+				}
+				if len(r.UndoErrors) > 0 {
+					w(" (rollback errors: %s)", oneLine(strings.Join(r.UndoErrors, "; ")))
 				}
 				w("\n")
 				for _, d := range r.Decisions {

@@ -42,6 +42,8 @@ type runResult struct {
 	Points                []point
 	Postcopy              bool // the migration switched to postcopy
 	MaxThrottle           int
+	MovedAnyway           bool // not completed for the engine, yet the guest runs on the destination
+	Undone, UndoErrors    []string
 }
 
 // speed is the guest's progress during the migration relative to before, or
@@ -319,6 +321,7 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 	}
 	res.Total, res.Downtime, res.Decisions = out.Total, out.Downtime, out.Decisions
 	res.Sent = max(res.Sent, out.TransferredBytes) // the engine reports it after a completion only
+	res.Undone, res.UndoErrors = out.Undone, out.UndoErrors
 	switch {
 	case out.Status == engine.StatusCompleted:
 		res.Status = "completed"
@@ -342,6 +345,16 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 	cctx, ccancel := context.WithTimeout(ctx, 90*time.Second)
 	defer ccancel()
 	moved := res.Status == "completed"
+	if !moved {
+		// An abort that lost the race with QEMU's own completion: the
+		// source stopped for good and the destination runs the guest.
+		sst, serr := src.QMP.QueryStatus(cctx)
+		dst2, derr := dst.QMP.QueryStatus(cctx)
+		if serr == nil && derr == nil && !sst.Running && dst2.Running {
+			moved, res.MovedAnyway = true, true
+			r.logf("  the guest runs on the destination after the %s (source %s)", res.Status, sst.Status)
+		}
+	}
 	on := src
 	if moved {
 		on = dst
@@ -364,7 +377,7 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 	// Integrity: the destination after a completed migration, else the
 	// source, which must be running the guest.
 	var cerr error
-	if res.Status == "completed" {
+	if moved {
 		// An idle guest's memory does not change, so its running state is
 		// taken from its status instead of two differing dumps.
 		opts := testbed.SweepCheckOptions{Dir: dst.Dir(), SkipRunning: sc.Ratio == 0}
