@@ -37,6 +37,7 @@ type options struct {
 	out, plots          string
 	scenarios, policies string
 	profiles, jsonOut   string
+	render              string
 	rateMB              float64
 	budget              time.Duration
 	memMiB              int
@@ -56,6 +57,7 @@ func main() {
 	flag.BoolVar(&o.quick, "quick", false, "smoke run: 30 s budget, one calibration round, short baselines")
 	flag.BoolVar(&o.verbose, "v", false, "log QEMU command lines")
 	flag.StringVar(&o.jsonOut, "json", "", "also write every run's raw results (samples, decisions) to this JSON file")
+	flag.StringVar(&o.render, "render", "", "run nothing: rewrite the report section and plots from a -json file")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, o)
@@ -90,6 +92,9 @@ func pick[T any](all []T, name func(T) string, list, what string) ([]T, error) {
 }
 
 func run(ctx context.Context, o options) error {
+	if o.render != "" {
+		return render(o)
+	}
 	scs, err := pick(allScenarios, func(s scenario) string { return s.Name }, o.scenarios, "scenario")
 	if err != nil {
 		return err
@@ -200,4 +205,46 @@ func writePlot(path, title string, ss []series) (err error) {
 	}
 	defer func() { err = errors.Join(err, f.Close()) }()
 	return plotRemaining(f, title, ss)
+}
+
+// render rewrites the report section and the plots of a -json file.
+func render(o options) error {
+	b, err := os.ReadFile(o.render)
+	if err != nil {
+		return err
+	}
+	var rp report
+	if err := json.Unmarshal(b, &rp); err != nil {
+		return fmt.Errorf("%s: %w", o.render, err)
+	}
+	has := func(sc, pf string) bool { return len(rp.runs(sc, pf)) > 0 }
+	var scs []scenario
+	var profs []profile
+	for _, sc := range allScenarios {
+		for _, pf := range allProfiles {
+			if has(sc.Name, pf.Name) && !slices.Contains(scs, sc) {
+				scs = append(scs, sc)
+			}
+		}
+	}
+	for _, pf := range allProfiles {
+		for _, sc := range scs {
+			if has(sc.Name, pf.Name) && !slices.Contains(profs, pf) {
+				profs = append(profs, pf)
+			}
+		}
+	}
+	for _, sc := range scs {
+		for _, pf := range profs {
+			var ss []series
+			for _, r := range rp.runs(sc.Name, pf.Name) {
+				ss = append(ss, series{Name: r.Policy, Color: policyColor(r.Policy), Points: r.Points, Outcome: outcome(r)})
+			}
+			title := fmt.Sprintf("%s, %s profile: QEMU %s, link %s", sc.Title, pf.Name, rp.Version, rateStr(rp.Rate))
+			if err := writePlot(filepath.Join(o.plots, plotName(rp.Version, sc.Name, pf.Name)), title, ss); err != nil {
+				return err
+			}
+		}
+	}
+	return mergeSection(o.out, rp.Version, rp.section(scs, profs))
 }

@@ -36,6 +36,18 @@ func slowdown(r *runResult) string {
 	return fmt.Sprintf("%.0f %%", 100*(1-s))
 }
 
+// lostSecs is the guest's work lost to the migration, in seconds of its
+// normal progress: slowdown × total time. Unlike the slowdown (a rate), it
+// does not favour a slow migration that spreads the same loss thinly.
+func lostSecs(r *runResult) float64 { return (1 - r.speed()) * r.Total.Seconds() }
+
+func lost(r *runResult) string {
+	if math.IsNaN(r.speed()) {
+		return "–"
+	}
+	return fmt.Sprintf("%.1f s", lostSecs(r))
+}
+
 // levers summarises the decisions: runs of the same action are merged.
 func levers(ds []strategy.Decision) string {
 	var parts []string
@@ -138,7 +150,8 @@ func judge(runs []*runResult) verdict {
 		v.Met = faster && lessSlow
 		v.Why = fmt.Sprintf("auto takes %.2f× the time of %s", ratio, v.Best.Policy)
 		if !math.IsNaN(as) && !math.IsNaN(bs) {
-			v.Why += fmt.Sprintf(", guest slowdown %.0f %% vs %.0f %%", 100*(1-as), 100*(1-bs))
+			v.Why += fmt.Sprintf(", guest slowdown %.0f %% vs %.0f %% (guest work lost %.1f s vs %.1f s)",
+				100*(1-as), 100*(1-bs), lostSecs(v.Auto), lostSecs(v.Best))
 		}
 	}
 	return v
@@ -183,6 +196,7 @@ func (rp *report) section(scs []scenario, profs []profile) string {
 	w("- guest: the boot-sector sweep guest, %d MiB RAM, TCG, `-cpu max`; it rewrites a 99 MiB range page by page, and its spin count is calibrated per scenario so its dirty rate is the scenario's multiple of the link\n", rp.MemMiB)
 	w("- host: %s; other engineers' QEMUs shared the 2 cores, so TCG speed (and dirty rates) varied between runs\n", rp.Host)
 	w("- guest slowdown: share of the guest's own progress (sweep passes, read from its serial port and its memory) lost during the migration, against the mean of its rates just before and just after it. Rates are over the time the guest's vCPU threads ran or were stopped: the time they were ready but waited for a host core taken by other processes (their schedstat runqueue wait) is left out, so that the other work on the shared cores does not count. Throttling, downtime and postcopy page faults do count. A few %% either way is noise\n")
+	w("- guest work lost: slowdown × total time, in seconds of the guest's normal progress (a short migration that stalls the guest hard and a long one that slows it a little can lose the same work)\n")
 	w("- guest dirty rate: wall-clock rate of page writes just before and just after the migration (what the link faces)\n")
 	w("- integrity: the sweep invariant checked from a memory dump of the guest where it runs after the migration (destination when completed, source when aborted)\n\n")
 	w("%s\n", scalingNote(rp.Budget))
@@ -229,15 +243,15 @@ func (rp *report) section(scs []scenario, profs []profile) string {
 				continue
 			}
 			w("#### %s profile: %s\n\n", pf.Name, pf.Title)
-			w("| policy | outcome | total | downtime | sent | guest dirty rate before / after | guest slowdown | max throttle | levers | integrity |\n")
-			w("|---|---|---|---|---|---|---|---|---|---|\n")
+			w("| policy | outcome | total | downtime | sent | guest dirty rate before / after | guest slowdown | guest work lost | max throttle | levers | integrity |\n")
+			w("|---|---|---|---|---|---|---|---|---|---|---|\n")
 			for _, r := range runs {
 				dt := "–"
 				if r.Status == "completed" {
 					dt = fmt.Sprintf("%d ms", r.Downtime.Milliseconds())
 				}
-				w("| %s | %s | %s | %s | %.0f MB | %s | %s | %d %% | %s | %s |\n",
-					r.Policy, outcome(r), secs(r.Total), dt, float64(r.Sent)/1e6, rateStr(r.BeforeRate)+" / "+rateStr(r.AfterRate), slowdown(r), r.MaxThrottle, levers(r.Decisions), integrity(r))
+				w("| %s | %s | %s | %s | %.0f MB | %s | %s | %s | %d %% | %s | %s |\n",
+					r.Policy, outcome(r), secs(r.Total), dt, float64(r.Sent)/1e6, rateStr(r.BeforeRate)+" / "+rateStr(r.AfterRate), slowdown(r), lost(r), r.MaxThrottle, levers(r.Decisions), integrity(r))
 			}
 			w("\n![remaining RAM over time, %s, %s profile](%s)\n\n", sc.Name, pf.Name, filepath.ToSlash(filepath.Join(rp.PlotsRel, plotName(rp.Version, sc.Name, pf.Name))))
 			w("<details><summary>decisions and errors</summary>\n\n")
