@@ -22,6 +22,9 @@ func (r *run) complete(ctx context.Context) error {
 	// regardless, bounded by completeTimeout.
 	ctx = context.WithoutCancel(ctx)
 	info := r.lastInfo
+	if fresh, err := r.src.QueryMigrate(ctx); err == nil && fresh.Status == qmp.StatusCompleted {
+		info = fresh // after a lost race with a cancel, lastInfo is older
+	}
 	if info.RAM != nil {
 		r.res.TransferredBytes = info.RAM.Transferred
 	}

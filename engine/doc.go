@@ -43,6 +43,10 @@
 //     already runs on the destination), and a failure is reported wrapping
 //     ErrPostcopyFailed. Likewise the complete phase, entered once the source
 //     completed, finishes (bounded by 60 s) whatever the caller's context.
+//     When a cancel or abort loses the race with QEMU's completion (the
+//     source reports completed after migrate_cancel), the rollback stops and
+//     the engine finishes the migration instead: the Result is "completed"
+//     and UndoErrors says the cancel came too late.
 //
 // # Destination after a failure
 //

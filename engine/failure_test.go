@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"path/filepath"
+	"strings"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -551,5 +552,25 @@ func TestMultifdNoPostcopyBefore101(t *testing.T) {
 		assert.False(t, p.Caps(0)["postcopy-ram"])
 		assert.False(t, p.Caps(1)["postcopy-ram"])
 		assert.True(t, p.Caps(0)["multifd"])
+	})
+}
+
+// A cancel that loses the race with QEMU's completion: the guest's state is
+// already on the destination, so the engine finishes the migration (and
+// resumes the destination) instead of abandoning it, and says so.
+func TestCancelLosesRaceWithCompletion(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20})
+		p.Src.Handle("migrate_cancel", func(json.RawMessage) (any, error) { return nil, nil }) // too late to cancel
+		ctx, cancel := context.WithCancel(t.Context())
+		time.AfterFunc(500*time.Millisecond, cancel)
+		res, err := engine.Migrate(ctx, cfg)
+		require.NoError(t, err)
+		assert.Equal(t, engine.StatusCompleted, res.Status)
+		assert.Equal(t, "running", p.DstRunState())
+		assert.Equal(t, "postmigrate", p.SrcRunState())
+		assert.Empty(t, p.Src.CallsOf("cont"), "the source is never resumed once the destination has the guest")
+		assert.Contains(t, strings.Join(res.UndoErrors, "\n"), "completed before the cancel")
+		assert.Positive(t, res.TransferredBytes)
 	})
 }

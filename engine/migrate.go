@@ -150,8 +150,22 @@ func (r *run) fail(ctx context.Context, err error) error {
 			r.log.Debug("undone", "step", did)
 			r.res.Undone = append(r.res.Undone, did)
 		}
+		if r.srcCompleted {
+			break
+		}
 	}
 	r.undo = nil
+	if r.srcCompleted {
+		// The migration completed before the cancel took effect: the
+		// guest's state is on the destination and the source is in
+		// postmigrate. Rolling back further would lose the guest; finish
+		// instead, and report what really happened.
+		r.log.Warn("migration completed before the cancel took effect; finishing it", "cause", err)
+		if cerr := r.complete(uctx); cerr != nil {
+			return errors.Join(err, cerr)
+		}
+		return nil
+	}
 	return err
 }
 
