@@ -32,6 +32,9 @@ type auto struct {
 	seenIter   uint64        // iteration when the lever was first seen in effect (0 = not yet)
 	seenAt     time.Duration // when it was seen
 	reevaluate bool          // a lever failed to apply: decide again at once
+
+	ms       mirrorState // the mirror phase
+	wbFailed bool        // MirrorWriteBlocking failed to apply
 }
 
 // saturatedQ: a dirty rate measured below this × the throughput, in a
@@ -427,6 +430,10 @@ func (a *auto) deadline(s Sample, now time.Duration) Decision {
 
 func (a *auto) applied(d Decision, err error) {
 	if err == nil {
+		return
+	}
+	if d.Action == MirrorWriteBlocking {
+		a.wbFailed = true
 		return
 	}
 	switch d.Action {

@@ -102,6 +102,11 @@ type AutoConfig struct {
 	ProgressTimeout time.Duration
 	// Alpha is the EWMA weight of a new throughput/dirty-rate sample (0.4).
 	Alpha float64
+	// MirrorWindow is how much of the mirror phase auto looks at to judge
+	// whether the disk mirrors converge: the remaining bytes' trend is the
+	// least-squares slope over this window (3 s). An abort for a mirror that
+	// cannot converge waits for two windows.
+	MirrorWindow time.Duration
 }
 
 // Anchor defaults.
@@ -127,6 +132,7 @@ const (
 	defAutoPostcopyThrottle     = 50
 	defAutoProgressTimeout      = 30 * time.Second
 	defAutoAlpha                = 0.4
+	defAutoMirrorWindow         = 3 * time.Second
 	novaTimeoutAbort            = "abort"
 	novaTimeoutForceComplete    = "force_complete"
 	novaMinDowntime             = 100 * time.Millisecond
@@ -200,6 +206,7 @@ func (c Config) Validate() error {
 		{"Auto.MaxConvergeTime", a.MaxConvergeTime},
 		{"Auto.SettleTime", a.SettleTime},
 		{"Auto.ProgressTimeout", a.ProgressTimeout},
+		{"Auto.MirrorWindow", a.MirrorWindow},
 	} {
 		if err := nonNeg(d.name, d.v); err != nil {
 			return err
@@ -284,5 +291,6 @@ func (a AutoConfig) withDefaults() AutoConfig {
 	a.PostcopyThrottle = orInt(a.PostcopyThrottle, defAutoPostcopyThrottle)
 	a.ProgressTimeout = orDur(a.ProgressTimeout, defAutoProgressTimeout)
 	a.Alpha = orFloat(a.Alpha, defAutoAlpha)
+	a.MirrorWindow = orDur(a.MirrorWindow, defAutoMirrorWindow)
 	return a
 }

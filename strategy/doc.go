@@ -37,6 +37,22 @@
 //     stop-and-copy); later samples carry SourcePaused.
 //   - Abort: migrate_cancel and roll back; the guest keeps running on the
 //     source. Done is true from then on.
+//   - MirrorWriteBlocking: switch every disk mirror to write-blocking copy
+//     mode (block-job-change).
+//
+// # Storage and the mirror phase
+//
+// With a storage migration the engine calls SetStorage before Setup (disks
+// mirrored; CanSwitch when the source QEMU has block-job-change, 8.2+;
+// WriteBlocking when the user starts the mirrors in write-blocking mode).
+// While it waits for the mirrors to be READY, before RAM migration starts, it
+// Steps samples with Mirroring set, Status "", the RAM fields zero and
+// StorageRemaining/StorageTotal filled; after that, the usual query-migrate
+// samples (which still carry the storage fields). Elapsed counts from the
+// start of the whole migration (the engine's Migrate call), so the Budget
+// includes the time spent mirroring. In the mirror phase a Decision is only
+// Wait, MirrorWriteBlocking or Abort, and the budget's finishing decision is
+// always Abort (there is no RAM migration to finish).
 //
 // Applied(d, err) with err != nil marks that lever failed: it is not tried
 // again, and the policy moves on (a failed postcopy or pause re-arms the
@@ -61,6 +77,10 @@
 //     budget gets a finishing decision (Abort, or StartPostcopy or
 //     PauseSource when the policy prefers and the user permits them) unless
 //     a postcopy or pause is already under way.
+//   - MirrorWriteBlocking at most once (even when Applied reports it
+//     failed), only on a Mirroring sample, only when SetStorage declared
+//     disks that CanSwitch and do not already start WriteBlocking, and never
+//     with Limits.NoWriteBlocking.
 //   - No panic on any Sample: NaN, infinite or negative rates count as 0,
 //     absurd sizes saturate, and Elapsed going backwards is ignored (the
 //     largest Elapsed seen is "now"). Decision.At is the sample's Elapsed.
@@ -107,6 +127,18 @@
 // remaining bytes reaching a new low (a dead link). At the budget it starts
 // postcopy, else pauses, else aborts.
 //
+// In the mirror phase auto fits a least-squares line to StorageRemaining over
+// the last AutoConfig.MirrorWindow (3 s). Remaining not shrinking, or READY
+// predicted beyond the budget, is stuck; READY beyond MaxConvergeTime is too
+// slow. Either way auto switches the mirrors to write-blocking when it can
+// (once, with the numbers in the reason) and measures afresh. When it cannot
+// (QEMU 7.2 without block-job-change, write-blocking from the start already,
+// refused by NoWriteBlocking, or the switch failed) a stuck mirror that stays
+// stuck for another window is aborted, since it would never get READY; a slow
+// one is left to converge. On a 7.2 source, write-blocking must be asked for
+// from the start (blockmirror.Config.WriteBlocking, the CLI's
+// --write-blocking): the Machine never starts the mirrors itself.
+//
 // auto's Setup holds QEMU's own auto-converge ramp back: the capability is
 // on (unless NoThrottle) with cpu-throttle-initial = increment = max = 1%, so
 // QEMU throttles by at most 1% until auto sets a computed throttle
@@ -136,6 +168,11 @@
 //     exceeds 5, the downtime doubles and the counter resets. Polls are
 //     Proxmox's 1 s period (faster samples are not counted). Auto-converge is
 //     on with QEMU's default ramp (20% + 10%). No timeout.
+//
+// The presets have no storage lever, like their anchors: they wait in the
+// mirror phase and never decide MirrorWriteBlocking; the Machine still aborts
+// there when a user Budget runs out. (Their own completion timeouts count
+// from their first RAM sample's Elapsed, which includes the mirror phase.)
 //
 // Where the Limits are stricter than the anchor, the Limits win, and the
 // presets then differ from the real thing: a downtime value above

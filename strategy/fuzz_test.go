@@ -23,6 +23,7 @@ var specialFloats = []float64{math.NaN(), math.Inf(1), math.Inf(-1), -1, 0, 1e30
 // shrunk so that timeouts happen within short traces.
 type fuzzInput struct {
 	cfg     strategy.Config
+	storage strategy.Storage
 	samples []strategy.Sample
 	fail    []bool // Applied(err) for the decision at this sample
 }
@@ -48,7 +49,8 @@ func decode(data []byte) fuzzInput {
 		c.Auto = strategy.AutoConfig{SettleIterations: int(r.u8() % 4), SettleTime: time.Duration(r.u8()) * 50 * ms,
 			MaxThrottle: int(r.u8() % 100), PostcopyThrottle: int(r.u8() % 100), ProgressTimeout: time.Duration(r.u8()) * 100 * ms}
 	}
-	in := fuzzInput{cfg: c}
+	c.Limits.NoWriteBlocking = f&16 != 0 && f&8 == 0
+	in := fuzzInput{cfg: c, storage: strategy.Storage{Disks: f&32 != 0, CanSwitch: f&64 != 0, WriteBlocking: f&128 != 0}}
 	var el time.Duration
 	var it uint64
 	for !r.empty() && len(in.samples) < 2000 {
@@ -72,6 +74,7 @@ func decode(data []byte) fuzzInput {
 			SourcePaused:     op&2 != 0,
 			StorageRemaining: uint64(r.u8()) * MiB,
 			StorageTotal:     uint64(r.u8()) * GiB,
+			Mirroring:        op&128 != 0,
 		}
 		if op&4 != 0 {
 			s.DirtyRate = specialFloats[int(r.u8())%len(specialFloats)]
@@ -123,6 +126,7 @@ func checkInvariants(in fuzzInput) ([]strategy.Decision, error) {
 	if maxDT == 0 {
 		maxDT = strategy.DefaultMaxDowntime
 	}
+	m.SetStorage(in.storage)
 	su := m.Setup()
 	switch {
 	case su.DowntimeLimit > maxDT || su.DowntimeLimit < 0:
@@ -140,6 +144,8 @@ func checkInvariants(in fuzzInput) ([]strategy.Decision, error) {
 	var now time.Duration
 	budgetDue := false
 	postcopyAsked := false // a StartPostcopy applied without error
+	switched := false      // a MirrorWriteBlocking was decided
+	st := in.storage
 	for i, s := range in.samples {
 		d := m.Step(s)
 		out = append(out, d)
@@ -166,7 +172,20 @@ func checkInvariants(in fuzzInput) ([]strategy.Decision, error) {
 		if postcopyAsked && d.Action == strategy.Abort {
 			return out, fmt.Errorf("sample %d: abort after postcopy was started", i)
 		}
+		if s.Mirroring && d.Action != strategy.Wait && d.Action != strategy.Abort && d.Action != strategy.MirrorWriteBlocking {
+			return out, fmt.Errorf("sample %d: %s in the mirror phase", i, d.Action)
+		}
 		switch d.Action {
+		case strategy.MirrorWriteBlocking:
+			switch {
+			case switched:
+				return out, fmt.Errorf("sample %d: write-blocking decided twice", i)
+			case !s.Mirroring:
+				return out, fmt.Errorf("sample %d: write-blocking outside the mirror phase", i)
+			case !st.Disks || !st.CanSwitch || st.WriteBlocking || lim.NoWriteBlocking:
+				return out, fmt.Errorf("sample %d: write-blocking with storage %+v, NoWriteBlocking %v", i, st, lim.NoWriteBlocking)
+			}
+			switched = true
 		case strategy.SetDowntime:
 			if d.DowntimeLimit > maxDT || d.DowntimeLimit < 0 {
 				return out, fmt.Errorf("sample %d: downtime %v above max %v", i, d.DowntimeLimit, maxDT)
@@ -273,13 +292,31 @@ func TestInvariantsRealistic(t *testing.T) {
 		cfg.Nova = strategy.NovaConfig{DelayPerGiB: time.Duration(1+rng.IntN(5)) * sec, CompletionTimeoutPerGiB: time.Duration(1+rng.IntN(30)) * sec}
 		var in fuzzInput
 		in.cfg = cfg
+		cfg.Limits.NoWriteBlocking = rng.IntN(4) == 0
+		in.cfg = cfg
+		in.storage = strategy.Storage{Disks: rng.IntN(3) > 0, CanSwitch: rng.IntN(2) == 0, WriteBlocking: rng.IntN(4) == 0}
+		// A mirror phase first: remaining shrinking, flat or growing.
+		disk := float64(1+rng.IntN(20)) * GiB
+		done, grow := 0.0, float64(rng.IntN(3)-1)*50*MiB
+		mirrorN := 0
+		if in.storage.Disks {
+			mirrorN = rng.IntN(200)
+		}
+		for i := 0; i < mirrorN; i++ {
+			done += 40 * MiB * rng.Float64()
+			disk += math.Max(0, 40*MiB+grow) * rng.Float64()
+			in.samples = append(in.samples, strategy.Sample{Elapsed: time.Duration(i) * 200 * ms, Mirroring: true,
+				StorageTotal: uint64(disk), StorageRemaining: uint64(math.Max(0, disk-done))})
+			in.fail = append(in.fail, rng.IntN(3) == 0)
+		}
+		base := time.Duration(mirrorN) * 200 * ms
 		ram := uint64(1+rng.IntN(8)) * GiB
 		bw := float64(50+rng.IntN(500)) * MiB
 		dirty := bw * rng.Float64() * 3
 		it := uint64(1)
 		rem := ram
 		for i := 0; i < 600; i++ {
-			el := time.Duration(i) * 200 * ms
+			el := base + time.Duration(i)*200*ms
 			if rng.IntN(3) == 0 {
 				it++
 				rem = uint64(float64(rem)*0.3 + dirty*rng.Float64())

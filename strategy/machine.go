@@ -10,13 +10,14 @@ import (
 // for concurrent use: one goroutine (the engine's owner loop) calls Step and
 // Applied in turn.
 type Machine struct {
-	cfg    Config
-	lim    Limits
-	pol    policy
-	now    time.Duration // monotonic: the largest Elapsed seen
-	done   bool
-	last   Decision // the last non-wait decision
-	levers levers
+	cfg     Config
+	lim     Limits
+	pol     policy
+	now     time.Duration // monotonic: the largest Elapsed seen
+	done    bool
+	last    Decision // the last non-wait decision
+	levers  levers
+	storage Storage
 }
 
 // levers is what the policies share about the levers: which failed to apply
@@ -29,6 +30,7 @@ type levers struct {
 	postcopy       bool // StartPostcopy decided and not failed
 	paused         bool // PauseSource decided and not failed, or the sample says so
 	inPostcopy     bool // a postcopy status was seen
+	writeBlocking  bool // MirrorWriteBlocking decided (applied or failed): never again
 }
 
 func (l *levers) finishing() bool { return l.postcopy || l.paused || l.inPostcopy }
@@ -42,6 +44,14 @@ type policy interface {
 	// lever is in flight; it must return Abort, StartPostcopy or PauseSource.
 	deadline(s Sample, now time.Duration) Decision
 	applied(d Decision, err error)
+}
+
+// mirrorPolicy is a policy with a storage lever: mirror is called for the
+// samples of the mirror phase (Sample.Mirroring) instead of step, and may
+// return Wait, MirrorWriteBlocking or Abort. Policies without it wait in the
+// mirror phase; the Machine still enforces the budget there.
+type mirrorPolicy interface {
+	mirror(s Sample, now time.Duration) Decision
 }
 
 // New validates cfg and returns a Machine for one migration.
@@ -70,6 +80,16 @@ func New(cfg Config) (*Machine, error) {
 
 // Policy returns the name of the policy in use.
 func (m *Machine) Policy() string { return m.cfg.Policy }
+
+// SetStorage tells the Machine about the disk migration. The engine calls it
+// once, before Setup and the first Step.
+func (m *Machine) SetStorage(st Storage) { m.storage = st }
+
+// canSwitch reports whether MirrorWriteBlocking may be decided now.
+func (m *Machine) canSwitch() bool {
+	st := m.storage
+	return st.Disks && st.CanSwitch && !st.WriteBlocking && !m.lim.NoWriteBlocking && !m.levers.writeBlocking
+}
 
 // Setup returns what the engine must configure before it starts the
 // migration. It obeys the Limits: the downtime limit is at most MaxDowntime,
@@ -129,9 +149,24 @@ func (m *Machine) Step(s Sample) Decision {
 	if s.SourcePaused {
 		m.levers.paused = true
 	}
-	d := m.pol.step(s, now)
+	var d Decision
+	switch mp, ok := m.pol.(mirrorPolicy); {
+	case s.Mirroring && ok:
+		d = mp.mirror(s, now)
+	case s.Mirroring:
+		d = wait(fmt.Sprintf("%s: no storage lever, waiting for the mirrors (%s of %s left)",
+			m.cfg.Policy, bytesStr(float64(s.StorageRemaining)), bytesStr(float64(s.StorageTotal))))
+	default:
+		d = m.pol.step(s, now)
+	}
 	if b := m.lim.Budget; b > 0 && now >= b && !m.levers.finishing() && !isFinishing(d.Action) {
-		d = m.pol.deadline(s, now)
+		if s.Mirroring {
+			// No RAM migration yet: nothing to finish by postcopy or pause.
+			d = Decision{Action: Abort, Reason: fmt.Sprintf("budget %v reached at %v with the disk mirrors not READY (%s of %s left)",
+				b, roundDur(now), bytesStr(float64(s.StorageRemaining)), bytesStr(float64(s.StorageTotal)))}
+		} else {
+			d = m.pol.deadline(s, now)
+		}
 		if !isFinishing(d.Action) || !m.permitted(d.Action) {
 			d = Decision{Action: Abort, Reason: fmt.Sprintf("budget %v reached at %v", b, roundDur(now))}
 		}
@@ -147,6 +182,8 @@ func (m *Machine) Step(s Sample) Decision {
 		m.levers.postcopy = true
 	case PauseSource:
 		m.levers.paused = true
+	case MirrorWriteBlocking:
+		m.levers.writeBlocking = true
 	}
 	m.last = d
 	return d
@@ -178,7 +215,14 @@ func (m *Machine) Applied(d Decision, err error) {
 
 // enforce is the last guard of the hard limits, whatever a policy decided.
 func (m *Machine) enforce(d Decision, s Sample) Decision {
+	if s.Mirroring && d.Action != Wait && d.Action != Abort && d.Action != MirrorWriteBlocking {
+		return wait(fmt.Sprintf("%s has no effect before RAM migration starts", d.Action))
+	}
 	switch d.Action {
+	case MirrorWriteBlocking:
+		if !s.Mirroring || !m.canSwitch() {
+			return wait("switching the mirrors to write-blocking is not possible or not permitted")
+		}
 	case SetDowntime:
 		if m.levers.downtimeFailed {
 			return wait("downtime limit cannot be set")

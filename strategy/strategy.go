@@ -15,13 +15,19 @@ const (
 	StartPostcopy Action = "start-postcopy" // migrate-start-postcopy
 	PauseSource   Action = "pause"          // stop the source vCPUs: stop-and-copy finish
 	Abort         Action = "abort"          // migrate_cancel + rollback; the guest stays on the source
+	// MirrorWriteBlocking switches the disk mirrors to write-blocking copy
+	// mode (block-job-change): guest writes then complete only once they
+	// reached the destination, so a mirror converges under any write load.
+	// Decided at most once, only in the mirror phase (Sample.Mirroring) and
+	// only when Storage.CanSwitch says the source can.
+	MirrorWriteBlocking Action = "write-blocking"
 )
 
 // Sample is one observation of the migration, built by the engine from query-migrate.
 // All fields are data: the Machine never reads a clock.
 type Sample struct {
-	Elapsed          time.Duration // since migration start
-	Status           string        // QEMU MigrationStatus: setup, active, postcopy-active, pre-switchover, device, completed, failed, cancelled, ... (unknown = non-terminal)
+	Elapsed          time.Duration // since the migration started: the engine's Migrate call, storage mirroring included
+	Status           string        // QEMU MigrationStatus: setup, active, postcopy-active, pre-switchover, device, completed, failed, cancelled, ... (unknown = non-terminal); "" in the mirror phase
 	Iteration        uint64        // ram.dirty-sync-count
 	RemainingBytes   uint64
 	TransferredBytes uint64
@@ -33,7 +39,21 @@ type Sample struct {
 	DowntimeLimit    time.Duration // currently configured limit
 	SourcePaused     bool          // source vCPUs stopped by a PauseSource decision
 	StorageRemaining uint64        // disk bytes still to mirror (0 when no storage migration)
-	StorageTotal     uint64
+	StorageTotal     uint64        // disk bytes to mirror (grows while the guest writes)
+	// Mirroring marks the mirror phase: the disk mirrors run and RAM
+	// migration has not started yet (the engine waits for every mirror to be
+	// READY). Status is "" and the RAM fields are zero then; only Elapsed,
+	// DowntimeLimit and the Storage fields carry data.
+	Mirroring bool
+}
+
+// Storage describes the disk migration of a Machine's migration. The engine
+// passes it to SetStorage before it calls Setup; without it the Machine
+// assumes no disks are mirrored.
+type Storage struct {
+	Disks         bool // disks are mirrored (a storage migration)
+	CanSwitch     bool // the source can switch running mirrors to write-blocking (block-job-change, QEMU 8.2+)
+	WriteBlocking bool // the mirrors start in write-blocking mode (the user asked): nothing to switch
 }
 
 // Throttle holds the auto-converge parameters of migrate-set-parameters.
@@ -60,6 +80,9 @@ type Limits struct {
 	NoThrottle      bool          // user refused CPU throttling (permitted by default)
 	AllowPostcopy   bool
 	AllowPause      bool
+	// NoWriteBlocking: the user refused write-blocking mirrors (their cost is
+	// guest write latency); no policy decides MirrorWriteBlocking.
+	NoWriteBlocking bool
 }
 
 // DefaultMaxDowntime is the downtime ceiling when Limits.MaxDowntime is zero (QEMU's default downtime-limit).

@@ -1,0 +1,126 @@
+package strategy
+
+import (
+	"fmt"
+	"math"
+	"time"
+)
+
+// mirrorPoint is one observation of the mirrors' remaining bytes.
+type mirrorPoint struct {
+	at  time.Duration
+	rem float64
+}
+
+// mirrorState is auto's view of the mirror phase.
+type mirrorState struct {
+	pts        []mirrorPoint // within the last MirrorWindow (plus the one just before)
+	since      time.Duration // start of the current measurement (reset by a switch)
+	started    bool
+	stuckSince time.Duration // -1 = not stuck
+}
+
+// mirror is auto's rule for the mirror phase: the least-squares slope of
+// StorageRemaining over the last MirrorWindow gives the rate the mirrors
+// converge at. Not shrinking, or not READY within the budget (stuck), or not
+// within MaxConvergeTime (slow): switch the mirrors to write-blocking where
+// possible. Stuck with no switch left for two windows: abort, the mirrors
+// would never get READY.
+func (a *auto) mirror(s Sample, now time.Duration) Decision {
+	a.prog.observe(s, now)
+	if why, ok := a.prog.stalled(now, a.progTimeout); ok {
+		return Decision{Action: Abort, Reason: "auto: mirror phase: " + why}
+	}
+	ms := &a.ms
+	if !ms.started {
+		ms.started, ms.since, ms.stuckSince = true, now, -1
+	}
+	if s.StorageTotal == 0 {
+		return wait("auto: waiting for the mirrors to report progress")
+	}
+	rem := float64(s.StorageRemaining)
+	ms.pts = append(ms.pts, mirrorPoint{at: now, rem: rem})
+	w := a.c.MirrorWindow
+	for len(ms.pts) > 2 && ms.pts[1].at <= now-w {
+		ms.pts = ms.pts[1:]
+	}
+	left := fmt.Sprintf("%s of %s left", bytesStr(rem), bytesStr(float64(s.StorageTotal)))
+	if now-ms.since < w || len(ms.pts) < 3 {
+		return wait(fmt.Sprintf("auto: mirrors at %s, measuring their trend over %v", left, w))
+	}
+	rate := -slope(ms.pts) // bytes/s the remaining shrinks by
+	pred := seconds(rem, rate)
+	budget := a.m.lim.Budget
+	stats := fmt.Sprintf("%s, shrinking %s/s over the last %v", left, bytesStr(math.Max(rate, 0)), w)
+	if rate <= 0 {
+		stats = fmt.Sprintf("%s, not shrinking over the last %v (growing %s/s)", left, w, bytesStr(-rate))
+	}
+	stuck := rate <= 0 || (budget > 0 && (pred >= budget || now+pred > budget))
+	slow := !stuck && pred > a.c.MaxConvergeTime
+	if !stuck && !slow {
+		ms.stuckSince = -1
+		return wait(fmt.Sprintf("auto: mirrors converging, READY in ~%v: %s", roundDur(pred), stats))
+	}
+	what := fmt.Sprintf("READY only in ~%v", roundDur(pred))
+	switch {
+	case rate <= 0:
+		what = "never READY"
+	case stuck:
+		what = fmt.Sprintf("READY in ~%v, beyond the %v budget", roundDur(pred), budget)
+	}
+	if a.m.canSwitch() {
+		ms.pts, ms.since, ms.stuckSince = nil, now, -1 // measure afresh under write-blocking
+		return Decision{Action: MirrorWriteBlocking, Reason: fmt.Sprintf(
+			"auto: disk mirrors %s: %s: switch them to write-blocking", what, stats)}
+	}
+	if !stuck {
+		ms.stuckSince = -1
+		return wait(fmt.Sprintf("auto: disk mirrors %s: %s; %s, letting them converge", what, stats, a.noSwitch()))
+	}
+	if ms.stuckSince < 0 {
+		ms.stuckSince = now
+	}
+	if now-ms.stuckSince < w {
+		return wait(fmt.Sprintf("auto: disk mirrors %s: %s; %s, confirming over %v before an abort", what, stats, a.noSwitch(), w))
+	}
+	return Decision{Action: Abort, Reason: fmt.Sprintf("auto: disk mirrors %s: %s; %s", what, stats, a.noSwitch())}
+}
+
+// noSwitch says why the mirrors cannot be switched to write-blocking.
+func (a *auto) noSwitch() string {
+	st := a.m.storage
+	switch {
+	case st.WriteBlocking:
+		return "write-blocking from the start"
+	case a.wbFailed:
+		return "switching to write-blocking failed"
+	case a.m.levers.writeBlocking:
+		return "already switched to write-blocking"
+	case a.m.lim.NoWriteBlocking:
+		return "write-blocking refused by the user"
+	case !st.CanSwitch:
+		return "the source QEMU cannot switch a running mirror (block-job-change needs 8.2; start the mirrors write-blocking)"
+	}
+	return "no storage lever"
+}
+
+// slope is the least-squares slope of rem over time, in bytes per second.
+func slope(p []mirrorPoint) float64 {
+	n := float64(len(p))
+	var st, sr float64
+	for _, q := range p {
+		st += q.at.Seconds()
+		sr += q.rem
+	}
+	mt, mr := st/n, sr/n
+	var num, den float64
+	for _, q := range p {
+		dt := q.at.Seconds() - mt
+		num += dt * (q.rem - mr)
+		den += dt * dt
+	}
+	if den == 0 {
+		return 0
+	}
+	return num / den
+}
