@@ -42,10 +42,15 @@ type Config struct {
 
 	// Strategy selects the policy and carries the user's limits
 	// (MaxDowntime default 300ms, Budget, ProgressTimeout, NoThrottle,
-	// AllowPostcopy, AllowPause).
+	// AllowPostcopy, AllowPause, NoWriteBlocking). The Budget counts from
+	// the call to Migrate, storage mirroring included.
 	Strategy strategy.Config
 
 	// Storage, when non-nil, migrates non-shared disks with blockmirror.
+	// Storage.WriteBlocking starts the mirrors in write-blocking mode (the
+	// only way on a source without block-job-change, QEMU < 8.2); otherwise
+	// the strategy may switch non-converging mirrors to it during the
+	// mirror phase. It may not be combined with Strategy.Limits.NoWriteBlocking.
 	Storage *blockmirror.Config
 
 	// PollInterval is how often query-migrate is polled during converge

@@ -74,6 +74,9 @@ func (c Config) Validate() error {
 		if err := c.Storage.Validate(); err != nil {
 			return bad("Storage", "%v", err)
 		}
+		if c.Storage.WriteBlocking && c.Strategy.Limits.NoWriteBlocking {
+			return bad("Storage.WriteBlocking", "write-blocking mirrors asked for, but refused by Strategy.Limits.NoWriteBlocking")
+		}
 	}
 	return nil
 }

@@ -20,12 +20,8 @@ import (
 func (r *run) start(ctx context.Context) error {
 	r.setPhase(PhaseStart)
 	if r.mirror != nil {
-		err := r.mirror.WaitReady(ctx, func(ps []blockmirror.Progress) { r.diskProgress(ps) })
-		if err != nil {
-			if ctx.Err() != nil {
-				return r.cancelled(ctx, "wait for mirrors")
-			}
-			return r.errorf("", "wait for mirrors", err)
+		if err := r.waitMirrors(ctx); err != nil {
+			return err
 		}
 	}
 	// Subscribe before the commands that cause the events.
@@ -75,6 +71,75 @@ func (r *run) start(ctx context.Context) error {
 	r.log.Debug("migrate", "channel", ch.String(), "channels-form", margs.Channels != nil)
 	if err := r.src.Migrate(ctx, margs); err != nil {
 		return r.callErr(ctx, SideSource, "migrate", err)
+	}
+	return nil
+}
+
+// waitMirrors polls the mirrors until all are READY. Each poll is a
+// strategy sample of the mirror phase (Mirroring); its decisions are applied
+// (MirrorWriteBlocking, Abort) and fed back. The budget's safety net holds
+// here too: Elapsed counts from the start of Migrate.
+func (r *run) waitMirrors(ctx context.Context) error {
+	poll := r.cfg.pollInterval()
+	timer := time.NewTimer(poll)
+	defer timer.Stop()
+	for {
+		ps, err := r.mirror.Progress(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return r.cancelled(ctx, "wait for mirrors")
+			}
+			return r.errorf("", "wait for mirrors", err)
+		}
+		r.diskProgress(ps)
+		ready := true
+		for _, p := range ps {
+			ready = ready && p.Ready
+		}
+		if ready {
+			return nil
+		}
+		if !r.m.Done() {
+			s := strategy.Sample{Elapsed: r.elapsed(), Mirroring: true, DowntimeLimit: r.downtimeLimit, StorageTotal: r.storageTotal}
+			if r.storageTotal > r.storageDone {
+				s.StorageRemaining = r.storageTotal - r.storageDone
+			}
+			if err := r.decide(ctx, r.m.Step(s)); err != nil {
+				return err
+			}
+		}
+		if b := r.cfg.Strategy.Limits.Budget; b > 0 && r.elapsed() >= b+poll {
+			return r.errorf("", "budget", fmt.Errorf("%w: budget %v exhausted at %v waiting for the mirrors", ErrAborted, b, r.elapsed().Round(time.Millisecond)))
+		}
+		timer.Reset(poll)
+		select {
+		case <-ctx.Done():
+			return r.cancelled(ctx, "wait for mirrors")
+		case <-r.dst.Done():
+			return r.errorf("", "wait for mirrors", fmt.Errorf("%w: %w", blockmirror.ErrDestinationGone, r.dst.Err()))
+		case <-r.src.Done():
+			return r.errorf("", "wait for mirrors", fmt.Errorf("%w: %w", blockmirror.ErrSourceGone, r.src.Err()))
+		case <-timer.C:
+		}
+	}
+}
+
+// decide applies a non-wait decision, feeds its outcome back, records and
+// reports it. An Abort ends the migration with ErrAborted.
+func (r *run) decide(ctx context.Context, d strategy.Decision) error {
+	if d.Action == strategy.Wait {
+		return nil
+	}
+	aerr := r.apply(ctx, d)
+	r.m.Applied(d, aerr)
+	r.res.Decisions = append(r.res.Decisions, d)
+	r.log.Debug("decision", "action", d.Action, "reason", d.Reason, "err", aerr)
+	r.emit(Event{Kind: EventDecision, Decision: &d, DecisionErr: aerr})
+	if d.Action == strategy.Abort {
+		return r.errorf("", "strategy", fmt.Errorf("%w: %s", ErrAborted, d.Reason))
+	}
+	if aerr != nil && ctx.Err() != nil {
+		return r.cancelled(ctx, "apply decision")
 	}
 	return nil
 }
@@ -274,19 +339,8 @@ func (r *run) converge(ctx context.Context) error {
 		}
 
 		if !r.m.Done() && !r.switchover {
-			d := r.m.Step(sample)
-			if d.Action != strategy.Wait {
-				aerr := r.apply(ctx, d)
-				r.m.Applied(d, aerr)
-				r.res.Decisions = append(r.res.Decisions, d)
-				r.log.Debug("decision", "action", d.Action, "reason", d.Reason, "err", aerr)
-				r.emit(Event{Kind: EventDecision, Decision: &d, DecisionErr: aerr})
-				if d.Action == strategy.Abort {
-					return r.errorf("", "strategy", fmt.Errorf("%w: %s", ErrAborted, d.Reason))
-				}
-				if aerr != nil && ctx.Err() != nil {
-					return r.cancelled(ctx, "apply decision")
-				}
+			if err := r.decide(ctx, r.m.Step(sample)); err != nil {
+				return err
 			}
 		}
 
@@ -477,6 +531,11 @@ func (r *run) apply(ctx context.Context, d strategy.Decision) error {
 			return err
 		}
 		r.pausedByUs = true
+	case strategy.MirrorWriteBlocking:
+		if r.mirror == nil {
+			return errors.New("no disk mirrors to switch")
+		}
+		return r.mirror.SetWriteBlocking(ctx)
 	case strategy.Abort:
 	default:
 		return fmt.Errorf("unknown action %q", d.Action)

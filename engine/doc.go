@@ -17,7 +17,11 @@
 //     capability exists. Any failure so far wraps ErrBadInput: nothing has
 //     changed on either QEMU. Then (storage only) blockmirror.Start, and the
 //     capabilities and parameters are set on both sides and read back.
-//   - start: wait for the mirrors to be READY (storage only), subscribe to
+//   - start: wait for the mirrors to be READY (storage only: every poll is
+//     a strategy sample of the mirror phase, Sample.Mirroring, and its
+//     decisions are applied: MirrorWriteBlocking through
+//     blockmirror's SetWriteBlocking, Abort by rolling back; the budget
+//     counts from the start of Migrate, mirroring included), subscribe to
 //     events, (fd: only) pass a socketpair's ends with getfd, migrate-incoming
 //     on the destination (tcp port 0 is resolved from the destination's
 //     query-migrate), migrate on the source. The "channels" argument is used

@@ -59,6 +59,9 @@ func (r *run) prepare(ctx context.Context) error {
 	if err := r.check(si, di); err != nil {
 		return err
 	}
+	if st := r.cfg.Storage; st != nil {
+		r.m.SetStorage(strategy.Storage{Disks: true, CanSwitch: si.feat.BlockJobChange, WriteBlocking: st.WriteBlocking})
+	}
 	r.setup = r.m.Setup()
 	if r.setup.Postcopy && r.cfg.MultifdChannels > 0 &&
 		!(si.feat.Version.AtLeast(10, 1) && di.feat.Version.AtLeast(10, 1)) {
