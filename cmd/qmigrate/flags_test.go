@@ -141,6 +141,15 @@ func TestMigrateConfigDefaults(t *testing.T) {
 	require.NotNil(t, cfg.Storage)
 	assert.Empty(t, cfg.Storage.Disks)
 	assert.Empty(t, cfg.Storage.NBDAddress)
+	assert.False(t, cfg.Storage.WriteBlocking)
+
+	o = migrateOptions{}
+	require.NoError(t, parseFlags(o.flagSet(), []string{"--src", "unix:/a", "--dst", "unix:/b", "--uri", "unix:/c", "--disk", "d0", "--write-blocking"}))
+	cfg, err = o.config()
+	require.NoError(t, err)
+	require.NotNil(t, cfg.Storage)
+	assert.True(t, cfg.Storage.WriteBlocking)
+	assert.Equal(t, []string{"d0"}, cfg.Storage.Disks)
 }
 
 // runCLI runs the CLI in-process and returns its exit status and output.
@@ -177,6 +186,7 @@ func TestUsageErrorsExit2NamingTheProblem(t *testing.T) {
 		{"exec uri", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/b", "--uri", "exec:cat"}, []string{"--uri", "exec:cat"}},
 		{"same socket", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/a", "--uri", "unix:/c"}, []string{"--src and --dst"}},
 		{"nbd alone", append(base, "--nbd", "unix:/n"), []string{"--nbd needs --copy-storage or --disk"}},
+		{"write-blocking alone", append(base, "--write-blocking"), []string{"--write-blocking needs --copy-storage or --disk"}},
 		{"bad nbd", append(base, "--copy-storage", "--nbd", "nbd://x"), []string{"--nbd", "nbd://x"}},
 		{"positional", append(base, "extra"), []string{`unexpected argument "extra"`}},
 		{"version arg", []string{"version", "x"}, []string{"unexpected argument"}},

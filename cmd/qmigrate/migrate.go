@@ -101,6 +101,7 @@ type migrateOptions struct {
 	copyStorage   bool
 	disks         stringList
 	nbd           string
+	writeBlocking bool
 }
 
 func (o *migrateOptions) flagSet() *flag.FlagSet {
@@ -113,6 +114,7 @@ func (o *migrateOptions) flagSet() *flag.FlagSet {
 	fs.BoolVar(&o.copyStorage, "copy-storage", false, "also migrate the disks (all writable, non-shared ones) over NBD, for hosts that do not share storage")
 	fs.Var(&o.disks, "disk", "migrate the disk of block `NODE` (repeatable, or comma-separated); implies --copy-storage for just those nodes")
 	fs.StringVar(&o.nbd, "nbd", "", "`ADDR` of the NBD server the destination starts for the disks: unix:/path or tcp:host:port (default: derived from --uri)")
+	fs.BoolVar(&o.writeBlocking, "write-blocking", false, "start the disk mirrors in write-blocking mode: guest writes complete only once they reached the destination, so the disks converge under any write load, at the price of write latency (on QEMU 8.2+ the auto policy switches a mirror that does not converge by itself; needs --copy-storage or --disk)")
 	return fs
 }
 
@@ -150,8 +152,11 @@ func (o *migrateOptions) config() (engine.Config, error) {
 			return engine.Config{}, errors.New("--nbd needs --copy-storage or --disk")
 		}
 	}
+	if o.writeBlocking && !o.copyStorage && len(o.disks) == 0 {
+		return engine.Config{}, errors.New("--write-blocking needs --copy-storage or --disk")
+	}
 	if o.copyStorage || len(o.disks) > 0 {
-		cfg.Storage = &blockmirror.Config{Disks: append([]string(nil), o.disks...), NBDAddress: o.nbd}
+		cfg.Storage = &blockmirror.Config{Disks: append([]string(nil), o.disks...), NBDAddress: o.nbd, WriteBlocking: o.writeBlocking}
 	}
 	return cfg, nil
 }
@@ -189,8 +194,9 @@ JSON OUTPUT (--json)
      "storage_remaining_bytes","storage_total_bytes"}
     {"type":"decision","elapsed_ms","action","reason"[,"downtime_limit_ms"]
      [,"throttle":{"initial","increment","max"}][,"error"]}
-        action is wait, set-downtime, set-throttle, start-postcopy, pause or
-        abort; "error" says why applying it failed
+        action is wait, set-downtime, set-throttle, start-postcopy, pause,
+        write-blocking (disk mirrors switched to write-blocking) or abort;
+        "error" says why applying it failed
     {"type":"disk","node","job","done_bytes","total_bytes","rate_bps","ready"}
   The last line is always the result, whatever happened, even for bad usage
   or an address that cannot be reached (then status is "failed"):
@@ -280,7 +286,7 @@ func migrateFlagOrder() []string {
 	return []string{
 		"src", "dst", "uri", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
 		"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "copy-storage", "disk", "nbd",
-		"connect-timeout", "json", "verbose",
+		"write-blocking", "connect-timeout", "json", "verbose",
 	}
 }
 
