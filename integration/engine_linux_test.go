@@ -24,15 +24,17 @@ func TestEngineLinuxGuest(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots Linux; skipped with -short")
 	}
-	if v, err := q.Version(t.Context()); err == nil && v.Major < 8 {
-		// Measured on 7.2.22 (TCG, -cpu max and qemu64 alike): the
-		// destination kernel oopses after most migrations (page faults on
-		// kernel addresses, GPF), with the engine and with the linux
-		// package's raw driver (TestMemDirtyMigrates) alike; the sweep guest,
-		// which runs without paging, migrates intact. A QEMU 7.2 TCG bug, not
-		// the engine's; the likely cause is page-table A/D-bit updates by the
-		// TCG page walker that the dirty log misses.
-		t.Skipf("QEMU %s: Linux guests do not survive TCG migration on 7.x (see comment)", v)
+	// On QEMU 7.2 under TCG the i386 page walker writes page-table A/D
+	// bits with "notdirty" stores that the dirty log misses, so a Linux guest
+	// that churns page tables during a live pre-copy often arrives with a
+	// corrupt kernel (measured: 10 of 33 at 64 MiB/s; none at 4 MiB/s or idle;
+	// the sweep guest, which runs without paging, is always intact). That is
+	// QEMU's bug (the walker was rewritten after 7.2), not the engine's: on
+	// 7.x the guest dirties a small set slowly, on newer QEMU a 128 MiB set
+	// at 64 MiB/s.
+	w := linux.Workload{Mode: linux.ModeMemDirty, MemBytes: 128 << 20, RateBytes: 64 << 20}
+	if v, err := q.Version(t.Context()); err == nil && !v.AtLeast(8, 0) {
+		w.MemBytes, w.RateBytes = 16<<20, 4<<20
 	}
 	actx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	kernel, initrd, err := linux.Assets(actx)
@@ -44,7 +46,6 @@ func TestEngineLinuxGuest(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(t.Context(), 4*time.Minute)
 	defer cancel()
-	w := linux.Workload{Mode: linux.ModeMemDirty, MemBytes: 128 << 20, RateBytes: 64 << 20}
 	args := linux.BootArgs(kernel, initrd, w)
 	src := testbed.StartT(t, q, testbed.Config{Name: "src", MemMiB: 384, Args: args})
 	dst := testbed.StartT(t, q, testbed.Config{Name: "dst", MemMiB: 384, Args: args, Incoming: true})
