@@ -10,7 +10,7 @@ GO ?= go
 # Integration tests start real QEMUs; they run serially and need a generous timeout.
 ITEST_TIMEOUT ?= 25m
 
-.PHONY: all build setup test unit integration integration-7.2 integration-10.0 demo vet fuzz bench clean
+.PHONY: all build setup test unit integration integration-7.2 integration-10.0 demo vet fuzz bench bench-strategy clean
 
 all: build
 
@@ -39,12 +39,12 @@ integration: integration-7.2 integration-10.0
 integration-7.2: setup
 	@echo "== integration suite on $$(grep '^QMIGRATE_QEMU=' $(CACHE)/qemu-7.2.env)"
 	set -a; source $(CACHE)/qemu-7.2.env; set +a; \
-	  $(GO) test -race -count=1 -p 1 -timeout $(ITEST_TIMEOUT) ./integration/...
+	  $(GO) test -v -race -count=1 -p 1 -timeout $(ITEST_TIMEOUT) ./integration/...
 
 integration-10.0: setup
 	@echo "== integration suite on $$(grep '^QMIGRATE_QEMU=' $(CACHE)/qemu-10.0.env)"
 	set -a; source $(CACHE)/qemu-10.0.env; set +a; \
-	  $(GO) test -race -count=1 -p 1 -timeout $(ITEST_TIMEOUT) ./integration/...
+	  $(GO) test -v -race -count=1 -p 1 -timeout $(ITEST_TIMEOUT) ./integration/...
 
 # The demo: two local QEMUs, a small embedded guest, a live migration, a verified guest.
 demo:
@@ -57,6 +57,12 @@ fuzz:
 bench:
 	set -a; source $(CACHE)/qemu-7.2.env; set +a; \
 	  $(GO) test -run='^$$' -bench=. -benchtime=20x ./qmp/ ./integration/...
+
+# Every switchover policy on the same scenarios over a tbf-shaped two-host
+# link; rewrites docs/benchmarks.md (this QEMU version's section) and docs/plots.
+bench-strategy: setup
+	set -a; source $(CACHE)/qemu-$(or $(QEMU_VERSION),10.0).env; set +a; \
+	  $(GO) run ./cmd/qmbench
 
 clean:
 	rm -rf bin
