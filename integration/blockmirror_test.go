@@ -297,8 +297,11 @@ func bmAssertNothingLeft(t testing.TB, ctx context.Context, src, dst *bmVM) {
 	}
 }
 
-// bmLogger logs to the test log.
+// bmLogger logs to the test log when QMIGRATE_TEST_DEBUG is set.
 func bmLogger(t testing.TB) *slog.Logger {
+	if os.Getenv("QMIGRATE_TEST_DEBUG") == "" {
+		return nil
+	}
 	return slog.New(slog.NewTextHandler(bmTestWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
