@@ -128,7 +128,8 @@
 // postcopy, else pauses, else aborts.
 //
 // In the mirror phase auto fits a least-squares line to StorageRemaining over
-// the last AutoConfig.MirrorWindow (3 s). Remaining not shrinking, or READY
+// the last AutoConfig.MirrorWindow (3 s). Remaining not shrinking (by less
+// than 64 KiB/s), or READY
 // predicted beyond the budget, is stuck; READY beyond MaxConvergeTime is too
 // slow. Either way auto switches the mirrors to write-blocking when it can
 // (once, with the numbers in the reason) and measures afresh. When it cannot

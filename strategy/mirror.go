@@ -6,6 +6,10 @@ import (
 	"time"
 )
 
+// mirrorFlatRate: remaining bytes shrinking slower than this (64 KiB/s)
+// count as not shrinking at all.
+const mirrorFlatRate = 64 << 10
+
 // mirrorPoint is one observation of the mirrors' remaining bytes.
 type mirrorPoint struct {
 	at  time.Duration
@@ -28,8 +32,10 @@ type mirrorState struct {
 // would never get READY.
 func (a *auto) mirror(s Sample, now time.Duration) Decision {
 	a.prog.observe(s, now)
-	if why, ok := a.prog.stalled(now, a.progTimeout); ok {
-		return Decision{Action: Abort, Reason: "auto: mirror phase: " + why}
+	if _, ok := a.prog.stalled(now, a.progTimeout); ok {
+		return Decision{Action: Abort, Reason: fmt.Sprintf(
+			"auto: no progress for %v in the mirror phase (disk bytes left never below %s): progress timeout %v",
+			roundDur(now-a.prog.last), bytesStr(float64(a.prog.minStorage)), a.progTimeout)}
 	}
 	ms := &a.ms
 	if !ms.started {
@@ -52,10 +58,11 @@ func (a *auto) mirror(s Sample, now time.Duration) Decision {
 	pred := seconds(rem, rate)
 	budget := a.m.lim.Budget
 	stats := fmt.Sprintf("%s, shrinking %s/s over the last %v", left, bytesStr(math.Max(rate, 0)), w)
-	if rate <= 0 {
-		stats = fmt.Sprintf("%s, not shrinking over the last %v (growing %s/s)", left, w, bytesStr(-rate))
+	flat := rate < mirrorFlatRate
+	if flat {
+		stats = fmt.Sprintf("%s, not shrinking over the last %v (%s)", left, w, trend(rate))
 	}
-	stuck := rate <= 0 || (budget > 0 && (pred >= budget || now+pred > budget))
+	stuck := flat || (budget > 0 && (pred >= budget || now+pred > budget))
 	slow := !stuck && pred > a.c.MaxConvergeTime
 	if !stuck && !slow {
 		ms.stuckSince = -1
@@ -63,7 +70,7 @@ func (a *auto) mirror(s Sample, now time.Duration) Decision {
 	}
 	what := fmt.Sprintf("READY only in ~%v", roundDur(pred))
 	switch {
-	case rate <= 0:
+	case flat:
 		what = "never READY"
 	case stuck:
 		what = fmt.Sprintf("READY in ~%v, beyond the %v budget", roundDur(pred), budget)
@@ -123,4 +130,14 @@ func slope(p []mirrorPoint) float64 {
 		return 0
 	}
 	return num / den
+}
+
+func trend(rate float64) string {
+	switch {
+	case rate >= 1:
+		return fmt.Sprintf("%s/s", bytesStr(rate))
+	case rate <= -1:
+		return fmt.Sprintf("growing %s/s", bytesStr(-rate))
+	}
+	return "flat"
 }

@@ -2,7 +2,10 @@
 // qmp/qmptest, enough for the engine to migrate between them: run states,
 // capabilities and parameters, migrate-incoming/migrate, a RAM model with
 // passes, dirtying, bandwidth, downtime limit, auto-converge, pause-before-
-// switchover, postcopy, stop/cont, cancel, and events. Time is the real (or,
+// switchover, postcopy, stop/cont, cancel, and events; with Options.Disk a
+// block layer (one disk per side, NBD server and exports, mirror jobs that
+// copy against a guest write rate, block-job-change from 8.2) for storage
+// migrations. Time is the real (or,
 // under testing/synctest, the virtual) clock: a goroutine ticks the model
 // while a migration runs.
 //

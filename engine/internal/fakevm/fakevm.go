@@ -31,6 +31,11 @@ type Options struct {
 	// FailWith makes the migration fail in setup with this error-desc while
 	// the destination stays up (exit-on-error false).
 	FailWith string
+	// Disk > 0 gives both sides a raw disk "disk0" of that many bytes and
+	// the block layer blockmirror needs (block.go); block-job-change from 8.2.
+	Disk          uint64
+	MirrorRate    float64 // bytes/s a mirror copies (100 MiB/s; a blockdev-mirror speed lowers it)
+	DiskWriteRate float64 // bytes/s the running guest dirties the disk, 0
 }
 
 func (o *Options) defaults() {
@@ -64,6 +69,9 @@ func (o *Options) defaults() {
 	if o.SrcRunState == "" {
 		o.SrcRunState = "running"
 	}
+	if o.MirrorRate == 0 {
+		o.MirrorRate = 100 << 20
+	}
 }
 
 // Pair is a simulated source and destination.
@@ -95,6 +103,7 @@ type Pair struct {
 	stopSim          chan struct{}
 	simDone          chan struct{}
 	log              []string
+	block            blockState
 }
 
 type vm struct {
@@ -131,6 +140,9 @@ func New(opt Options) *Pair {
 		}
 		p.side[i] = m
 		p.install(i)
+		if opt.Disk > 0 {
+			p.installBlock(i)
+		}
 	}
 	p.side[0].run = opt.SrcRunState
 	p.side[1].run = opt.DstRunState
@@ -768,6 +780,7 @@ func (p *Pair) schema() []map[string]any {
 	cmds := []string{"query-status", "query-migrate", "migrate-set-capabilities", "migrate-set-parameters",
 		"query-migrate-capabilities", "query-migrate-parameters", "migrate", "migrate-incoming", "migrate_cancel",
 		"migrate-continue", "migrate-start-postcopy", "stop", "cont", "query-uuid", "qom-get", "query-memory-size-summary"}
+	cmds = append(cmds, p.blockCommands()...)
 	out := []map[string]any{
 		{"name": "migrate-set-capabilities", "meta-type": "command", "arg-type": "0", "ret-type": "1"},
 		{"name": "0", "meta-type": "object", "members": []map[string]any{{"name": "capabilities", "type": "[2]"}}},
