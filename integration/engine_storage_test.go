@@ -15,6 +15,7 @@ import (
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/strategy"
 )
 
 // TestEngineStorage migrates the sweep guest together with its (non-shared)
@@ -89,4 +90,121 @@ func assertNoMirrorLeft(t *testing.T, ctx context.Context, src *testbed.Instance
 	for _, n := range nodes {
 		assert.NotEqual(t, "nbd", n.Driver, "source NBD node %s left", n.NodeName)
 	}
+}
+
+// TestEngineStorageHeavyWriter: a writer (HMP qemu-io, 1 MiB blocks across
+// the disk) outpaces a mirror limited to 8 MiB/s, so the mirror never gets
+// READY in background mode. On 8.2+ auto switches it to write-blocking and
+// the migration completes; everywhere, write-blocking from the start
+// completes; without a storage lever the migration is aborted within the
+// budget with the source intact and nothing left behind.
+func TestEngineStorageHeavyWriter(t *testing.T) {
+	for _, q := range bmQEMUs(t) {
+		t.Run(q.name, func(t *testing.T) {
+			t.Run("AutoSwitches", func(t *testing.T) {
+				src, dst := bmPair(t, q, bmOpts{size: "32M"})
+				if !src.f.BlockJobChange {
+					t.Skipf("QEMU %s has no block-job-change", q.name)
+				}
+				heavyWriterCase{}.run(t, q, src, dst)
+			})
+			t.Run("FromStart", func(t *testing.T) {
+				src, dst := bmPair(t, q, bmOpts{size: "32M"})
+				heavyWriterCase{writeBlocking: true}.run(t, q, src, dst)
+			})
+			t.Run("NoLeverAborts", func(t *testing.T) {
+				src, dst := bmPair(t, q, bmOpts{size: "32M"})
+				// 8.2+: the user refuses the lever; 7.2: there is none.
+				c := heavyWriterCase{abort: true, strategy: strategy.Config{Limits: strategy.Limits{Budget: 20 * time.Second, NoWriteBlocking: src.f.BlockJobChange}}}
+				c.run(t, q, src, dst)
+			})
+			t.Run("PresetBudget", func(t *testing.T) {
+				src, dst := bmPair(t, q, bmOpts{size: "32M"})
+				c := heavyWriterCase{abort: true, strategy: strategy.Config{Policy: strategy.PolicyQEMU, Limits: strategy.Limits{Budget: 6 * time.Second}}}
+				c.run(t, q, src, dst)
+			})
+		})
+	}
+}
+
+type heavyWriterCase struct {
+	writeBlocking bool // start the mirrors write-blocking
+	abort         bool // the migration is expected to be aborted
+	strategy      strategy.Config
+}
+
+func (c heavyWriterCase) run(t *testing.T, q bmQEMU, src, dst *bmVM) {
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	const speed = 8 << 20
+	wstop := bmWriter(src, 32<<20)
+	defer wstop()
+	time.Sleep(200 * time.Millisecond)
+	cfg := engine.Config{
+		Source:      engine.Endpoint{Client: src.qmp},
+		Destination: engine.Endpoint{Client: dst.qmp},
+		URI:         "unix:" + filepath.Join(dst.dir, "mig.sock"),
+		Strategy:    c.strategy,
+		Storage:     &blockmirror.Config{Disks: []string{"disk0"}, Speed: speed, WriteBlocking: c.writeBlocking},
+		Logger:      testLogger(t),
+	}
+	var readyAt time.Duration
+	var last *blockmirror.Progress
+	cfg.Observer = func(e engine.Event) {
+		switch e.Kind {
+		case engine.EventDisk:
+			last = e.Disk
+		case engine.EventDecision:
+			t.Logf("%v decision %s: %s (err %v)", e.Elapsed.Round(time.Millisecond), e.Decision.Action, e.Decision.Reason, e.DecisionErr)
+		case engine.EventPhase:
+			if e.Phase == engine.PhaseConverge {
+				// The mirrors are READY: stop writing, so that no write lands
+				// on the source after the mirror ends at switchover.
+				readyAt = e.Elapsed
+				t.Logf("mirrors READY at %v (%s, %d/%d bytes); the writer wrote %d MiB", e.Elapsed.Round(time.Millisecond),
+					last.CopyMode, last.Done, last.Total, wstop()>>20)
+			}
+		}
+	}
+	res, err := engine.Migrate(ctx, cfg)
+	wstop()
+	var actions []strategy.Action
+	for _, d := range res.Decisions {
+		actions = append(actions, d.Action)
+	}
+	t.Logf("QEMU %s: %s in %v (READY at %v): %v; decisions %v; undone %q; undo errors %q",
+		q.name, res.Status, res.Total.Round(time.Millisecond), readyAt.Round(time.Millisecond), err, actions, res.Undone, res.UndoErrors)
+	if c.abort {
+		require.ErrorIs(t, err, engine.ErrAborted)
+		assert.NotContains(t, actions, strategy.MirrorWriteBlocking)
+		assert.LessOrEqual(t, res.Total, c.strategy.Limits.Budget+2*time.Second, "aborted within the budget")
+		assert.Empty(t, res.UndoErrors)
+		assert.Contains(t, strings.Join(res.Undone, "\n"), "mirrors aborted")
+		assert.Equal(t, "running", src.status(ctx), "guest runs on the source")
+		nodes, err := src.qmp.QueryNamedBlockNodes(ctx)
+		require.NoError(t, err)
+		found := false
+		for _, n := range nodes {
+			found = found || n.NodeName == "disk0"
+		}
+		assert.True(t, found, "source disk still attached")
+		bmAssertNothingLeft(t, ctx, src, dst)
+		return
+	}
+	require.NoError(t, err)
+	if c.writeBlocking {
+		assert.NotContains(t, actions, strategy.MirrorWriteBlocking, "already write-blocking")
+	} else {
+		assert.Contains(t, actions, strategy.MirrorWriteBlocking)
+	}
+	require.NotNil(t, last)
+	assert.Equal(t, "write-blocking", last.CopyMode)
+	bmAssertNothingLeft(t, ctx, src, nil)
+	exps, err := dst.qmp.QueryBlockExports(ctx)
+	require.NoError(t, err)
+	assert.Empty(t, exps, "destination exports removed")
+	assert.Equal(t, "running", dst.status(ctx))
+	src.quit(ctx)
+	dst.quit(ctx)
+	bmCompare(t, q, src.disk, dst.disk)
 }
