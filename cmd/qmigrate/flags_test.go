@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
@@ -295,4 +296,14 @@ func TestHelpListsEveryFlag(t *testing.T) {
 			}
 		})
 	}
+}
+
+// The write-blocking decision renders like any other: its action and reason,
+// no downtime or throttle details.
+func TestWriteBlockingDecisionRendered(t *testing.T) {
+	d := strategy.Decision{Action: strategy.MirrorWriteBlocking, Reason: "auto: disk mirrors never READY", At: 3 * time.Second}
+	assert.Equal(t, "decision write-blocking: auto: disk mirrors never READY", describeDecision(d, nil))
+	var out bytes.Buffer
+	newJSONRenderer(&out).Event(engine.Event{Kind: engine.EventDecision, Elapsed: 3 * time.Second, Decision: &d})
+	assert.JSONEq(t, `{"type":"decision","elapsed_ms":3000,"action":"write-blocking","reason":"auto: disk mirrors never READY"}`, out.String())
 }
