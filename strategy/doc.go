@@ -172,7 +172,8 @@
 //
 // The presets have no storage lever, like their anchors: they wait in the
 // mirror phase and never decide MirrorWriteBlocking; the Machine still aborts
-// there when a user Budget runs out. (Their own completion timeouts count
+// there when a user Budget runs out, or after a user ProgressTimeout without
+// the disk bytes left reaching a new low. (Their own completion timeouts count
 // from their first RAM sample's Elapsed, which includes the mirror phase.)
 //
 // Where the Limits are stricter than the anchor, the Limits win, and the

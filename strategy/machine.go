@@ -18,6 +18,7 @@ type Machine struct {
 	last    Decision // the last non-wait decision
 	levers  levers
 	storage Storage
+	mprog   progress // the mirror phase, for policies without a storage lever
 }
 
 // levers is what the policies share about the levers: which failed to apply
@@ -154,8 +155,13 @@ func (m *Machine) Step(s Sample) Decision {
 	case s.Mirroring && ok:
 		d = mp.mirror(s, now)
 	case s.Mirroring:
+		m.mprog.observe(s, now)
 		d = wait(fmt.Sprintf("%s: no storage lever, waiting for the mirrors (%s of %s left)",
 			m.cfg.Policy, bytesStr(float64(s.StorageRemaining)), bytesStr(float64(s.StorageTotal))))
+		if pt := m.lim.ProgressTimeout; pt > 0 && now-m.mprog.last >= pt {
+			d = Decision{Action: Abort, Reason: fmt.Sprintf("%s: no progress for %v in the mirror phase (disk bytes left never below %s): progress timeout %v",
+				m.cfg.Policy, roundDur(now-m.mprog.last), bytesStr(float64(m.mprog.minStorage)), pt)}
+		}
 	default:
 		d = m.pol.step(s, now)
 	}

@@ -153,3 +153,15 @@ func TestMirrorBudgetAbortsEvenWithFinishingLevers(t *testing.T) {
 	require.Equal(t, []strategy.Action{strategy.Abort}, actions(ds))
 	assert.Equal(t, 2*sec, ds[0].At)
 }
+
+// A preset in a mirror phase that makes no progress (a dead link): the
+// user's ProgressTimeout aborts it.
+func TestMirrorPresetProgressTimeout(t *testing.T) {
+	trace := mirrorTrace(8*sec, 64*MiB, 0, 0)
+	cfg := strategy.Config{Policy: strategy.PolicyQEMU, Limits: strategy.Limits{ProgressTimeout: 4 * sec}}
+	ds := runMirror(t, cfg, canSwitch, trace, false)
+	require.Equal(t, []strategy.Action{strategy.Abort}, actions(ds))
+	assert.Equal(t, 4*sec, ds[0].At)
+	assert.Contains(t, ds[0].Reason, "no progress for 4s in the mirror phase")
+	assert.Empty(t, runMirror(t, cfg, canSwitch, mirrorTrace(8*sec, 64*MiB, 0, 4*MiB), false), "copying: progress")
+}
