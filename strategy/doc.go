@@ -7,6 +7,7 @@
 // # Driving a Machine
 //
 //	m, err := strategy.New(cfg)          // cfg.Validate() names a bad field
+//	m.SetStorage(storage)                 // storage migrations only, before Setup
 //	setup := m.Setup()                    // apply BEFORE migrate starts
 //	for !m.Done() {
 //	    d := m.Step(sample)               // every poll (~200 ms) and on MIGRATION_PASS
