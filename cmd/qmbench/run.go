@@ -127,11 +127,14 @@ func (r *runner) takeMark(ctx context.Context, on, src *testbed.Instance, moved 
 	var wait time.Duration
 	for _, q := range all {
 		w, err := vcpuWait(q.Pid())
+		last, seen := r.waits[q.Pid()]
 		switch {
 		case err == nil:
 			r.waits[q.Pid()] = w
-		case q.Exited():
-			w = r.waits[q.Pid()]
+		case seen:
+			// Exited or exiting (its threads gone before it is reaped):
+			// its vCPUs wait no more.
+			w = last
 		default:
 			return mark{}, err
 		}
