@@ -33,8 +33,11 @@ type auto struct {
 	seenAt     time.Duration // when it was seen
 	reevaluate bool          // a lever failed to apply: decide again at once
 
-	ms       mirrorState // the mirror phase
-	wbFailed bool        // MirrorWriteBlocking failed to apply
+	ms       mirrorState  // the mirror phase
+	bl       backlogState // the disk backlog after READY (RAM phase)
+	diskRate float64      // the mirrors' copy rate: the largest least-squares slope of the bytes done over a window
+	ramPred  time.Duration
+	wbFailed bool // MirrorWriteBlocking failed to apply
 }
 
 // saturatedQ: a dirty rate measured below this × the throughput, in a
@@ -92,12 +95,17 @@ func (a *auto) step(s Sample, now time.Duration) Decision {
 	}
 	a.observe(s)
 	a.lastDirty = s.DirtyRate
+	a.backlogObserve(s, now)
 	if s.Status != "active" && s.Status != "" {
 		return wait("auto: status " + s.Status)
 	}
 	boundary := a.track(s, now)
 	if a.lever == SetThrottle && a.seenIter == 0 && s.ThrottlePercent >= a.target {
 		a.seen(now)
+	}
+	if d, ok := a.backlog(s, now); ok {
+		a.reevaluate = a.reevaluate || boundary // judge the RAM at the next sample
+		return d
 	}
 	if !boundary && !a.reevaluate {
 		return wait(a.waitReason())
@@ -240,11 +248,20 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 	stats := fmt.Sprintf("peaks ×%.2f/iteration, last %s, dirty %s/s, throughput %s/s, limit %v",
 		r, bytesStr(last), bytesStr(dirty), bytesStr(bw), limit)
 	if r == 0 || seconds(last, bw) <= limit {
+		a.ramPred = 0
+		if ok, why := a.diskCheck(now, limit, 0); !ok {
+			// RAM alone would switch now, but the guest would wait for the disks.
+			return wait("auto: RAM converging, the next switchover fits, but the " + why + "; " + a.diskLever() + ": " + stats)
+		}
 		return wait("auto: converging, the next switchover fits: " + stats)
 	}
 
 	v, pred := a.judge(r, dirty/bw, last, bw, limit, now)
+	a.ramPred = pred
 	if v == converging {
+		if ok, why := a.diskCheck(now, limit, a.diskHorizon(pred)); !ok {
+			return wait(fmt.Sprintf("auto: RAM converging in ~%v, but the %s; %s: %s", roundDur(pred), why, a.diskLever(), stats))
+		}
 		return wait(fmt.Sprintf("auto: converging in ~%v: %s", roundDur(pred), stats))
 	}
 	what := "not converging"

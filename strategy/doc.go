@@ -79,9 +79,11 @@
 //     PauseSource when the policy prefers and the user permits them) unless
 //     a postcopy or pause is already under way.
 //   - MirrorWriteBlocking at most once (even when Applied reports it
-//     failed), only on a Mirroring sample, only when SetStorage declared
-//     disks that CanSwitch and do not already start WriteBlocking, and never
-//     with Limits.NoWriteBlocking.
+//     failed), only while storage is migrating and not yet switched over (a
+//     Mirroring sample, or a sample with Status "active" and no postcopy or
+//     pause under way), only when SetStorage declared disks that CanSwitch
+//     and do not already start WriteBlocking, and never with
+//     Limits.NoWriteBlocking. The presets never decide it.
 //   - No panic on any Sample: NaN, infinite or negative rates count as 0,
 //     absurd sizes saturate, and Elapsed going backwards is ignored (the
 //     largest Elapsed seen is "now"). Decision.At is the sample's Elapsed.
@@ -140,6 +142,26 @@
 // one is left to converge. On a 7.2 source, write-blocking must be asked for
 // from the start (blockmirror.Config.WriteBlocking, the CLI's
 // --write-blocking): the Machine never starts the mirrors itself.
+//
+// After READY, in the RAM phase, every guest write dirties the mirrors again
+// and what they have not copied (StorageRemaining, the backlog) is copied at
+// switchover with the guest stopped, on top of the RAM downtime. auto fits a
+// line to the backlog over the last MirrorWindow (from the first RAM sample,
+// and afresh after a switch) and takes as the mirrors' rate the largest
+// least-squares slope of the bytes they copied (StorageTotal −
+// StorageRemaining) over any window, mirror phase included. The backlog
+// fits when draining it at that rate takes no longer than the user's
+// maximum downtime minus the downtime limit in force (at least a quarter of
+// the maximum); a backlog under 1 MiB always fits. Growing by 64 KiB/s or
+// more, it is judged as it will be at the RAM switchover: after the
+// predicted RAM convergence time (at least one window, at most
+// MaxConvergeTime). When it does not fit, auto switches the mirrors to
+// write-blocking on an "active" sample, once, when it can (with the numbers
+// in the reason). Either way a RAM migration whose next switchover fits, or
+// that converges, is not reported as such while the backlog does not fit:
+// the wait reason names the backlog and, without a switch left, says the
+// switchover will drain it (auto never aborts or escalates a RAM lever for
+// the disks alone).
 //
 // auto's Setup holds QEMU's own auto-converge ramp back: the capability is
 // on (unless NoThrottle) with cpu-throttle-initial = increment = max = 1%, so

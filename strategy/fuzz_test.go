@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/qmigrate/qmigrate/strategy"
@@ -180,8 +181,12 @@ func checkInvariants(in fuzzInput) ([]strategy.Decision, error) {
 			switch {
 			case switched:
 				return out, fmt.Errorf("sample %d: write-blocking decided twice", i)
-			case !s.Mirroring:
-				return out, fmt.Errorf("sample %d: write-blocking outside the mirror phase", i)
+			case !s.Mirroring && s.Status != "active":
+				return out, fmt.Errorf("sample %d: write-blocking in status %q, neither mirroring nor migrating RAM", i, s.Status)
+			case finishing:
+				return out, fmt.Errorf("sample %d: write-blocking with a postcopy or pause under way", i)
+			case in.cfg.Policy != "" && in.cfg.Policy != strategy.PolicyAuto:
+				return out, fmt.Errorf("sample %d: write-blocking by the %s preset", i, in.cfg.Policy)
 			case !st.Disks || !st.CanSwitch || st.WriteBlocking || lim.NoWriteBlocking:
 				return out, fmt.Errorf("sample %d: write-blocking with storage %+v, NoWriteBlocking %v", i, st, lim.NoWriteBlocking)
 			}
@@ -281,6 +286,7 @@ func FuzzInvariants(f *testing.F) {
 // rates), which reach deeper states than raw fuzz bytes.
 func TestInvariantsRealistic(t *testing.T) {
 	rng := rand.New(rand.NewPCG(7, 11))
+	ramSwitches := 0
 	for n := 0; n < 3000; n++ {
 		pols := strategy.Policies()
 		cfg := strategy.Config{Policy: pols[rng.IntN(len(pols))]}
@@ -315,7 +321,12 @@ func TestInvariantsRealistic(t *testing.T) {
 		dirty := bw * rng.Float64() * 3
 		it := uint64(1)
 		rem := ram
+		// After READY: a backlog that stays small, grows, or saturates.
+		backlog, copied := 0.0, disk
+		wr, cp := float64(rng.IntN(64))*MiB, float64(1+rng.IntN(64))*MiB
 		for i := 0; i < 600; i++ {
+			backlog = math.Min(math.Max(0, backlog+(wr-cp)*0.2*rng.Float64()*2), 4*GiB)
+			copied += math.Min(cp, wr) * 0.2
 			el := base + time.Duration(i)*200*ms
 			if rng.IntN(3) == 0 {
 				it++
@@ -335,9 +346,20 @@ func TestInvariantsRealistic(t *testing.T) {
 			in.samples = append(in.samples, strategy.Sample{Elapsed: el, Status: st, Iteration: it, RemainingBytes: rem,
 				TransferredBytes: uint64(i) * uint64(bw*0.2), TotalBytes: ram, DirtyRate: dirty * (0.5 + rng.Float64()),
 				Throughput: bw * (0.8 + 0.4*rng.Float64()), ThrottlePercent: rng.IntN(100)})
+			if in.storage.Disks {
+				s := &in.samples[len(in.samples)-1]
+				s.StorageRemaining, s.StorageTotal = uint64(backlog), uint64(copied+backlog)
+			}
 			in.fail = append(in.fail, rng.IntN(5) == 0)
 		}
-		_, err := checkInvariants(in)
+		ds, err := checkInvariants(in)
 		require.NoError(t, err, "config %+v", cfg)
+		for i, d := range ds {
+			if d.Action == strategy.MirrorWriteBlocking && !in.samples[i].Mirroring {
+				ramSwitches++
+			}
+		}
 	}
+	assert.Positive(t, ramSwitches, "some traces switch to write-blocking in the RAM phase")
+	t.Logf("%d traces switched to write-blocking in the RAM phase", ramSwitches)
 }

@@ -226,7 +226,10 @@ func (m *Machine) enforce(d Decision, s Sample) Decision {
 	}
 	switch d.Action {
 	case MirrorWriteBlocking:
-		if !s.Mirroring || !m.canSwitch() {
+		// Only while the disks are still being mirrored: the mirror phase,
+		// or RAM migration running before the switchover (and no postcopy
+		// or pause under way: the guest no longer writes on the source).
+		if !(s.Mirroring || s.Status == "active") || m.levers.finishing() || !m.canSwitch() {
 			return wait("switching the mirrors to write-blocking is not possible or not permitted")
 		}
 	case SetDowntime:

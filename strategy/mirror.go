@@ -12,8 +12,34 @@ const mirrorFlatRate = 64 << 10
 
 // mirrorPoint is one observation of the mirrors' remaining bytes.
 type mirrorPoint struct {
-	at  time.Duration
-	rem float64
+	at   time.Duration
+	rem  float64 // StorageRemaining
+	done float64 // StorageTotal - StorageRemaining: bytes the mirrors copied
+}
+
+func newMirrorPoint(s Sample, now time.Duration) mirrorPoint {
+	rem, total := float64(s.StorageRemaining), float64(s.StorageTotal)
+	return mirrorPoint{at: now, rem: rem, done: math.Max(total-rem, 0)}
+}
+
+// window appends p to pts and drops the points older than w (keeping the one
+// just before the window).
+func window(pts []mirrorPoint, p mirrorPoint, w time.Duration) []mirrorPoint {
+	pts = append(pts, p)
+	for len(pts) > 2 && pts[1].at <= p.at-w {
+		pts = pts[1:]
+	}
+	return pts
+}
+
+// copied records the mirrors' copy rate over a full window: the least-squares
+// slope of the bytes done. auto keeps the largest seen as the mirrors'
+// capacity (a mirror that keeps up with a slow writer copies only what it is
+// given, so a single window understates it).
+func (a *auto) copied(pts []mirrorPoint) {
+	if r := slopeOf(pts, func(p mirrorPoint) float64 { return p.done }); r > a.diskRate {
+		a.diskRate = r
+	}
 }
 
 // mirrorState is auto's view of the mirror phase.
@@ -45,15 +71,13 @@ func (a *auto) mirror(s Sample, now time.Duration) Decision {
 		return wait("auto: waiting for the mirrors to report progress")
 	}
 	rem := float64(s.StorageRemaining)
-	ms.pts = append(ms.pts, mirrorPoint{at: now, rem: rem})
 	w := a.c.MirrorWindow
-	for len(ms.pts) > 2 && ms.pts[1].at <= now-w {
-		ms.pts = ms.pts[1:]
-	}
+	ms.pts = window(ms.pts, newMirrorPoint(s, now), w)
 	left := fmt.Sprintf("%s of %s left", bytesStr(rem), bytesStr(float64(s.StorageTotal)))
 	if now-ms.since < w || len(ms.pts) < 3 {
 		return wait(fmt.Sprintf("auto: mirrors at %s, measuring their trend over %v", left, w))
 	}
+	a.copied(ms.pts)
 	rate := -slope(ms.pts) // bytes/s the remaining shrinks by
 	pred := seconds(rem, rate)
 	budget := a.m.lim.Budget
@@ -113,23 +137,38 @@ func (a *auto) noSwitch() string {
 
 // slope is the least-squares slope of rem over time, in bytes per second.
 func slope(p []mirrorPoint) float64 {
+	return slopeOf(p, func(q mirrorPoint) float64 { return q.rem })
+}
+
+// slopeOf is the least-squares slope of f over time, per second.
+func slopeOf(p []mirrorPoint, f func(mirrorPoint) float64) float64 {
+	k, _ := fitOf(p, f)
+	return k
+}
+
+// fitOf is the least-squares line of f over time: its slope per second and
+// its value at the last point's time.
+func fitOf(p []mirrorPoint, f func(mirrorPoint) float64) (k, last float64) {
+	if len(p) == 0 {
+		return 0, 0
+	}
 	n := float64(len(p))
 	var st, sr float64
 	for _, q := range p {
 		st += q.at.Seconds()
-		sr += q.rem
+		sr += f(q)
 	}
 	mt, mr := st/n, sr/n
 	var num, den float64
 	for _, q := range p {
 		dt := q.at.Seconds() - mt
-		num += dt * (q.rem - mr)
+		num += dt * (f(q) - mr)
 		den += dt * dt
 	}
-	if den == 0 {
-		return 0
+	if den != 0 {
+		k = num / den
 	}
-	return num / den
+	return k, mr + k*(p[len(p)-1].at.Seconds()-mt)
 }
 
 func trend(rate float64) string {

@@ -18,8 +18,9 @@ const (
 	// MirrorWriteBlocking switches the disk mirrors to write-blocking copy
 	// mode (block-job-change): guest writes then complete only once they
 	// reached the destination, so a mirror converges under any write load.
-	// Decided at most once, only in the mirror phase (Sample.Mirroring) and
-	// only when Storage.CanSwitch says the source can.
+	// Decided at most once, only while the disks are mirrored and not yet
+	// switched over (a Mirroring sample, or an "active" one with no postcopy
+	// or pause under way) and only when Storage.CanSwitch says the source can.
 	MirrorWriteBlocking Action = "write-blocking"
 )
 
