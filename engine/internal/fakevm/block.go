@@ -246,6 +246,18 @@ func (p *Pair) BlockLeft() (nodes, jobs, exports int, server bool) {
 	return len(p.block.nodes[0]) + len(p.block.nodes[1]), len(p.block.jobs), len(p.block.exports), p.block.server
 }
 
+// SetDiskWriteRate changes the rate the running guest dirties its disk at
+// (Options.DiskWriteRate); the mirrors are advanced to now at the old rate
+// first.
+func (p *Pair) SetDiskWriteRate(r float64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, j := range p.block.jobs {
+		p.advance(j)
+	}
+	p.opt.DiskWriteRate = r
+}
+
 // MirrorModeChanges is how many block-job-change calls were accepted.
 func (p *Pair) MirrorModeChanges() int { p.mu.Lock(); defer p.mu.Unlock(); return p.block.changes }
 
