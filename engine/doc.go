@@ -26,9 +26,12 @@
 //     on the destination (tcp port 0 is resolved from the destination's
 //     query-migrate), migrate on the source. The "channels" argument is used
 //     where the QEMU has it, "uri" elsewhere.
-//   - converge: poll query-migrate every PollInterval, woken early by
-//     MIGRATION and MIGRATION_PASS events; each sample goes to the strategy,
-//     each decision is applied and its outcome fed back.
+//   - converge: poll query-migrate (and, storage only, the mirrors'
+//     progress: the disk backlog left since READY) every PollInterval, woken
+//     early by MIGRATION and MIGRATION_PASS events; each sample goes to the
+//     strategy, each decision is applied and its outcome fed back (a
+//     MirrorWriteBlocking here too, through blockmirror's SetWriteBlocking,
+//     when the backlog would not drain within the downtime at switchover).
 //   - switchover: entered when the source stops (STOP, pre-switchover,
 //     device or postcopy). In pre-switchover (storage) the mirrors are
 //     finished, then migrate-continue.
