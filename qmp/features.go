@@ -1,7 +1,10 @@
 package qmp
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
+	"unicode/utf8"
 )
 
 // Features is what a QEMU offers for migration, read from query-qmp-schema.
@@ -34,19 +37,66 @@ func (f *Features) HasParameter(name string) bool { return f.MigrationParameters
 // HasCommand reports whether the command exists.
 func (f *Features) HasCommand(name string) bool { return f.Commands[name] }
 
-// ProbeFeatures reads query-qmp-schema and summarises it.
+// ProbeFeatures reads query-qmp-schema and summarises it. Only the entries
+// the summary looks at are decoded in full (see FeaturesFromSchema): the
+// members and enum values of the few types the migration commands refer to.
 func (c *Client) ProbeFeatures(ctx context.Context) (*Features, error) {
-	schema, err := c.QueryQMPSchema(ctx)
-	if err != nil {
+	var entries schemaList
+	if err := c.Execute(ctx, "query-qmp-schema", nil, &entries); err != nil {
 		return nil, err
 	}
-	f := FeaturesFromSchema(schema)
+	f := summarise(entries)
 	f.Version = c.version
 	return f, nil
 }
 
+// schemaEntry is a query-qmp-schema entry decoded lazily: members and values
+// stay raw until the summary asks for them.
+type schemaEntry struct {
+	Name        string          `json:"name"`
+	MetaType    string          `json:"meta-type"`
+	ArgType     string          `json:"arg-type"`
+	RetType     string          `json:"ret-type"`
+	AllowOOB    bool            `json:"allow-oob"`
+	ElementType string          `json:"element-type"`
+	RawValues   json.RawMessage `json:"values"`
+	RawMembers  json.RawMessage `json:"members"`
+
+	decoded bool
+	values  []string
+	members []SchemaMember
+}
+
+// decode fills values and members from the raw JSON (once). An entry that
+// does not decode counts as having none, as a lenient full decode could not
+// do better.
+func (e *schemaEntry) decode() {
+	if e.decoded {
+		return
+	}
+	e.decoded = true
+	if len(e.RawValues) > 0 {
+		_ = json.Unmarshal(e.RawValues, &e.values)
+	}
+	if len(e.RawMembers) > 0 {
+		_ = json.Unmarshal(e.RawMembers, &e.members)
+	}
+}
+
 // FeaturesFromSchema summarises a query-qmp-schema reply.
 func FeaturesFromSchema(schema []SchemaInfo) *Features {
+	entries := make([]schemaEntry, len(schema))
+	for i, s := range schema {
+		entries[i] = schemaEntry{
+			Name: s.Name, MetaType: s.MetaType, ArgType: s.ArgType, RetType: s.RetType,
+			AllowOOB: s.AllowOOB, ElementType: s.ElementType,
+			decoded: true, values: s.Values, members: s.Members,
+		}
+	}
+	return summarise(entries)
+}
+
+func summarise(schema []schemaEntry) *Features {
 	f := &Features{
 		Commands:              map[string]bool{},
 		Events:                map[string]bool{},
@@ -55,7 +105,7 @@ func FeaturesFromSchema(schema []SchemaInfo) *Features {
 		MigrationStatuses:     map[string]bool{},
 		OOBCommands:           map[string]bool{},
 	}
-	byName := make(map[string]*SchemaInfo, len(schema))
+	byName := make(map[string]*schemaEntry, len(schema))
 	for i := range schema {
 		byName[schema[i].Name] = &schema[i]
 	}
@@ -64,11 +114,12 @@ func FeaturesFromSchema(schema []SchemaInfo) *Features {
 		if e == nil {
 			return nil
 		}
-		if len(e.Values) > 0 {
-			return e.Values
+		e.decode()
+		if len(e.values) > 0 {
+			return e.values
 		}
 		var out []string
-		for _, m := range e.Members {
+		for _, m := range e.members {
 			out = append(out, m.Name)
 		}
 		return out
@@ -78,15 +129,17 @@ func FeaturesFromSchema(schema []SchemaInfo) *Features {
 		if t == nil {
 			return nil, false
 		}
-		for i := range t.Members {
-			if t.Members[i].Name == member {
-				return &t.Members[i], true
+		t.decode()
+		for i := range t.members {
+			if t.members[i].Name == member {
+				return &t.members[i], true
 			}
 		}
 		return nil, false
 	}
 	var migrateArgs, incomingArgs, mirrorArgs, setParamsArgs string
-	for _, s := range schema {
+	for i := range schema {
+		s := &schema[i]
 		switch s.MetaType {
 		case "command":
 			f.Commands[s.Name] = true
@@ -128,7 +181,8 @@ func FeaturesFromSchema(schema []SchemaInfo) *Features {
 	}
 	if setParamsArgs != "" {
 		if t := byName[setParamsArgs]; t != nil {
-			for _, m := range t.Members {
+			t.decode()
+			for _, m := range t.members {
 				f.MigrationParameters[m.Name] = true
 			}
 		}
@@ -154,9 +208,231 @@ func FeaturesFromSchema(schema []SchemaInfo) *Features {
 }
 
 // arrayElement returns the element type of an array schema entry.
-func arrayElement(s *SchemaInfo) string {
+func arrayElement(s *schemaEntry) string {
 	if s.MetaType == "array" {
 		return s.ElementType
 	}
 	return ""
+}
+
+// schemaList decodes a query-qmp-schema reply into lazily decoded entries
+// with a small scanner: encoding/json has already checked the reply is valid
+// JSON (Unmarshal does before calling UnmarshalJSON), so the scanner only
+// needs to find the top-level fields of each entry and skip the rest. On any
+// shape it does not expect it falls back to encoding/json.
+type schemaList []schemaEntry
+
+func (l *schemaList) UnmarshalJSON(data []byte) error {
+	data = bytes.Clone(data) // the entries keep slices of it
+	if entries, ok := scanSchema(data); ok {
+		*l = entries
+		return nil
+	}
+	var entries []schemaEntry
+	if err := json.Unmarshal(data, &entries); err != nil {
+		return err
+	}
+	*l = entries
+	return nil
+}
+
+// scanSchema scans a valid JSON array of objects. ok is false when the
+// input is not such an array or a field has an unexpected type.
+func scanSchema(d []byte) (out []schemaEntry, ok bool) {
+	i := skipWS(d, 0)
+	if i >= len(d) || d[i] != '[' {
+		return nil, false
+	}
+	out = make([]schemaEntry, 0, len(d)/160)
+	i = skipWS(d, i+1)
+	if i < len(d) && d[i] == ']' {
+		return out, true
+	}
+	for {
+		if i >= len(d) || d[i] != '{' {
+			return nil, false
+		}
+		var e schemaEntry
+		if i, ok = scanEntry(d, i, &e); !ok {
+			return nil, false
+		}
+		out = append(out, e)
+		i = skipWS(d, i)
+		if i >= len(d) {
+			return nil, false
+		}
+		switch d[i] {
+		case ',':
+			i = skipWS(d, i+1)
+		case ']':
+			return out, true
+		default:
+			return nil, false
+		}
+	}
+}
+
+// scanEntry scans the object at d[i] ('{') into e and returns the index
+// after it.
+func scanEntry(d []byte, i int, e *schemaEntry) (int, bool) {
+	i = skipWS(d, i+1)
+	if i < len(d) && d[i] == '}' {
+		return i + 1, true
+	}
+	for {
+		if i >= len(d) || d[i] != '"' {
+			return 0, false
+		}
+		kEnd, ok := skipString(d, i)
+		if !ok {
+			return 0, false
+		}
+		key := d[i+1 : kEnd-1]
+		if bytes.IndexByte(key, '\\') >= 0 {
+			return 0, false // escaped key: leave it to encoding/json
+		}
+		i = skipWS(d, kEnd)
+		if i >= len(d) || d[i] != ':' {
+			return 0, false
+		}
+		i = skipWS(d, i+1)
+		vEnd, ok := skipValue(d, i)
+		if !ok {
+			return 0, false
+		}
+		val := d[i:vEnd]
+		var dst *string
+		switch string(key) {
+		case "name":
+			dst = &e.Name
+		case "meta-type":
+			dst = &e.MetaType
+		case "arg-type":
+			dst = &e.ArgType
+		case "ret-type":
+			dst = &e.RetType
+		case "element-type":
+			dst = &e.ElementType
+		case "allow-oob":
+			switch string(val) {
+			case "true":
+				e.AllowOOB = true
+			case "false", "null":
+				e.AllowOOB = false
+			default:
+				return 0, false
+			}
+		case "values":
+			e.RawValues = val
+		case "members":
+			e.RawMembers = val
+		default:
+			for _, k := range schemaKeys {
+				if bytes.EqualFold(key, []byte(k)) {
+					return 0, false // encoding/json matches keys case-insensitively
+				}
+			}
+		}
+		if dst != nil {
+			s, ok := stringValue(val)
+			if !ok {
+				return 0, false
+			}
+			*dst = s
+		}
+		i = skipWS(d, vEnd)
+		if i >= len(d) {
+			return 0, false
+		}
+		switch d[i] {
+		case ',':
+			i = skipWS(d, i+1)
+		case '}':
+			return i + 1, true
+		default:
+			return 0, false
+		}
+	}
+}
+
+// schemaKeys are the keys scanEntry reads.
+var schemaKeys = [...]string{"name", "meta-type", "arg-type", "ret-type", "element-type", "allow-oob", "values", "members"}
+
+// stringValue is a JSON string's value (null is ""), as encoding/json
+// would decode it.
+func stringValue(v []byte) (string, bool) {
+	if string(v) == "null" {
+		return "", true
+	}
+	if len(v) < 2 || v[0] != '"' {
+		return "", false
+	}
+	if bytes.IndexByte(v, '\\') < 0 && utf8.Valid(v) {
+		return string(v[1 : len(v)-1]), true
+	}
+	var s string
+	if err := json.Unmarshal(v, &s); err != nil {
+		return "", false
+	}
+	return s, true
+}
+
+func skipWS(d []byte, i int) int {
+	for i < len(d) && (d[i] == ' ' || d[i] == '\n' || d[i] == '\t' || d[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// skipString returns the index after the string starting at d[i] ('"').
+func skipString(d []byte, i int) (int, bool) {
+	for i++; i < len(d); i++ {
+		switch d[i] {
+		case '\\':
+			i++
+		case '"':
+			return i + 1, true
+		}
+	}
+	return 0, false
+}
+
+// skipValue returns the index after the (valid) JSON value at d[i].
+func skipValue(d []byte, i int) (int, bool) {
+	if i >= len(d) {
+		return 0, false
+	}
+	switch d[i] {
+	case '"':
+		return skipString(d, i)
+	case '{', '[':
+		depth := 0
+		for ; i < len(d); i++ {
+			switch d[i] {
+			case '"':
+				end, ok := skipString(d, i)
+				if !ok {
+					return 0, false
+				}
+				i = end - 1
+			case '{', '[':
+				depth++
+			case '}', ']':
+				depth--
+				if depth == 0 {
+					return i + 1, true
+				}
+			}
+		}
+		return 0, false
+	default: // number, true, false, null
+		j := i
+		for j < len(d) && !(d[j] == ',' || d[j] == '}' || d[j] == ']' || d[j] == ' ' || d[j] == '\n' || d[j] == '\t' || d[j] == '\r') {
+			j++
+		}
+		if j == i {
+			return 0, false
+		}
+		return j, true
+	}
 }
