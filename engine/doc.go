@@ -7,16 +7,22 @@
 // Migrate runs one migration to its end on the caller's goroutine, which owns
 // all state; nothing keeps running after it returns. The phases are:
 //
-//   - prepare: connect both monitors (each bounded by ConnectTimeout, also the
-//     first answers); check the destination waits in run state "inmigrate"
-//     with no incoming migration started (-incoming defer), the source runs
-//     (a paused source is accepted: the destination is then left paused),
-//     both have the same RAM size (query-memory-size-summary) and machine type
-//     (qom-get /machine type; skipped when a QEMU does not answer it), the
-//     same -uuid when multifd is on; probe both schemas; check every needed
-//     capability exists. Any failure so far wraps ErrBadInput: nothing has
-//     changed on either QEMU. Then (storage only) blockmirror.Start, and the
-//     capabilities and parameters are set on both sides and read back.
+//   - prepare: connect both monitors (concurrently, each bounded by
+//     ConnectTimeout, also the first answers) and start probing both
+//     schemas (query-qmp-schema) in the background; check the destination
+//     waits in run state "inmigrate" with no incoming migration started
+//     (-incoming defer), the source runs (a paused source is accepted: the
+//     destination is then left paused), both have the same RAM size
+//     (query-memory-size-summary) and machine type (qom-get /machine type;
+//     skipped when a QEMU does not answer it), the same -uuid when multifd
+//     is on; check every needed capability exists (query-migrate-capabilities
+//     lists those a QEMU has). These queries are in flight together, both
+//     sides at once. Any failure so far wraps ErrBadInput: nothing has
+//     changed on either QEMU. Then (storage only) the schemas are awaited,
+//     the storage preflight runs (still bad input) and blockmirror.Start;
+//     the capabilities and parameters are set on both sides and read back
+//     (sets, then read-backs, in flight together); last the schemas are
+//     awaited (a failure there rolls back what was set).
 //   - start: wait for the mirrors to be READY (storage only: every poll is
 //     a strategy sample of the mirror phase, Sample.Mirroring, and its
 //     decisions are applied: MirrorWriteBlocking through
@@ -77,11 +83,15 @@
 //
 // # Cost
 //
-// prepare makes about a dozen QMP round trips per side, the largest being
-// query-qmp-schema (about 200 KB; 0.05-0.5 s on a busy TCG host), done for
-// both sides concurrently. From the start phase on, the engine adds no
-// measurable time to QEMU's own migration (BenchmarkEngineVsRaw in
-// integration).
+// prepare makes about a dozen QMP round trips per side, in three waves of
+// concurrent commands (checks, sets, read-backs), while both sides'
+// query-qmp-schema (about 200 KB; 0.05-0.5 s on a busy TCG host) runs in
+// the background. The schema reply is needed only for the arguments of
+// migrate-incoming and migrate (and the storage preflight), so it bounds
+// prepare only when it is slower than the rest. From the start phase on,
+// the engine adds no measurable time to QEMU's own migration
+// (BenchmarkEngineVsRaw in integration, which also gives the whole-call
+// figures).
 //
 // # Contracts
 //

@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/engine/internal/fakevm"
 	"github.com/qmigrate/qmigrate/qmp"
@@ -182,8 +183,12 @@ func TestFailureRollsBack(t *testing.T) {
 		eside  engine.Side
 		undone int
 	}{
-		"dst caps":         {side: 1, cmd: "migrate-set-capabilities", phase: engine.PhasePrepare, eside: engine.SideDestination},
-		"src params":       {side: 0, cmd: "migrate-set-parameters", phase: engine.PhasePrepare, eside: engine.SideSource},
+		"dst caps":   {side: 1, cmd: "migrate-set-capabilities", phase: engine.PhasePrepare, eside: engine.SideDestination},
+		"src params": {side: 0, cmd: "migrate-set-parameters", phase: engine.PhasePrepare, eside: engine.SideSource},
+		// The schema is awaited only after the capabilities and
+		// parameters are set: its failure rolls them back.
+		"src schema":       {side: 0, cmd: "query-qmp-schema", phase: engine.PhasePrepare, eside: engine.SideSource},
+		"dst schema":       {side: 1, cmd: "query-qmp-schema", phase: engine.PhasePrepare, eside: engine.SideDestination},
 		"migrate-incoming": {side: 1, cmd: "migrate-incoming", phase: engine.PhaseStart, eside: engine.SideDestination},
 		"migrate":          {side: 0, cmd: "migrate", phase: engine.PhaseStart, eside: engine.SideSource},
 	} {
@@ -429,9 +434,10 @@ func TestMissingCapabilityIsBadInput(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		p, cfg := pair(t, fakevm.Options{})
 		cfg.MultifdChannels = 2
-		// A QEMU whose schema lacks multifd.
-		p.Dst.Handle("query-qmp-schema", func(json.RawMessage) (any, error) {
-			return []map[string]any{{"name": "query-status", "meta-type": "command", "arg-type": "1", "ret-type": "1"}}, nil
+		// A QEMU without multifd: its query-migrate-capabilities lists
+		// every capability it has.
+		p.Dst.Handle("query-migrate-capabilities", func(json.RawMessage) (any, error) {
+			return []map[string]any{{"capability": "events", "state": false}, {"capability": "postcopy-ram", "state": false}}, nil
 		})
 		ee := badInput(t, p, cfg, "lacks migration capabilities")
 		assert.Equal(t, engine.SideDestination, ee.Side)
@@ -439,6 +445,19 @@ func TestMissingCapabilityIsBadInput(t *testing.T) {
 }
 
 var _ = errors.Is
+
+// The storage preflight needs the schemas: with storage, a schema failure
+// comes before any change and is bad input.
+func TestStorageSchemaFailureIsBadInput(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, fakevm.Options{Disk: 16 << 20})
+		cfg.Storage = &blockmirror.Config{}
+		p.Dst.Handle("query-qmp-schema", qmptest.Fail("GenericError", "injected schema failure"))
+		ee := badInput(t, p, cfg, "injected schema failure")
+		assert.Equal(t, engine.SideDestination, ee.Side)
+		assert.Equal(t, "query-qmp-schema", ee.Op)
+	})
+}
 
 // QEMU's own failure text reaches the caller, naming the source when the
 // destination is still up.

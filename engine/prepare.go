@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/qmigrate/qmigrate/blockmirror"
@@ -18,53 +19,113 @@ import (
 type sideInfo struct {
 	status  string
 	mig     *qmp.MigrationInfo
-	feat    *qmp.Features
 	memory  uint64 // base + plugged, 0 = unknown
 	machine string // "" = unknown
 	uuid    string
-	caps    map[string]bool
+	caps    map[string]bool // query-migrate-capabilities: every capability the QEMU has
 	params  *qmp.MigrationParameters
 }
 
-// prepare connects, checks both sides, then (storage) starts the mirrors and
-// sets capabilities and parameters on both sides.
-func (r *run) prepare(ctx context.Context) error {
-	var err error
-	if r.src, err = r.connect(ctx, SideSource, r.cfg.Source); err != nil {
-		return err
-	}
-	if r.dst, err = r.connect(ctx, SideDestination, r.cfg.Destination); err != nil {
-		return err
-	}
-	// The two sides are inspected concurrently: query-qmp-schema alone
-	// takes 0.1-0.5 s on a busy TCG QEMU. inspect only reads run state.
-	var (
-		si, di *sideInfo
-		derr   error
-		done   = make(chan struct{})
-	)
+// schemaProbe is one side's query-qmp-schema (ProbeFeatures), running in the
+// background from the moment the side is connected. The reply is the largest
+// of prepare (about 200 KB), and only a few facts need it: the "channels" and
+// "exit-on-error" arguments of migrate-incoming and migrate, and the storage
+// preflight. Everything else prepare checks comes from small queries.
+type schemaProbe struct {
+	done   chan struct{}
+	cancel context.CancelFunc
+	feat   *qmp.Features
+	err    error
+}
+
+// probeSchema starts ProbeFeatures on c, bounded by ConnectTimeout.
+func (r *run) probeSchema(ctx context.Context, c *qmp.Client) *schemaProbe {
+	pctx, cancel := context.WithTimeout(ctx, r.cfg.connectTimeout())
+	p := &schemaProbe{done: make(chan struct{}), cancel: cancel}
 	go func() {
-		defer close(done)
-		di, derr = r.inspect(ctx, SideDestination)
+		defer close(p.done)
+		p.feat, p.err = c.ProbeFeatures(pctx)
 	}()
-	si, err = r.inspect(ctx, SideSource)
-	<-done
+	return p
+}
+
+// stop abandons the probe (if still running) and waits for its goroutine.
+func (p *schemaProbe) stop() {
+	if p == nil {
+		return
+	}
+	p.cancel()
+	<-p.done
+}
+
+// prepare connects, checks both sides, then (storage) starts the mirrors and
+// sets capabilities and parameters on both sides. The schemas are probed in
+// the background meanwhile and awaited only where needed: before the storage
+// preflight (nothing has changed yet: bad input), else at the end of prepare
+// (capabilities and parameters are set: a failure rolls them back).
+func (r *run) prepare(ctx context.Context) error {
+	var sp, dp *schemaProbe
+	// Nothing keeps running after an early return.
+	defer func() {
+		sp.stop()
+		dp.stop()
+	}()
+	var (
+		derr error
+		wg   sync.WaitGroup
+	)
+	wg.Go(func() {
+		if r.dst, derr = r.connect(ctx, SideDestination, r.cfg.Destination); derr == nil {
+			dp = r.probeSchema(ctx, r.dst)
+		}
+	})
+	var err error
+	if r.src, err = r.connect(ctx, SideSource, r.cfg.Source); err == nil {
+		sp = r.probeSchema(ctx, r.src)
+	}
+	wg.Wait()
+	for _, p := range []struct {
+		c  *qmp.Client
+		ep Endpoint
+	}{{r.src, r.cfg.Source}, {r.dst, r.cfg.Destination}} {
+		if p.c != nil && p.ep.Client == nil {
+			r.owned = append(r.owned, p.c)
+		}
+	}
 	if err != nil {
 		return err
 	}
 	if derr != nil {
 		return derr
 	}
-	r.srcF, r.dstF = si.feat, di.feat
+	// The two sides are inspected concurrently; inspect only reads run
+	// state.
+	var si, di *sideInfo
+	wg.Go(func() { di, derr = r.inspect(ctx, SideDestination) })
+	si, err = r.inspect(ctx, SideSource)
+	wg.Wait()
+	if err != nil {
+		return err
+	}
+	if derr != nil {
+		return derr
+	}
 	if err := r.check(si, di); err != nil {
 		return err
 	}
 	if st := r.cfg.Storage; st != nil {
-		r.m.SetStorage(strategy.Storage{Disks: true, CanSwitch: si.feat.BlockJobChange, WriteBlocking: st.WriteBlocking})
+		// The storage preflight needs the schemas; nothing has changed yet.
+		if err := r.awaitSchemas(ctx, sp, dp, true); err != nil {
+			return err
+		}
+		if !r.srcF.HasCommand("blockdev-mirror") || !r.dstF.HasCommand("block-export-add") {
+			return r.badInput("", "check storage support", errors.New("storage migration needs blockdev-mirror on the source and block-export-add on the destination"))
+		}
+		r.m.SetStorage(strategy.Storage{Disks: true, CanSwitch: r.srcF.BlockJobChange, WriteBlocking: st.WriteBlocking})
 	}
 	r.setup = r.m.Setup()
 	if r.setup.Postcopy && r.cfg.MultifdChannels > 0 &&
-		!(si.feat.Version.AtLeast(10, 1) && di.feat.Version.AtLeast(10, 1)) {
+		!(r.src.Version().AtLeast(10, 1) && r.dst.Version().AtLeast(10, 1)) {
 		// 8.1-10.0 refuse multifd with postcopy-ram; 7.2 accepts it and
 		// crashes the destination when postcopy starts (qemu-protocol.md 3).
 		r.log.Debug("postcopy not enabled: multifd with postcopy needs QEMU 10.1 on both sides")
@@ -73,10 +134,10 @@ func (r *run) prepare(ctx context.Context) error {
 	r.log.Debug("strategy setup", "policy", r.m.Policy(), "downtime", r.setup.DowntimeLimit,
 		"auto-converge", r.setup.AutoConverge, "postcopy", r.setup.Postcopy, "throttle", r.setup.Throttle)
 	srcCaps, dstCaps := r.wantCaps()
-	if err := checkCaps(SideSource, si.feat, srcCaps); err != nil {
+	if err := checkCaps(SideSource, r.src.Version(), si.caps, srcCaps); err != nil {
 		return r.badInput(SideSource, "check capabilities", err)
 	}
-	if err := checkCaps(SideDestination, di.feat, dstCaps); err != nil {
+	if err := checkCaps(SideDestination, r.dst.Version(), di.caps, dstCaps); err != nil {
 		return r.badInput(SideDestination, "check capabilities", err)
 	}
 	// From here on things change on the QEMUs.
@@ -85,17 +146,49 @@ func (r *run) prepare(ctx context.Context) error {
 			return err
 		}
 	}
-	if err := r.setCaps(ctx, SideSource, si.caps, srcCaps); err != nil {
+	if err := r.configure(ctx, si, di, srcCaps, dstCaps); err != nil {
 		return err
 	}
-	if err := r.setCaps(ctx, SideDestination, di.caps, dstCaps); err != nil {
-		return err
+	// The start phase chooses the migrate-incoming and migrate arguments
+	// from the schemas.
+	return r.awaitSchemas(ctx, sp, dp, false)
+}
+
+// awaitSchemas waits for both probes and sets srcF and dstF. Before anything
+// changed (preflight) a failure is bad input; after, a plain error that
+// rolls back.
+func (r *run) awaitSchemas(ctx context.Context, sp, dp *schemaProbe, preflight bool) error {
+	if r.srcF != nil && r.dstF != nil {
+		return nil
 	}
-	return r.setParams(ctx, si.params, di.params)
+	for _, p := range []struct {
+		side  Side
+		probe *schemaProbe
+	}{{SideSource, sp}, {SideDestination, dp}} {
+		select {
+		case <-p.probe.done:
+		case <-ctx.Done():
+			return r.cancelled(ctx, "query-qmp-schema")
+		}
+		if err := p.probe.err; err != nil {
+			if ctx.Err() != nil {
+				return r.cancelled(ctx, "query-qmp-schema")
+			}
+			if errors.Is(err, context.DeadlineExceeded) {
+				err = fmt.Errorf("no answer within %v: %w", r.cfg.connectTimeout(), err)
+			}
+			if preflight {
+				return r.badInput(p.side, "query-qmp-schema", err)
+			}
+			return r.callErr(ctx, p.side, "query-qmp-schema", err)
+		}
+	}
+	r.srcF, r.dstF = sp.feat, dp.feat
+	return nil
 }
 
 // connect dials an endpoint (or takes the caller's client), bounded by
-// ConnectTimeout.
+// ConnectTimeout. The caller records a dialled client in owned.
 func (r *run) connect(ctx context.Context, side Side, ep Endpoint) (*qmp.Client, error) {
 	if ep.Client != nil {
 		select {
@@ -118,11 +211,11 @@ func (r *run) connect(ctx context.Context, side Side, ep Endpoint) (*qmp.Client,
 		}
 		return nil, r.badInput(side, "connect", err)
 	}
-	r.owned = append(r.owned, c)
 	return c, nil
 }
 
-// inspect reads one side's state; every answer must come within ConnectTimeout.
+// inspect reads one side's state with concurrent queries; every answer must
+// come within ConnectTimeout.
 func (r *run) inspect(ctx context.Context, side Side) (*sideInfo, error) {
 	c := r.client(side)
 	qctx, cancel := context.WithTimeout(ctx, r.cfg.connectTimeout())
@@ -137,68 +230,63 @@ func (r *run) inspect(ctx context.Context, side Side) (*sideInfo, error) {
 		return r.badInput(side, op, err)
 	}
 	info := &sideInfo{}
-	// The schema is the slow answer; fetch it while the small queries run.
 	var (
-		feat     *qmp.Features
-		featErr  error
-		featDone = make(chan struct{})
+		st                                                      *qmp.StatusInfo
+		stErr, migErr, memErr, machErr, uuidErr, capErr, parErr error
+		mem                                                     struct {
+			Base    uint64  `json:"base-memory"`
+			Plugged *uint64 `json:"plugged-memory"`
+		}
+		machine string
+		wg      sync.WaitGroup
 	)
-	go func() {
-		defer close(featDone)
-		feat, featErr = c.ProbeFeatures(qctx)
-	}()
-	defer func() {
-		cancel() // an early failure does not wait for the schema
-		<-featDone
-	}()
-	st, err := c.QueryStatus(qctx)
-	if err != nil {
-		return nil, fail("query-status", err)
+	wg.Go(func() { st, stErr = c.QueryStatus(qctx) })
+	wg.Go(func() { info.mig, migErr = c.QueryMigrate(qctx) })
+	wg.Go(func() { memErr = c.Execute(qctx, "query-memory-size-summary", nil, &mem) })
+	wg.Go(func() {
+		machErr = c.Execute(qctx, "qom-get", map[string]string{"path": "/machine", "property": "type"}, &machine)
+	})
+	if r.cfg.MultifdChannels > 0 {
+		wg.Go(func() { info.uuid, uuidErr = transport.QueryUUID(qctx, c) })
+	}
+	wg.Go(func() { info.caps, capErr = c.QueryMigrateCapabilities(qctx) })
+	wg.Go(func() { info.params, parErr = c.QueryMigrateParameters(qctx) })
+	wg.Wait()
+	if stErr != nil {
+		return nil, fail("query-status", stErr)
 	}
 	info.status = st.Status
-	if info.mig, err = c.QueryMigrate(qctx); err != nil {
-		return nil, fail("query-migrate", err)
+	if migErr != nil {
+		return nil, fail("query-migrate", migErr)
 	}
-	var mem struct {
-		Base    uint64  `json:"base-memory"`
-		Plugged *uint64 `json:"plugged-memory"`
-	}
-	switch err := c.Execute(qctx, "query-memory-size-summary", nil, &mem); {
-	case err == nil:
+	switch {
+	case memErr == nil:
 		info.memory = mem.Base
 		if mem.Plugged != nil {
 			info.memory += *mem.Plugged
 		}
-	case isQMPError(err):
-		r.log.Debug("RAM size unknown", "side", side, "err", err)
+	case isQMPError(memErr):
+		r.log.Debug("RAM size unknown", "side", side, "err", memErr)
 	default:
-		return nil, fail("query-memory-size-summary", err)
+		return nil, fail("query-memory-size-summary", memErr)
 	}
-	var machine string
-	switch err := c.Execute(qctx, "qom-get", map[string]string{"path": "/machine", "property": "type"}, &machine); {
-	case err == nil:
+	switch {
+	case machErr == nil:
 		info.machine = machine
-	case isQMPError(err):
-		r.log.Debug("machine type unknown", "side", side, "err", err)
+	case isQMPError(machErr):
+		r.log.Debug("machine type unknown", "side", side, "err", machErr)
 	default:
-		return nil, fail("qom-get /machine type", err)
+		return nil, fail("qom-get /machine type", machErr)
 	}
-	if r.cfg.MultifdChannels > 0 {
-		if info.uuid, err = transport.QueryUUID(qctx, c); err != nil {
-			return nil, fail("query-uuid", err)
-		}
+	if uuidErr != nil {
+		return nil, fail("query-uuid", uuidErr)
 	}
-	if info.caps, err = c.QueryMigrateCapabilities(qctx); err != nil {
-		return nil, fail("query-migrate-capabilities", err)
+	if capErr != nil {
+		return nil, fail("query-migrate-capabilities", capErr)
 	}
-	if info.params, err = c.QueryMigrateParameters(qctx); err != nil {
-		return nil, fail("query-migrate-parameters", err)
+	if parErr != nil {
+		return nil, fail("query-migrate-parameters", parErr)
 	}
-	<-featDone
-	if featErr != nil {
-		return nil, fail("query-qmp-schema", featErr)
-	}
-	info.feat = feat
 	r.log.Debug("inspected", "side", side, "qemu", c.Version(), "runstate", info.status,
 		"migration", info.mig.Status, "memory", info.memory, "machine", info.machine)
 	return info, nil
@@ -244,9 +332,6 @@ func (r *run) check(si, di *sideInfo) error {
 			return r.badInput(SideDestination, "compare uuid for multifd", err)
 		}
 	}
-	if r.cfg.Storage != nil && (!si.feat.HasCommand("blockdev-mirror") || !di.feat.HasCommand("block-export-add")) {
-		return r.badInput("", "check storage support", errors.New("storage migration needs blockdev-mirror on the source and block-export-add on the destination"))
-	}
 	return nil
 }
 
@@ -272,47 +357,162 @@ func (r *run) wantCaps() (src, dst map[string]bool) {
 	return src, dst
 }
 
-// checkCaps makes sure every capability wanted on exists on that QEMU.
-func checkCaps(side Side, f *qmp.Features, want map[string]bool) error {
+// checkCaps makes sure every capability wanted on exists on that QEMU: its
+// query-migrate-capabilities reply lists every capability it has.
+func checkCaps(side Side, v qmp.Version, have, want map[string]bool) error {
 	var missing []string
 	for _, name := range slices.Sorted(maps.Keys(want)) {
-		if want[name] && !f.HasCapability(name) {
+		if _, ok := have[name]; want[name] && !ok {
 			missing = append(missing, name)
 		}
 	}
 	if len(missing) > 0 {
-		return fmt.Errorf("%s QEMU %s lacks migration capabilities %v", side, f.Version, missing)
+		return fmt.Errorf("%s QEMU %s lacks migration capabilities %v", side, v, missing)
 	}
 	return nil
 }
 
-// setCaps sets the capabilities that differ from cur, reads them back, and
-// pushes their restoration.
-func (r *run) setCaps(ctx context.Context, side Side, cur, want map[string]bool) error {
+// sideConfig is what configure sets on one side and what came of it.
+type sideConfig struct {
+	side   Side
+	caps   map[string]bool // capabilities to change (nil: none)
+	params *qmp.MigrationParameters
+	prev   *qmp.MigrationParameters
+
+	capErr, parErr         error // setting
+	gotCaps                map[string]bool
+	gotParams              *qmp.MigrationParameters
+	capReadErr, parReadErr error // reading back
+}
+
+// configure sets the capabilities and parameters on both sides, reads back
+// what it set and pushes their restoration. The sides run concurrently, and
+// on each side the two sets, then the two read-backs, are in flight together
+// (capabilities and parameters are independent in QEMU).
+func (r *run) configure(ctx context.Context, si, di *sideInfo, srcCaps, dstCaps map[string]bool) error {
+	r.prevSP, r.prevDP = si.params, di.params
+	var sp qmp.MigrationParameters
+	sp.MaxBandwidth = qmp.Ptr(r.cfg.bandwidth())
+	if d := r.setup.DowntimeLimit; d > 0 {
+		sp.DowntimeLimit = qmp.Ptr(qmp.MillisOf(r.capDowntime(d)))
+	}
+	if t := r.setup.Throttle; t != nil && r.setup.AutoConverge {
+		r.throttleParams(&sp, *t)
+	}
+	mf := transport.Multifd{Channels: r.cfg.MultifdChannels}
+	mf.Parameters(&sp)
+	var dp qmp.MigrationParameters
+	mf.Parameters(&dp)
+	r.setSP, r.setDP = sp, dp
+	src := &sideConfig{side: SideSource, caps: capChanges(si.caps, srcCaps, r.prevSC), params: &sp, prev: si.params}
+	dst := &sideConfig{side: SideDestination, caps: capChanges(di.caps, dstCaps, r.prevDC), prev: di.params}
+	if dp.MultifdChannels != nil {
+		dst.params = &dp
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() { r.configureSide(ctx, dst) })
+	r.configureSide(ctx, src)
+	wg.Wait()
+	// Restoration for whatever was set, whatever else failed.
+	for _, s := range []*sideConfig{src, dst} {
+		if s.caps != nil && s.capErr == nil {
+			r.pushCapsUndo(s.side)
+		}
+	}
+	for _, s := range []*sideConfig{src, dst} {
+		if s.params != nil && s.parErr == nil {
+			r.pushParamsUndo(s.side, restoreParams(*s.params, s.prev))
+		}
+	}
+	for _, s := range []*sideConfig{src, dst} {
+		if s.capErr != nil {
+			return r.callErr(ctx, s.side, "migrate-set-capabilities", s.capErr)
+		}
+	}
+	for _, s := range []*sideConfig{src, dst} {
+		if s.parErr != nil {
+			return r.callErr(ctx, s.side, "migrate-set-parameters", s.parErr)
+		}
+	}
+	for _, s := range []*sideConfig{src, dst} {
+		if s.capReadErr != nil {
+			return r.callErr(ctx, s.side, "query-migrate-capabilities", s.capReadErr)
+		}
+		for _, name := range slices.Sorted(maps.Keys(s.caps)) {
+			if on := s.caps[name]; s.gotCaps[name] != on {
+				return r.errorf(s.side, "check capabilities", fmt.Errorf("capability %s reads %v after setting it to %v", name, s.gotCaps[name], on))
+			}
+		}
+	}
+	for _, s := range []*sideConfig{src, dst} {
+		if s.parReadErr != nil {
+			return r.callErr(ctx, s.side, "query-migrate-parameters", s.parReadErr)
+		}
+		if s.params != nil {
+			if err := paramsMatch(*s.params, s.gotParams); err != nil {
+				return r.errorf(s.side, "check parameters", err)
+			}
+		}
+	}
+	// Keep the downtime limit in force.
+	r.downtimeLimit = src.gotParams.DowntimeLimitDuration()
+	if dst.params != nil && *dst.gotParams.MultifdChannels != *src.gotParams.MultifdChannels {
+		return r.errorf(SideDestination, "check parameters", fmt.Errorf("multifd-channels %d on the destination, %d on the source", *dst.gotParams.MultifdChannels, *src.gotParams.MultifdChannels))
+	}
+	return nil
+}
+
+// capChanges are the wanted capabilities that differ from cur (nil when
+// none); their previous states go to prev. A capability the QEMU lacks is
+// wanted off (checkCaps passed) and skipped.
+func capChanges(cur, want, prev map[string]bool) map[string]bool {
+	var change map[string]bool
+	for name, on := range want {
+		has, known := cur[name]
+		if !known || has == on {
+			continue
+		}
+		if change == nil {
+			change = map[string]bool{}
+		}
+		change[name] = on
+		prev[name] = has
+	}
+	return change
+}
+
+// configureSide sets s.caps and s.params on one QEMU, then reads back what
+// it set. It only talks to QEMU: the caller pushes the undo steps.
+func (r *run) configureSide(ctx context.Context, s *sideConfig) {
+	c := r.client(s.side)
+	var wg sync.WaitGroup
+	if s.caps != nil {
+		r.log.Debug("set capabilities", "side", s.side, "caps", s.caps)
+		wg.Go(func() { s.capErr = c.MigrateSetCapabilities(ctx, s.caps) })
+	}
+	if s.params != nil {
+		r.log.Debug("set parameters", "side", s.side, "params", paramString(*s.params))
+		wg.Go(func() { s.parErr = c.MigrateSetParameters(ctx, *s.params) })
+	}
+	wg.Wait()
+	if s.capErr != nil || s.parErr != nil {
+		return
+	}
+	if s.caps != nil {
+		wg.Go(func() { s.gotCaps, s.capReadErr = c.QueryMigrateCapabilities(ctx) })
+	}
+	if s.params != nil {
+		wg.Go(func() { s.gotParams, s.parReadErr = c.QueryMigrateParameters(ctx) })
+	}
+	wg.Wait()
+}
+
+// pushCapsUndo pushes the restoration of the capabilities changed on side.
+func (r *run) pushCapsUndo(side Side) {
 	c := r.client(side)
 	prev := r.prevSC
 	if side == SideDestination {
 		prev = r.prevDC
-	}
-	change := map[string]bool{}
-	for name, on := range want {
-		has, known := cur[name]
-		if !known {
-			continue // absent on this QEMU and wanted off (checkCaps passed)
-		}
-		if has != on {
-			change[name] = on
-		}
-	}
-	if len(change) == 0 {
-		return nil
-	}
-	r.log.Debug("set capabilities", "side", side, "caps", change)
-	if err := c.MigrateSetCapabilities(ctx, change); err != nil {
-		return r.callErr(ctx, side, "migrate-set-capabilities", err)
-	}
-	for name := range change {
-		prev[name] = cur[name]
 	}
 	restore := maps.Clone(prev)
 	r.pushUndo(string(side)+": restore capabilities", func(ctx context.Context) (string, error) {
@@ -324,74 +524,11 @@ func (r *run) setCaps(ctx context.Context, side Side, cur, want map[string]bool)
 		}
 		return fmt.Sprintf("%s: capabilities restored %v", side, restore), nil
 	})
-	got, err := c.QueryMigrateCapabilities(ctx)
-	if err != nil {
-		return r.callErr(ctx, side, "query-migrate-capabilities", err)
-	}
-	for name, on := range change {
-		if got[name] != on {
-			return r.errorf(side, "check capabilities", fmt.Errorf("capability %s reads %v after setting it to %v", name, got[name], on))
-		}
-	}
-	return nil
 }
 
-// setParams sets the parameters on both sides, reads them back and pushes
-// their restoration.
-func (r *run) setParams(ctx context.Context, srcPrev, dstPrev *qmp.MigrationParameters) error {
-	var sp qmp.MigrationParameters
-	sp.MaxBandwidth = qmp.Ptr(r.cfg.bandwidth())
-	if d := r.setup.DowntimeLimit; d > 0 {
-		sp.DowntimeLimit = qmp.Ptr(qmp.MillisOf(r.capDowntime(d)))
-	}
-	if t := r.setup.Throttle; t != nil && r.setup.AutoConverge {
-		r.throttleParams(&sp, *t)
-	}
-	mf := transport.Multifd{Channels: r.cfg.MultifdChannels}
-	mf.Parameters(&sp)
-	r.setSP, r.prevSP = sp, srcPrev
-	if err := r.applyParams(ctx, SideSource, sp, srcPrev); err != nil {
-		return err
-	}
-	var dp qmp.MigrationParameters
-	mf.Parameters(&dp)
-	r.setDP, r.prevDP = dp, dstPrev
-	if dp.MultifdChannels != nil {
-		if err := r.applyParams(ctx, SideDestination, dp, dstPrev); err != nil {
-			return err
-		}
-	}
-	// Read back the source and keep the downtime limit in force.
-	got, err := r.src.QueryMigrateParameters(ctx)
-	if err != nil {
-		return r.callErr(ctx, SideSource, "query-migrate-parameters", err)
-	}
-	if err := paramsMatch(sp, got); err != nil {
-		return r.errorf(SideSource, "check parameters", err)
-	}
-	r.downtimeLimit = got.DowntimeLimitDuration()
-	if dp.MultifdChannels != nil {
-		dgot, err := r.dst.QueryMigrateParameters(ctx)
-		if err != nil {
-			return r.callErr(ctx, SideDestination, "query-migrate-parameters", err)
-		}
-		if err := paramsMatch(dp, dgot); err != nil {
-			return r.errorf(SideDestination, "check parameters", err)
-		}
-		if *dgot.MultifdChannels != *got.MultifdChannels {
-			return r.errorf(SideDestination, "check parameters", fmt.Errorf("multifd-channels %d on the destination, %d on the source", *dgot.MultifdChannels, *got.MultifdChannels))
-		}
-	}
-	return nil
-}
-
-func (r *run) applyParams(ctx context.Context, side Side, p qmp.MigrationParameters, prev *qmp.MigrationParameters) error {
+// pushParamsUndo pushes the restoration of the parameters set on side.
+func (r *run) pushParamsUndo(side Side, restore qmp.MigrationParameters) {
 	c := r.client(side)
-	r.log.Debug("set parameters", "side", side, "params", paramString(p))
-	if err := c.MigrateSetParameters(ctx, p); err != nil {
-		return r.callErr(ctx, side, "migrate-set-parameters", err)
-	}
-	restore := restoreParams(p, prev)
 	r.pushUndo(string(side)+": restore parameters", func(ctx context.Context) (string, error) {
 		if side == SideDestination && r.incoming {
 			return "", nil
@@ -403,7 +540,6 @@ func (r *run) applyParams(ctx context.Context, side Side, p qmp.MigrationParamet
 		}
 		return fmt.Sprintf("%s: parameters restored %s", side, paramString(restore)), nil
 	})
-	return nil
 }
 
 // restoreParams picks from prev the fields set in p, plus the ones decisions
@@ -513,7 +649,7 @@ func (r *run) throttleParams(p *qmp.MigrationParameters, t strategy.Throttle) {
 	if t.TriggerThreshold > 0 {
 		p.ThrottleTriggerThreshold = qmp.Ptr(t.TriggerThreshold)
 	}
-	if r.srcF != nil && r.srcF.HasParameter("cpu-throttle-tailslow") {
+	if r.prevSP != nil && r.prevSP.CPUThrottleTailslow != nil { // the source has it
 		p.CPUThrottleTailslow = qmp.Ptr(t.Tailslow)
 	}
 }
