@@ -20,6 +20,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"maps"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -57,7 +58,7 @@ func main() {
 	flag.BoolVar(&o.quick, "quick", false, "smoke run: 30 s budget, one calibration round, short baselines")
 	flag.BoolVar(&o.verbose, "v", false, "log QEMU command lines")
 	flag.StringVar(&o.jsonOut, "json", "", "also write every run's raw results (samples, decisions) to this JSON file")
-	flag.StringVar(&o.render, "render", "", "run nothing: rewrite the report section and plots from a -json file")
+	flag.StringVar(&o.render, "render", "", "run nothing: rewrite the report section and plots from -json files (comma-separated, one QEMU version)")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, o)
@@ -184,7 +185,7 @@ func run(ctx context.Context, o options) error {
 				return err
 			}
 			if o.jsonOut != "" {
-				b, err := json.MarshalIndent(rp, "", "  ")
+				b, err := json.MarshalIndent(rp.forJSON(), "", "  ")
 				if err != nil {
 					return err
 				}
@@ -209,14 +210,29 @@ func writePlot(path, title string, ss []series) (err error) {
 
 // render rewrites the report section and the plots of a -json file.
 func render(o options) error {
-	b, err := os.ReadFile(o.render)
-	if err != nil {
-		return err
-	}
 	var rp report
-	if err := json.Unmarshal(b, &rp); err != nil {
-		return fmt.Errorf("%s: %w", o.render, err)
+	for i, name := range strings.Split(o.render, ",") {
+		b, err := os.ReadFile(name)
+		if err != nil {
+			return err
+		}
+		var one report
+		if err := json.Unmarshal(b, &one); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		if i == 0 {
+			rp = one
+			rp.Runs = nil
+		} else {
+			rp.Command += "; " + one.Command
+			if rp.Calib == nil {
+				rp.Calib = map[string]float64{}
+			}
+			maps.Copy(rp.Calib, one.Calib)
+		}
+		rp.Runs = append(rp.Runs, one.Runs...)
 	}
+	rp.fromJSON()
 	has := func(sc, pf string) bool { return len(rp.runs(sc, pf)) > 0 }
 	var scs []scenario
 	var profs []profile

@@ -2,7 +2,9 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"image/png"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -160,4 +162,31 @@ func TestStrategyConfigsValid(t *testing.T) {
 	kv, nv := anchorScale(60 * time.Second)
 	assert.InDelta(t, 0.2, kv, 1e-9, "KubeVirt's 150 s completion for 1 GB lands at 30 s")
 	assert.InDelta(t, 30.0/1600, nv, 1e-9, "Nova's 800 s × 2 GiB lands at 30 s")
+}
+
+func TestRenderFromJSON(t *testing.T) {
+	dir := t.TempDir()
+	nan := math.NaN()
+	rp := &report{Version: "7.2.22", Command: "go run ./cmd/qmbench", Rate: 32e6, Budget: time.Minute, MemMiB: 150,
+		Calib: map[string]float64{"2x": 64e6}, PlotsRel: "plots",
+		Runs: []*runResult{
+			{Scenario: "2x", Profile: "throttle", Policy: "auto", Status: "completed", Total: 12 * time.Second,
+				BaseRate: 64e6, DuringRate: 40e6, BeforeRate: 60e6, AfterRate: nan, Intact: true,
+				Points: []point{{0, 150e6}, {12 * time.Second, 0}}},
+			{Scenario: "2x", Profile: "throttle", Policy: "qemu", Status: "aborted", Total: time.Minute,
+				BaseRate: 64e6, DuringRate: nan, Intact: true, Points: []point{{0, 150e6}, {time.Minute, 99e6}}},
+		}}
+	b, err := json.Marshal(rp.forJSON())
+	require.NoError(t, err, "NaN rates are encoded")
+	assert.True(t, math.IsNaN(rp.Runs[1].DuringRate), "the original is left alone")
+	js := filepath.Join(dir, "r.json")
+	require.NoError(t, os.WriteFile(js, b, 0o644))
+	md := filepath.Join(dir, "b.md")
+	require.NoError(t, run(t.Context(), options{render: js, out: md, plots: dir}))
+	doc, err := os.ReadFile(md)
+	require.NoError(t, err)
+	assert.Contains(t, string(doc), "| auto | completed | 12.0 s |")
+	assert.Contains(t, string(doc), "| 2x | throttle | completed 12.0 s | none completes | yes |")
+	_, err = os.Stat(filepath.Join(dir, "7.2.22-2x-throttle.png"))
+	assert.NoError(t, err)
 }

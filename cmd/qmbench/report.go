@@ -354,3 +354,30 @@ func versionLess(a, b string) bool {
 	}
 	return len(pa) < len(pb)
 }
+
+// forJSON returns a copy with NaN rates (not measured) as -1: JSON has no NaN.
+func (rp *report) forJSON() *report {
+	c := *rp
+	c.Runs = make([]*runResult, len(rp.Runs))
+	for i, r := range rp.Runs {
+		cr := *r
+		for _, f := range []*float64{&cr.BaseRate, &cr.DuringRate, &cr.BeforeRate, &cr.AfterRate} {
+			if math.IsNaN(*f) || math.IsInf(*f, 0) {
+				*f = -1
+			}
+		}
+		c.Runs[i] = &cr
+	}
+	return &c
+}
+
+// fromJSON turns the -1 of forJSON back into NaN.
+func (rp *report) fromJSON() {
+	for _, r := range rp.Runs {
+		for _, f := range []*float64{&r.BaseRate, &r.DuringRate, &r.BeforeRate, &r.AfterRate} {
+			if *f < 0 {
+				*f = math.NaN()
+			}
+		}
+	}
+}
