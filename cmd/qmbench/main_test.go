@@ -69,6 +69,9 @@ func TestJudge(t *testing.T) {
 	v = judge([]*runResult{run("auto", "completed", 15*time.Second, 100e6, 60e6), run("qemu", "aborted", 60*time.Second, 1, 1)})
 	assert.True(t, v.Met)
 	assert.Equal(t, "auto completes, no anchor preset does", v.Why)
+	v = judge([]*runResult{run("auto", "completed", 7*time.Second, 100e6, 63e6), run("kubevirt", "completed", 32*time.Second, 100e6, 67e6)})
+	assert.False(t, v.Met, "a higher slowdown rate")
+	assert.True(t, v.MetLost, "2.6 s of work lost against 10.6 s")
 	v = judge([]*runResult{run("auto", "aborted", 15*time.Second, 100e6, 60e6)})
 	assert.False(t, v.Met)
 }
@@ -186,7 +189,7 @@ func TestRenderFromJSON(t *testing.T) {
 	doc, err := os.ReadFile(md)
 	require.NoError(t, err)
 	assert.Contains(t, string(doc), "| auto | completed | 12.0 s |")
-	assert.Contains(t, string(doc), "| 2x | throttle | completed 12.0 s | none completes | yes |")
+	assert.Contains(t, string(doc), "| 2x | throttle | completed 12.0 s | none completes | yes | auto completes, no anchor preset does | yes |")
 	_, err = os.Stat(filepath.Join(dir, "7.2.22-2x-throttle.png"))
 	assert.NoError(t, err)
 }

@@ -120,7 +120,8 @@ func integrity(r *runResult) string {
 // verdict compares auto with the best anchor preset on one scenario and profile.
 type verdict struct {
 	Auto, Best *runResult
-	Met        bool
+	Met        bool // the issue's goal: completes, ≤ half the time, less slowdown (rate)
+	MetLost    bool // the same with less guest work lost instead of a lower slowdown rate
 	Why        string
 }
 
@@ -141,13 +142,14 @@ func judge(runs []*runResult) verdict {
 	case v.Auto.Status != "completed":
 		v.Why = "auto did not complete"
 	case v.Best == nil:
-		v.Met, v.Why = true, "auto completes, no anchor preset does"
+		v.Met, v.MetLost, v.Why = true, true, "auto completes, no anchor preset does"
 	default:
 		ratio := v.Auto.Total.Seconds() / v.Best.Total.Seconds()
 		as, bs := v.Auto.speed(), v.Best.speed()
 		faster := ratio <= 0.5
 		lessSlow := math.IsNaN(as) || math.IsNaN(bs) || as >= bs
-		v.Met = faster && lessSlow
+		lessLost := math.IsNaN(as) || math.IsNaN(bs) || lostSecs(v.Auto) <= lostSecs(v.Best)
+		v.Met, v.MetLost = faster && lessSlow, faster && lessLost
 		v.Why = fmt.Sprintf("auto takes %.2f× the time of %s", ratio, v.Best.Policy)
 		if !math.IsNaN(as) && !math.IsNaN(bs) {
 			v.Why += fmt.Sprintf(", guest slowdown %.0f %% vs %.0f %% (guest work lost %.1f s vs %.1f s)",
@@ -202,8 +204,9 @@ func (rp *report) section(scs []scenario, profs []profile) string {
 	w("%s\n", scalingNote(rp.Budget))
 
 	w("### Summary: auto against the best anchor preset\n\n")
-	w("Goal: auto completes every scenario, and on the hard ones (dirty rate ≥ link) in at most half the time of the best anchor preset that completes, with less guest slowdown.\n\n")
-	w("| scenario | profile | auto | best anchor | goal met | why |\n|---|---|---|---|---|---|\n")
+	w("Goal (issue): auto completes every scenario, and on the hard ones (dirty rate ≥ link) in at most half the time of the best anchor preset that completes, with less guest slowdown. ")
+	w("The last column judges the guest's loss by the work it lost (slowdown × time) instead of the slowdown rate.\n\n")
+	w("| scenario | profile | auto | best anchor | goal met | why | goal met, by work lost |\n|---|---|---|---|---|---|---|\n")
 	for _, sc := range scs {
 		for _, pf := range profs {
 			runs := rp.runs(sc.Name, pf.Name)
@@ -218,14 +221,16 @@ func (rp *report) section(scs []scenario, profs []profile) string {
 			if v.Best != nil {
 				best = fmt.Sprintf("%s %s", v.Best.Policy, secs(v.Best.Total))
 			}
-			met := "yes"
-			switch {
-			case !sc.hard() && v.Auto != nil && v.Auto.Status == "completed":
-				met = "n/a (completes)"
-			case !v.Met:
-				met = "**no**"
+			yes := func(ok bool) string {
+				switch {
+				case !sc.hard() && v.Auto != nil && v.Auto.Status == "completed":
+					return "n/a (completes)"
+				case !ok:
+					return "**no**"
+				}
+				return "yes"
 			}
-			w("| %s | %s | %s | %s | %s | %s |\n", sc.Name, pf.Name, auto, best, met, v.Why)
+			w("| %s | %s | %s | %s | %s | %s | %s |\n", sc.Name, pf.Name, auto, best, yes(v.Met), v.Why, yes(v.MetLost))
 		}
 	}
 	w("\n")
