@@ -45,7 +45,7 @@ func (o *limitOptions) register(fs *flag.FlagSet) {
 	o.connectTimeout = duration(defaultConnectTimeout)
 	o.policy = strategy.PolicyAuto
 	fs.Var(&o.maxDowntime, "max-downtime", "longest pause of the guest allowed at switchover, a `duration`; no policy ever sets a larger downtime limit")
-	fs.Var(&o.bandwidth, "bandwidth", "migration bandwidth limit in bytes per `rate`: 256MiB, 1GiB, 500MB, 100K, a plain number is bytes, \"/s\" is optional; K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB powers of 1000; 0 is unlimited")
+	fs.Var(&o.bandwidth, "bandwidth", "migration bandwidth limit, a `rate` in bytes per second: 256MiB, 1GiB, 500MB, 100K, a plain number is bytes, \"/s\" is optional; K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB powers of 1000; 0 is unlimited")
 	fs.Var(&o.timeout, "timeout", "budget for the whole migration, a `duration`; when nothing permitted can finish within it the migration is aborted and the guest stays on the source (default none)")
 	fs.Var(&o.progressTimeout, "progress-timeout", "abort when the migration makes no progress for this `duration` (default: the policy's)")
 	fs.Var(&o.policy, "policy", "switchover `policy`: "+strings.Join(strategy.Policies(), ", "))
