@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -203,6 +204,114 @@ func (c heavyWriterCase) run(t *testing.T, q bmQEMU, src, dst *bmVM) {
 	exps, err := dst.qmp.QueryBlockExports(ctx)
 	require.NoError(t, err)
 	assert.Empty(t, exps, "destination exports removed")
+	assert.Equal(t, "running", dst.status(ctx))
+	src.quit(ctx)
+	dst.quit(ctx)
+	bmCompare(t, q, src.disk, dst.disk)
+}
+
+// TestEngineStorageBacklogAfterReady: the mirror of an idle 32 MiB disk gets
+// READY after its bulk copy (~4 s at 8 MiB/s); then, in the converge phase, a
+// writer (HMP qemu-io, 1 MiB blocks across the disk) outpaces the mirror,
+// whose destination disk takes writes at 8 MiB/s: the backlog fills the
+// disk, seconds to drain at switchover. The guest's
+// 64 MiB of RAM are random (a private mapping of a random file) and RAM
+// migration is limited to 10 MB/s, so the RAM phase lasts ~7 s. On 8.2+ auto
+// switches the mirror to write-blocking in the RAM phase; on 7.2 it cannot
+// and the switchover drains the backlog (a longer downtime). Either way the
+// migration completes and the images are equal. The writer stops when the
+// switchover begins: the observer runs on the engine goroutine before the
+// mirrors are finished, so no write lands after the mirror ended.
+func TestEngineStorageBacklogAfterReady(t *testing.T) {
+	for _, q := range bmQEMUs(t) {
+		t.Run(q.name, func(t *testing.T) {
+			dir := t.TempDir()
+			ram := filepath.Join(dir, "ram.bin")
+			buf := make([]byte, 64<<20)
+			_, _ = rand.NewChaCha8([32]byte{1}).Read(buf)
+			require.NoError(t, os.WriteFile(ram, buf, 0o600))
+			mem := []string{"-object", "memory-backend-file,id=ram0,size=64M,share=off,mem-path=" + ram}
+			src := bmStartVM(t, q, dir, "src", bmOpts{size: "32M", machine: "q35,memory-backend=ram0", extra: mem})
+			// The destination disk takes writes at 8 MiB/s (a throttle node
+			// under the device). The mirror's speed alone is not enough: on
+			// 10.0 it held the bulk copy to 8 MiB/s, yet after READY the
+			// mirror kept up with a ~700 MiB/s writer (2.2 GB in ~6 s).
+			img := filepath.Join(dir, "dst.raw")
+			out, err := exec.Command(q.img, "create", "-q", "-f", "raw", img, "32M").CombinedOutput()
+			require.NoError(t, err, "%s", out)
+			dst := bmStartVM(t, q, dir, "dst", bmOpts{incoming: true, noDisk: true, machine: "q35,memory-backend=ram0", extra: append(mem,
+				"-object", "throttle-group,id=tg0,x-bps-write=8388608",
+				"-blockdev", "driver=file,filename="+img+",node-name=f0",
+				"-blockdev", "driver=raw,file=f0,node-name=r0",
+				"-blockdev", "driver=throttle,throttle-group=tg0,file=r0,node-name=disk0",
+				"-device", "virtio-blk-pci,drive=disk0,id=vd0")})
+			require.Equal(t, img, dst.disk)
+			testBacklogAfterReady(t, q, src, dst)
+		})
+	}
+}
+
+func testBacklogAfterReady(t *testing.T, q bmQEMU, src, dst *bmVM) {
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	cfg := engine.Config{
+		Source:      engine.Endpoint{Client: src.qmp},
+		Destination: engine.Endpoint{Client: dst.qmp},
+		URI:         "unix:" + filepath.Join(dst.dir, "mig.sock"),
+		Bandwidth:   10e6,
+		Storage:     &blockmirror.Config{Disks: []string{"disk0"}, Speed: 8 << 20},
+		Logger:      testLogger(t),
+	}
+	var readyAt time.Duration
+	var last *blockmirror.Progress
+	var decisionPhase engine.Phase
+	phase := engine.PhasePrepare
+	wstop := func() uint64 { return 0 }
+	defer func() { wstop() }()
+	cfg.Observer = func(e engine.Event) {
+		switch e.Kind {
+		case engine.EventDisk:
+			last = e.Disk
+		case engine.EventDecision:
+			decisionPhase = phase
+			t.Logf("%v decision %s: %s (err %v)", e.Elapsed.Round(time.Millisecond), e.Decision.Action, e.Decision.Reason, e.DecisionErr)
+		case engine.EventPhase:
+			phase = e.Phase
+			switch e.Phase {
+			case engine.PhaseConverge:
+				readyAt = e.Elapsed
+				wstop = bmWriter(src, 32<<20)
+			case engine.PhaseSwitchover:
+				t.Logf("switchover at %v (%s, %d/%d bytes); the writer wrote %d MiB", e.Elapsed.Round(time.Millisecond),
+					last.CopyMode, last.Done, last.Total, wstop()>>20)
+			}
+		}
+	}
+	res, err := engine.Migrate(ctx, cfg)
+	wstop()
+	t.Logf("QEMU %s: %s in %v (READY at %v), downtime %v: %v; decisions %d; undo errors %q",
+		q.name, res.Status, res.Total.Round(time.Millisecond), readyAt.Round(time.Millisecond), res.Downtime.Round(time.Millisecond),
+		err, len(res.Decisions), res.UndoErrors)
+	require.NoError(t, err)
+	var actions []strategy.Action
+	for _, d := range res.Decisions {
+		actions = append(actions, d.Action)
+	}
+	if src.f.BlockJobChange {
+		require.Contains(t, actions, strategy.MirrorWriteBlocking)
+		assert.Equal(t, engine.PhaseConverge, decisionPhase, "decided in the RAM phase")
+		for _, d := range res.Decisions {
+			if d.Action == strategy.MirrorWriteBlocking {
+				assert.Greater(t, d.At, readyAt, "after READY")
+				assert.Contains(t, d.Reason, "disk backlog")
+			}
+		}
+		require.NotNil(t, last)
+		assert.Equal(t, "write-blocking", last.CopyMode)
+	} else {
+		assert.NotContains(t, actions, strategy.MirrorWriteBlocking)
+	}
+	bmAssertNothingLeft(t, ctx, src, nil)
 	assert.Equal(t, "running", dst.status(ctx))
 	src.quit(ctx)
 	dst.quit(ctx)
