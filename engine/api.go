@@ -50,7 +50,9 @@ type Config struct {
 	// Storage.WriteBlocking starts the mirrors in write-blocking mode (the
 	// only way on a source without block-job-change, QEMU < 8.2); otherwise
 	// the strategy may switch non-converging mirrors to it during the
-	// mirror phase. It may not be combined with Strategy.Limits.NoWriteBlocking.
+	// mirror phase, or after READY when the disk backlog would not drain
+	// within the downtime at switchover. It may not be combined with
+	// Strategy.Limits.NoWriteBlocking.
 	Storage *blockmirror.Config
 
 	// PollInterval is how often query-migrate is polled during converge

@@ -105,7 +105,8 @@ type AutoConfig struct {
 	// MirrorWindow is how much of the mirror phase auto looks at to judge
 	// whether the disk mirrors converge: the remaining bytes' trend is the
 	// least-squares slope over this window (3 s). An abort for a mirror that
-	// cannot converge waits for two windows.
+	// cannot converge waits for two windows. After READY, the disk backlog
+	// (StorageRemaining in the RAM phase) is judged over the same window.
 	MirrorWindow time.Duration
 }
 
