@@ -63,8 +63,9 @@
 //
 // # Destination after a failure
 //
-// The engine does not send exit-on-error, so the destination QEMU keeps its
-// default (exit when its incoming migration fails, on every version). A
+// Where the destination knows exit-on-error (9.1+) the engine sends it as
+// true, QEMU's default, so on every version the destination QEMU exits when
+// its incoming migration fails. A
 // destination whose migration never connected stays in inmigrate with its
 // listener; it cannot be reused for another incoming migration and is left to
 // its owner, as are its capabilities. The engine removes a unix migration
