@@ -312,16 +312,7 @@ func (c *Client) execute(ctx context.Context, verb, command string, args, result
 
 	select {
 	case r := <-ch:
-		if r.err != nil {
-			r.err.Command = command
-			return r.err
-		}
-		if result != nil && len(r.ret) > 0 {
-			if err := json.Unmarshal(r.ret, result); err != nil {
-				return &CommandError{Command: command, Err: &ProtocolError{Msg: "decoding return", Line: truncate(r.ret), Err: err}}
-			}
-		}
-		return nil
+		return r.decode(command, result)
 	case <-ctx.Done():
 		forget()
 		return &CommandError{Command: command, Err: ctx.Err()}
@@ -329,20 +320,26 @@ func (c *Client) execute(ctx context.Context, verb, command string, args, result
 		// A reply may have raced with the close.
 		select {
 		case r := <-ch:
-			if r.err != nil {
-				r.err.Command = command
-				return r.err
-			}
-			if result != nil && len(r.ret) > 0 {
-				if err := json.Unmarshal(r.ret, result); err != nil {
-					return &CommandError{Command: command, Err: &ProtocolError{Msg: "decoding return", Line: truncate(r.ret), Err: err}}
-				}
-			}
-			return nil
+			return r.decode(command, result)
 		default:
 		}
 		return &CommandError{Command: command, Err: c.Err()}
 	}
+}
+
+// decode turns a reply into the command's result: its QMP error, or its
+// "return" decoded into result (nil discards it).
+func (r response) decode(command string, result any) error {
+	if r.err != nil {
+		r.err.Command = command
+		return r.err
+	}
+	if result != nil && len(r.ret) > 0 {
+		if err := json.Unmarshal(r.ret, result); err != nil {
+			return &CommandError{Command: command, Err: &ProtocolError{Msg: "decoding return", Line: truncate(r.ret), Err: err}}
+		}
+	}
+	return nil
 }
 
 // write sends buf (with fd attached when fd >= 0). A write that cannot finish
