@@ -19,7 +19,16 @@
 //  2. WaitReady, until every mirror is READY (the initial copy is done and
 //     guest writes are mirrored). Only then should RAM migration start.
 //     Progress can be sampled at any time; SetWriteBlocking switches a mirror
-//     that does not converge to write-blocking (QEMU 8.2+).
+//     that does not converge to write-blocking (QEMU 8.2+). Without
+//     block-job-change (before 8.2) SetWriteBlocking returns ErrUnsupported
+//     and RestartWriteBlocking is the way there: each mirror not yet
+//     write-blocking is force-cancelled, waited for until its job is gone,
+//     and started again on the same NBD client node and destination export
+//     with the same sync mode, copy-mode write-blocking and a new job id
+//     (Progress and WaitReady follow the new job; the cancellation of the old
+//     one is no failure). The price is a full re-copy: the new job copies
+//     the disk from the start (sync=full the whole disk) and is not READY
+//     until it is done, so it is meant for the mirror phase, before READY.
 //  3. Finish, in the pre-switchover window (source capability
 //     pause-before-switchover): a soft block-job-cancel of every mirror, then
 //     BLOCK_JOB_COMPLETED without error for each. The destination images now

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"slices"
+	"strconv"
 
 	"github.com/qmigrate/qmigrate/qmp"
 )
@@ -179,7 +180,7 @@ func (s *Session) plan(ctx context.Context) error {
 			format:   in.Driver,
 			srcFile:  in.File,
 			sync:     "full",
-			job:      fmt.Sprintf("qmigrate-mirror-%s-%d", s.token, i),
+			job:      s.jobPrefix() + strconv.Itoa(i),
 			nbdNode:  fmt.Sprintf("qmnbd-%s-%d", s.token, i),
 			exportID: fmt.Sprintf("qmigrate-export-%s-%d", s.token, i),
 			export:   "qmigrate-" + randomHex(16),

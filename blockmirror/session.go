@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -106,11 +109,10 @@ func (s *Session) start(ctx context.Context) error {
 		}
 		d.exported = true
 	}
-	jobs := map[string]bool{}
-	for _, d := range s.disks {
-		jobs[d.job] = true
-	}
-	s.sub = s.src.Subscribe(qmp.EventFilter{Names: jobEvents, Match: func(e qmp.Event) bool { return jobs[e.Field("device")] }})
+	// Every job id of this session, including those RestartWriteBlocking
+	// gives the restarted mirrors, starts with this prefix.
+	prefix := s.jobPrefix()
+	s.sub = s.src.Subscribe(qmp.EventFilter{Names: jobEvents, Match: func(e qmp.Event) bool { return strings.HasPrefix(e.Field("device"), prefix) }})
 	for _, d := range s.disks {
 		if err := s.src.BlockdevAdd(ctx, map[string]any{
 			"driver": "nbd", "node-name": d.nbdNode, "server": s.addr.client(), "export": d.export,
@@ -437,7 +439,7 @@ func (s *Session) WaitReady(ctx context.Context, progress func([]Progress)) erro
 // (block-job-change, QEMU 8.2+): from then on guest writes complete only once
 // they reached the destination, so the mirror converges under any write load.
 // On older QEMUs it returns an error wrapping ErrUnsupported and changes
-// nothing; start with Config.WriteBlocking there.
+// nothing; start with Config.WriteBlocking there, or use RestartWriteBlocking.
 func (s *Session) SetWriteBlocking(ctx context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -458,6 +460,116 @@ func (s *Session) SetWriteBlocking(ctx context.Context) error {
 		s.log.Info("mirror switched to write-blocking", "disk", d.name, "job", d.job)
 	}
 	return nil
+}
+
+// RestartWriteBlocking is the switch to write-blocking copy mode on a source
+// without block-job-change (before QEMU 8.2): every running mirror that is not
+// write-blocking yet is force-cancelled (and waited for until its job is
+// gone), then started again with blockdev-mirror on the same NBD client node
+// and destination export, with the same sync mode and copy-mode
+// write-blocking, under a new job id. The restarted mirror copies its disk
+// again from the start (sync=full re-copies the whole disk): that is the
+// price, and the mirror is not READY until the new copy is done — call
+// WaitReady again. Progress and readiness follow the new job.
+//
+// It is meant for the mirror phase, before READY; it refuses after Finish or
+// Abort (ErrState). If the restart fails part way the error is returned and
+// the caller runs Abort, which removes whatever exists.
+func (s *Session) RestartWriteBlocking(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.finishing || s.cleaned {
+		return fmt.Errorf("%w: RestartWriteBlocking after Finish or Abort", ErrState)
+	}
+	if _, err := s.sample(ctx); err != nil {
+		return err
+	}
+	if err := s.failure(); err != nil {
+		return err
+	}
+	for _, d := range s.disks {
+		if !d.mirroring || d.copyMode == "write-blocking" {
+			continue
+		}
+		if err := s.restartOne(ctx, d); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// jobPrefix is what every mirror job id of the session starts with.
+func (s *Session) jobPrefix() string { return "qmigrate-mirror-" + s.token + "-" }
+
+// restartOne force-cancels d's mirror, waits until the job is gone and starts
+// it again in write-blocking mode under a new job id. Caller holds mu.
+func (s *Session) restartOne(ctx context.Context, d *disk) error {
+	old := d.job
+	// From here the old job's events (its BLOCK_JOB_CANCELLED) match no disk
+	// and are ignored: the cancel is ours, not a failure.
+	d.job = nextJobID(old)
+	if err := s.cancelForRestart(ctx, old); err != nil {
+		d.job = old // still there, as far as we know: Abort cancels it
+		return err
+	}
+	d.mirroring = false
+	d.ready, d.ended, d.endErr = false, false, nil
+	d.done, d.rate, d.rateAt = 0, 0, 0
+	args := qmp.BlockdevMirrorArgs{JobID: d.job, Device: d.node, Target: d.nbdNode, Sync: d.sync, Speed: s.cfg.Speed,
+		BufSize: s.cfg.BufSize, Granularity: s.cfg.Granularity, CopyMode: "write-blocking"}
+	if err := s.src.BlockdevMirror(ctx, args); err != nil {
+		return fmt.Errorf("blockmirror: blockdev-mirror of %s in write-blocking mode: %w", d.name, err)
+	}
+	d.mirroring, d.copyMode = true, "write-blocking"
+	s.log.Info("mirror restarted in write-blocking mode", "disk", d.name, "old-job", old, "job", d.job, "sync", d.sync, "bytes", d.size)
+	return nil
+}
+
+// cancelForRestart force-cancels job old and waits until it is gone,
+// dismissing it if it concluded. Caller holds mu.
+func (s *Session) cancelForRestart(ctx context.Context, old string) error {
+	if err := s.src.BlockJobCancel(ctx, old, true); err != nil && !isGone(err) {
+		return fmt.Errorf("blockmirror: block-job-cancel %s for the write-blocking restart: %w", old, err)
+	}
+	t := time.NewTicker(pollInterval)
+	defer t.Stop()
+	for {
+		s.drain()
+		jobs, err := s.src.QueryBlockJobs(ctx)
+		if err != nil {
+			if s.src.Err() != nil {
+				return fmt.Errorf("%w: %w", ErrSourceGone, err)
+			}
+			return fmt.Errorf("blockmirror: query-block-jobs: %w", err)
+		}
+		i := slices.IndexFunc(jobs, func(j qmp.BlockJobInfo) bool { return j.Device == old })
+		if i < 0 {
+			return nil
+		}
+		if jobs[i].Status == "concluded" {
+			if err := s.src.JobDismiss(ctx, old); err != nil && !isGone(err) {
+				return fmt.Errorf("blockmirror: job-dismiss %s: %w", old, err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("blockmirror: waiting for %s to be cancelled: %w", old, ctx.Err())
+		case <-s.src.Done():
+			return fmt.Errorf("%w: %w", ErrSourceGone, s.src.Err())
+		case <-t.C:
+		}
+	}
+}
+
+// nextJobID is the job id of a restarted mirror: the id with "-wb<n>" added or
+// counted up, so it never collides with a job that may still linger.
+func nextJobID(id string) string {
+	if i := strings.LastIndex(id, "-wb"); i >= 0 {
+		if n, err := strconv.Atoi(id[i+3:]); err == nil {
+			return id[:i] + "-wb" + strconv.Itoa(n+1)
+		}
+	}
+	return id + "-wb1"
 }
 
 // Finish ends every mirror with a soft block-job-cancel and waits for

@@ -281,6 +281,77 @@ func TestSetWriteBlocking(t *testing.T) {
 	require.NoError(t, s.Abort(ctx))
 }
 
+func TestRestartWriteBlocking(t *testing.T) {
+	ctx := context.Background()
+	src, dst := pair(t)
+	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+	require.NoError(t, err)
+	src.progress(4*mib, false)
+	p, err := s.Progress(ctx)
+	require.NoError(t, err)
+	require.Len(t, p, 2)
+	oldJobs := []string{p[0].Job, p[1].Job}
+	nbd0 := src.args("blockdev-mirror", 0)["target"]
+
+	require.NoError(t, s.RestartWriteBlocking(ctx))
+	cancels := src.s.CallsOf("block-job-cancel")
+	require.Len(t, cancels, 2)
+	for i := range 2 {
+		assert.Equal(t, true, src.args("block-job-cancel", i)["force"])
+		a := src.args("blockdev-mirror", 2+i)
+		assert.Equal(t, "write-blocking", a["copy-mode"])
+		assert.Equal(t, "full", a["sync"])
+		assert.NotEqual(t, oldJobs[i], a["job-id"], "a new job id")
+	}
+	assert.Equal(t, nbd0, src.args("blockdev-mirror", 2)["target"], "same NBD client node")
+	assert.Empty(t, src.s.CallsOf("blockdev-del"), "NBD client nodes kept")
+	assert.Empty(t, dst.s.CallsOf("block-export-del"), "exports kept")
+	n, j, e, _ := src.state()
+	assert.Equal(t, 2, n)
+	assert.Equal(t, 2, j)
+	_, _, e, _ = dst.state()
+	assert.Equal(t, 2, e)
+
+	// Progress and readiness follow the new jobs; the cancellation of the
+	// old ones is no failure.
+	p, err = s.Progress(ctx)
+	require.NoError(t, err)
+	for i := range p {
+		assert.NotEqual(t, oldJobs[i], p[i].Job)
+		assert.Equal(t, "write-blocking", p[i].CopyMode)
+		assert.Zero(t, p[i].Done, "copied again from the start")
+		assert.False(t, p[i].Ready)
+	}
+	require.NoError(t, s.RestartWriteBlocking(ctx))
+	assert.Len(t, src.s.CallsOf("block-job-cancel"), 2, "already write-blocking: nothing restarted")
+	src.progress(8*mib, true)
+	require.NoError(t, s.WaitReady(ctx, nil))
+	require.NoError(t, s.Finish(ctx))
+	require.NoError(t, s.Cleanup(ctx))
+	nothingLeft(t, src, dst)
+	require.ErrorIs(t, s.RestartWriteBlocking(ctx), ErrState)
+}
+
+func TestRestartWriteBlockingFailsThenAbort(t *testing.T) {
+	ctx := context.Background()
+	src, dst := pair(t)
+	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+	require.NoError(t, err)
+	src.mu.Lock()
+	src.mirrorErr["disk1"] = qerr("Permission conflict")
+	src.mu.Unlock()
+	err = s.RestartWriteBlocking(ctx)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "Permission conflict")
+	require.NoError(t, s.Abort(ctx))
+	nothingLeft(t, src, dst)
+}
+
+func TestNextJobID(t *testing.T) {
+	assert.Equal(t, "qmigrate-mirror-ab-0-wb1", nextJobID("qmigrate-mirror-ab-0"))
+	assert.Equal(t, "qmigrate-mirror-ab-0-wb2", nextJobID("qmigrate-mirror-ab-0-wb1"))
+}
+
 func TestDerivedTCPPortMovesOn(t *testing.T) {
 	ctx := context.Background()
 	src, dst := pair(t)

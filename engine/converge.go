@@ -97,6 +97,7 @@ func (r *run) waitMirrors(ctx context.Context) error {
 			ready = ready && p.Ready
 		}
 		if ready {
+			r.mirrorsReady = true
 			return nil
 		}
 		if !r.m.Done() {
@@ -535,7 +536,16 @@ func (r *run) apply(ctx context.Context, d strategy.Decision) error {
 		if r.mirror == nil {
 			return errors.New("no disk mirrors to switch")
 		}
-		return r.mirror.SetWriteBlocking(ctx)
+		if r.srcF.BlockJobChange {
+			return r.mirror.SetWriteBlocking(ctx)
+		}
+		// No block-job-change: restart the mirrors in write-blocking mode
+		// (a full re-copy). The strategy decides it only in the mirror
+		// phase, before READY; refuse it after, whatever it decided.
+		if r.mirrorsReady {
+			return errors.New("write-blocking restart refused after READY (block-job-change missing on the source)")
+		}
+		return r.mirror.RestartWriteBlocking(ctx)
 	case strategy.Abort:
 	default:
 		return fmt.Errorf("unknown action %q", d.Action)

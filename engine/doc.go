@@ -26,7 +26,11 @@
 //   - start: wait for the mirrors to be READY (storage only: every poll is
 //     a strategy sample of the mirror phase, Sample.Mirroring, and its
 //     decisions are applied: MirrorWriteBlocking through
-//     blockmirror's SetWriteBlocking, Abort by rolling back; the budget
+//     blockmirror's SetWriteBlocking where the source has block-job-change,
+//     otherwise through RestartWriteBlocking (the mirrors cancelled and
+//     started again write-blocking: a full re-copy; the strategy is told
+//     Storage.CanRestart and decides it only here, before READY, and the
+//     engine refuses it after), Abort by rolling back; the budget
 //     counts from the start of Migrate, mirroring included), subscribe to
 //     events, (fd: only) pass a socketpair's ends with getfd, migrate-incoming
 //     on the destination (tcp port 0 is resolved from the destination's

@@ -71,6 +71,7 @@ type run struct {
 	undo []undoStep
 
 	mirror        *blockmirror.Session
+	mirrorsReady  bool // every mirror READY: waitMirrors is over (no write-blocking restart from here)
 	srcWasRunning bool
 	incoming      bool // migrate-incoming ran on the destination
 	postcopy      bool // postcopy requested or running: no rollback from here

@@ -121,7 +121,7 @@ func (r *run) prepare(ctx context.Context) error {
 		if !r.srcF.HasCommand("blockdev-mirror") || !r.dstF.HasCommand("block-export-add") {
 			return r.badInput("", "check storage support", errors.New("storage migration needs blockdev-mirror on the source and block-export-add on the destination"))
 		}
-		r.m.SetStorage(strategy.Storage{Disks: true, CanSwitch: r.srcF.BlockJobChange, WriteBlocking: st.WriteBlocking})
+		r.m.SetStorage(strategy.Storage{Disks: true, CanSwitch: r.srcF.BlockJobChange, CanRestart: !r.srcF.BlockJobChange, WriteBlocking: st.WriteBlocking})
 	}
 	r.setup = r.m.Setup()
 	if r.setup.Postcopy && r.cfg.MultifdChannels > 0 &&

@@ -78,22 +78,55 @@ func TestStorageAutoSwitchesToWriteBlocking(t *testing.T) {
 	})
 }
 
-// 7.2 cannot switch a running mirror: auto aborts the stuck mirror phase
-// (after two windows) and the rollback leaves the source as it was.
-func TestStorage72AbortsAndRollsBack(t *testing.T) {
+// 7.2 cannot switch a running mirror: auto restarts the stuck mirrors in
+// write-blocking mode (a full re-copy) in the mirror phase; the migration then
+// completes and nothing is left.
+func TestStorage72RestartsWriteBlocking(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		p, cfg := pair(t, heavyWriter([3]int{7, 2, 22}))
 		cfg.Storage = &blockmirror.Config{}
+		var rec recorder
+		cfg.Observer = rec.observe
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.NoError(t, err)
+		require.Equal(t, []strategy.Action{strategy.MirrorWriteBlocking}, actionsOf(res))
+		assert.Contains(t, res.Decisions[0].Reason, "restart them in write-blocking mode")
+		assert.Equal(t, 3*time.Second, res.Decisions[0].At.Round(time.Second))
+		assert.Empty(t, p.Src.CallsOf("block-job-change"))
+		mirrors := p.Src.CallsOf("blockdev-mirror")
+		require.Len(t, mirrors, 2, "started, then restarted")
+		assert.NotContains(t, string(mirrors[0].Args), "write-blocking")
+		assert.Contains(t, string(mirrors[1].Args), `"copy-mode":"write-blocking"`)
+		var ev *engine.Event
+		for i, e := range rec.events {
+			if e.Kind == engine.EventDecision {
+				ev = &rec.events[i]
+			}
+		}
+		require.NotNil(t, ev, "decision event")
+		assert.NoError(t, ev.DecisionErr)
+		assertBlockClean(t, p)
+		assert.Equal(t, "running", p.DstRunState())
+	})
+}
+
+// 7.2 with write-blocking refused by the user: auto aborts the stuck mirror
+// phase (after two windows) and the rollback leaves the source as it was.
+func TestStorage72RefusedAbortsAndRollsBack(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, heavyWriter([3]int{7, 2, 22}))
+		cfg.Storage = &blockmirror.Config{}
+		cfg.Strategy.Limits.NoWriteBlocking = true
 		res, err := engine.Migrate(t.Context(), cfg)
 		require.ErrorIs(t, err, engine.ErrAborted)
 		assert.Equal(t, []strategy.Action{strategy.Abort}, actionsOf(res))
-		assert.Contains(t, res.Decisions[0].Reason, "block-job-change needs 8.2")
+		assert.Contains(t, res.Decisions[0].Reason, "refused by the user")
 		assert.Equal(t, 6*time.Second, res.Decisions[0].At.Round(time.Second))
 		assert.Contains(t, strings.Join(res.Undone, "\n"), "mirrors aborted")
 		assert.Empty(t, res.UndoErrors)
 		assert.Equal(t, "running", p.SrcRunState())
 		assert.Empty(t, p.Src.CallsOf("migrate"), "RAM migration never started")
-		assert.Empty(t, p.Src.CallsOf("block-job-change"))
+		assert.Len(t, p.Src.CallsOf("blockdev-mirror"), 1, "never restarted")
 		assertBlockClean(t, p)
 	})
 }

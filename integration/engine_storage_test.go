@@ -95,19 +95,18 @@ func assertNoMirrorLeft(t *testing.T, ctx context.Context, src *testbed.Instance
 
 // TestEngineStorageHeavyWriter: a writer (HMP qemu-io, 1 MiB blocks across
 // the disk) outpaces a mirror limited to 8 MiB/s, so the mirror never gets
-// READY in background mode. On 8.2+ auto switches it to write-blocking and
-// the migration completes; everywhere, write-blocking from the start
-// completes; without a storage lever the migration is aborted within the
+// READY in background mode. On 8.2+ auto switches it to write-blocking
+// (block-job-change), on 7.2 it restarts it in write-blocking mode (a full
+// re-copy); either way the migration completes with equal images and
+// nothing left; everywhere, write-blocking from the start completes; with
+// write-blocking refused by the user the migration is aborted within the
 // budget with the source intact and nothing left behind.
 func TestEngineStorageHeavyWriter(t *testing.T) {
 	for _, q := range bmQEMUs(t) {
 		t.Run(q.name, func(t *testing.T) {
 			t.Run("AutoSwitches", func(t *testing.T) {
 				src, dst := bmPair(t, q, bmOpts{size: "32M"})
-				if !src.f.BlockJobChange {
-					t.Skipf("QEMU %s has no block-job-change", q.name)
-				}
-				heavyWriterCase{}.run(t, q, src, dst)
+				heavyWriterCase{restart: !src.f.BlockJobChange}.run(t, q, src, dst)
 			})
 			t.Run("FromStart", func(t *testing.T) {
 				src, dst := bmPair(t, q, bmOpts{size: "32M"})
@@ -115,8 +114,8 @@ func TestEngineStorageHeavyWriter(t *testing.T) {
 			})
 			t.Run("NoLeverAborts", func(t *testing.T) {
 				src, dst := bmPair(t, q, bmOpts{size: "32M"})
-				// 8.2+: the user refuses the lever; 7.2: there is none.
-				c := heavyWriterCase{abort: true, strategy: strategy.Config{Limits: strategy.Limits{Budget: 20 * time.Second, NoWriteBlocking: src.f.BlockJobChange}}}
+				// The user refuses the lever (the switch on 8.2+, the restart on 7.2).
+				c := heavyWriterCase{abort: true, strategy: strategy.Config{Limits: strategy.Limits{Budget: 20 * time.Second, NoWriteBlocking: true}}}
 				c.run(t, q, src, dst)
 			})
 			t.Run("PresetBudget", func(t *testing.T) {
@@ -131,6 +130,7 @@ func TestEngineStorageHeavyWriter(t *testing.T) {
 type heavyWriterCase struct {
 	writeBlocking bool // start the mirrors write-blocking
 	abort         bool // the migration is expected to be aborted
+	restart       bool // no block-job-change: auto restarts the mirror write-blocking
 	strategy      strategy.Config
 }
 
@@ -197,6 +197,15 @@ func (c heavyWriterCase) run(t *testing.T, q bmQEMU, src, dst *bmVM) {
 		assert.NotContains(t, actions, strategy.MirrorWriteBlocking, "already write-blocking")
 	} else {
 		assert.Contains(t, actions, strategy.MirrorWriteBlocking)
+		for _, d := range res.Decisions {
+			if d.Action == strategy.MirrorWriteBlocking {
+				if c.restart {
+					assert.Contains(t, d.Reason, "restart them in write-blocking mode")
+				} else {
+					assert.Contains(t, d.Reason, "switch them to write-blocking")
+				}
+			}
+		}
 	}
 	require.NotNil(t, last)
 	assert.Equal(t, "write-blocking", last.CopyMode)

@@ -186,3 +186,10 @@ func TestBacklogNotWhileFinishing(t *testing.T) {
 			strategy.MirrorWriteBlocking)
 	}
 }
+
+// A restart (no block-job-change) is a mirror-phase lever only: after READY
+// a growing backlog gets no write-blocking decision.
+func TestBacklogNoRestartAfterReady(t *testing.T) {
+	ds := nonWait(runDisk(t, strategy.Config{}, strategy.Storage{Disks: true, CanRestart: true}, diskRun(64*MiB, 48*MiB)))
+	assert.NotContains(t, actions(ds), strategy.MirrorWriteBlocking)
+}

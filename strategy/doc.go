@@ -39,13 +39,16 @@
 //   - Abort: migrate_cancel and roll back; the guest keeps running on the
 //     source. Done is true from then on.
 //   - MirrorWriteBlocking: switch every disk mirror to write-blocking copy
-//     mode (block-job-change).
+//     mode (block-job-change), or, without it and only in the mirror phase,
+//     restart them in that mode (Storage.CanRestart: a full re-copy).
 //
 // # Storage and the mirror phase
 //
 // With a storage migration the engine calls SetStorage before Setup (disks
 // mirrored; CanSwitch when the source QEMU has block-job-change, 8.2+;
-// WriteBlocking when the user starts the mirrors in write-blocking mode).
+// CanRestart when, without it, the engine can restart the mirrors in
+// write-blocking mode; WriteBlocking when the user starts the mirrors in
+// write-blocking mode).
 // While it waits for the mirrors to be READY, before RAM migration starts, it
 // Steps samples with Mirroring set, Status "", the RAM fields zero and
 // StorageRemaining/StorageTotal filled; after that, the usual query-migrate
@@ -82,8 +85,10 @@
 //     failed), only while storage is migrating and not yet switched over (a
 //     Mirroring sample, or a sample with Status "active" and no postcopy or
 //     pause under way), only when SetStorage declared disks that CanSwitch
-//     and do not already start WriteBlocking, and never with
-//     Limits.NoWriteBlocking. The presets never decide it.
+//     (or CanRestart, and then only in a Mirroring sample: a restart is
+//     never decided after READY, once RAM migration runs) and do not
+//     already start WriteBlocking, and never with Limits.NoWriteBlocking.
+//     The presets never decide it.
 //   - No panic on any Sample: NaN, infinite or negative rates count as 0,
 //     absurd sizes saturate, and Elapsed going backwards is ignored (the
 //     largest Elapsed seen is "now"). Decision.At is the sample's Elapsed.
@@ -135,13 +140,16 @@
 // than 64 KiB/s), or READY
 // predicted beyond the budget, is stuck; READY beyond MaxConvergeTime is too
 // slow. Either way auto switches the mirrors to write-blocking when it can
-// (once, with the numbers in the reason) and measures afresh. When it cannot
-// (QEMU 7.2 without block-job-change, write-blocking from the start already,
-// refused by NoWriteBlocking, or the switch failed) a stuck mirror that stays
-// stuck for another window is aborted, since it would never get READY; a slow
-// one is left to converge. On a 7.2 source, write-blocking must be asked for
-// from the start (blockmirror.Config.WriteBlocking, the CLI's
-// --write-blocking): the Machine never starts the mirrors itself.
+// (once, with the numbers in the reason) and measures afresh. On a source
+// without block-job-change (QEMU 7.2) with Storage.CanRestart the same
+// decision restarts the mirrors in write-blocking mode: they copy the disks
+// again from the start (the price), and the trend and the progress timeout
+// begin afresh; the budget still bounds the whole. When it cannot
+// (write-blocking from the start already, refused by NoWriteBlocking, no
+// switch nor restart possible, or it failed) a stuck mirror that stays stuck
+// for another window is aborted, since it would never get READY; a slow one
+// is left to converge. A restart is a mirror-phase lever only: after READY
+// (the RAM phase) the backlog rule below needs the live switch.
 //
 // After READY, in the RAM phase, every guest write dirties the mirrors again
 // and what they have not copied (StorageRemaining, the backlog) is copied at

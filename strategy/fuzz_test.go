@@ -32,7 +32,8 @@ type fuzzInput struct {
 func decode(data []byte) fuzzInput {
 	r := reader{b: data}
 	pols := append(strategy.Policies(), "")
-	c := strategy.Config{Policy: pols[int(r.u8())%len(pols)]}
+	pb := r.u8()
+	c := strategy.Config{Policy: pols[int(pb)%len(pols)]}
 	f := r.u8()
 	c.Limits.AllowPostcopy = f&1 != 0
 	c.Limits.AllowPause = f&2 != 0
@@ -51,7 +52,7 @@ func decode(data []byte) fuzzInput {
 			MaxThrottle: int(r.u8() % 100), PostcopyThrottle: int(r.u8() % 100), ProgressTimeout: time.Duration(r.u8()) * 100 * ms}
 	}
 	c.Limits.NoWriteBlocking = f&16 != 0 && f&8 == 0
-	in := fuzzInput{cfg: c, storage: strategy.Storage{Disks: f&32 != 0, CanSwitch: f&64 != 0, WriteBlocking: f&128 != 0}}
+	in := fuzzInput{cfg: c, storage: strategy.Storage{Disks: f&32 != 0, CanSwitch: f&64 != 0, CanRestart: pb&128 != 0, WriteBlocking: f&128 != 0}}
 	var el time.Duration
 	var it uint64
 	for !r.empty() && len(in.samples) < 2000 {
@@ -187,8 +188,10 @@ func checkInvariants(in fuzzInput) ([]strategy.Decision, error) {
 				return out, fmt.Errorf("sample %d: write-blocking with a postcopy or pause under way", i)
 			case in.cfg.Policy != "" && in.cfg.Policy != strategy.PolicyAuto:
 				return out, fmt.Errorf("sample %d: write-blocking by the %s preset", i, in.cfg.Policy)
-			case !st.Disks || !st.CanSwitch || st.WriteBlocking || lim.NoWriteBlocking:
+			case !st.Disks || !(st.CanSwitch || st.CanRestart) || st.WriteBlocking || lim.NoWriteBlocking:
 				return out, fmt.Errorf("sample %d: write-blocking with storage %+v, NoWriteBlocking %v", i, st, lim.NoWriteBlocking)
+			case !st.CanSwitch && !s.Mirroring:
+				return out, fmt.Errorf("sample %d: write-blocking restart after READY (status %q)", i, s.Status)
 			}
 			switched = true
 		case strategy.SetDowntime:
@@ -300,7 +303,7 @@ func TestInvariantsRealistic(t *testing.T) {
 		in.cfg = cfg
 		cfg.Limits.NoWriteBlocking = rng.IntN(4) == 0
 		in.cfg = cfg
-		in.storage = strategy.Storage{Disks: rng.IntN(3) > 0, CanSwitch: rng.IntN(2) == 0, WriteBlocking: rng.IntN(4) == 0}
+		in.storage = strategy.Storage{Disks: rng.IntN(3) > 0, CanSwitch: rng.IntN(2) == 0, CanRestart: rng.IntN(2) == 0, WriteBlocking: rng.IntN(4) == 0}
 		// A mirror phase first: remaining shrinking, flat or growing.
 		disk := float64(1+rng.IntN(20)) * GiB
 		done, grow := 0.0, float64(rng.IntN(3)-1)*50*MiB

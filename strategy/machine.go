@@ -86,10 +86,23 @@ func (m *Machine) Policy() string { return m.cfg.Policy }
 // once, before Setup and the first Step.
 func (m *Machine) SetStorage(st Storage) { m.storage = st }
 
-// canSwitch reports whether MirrorWriteBlocking may be decided now.
+// canSwitch reports whether MirrorWriteBlocking may be decided now as a live
+// switch (block-job-change), in either phase.
 func (m *Machine) canSwitch() bool {
+	return m.wbPermitted() && m.storage.CanSwitch
+}
+
+// canWriteBlock reports whether MirrorWriteBlocking may be decided now, by a
+// live switch or, in the mirror phase only (before READY), by a restart.
+func (m *Machine) canWriteBlock(mirroring bool) bool {
+	return m.wbPermitted() && (m.storage.CanSwitch || (mirroring && m.storage.CanRestart))
+}
+
+// wbPermitted: disks mirrored, not write-blocking from the start, not refused
+// by the user, not decided before.
+func (m *Machine) wbPermitted() bool {
 	st := m.storage
-	return st.Disks && st.CanSwitch && !st.WriteBlocking && !m.lim.NoWriteBlocking && !m.levers.writeBlocking
+	return st.Disks && !st.WriteBlocking && !m.lim.NoWriteBlocking && !m.levers.writeBlocking
 }
 
 // Setup returns what the engine must configure before it starts the
@@ -228,8 +241,9 @@ func (m *Machine) enforce(d Decision, s Sample) Decision {
 	case MirrorWriteBlocking:
 		// Only while the disks are still being mirrored: the mirror phase,
 		// or RAM migration running before the switchover (and no postcopy
-		// or pause under way: the guest no longer writes on the source).
-		if !(s.Mirroring || s.Status == "active") || m.levers.finishing() || !m.canSwitch() {
+		// or pause under way: the guest no longer writes on the source). A
+		// restart (no block-job-change) only in the mirror phase.
+		if !(s.Mirroring || s.Status == "active") || m.levers.finishing() || !m.canWriteBlock(s.Mirroring) {
 			return wait("switching the mirrors to write-blocking is not possible or not permitted")
 		}
 	case SetDowntime:

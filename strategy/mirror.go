@@ -104,6 +104,14 @@ func (a *auto) mirror(s Sample, now time.Duration) Decision {
 		return Decision{Action: MirrorWriteBlocking, Reason: fmt.Sprintf(
 			"auto: disk mirrors %s: %s: switch them to write-blocking", what, stats)}
 	}
+	if a.m.canWriteBlock(true) {
+		// The restart copies the disks again from the start: the trend and
+		// the progress timeout begin afresh with it.
+		ms.pts, ms.since, ms.stuckSince = nil, now, -1
+		a.prog = progress{}
+		return Decision{Action: MirrorWriteBlocking, Reason: fmt.Sprintf(
+			"auto: disk mirrors %s: %s: restart them in write-blocking mode (no block-job-change on the source: a full re-copy)", what, stats)}
+	}
 	if !stuck {
 		ms.stuckSince = -1
 		return wait(fmt.Sprintf("auto: disk mirrors %s: %s; %s, letting them converge", what, stats, a.noSwitch()))
@@ -129,6 +137,8 @@ func (a *auto) noSwitch() string {
 		return "already switched to write-blocking"
 	case a.m.lim.NoWriteBlocking:
 		return "write-blocking refused by the user"
+	case !st.CanSwitch && st.CanRestart:
+		return "the source QEMU cannot switch a running mirror (block-job-change needs 8.2) and a restart is only possible before READY"
 	case !st.CanSwitch:
 		return "the source QEMU cannot switch a running mirror (block-job-change needs 8.2; start the mirrors write-blocking)"
 	}

@@ -165,3 +165,41 @@ func TestMirrorPresetProgressTimeout(t *testing.T) {
 	assert.Contains(t, ds[0].Reason, "no progress for 4s in the mirror phase")
 	assert.Empty(t, runMirror(t, cfg, canSwitch, mirrorTrace(8*sec, 64*MiB, 0, 4*MiB), false), "copying: progress")
 }
+
+// Without block-job-change but with a restart possible (7.2): auto asks for
+// write-blocking in the mirror phase just the same, says it is a restart (a
+// full re-copy), and after it measures afresh: the progress timeout does not
+// count the re-copy's jump back as a stall.
+func TestMirrorAutoRestarts(t *testing.T) {
+	restart := strategy.Storage{Disks: true, CanRestart: true}
+	ds := runMirror(t, strategy.Config{}, restart, mirrorTrace(5*sec, 64*MiB, 30*MiB, 8*MiB), false)
+	require.Equal(t, []strategy.Action{strategy.MirrorWriteBlocking}, actions(ds))
+	assert.Equal(t, 3*sec, ds[0].At)
+	assert.Contains(t, ds[0].Reason, "restart them in write-blocking mode")
+	assert.Contains(t, ds[0].Reason, "full re-copy")
+
+	// Refused by the user: the abort as before.
+	ds = runMirror(t, strategy.Config{Limits: strategy.Limits{NoWriteBlocking: true}}, restart, mirrorTrace(10*sec, 64*MiB, 30*MiB, 8*MiB), false)
+	require.Equal(t, []strategy.Action{strategy.Abort}, actions(ds))
+	assert.Contains(t, ds[0].Reason, "refused by the user")
+
+	// The presets never decide it.
+	for _, pol := range []string{strategy.PolicyQEMU, strategy.PolicyKubeVirt, strategy.PolicyNova, strategy.PolicyProxmox} {
+		for _, d := range runMirror(t, strategy.Config{Policy: pol}, restart, mirrorTrace(10*sec, 64*MiB, 30*MiB, 8*MiB), false) {
+			assert.NotEqual(t, strategy.MirrorWriteBlocking, d.Action, pol)
+		}
+	}
+
+	// After the restart the remaining jumps back to the whole disk: with a
+	// progress timeout shorter than the time since the old minimum, no
+	// abort for lack of progress while the new copy shrinks it.
+	cfg := strategy.Config{Auto: strategy.AutoConfig{ProgressTimeout: 4 * sec}}
+	trace := mirrorTrace(3*sec, 64*MiB, 30*MiB, 8*MiB)
+	n := len(trace)
+	trace = append(trace, mirrorTrace(6*sec, 256*MiB, 0, 32*MiB)...)
+	for i := n; i < len(trace); i++ {
+		trace[i].Elapsed += 3*sec + 200*ms
+	}
+	ds = runMirror(t, cfg, restart, trace, false)
+	require.Equal(t, []strategy.Action{strategy.MirrorWriteBlocking}, actions(ds), "no abort after the restart")
+}

@@ -20,7 +20,9 @@ const (
 	// reached the destination, so a mirror converges under any write load.
 	// Decided at most once, only while the disks are mirrored and not yet
 	// switched over (a Mirroring sample, or an "active" one with no postcopy
-	// or pause under way) and only when Storage.CanSwitch says the source can.
+	// or pause under way) and only when Storage.CanSwitch says the source can;
+	// in the mirror phase also when Storage.CanRestart says it can restart
+	// them in that mode (a full re-copy).
 	MirrorWriteBlocking Action = "write-blocking"
 )
 
@@ -52,8 +54,13 @@ type Sample struct {
 // passes it to SetStorage before it calls Setup; without it the Machine
 // assumes no disks are mirrored.
 type Storage struct {
-	Disks         bool // disks are mirrored (a storage migration)
-	CanSwitch     bool // the source can switch running mirrors to write-blocking (block-job-change, QEMU 8.2+)
+	Disks     bool // disks are mirrored (a storage migration)
+	CanSwitch bool // the source can switch running mirrors to write-blocking (block-job-change, QEMU 8.2+)
+	// CanRestart: without CanSwitch, the source can still restart the
+	// mirrors in write-blocking mode (cancel, then blockdev-mirror again:
+	// a full re-copy). Only in the mirror phase, before READY: once RAM
+	// migration runs, a restart would throw the READY mirrors away.
+	CanRestart    bool
 	WriteBlocking bool // the mirrors start in write-blocking mode (the user asked): nothing to switch
 }
 
