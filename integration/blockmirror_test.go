@@ -927,19 +927,8 @@ func bmTestLinuxGuest(t *testing.T, q bmQEMU, kernel, initrd string, useEngine b
 			require.NoError(t, err, "images differ at the switchover: %s", out)
 		})
 	}
-	var seq uint64
-	for {
-		short, c := context.WithTimeout(ctx, 200*time.Millisecond)
-		l, err := ss.Next(short)
-		c()
-		if err != nil {
-			break
-		}
-		require.False(t, l.Failed(), l.Raw)
-		if n, ok := l.Uint("seq"); ok && l.Kind == linux.KindDisk {
-			seq = n
-		}
-	}
+	seq, err := ss.Latest(ctx, linux.KindDisk, "seq", 0, 200*time.Millisecond)
+	require.NoError(t, err)
 	src.quit(ctx)
 	ds := linux.NewSerial(serial("dst"))
 	l, err := ds.WaitFor(ctx, linux.Verdict(linux.KindDiskVerify, "last", seq+100))

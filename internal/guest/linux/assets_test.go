@@ -92,6 +92,31 @@ func TestSerial(t *testing.T) {
 	assert.ErrorIs(t, err, context.DeadlineExceeded)
 }
 
+func TestSerialLatest(t *testing.T) {
+	path := t.TempDir() + "/serial.log"
+	require.NoError(t, os.WriteFile(path, []byte("QMIGRATE DISK seq=3\r\nQMIGRATE PROGRESS pass=1\r\n"+
+		"QMIGRATE DISK seq=7\r\nQMIGRATE CHECK OK pass=2 failed_passes=0\r\n"), 0o644))
+	s := NewSerial(path)
+	s.Poll = time.Millisecond
+	ctx := context.Background()
+	seq, err := s.Latest(ctx, KindDisk, "seq", 1, 20*time.Millisecond)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(7), seq)
+	// Nothing new: the value passed in comes back.
+	seq, err = s.Latest(ctx, KindDisk, "seq", seq, 20*time.Millisecond)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(7), seq)
+
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	require.NoError(t, err)
+	_, err = f.WriteString("QMIGRATE DISK seq=9\r\nQMIGRATE CHECK FAIL pass=3 bad=1\r\n")
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+	seq, err = s.Latest(ctx, KindDisk, "seq", seq, 20*time.Millisecond)
+	assert.ErrorContains(t, err, "CHECK FAIL pass=3")
+	assert.Equal(t, uint64(9), seq)
+}
+
 func TestResolveModulesErrors(t *testing.T) {
 	dir := t.TempDir()
 	_, err := resolveModules(dir, []string{"virtio_blk"})

@@ -470,6 +470,29 @@ func (s *Serial) WaitFor(ctx context.Context, match func(Line) bool) (Line, erro
 	}
 }
 
+// Latest reads the lines written so far, stopping once no new line arrives
+// within idle (or ctx ends), and returns the last value of the number field key
+// on lines of kind, or from when there is none. A line that Failed ends it with
+// an error, as in WaitFor. Tests use it to learn how far the guest got on the
+// source before checking that the destination goes further.
+func (s *Serial) Latest(ctx context.Context, kind, key string, from uint64, idle time.Duration) (uint64, error) {
+	last := from
+	for {
+		short, cancel := context.WithTimeout(ctx, idle)
+		l, err := s.Next(short)
+		cancel()
+		if err != nil {
+			return last, nil
+		}
+		if l.Failed() {
+			return last, fmt.Errorf("linux guest reported a failure: %s", l.Raw)
+		}
+		if v, ok := l.Uint(key); ok && l.Kind == kind {
+			last = v
+		}
+	}
+}
+
 // Kind matches lines of one kind.
 func Kind(kind string) func(Line) bool {
 	return func(l Line) bool { return l.Kind == kind }

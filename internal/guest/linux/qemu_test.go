@@ -155,25 +155,13 @@ func TestMemDirtyMigrates(t *testing.T) {
 	dst := startVM(t, ctx, "dst", kernel, initrd, w, "-incoming", "defer")
 	ss := NewSerial(src.serial)
 	waitReady(t, ctx, ss, started)
-	last := uint64(0) // the last pass the source finished
 	_, err := ss.WaitFor(ctx, Verdict(KindCheck, "pass", 1))
 	require.NoError(t, err)
-	last = 1
 
 	migrate(t, ctx, src, dst)
 	// The destination must finish two more passes than the source did, intact.
-	for {
-		short, c := context.WithTimeout(ctx, 200*time.Millisecond)
-		l, err := ss.Next(short)
-		c()
-		if err != nil {
-			break
-		}
-		require.False(t, l.Failed(), l.Raw)
-		if p, ok := l.Uint("pass"); ok && l.Kind == KindCheck {
-			last = p
-		}
-	}
+	last, err := ss.Latest(ctx, KindCheck, "pass", 1, 200*time.Millisecond)
+	require.NoError(t, err)
 	st, err := src.qmp.QueryStatus(ctx)
 	require.NoError(t, err)
 	assert.Equal(t, "postmigrate", string(st.Status))
@@ -261,18 +249,8 @@ func TestDiskWriteMigrates(t *testing.T) {
 	require.NoError(t, err)
 
 	migrate(t, ctx, src, dst)
-	for {
-		short, c := context.WithTimeout(ctx, 200*time.Millisecond)
-		l, err := ss.Next(short)
-		c()
-		if err != nil {
-			break
-		}
-		require.False(t, l.Failed(), l.Raw)
-		if n, ok := l.Uint("seq"); ok && l.Kind == KindDisk {
-			seq = n
-		}
-	}
+	seq, err = ss.Latest(ctx, KindDisk, "seq", seq, 200*time.Millisecond)
+	require.NoError(t, err)
 	require.NoError(t, src.qmp.Quit(ctx))
 
 	ds := NewSerial(dst.serial)
