@@ -49,6 +49,16 @@ func (r *recorder) phases() []engine.Phase {
 	return out
 }
 
+// last returns the last event of kind k, or nil.
+func (r *recorder) last(k engine.EventKind) *engine.Event {
+	for i := len(r.events) - 1; i >= 0; i-- {
+		if r.events[i].Kind == k {
+			return &r.events[i]
+		}
+	}
+	return nil
+}
+
 func (r *recorder) kinds(k engine.EventKind) int {
 	n := 0
 	for _, e := range r.events {

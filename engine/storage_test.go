@@ -97,12 +97,7 @@ func TestStorage72RestartsWriteBlocking(t *testing.T) {
 		require.Len(t, mirrors, 2, "started, then restarted")
 		assert.NotContains(t, string(mirrors[0].Args), "write-blocking")
 		assert.Contains(t, string(mirrors[1].Args), `"copy-mode":"write-blocking"`)
-		var ev *engine.Event
-		for i, e := range rec.events {
-			if e.Kind == engine.EventDecision {
-				ev = &rec.events[i]
-			}
-		}
+		ev := rec.last(engine.EventDecision)
 		require.NotNil(t, ev, "decision event")
 		assert.NoError(t, ev.DecisionErr)
 		assertBlockClean(t, p)
