@@ -48,6 +48,28 @@ func IsCommandNotFound(err error) bool {
 	return errors.As(err, &e) && e.Class == "CommandNotFound"
 }
 
+// IsUnexpectedArgument reports whether err is QEMU refusing an argument its
+// schema does not declare for the command: GenericError "Parameter 'NAME'
+// is unexpected", the text of QEMU's QAPI input visitor (the same from 7.2
+// to 10.x). The command did not run: QEMU checks the arguments before it
+// calls the command, so nothing changed.
+func IsUnexpectedArgument(err error, name string) bool {
+	return isArgumentError(err, "Parameter '"+name+"' is unexpected")
+}
+
+// IsMissingArgument reports whether err is QEMU refusing a command that
+// lacks an argument its schema declares mandatory: GenericError "Parameter
+// 'NAME' is missing" (QAPI's input visitor, 7.2 to 10.x). The command did
+// not run.
+func IsMissingArgument(err error, name string) bool {
+	return isArgumentError(err, "Parameter '"+name+"' is missing")
+}
+
+func isArgumentError(err error, desc string) bool {
+	var e *Error
+	return errors.As(err, &e) && e.Class == "GenericError" && e.Desc == desc
+}
+
 // CommandError is a failure to run a command that is not a QEMU error reply:
 // the context ended, the connection died, the reply could not be decoded.
 type CommandError struct {

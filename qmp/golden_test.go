@@ -380,3 +380,56 @@ func TestGoldenErrors(t *testing.T) {
 		}
 	}
 }
+
+// The argument errors QEMU gives for the forms of migrate and
+// migrate-incoming it may not know, captured from real QEMU, are what
+// qmptest.CheckArgs answers for that version's declared arguments (so the
+// fakes refuse exactly as QEMU does), and a form with no capture was
+// accepted there, as CheckArgs accepts it. The errors name the argument for
+// IsUnexpectedArgument and IsMissingArgument.
+func TestGoldenArgumentErrors(t *testing.T) {
+	declared := map[string]map[string][]string{
+		"7.2": {
+			"migrate-incoming": {"uri"},
+			"migrate":          {"uri", "*blk", "*inc", "*detach", "*resume"},
+		},
+		"10.0": {
+			"migrate-incoming": {"*uri", "*channels", "*exit-on-error"},
+			"migrate":          {"*uri", "*channels", "*detach", "*resume"},
+		},
+	}
+	channels := `[{"channel-type":"main","addr":{"transport":"socket","type":"unix","path":"/tmp/mig.sock"}}]`
+	requests := []struct {
+		file, cmd, args string
+		missing, extra  string // the argument the error names, if refused
+	}{
+		{"migrate-incoming-channels", "migrate-incoming", `{"channels":` + channels + `}`, "uri", ""},
+		{"migrate-incoming-exit-on-error", "migrate-incoming", `{"uri":"unix:/tmp/mig.sock","exit-on-error":true}`, "", "exit-on-error"},
+		{"migrate-incoming-unexpected", "migrate-incoming", `{"uri":"unix:/tmp/mig.sock","no-such-argument":true}`, "", "no-such-argument"},
+		{"migrate-channels", "migrate", `{"channels":` + channels + `}`, "uri", ""},
+		{"migrate-unexpected", "migrate", `{"uri":"unix:/tmp/mig.sock","no-such-argument":true}`, "", "no-such-argument"},
+	}
+	for _, v := range goldenVersions {
+		for _, r := range requests {
+			t.Run(v+"/"+r.file, func(t *testing.T) {
+				got := qmptest.CheckArgs(json.RawMessage(r.args), declared[v][r.cmd]...)
+				path := filepath.Join(goldenRoot, v, "errors", r.file+".json")
+				raw, err := os.ReadFile(path)
+				if os.IsNotExist(err) {
+					assert.NoError(t, got, "QEMU %s accepted it (no capture)", v)
+					return
+				}
+				require.NoError(t, err)
+				var want qmp.Error
+				require.NoError(t, json.Unmarshal(raw, &want))
+				var qe *qmp.Error
+				require.ErrorAs(t, got, &qe)
+				assert.Equal(t, want.Class, qe.Class)
+				assert.Equal(t, want.Desc, qe.Desc)
+				assert.Equal(t, r.missing != "", qmp.IsMissingArgument(&want, r.missing))
+				assert.Equal(t, r.extra != "", qmp.IsUnexpectedArgument(&want, r.extra))
+				assert.False(t, qmp.IsUnexpectedArgument(&want, "uri"))
+			})
+		}
+	}
+}

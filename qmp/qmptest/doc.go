@@ -26,6 +26,12 @@
 //   - Sending never blocks a handler or Emit: every connection has an unbounded
 //     queue drained by its own writer goroutine, so events and replies keep
 //     their order per connection.
+//   - Args wraps a handler with QEMU's argument check (CheckArgs): declare a
+//     command's arguments as QEMU's schema does ("uri", "*channels") and an
+//     undeclared argument is refused with "Parameter 'NAME' is unexpected", a
+//     missing mandatory one with "Parameter 'NAME' is missing", before the
+//     handler runs, as QEMU 7.2 to 10.x do (checked against captures in
+//     testdata/qmp). Without it a handler sees whatever arguments come.
 //   - Calls records every command (not the handshake) in arrival order;
 //     WaitCall blocks until the n-th call of a command has arrived, so a test
 //     can act on it without sleeping (it works inside synctest bubbles).

@@ -94,6 +94,7 @@ func run(tmp, qemu, fw, out, only string) error {
 		{"precopy", cp.precopy},
 		{"setup", cp.setup},
 		{"dstfail", cp.dstFail},
+		{"argforms", cp.argForms},
 		{"cancel", cp.cancel},
 		{"failed", cp.failed},
 		{"switchover", cp.switchover},
@@ -785,4 +786,71 @@ func (cp *capturer) dstFail(ctx context.Context) error {
 		return err
 	}
 	return cp.saveEvents(dst, "events/dstfail-dst")
+}
+
+// argForms records how QEMU answers the argument forms it may not know:
+// migrate-incoming and migrate with "channels" (8.2+) and without "uri",
+// migrate-incoming with "exit-on-error" (9.1+), and an argument no QEMU
+// has. A form the QEMU accepts is not an error and writes no file (the
+// destination then listens: each attempt gets a fresh one). After the
+// refused migrates the source must still have no migration: a refused
+// command changed nothing.
+func (cp *capturer) argForms(ctx context.Context) error {
+	sock := filepath.Join(cp.tmp, "mig.sock")
+	channels := []qmp.MigrationChannel{{ChannelType: "main",
+		Addr: qmp.MigrationAddr{Transport: "socket", SocketAddress: qmp.SocketAddress{Type: "unix", Path: sock}}}}
+	refused := func(v *vm, file, cmd string, args any) error {
+		err := v.c.Execute(ctx, cmd, args, nil)
+		if err == nil {
+			log.Printf("  %s: accepted by %s", file, v.c.Version())
+			return nil
+		}
+		var qe *qmp.Error
+		if !errors.As(err, &qe) {
+			return fmt.Errorf("%s: want a QMP error, got %v", cmd, err)
+		}
+		b, _ := json.Marshal(map[string]string{"class": qe.Class, "desc": qe.Desc})
+		return cp.write(file, b)
+	}
+	for _, c := range []struct {
+		file string
+		args any
+	}{
+		{"errors/migrate-incoming-channels", map[string]any{"channels": channels}},
+		{"errors/migrate-incoming-exit-on-error", map[string]any{"uri": "unix:" + sock, "exit-on-error": true}},
+		{"errors/migrate-incoming-unexpected", map[string]any{"uri": "unix:" + sock, "no-such-argument": true}},
+	} {
+		dst, err := cp.start(ctx, "dst", "-incoming", "defer")
+		if err != nil {
+			return err
+		}
+		err = refused(dst, c.file, "migrate-incoming", c.args)
+		dst.kill()
+		os.Remove(sock)
+		if err != nil {
+			return err
+		}
+	}
+	src, err := cp.start(ctx, "src")
+	if err != nil {
+		return err
+	}
+	defer src.kill()
+	if err := refused(src, "errors/migrate-unexpected", "migrate", map[string]any{"uri": "unix:" + sock, "no-such-argument": true}); err != nil {
+		return err
+	}
+	if err := refused(src, "errors/migrate-channels", "migrate", map[string]any{"channels": channels}); err != nil {
+		return err
+	}
+	// A refused migrate changed nothing: the source has no migration. (On
+	// 8.2+ the channels form was accepted and that migration failed at
+	// once, nobody listening.)
+	info, err := src.c.QueryMigrate(ctx)
+	if err != nil {
+		return err
+	}
+	if _, err := os.Stat(filepath.Join(cp.out, "errors/migrate-channels.json")); err == nil && info.Status != qmp.StatusNone {
+		return fmt.Errorf("after refused migrates the source reports migration status %s, want none", info.Status)
+	}
+	return nil
 }
