@@ -38,6 +38,16 @@ type auto struct {
 	diskRate float64      // the mirrors' copy rate: the largest least-squares slope of the bytes done over a window
 	ramPred  time.Duration
 	wbFailed bool // MirrorWriteBlocking failed to apply
+
+	// The prediction check: the first "converging" verdict since the last
+	// lever says when the migration should have converged (predBy, 0 = none
+	// made); a migration still running then, two iterations or more later, is
+	// judged too slow (the rates fooled the prediction: a plateau).
+	ram      float64 // guest RAM size, bytes: the largest TotalBytes seen
+	predBy   time.Duration
+	predMade time.Duration
+	predFor  time.Duration
+	predIter uint64
 }
 
 // saturatedQ: a dirty rate measured below this × the throughput, in a
@@ -120,6 +130,7 @@ func (a *auto) waitReason() string {
 
 // observe updates the smoothed rates.
 func (a *auto) observe(s Sample) {
+	a.ram = max(a.ram, float64(s.TotalBytes))
 	if s.Throughput > 0 {
 		a.bw, a.bwOK = ewma(a.bw, s.Throughput, a.c.Alpha, a.bwOK), true
 	}
@@ -226,7 +237,10 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 			a.seen(now) // shown, or never showed within SettleTime: judge from here
 		}
 		n := a.cur.n - a.seenIter
-		if n < uint64(a.c.SettleIterations) && (n < 1 || now-a.seenAt < a.c.SettleTime) {
+		// A throttle under which a full iteration still measures the dirty
+		// rate at the throughput is not enough: no need to wait for more.
+		saturated := n >= 1 && a.lever == SetThrottle && a.dirtyOK && a.dirty >= a.c.FlatRatio*a.bw
+		if !saturated && n < uint64(a.c.SettleIterations) && (n < 1 || now-a.seenAt < a.c.SettleTime) {
 			return wait(fmt.Sprintf("auto: giving the %s lever %d iterations (%d so far)", a.lever, a.c.SettleIterations, n))
 		}
 		from = a.seenIter
@@ -247,7 +261,16 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 	}
 	stats := fmt.Sprintf("peaks ×%.2f/iteration, last %s, dirty %s/s, throughput %s/s, limit %v",
 		r, bytesStr(last), bytesStr(dirty), bytesStr(bw), limit)
-	if r == 0 || seconds(last, bw) <= limit {
+	fits := r == 0 || seconds(last, bw) <= limit
+	v, pred := converging, seconds(last, bw)
+	if !fits {
+		v, pred = a.judge(r, dirty/bw, last, bw, limit, now)
+	}
+	missed := a.checkPrediction(v, pred, now)
+	if missed != "" {
+		v = slow
+	}
+	if v == converging && fits {
 		a.ramPred = 0
 		if ok, why := a.diskCheck(now, limit, 0); !ok {
 			// RAM alone would switch now, but the guest would wait for the disks.
@@ -255,8 +278,6 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 		}
 		return wait("auto: converging, the next switchover fits: " + stats)
 	}
-
-	v, pred := a.judge(r, dirty/bw, last, bw, limit, now)
 	a.ramPred = pred
 	if v == converging {
 		if ok, why := a.diskCheck(now, limit, a.diskHorizon(pred)); !ok {
@@ -266,6 +287,8 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 	}
 	what := "not converging"
 	switch {
+	case missed != "":
+		what = missed
 	case v == slow:
 		what = fmt.Sprintf("converging too slowly (~%v)", roundDur(pred))
 	case pred < time.Duration(math.MaxInt64):
@@ -287,7 +310,17 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 	}
 
 	// Lever 2: CPU throttle computed from the stats.
-	need, how := a.throttleFor(r, dirty, bw, s.ThrottlePercent)
+	// A plateau: the dirty set hovers within SaturationFactor × what a
+	// switchover at the maximum takes, while the measured rate is below the
+	// throughput (or a prediction from it failed). The guest is then not
+	// saturating the link; QEMU syncs at its threshold, so every peak is that
+	// threshold plus what the guest dirtied meanwhile.
+	thrMax := bw * maxDT.Seconds()
+	plateau := missed != "" || (a.dirtyOK && dirty < a.c.FlatRatio*bw && typical <= a.c.SaturationFactor*thrMax)
+	need, how := a.throttleFor(r, dirty, bw, s.ThrottlePercent, plateau)
+	if plateau {
+		need, how = a.plateauThrottle(need, how, typical, thrMax, s.ThrottlePercent)
+	}
 	pct := clampInt(need, 1, a.c.MaxThrottle)
 	throttleOK := a.m.lim.throttleOK() && !lv.throttleFailed && a.target < a.c.MaxThrottle
 	postcopyOK := a.m.lim.AllowPostcopy && !lv.postcopyFailed
@@ -333,6 +366,44 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 		"auto: %s; no permitted lever can make it converge (downtime max %v, throttle %s, postcopy %s, pause %s)",
 		stats, maxDT, permittedStr(a.m.lim.throttleOK() && !lv.throttleFailed, fmt.Sprintf("at %d%%", a.target)),
 		permittedStr(a.m.lim.AllowPostcopy && !lv.postcopyFailed, ""), permittedStr(a.m.lim.AllowPause && !lv.pauseFailed, ""))}
+}
+
+// checkPrediction keeps the first converging prediction since the last lever
+// and reports, once it is overdue by two iterations or more, how it failed
+// ("" while it holds, or for a verdict other than converging, which forgets
+// it). Overdue means past twice the predicted time (at least SettleTime).
+func (a *auto) checkPrediction(v verdict, pred, now time.Duration) string {
+	if v != converging {
+		a.predBy = 0
+		return ""
+	}
+	if a.predBy == 0 {
+		a.predMade, a.predFor, a.predIter = now, pred, a.cur.n
+		a.predBy = now + max(mulDur(pred, 2), a.c.SettleTime)
+		return ""
+	}
+	if now <= a.predBy || a.cur.n < a.predIter+2 {
+		return ""
+	}
+	return fmt.Sprintf("predicted at %v to converge in ~%v, still not converged %v later",
+		roundDur(a.predMade), roundDur(a.predFor), roundDur(now-a.predMade))
+}
+
+// plateauThrottle sizes the throttle for a plateau: the guest's run time is
+// cut in the ratio of the switchover threshold thr (throughput × the maximum
+// downtime) to the typical dirty set, with the Margin. It returns the larger
+// of that and the rate-based throttle.
+func (a *auto) plateauThrottle(need int, how string, typical, thr float64, cur int) (int, string) {
+	if thr <= 0 || typical <= thr {
+		return need, how
+	}
+	run := math.Max(1-float64(cur)/100, 0.01)
+	p := clampInt(int(math.Ceil((1-run*thr/(typical*a.c.Margin))*100)), 1, 100)
+	if p <= need {
+		return need, how
+	}
+	return p, fmt.Sprintf("dirty set %s above the %s a %v switchover takes: run time ×%.2f",
+		bytesStr(typical), bytesStr(thr), a.m.lim.maxDowntime(), thr/(typical*a.c.Margin))
 }
 
 // seen marks the last lever as in effect from now.
@@ -387,7 +458,7 @@ func (a *auto) judge(r, q, last, bw float64, limit, now time.Duration) (verdict,
 	if b := a.m.lim.Budget; b > 0 && (pred >= b || now+pred > b) {
 		return stuck, pred
 	}
-	if pred > a.c.MaxConvergeTime {
+	if pred > a.slowAfter(bw) {
 		return slow, pred
 	}
 	return converging, pred
@@ -400,12 +471,19 @@ func (a *auto) judge(r, q, last, bw float64, limit, now time.Duration) (verdict,
 // (distinct pages per sync period) is only a lower bound: the true rate is
 // then taken as at least the throughput times the SaturationFactor. An escalation at least halves the guest's
 // remaining run time.
-func (a *auto) throttleFor(r, dirty, bw float64, cur int) (int, string) {
+//
+// On a plateau (see evaluate) the measured rate is taken as it is.
+func (a *auto) throttleFor(r, dirty, bw float64, cur int, plateau bool) (int, string) {
 	run := math.Max(1-float64(cur)/100, 0.01)
-	trueDirty := dirty / run
-	how := fmt.Sprintf("true dirty rate ~%s/s", bytesStr(trueDirty))
+	est, src := dirty, ""
+	if dirty <= 0 && !math.IsNaN(r) && !math.IsInf(r, 0) {
+		// Not measured yet: the peaks shrink by about dirty/throughput per pass.
+		est, src = r*bw, " (from the peaks' ratio)"
+	}
+	trueDirty := est / run
+	how := fmt.Sprintf("true dirty rate ~%s/s%s", bytesStr(trueDirty), src)
 	q := dirty / bw
-	if math.IsNaN(r) || r >= a.c.FlatRatio || (q >= a.c.FlatRatio && q < saturatedQ) {
+	if !plateau && (math.IsNaN(r) || r >= a.c.FlatRatio || (q >= a.c.FlatRatio && q < saturatedQ)) {
 		trueDirty = math.Max(dirty, bw) / run * a.c.SaturationFactor
 		how = fmt.Sprintf("working set re-dirtied every pass, true dirty rate ≥ ~%s/s", bytesStr(trueDirty))
 	}
@@ -420,9 +498,21 @@ func (a *auto) throttleFor(r, dirty, bw float64, cur int) (int, string) {
 	return clampInt(pct, 1, 100), how + fmt.Sprintf(" vs %.0f%% of %s/s", a.c.TargetRatio*100, bytesStr(bw))
 }
 
+// slowAfter is the predicted time beyond which converging is too slow:
+// SlowPasses full RAM passes at the throughput, at most MaxConvergeTime.
+// Without a measured dirty rate the prediction rests on the ratio of a few
+// saw-tooth peaks, too noisy to act on early: MaxConvergeTime then.
+func (a *auto) slowAfter(bw float64) time.Duration {
+	if a.ram <= 0 || bw <= 0 || !a.dirtyOK {
+		return a.c.MaxConvergeTime
+	}
+	return min(a.c.MaxConvergeTime, mulDur(seconds(a.ram, bw), a.c.SlowPasses))
+}
+
 // decide records a lever decision for the settle rule.
 func (a *auto) decide(d Decision, now time.Duration) Decision {
 	a.lever, a.leverAt, a.leverIter, a.seenIter = d.Action, now, a.cur.n, 0
+	a.predBy = 0
 	switch d.Action {
 	case SetDowntime:
 		a.downtime = d.DowntimeLimit

@@ -72,8 +72,14 @@ type AutoConfig struct {
 	FlatRatio float64
 	// MaxConvergeTime: a converging migration whose predicted remaining time
 	// exceeds this is "too slow": auto uses levers on it, but never aborts it
-	// for that alone (60 s).
+	// for that alone (60 s). SlowPasses may make it too slow sooner.
 	MaxConvergeTime time.Duration
+	// SlowPasses: a converging migration whose predicted remaining time
+	// exceeds this many full RAM passes (TotalBytes / throughput: 5 s for
+	// 150 MiB at 30 MiB/s) is also too slow (3). A guest that dirties almost
+	// as fast as the link converges, but over dozens of shrinking passes,
+	// which a throttle or postcopy cut to a few.
+	SlowPasses float64
 	// TargetRatio is k in p = 1 - k×throughput/dirty: the throttled dirty rate
 	// aimed for, as a fraction of the throughput (0.5).
 	TargetRatio float64
@@ -95,7 +101,9 @@ type AutoConfig struct {
 	// MaxThrottle is the highest CPU throttle auto sets (99).
 	MaxThrottle int
 	// PostcopyThrottle: when postcopy is permitted, a throttle above this
-	// percentage is not applied; postcopy is started instead (50).
+	// percentage is not applied; postcopy is started instead (25). Postcopy
+	// finishes in about one pass of the working set whatever the dirty rate,
+	// while a throttle that large slows the guest for several passes.
 	PostcopyThrottle int
 	// ProgressTimeout: abort when neither transferred bytes grow nor remaining
 	// bytes reach a new low for this long (30 s). Limits.ProgressTimeout overrides it.
@@ -124,13 +132,14 @@ const (
 	defAutoInitialDowntime      = 100 * time.Millisecond
 	defAutoFlatRatio            = 0.97
 	defAutoMaxConvergeTime      = 60 * time.Second
+	defAutoSlowPasses           = 3
 	defAutoTargetRatio          = 0.5
 	defAutoSaturationFactor     = 2
 	defAutoMargin               = 1.25
 	defAutoSettleIterations     = 2
 	defAutoSettleTime           = 4 * time.Second
 	defAutoMaxThrottle          = 99
-	defAutoPostcopyThrottle     = 50
+	defAutoPostcopyThrottle     = 25
 	defAutoProgressTimeout      = 30 * time.Second
 	defAutoAlpha                = 0.4
 	defAutoMirrorWindow         = 3 * time.Second
@@ -229,6 +238,9 @@ func (c Config) Validate() error {
 	if math.IsNaN(a.SaturationFactor) || math.IsInf(a.SaturationFactor, 0) || (a.SaturationFactor != 0 && a.SaturationFactor < 1) {
 		return fmt.Errorf("strategy: Auto.SaturationFactor %v must be 0 (default 2) or at least 1", a.SaturationFactor)
 	}
+	if math.IsNaN(a.SlowPasses) || math.IsInf(a.SlowPasses, 0) || a.SlowPasses < 0 {
+		return fmt.Errorf("strategy: Auto.SlowPasses %v must be 0 (default 3) or positive", a.SlowPasses)
+	}
 	if math.IsNaN(a.Margin) || math.IsInf(a.Margin, 0) || (a.Margin != 0 && a.Margin < 1) {
 		return fmt.Errorf("strategy: Auto.Margin %v must be 0 (default 1.25) or at least 1", a.Margin)
 	}
@@ -239,7 +251,7 @@ func (c Config) Validate() error {
 		return fmt.Errorf("strategy: Auto.MaxThrottle %d must be within 0..%d (0 = default 99)", a.MaxThrottle, qemuMaxThrottle)
 	}
 	if a.PostcopyThrottle < 0 || a.PostcopyThrottle > qemuMaxThrottle {
-		return fmt.Errorf("strategy: Auto.PostcopyThrottle %d must be within 0..%d (0 = default 50)", a.PostcopyThrottle, qemuMaxThrottle)
+		return fmt.Errorf("strategy: Auto.PostcopyThrottle %d must be within 0..%d (0 = default 25)", a.PostcopyThrottle, qemuMaxThrottle)
 	}
 	return nil
 }
@@ -283,6 +295,7 @@ func (a AutoConfig) withDefaults() AutoConfig {
 	a.InitialDowntime = orDur(a.InitialDowntime, defAutoInitialDowntime)
 	a.FlatRatio = orFloat(a.FlatRatio, defAutoFlatRatio)
 	a.MaxConvergeTime = orDur(a.MaxConvergeTime, defAutoMaxConvergeTime)
+	a.SlowPasses = orFloat(a.SlowPasses, defAutoSlowPasses)
 	a.TargetRatio = orFloat(a.TargetRatio, defAutoTargetRatio)
 	a.SaturationFactor = orFloat(a.SaturationFactor, defAutoSaturationFactor)
 	a.Margin = orFloat(a.Margin, defAutoMargin)

@@ -106,10 +106,16 @@
 //
 //   - converging: the next peak fits throughput × downtime limit, or the
 //     passes shrink geometrically (by q, or r when the rate is unknown) to
-//     the threshold within AutoConfig.MaxConvergeTime (60 s) and the budget:
-//     do nothing.
-//   - too slow: converging, but not within MaxConvergeTime: use a lever, but
-//     never abort for that alone.
+//     the threshold soon enough (below) and within the budget: do nothing.
+//   - too slow: converging, but the prediction exceeds AutoConfig.SlowPasses
+//     (3) full RAM passes (TotalBytes / throughput; only once the dirty rate
+//     is measured, the ratio of a few peaks being too noisy) or
+//     MaxConvergeTime (60 s): use a lever, but never abort for that alone. A
+//     guest dirtying at 0.95 × the link converges, but over dozens of passes.
+//     The first converging prediction after a lever is checked too: still
+//     running two iterations and twice the predicted time (at least
+//     SettleTime) later, the migration is too slow (the rates fooled the
+//     prediction, typically on a plateau, below).
 //   - stuck: q ≥ FlatRatio (0.97), or flat peaks (r ≥ 0.97), or the
 //     prediction exceeds the budget.
 //
@@ -124,10 +130,18 @@
 // saturated (flat peaks, or q within [0.97, 1.5): the working set is
 // re-dirtied every pass so QEMU's rate is only a lower bound), at least
 // SaturationFactor (2) × the throughput; an escalation at least halves the
-// guest's remaining run time; (3) postcopy, directly instead of a throttle
-// above PostcopyThrottle (50%) when permitted; (4) pause. After a lever
-// shows in the samples it gets SettleIterations (2) iterations before auto
-// escalates. Pause and abort are only taken on a confirmed verdict (three
+// guest's remaining run time. On a plateau (the typical peak within
+// SaturationFactor × throughput × the maximum downtime while the measured
+// rate is below the throughput, or a failed prediction) the measured rate is
+// taken as it is, and p is at least 1 - run × throughput × maximum downtime /
+// (typical peak × Margin): QEMU syncs as soon as a pass falls to its
+// threshold, so each peak is that threshold plus what the guest dirtied
+// meanwhile, and cutting the guest's run time in that ratio brings it under.
+// (3) postcopy, directly instead of a throttle above PostcopyThrottle (25%)
+// when permitted: it finishes in about one pass of the working set; (4)
+// pause. After a lever shows in the samples it gets SettleIterations (2)
+// iterations before auto escalates, one when the first iteration under a
+// throttle still measures the dirty rate at the throughput. Pause and abort are only taken on a confirmed verdict (three
 // iteration peaks, or a measured dirty rate at the throughput). When no
 // permitted lever is left and the migration is stuck, auto aborts then,
 // rather than waiting for the budget. It also aborts

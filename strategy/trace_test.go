@@ -139,10 +139,13 @@ func TestAutoTraces(t *testing.T) {
 		{"shrinking saw-tooth: only wait", strategy.Config{}, shrinking, nil},
 		{
 			// 128 MiB at 256 MiB/s needs 500 ms: fits a 1 s maximum, with 25% margin.
+			// This trace does not react: the switchover that fits never comes, so
+			// once that prediction is overdue (4 s, two iterations) auto takes the
+			// maximum (QEMU's own bandwidth estimate may be lower than its mbps).
 			"not converging, downtime fits the maximum",
 			strategy.Config{Limits: strategy.Limits{MaxDowntime: sec}},
 			nonConv,
-			[]want{{At: 500 * ms, Action: strategy.SetDowntime, Downtime: 630 * ms}},
+			[]want{{At: 500 * ms, Action: strategy.SetDowntime, Downtime: 630 * ms}, {At: 6 * sec, Action: strategy.SetDowntime, Downtime: sec}},
 		},
 		{
 			// Iteration 2 (0.5 s): the measured dirty rate equals the throughput, a
@@ -481,4 +484,145 @@ func TestProxmoxTraces(t *testing.T) {
 			assert.Equal(t, fmt.Sprint(tt.want), fmt.Sprint(got))
 		})
 	}
+}
+
+// drain builds a trace whose iterations last as long as the link takes to
+// send their peak (the first one, the bulk pass, too), sampled four times
+// each; dirty is the rate QEMU reports from iteration 2 on, varied by ±0.5%
+// per iteration the way its per-period measurement moves.
+func drain(peaks []uint64, dirty, bw float64, total uint64) []strategy.Sample {
+	var out []strategy.Sample
+	var now time.Duration
+	var sent uint64
+	for i, p := range peaks {
+		d := seconds(float64(p), bw)
+		for k := 0; k < 4; k++ {
+			st := strategy.Sample{
+				Elapsed: now + d/4*time.Duration(k), Status: "active", Iteration: uint64(1 + i),
+				RemainingBytes: p - p/4*uint64(k), TransferredBytes: sent + p/4*uint64(k), TotalBytes: total, Throughput: bw,
+			}
+			if i >= 1 {
+				st.DirtyRate = dirty * (1 + 0.005*float64(i%2))
+			}
+			out = append(out, st)
+		}
+		now += d
+		sent += p
+	}
+	return out
+}
+
+func seconds(b, rate float64) time.Duration { return time.Duration(b / rate * float64(sec)) }
+
+// The borderline guest of the 10.0 benchmark (150 MiB, dirty 27.8 MiB/s
+// against 29.2 MiB/s): after the bulk pass the peaks shrink by ~0.95 per pass,
+// converging in ~50 s, ten times a full RAM pass. Too slow: auto acts at the
+// first judgement instead of waiting for the plateau (it used to wait 19 s).
+func TestAutoBorderlineTooSlow(t *testing.T) {
+	bw, dirty := 29.2*MiB, 27.8*MiB
+	var peaks []uint64
+	for p := 148.0 * MiB; len(peaks) < 12; p *= 0.95 {
+		if len(peaks) == 1 {
+			p = 91 * MiB
+		}
+		peaks = append(peaks, uint64(p))
+	}
+	samples := drain(peaks, dirty, bw, 150*MiB)
+	lim := strategy.Limits{MaxDowntime: 500 * ms}
+
+	// The trace does not react to the throttle (its peaks keep shrinking by
+	// 0.95), so later escalations follow: only the first two are checked.
+	got, all := run(t, strategy.Config{Limits: lim}, samples)
+	require.GreaterOrEqual(t, len(got), 2, "%v", got)
+	assert.Equal(t, strategy.SetDowntime, got[0].Action)
+	assert.Equal(t, 500*ms, got[0].Downtime)
+	assert.Less(t, got[0].At, 6*sec, "at the first judgement, after the bulk pass")
+	assert.Equal(t, strategy.SetThrottle, got[1].Action)
+	// p = 1 - 0.5 × 29.2/27.8 (at most +0.5%) = 48%.
+	assert.InDelta(t, 48, got[1].Throttle, 1)
+	for _, d := range all {
+		if d.Action == strategy.SetThrottle {
+			assert.Contains(t, d.Reason, "converging too slowly")
+			break
+		}
+	}
+
+	lim.AllowPostcopy = true
+	got, _ = run(t, strategy.Config{Limits: lim}, samples)
+	require.NotEmpty(t, got)
+	assert.Equal(t, strategy.StartPostcopy, got[len(got)-1].Action, "a 48%% throttle is above PostcopyThrottle (25%%): postcopy")
+	assert.Less(t, got[len(got)-1].At, 6*sec)
+}
+
+// A plateau (the 10.0 benchmark's borderline guest at 20 s): the peaks hover
+// around 23 MiB, above the 14.6 MiB a 500 ms switchover takes (QEMU syncs as
+// soon as the pass falls to its threshold, so each peak is that threshold
+// plus what the guest dirtied meanwhile), while the measured rate (q = 0.9)
+// is below the throughput. The throttle is sized from the plateau, not from
+// the saturation guess (75%) the rate would suggest for flat peaks.
+func TestAutoPlateau(t *testing.T) {
+	bw, dirty := 29.1*MiB, 26.4*MiB
+	peaks := []uint64{148 * MiB}
+	for i := range 40 {
+		peaks = append(peaks, uint64([]float64{23.1, 24.8, 23.8, 21.2, 23.0}[i%5]*MiB))
+	}
+	cfg := strategy.Config{Limits: strategy.Limits{MaxDowntime: 500 * ms}, Auto: strategy.AutoConfig{InitialDowntime: 500 * ms}}
+	got, all := run(t, cfg, drain(peaks, dirty, bw, 150*MiB))
+	t.Logf("%v", got)
+	require.NotEmpty(t, got)
+	assert.Equal(t, strategy.SetThrottle, got[0].Action, "%v", got)
+	// 1 - 14.55/(23.8 × 1.25) = 52% (23.1 MiB: 50%), above the rate's
+	// 1 - 0.5×29.1/26.4 = 45%.
+	assert.InDelta(t, 51, got[0].Throttle, 2)
+	assert.Less(t, got[0].At, 8*sec)
+	for _, d := range all {
+		if d.Action == strategy.SetThrottle {
+			assert.Contains(t, d.Reason, "a 500ms switchover takes")
+			break
+		}
+	}
+}
+
+// The prediction check: the measured rate (q = 0.5) predicts convergence in
+// about 2 s, but the peaks shrink by only 0.95 per pass, from 40 MiB towards
+// the 14.6 MiB a 500 ms switchover takes. Once the prediction is two
+// iterations and twice its time overdue, auto acts on what it sees.
+func TestAutoPredictionMissed(t *testing.T) {
+	bw := 29.1 * MiB
+	peaks := []uint64{148 * MiB}
+	for p := 40.0 * MiB; len(peaks) < 30; p *= 0.95 {
+		peaks = append(peaks, uint64(p))
+	}
+	cfg := strategy.Config{Limits: strategy.Limits{MaxDowntime: 500 * ms}, Auto: strategy.AutoConfig{InitialDowntime: 500 * ms}}
+	got, all := run(t, cfg, drain(peaks, bw/2, bw, 150*MiB))
+	t.Logf("%v", got)
+	require.NotEmpty(t, got)
+	assert.Equal(t, strategy.SetThrottle, got[0].Action, "%v", got)
+	// Predicted at the first judgement (~5.1 s + 1.4 s), overdue 4 s later.
+	assert.Greater(t, got[0].At, 9*sec)
+	assert.Less(t, got[0].At, 13*sec)
+	// Sized from the dirty set: 1 - 14.55/(typical × 1.25), the rate says 1%.
+	assert.Greater(t, got[0].Throttle, 40)
+	for _, d := range all {
+		if d.Action == strategy.SetThrottle {
+			assert.Contains(t, d.Reason, "still not converged")
+			break
+		}
+	}
+}
+
+// A throttle under which the first full iteration still measures the dirty
+// rate at the throughput is escalated after that one iteration, without
+// waiting for SettleIterations.
+func TestAutoSaturatedThrottleEscalatesEarly(t *testing.T) {
+	bw := 32.0 * MiB
+	peaks := append([]uint64{150 * MiB}, repeat(99*MiB, 12)...)
+	samples := drain(peaks, bw, bw, 150*MiB)
+	got, _ := run(t, strategy.Config{Limits: strategy.Limits{MaxDowntime: 500 * ms}}, samples)
+	require.GreaterOrEqual(t, len(got), 3, "%v", got)
+	assert.Equal(t, strategy.SetThrottle, got[1].Action)
+	assert.Equal(t, strategy.SetThrottle, got[2].Action)
+	pass := seconds(99*MiB, bw)
+	assert.Less(t, got[2].At-got[1].At, 2*pass+pass/2, "escalated after one iteration under the throttle: %v", got)
+	assert.Greater(t, got[2].Throttle, got[1].Throttle)
 }
