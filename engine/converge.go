@@ -33,10 +33,8 @@ func (r *run) start(ctx context.Context) error {
 			return err
 		}
 	}
-	args := r.ch.IncomingArgs(r.dstF, true)
-	r.log.Debug("migrate-incoming", "channel", r.ch.String(), "channels-form", args.Channels != nil)
 	r.incoming = true // from the first attempt on, the destination is not reusable
-	if err := r.dst.MigrateIncoming(ctx, args); err != nil {
+	if err := r.migrateIncoming(ctx); err != nil {
 		return r.callErr(ctx, SideDestination, "migrate-incoming", err)
 	}
 	if r.ch.Scheme == transport.Unix {
@@ -67,12 +65,53 @@ func (r *run) start(ctx context.Context) error {
 	// migration must be cancelled first (undo runs in reverse).
 	r.pushUndo("source: resume guest", r.undoResumeSource)
 	r.pushUndo("source: cancel migration", r.undoCancel)
-	margs := ch.MigrateArgs(r.srcF)
-	r.log.Debug("migrate", "channel", ch.String(), "channels-form", margs.Channels != nil)
-	if err := r.src.Migrate(ctx, margs); err != nil {
+	if err := r.migrate(ctx, ch); err != nil {
 		return r.callErr(ctx, SideSource, "migrate", err)
 	}
 	return nil
+}
+
+// migrateIncoming runs migrate-incoming in the destination's form, newest
+// first: where QEMU refuses an argument of that form with QAPI's exact
+// error (the command did not run), it retries in the older form
+// (transport.Form.Fallback) and keeps the form that worked. exit-on-error
+// is sent as true, QEMU's default, where the destination takes it.
+func (r *run) migrateIncoming(ctx context.Context) error {
+	for {
+		args := r.ch.IncomingArgs(r.dstForm, true)
+		r.log.Debug("migrate-incoming", "channel", r.ch.String(), "channels-form", args.Channels != nil, "exit-on-error", args.ExitOnError != nil)
+		err := r.dst.MigrateIncoming(ctx, args)
+		if err == nil {
+			return nil
+		}
+		older, ok := r.dstForm.Fallback(err)
+		if !ok {
+			return err
+		}
+		r.log.Debug("migrate-incoming refused an argument: older form next", "err", err)
+		r.dstForm = older
+	}
+}
+
+// migrate runs migrate on the source towards ch in the source's form,
+// found out the same way as migrateIncoming's (the source may be another
+// QEMU version than the destination). migrate has no exit-on-error: only
+// the channels form falls back.
+func (r *run) migrate(ctx context.Context, ch transport.Channel) error {
+	for {
+		args := ch.MigrateArgs(r.srcForm)
+		r.log.Debug("migrate", "channel", ch.String(), "channels-form", args.Channels != nil)
+		err := r.src.Migrate(ctx, args)
+		if err == nil {
+			return nil
+		}
+		older, ok := r.srcForm.Fallback(err)
+		if !ok || older.Channels == r.srcForm.Channels {
+			return err
+		}
+		r.log.Debug("migrate refused an argument: older form next", "err", err)
+		r.srcForm = older
+	}
 }
 
 // waitMirrors polls the mirrors until all are READY. Each poll is a

@@ -8,21 +8,23 @@
 // all state; nothing keeps running after it returns. The phases are:
 //
 //   - prepare: connect both monitors (concurrently, each bounded by
-//     ConnectTimeout, also the first answers) and start probing both
-//     schemas (query-qmp-schema) in the background; check the destination
-//     waits in run state "inmigrate" with no incoming migration started
+//     ConnectTimeout, also the first answers); check the destination waits
+//     in run state "inmigrate" with no incoming migration started
 //     (-incoming defer), the source runs (a paused source is accepted: the
 //     destination is then left paused), both have the same RAM size
 //     (query-memory-size-summary) and machine type (qom-get /machine type;
 //     skipped when a QEMU does not answer it), the same -uuid when multifd
 //     is on; check every needed capability exists (query-migrate-capabilities
-//     lists those a QEMU has). These queries are in flight together, both
-//     sides at once. Any failure so far wraps ErrBadInput: nothing has
-//     changed on either QEMU. Then (storage only) the schemas are awaited,
-//     the storage preflight runs (still bad input) and blockmirror.Start;
-//     the capabilities and parameters are set on both sides and read back
-//     (sets, then read-backs, in flight together); last the schemas are
-//     awaited (a failure there rolls back what was set).
+//     lists those a QEMU has; query-migrate-parameters tells which
+//     parameters it has). These queries are in flight together, both sides
+//     at once. Any failure so far wraps ErrBadInput: nothing has changed on
+//     either QEMU. No schema is read for a migration without storage: what
+//     the engine needs comes from those small queries, and the argument
+//     forms of migrate-incoming and migrate from trying them (start).
+//     With storage both schemas (query-qmp-schema) are probed in the same
+//     wave, the storage preflight runs on them (still bad input) and
+//     blockmirror.Start. Then the capabilities and parameters are set on
+//     both sides and read back (sets, then read-backs, in flight together).
 //   - start: wait for the mirrors to be READY (storage only: every poll is
 //     a strategy sample of the mirror phase, Sample.Mirroring, and its
 //     decisions are applied: MirrorWriteBlocking through
@@ -34,8 +36,15 @@
 //     counts from the start of Migrate, mirroring included), subscribe to
 //     events, (fd: only) pass a socketpair's ends with getfd, migrate-incoming
 //     on the destination (tcp port 0 is resolved from the destination's
-//     query-migrate), migrate on the source. The "channels" argument is used
-//     where the QEMU has it, "uri" elsewhere.
+//     query-migrate), migrate on the source. Each is sent in the newest form
+//     first ("channels", and exit-on-error for migrate-incoming); where a
+//     QEMU refuses one of its arguments with QAPI's exact error ("Parameter
+//     'uri' is missing" from a QEMU without "channels", "Parameter
+//     'exit-on-error' is unexpected"), the command did not run and is
+//     retried in the older form ("uri", no exit-on-error); any other error
+//     is the command's own failure. Source and destination are tried
+//     separately (they may be different versions). With storage the
+//     schemas give the forms at once.
 //   - converge: poll query-migrate (and, storage only, the mirrors'
 //     progress: the disk backlog left since READY) every PollInterval, woken
 //     early by MIGRATION and MIGRATION_PASS events; each sample goes to the
@@ -67,7 +76,7 @@
 //
 // # Destination after a failure
 //
-// Where the destination knows exit-on-error (9.1+) the engine sends it as
+// Where the destination takes exit-on-error (9.1+) the engine sends it as
 // true, QEMU's default, so on every version the destination QEMU exits when
 // its incoming migration fails. A
 // destination whose migration never connected stays in inmigrate with its
@@ -89,14 +98,18 @@
 // # Cost
 //
 // prepare makes about a dozen QMP round trips per side, in three waves of
-// concurrent commands (checks, sets, read-backs), while both sides'
-// query-qmp-schema (about 200 KB; 0.05-0.5 s on a busy TCG host) runs in
-// the background. The schema reply is needed only for the arguments of
-// migrate-incoming and migrate (and the storage preflight), so it bounds
-// prepare only when it is slower than the rest. From the start phase on,
-// the engine adds no measurable time to QEMU's own migration
-// (BenchmarkEngineVsRaw in integration, which also gives the whole-call
-// figures).
+// concurrent commands (checks, sets, read-backs), all small replies. It does
+// not read query-qmp-schema without storage: that reply is about 230 KB, and
+// a busy TCG QEMU spends 50-120 ms of its main loop producing it, answering
+// nothing else meanwhile, so even a schema request left running in the
+// background would hold up migrate-incoming. Trying the newest argument form
+// costs nothing on a QEMU that takes it, and one small refused command per
+// missing argument on an older one (7.2: two for migrate-incoming, one for
+// migrate). A storage migration reads both schemas in its first wave (its
+// preflight needs them; mirroring takes far longer). The engine's time
+// against a minimal raw-QMP driver on the same migration, whole call and
+// from the start phase on, is measured by BenchmarkEngineVsRaw in
+// integration.
 //
 // # Contracts
 //

@@ -183,12 +183,8 @@ func TestFailureRollsBack(t *testing.T) {
 		eside  engine.Side
 		undone int
 	}{
-		"dst caps":   {side: 1, cmd: "migrate-set-capabilities", phase: engine.PhasePrepare, eside: engine.SideDestination},
-		"src params": {side: 0, cmd: "migrate-set-parameters", phase: engine.PhasePrepare, eside: engine.SideSource},
-		// The schema is awaited only after the capabilities and
-		// parameters are set: its failure rolls them back.
-		"src schema":       {side: 0, cmd: "query-qmp-schema", phase: engine.PhasePrepare, eside: engine.SideSource},
-		"dst schema":       {side: 1, cmd: "query-qmp-schema", phase: engine.PhasePrepare, eside: engine.SideDestination},
+		"dst caps":         {side: 1, cmd: "migrate-set-capabilities", phase: engine.PhasePrepare, eside: engine.SideDestination},
+		"src params":       {side: 0, cmd: "migrate-set-parameters", phase: engine.PhasePrepare, eside: engine.SideSource},
 		"migrate-incoming": {side: 1, cmd: "migrate-incoming", phase: engine.PhaseStart, eside: engine.SideDestination},
 		"migrate":          {side: 0, cmd: "migrate", phase: engine.PhaseStart, eside: engine.SideSource},
 	} {
@@ -389,28 +385,138 @@ func TestDecisionsApplied(t *testing.T) {
 	})
 }
 
-func TestTCPPortZeroAndArgForms(t *testing.T) {
+// The argument forms of migrate-incoming and migrate are found out by
+// trying, newest first, on each side separately: a QEMU that refuses an
+// argument with QAPI's error (the fakes answer as QEMU does) gets the older
+// form, and no schema is probed without storage.
+func TestArgFormsByTrying(t *testing.T) {
+	v72, v90, v100 := [3]int{7, 2, 22}, [3]int{9, 0, 2}, [3]int{10, 0, 2}
+	for name, tc := range map[string]struct {
+		src, dst       [3]int
+		incoming       []string // the forms of the migrate-incoming calls, in order
+		migrate        []string // and of the migrate calls
+		incomingResult string
+	}{
+		"10.0": {src: v100, dst: v100, incoming: []string{"channels+eoe"}, migrate: []string{"channels"}},
+		"9.0":  {src: v90, dst: v90, incoming: []string{"channels+eoe", "channels"}, migrate: []string{"channels"}},
+		"7.2": {src: v72, dst: v72, incoming: []string{"channels+eoe", "uri+eoe", "uri"},
+			migrate: []string{"channels", "uri"}},
+		"7.2 to 10.0": {src: v72, dst: v100, incoming: []string{"channels+eoe"}, migrate: []string{"channels", "uri"}},
+		"10.0 to 7.2": {src: v100, dst: v72, incoming: []string{"channels+eoe", "uri+eoe", "uri"}, migrate: []string{"channels"}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				p, cfg := pair(t, fakevm.Options{Version: tc.src, DstVersion: tc.dst})
+				cfg.URI = "tcp:127.0.0.1:0"
+				res, err := engine.Migrate(t.Context(), cfg)
+				require.NoError(t, err)
+				assert.Equal(t, engine.StatusCompleted, res.Status)
+				assert.Empty(t, res.UndoErrors)
+				assert.Equal(t, tc.incoming, argForms(t, p.Dst.CallsOf("migrate-incoming")))
+				assert.Equal(t, tc.migrate, argForms(t, p.Src.CallsOf("migrate")))
+				// The source connects to the port the destination picked,
+				// in whatever form it takes.
+				var args qmp.MigrateArgs
+				calls := p.Src.CallsOf("migrate")
+				require.NoError(t, json.Unmarshal(calls[len(calls)-1].Args, &args))
+				if args.URI != "" {
+					assert.Equal(t, "tcp:127.0.0.1:45678", args.URI)
+				} else {
+					require.Len(t, args.Channels, 1)
+					assert.Equal(t, "45678", args.Channels[0].Addr.Port)
+				}
+				assert.Empty(t, p.Src.CallsOf("query-qmp-schema"), "no schema without storage")
+				assert.Empty(t, p.Dst.CallsOf("query-qmp-schema"), "no schema without storage")
+			})
+		})
+	}
+}
+
+// argForms names the form of each migrate or migrate-incoming call.
+func argForms(t *testing.T, calls []qmptest.Call) []string {
+	t.Helper()
+	var out []string
+	for _, c := range calls {
+		var a map[string]json.RawMessage
+		require.NoError(t, json.Unmarshal(c.Args, &a))
+		f := "uri"
+		if _, ok := a["channels"]; ok {
+			f = "channels"
+		}
+		if _, ok := a["exit-on-error"]; ok {
+			f += "+eoe"
+		}
+		out = append(out, f)
+	}
+	return out
+}
+
+// Only QEMU's refusal of an argument of the form leads to an older form:
+// any other failure of migrate-incoming or migrate is the command's own,
+// reported after one call and rolled back; a failure of the older form is
+// reported as it is. The handlers stand in for the fake's: on 7.2 they
+// refuse arguments as QEMU 7.2 does, then fail the calls tc.fail picks.
+func TestArgFormFallbackFailures(t *testing.T) {
+	v72, v100 := [3]int{7, 2, 22}, [3]int{10, 0, 2}
+	bind := "Failed to bind socket: Address already in use"
 	for name, tc := range map[string]struct {
 		version  [3]int
-		channels bool
-	}{"7.2 uri": {[3]int{7, 2, 22}, false}, "10.0 channels": {[3]int{10, 0, 2}, true}} {
+		side     int
+		cmd      string
+		fail     func(args map[string]json.RawMessage) bool // which calls fail with "injected"
+		calls    int
+		wantDesc string
+	}{
+		"incoming other error": {version: v100, side: 1, cmd: "migrate-incoming", calls: 1, wantDesc: bind,
+			fail: func(map[string]json.RawMessage) bool { return true }},
+		"incoming fallback fails": {version: v72, side: 1, cmd: "migrate-incoming", calls: 3, wantDesc: bind,
+			fail: func(a map[string]json.RawMessage) bool { _, ok := a["uri"]; return ok && len(a) == 1 }},
+		"migrate other error": {version: v100, side: 0, cmd: "migrate", calls: 1, wantDesc: bind,
+			fail: func(map[string]json.RawMessage) bool { return true }},
+		"migrate fallback fails": {version: v72, side: 0, cmd: "migrate", calls: 2, wantDesc: bind,
+			fail: func(a map[string]json.RawMessage) bool { _, ok := a["uri"]; return ok }},
+		// A QEMU that keeps answering the same refusal: no endless retries.
+		"refused again": {version: v100, side: 1, cmd: "migrate-incoming", calls: 2,
+			wantDesc: "Parameter 'uri' is missing",
+			fail:     func(map[string]json.RawMessage) bool { return true }},
+	} {
 		t.Run(name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				p, cfg := pair(t, fakevm.Options{Version: tc.version})
-				cfg.URI = "tcp:127.0.0.1:0"
-				_, err := engine.Migrate(t.Context(), cfg)
-				require.NoError(t, err)
-				calls := p.Src.CallsOf("migrate")
-				require.Len(t, calls, 1)
-				var args qmp.MigrateArgs
-				require.NoError(t, json.Unmarshal(calls[0].Args, &args))
-				if tc.channels {
-					require.Len(t, args.Channels, 1)
-					assert.Equal(t, "45678", args.Channels[0].Addr.Port)
-					assert.Empty(t, args.URI)
-				} else {
-					assert.Equal(t, "tcp:127.0.0.1:45678", args.URI)
+				srv := p.Src
+				members := []string{"uri", "*blk", "*inc", "*detach", "*resume"}
+				if tc.side == 1 {
+					srv = p.Dst
+					members = []string{"uri"}
 				}
+				desc := tc.wantDesc
+				srv.Handle(tc.cmd, func(raw json.RawMessage) (any, error) {
+					if tc.version == v72 {
+						if err := qmptest.CheckArgs(raw, members...); err != nil {
+							return nil, err
+						}
+					}
+					var a map[string]json.RawMessage
+					_ = json.Unmarshal(raw, &a)
+					if tc.fail(a) {
+						return nil, &qmp.Error{Class: "GenericError", Desc: desc}
+					}
+					return nil, nil
+				})
+				res, err := engine.Migrate(t.Context(), cfg)
+				require.Error(t, err)
+				assert.Equal(t, engine.StatusFailed, res.Status)
+				var ee *engine.Error
+				require.ErrorAs(t, err, &ee)
+				assert.Equal(t, tc.cmd, ee.Op)
+				assert.Equal(t, engine.PhaseStart, ee.Phase)
+				var qe *qmp.Error
+				require.ErrorAs(t, err, &qe)
+				assert.Equal(t, tc.wantDesc, qe.Desc)
+				assert.Len(t, srv.CallsOf(tc.cmd), tc.calls)
+				assert.Equal(t, "running", p.SrcRunState())
+				assert.False(t, p.Caps(0)["events"], "source capabilities restored")
+				assert.Empty(t, res.UndoErrors)
 			})
 		})
 	}

@@ -59,10 +59,14 @@ type run struct {
 	migCh transport.Channel // what the source connects to (port resolved)
 
 	src, dst   *qmp.Client
-	srcF, dstF *qmp.Features
-	owned      []*qmp.Client
-	srcSub     *qmp.Subscription
-	dstSub     *qmp.Subscription
+	srcF, dstF *qmp.Features // the schemas' summaries: storage migrations only, nil otherwise
+	// The argument forms of migrate (source) and migrate-incoming
+	// (destination): the newest until QEMU refuses one of their arguments,
+	// or the schema's where it was probed.
+	srcForm, dstForm transport.Form
+	owned            []*qmp.Client
+	srcSub           *qmp.Subscription
+	dstSub           *qmp.Subscription
 
 	prevSC, prevDC map[string]bool // capabilities as they were, for those we changed
 	prevSP, prevDP *qmp.MigrationParameters

@@ -24,65 +24,22 @@ type sideInfo struct {
 	uuid    string
 	caps    map[string]bool // query-migrate-capabilities: every capability the QEMU has
 	params  *qmp.MigrationParameters
-}
-
-// schemaProbe is one side's query-qmp-schema (ProbeFeatures), running in the
-// background from the moment the side is connected. The reply is the largest
-// of prepare (about 200 KB), and only a few facts need it: the "channels" and
-// "exit-on-error" arguments of migrate-incoming and migrate, and the storage
-// preflight. Everything else prepare checks comes from small queries.
-type schemaProbe struct {
-	done   chan struct{}
-	cancel context.CancelFunc
-	feat   *qmp.Features
-	err    error
-}
-
-// probeSchema starts ProbeFeatures on c, bounded by ConnectTimeout.
-func (r *run) probeSchema(ctx context.Context, c *qmp.Client) *schemaProbe {
-	pctx, cancel := context.WithTimeout(ctx, r.cfg.connectTimeout())
-	p := &schemaProbe{done: make(chan struct{}), cancel: cancel}
-	go func() {
-		defer close(p.done)
-		p.feat, p.err = c.ProbeFeatures(pctx)
-	}()
-	return p
-}
-
-// stop abandons the probe (if still running) and waits for its goroutine.
-func (p *schemaProbe) stop() {
-	if p == nil {
-		return
-	}
-	p.cancel()
-	<-p.done
+	feat    *qmp.Features // query-qmp-schema, probed for storage migrations only
 }
 
 // prepare connects, checks both sides, then (storage) starts the mirrors and
-// sets capabilities and parameters on both sides. The schemas are probed in
-// the background meanwhile and awaited only where needed: before the storage
-// preflight (nothing has changed yet: bad input), else at the end of prepare
-// (capabilities and parameters are set: a failure rolls them back).
+// sets capabilities and parameters on both sides. Without storage no schema
+// is probed: what the engine needs comes from small queries (capabilities,
+// parameters), and the argument forms of migrate-incoming and migrate are
+// found out by trying them in the start phase.
 func (r *run) prepare(ctx context.Context) error {
-	var sp, dp *schemaProbe
-	// Nothing keeps running after an early return.
-	defer func() {
-		sp.stop()
-		dp.stop()
-	}()
 	var (
 		derr error
 		wg   sync.WaitGroup
 	)
-	wg.Go(func() {
-		if r.dst, derr = r.connect(ctx, SideDestination, r.cfg.Destination); derr == nil {
-			dp = r.probeSchema(ctx, r.dst)
-		}
-	})
+	wg.Go(func() { r.dst, derr = r.connect(ctx, SideDestination, r.cfg.Destination) })
 	var err error
-	if r.src, err = r.connect(ctx, SideSource, r.cfg.Source); err == nil {
-		sp = r.probeSchema(ctx, r.src)
-	}
+	r.src, err = r.connect(ctx, SideSource, r.cfg.Source)
 	wg.Wait()
 	for _, p := range []struct {
 		c  *qmp.Client
@@ -113,11 +70,10 @@ func (r *run) prepare(ctx context.Context) error {
 	if err := r.check(si, di); err != nil {
 		return err
 	}
+	r.srcForm, r.dstForm = transport.Newest, transport.Newest
 	if st := r.cfg.Storage; st != nil {
-		// The storage preflight needs the schemas; nothing has changed yet.
-		if err := r.awaitSchemas(ctx, sp, dp, true); err != nil {
-			return err
-		}
+		r.srcF, r.dstF = si.feat, di.feat
+		r.srcForm, r.dstForm = transport.FormOf(r.srcF), transport.FormOf(r.dstF)
 		if !r.srcF.HasCommand("blockdev-mirror") || !r.dstF.HasCommand("block-export-add") {
 			return r.badInput("", "check storage support", errors.New("storage migration needs blockdev-mirror on the source and block-export-add on the destination"))
 		}
@@ -146,45 +102,7 @@ func (r *run) prepare(ctx context.Context) error {
 			return err
 		}
 	}
-	if err := r.configure(ctx, si, di, srcCaps, dstCaps); err != nil {
-		return err
-	}
-	// The start phase chooses the migrate-incoming and migrate arguments
-	// from the schemas.
-	return r.awaitSchemas(ctx, sp, dp, false)
-}
-
-// awaitSchemas waits for both probes and sets srcF and dstF. Before anything
-// changed (preflight) a failure is bad input; after, a plain error that
-// rolls back.
-func (r *run) awaitSchemas(ctx context.Context, sp, dp *schemaProbe, preflight bool) error {
-	if r.srcF != nil && r.dstF != nil {
-		return nil
-	}
-	for _, p := range []struct {
-		side  Side
-		probe *schemaProbe
-	}{{SideSource, sp}, {SideDestination, dp}} {
-		select {
-		case <-p.probe.done:
-		case <-ctx.Done():
-			return r.cancelled(ctx, "query-qmp-schema")
-		}
-		if err := p.probe.err; err != nil {
-			if ctx.Err() != nil {
-				return r.cancelled(ctx, "query-qmp-schema")
-			}
-			if errors.Is(err, context.DeadlineExceeded) {
-				err = fmt.Errorf("no answer within %v: %w", r.cfg.connectTimeout(), err)
-			}
-			if preflight {
-				return r.badInput(p.side, "query-qmp-schema", err)
-			}
-			return r.callErr(ctx, p.side, "query-qmp-schema", err)
-		}
-	}
-	r.srcF, r.dstF = sp.feat, dp.feat
-	return nil
+	return r.configure(ctx, si, di, srcCaps, dstCaps)
 }
 
 // connect dials an endpoint (or takes the caller's client), bounded by
@@ -215,7 +133,9 @@ func (r *run) connect(ctx context.Context, side Side, ep Endpoint) (*qmp.Client,
 }
 
 // inspect reads one side's state with concurrent queries; every answer must
-// come within ConnectTimeout.
+// come within ConnectTimeout. The schema (query-qmp-schema, the largest
+// reply by far and a long stall of QEMU's main loop) is probed along for a
+// storage migration only, whose preflight needs it.
 func (r *run) inspect(ctx context.Context, side Side) (*sideInfo, error) {
 	c := r.client(side)
 	qctx, cancel := context.WithTimeout(ctx, r.cfg.connectTimeout())
@@ -231,9 +151,9 @@ func (r *run) inspect(ctx context.Context, side Side) (*sideInfo, error) {
 	}
 	info := &sideInfo{}
 	var (
-		st                                                      *qmp.StatusInfo
-		stErr, migErr, memErr, machErr, uuidErr, capErr, parErr error
-		mem                                                     struct {
+		st                                                               *qmp.StatusInfo
+		stErr, migErr, memErr, machErr, uuidErr, capErr, parErr, featErr error
+		mem                                                              struct {
 			Base    uint64  `json:"base-memory"`
 			Plugged *uint64 `json:"plugged-memory"`
 		}
@@ -251,6 +171,9 @@ func (r *run) inspect(ctx context.Context, side Side) (*sideInfo, error) {
 	}
 	wg.Go(func() { info.caps, capErr = c.QueryMigrateCapabilities(qctx) })
 	wg.Go(func() { info.params, parErr = c.QueryMigrateParameters(qctx) })
+	if r.cfg.Storage != nil {
+		wg.Go(func() { info.feat, featErr = c.ProbeFeatures(qctx) })
+	}
 	wg.Wait()
 	if stErr != nil {
 		return nil, fail("query-status", stErr)
@@ -286,6 +209,9 @@ func (r *run) inspect(ctx context.Context, side Side) (*sideInfo, error) {
 	}
 	if parErr != nil {
 		return nil, fail("query-migrate-parameters", parErr)
+	}
+	if featErr != nil {
+		return nil, fail("query-qmp-schema", featErr)
 	}
 	r.log.Debug("inspected", "side", side, "qemu", c.Version(), "runstate", info.status,
 		"migration", info.mig.Status, "memory", info.memory, "machine", info.machine)

@@ -26,8 +26,8 @@ const benchBandwidth = 100e6
 
 // migrateOnce starts a fresh pair, migrates it with the engine or the raw
 // driver, and returns the time of the call (QEMU start-up is outside it) and
-// the time from the start phase on (for the engine: without prepare's checks
-// and schema probes; for the raw driver the same as the call).
+// the time from the start phase on (for the engine: without prepare's
+// checks, sets and read-backs; for the raw driver the same as the call).
 func migrateOnce(tb testing.TB, q *testbed.QEMU, useEngine bool) (total, fromStart time.Duration) {
 	t := tb.(interface {
 		testbed.TB
@@ -77,30 +77,35 @@ func migrateOnce(tb testing.TB, q *testbed.QEMU, useEngine bool) (total, fromSta
 // sweep guest, unix socket, 100 MB/s) driven by engine.Migrate and by a
 // minimal raw driver, alternating the order, and reports the medians and
 // their ratios: for the whole call, and for the engine from its start phase
-// on (without prepare's checks and schema probes).
+// on (without prepare's checks, sets and read-backs).
 //
 //	go test -run '^$' -bench EngineVsRaw -benchtime 10x ./integration/
 //
-// Measured on the project's shared 2-core machine (10 rounds, medians;
-// prepare is the median of each round's time to the start phase):
+// Measured on the project's shared 2-core machine (medians; prepare is the
+// median of each round's time to the start phase):
 //
 //	QEMU     engine    from start   prepare   raw       ratio   from start
-//	10.0.2   1201 ms   1058 ms      128 ms    1055 ms   1.138   1.003
-//	7.2.22   1173 ms   1071 ms      118 ms    1059 ms   1.108   1.011
+//	10.0.2   (figures: see the note)
+//	7.2.22   (figures: see the note)
 //
-// From the start phase on the engine is within 2% of the raw driver (it
-// wakes on MIGRATION events instead of a 50 ms poll). The rest is prepare,
-// and nearly all of prepare is QEMU producing its query-qmp-schema reply:
-// a TCG QEMU 10.0 spends 17-30 ms of main-loop time on it when idle, 55-120 ms
-// here (sweep guest, shared cores) before the first byte of the ~230 KB
-// reply (the transfer itself takes under 2 ms), and its monitor answers
-// nothing else meanwhile. The schema is probed from the first moment, but
-// migrate-incoming needs it ("channels" or "uri"), so it bounds the call.
-// prepare's own checks, sets and read-backs take about 10 ms (measured with
-// the schema replaced by fixed features). Before prepare overlapped its
-// queries, sets and read-backs with the schema (same machine, same hour):
-// 1185 / 1054 / 130 / 1059 ms (1.119) on 10.0.2, 1207 / 1068 / 140 / 1068
-// ms (1.130) on 7.2.22, a difference within the noise of the schema's time.
+// Note: the figures are to be taken with -benchtime 10x after the change
+// below; earlier 10-round figures with the schema probed in prepare were
+// 1201 / 1058 / 128 / 1055 ms (1.138) on 10.0.2 and 1173 / 1071 / 118 /
+// 1059 ms (1.108) on 7.2.22.
+//
+// From the start phase on the engine was already within 2% of the raw
+// driver (it wakes on MIGRATION events instead of a 50 ms poll). The rest
+// was prepare, and nearly all of prepare was QEMU producing its
+// query-qmp-schema reply: a TCG QEMU 10.0 spends 17-30 ms of main-loop time
+// on it when idle, 55-120 ms here (sweep guest, shared cores) before the
+// first byte of the ~230 KB reply, and its monitor answers nothing else
+// meanwhile, so even a background probe held up migrate-incoming. prepare
+// no longer reads the schema without storage: capabilities and parameters
+// come from their own queries, and the "channels" and "exit-on-error"
+// arguments are found out by trying the newest form (7.2 refuses it with
+// QAPI's error and gets the older one: two extra small round trips for
+// migrate-incoming, one for migrate, under 1 ms each). What is left of
+// prepare is its own checks, sets and read-backs: a few milliseconds.
 func BenchmarkEngineVsRaw(b *testing.B) {
 	q := testbed.RequireQEMU(b)
 	var eng, engStart, engPrep, raw []time.Duration

@@ -64,7 +64,14 @@
 // has, whether migrate takes "channels", whether migrate-incoming takes
 // "exit-on-error" and whether block-job-change exists. Choose commands from
 // it, never from version numbers. FeaturesFromSchema does the same for a
-// schema you already have.
+// schema you already have. The schema is expensive for QEMU to produce
+// (tens of ms of its main loop); where a few facts suffice, ask for them
+// exactly instead: QueryMigrateCapabilities lists every capability,
+// QueryMigrateParameters every parameter, and an argument QEMU does not
+// know is refused before the command runs, with an error that
+// IsUnexpectedArgument (or, for a mandatory argument left out,
+// IsMissingArgument) recognises, so a command can be tried in its newest
+// form and retried in an older one.
 //
 // Logging: WithLogger receives the wire transcript at debug level, with the
 // values of secret-bearing keys (password, secret, data, key, iv, ...)

@@ -7,10 +7,16 @@
 // getfd; no listener at all, both monitors must be local unix sockets), and
 // refuses exec:, and every other scheme, with ErrUnsupportedScheme: qmigrate
 // never asks QEMU to run a command. A Channel gives the migrate-incoming and
-// migrate arguments for a QEMU's probed qmp.Features: the "channels" form when
-// the QEMU has it (8.2+), the "uri" form otherwise. A tcp port 0 lets the
-// destination choose; ResolvePort reads the real port back from the
-// destination's query-migrate after migrate-incoming.
+// migrate arguments in a Form: "channels" (8.2+) or "uri", and
+// migrate-incoming's "exit-on-error" (9.1+) or not. The form a QEMU takes is
+// found out by trying, not from its version: send the Newest form, and when
+// QEMU refuses one of its arguments with QAPI's exact error ("Parameter 'uri'
+// is missing" from a QEMU where "uri" is mandatory, "Parameter 'X' is
+// unexpected"), Form.Fallback gives the older form to retry with; a refused
+// command changed nothing on QEMU, and any other error is the command's real
+// failure. FormOf reads the form from a probed schema instead. A tcp port 0
+// lets the destination choose; ResolvePort reads the real port back from
+// the destination's query-migrate after migrate-incoming.
 //
 // Multifd needs the multifd capability and the same multifd-channels on both
 // sides, and (qemu-protocol.md §3) the same -uuid on both QEMUs or none: each

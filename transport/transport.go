@@ -128,26 +128,73 @@ func (c Channel) channels() []qmp.MigrationChannel {
 	}}
 }
 
-// IncomingArgs are the migrate-incoming arguments for this channel: the
-// "channels" form when the destination has it (8.2+), "uri" otherwise.
-// exitOnError is sent only when the destination knows exit-on-error (9.1+).
-func (c Channel) IncomingArgs(f *qmp.Features, exitOnError bool) qmp.MigrateIncomingArgs {
+// Form is which arguments of migrate-incoming and migrate one QEMU takes
+// beyond the oldest form ("uri" alone). It is found out by trying: send
+// the newest form (Newest), and on QEMU's exact refusal of one of its
+// arguments (Fallback) retry in an older form; a refused command changed
+// nothing on QEMU. Where a schema was probed anyway, FormOf gives it
+// directly.
+type Form struct {
+	// Channels: "channels" instead of "uri" (QEMU 8.2+, where "uri"
+	// became optional).
+	Channels bool
+	// ExitOnError: migrate-incoming takes "exit-on-error" (9.1+).
+	ExitOnError bool
+}
+
+// Newest is the form to try first on a QEMU nothing is known of.
+var Newest = Form{Channels: true, ExitOnError: true}
+
+// FormOf is the form a QEMU's probed schema says it takes.
+func FormOf(f *qmp.Features) Form {
+	if f == nil {
+		return Form{}
+	}
+	return Form{Channels: f.MigrateChannels, ExitOnError: f.IncomingExitOnError}
+}
+
+// Fallback returns the older form to retry with after err answered a
+// command sent in form f, and true; or f and false when err is anything
+// but QEMU refusing an argument of that form, which is then the command's
+// real failure. The refusals are QAPI's, exactly (qmp.IsMissingArgument,
+// qmp.IsUnexpectedArgument): "Parameter 'uri' is missing" (before 8.2
+// "uri" is mandatory, so "channels" is unknown: what QEMU 7.2 answers the
+// channels form) or "Parameter 'channels' is unexpected" drop channels;
+// "Parameter 'exit-on-error' is unexpected" drops exit-on-error. Each
+// fallback turns one field off, so at most two retries follow the newest
+// form.
+func (f Form) Fallback(err error) (Form, bool) {
+	switch {
+	case f.Channels && (qmp.IsMissingArgument(err, "uri") || qmp.IsUnexpectedArgument(err, "channels")):
+		f.Channels = false
+	case f.ExitOnError && qmp.IsUnexpectedArgument(err, "exit-on-error"):
+		f.ExitOnError = false
+	default:
+		return f, false
+	}
+	return f, true
+}
+
+// IncomingArgs are the migrate-incoming arguments for this channel in form
+// f: "channels" or "uri", and exit-on-error set to exitOnError where f has
+// it.
+func (c Channel) IncomingArgs(f Form, exitOnError bool) qmp.MigrateIncomingArgs {
 	var a qmp.MigrateIncomingArgs
-	if f != nil && f.MigrateChannels {
+	if f.Channels {
 		a.Channels = c.channels()
 	} else {
 		a.URI = c.String()
 	}
-	if f != nil && f.IncomingExitOnError {
+	if f.ExitOnError {
 		a.ExitOnError = qmp.Ptr(exitOnError)
 	}
 	return a
 }
 
-// MigrateArgs are the migrate arguments for this channel: "channels" when
-// the source has it, "uri" otherwise.
-func (c Channel) MigrateArgs(f *qmp.Features) qmp.MigrateArgs {
-	if f != nil && f.MigrateChannels {
+// MigrateArgs are the migrate arguments for this channel in form f:
+// "channels" or "uri".
+func (c Channel) MigrateArgs(f Form) qmp.MigrateArgs {
+	if f.Channels {
 		return qmp.MigrateArgs{Channels: c.channels()}
 	}
 	return qmp.MigrateArgs{URI: c.String()}

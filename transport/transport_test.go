@@ -1,6 +1,8 @@
 package transport_test
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -50,8 +52,8 @@ func TestParse(t *testing.T) {
 func TestArgs(t *testing.T) {
 	c, err := transport.Parse("tcp:[::1]:4444")
 	require.NoError(t, err)
-	old := &qmp.Features{}
-	newer := &qmp.Features{MigrateChannels: true, IncomingExitOnError: true}
+	old := transport.Form{}
+	newer := transport.Newest
 
 	a := c.IncomingArgs(old, true)
 	assert.Equal(t, "tcp:[::1]:4444", a.URI)
@@ -75,6 +77,53 @@ func TestArgs(t *testing.T) {
 	fd := transport.Channel{Scheme: transport.FD, FDName: "qm-1"}
 	assert.Equal(t, qmp.MigrateArgs{URI: "fd:qm-1"}, fd.MigrateArgs(old))
 	assert.Equal(t, qmp.SocketAddress{Type: "fd", Str: "qm-1"}, fd.MigrateArgs(newer).Channels[0].Addr.SocketAddress)
+}
+
+func TestFormOf(t *testing.T) {
+	assert.Equal(t, transport.Form{}, transport.FormOf(nil))
+	assert.Equal(t, transport.Form{Channels: true}, transport.FormOf(&qmp.Features{MigrateChannels: true}))
+	assert.Equal(t, transport.Newest, transport.FormOf(&qmp.Features{MigrateChannels: true, IncomingExitOnError: true}))
+}
+
+// Fallback follows QEMU's exact refusals, one field at a time, and nothing
+// else.
+func TestFallback(t *testing.T) {
+	refuse := func(desc string) error {
+		return &qmp.Error{Command: "migrate-incoming", Class: "GenericError", Desc: desc}
+	}
+	// QEMU 7.2: the channels form lacks the mandatory uri; then the uri
+	// form with exit-on-error is refused for exit-on-error.
+	f, ok := transport.Newest.Fallback(refuse("Parameter 'uri' is missing"))
+	require.True(t, ok)
+	assert.Equal(t, transport.Form{ExitOnError: true}, f)
+	f, ok = f.Fallback(refuse("Parameter 'exit-on-error' is unexpected"))
+	require.True(t, ok)
+	assert.Equal(t, transport.Form{}, f)
+	// 8.2-9.0: channels known, exit-on-error not.
+	f, ok = transport.Newest.Fallback(refuse("Parameter 'exit-on-error' is unexpected"))
+	require.True(t, ok)
+	assert.Equal(t, transport.Form{Channels: true}, f)
+	f, ok = transport.Newest.Fallback(refuse("Parameter 'channels' is unexpected"))
+	require.True(t, ok)
+	assert.Equal(t, transport.Form{ExitOnError: true}, f)
+
+	for name, err := range map[string]error{
+		"other error":       refuse("The incoming migration has already been started"),
+		"other argument":    refuse("Parameter 'detach' is unexpected"),
+		"other class":       &qmp.Error{Class: "CommandNotFound", Desc: "Parameter 'uri' is missing"},
+		"not a QEMU error":  errors.New("Parameter 'uri' is missing"),
+		"wrapped elsewhere": fmt.Errorf("context: %w", context.Canceled),
+		"nil":               nil,
+	} {
+		f, ok := transport.Newest.Fallback(err)
+		assert.False(t, ok, name)
+		assert.Equal(t, transport.Newest, f, name)
+	}
+	// A field already off does not fall back again.
+	_, ok = transport.Form{}.Fallback(refuse("Parameter 'uri' is missing"))
+	assert.False(t, ok)
+	_, ok = transport.Form{}.Fallback(refuse("Parameter 'exit-on-error' is unexpected"))
+	assert.False(t, ok)
 }
 
 func TestCheckUUIDs(t *testing.T) {
@@ -113,7 +162,7 @@ func ExampleParse() {
 		panic(err)
 	}
 	fmt.Println(c.Scheme, c.Host, c.Port, c.NeedsPort())
-	fmt.Println(c.MigrateArgs(&qmp.Features{}).URI)
+	fmt.Println(c.MigrateArgs(transport.Form{}).URI)
 	_, err = transport.Parse("exec:nc dst 4444")
 	fmt.Println(err)
 	// Output:

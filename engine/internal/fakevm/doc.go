@@ -5,7 +5,12 @@
 // switchover, postcopy, stop/cont, cancel, and events; with Options.Disk a
 // block layer (one disk per side, NBD server and exports, mirror jobs that
 // copy against a guest write rate, block-job-change from 8.2) for storage
-// migrations. Time is the real (or,
+// migrations. migrate and migrate-incoming take the arguments of the
+// simulated version's schema (Options.Version for the source, DstVersion
+// for the destination) and refuse any other with QEMU's own error
+// (qmptest.Args): 7.2 refuses "channels" ("Parameter 'uri' is missing") and
+// "exit-on-error", 8.2-9.0 "exit-on-error", 9.1+ take both. Time is the
+// real (or,
 // under testing/synctest, the virtual) clock: a goroutine ticks the model
 // while a migration runs.
 //

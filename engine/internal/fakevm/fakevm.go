@@ -3,6 +3,7 @@ package fakevm
 import (
 	"encoding/json"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 // Options shape the simulated pair. Zero values take the defaults shown.
 type Options struct {
 	Version        [3]int        // 10.0.2
+	DstVersion     [3]int        // = Version
 	RAM            uint64        // 150 MiB
 	DstRAM         uint64        // = RAM
 	Machine        string        // "pc-q35-10.0"
@@ -41,6 +43,9 @@ type Options struct {
 func (o *Options) defaults() {
 	if o.Version == [3]int{} {
 		o.Version = [3]int{10, 0, 2}
+	}
+	if o.DstVersion == [3]int{} {
+		o.DstVersion = o.Version
 	}
 	if o.RAM == 0 {
 		o.RAM = 150 << 20
@@ -121,10 +126,10 @@ func capNames() []string {
 // New starts a simulated pair. Close it when done.
 func New(opt Options) *Pair {
 	opt.defaults()
-	v := opt.Version
+	v, dv := opt.Version, opt.DstVersion
 	p := &Pair{
 		Src:       qmptest.NewServer(qmptest.WithVersion(v[0], v[1], v[2])),
-		Dst:       qmptest.NewServer(qmptest.WithVersion(v[0], v[1], v[2])),
+		Dst:       qmptest.NewServer(qmptest.WithVersion(dv[0], dv[1], dv[2])),
 		opt:       opt,
 		status:    qmp.StatusNone,
 		dstStatus: qmp.StatusNone,
@@ -233,7 +238,7 @@ func (p *Pair) install(i int) {
 	h("query-status", func(json.RawMessage) (any, error) {
 		return map[string]any{"running": m.run == "running", "singlestep": false, "status": m.run}, nil
 	})
-	h("query-qmp-schema", func(json.RawMessage) (any, error) { return p.schema(), nil })
+	h("query-qmp-schema", func(json.RawMessage) (any, error) { return p.schema(i), nil })
 	h("query-memory-size-summary", func(json.RawMessage) (any, error) {
 		ram := p.opt.RAM
 		if !isSrc {
@@ -350,7 +355,7 @@ func (p *Pair) install(i int) {
 			return p.srcInfo(), nil
 		}
 		out := map[string]any{}
-		if p.dstStatus != qmp.StatusNone || p.opt.Version[0] >= 8 {
+		if p.dstStatus != qmp.StatusNone || p.opt.DstVersion[0] >= 8 {
 			if p.dstStatus != qmp.StatusNone {
 				out["status"] = p.dstStatus
 			}
@@ -361,7 +366,7 @@ func (p *Pair) install(i int) {
 		return out, nil
 	})
 	if isSrc {
-		h("migrate", p.migrate)
+		h("migrate", qmptest.Args(p.migrate, migrateMembers(p.opt.Version)...))
 		h("migrate_cancel", func(json.RawMessage) (any, error) {
 			if p.status.Postcopy() {
 				p.cancelInPostcopy++
@@ -396,7 +401,7 @@ func (p *Pair) install(i int) {
 			return nil, nil
 		})
 	} else {
-		h("migrate-incoming", func(args json.RawMessage) (any, error) {
+		h("migrate-incoming", qmptest.Args(func(args json.RawMessage) (any, error) {
 			if m.run != "inmigrate" {
 				return nil, errGeneric("'-incoming' was not specified on the command line")
 			}
@@ -416,15 +421,41 @@ func (p *Pair) install(i int) {
 			}
 			p.listening = true
 			p.sockAddr = []qmp.SocketAddress{sa}
-			if p.opt.Version[0] >= 10 {
+			if p.opt.DstVersion[0] >= 10 {
 				p.dstStatus = qmp.StatusSetup
 			}
-			if m.caps["events"] || p.opt.Version[0] < 8 {
+			if m.caps["events"] || p.opt.DstVersion[0] < 8 {
 				srv.Emit("MIGRATION", map[string]any{"status": "setup"})
 			}
 			return nil, nil
-		})
+		}, incomingMembers(p.opt.DstVersion)...))
 	}
+}
+
+// migrateMembers are migrate's arguments in QEMU's schema for the
+// simulated version ("*" optional): "uri" is mandatory before 8.2, where
+// "channels" came; blk and inc went in 9.1. The handler is wrapped with
+// qmptest.Args, so another form is refused with QEMU's own error.
+func migrateMembers(v [3]int) []string {
+	switch {
+	case !hasChannels(v):
+		return []string{"uri", "*blk", "*inc", "*detach", "*resume"}
+	case !hasExitOnError(v):
+		return []string{"*uri", "*channels", "*blk", "*inc", "*detach", "*resume"}
+	}
+	return []string{"*uri", "*channels", "*detach", "*resume"}
+}
+
+// incomingMembers are migrate-incoming's arguments: "uri" alone before 8.2,
+// "channels" from 8.2, "exit-on-error" from 9.1.
+func incomingMembers(v [3]int) []string {
+	switch {
+	case !hasChannels(v):
+		return []string{"uri"}
+	case !hasExitOnError(v):
+		return []string{"*uri", "*channels"}
+	}
+	return []string{"*uri", "*channels", "*exit-on-error"}
 }
 
 func (p *Pair) parseChannel(uri string, chans []qmp.MigrationChannel) (qmp.SocketAddress, error) {
@@ -432,9 +463,6 @@ func (p *Pair) parseChannel(uri string, chans []qmp.MigrationChannel) (qmp.Socke
 		return qmp.SocketAddress{}, errGeneric("need either 'uri' or 'channels' argument")
 	}
 	if len(chans) > 0 {
-		if !p.hasChannels() {
-			return qmp.SocketAddress{}, errGeneric("Parameter 'channels' is unexpected")
-		}
 		return chans[0].Addr.SocketAddress, nil
 	}
 	switch {
@@ -455,9 +483,12 @@ func (p *Pair) parseChannel(uri string, chans []qmp.MigrationChannel) (qmp.Socke
 	return qmp.SocketAddress{}, errGeneric("unknown migration protocol: " + uri)
 }
 
-func (p *Pair) hasChannels() bool {
-	v := p.opt.Version
+func hasChannels(v [3]int) bool {
 	return v[0] > 8 || (v[0] == 8 && v[1] >= 2)
+}
+
+func hasExitOnError(v [3]int) bool {
+	return v[0] > 9 || (v[0] == 9 && v[1] >= 1)
 }
 
 func (p *Pair) active() bool {
@@ -750,9 +781,13 @@ func (p *Pair) dstExit() {
 	go p.Dst.CloseConns()
 }
 
-// schema builds a minimal query-qmp-schema for qmp.FeaturesFromSchema.
-func (p *Pair) schema() []map[string]any {
+// schema builds a minimal query-qmp-schema of one side for
+// qmp.FeaturesFromSchema.
+func (p *Pair) schema(side int) []map[string]any {
 	v := p.opt.Version
+	if side == 1 {
+		v = p.opt.DstVersion
+	}
 	caps := []string{}
 	caps = append(caps, capNames()...)
 	statuses := []string{"none", "setup", "cancelling", "cancelled", "active", "postcopy-active", "postcopy-paused",
@@ -764,14 +799,12 @@ func (p *Pair) schema() []map[string]any {
 		}
 		return out
 	}
-	migrateArgs := []string{"uri", "blk", "inc", "detach", "resume"}
-	incomingArgs := []string{"uri"}
-	if p.hasChannels() {
-		migrateArgs = append(migrateArgs, "channels")
-		incomingArgs = append(incomingArgs, "channels")
+	var migrateArgs, incomingArgs []string
+	for _, m := range migrateMembers(v) {
+		migrateArgs = append(migrateArgs, strings.TrimPrefix(m, "*"))
 	}
-	if v[0] > 9 || (v[0] == 9 && v[1] >= 1) {
-		incomingArgs = append(incomingArgs, "exit-on-error")
+	for _, m := range incomingMembers(v) {
+		incomingArgs = append(incomingArgs, strings.TrimPrefix(m, "*"))
 	}
 	var params []string
 	for k := range p.side[0].params {

@@ -1,0 +1,54 @@
+package engine_test
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/qmigrate/qmigrate/engine/internal/fakevm"
+	"github.com/qmigrate/qmigrate/qmp"
+)
+
+// The simulated QEMUs refuse the argument forms they do not know with the
+// errors real QEMU gave (testdata/qmp/*/errors, captured by
+// qmp/internal/capture), and accept what real QEMU accepted (no capture).
+func TestFakeArgumentErrorsMatchQEMU(t *testing.T) {
+	ch := []qmp.MigrationChannel{{ChannelType: "main",
+		Addr: qmp.MigrationAddr{Transport: "socket", SocketAddress: qmp.SocketAddress{Type: "unix", Path: "/tmp/qm-golden.sock"}}}}
+	for version, v := range map[string][3]int{"7.2": {7, 2, 22}, "10.0": {10, 0, 2}} {
+		for _, tc := range []struct {
+			file, cmd string
+			args      any
+		}{
+			{"migrate-incoming-channels", "migrate-incoming", map[string]any{"channels": ch}},
+			{"migrate-incoming-exit-on-error", "migrate-incoming", map[string]any{"uri": "unix:/tmp/qm-golden.sock", "exit-on-error": true}},
+			{"migrate-incoming-unexpected", "migrate-incoming", map[string]any{"uri": "unix:/tmp/qm-golden.sock", "no-such-argument": true}},
+			{"migrate-unexpected", "migrate", map[string]any{"uri": "unix:/tmp/qm-golden.sock", "no-such-argument": true}},
+		} {
+			t.Run(version+"/"+tc.file, func(t *testing.T) {
+				_, cfg := pair(t, fakevm.Options{Version: v})
+				c := cfg.Destination.Client
+				if tc.cmd == "migrate" {
+					c = cfg.Source.Client
+				}
+				err := c.Execute(t.Context(), tc.cmd, tc.args, nil)
+				raw, rerr := os.ReadFile(filepath.Join("..", "testdata", "qmp", version, "errors", tc.file+".json"))
+				if os.IsNotExist(rerr) {
+					assert.NoError(t, err, "QEMU %s accepted it", version)
+					return
+				}
+				require.NoError(t, rerr)
+				var want qmp.Error
+				require.NoError(t, json.Unmarshal(raw, &want))
+				var qe *qmp.Error
+				require.ErrorAs(t, err, &qe)
+				assert.Equal(t, want.Class, qe.Class)
+				assert.Equal(t, want.Desc, qe.Desc)
+			})
+		}
+	}
+}
