@@ -37,6 +37,9 @@ func (r *run) complete(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if st == "running" {
+		r.dstRan = true
+	}
 	if st == "running" && r.resumeAt.IsZero() {
 		// It started by itself; its RESUME may still be on the way.
 		r.waitResume(wctx, false)
@@ -53,6 +56,7 @@ func (r *run) complete(ctx context.Context) error {
 		if err := r.dst.Cont(ctx); err != nil {
 			return r.callErr(ctx, SideDestination, "cont", err)
 		}
+		r.dstRan = true
 		r.resumeAt = time.Time{}
 		r.waitResume(wctx, true)
 	}

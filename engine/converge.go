@@ -239,81 +239,6 @@ func (r *run) diskProgress(ps []blockmirror.Progress) {
 	r.storageDone, r.storageTotal = done, total
 }
 
-// undoCancel cancels the migration on the source (never in postcopy) and
-// waits until the source settles.
-func (r *run) undoCancel(ctx context.Context) (string, error) {
-	info, err := r.src.QueryMigrate(ctx)
-	if err != nil {
-		return "", err
-	}
-	if info.Status.Postcopy() || r.postcopy {
-		return "", fmt.Errorf("status %s: postcopy is never cancelled", info.Status)
-	}
-	if info.Status == qmp.StatusNone || info.Status.Terminal() {
-		if info.Status == qmp.StatusCompleted {
-			r.srcCompleted = true
-			return "", errors.New("the migration had completed: the guest runs on the destination")
-		}
-		return "", nil
-	}
-	r.log.Debug("migrate_cancel", "status", info.Status)
-	if err := r.src.MigrateCancel(ctx); err != nil {
-		return "", err
-	}
-	st, err := r.waitSourceSettled(ctx)
-	if err != nil {
-		return "", err
-	}
-	if st == qmp.StatusCompleted {
-		r.srcCompleted = true
-		return "", errors.New("the migration completed before the cancel took effect: the guest runs on the destination")
-	}
-	return fmt.Sprintf("source: migrate_cancel from %s, now %s", info.Status, st), nil
-}
-
-// waitSourceSettled polls the source until its migration is terminal.
-func (r *run) waitSourceSettled(ctx context.Context) (qmp.MigrationStatus, error) {
-	t := time.NewTicker(min(r.cfg.pollInterval(), 50*time.Millisecond))
-	defer t.Stop()
-	for {
-		info, err := r.src.QueryMigrate(ctx)
-		if err != nil {
-			return "", err
-		}
-		if info.Status.Terminal() || info.Status == qmp.StatusNone {
-			return info.Status, nil
-		}
-		select {
-		case <-ctx.Done():
-			return info.Status, fmt.Errorf("source still %s: %w", info.Status, ctx.Err())
-		case <-t.C:
-		}
-	}
-}
-
-// undoResumeSource makes sure a guest that ran on the source runs again.
-func (r *run) undoResumeSource(ctx context.Context) (string, error) {
-	if !r.srcWasRunning || r.srcCompleted {
-		return "", nil
-	}
-	st, err := r.src.QueryStatus(ctx)
-	if err != nil {
-		return "", err
-	}
-	if st.Running {
-		return "", nil
-	}
-	switch st.Status {
-	case "paused", "postmigrate", "finish-migrate":
-	default:
-		return "", fmt.Errorf("source in run state %q, not resumed", st.Status)
-	}
-	if err := r.src.Cont(ctx); err != nil {
-		return "", err
-	}
-	return fmt.Sprintf("source: cont (was %s)", st.Status), nil
-}
-
 // converge polls the source until the migration completed, applying the
 // strategy's decisions; it also drives the switchover.
 func (r *run) converge(ctx context.Context) error {
@@ -467,6 +392,7 @@ func (r *run) event(side Side, ev qmp.Event) {
 		}
 	case side == SideDestination && ev.Name == "RESUME":
 		r.resumeAt = eventTime(ev)
+		r.dstRan = true
 	}
 }
 

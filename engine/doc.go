@@ -60,9 +60,12 @@
 //     destination did not start by itself (-S, late-block-activate or a
 //     PauseSource decision).
 //   - rollback: on any failure before the switchover point of no return the
-//     undo stack runs in reverse: migrate_cancel and a wait for the source to
-//     settle, cont of a source left paused, blockmirror Abort, capabilities
-//     and parameters restored. It runs with a fresh context (30 s) when the
+//     undo stack runs in reverse: stop on the destination (on a destination
+//     still in inmigrate it only turns off its autostart, so one that
+//     completes its incoming migration after all stays paused),
+//     migrate_cancel and a wait for the source to settle, a look at both
+//     sides (below), cont of a source left paused or in postmigrate,
+//     blockmirror Abort, capabilities and parameters restored. It runs with a fresh context (30 s) when the
 //     caller's context has ended. Once postcopy started there is no rollback:
 //     the engine never sends migrate_cancel in postcopy; a cancel of the
 //     caller's context is then ignored and the migration finishes (the guest
@@ -72,7 +75,21 @@
 //     When a cancel or abort loses the race with QEMU's completion (the
 //     source reports completed after migrate_cancel), the rollback stops and
 //     the engine finishes the migration instead: the Result is "completed"
-//     and UndoErrors says the cancel came too late.
+//     and UndoErrors says the cancel came too late. A migrate_cancel sent
+//     during the stop-and-copy is carried out by QEMU only once the device
+//     state is written, so the destination may complete its incoming
+//     migration while the source reports cancelled: where the source then
+//     stopped for good (not running, though the guest ran before), the
+//     guest's latest state is on the destination and the migration is
+//     finished the same way ("completed"); where the source runs again, the
+//     guest stays there and the completed destination is kept paused (or
+//     stopped, should it have started by itself), noted in UndoErrors.
+//     Likewise when the destination fails after the source completed (it
+//     went away, failed loading the end of the stream, or cannot be
+//     resumed) and the guest never ran there: the destination is stopped
+//     and the source resumed (Result "failed"). Whatever the ending, the
+//     guest runs exactly where the Result says: on the destination when
+//     "completed", on the source otherwise (unless it was paused before).
 //
 // # Destination after a failure
 //
@@ -80,8 +97,9 @@
 // true, QEMU's default, so on every version the destination QEMU exits when
 // its incoming migration fails. A
 // destination whose migration never connected stays in inmigrate with its
-// listener; it cannot be reused for another incoming migration and is left to
-// its owner, as are its capabilities. The engine removes a unix migration
+// listener (its autostart turned off by the rollback's stop); it cannot be
+// reused for another incoming migration and is left to its owner, as are its
+// capabilities. The engine removes a unix migration
 // socket file once the destination no longer listens on it (it waits up to
 // 2 s for the destination to exit after a rollback). It holds no listeners of
 // its own; with "fd:" its socketpair copies are closed as soon as QEMU has

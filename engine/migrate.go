@@ -78,6 +78,8 @@ type run struct {
 	mirrorsReady  bool // every mirror READY: waitMirrors is over (no write-blocking restart from here)
 	srcWasRunning bool
 	incoming      bool // migrate-incoming ran on the destination
+	dstRan        bool // the guest ran on the destination (RESUME, or seen running)
+	abandoned     bool // the source completed but the destination did not take over: resuming the source
 	postcopy      bool // postcopy requested or running: no rollback from here
 	pausedByUs    bool
 	switchover    bool
@@ -121,57 +123,64 @@ func (r *run) execute(ctx context.Context) error {
 	return nil
 }
 
-// fail runs the rollback when it is still possible and returns err.
+// fail runs the rollback when it is still possible and returns err (or nil
+// when the migration turned out to have completed).
 func (r *run) fail(ctx context.Context, err error) error {
 	r.log.Debug("migration failed", "phase", r.phase, "err", err)
-	switch {
-	case r.srcCompleted:
-		// The guest state is on the destination; the source is in
-		// postmigrate. Nothing to roll back to.
-		return err
-	case r.postcopy:
+	if r.postcopy && !r.srcCompleted {
 		r.res.UndoErrors = append(r.res.UndoErrors, "rollback impossible: postcopy started, the guest runs on the destination")
 		return fmt.Errorf("%w: %w", ErrPostcopyFailed, err)
 	}
-	if len(r.undo) == 0 {
-		return err
-	}
-	r.setPhase(PhaseRollback)
 	uctx := ctx
 	if ctx.Err() != nil {
 		var cancel context.CancelFunc
 		uctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), undoTimeout)
 		defer cancel()
 	}
-	for i := len(r.undo) - 1; i >= 0; i-- {
-		u := r.undo[i]
-		did, uerr := u.fn(uctx)
+	if !r.srcCompleted {
+		if len(r.undo) == 0 {
+			return err
+		}
+		r.setPhase(PhaseRollback)
+		r.unwind(uctx)
+		if !r.srcCompleted {
+			return err
+		}
+		// The migration completed before the cancel took effect: the
+		// guest's state is on the destination and the source stopped for
+		// good. Rolling back further would lose the guest; finish
+		// instead, and report what really happened.
+		r.log.Warn("migration completed before the cancel took effect; finishing it", "cause", err)
+		cerr := r.complete(uctx)
+		if cerr == nil {
+			return nil
+		}
+		err = errors.Join(err, cerr)
+	}
+	// The source completed but the destination did not take the guest
+	// over: where it never ran there, the source gets it back.
+	return r.rescue(uctx, err)
+}
+
+// unwind runs the undo stack from the top, removing each step as it runs,
+// and stops early (leaving the rest) once the source turns out to have
+// completed.
+func (r *run) unwind(ctx context.Context) {
+	for len(r.undo) > 0 {
+		u := r.undo[len(r.undo)-1]
+		r.undo = r.undo[:len(r.undo)-1]
+		did, uerr := u.fn(ctx)
 		if uerr != nil {
 			r.log.Debug("undo failed", "step", u.name, "err", uerr)
 			r.res.UndoErrors = append(r.res.UndoErrors, u.name+": "+uerr.Error())
-			continue
-		}
-		if did != "" {
+		} else if did != "" {
 			r.log.Debug("undone", "step", did)
 			r.res.Undone = append(r.res.Undone, did)
 		}
 		if r.srcCompleted {
-			break
+			return
 		}
 	}
-	r.undo = nil
-	if r.srcCompleted {
-		// The migration completed before the cancel took effect: the
-		// guest's state is on the destination and the source is in
-		// postmigrate. Rolling back further would lose the guest; finish
-		// instead, and report what really happened.
-		r.log.Warn("migration completed before the cancel took effect; finishing it", "cause", err)
-		if cerr := r.complete(uctx); cerr != nil {
-			return errors.Join(err, cerr)
-		}
-		return nil
-	}
-	return err
 }
 
 func (r *run) finish(err error) {

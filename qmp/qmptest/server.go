@@ -124,6 +124,10 @@ func (s *Server) Handle(command string, h HandlerFunc) {
 	s.handlers[command] = h
 }
 
+// Handler returns the handler registered for command (nil when none), so
+// that a test can wrap it: fail its first call, delay it, then defer to it.
+func (s *Server) Handler(command string) HandlerFunc { return s.handler(command) }
+
 // Emit sends an event (with the current time as its timestamp) to every
 // connected client that has finished the handshake. data may be nil. Emit
 // never blocks: each connection has its own unbounded send queue, so events

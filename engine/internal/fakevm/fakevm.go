@@ -38,7 +38,37 @@ type Options struct {
 	Disk          uint64
 	MirrorRate    float64 // bytes/s a mirror copies (100 MiB/s; a blockdev-mirror speed lowers it)
 	DiskWriteRate float64 // bytes/s the running guest dirties the disk, 0
+	// LateCancel is how a migrate_cancel received during the stop-and-copy
+	// (status device) ends. Real QEMU carries it out only once the device
+	// state is written (the migration thread holds the big lock), so the
+	// destination may have the whole stream. "" cuts the stream at once:
+	// cancelled, source resumed, destination exits.
+	LateCancel LateCancel
+	// DstFailsLoad makes the destination fail loading the end of the
+	// stream and exit, after the source completed.
+	DstFailsLoad bool
 }
+
+// LateCancel is an ending of a migrate_cancel that lands during the
+// stop-and-copy, after the whole stream was written.
+type LateCancel string
+
+// The endings QEMU 7.2 and 10.0 can give (see engine/rollback.go).
+const (
+	// LateCancelCompletes: completed anyway (10.0, the cancel after the
+	// file error check); the source stays in postmigrate.
+	LateCancelCompletes LateCancel = "completes"
+	// LateCancelResumes: cancelled, the source resumes the guest, and the
+	// destination completes its incoming migration (and starts the guest
+	// itself with DstAutostart, unless stop turned that off).
+	LateCancelResumes LateCancel = "resumes"
+	// LateCancelPostmigrate: cancelled, the source left in postmigrate
+	// (QEMU did not record that the guest ran), the destination completes.
+	LateCancelPostmigrate LateCancel = "postmigrate"
+	// LateCancelPostmigrateDstFails: cancelled, the source left in
+	// postmigrate, the destination fails and exits.
+	LateCancelPostmigrateDstFails LateCancel = "postmigrate-dst-fails"
+)
 
 func (o *Options) defaults() {
 	if o.Version == [3]int{} {
@@ -105,6 +135,9 @@ type Pair struct {
 	errDesc          string
 	dstDead          bool
 	cancelInPostcopy int
+	lateCancel       bool // migrate_cancel received in device status, with Options.LateCancel
+	dstHeld          bool // stop on the destination in inmigrate: autostart off
+	stops            [2]int
 	stopSim          chan struct{}
 	simDone          chan struct{}
 	log              []string
@@ -327,6 +360,10 @@ func (p *Pair) install(i int) {
 		return nil, nil
 	})
 	h("stop", func(json.RawMessage) (any, error) {
+		p.stops[i]++
+		if m.run == "inmigrate" {
+			p.dstHeld = true // QEMU's qmp_stop: autostart off
+		}
 		if m.run == "running" {
 			m.run = "paused"
 			srv.Emit("STOP", nil)
@@ -342,6 +379,8 @@ func (p *Pair) install(i int) {
 			return nil, errGeneric("Guest is waiting for an incoming migration")
 		case "running":
 			return nil, nil
+		case "finish-migrate":
+			return nil, errGeneric("Migration is not finalized yet")
 		}
 		if !isSrc && p.dstStatus != qmp.StatusCompleted {
 			return nil, errGeneric("migration not completed")
@@ -373,6 +412,10 @@ func (p *Pair) install(i int) {
 				if p.opt.Version[0] >= 10 {
 					return nil, errGeneric("Postcopy migration in progress, cannot cancel.")
 				}
+			}
+			if p.status == qmp.StatusDevice && p.opt.LateCancel != "" {
+				p.lateCancel = true
+				return nil, nil
 			}
 			if p.active() {
 				p.setStatus(qmp.StatusCancelling)
@@ -716,17 +759,28 @@ func (p *Pair) step(dt float64) bool {
 			p.downtime = 0
 		}
 		p.pass()
+		if p.lateCancel && p.opt.LateCancel != LateCancelCompletes {
+			p.setStatus(qmp.StatusCancelled)
+			if p.opt.LateCancel == LateCancelResumes && p.runningAtStop {
+				src.run = "running"
+				p.Src.Emit("RESUME", nil)
+			} else {
+				src.run = "postmigrate"
+			}
+			if p.opt.LateCancel == LateCancelPostmigrateDstFails {
+				p.dstExit()
+			} else {
+				p.dstComplete()
+			}
+			return true
+		}
 		src.run = "postmigrate"
 		p.setStatus(qmp.StatusCompleted)
-		p.setDstStatus(qmp.StatusCompleted)
-		if dst.run == "inmigrate" {
-			if p.opt.DstAutostart {
-				dst.run = "running"
-				p.Dst.Emit("RESUME", nil)
-			} else {
-				dst.run = "paused"
-			}
+		if p.opt.DstFailsLoad {
+			p.dstExit()
+			return true
 		}
+		p.dstComplete()
 		return true
 	}
 	// active
@@ -770,6 +824,31 @@ func (p *Pair) step(dt float64) bool {
 	}
 	return false
 }
+
+// dstComplete is the destination completing its incoming migration: it
+// starts the guest by itself with DstAutostart unless stop turned that off.
+func (p *Pair) dstComplete() {
+	dst := p.side[1]
+	p.setDstStatus(qmp.StatusCompleted)
+	if dst.run == "inmigrate" {
+		if p.opt.DstAutostart && !p.dstHeld {
+			dst.run = "running"
+			p.Dst.Emit("RESUME", nil)
+		} else {
+			dst.run = "paused"
+		}
+	}
+}
+
+// Stops counts the stop commands one side received (0 source, 1
+// destination).
+func (p *Pair) Stops(side int) int { p.mu.Lock(); defer p.mu.Unlock(); return p.stops[side] }
+
+// DstStatus returns the destination's incoming migration status.
+func (p *Pair) DstStatus() qmp.MigrationStatus { p.mu.Lock(); defer p.mu.Unlock(); return p.dstStatus }
+
+// DstGone reports whether the destination QEMU exited.
+func (p *Pair) DstGone() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.dstDead }
 
 // dstExit is the destination QEMU exiting after a failed incoming migration
 // (exit-on-error default).
