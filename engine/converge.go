@@ -40,15 +40,19 @@ func (r *run) start(ctx context.Context) error {
 	if r.ch.Scheme == transport.Unix {
 		r.pushUndo("destination: remove migration socket", func(ctx context.Context) (string, error) {
 			// After a cancel the destination exits (exit-on-error); give it
-			// a moment, then remove the socket it leaves behind.
-			t := time.NewTimer(2 * time.Second)
-			defer t.Stop()
-			select {
-			case <-r.dst.Done():
-			case <-t.C:
-				return "", nil // still there and listening: the destination owns it
-			case <-ctx.Done():
-				return "", nil
+			// a moment, then remove the socket it leaves behind. One that
+			// completed its incoming migration as the cancel landed stays,
+			// no longer listening.
+			if !r.dstKept {
+				t := time.NewTimer(2 * time.Second)
+				defer t.Stop()
+				select {
+				case <-r.dst.Done():
+				case <-t.C:
+					return "", nil // still there and listening: the destination owns it
+				case <-ctx.Done():
+					return "", nil
+				}
 			}
 			if err := transport.RemoveSocket(r.ch); err != nil {
 				return "", err

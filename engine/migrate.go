@@ -80,6 +80,7 @@ type run struct {
 	incoming      bool // migrate-incoming ran on the destination
 	dstRan        bool // the guest ran on the destination (RESUME, or seen running)
 	abandoned     bool // the source completed but the destination did not take over: resuming the source
+	dstKept       bool // the destination completed as a cancel landed and is kept paused (it does not exit)
 	postcopy      bool // postcopy requested or running: no rollback from here
 	pausedByUs    bool
 	switchover    bool

@@ -134,6 +134,7 @@ func (r *run) afterCancel(ctx context.Context, st qmp.MigrationStatus) error {
 		r.srcCompleted = true
 		return fmt.Errorf("the migration completed on the destination as the cancel landed and the source stopped for good (migration %s, run state %s): the guest runs on the destination", st, srcState)
 	}
+	r.dstKept = true
 	note := "destination: completed its incoming migration as the cancel landed; left paused, not to be resumed: the guest runs on the source"
 	if dstState == "running" {
 		// It started by itself before it could be held: two copies run.
