@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -140,20 +141,44 @@ func DialAddress(ctx context.Context, address string, opts ...Option) (*Client, 
 	return Dial(ctx, network, addr, opts...)
 }
 
-// ParseAddress splits "unix:/path" or "tcp:host:port" into a network and an address.
+// MaxUnixPath is the longest unix socket path the kernel takes (sun_path is
+// 108 bytes, the terminating NUL included).
+const MaxUnixPath = 107
+
+// ParseAddress splits "unix:/path" or "tcp:host:port" into a network and an
+// address. The port must be a number from 1 to 65535 (an empty host means
+// this machine); a unix path must fit in a socket address (MaxUnixPath
+// bytes). Every error wraps ErrBadAddress.
 func ParseAddress(address string) (network, addr string, err error) {
-	for _, p := range []string{"unix:", "tcp:"} {
-		if len(address) > len(p) && address[:len(p)] == p {
-			network, addr = p[:len(p)-1], address[len(p):]
-			if network == "tcp" {
-				if _, _, err := net.SplitHostPort(addr); err != nil {
-					return "", "", fmt.Errorf("qmp: address %q: %w", address, err)
-				}
-			}
-			return network, addr, nil
-		}
+	bad := func(why string) error {
+		return fmt.Errorf("qmp: address %q: %s: %w", address, why, ErrBadAddress)
 	}
-	return "", "", fmt.Errorf("qmp: address %q: want unix:/path or tcp:host:port: %w", address, ErrBadAddress)
+	switch {
+	case strings.HasPrefix(address, "unix:"):
+		path := strings.TrimPrefix(address, "unix:")
+		if path == "" {
+			return "", "", bad("empty socket path")
+		}
+		if len(path) > MaxUnixPath && !strings.HasPrefix(path, "@") {
+			return "", "", bad(fmt.Sprintf("socket path is %d bytes, longer than the %d a unix socket takes", len(path), MaxUnixPath))
+		}
+		return "unix", path, nil
+	case strings.HasPrefix(address, "tcp:"):
+		hostPort := strings.TrimPrefix(address, "tcp:")
+		_, port, err := net.SplitHostPort(hostPort)
+		if err != nil {
+			var ae *net.AddrError
+			if errors.As(err, &ae) {
+				return "", "", bad("want tcp:host:port: " + ae.Err)
+			}
+			return "", "", bad("want tcp:host:port: " + err.Error())
+		}
+		if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
+			return "", "", bad(fmt.Sprintf("port %q: want a number from 1 to 65535", port))
+		}
+		return "tcp", hostPort, nil
+	}
+	return "", "", bad("want unix:/path or tcp:host:port")
 }
 
 // NewClient runs the QMP handshake over an existing connection and returns a

@@ -588,11 +588,27 @@ func TestParseAddress(t *testing.T) {
 		require.NoError(t, err, in)
 		assert.Equal(t, want, [2]string{n, a}, in)
 	}
-	for _, in := range []string{"", "unix:", "tcp:nohostport", "/path", "vsock:1:2"} {
+	for in, why := range map[string]string{
+		"":                    "want unix:/path or tcp:host:port",
+		"unix:":               "empty socket path",
+		"tcp:nohostport":      "missing port",
+		"tcp:127.0.0.1:":      `port ""`,
+		"tcp:127.0.0.1:0":     `port "0"`,
+		"tcp:127.0.0.1:99999": `port "99999"`,
+		"tcp:127.0.0.1:-1":    `port "-1"`,
+		"tcp:127.0.0.1:qmp":   `port "qmp"`,
+		"/path":               "want unix:/path or tcp:host:port",
+		"vsock:1:2":           "want unix:/path or tcp:host:port",
+		"unix:/" + strings.Repeat("x", qmp.MaxUnixPath): "longer than the 107",
+	} {
 		_, _, err := qmp.ParseAddress(in)
-		assert.Error(t, err, in)
+		require.Error(t, err, in)
+		assert.ErrorIs(t, err, qmp.ErrBadAddress, in)
+		assert.Contains(t, err.Error(), why, in)
 	}
-	_, _, err := qmp.ParseAddress("vsock:1:2")
+	_, _, err := qmp.ParseAddress("unix:/" + strings.Repeat("x", qmp.MaxUnixPath-1))
+	assert.NoError(t, err, "a path of exactly MaxUnixPath bytes fits")
+	_, _, err = qmp.ParseAddress("vsock:1:2")
 	assert.True(t, errors.Is(err, qmp.ErrBadAddress))
 }
 

@@ -51,7 +51,8 @@ type Channel struct {
 	FDName string // FD: the getfd name both QEMUs know the descriptor by (set by the engine)
 }
 
-// Parse reads "unix:/path", "tcp:host:port" ("tcp:[::1]:4444" for IPv6) or
+// Parse reads "unix:/path" (an absolute path that fits in a socket
+// address), "tcp:host:port" ("tcp:[::1]:4444" for IPv6) or
 // "fd:" (a socketpair the engine makes; "fd:NAME" for a descriptor passed by
 // someone else is refused). Every other scheme, exec: included, is refused
 // with ErrUnsupportedScheme.
@@ -69,6 +70,15 @@ func Parse(uri string) (Channel, error) {
 			// QEMU would read options after a comma; refuse the ambiguity.
 			return Channel{}, fmt.Errorf("transport: %q: comma in socket path: %w", uri, ErrBadURI)
 		}
+		if !strings.HasPrefix(rest, "/") {
+			// Each QEMU would resolve it in its own working directory, and
+			// the engine's clean-up in the caller's.
+			return Channel{}, fmt.Errorf("transport: %q: socket path is not absolute: %w", uri, ErrBadURI)
+		}
+		if len(rest) > qmp.MaxUnixPath {
+			return Channel{}, fmt.Errorf("transport: %q: socket path is %d bytes, longer than the %d a unix socket takes: %w",
+				uri, len(rest), qmp.MaxUnixPath, ErrBadURI)
+		}
 		return Channel{Scheme: Unix, Path: rest}, nil
 	case TCP:
 		host, port, err := net.SplitHostPort(rest)
@@ -80,7 +90,7 @@ func Parse(uri string) (Channel, error) {
 		}
 		n, err := strconv.ParseUint(port, 10, 16)
 		if err != nil {
-			return Channel{}, fmt.Errorf("transport: %q: port %q: %w", uri, port, ErrBadURI)
+			return Channel{}, fmt.Errorf("transport: %q: port %q: want a number from 0 (the destination picks) to 65535: %w", uri, port, ErrBadURI)
 		}
 		return Channel{Scheme: TCP, Host: host, Port: strconv.FormatUint(n, 10)}, nil
 	case FD:

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -43,6 +44,9 @@ func TestParse(t *testing.T) {
 		"tcp::4444":          transport.ErrBadURI,
 		"tcp:host:70000":     transport.ErrBadURI,
 		"tcp:::1:4444":       transport.ErrBadURI,
+		"unix:mig.sock":      transport.ErrBadURI,
+		"unix:./mig.sock":    transport.ErrBadURI,
+		"unix:/" + strings.Repeat("x", qmp.MaxUnixPath): transport.ErrBadURI,
 	} {
 		_, err := transport.Parse(uri)
 		assert.ErrorIs(t, err, want, uri)
