@@ -131,9 +131,11 @@
 //
 // # Contracts
 //
-// Result is non-nil once Config.Validate passed; the error is nil iff
-// Result.Status is "completed". Errors are *Error values naming the phase,
-// the side and the operation, wrapping QEMU's own text (*qmp.Error) or the
-// cause. Observer events arrive in order on the engine goroutine; the result
-// event is last. Clients passed in Endpoint.Client are never closed.
+// Result is never nil (an invalid config gives Status "failed" and an
+// error wrapping ErrInvalidConfig); the error is nil iff Result.Status is
+// "completed". Errors of a migration that started are *Error values naming
+// the phase, the side and the operation, wrapping QEMU's own text
+// (*qmp.Error) or the cause. Observer events arrive in order on the engine
+// goroutine; the result event is last. Clients passed in Endpoint.Client are
+// never closed.
 package engine

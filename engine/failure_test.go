@@ -53,9 +53,19 @@ func TestValidate(t *testing.T) {
 			assert.ErrorIs(t, err, engine.ErrInvalidConfig)
 			assert.ErrorIs(t, err, engine.ErrBadInput)
 			assert.Contains(t, err.Error(), tc.field)
+			var rec recorder
+			c.Observer = rec.observe
 			res, merr := engine.Migrate(t.Context(), c)
-			assert.Nil(t, res)
 			assert.ErrorIs(t, merr, engine.ErrInvalidConfig)
+			// Never a nil Result: the failure is reported like any other,
+			// and the observer gets the result event alone.
+			require.NotNil(t, res)
+			assert.Equal(t, engine.StatusFailed, res.Status)
+			assert.Same(t, merr, res.Err)
+			assert.Empty(t, res.Undone)
+			require.Len(t, rec.events, 1)
+			assert.Equal(t, engine.EventResult, rec.events[0].Kind)
+			assert.Same(t, res, rec.events[0].Result)
 		})
 	}
 }

@@ -16,21 +16,33 @@ import (
 // Migrate runs one migration from cfg.Source to cfg.Destination and returns
 // when the guest runs on the destination (Status "completed", nil error), or
 // when the migration failed or was cancelled and the rollback ran (the guest
-// runs on the source). An invalid config returns a nil Result and an error
-// wrapping ErrInvalidConfig. See the package documentation for the phases.
+// runs on the source). The Result is never nil: an invalid config returns
+// one with Status "failed" and an error wrapping ErrInvalidConfig, without
+// touching either QEMU, and the observer gets only the result event. See the
+// package documentation for the phases.
 func Migrate(ctx context.Context, cfg Config) (*Result, error) {
-	if err := cfg.Validate(); err != nil {
-		return nil, err
+	t0 := time.Now()
+	err := cfg.Validate()
+	var m *strategy.Machine
+	if err == nil {
+		if m, err = strategy.New(cfg.Strategy); err != nil {
+			err = fmt.Errorf("%w: Strategy: %v", ErrInvalidConfig, err)
+		}
 	}
-	m, err := strategy.New(cfg.Strategy)
 	if err != nil {
-		return nil, fmt.Errorf("%w: Strategy: %v", ErrInvalidConfig, err)
+		// Nothing was touched. The Result and the observer's one event
+		// say so like for any other failure.
+		res := &Result{Status: StatusFailed, Total: time.Since(t0), Err: err}
+		if cfg.Observer != nil {
+			cfg.Observer(Event{Kind: EventResult, Elapsed: res.Total, Result: res})
+		}
+		return res, err
 	}
 	ch, _ := transport.Parse(cfg.URI) // Validate checked it
 	r := &run{
 		cfg:    cfg,
 		log:    cfg.logger(),
-		t0:     time.Now(),
+		t0:     t0,
 		res:    &Result{},
 		ch:     ch,
 		migCh:  ch,
