@@ -60,7 +60,8 @@ type Config struct {
 	PollInterval time.Duration
 
 	// ConnectTimeout bounds dialing, the QMP handshake and the first answers of
-	// each side, so a QEMU that never answers fails fast. 0 = 10s.
+	// each side, so a QEMU that never answers fails fast. 0 = 10s. A
+	// Strategy.Limits.Budget that ends sooner bounds them too.
 	ConnectTimeout time.Duration
 
 	// Logger receives debug logs of every step; nil discards.

@@ -8,7 +8,8 @@
 // all state; nothing keeps running after it returns. The phases are:
 //
 //   - prepare: connect both monitors (concurrently, each bounded by
-//     ConnectTimeout, also the first answers); check the destination waits
+//     ConnectTimeout, also the first answers, and by what is left of the
+//     Budget when that ends sooner); check the destination waits
 //     in run state "inmigrate" with no incoming migration started
 //     (-incoming defer), the source runs (a paused source is accepted: the
 //     destination is then left paused), both have the same RAM size

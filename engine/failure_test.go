@@ -185,6 +185,53 @@ func TestPrepareMuteMonitor(t *testing.T) {
 	})
 }
 
+// A budget shorter than ConnectTimeout bounds the first answers too: the
+// migration gives up when its budget is spent, not ConnectTimeout later.
+func TestPrepareMuteMonitorWithinBudget(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, fakevm.Options{})
+		p.Src.Handle("query-migrate", func(json.RawMessage) (any, error) { return nil, qmptest.ErrNoReply })
+		cfg.ConnectTimeout = 10 * time.Second
+		cfg.Strategy.Limits.Budget = 2 * time.Second
+		start := time.Now()
+		ee := badInput(t, p, cfg, "no answer within 2s")
+		assert.Equal(t, engine.SideSource, ee.Side)
+		assert.Equal(t, 2*time.Second, time.Since(start).Round(time.Second))
+	})
+}
+
+// The same for a socket that never greets.
+func TestConnectSilentPeerWithinBudget(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "silent.qmp")
+	l, err := net.Listen("unix", path)
+	require.NoError(t, err)
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+		}
+	}()
+	cfg := engine.Config{
+		Source:      engine.Endpoint{Address: "unix:" + path},
+		Destination: engine.Endpoint{Address: "unix:" + filepath.Join(dir, "dst.qmp")},
+		URI:         "unix:" + filepath.Join(dir, "mig.sock"),
+		Strategy:    strategy.Config{Limits: strategy.Limits{Budget: 300 * time.Millisecond}},
+	}
+	start := time.Now()
+	res, err := engine.Migrate(t.Context(), cfg)
+	took := time.Since(start)
+	require.Error(t, err)
+	assert.ErrorIs(t, err, engine.ErrBadInput)
+	assert.Equal(t, engine.StatusFailed, res.Status)
+	assert.Less(t, took, 3*time.Second, "bounded by the budget, not the 10s ConnectTimeout")
+	assert.Contains(t, err.Error(), "within 300ms")
+}
+
 func TestFailureRollsBack(t *testing.T) {
 	for name, tc := range map[string]struct {
 		side   int

@@ -105,6 +105,18 @@ func (r *run) prepare(ctx context.Context) error {
 	return r.configure(ctx, si, di, srcCaps, dstCaps)
 }
 
+// answerTimeout bounds the connection and the first answers of one side:
+// ConnectTimeout, but never past the end of the Budget, which counts from
+// the call to Migrate (a migration that cannot even connect within its
+// budget cannot finish within it).
+func (r *run) answerTimeout() time.Duration {
+	d := r.cfg.connectTimeout()
+	if b := r.cfg.Strategy.Limits.Budget; b > 0 {
+		d = min(d, max(b-r.elapsed(), time.Millisecond))
+	}
+	return d
+}
+
 // connect dials an endpoint (or takes the caller's client), bounded by
 // ConnectTimeout. The caller records a dialled client in owned.
 func (r *run) connect(ctx context.Context, side Side, ep Endpoint) (*qmp.Client, error) {
@@ -116,7 +128,8 @@ func (r *run) connect(ctx context.Context, side Side, ep Endpoint) (*qmp.Client,
 		}
 		return ep.Client, nil
 	}
-	cctx, cancel := context.WithTimeout(ctx, r.cfg.connectTimeout())
+	timeout := r.answerTimeout()
+	cctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	r.log.Debug("connecting", "side", side, "address", ep.Address)
 	c, err := qmp.DialAddress(cctx, ep.Address, qmp.WithLogger(r.log.With("side", string(side))))
@@ -125,7 +138,7 @@ func (r *run) connect(ctx context.Context, side Side, ep Endpoint) (*qmp.Client,
 			return nil, r.cancelled(ctx, "connect")
 		}
 		if cctx.Err() != nil {
-			err = fmt.Errorf("no QMP greeting from %s within %v: %w", ep.Address, r.cfg.connectTimeout(), err)
+			err = fmt.Errorf("no QMP greeting from %s within %v: %w", ep.Address, timeout.Round(time.Millisecond), err)
 		}
 		return nil, r.badInput(side, "connect", err)
 	}
@@ -138,14 +151,15 @@ func (r *run) connect(ctx context.Context, side Side, ep Endpoint) (*qmp.Client,
 // storage migration only, whose preflight needs it.
 func (r *run) inspect(ctx context.Context, side Side) (*sideInfo, error) {
 	c := r.client(side)
-	qctx, cancel := context.WithTimeout(ctx, r.cfg.connectTimeout())
+	timeout := r.answerTimeout()
+	qctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	fail := func(op string, err error) error {
 		if ctx.Err() != nil {
 			return r.cancelled(ctx, op)
 		}
 		if qctx.Err() != nil {
-			err = fmt.Errorf("no answer within %v: %w", r.cfg.connectTimeout(), err)
+			err = fmt.Errorf("no answer within %v: %w", timeout.Round(time.Millisecond), err)
 		}
 		return r.badInput(side, op, err)
 	}
