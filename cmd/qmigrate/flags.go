@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"math"
+	"net"
 	"slices"
 	"strconv"
 	"strings"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/strategy"
+	"github.com/qmigrate/qmigrate/transport"
 )
 
 // usageError is a problem with the command line: exit status 2, message on
@@ -82,6 +84,9 @@ func parseByteSize(s string) (uint64, error) {
 		i++
 	}
 	num, unit := in[:i], strings.ToLower(strings.TrimSpace(in[i:]))
+	if num == "" && strings.HasPrefix(in, "-") {
+		return 0, fmt.Errorf("%q is negative", s)
+	}
 	if num == "" {
 		return 0, fmt.Errorf("%q is not a size: want a number of bytes with an optional unit, such as 256MiB, 1GiB, 500MB or 100K", s)
 	}
@@ -96,6 +101,10 @@ func parseByteSize(s string) (uint64, error) {
 	b := math.Round(v * mult)
 	if b >= math.MaxUint64 {
 		return 0, fmt.Errorf("%q is too large", s)
+	}
+	if b == 0 && v != 0 {
+		// Rounded to 0, it would silently mean "unlimited".
+		return 0, fmt.Errorf("%q is less than one byte (0 means unlimited)", s)
 	}
 	return uint64(b), nil
 }
@@ -193,7 +202,9 @@ func (l *stringList) Set(s string) error {
 	return nil
 }
 
-// channelCount is a flag.Value for --multifd: 0 (off) to 255 (QEMU's limit).
+// channelCount is a flag.Value for --multifd: 1 to 255 (QEMU's limit)
+// channels. Without the flag there is no multifd (a single stream); an
+// explicit 0 or a negative count is refused rather than read as "off".
 type channelCount int
 
 func (c *channelCount) String() string {
@@ -205,22 +216,102 @@ func (c *channelCount) String() string {
 
 func (c *channelCount) Set(s string) error {
 	n, err := strconv.Atoi(strings.TrimSpace(s))
-	if err != nil || n < 0 || n > 255 {
-		return fmt.Errorf("%q: want a channel count from 0 (off) to 255", s)
+	if err != nil || n < 1 || n > 255 {
+		return fmt.Errorf("%q: want a number of channels from 1 to 255 (leave --multifd out for a single stream)", s)
 	}
 	*c = channelCount(n)
 	return nil
 }
 
-// checkAddress checks that an address flag is unix:/path or tcp:host:port.
+// checkAddress checks that a QMP or NBD address flag is unix:/path or
+// tcp:host:port, naming the flag and what is wrong.
 func checkAddress(flagName, value string) error {
 	if value == "" {
 		return fmt.Errorf("%s is required (unix:/path or tcp:host:port)", flagName)
 	}
 	if _, _, err := qmp.ParseAddress(value); err != nil {
-		return fmt.Errorf("%s %q: want unix:/path or tcp:host:port", flagName, value)
+		return fmt.Errorf("%s %q: %s", flagName, value, addressProblem(value, err, "qmp: address "+strconv.Quote(value)+": ", qmp.ErrBadAddress))
 	}
 	return nil
+}
+
+// checkURI checks the --uri flag: unix:/path or tcp:host:port (port 0 lets
+// the destination pick). exec:, fd: and every other scheme are refused.
+func checkURI(value string) error {
+	const flagName = "--uri"
+	if value == "" {
+		return fmt.Errorf("%s is required (unix:/path or tcp:host:port)", flagName)
+	}
+	if !strings.HasPrefix(value, "unix:") && !strings.HasPrefix(value, "tcp:") {
+		return fmt.Errorf("%s %q: %s", flagName, value, addressProblem(value, nil, "", nil))
+	}
+	if _, err := transport.Parse(value); err != nil {
+		return fmt.Errorf("%s %q: %s", flagName, value, addressProblem(value, err, "transport: "+strconv.Quote(value)+": ", transport.ErrBadURI))
+	}
+	return nil
+}
+
+// addressProblem says what is wrong with an address that failed to parse:
+// a missing scheme (with the likely fix), a scheme qmigrate does not take,
+// or the parser's own reason (err, without its prefix and sentinel suffix).
+func addressProblem(value string, err error, prefix string, sentinel error) string {
+	const want = "want unix:/path or tcp:host:port"
+	if !strings.HasPrefix(value, "unix:") && !strings.HasPrefix(value, "tcp:") {
+		scheme, _, hasColon := strings.Cut(value, ":")
+		switch strings.ToLower(scheme) {
+		case "exec", "fd", "rdma", "file", "vsock", "unix", "tcp", "http", "https":
+			if hasColon {
+				return fmt.Sprintf("unsupported scheme %q: %s", scheme+":", want)
+			}
+		}
+		if hint := schemeHint(value); hint != "" {
+			return fmt.Sprintf("missing scheme: %s (did you mean %s?)", want, hint)
+		}
+		if hasColon && isSchemeName(scheme) && !strings.Contains(value, ":/") {
+			return fmt.Sprintf("missing scheme: %s", want)
+		}
+		if hasColon && isSchemeName(scheme) {
+			return fmt.Sprintf("unsupported scheme %q: %s", scheme+":", want)
+		}
+		return "missing scheme: " + want
+	}
+	why := err.Error()
+	why = strings.TrimPrefix(why, prefix)
+	if sentinel != nil {
+		why = strings.TrimSuffix(why, ": "+sentinel.Error())
+	}
+	if strings.Contains(why, "want ") {
+		return why
+	}
+	return why + " (" + want + ")"
+}
+
+// schemeHint guesses the address a value without a scheme meant: a path is
+// unix:, host:port is tcp:. "" when it does not look like either.
+func schemeHint(value string) string {
+	if strings.HasPrefix(value, "/") || strings.HasPrefix(value, "./") || strings.HasSuffix(value, ".sock") ||
+		strings.HasSuffix(value, ".qmp") {
+		return "unix:" + value
+	}
+	if host, port, err := net.SplitHostPort(value); err == nil && host != "" {
+		if _, err := strconv.ParseUint(port, 10, 16); err == nil {
+			return "tcp:" + value
+		}
+	}
+	return ""
+}
+
+// isSchemeName reports whether s looks like a URI scheme (exec, rdma, file).
+func isSchemeName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '+' || c == '-' || c == '.') {
+			return false
+		}
+	}
+	return true
 }
 
 // parseFlags parses args with fs, turning the flag package's errors into a
@@ -237,7 +328,31 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 	if errors.Is(err, flag.ErrHelp) {
 		return err
 	}
-	return &usageError{msg: strings.Replace(err.Error(), " -", " --", 1)}
+	return &usageError{msg: dashDash(err.Error())}
+}
+
+// dashDash rewrites the flag package's messages to name flags as the help
+// does (--name), leaving the values they quote alone: "flag provided but
+// not defined: -x", "invalid value %q for flag -x: ...", "invalid boolean
+// value %q for -x: ...", "flag needs an argument: -x".
+func dashDash(msg string) string {
+	for _, marker := range []string{"not defined: -", "for flag -", "needs an argument: -"} {
+		if i := strings.Index(msg, marker); i >= 0 {
+			j := i + len(marker)
+			if j < len(msg) && msg[j] == '-' {
+				return msg // already --name
+			}
+			return msg[:j] + "-" + msg[j:]
+		}
+	}
+	if strings.HasPrefix(msg, "invalid boolean value ") {
+		// The value is quoted with %q, so the first `" for -` ends it.
+		if i := strings.Index(msg, `" for -`); i >= 0 {
+			j := i + len(`" for -`)
+			return msg[:j] + "-" + msg[j:]
+		}
+	}
+	return msg
 }
 
 // wantsJSON reports whether args ask for --json, for the rare case where the

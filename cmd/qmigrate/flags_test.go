@@ -47,10 +47,19 @@ func TestParseByteSize(t *testing.T) {
 		require.NoError(t, err, tc.in)
 		assert.Equal(t, tc.want, got, tc.in)
 	}
-	for _, bad := range []string{"", "MiB", "-1", "1XB", "1.2.3M", "abc", "1e3", "1Mbit", "99999999TiB"} {
+	for _, bad := range []string{"", "MiB", "-1", "1XB", "1.2.3M", "abc", "1e3", "1Mbit", "99999999TiB", "0.4", "0.1B"} {
 		_, err := parseByteSize(bad)
 		assert.Error(t, err, bad)
 	}
+	// A negative size says so; a size that rounds to 0 bytes is refused
+	// rather than read as 0, which means unlimited.
+	_, err := parseByteSize("-5MiB")
+	assert.ErrorContains(t, err, "negative")
+	_, err = parseByteSize("0.4")
+	assert.ErrorContains(t, err, "less than one byte")
+	got, err := parseByteSize("0.6")
+	require.NoError(t, err)
+	assert.Equal(t, uint64(1), got)
 }
 
 func TestDurationFlag(t *testing.T) {
@@ -91,6 +100,9 @@ func TestStringListAndChannels(t *testing.T) {
 	var c channelCount
 	require.NoError(t, c.Set("4"))
 	assert.Equal(t, channelCount(4), c)
+	require.NoError(t, c.Set("1"))
+	require.NoError(t, c.Set("255"))
+	assert.Error(t, c.Set("0"), "0 channels is no multifd: leave the flag out")
 	assert.Error(t, c.Set("-1"))
 	assert.Error(t, c.Set("256"))
 	assert.Error(t, c.Set("two"))
@@ -179,12 +191,44 @@ func TestUsageErrorsExit2NamingTheProblem(t *testing.T) {
 		{"bad timeout", append(base, "--timeout", "-5s"), []string{"--timeout", "negative"}},
 		{"bad policy", append(base, "--policy", "libvirt"), []string{"--policy", `"libvirt"`, "auto, qemu, kubevirt, nova, proxmox"}},
 		{"bad multifd", append(base, "--multifd", "x"), []string{"--multifd"}},
+		{"zero multifd", append(base, "--multifd", "0"), []string{"--multifd", `"0"`, "1 to 255"}},
+		{"negative multifd", append(base, "--multifd=-2"), []string{"--multifd", `"-2"`, "1 to 255"}},
+		{"sub-byte bandwidth", append(base, "--bandwidth", "0.4"), []string{"--bandwidth", "less than one byte"}},
+		{"negative bandwidth", append(base, "--bandwidth", "-1MiB"), []string{"--bandwidth", "negative"}},
+		{"empty policy", append(base, "--policy="), []string{"--policy", "unknown policy"}},
+		{"policy without value", append(base, "--policy"), []string{"flag needs an argument: --policy"}},
+		{"single-dash unknown flag", append(base, "-fast"), []string{"not defined: --fast"}},
+		{"bad boolean", append(base, "--json=maybe"), []string{`invalid boolean value "maybe" for --json`}},
+		{"bare path src", []string{"migrate", "--src", "/run/src.qmp", "--dst", "unix:/b", "--uri", "unix:/c"},
+			[]string{"--src", "missing scheme", "did you mean unix:/run/src.qmp?"}},
+		{"host:port dst", []string{"migrate", "--src", "unix:/a", "--dst", "10.0.0.2:4000", "--uri", "unix:/c"},
+			[]string{"--dst", "missing scheme", "did you mean tcp:10.0.0.2:4000?"}},
+		{"src port out of range", []string{"migrate", "--src", "tcp:10.0.0.1:99999", "--dst", "unix:/b", "--uri", "unix:/c"},
+			[]string{"--src", `port "99999"`, "1 to 65535"}},
+		{"src port 0", []string{"migrate", "--src", "tcp:10.0.0.1:0", "--dst", "unix:/b", "--uri", "unix:/c"},
+			[]string{"--src", `port "0"`}},
+		{"src path too long", []string{"migrate", "--src", "unix:/" + strings.Repeat("s", 120), "--dst", "unix:/b", "--uri", "unix:/c"},
+			[]string{"--src", "longer than the 107"}},
+		{"bare path uri", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/b", "--uri", "/run/mig.sock"},
+			[]string{"--uri", "missing scheme", "did you mean unix:/run/mig.sock?"}},
+		{"host:port uri", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/b", "--uri", "10.0.0.2:4444"},
+			[]string{"--uri", "did you mean tcp:10.0.0.2:4444?"}},
+		{"uri empty host", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/b", "--uri", "tcp::4444"},
+			[]string{"--uri", "empty host", "qmigrate migrate --help"}},
+		{"uri port out of range", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/b", "--uri", "tcp:10.0.0.2:70000"},
+			[]string{"--uri", `port "70000"`, "qmigrate migrate --help"}},
+		{"uri relative path", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/b", "--uri", "unix:mig.sock"},
+			[]string{"--uri", "not absolute"}},
+		{"uri fd", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/b", "--uri", "fd:3"},
+			[]string{"--uri", `unsupported scheme "fd:"`}},
+		{"help unknown topic", []string{"help", "migr"}, []string{`unknown command "migr"`}},
+		{"help extra argument", []string{"help", "migrate", "now"}, []string{`unexpected argument "now"`}},
 		{"missing src", []string{"migrate", "--dst", "unix:/b", "--uri", "unix:/c"}, []string{"--src is required"}},
 		{"missing dst", []string{"migrate", "--src", "unix:/a", "--uri", "unix:/c"}, []string{"--dst is required"}},
 		{"missing uri", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/b"}, []string{"--uri is required"}},
 		{"bad src", []string{"migrate", "--src", "/run/src.qmp", "--dst", "unix:/b", "--uri", "unix:/c"}, []string{"--src", "/run/src.qmp", "unix:/path or tcp:host:port"}},
 		{"tcp without port", []string{"migrate", "--src", "tcp:localhost", "--dst", "unix:/b", "--uri", "unix:/c"}, []string{"--src", "tcp:localhost"}},
-		{"exec uri", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/b", "--uri", "exec:cat"}, []string{"--uri", "exec:cat"}},
+		{"exec uri", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/b", "--uri", "exec:cat"}, []string{"--uri", "exec:cat", `unsupported scheme "exec:"`}},
 		{"same socket", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/a", "--uri", "unix:/c"}, []string{"--src and --dst"}},
 		{"nbd alone", append(base, "--nbd", "unix:/n"), []string{"--nbd needs --copy-storage or --disk"}},
 		{"write-blocking alone", append(base, "--write-blocking"), []string{"--write-blocking needs --copy-storage or --disk"}},
@@ -239,9 +283,26 @@ func TestHelpAndVersion(t *testing.T) {
 		assert.Contains(t, stdout, "EXIT STATUS")
 		assert.Contains(t, stdout, `"type":"result"`)
 	}
+	for _, args := range [][]string{{"help", "help"}, {"help", "version"}} {
+		code, stdout, _ := runCLI(t, args...)
+		assert.Equal(t, exitOK, code, args)
+		assert.Contains(t, stdout, "qmigrate migrate --src ADDR", args)
+	}
 	code, stdout, _ := runCLI(t, "version")
 	assert.Equal(t, exitOK, code)
 	assert.True(t, strings.HasPrefix(stdout, "qmigrate "), stdout)
+}
+
+func TestDashDash(t *testing.T) {
+	for in, want := range map[string]string{
+		"flag provided but not defined: -fast":                         "flag provided but not defined: --fast",
+		`invalid value "a -b" for flag -policy: unknown policy "a -b"`: `invalid value "a -b" for flag --policy: unknown policy "a -b"`,
+		`invalid boolean value "x -y" for -json: parse error`:          `invalid boolean value "x -y" for --json: parse error`,
+		"flag needs an argument: -uri":                                 "flag needs an argument: --uri",
+		"bad flag syntax: ---x":                                        "bad flag syntax: ---x",
+	} {
+		assert.Equal(t, want, dashDash(in), in)
+	}
 }
 
 func TestWantsJSON(t *testing.T) {

@@ -20,6 +20,10 @@
 // with a small guest embedded in the binary, migrates it, checks the guest's
 // memory on the destination and cleans up.
 //
+// "qmigrate" without a command prints the usage on stderr and exits 2;
+// "qmigrate help", "qmigrate --help" and "qmigrate COMMAND --help" print it on
+// stdout and exit 0.
+//
 // Exit status: 0 the migration completed and the guest runs on the
 // destination; 1 it failed, was aborted or cancelled (SIGINT, SIGTERM) and
 // the guest runs on the source; 2 bad usage or bad input (the message names
@@ -109,7 +113,8 @@ Usage:
 Exit status: 0 completed (the guest runs on the destination), 1 failed, aborted
 or cancelled (the guest runs on the source), 2 bad usage or bad input.
 
-Run 'qmigrate COMMAND --help' for the flags of a command.
+Run 'qmigrate COMMAND --help' for the flags of a command. Without a command,
+qmigrate prints this on stderr and exits 2.
 `
 
 // run is the whole program: it parses args, runs the command and returns the
@@ -132,8 +137,19 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, versionString())
 		return exitOK
 	case "help", "-h", "-help", "--help":
-		if len(rest) > 0 && (rest[0] == "migrate" || rest[0] == "demo") {
-			return run(ctx, []string{rest[0], "--help"}, stdout, stderr)
+		if len(rest) > 1 {
+			fmt.Fprintf(stderr, "qmigrate help: unexpected argument %q\n", rest[1])
+			return exitUsage
+		}
+		if len(rest) == 1 {
+			switch rest[0] {
+			case "migrate", "demo":
+				return run(ctx, []string{rest[0], "--help"}, stdout, stderr)
+			case "help", "version":
+			default:
+				fmt.Fprintf(stderr, "qmigrate help: unknown command %q\n\n%s", rest[0], topUsage)
+				return exitUsage
+			}
 		}
 		fmt.Fprint(stdout, topUsage)
 		return exitOK

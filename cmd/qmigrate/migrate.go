@@ -52,8 +52,8 @@ func (o *limitOptions) register(fs *flag.FlagSet) {
 	fs.BoolVar(&o.allowPostcopy, "allow-postcopy", false, "permit switching to postcopy when pre-copy cannot converge (a failure after that point cannot be rolled back)")
 	fs.BoolVar(&o.allowPause, "allow-pause", false, "permit pausing the guest to finish the copy (stop-and-copy) when nothing else converges")
 	fs.BoolVar(&o.noAutoConverge, "no-auto-converge", false, "refuse CPU throttling of the guest (auto-converge), which is permitted by default")
-	fs.Var(&o.multifd, "multifd", "use `N` parallel multifd channels for RAM (0: a single stream)")
-	fs.Var(&o.connectTimeout, "connect-timeout", "bound on connecting to each QMP socket and on QEMU's first answers, a `duration`")
+	fs.Var(&o.multifd, "multifd", "use `N` parallel multifd channels for RAM, 1 to 255 (default: none, a single stream)")
+	fs.Var(&o.connectTimeout, "connect-timeout", "bound on connecting to each QMP socket and on QEMU's first answers, a `duration` (a shorter --timeout bounds them too)")
 	fs.BoolVar(&o.jsonOut, "json", false, "write one JSON object per line on stdout (see JSON OUTPUT in qmigrate migrate --help); human messages go to stderr")
 	fs.BoolVar(&o.verbose, "v", false, "")
 	fs.BoolVar(&o.verbose, "verbose", false, "write debug logs (every QMP step) to stderr")
@@ -109,7 +109,7 @@ func (o *migrateOptions) flagSet() *flag.FlagSet {
 	fs.SetOutput(io.Discard)
 	fs.StringVar(&o.src, "src", "", "QMP socket `ADDR` of the source QEMU: unix:/path or tcp:host:port (required)")
 	fs.StringVar(&o.dst, "dst", "", "QMP socket `ADDR` of the destination QEMU, started with -incoming defer: unix:/path or tcp:host:port (required)")
-	fs.StringVar(&o.uri, "uri", "", "`URI` where the destination listens for the migration stream: unix:/path or tcp:host:port (port 0 lets QEMU pick) (required)")
+	fs.StringVar(&o.uri, "uri", "", "`URI` where the destination listens for the migration stream: unix:/path (absolute) or tcp:host:port (port 0 lets QEMU pick) (required)")
 	o.limitOptions.register(fs)
 	fs.BoolVar(&o.copyStorage, "copy-storage", false, "also migrate the disks (all writable, non-shared ones) over NBD, for hosts that do not share storage")
 	fs.Var(&o.disks, "disk", "migrate the disk of block `NODE` (repeatable, or comma-separated); implies --copy-storage for just those nodes")
@@ -126,7 +126,7 @@ func (o *migrateOptions) config() (engine.Config, error) {
 	if err := checkAddress("--dst", o.dst); err != nil {
 		return engine.Config{}, err
 	}
-	if err := checkAddress("--uri", o.uri); err != nil {
+	if err := checkURI(o.uri); err != nil {
 		return engine.Config{}, err
 	}
 	if o.src == o.dst {
@@ -293,7 +293,7 @@ func migrateFlagOrder() []string {
 // usageFailure reports a usage or input error: the message on stderr and,
 // with --json, the result line on stdout. It returns exit status 2.
 func usageFailure(stdout, stderr io.Writer, cmd string, jsonOut bool, err error) int {
-	fmt.Fprintf(stderr, "qmigrate %s: %v\n", cmd, err)
+	printError(stderr, "qmigrate "+cmd, err)
 	var ue *usageError
 	if errors.As(err, &ue) {
 		fmt.Fprintf(stderr, "Run 'qmigrate %s --help' for usage.\n", cmd)
@@ -329,7 +329,13 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	}
 
 	start := time.Now()
-	src, dst, err := dialBoth(ctx, o.src, o.dst, cfg.ConnectTimeout, log)
+	// Connecting is bounded by --connect-timeout, and by --timeout when it
+	// is shorter: the budget is for the whole migration.
+	bound := connectBound{timeout: cfg.ConnectTimeout, flag: "--connect-timeout"}
+	if b := cfg.Strategy.Limits.Budget; b > 0 && b < bound.timeout {
+		bound = connectBound{timeout: b, flag: "--timeout"}
+	}
+	src, dst, err := dialBoth(ctx, o.src, o.dst, bound, log)
 	if err != nil {
 		res := resultOf(nil, err)
 		res.Total = time.Since(start)
@@ -353,9 +359,17 @@ func finish(r renderer, stderr io.Writer, res *engine.Result, demo *demoVerdict)
 		code = exitFailed
 	}
 	if res.Err != nil {
-		fmt.Fprintf(stderr, "qmigrate: %v\n", res.Err)
+		printError(stderr, "qmigrate", res.Err)
 	}
 	return code
+}
+
+// printError writes err on stderr, every line of it (errors.Join puts one
+// error per line) behind the prefix.
+func printError(stderr io.Writer, prefix string, err error) {
+	for line := range strings.SplitSeq(err.Error(), "\n") {
+		fmt.Fprintf(stderr, "%s: %s\n", prefix, line)
+	}
 }
 
 // resultOf returns the result to show: the engine's, with its error filled
@@ -404,13 +418,19 @@ func exitCode(res *engine.Result) int {
 	}
 }
 
-// dialBoth connects to both QMP sockets at once, each within timeout. An
+// connectBound is how long connecting may take, and the flag that set it.
+type connectBound struct {
+	timeout time.Duration
+	flag    string
+}
+
+// dialBoth connects to both QMP sockets at once, each within the bound. An
 // error names the flag and the address.
-func dialBoth(ctx context.Context, srcAddr, dstAddr string, timeout time.Duration, log *slog.Logger) (src, dst *qmp.Client, err error) {
+func dialBoth(ctx context.Context, srcAddr, dstAddr string, bound connectBound, log *slog.Logger) (src, dst *qmp.Client, err error) {
 	var wg sync.WaitGroup
 	var srcErr, dstErr error
-	wg.Go(func() { src, srcErr = dial(ctx, "--src", srcAddr, timeout, log) })
-	wg.Go(func() { dst, dstErr = dial(ctx, "--dst", dstAddr, timeout, log) })
+	wg.Go(func() { src, srcErr = dial(ctx, "--src", srcAddr, bound, log) })
+	wg.Go(func() { dst, dstErr = dial(ctx, "--dst", dstAddr, bound, log) })
 	wg.Wait()
 	if err = errors.Join(srcErr, dstErr); err != nil {
 		if src != nil {
@@ -425,8 +445,8 @@ func dialBoth(ctx context.Context, srcAddr, dstAddr string, timeout time.Duratio
 }
 
 // dial connects to one QMP socket and negotiates capabilities.
-func dial(ctx context.Context, flagName, address string, timeout time.Duration, log *slog.Logger) (*qmp.Client, error) {
-	dctx, cancel := context.WithTimeout(ctx, timeout)
+func dial(ctx context.Context, flagName, address string, bound connectBound, log *slog.Logger) (*qmp.Client, error) {
+	dctx, cancel := context.WithTimeout(ctx, bound.timeout)
 	defer cancel()
 	var opts []qmp.Option
 	if log != nil {
@@ -440,7 +460,7 @@ func dial(ctx context.Context, flagName, address string, timeout time.Duration, 
 		return nil, fmt.Errorf("%s %s: %w: %w", flagName, address, engine.ErrCancelled, ctx.Err())
 	}
 	if dctx.Err() != nil {
-		err = fmt.Errorf("no QMP answer within %s (--connect-timeout): is it a QEMU monitor socket? (%w)", timeout, err)
+		err = fmt.Errorf("no QMP answer within %s (%s): is it a QEMU monitor socket? (%w)", bound.timeout, bound.flag, err)
 	} else {
 		// The innermost cause says it best: "no such file or directory",
 		// "connection refused"; the rest repeats the address.

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"encoding/json"
 	"net"
 	"path/filepath"
@@ -47,6 +49,77 @@ func TestWrongSocketPathExit2NamingThePath(t *testing.T) {
 	assert.Contains(t, res["error"], missing)
 	assert.Contains(t, stderr, missing)
 	assert.Equal(t, 1, strings.Count(strings.TrimSpace(stdout), "\n")+1, "only the result line on stdout")
+
+	// Both sockets wrong: each problem on its own stderr line, each line
+	// marked as qmigrate's.
+	code, _, stderr = runCLI(t, "migrate", "--src", "unix:"+missing, "--dst", "unix:"+missing+"2",
+		"--uri", "unix:"+filepath.Join(dir, "mig.sock"))
+	assert.Equal(t, exitUsage, code)
+	lines := strings.Split(strings.TrimSpace(stderr), "\n")
+	require.Len(t, lines, 2, stderr)
+	assert.True(t, strings.HasPrefix(lines[0], "qmigrate: --src "), lines[0])
+	assert.True(t, strings.HasPrefix(lines[1], "qmigrate: --dst "), lines[1])
+}
+
+// silentListener accepts connections and never writes a byte.
+func silentListener(t *testing.T, path string) {
+	t.Helper()
+	l, err := net.Listen("unix", path)
+	require.NoError(t, err)
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+		}
+	}()
+}
+
+// --timeout is the budget of the whole migration: a peer that never answers
+// is given up on when it is spent, even with a longer --connect-timeout.
+func TestSilentPeerGivenUpWithinTimeout(t *testing.T) {
+	dir := t.TempDir()
+	srcPath, dstPath := filepath.Join(dir, "src.qmp"), filepath.Join(dir, "dst.qmp")
+	silentListener(t, srcPath)
+	silentListener(t, dstPath)
+
+	start := time.Now()
+	code, stdout, stderr := runCLI(t, "migrate", "--json", "--timeout", "300ms", "--connect-timeout", "1m",
+		"--src", "unix:"+srcPath, "--dst", "unix:"+dstPath, "--uri", "unix:"+filepath.Join(dir, "mig.sock"))
+	took := time.Since(start)
+	assert.Equal(t, exitUsage, code)
+	assert.Less(t, took, 5*time.Second)
+	assert.Contains(t, stderr, "no QMP answer within 300ms (--timeout)")
+	res := lastJSON(t, stdout)
+	assert.Equal(t, "failed", res["status"])
+}
+
+// A cancel (what SIGINT and SIGTERM do) while connecting: status cancelled,
+// exit 1, and with --json the result line is still the last one.
+func TestCancelWhileConnectingExit1(t *testing.T) {
+	dir := t.TempDir()
+	srcPath, dstPath := filepath.Join(dir, "src.qmp"), filepath.Join(dir, "dst.qmp")
+	silentListener(t, srcPath)
+	silentListener(t, dstPath)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(200*time.Millisecond, cancel)
+	var out, errb bytes.Buffer
+	start := time.Now()
+	code := run(ctx, []string{"migrate", "--json", "--src", "unix:" + srcPath, "--dst", "unix:" + dstPath,
+		"--uri", "unix:" + filepath.Join(dir, "mig.sock")}, &out, &errb)
+	assert.Less(t, time.Since(start), 5*time.Second)
+	assert.Equal(t, exitFailed, code, errb.String())
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	require.Len(t, lines, 1, out.String())
+	res := lastJSON(t, out.String())
+	assert.Equal(t, "result", res["type"])
+	assert.Equal(t, "cancelled", res["status"])
+	assert.Equal(t, []any{}, res["decisions"])
+	assert.NotEmpty(t, res["error"])
 }
 
 func TestSilentPeerExit2WithinConnectTimeout(t *testing.T) {
