@@ -362,9 +362,15 @@ func wantsJSON(args []string) bool {
 		if a == "--" {
 			return false
 		}
-		switch a {
-		case "-json", "--json", "-json=true", "--json=true", "-json=1", "--json=1":
+		if a == "-json" || a == "--json" {
 			return true
+		}
+		for _, p := range []string{"-json=", "--json="} {
+			if v, ok := strings.CutPrefix(a, p); ok {
+				if b, err := strconv.ParseBool(v); err == nil && b {
+					return true
+				}
+			}
 		}
 	}
 	return false

@@ -308,6 +308,10 @@ func TestDashDash(t *testing.T) {
 func TestWantsJSON(t *testing.T) {
 	assert.True(t, wantsJSON([]string{"--bad", "--json"}))
 	assert.True(t, wantsJSON([]string{"-json=true"}))
+	assert.True(t, wantsJSON([]string{"--json=T"}), "every true the flag package takes")
+	assert.True(t, wantsJSON([]string{"--json=TRUE"}))
+	assert.False(t, wantsJSON([]string{"--json=0"}))
+	assert.False(t, wantsJSON([]string{"--json=maybe"}))
 	assert.False(t, wantsJSON([]string{"--json=false"}))
 	assert.False(t, wantsJSON([]string{"--", "--json"}))
 }

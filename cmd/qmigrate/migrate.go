@@ -460,7 +460,11 @@ func dial(ctx context.Context, flagName, address string, bound connectBound, log
 		return nil, fmt.Errorf("%s %s: %w: %w", flagName, address, engine.ErrCancelled, ctx.Err())
 	}
 	if dctx.Err() != nil {
-		err = fmt.Errorf("no QMP answer within %s (%s): is it a QEMU monitor socket? (%w)", bound.timeout, bound.flag, err)
+		// A QEMU monitor serves one client at a time and leaves the next
+		// one connected but ungreeted: the usual cause besides a socket
+		// that is not a monitor at all.
+		err = fmt.Errorf("no QMP answer within %s (%s): is it a QEMU monitor socket, with no other client connected to it? (%w)",
+			bound.timeout, bound.flag, err)
 	} else {
 		// The innermost cause says it best: "no such file or directory",
 		// "connection refused"; the rest repeats the address.

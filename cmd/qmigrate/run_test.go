@@ -153,6 +153,7 @@ func TestSilentPeerExit2WithinConnectTimeout(t *testing.T) {
 	assert.Contains(t, stderr, "--src unix:"+srcPath)
 	assert.Contains(t, stderr, "--dst unix:"+dstPath)
 	assert.Contains(t, stderr, "--connect-timeout")
+	assert.Contains(t, stderr, "no other client connected", "the usual cause of a silent monitor")
 	res := lastJSON(t, stdout)
 	assert.Equal(t, "failed", res["status"])
 	assert.Contains(t, res["error"], "no QMP answer within 300ms")
