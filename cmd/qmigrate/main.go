@@ -69,6 +69,12 @@ func main() {
 // in progress is never abandoned half-way. stop releases the signals.
 func signalContext(parent context.Context, stderr io.Writer) (ctx context.Context, stop func()) {
 	ctx, cancel := context.WithCancel(parent)
+	// On a terminal the live progress line (and the echoed ^C) sits where
+	// the cursor is: clear it first, the next redraw puts it back below.
+	clear := ""
+	if _, ok := terminalWidth(stderr); ok {
+		clear = eraseLine
+	}
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
 	done := make(chan struct{})
@@ -81,11 +87,11 @@ func signalContext(parent context.Context, stderr io.Writer) (ctx context.Contex
 			case sig := <-sigs:
 				n++
 				if n == 1 {
-					fmt.Fprintf(stderr, "qmigrate: %v: cancelling; rolling back so the guest keeps running on the source\n", sig)
+					fmt.Fprintf(stderr, "%sqmigrate: %v: cancelling; rolling back so the guest keeps running on the source\n", clear, sig)
 					cancel()
 					continue
 				}
-				fmt.Fprintf(stderr, "qmigrate: %v: still rolling back; qmigrate will not leave the source half restored, please wait\n", sig)
+				fmt.Fprintf(stderr, "%sqmigrate: %v: still rolling back; qmigrate will not leave the source half restored, please wait\n", clear, sig)
 			case <-done:
 				return
 			}

@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
+	"os"
 	"sync"
 	"syscall"
 	"testing"
@@ -10,6 +12,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 // syncBuffer is a bytes.Buffer safe for the signal goroutine and the test.
@@ -54,4 +57,46 @@ func TestSignalContextStopCancels(t *testing.T) {
 	require.NoError(t, ctx.Err())
 	stop()
 	assert.Error(t, ctx.Err())
+}
+
+// openPTY opens a pseudo-terminal: the master to read what was written, the
+// slave as the terminal qmigrate writes to.
+func openPTY(t *testing.T) (master, slave *os.File) {
+	t.Helper()
+	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR, 0)
+	if err != nil {
+		t.Skipf("no pseudo-terminal: %v", err)
+	}
+	t.Cleanup(func() { m.Close() })
+	require.NoError(t, unix.IoctlSetPointerInt(int(m.Fd()), unix.TIOCSPTLCK, 0))
+	n, err := unix.IoctlGetInt(int(m.Fd()), unix.TIOCGPTN)
+	require.NoError(t, err)
+	s, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Close() })
+	return m, s
+}
+
+// On a terminal the signal's note first clears the line: the live progress
+// line and the echoed ^C are there.
+func TestSignalNoteClearsTheLiveLineOnATerminal(t *testing.T) {
+	t.Setenv("TERM", "xterm") // TERM=dumb would count as no terminal
+	master, slave := openPTY(t)
+	ctx, stop := signalContext(context.Background(), slave)
+	defer stop()
+	require.NoError(t, syscall.Kill(syscall.Getpid(), syscall.SIGTERM))
+	select {
+	case <-ctx.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("SIGTERM did not cancel the context")
+	}
+	require.NoError(t, master.SetReadDeadline(time.Now().Add(5*time.Second)))
+	var got []byte
+	buf := make([]byte, 512)
+	for !bytes.Contains(got, []byte("cancelling")) {
+		n, err := master.Read(buf)
+		require.NoError(t, err, "read %q", got)
+		got = append(got, buf[:n]...)
+	}
+	assert.True(t, bytes.HasPrefix(got, []byte(eraseLine+"qmigrate: terminated: cancelling")), "%q", got)
 }
