@@ -101,7 +101,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		spin = sweep.SpinForRate(float64(o.dirtyRate))
 	}
 	d := &demo{opts: &o, qemu: qemu, spin: spin, stdout: stdout, stderr: stderr}
-	d.r = newRenderer(o.jsonOut, stdout, stderr)
+	d.r = newRenderer(o.jsonOut, o.verbose, stdout, stderr)
 	return d.run(ctx)
 }
 

@@ -30,14 +30,15 @@ type demoVerdict struct {
 }
 
 // newRenderer picks the output: JSON lines, a live line on a terminal, or
-// plain log lines.
-func newRenderer(jsonOut bool, stdout, stderr io.Writer) renderer {
+// plain log lines. With verbose debug logs on stderr there is no live line:
+// on a terminal the logs would be written into it.
+func newRenderer(jsonOut, verbose bool, stdout, stderr io.Writer) renderer {
 	if jsonOut {
 		r := newJSONRenderer(stdout)
 		r.notes = stderr
 		return r
 	}
-	if width, ok := terminalWidth(stdout); ok {
+	if width, ok := terminalWidth(stdout); ok && !verbose {
 		return &termRenderer{w: stdout, width: width, resize: true}
 	}
 	return &plainRenderer{w: stdout}

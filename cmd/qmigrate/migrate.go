@@ -322,7 +322,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	}
 	log := o.logger(stderr)
 	cfg.Logger = log
-	r := newRenderer(o.jsonOut, stdout, stderr)
+	r := newRenderer(o.jsonOut, o.verbose, stdout, stderr)
 	cfg.Observer = r.Event
 	if err := cfg.Validate(); err != nil {
 		return usageFailure(stdout, stderr, "migrate", o.jsonOut, err)

@@ -100,3 +100,14 @@ func TestSignalNoteClearsTheLiveLineOnATerminal(t *testing.T) {
 	}
 	assert.True(t, bytes.HasPrefix(got, []byte(eraseLine+"qmigrate: terminated: cancelling")), "%q", got)
 }
+
+// The live line on a terminal, unless debug logs (-v) go to stderr: they
+// would be written into it, so plain lines then.
+func TestRendererOnATerminal(t *testing.T) {
+	t.Setenv("TERM", "xterm")
+	_, slave := openPTY(t)
+	assert.IsType(t, &termRenderer{}, newRenderer(false, false, slave, slave))
+	assert.IsType(t, &plainRenderer{}, newRenderer(false, true, slave, slave))
+	assert.IsType(t, &jsonRenderer{}, newRenderer(true, false, slave, slave))
+	assert.IsType(t, &plainRenderer{}, newRenderer(false, false, &bytes.Buffer{}, slave))
+}
