@@ -179,7 +179,7 @@ const migrateUsageTail = `
 OUTPUT
   On a terminal: one live line (phase, a bar of sent/(sent+remaining), rate,
   remaining, expected downtime, pass, throttle) with decisions printed above
-  it. Otherwise: plain lines, one per phase change, per strategy decision (with
+  it. Otherwise, and with -v: plain lines, one per phase change, per strategy decision (with
   its reason), per 2s of stats, and a closing summary. Errors go to stderr.
 
 JSON OUTPUT (--json)
