@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/qmigrate/qmigrate/blockmirror"
@@ -470,10 +471,33 @@ func dial(ctx context.Context, flagName, address string, bound connectBound, log
 		// "connection refused"; the rest repeats the address.
 		var se *os.SyscallError
 		if errors.As(err, &se) {
-			err = fmt.Errorf("cannot connect: %w", se.Err)
+			err = fmt.Errorf("cannot connect: %w%s", se.Err, unixHint(address, se.Err))
 		} else {
 			err = fmt.Errorf("cannot connect: %w", err)
 		}
 	}
 	return nil, &inputError{flag: flagName, address: address, err: err}
+}
+
+// unixHint explains a failed connect to a unix socket path: a path that is
+// not a socket at all, or a socket nobody listens on any more (the QEMU
+// that made it is gone).
+func unixHint(address string, errno error) string {
+	path, ok := strings.CutPrefix(address, "unix:")
+	if !ok {
+		return ""
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return ""
+	}
+	switch {
+	case fi.IsDir():
+		return " (it is a directory, not a socket)"
+	case fi.Mode()&os.ModeSocket == 0:
+		return " (it is a file, not a socket)"
+	case errors.Is(errno, syscall.ECONNREFUSED):
+		return " (a socket no process listens on: has its QEMU exited?)"
+	}
+	return ""
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -175,4 +176,30 @@ func TestNotQMPPeerExit2(t *testing.T) {
 	assert.Equal(t, exitUsage, code)
 	assert.Contains(t, stderr, "--src unix:"+srcPath)
 	assert.Contains(t, stderr, "greeting")
+}
+
+// A --src or --dst path that is not a socket, or a socket nobody listens on:
+// exit 2, and the message says which.
+func TestUnixPathNotAMonitor(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "file.qmp")
+	require.NoError(t, os.WriteFile(file, nil, 0o600))
+	stale := filepath.Join(dir, "stale.qmp")
+	l, err := net.Listen("unix", stale)
+	require.NoError(t, err)
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	require.NoError(t, l.Close())
+
+	for path, want := range map[string]string{
+		dir:   "it is a directory, not a socket",
+		file:  "it is a file, not a socket",
+		stale: "a socket no process listens on",
+	} {
+		code, stdout, stderr := runCLI(t, "migrate", "--src", "unix:"+path, "--dst", "unix:"+filepath.Join(dir, "dst.qmp"),
+			"--uri", "unix:"+filepath.Join(dir, "mig.sock"))
+		assert.Equal(t, exitUsage, code, path)
+		assert.Empty(t, stdout)
+		assert.Contains(t, stderr, "--src unix:"+path+": cannot connect", path)
+		assert.Contains(t, stderr, want, path)
+	}
 }
