@@ -19,6 +19,7 @@ type auto struct {
 	bw, dirty     float64 // EWMA of throughput and dirty rate, bytes/s
 	bwOK, dirtyOK bool
 	lastDirty     float64   // DirtyRate of the last sample
+	guestDirty    float64   // the last GuestDirtyRate measured (0 = none)
 	staleDirty    float64   // a DirtyRate value to ignore (-1 = none)
 	cur           iterRec   // the iteration in progress
 	hist          []iterRec // closed iterations, oldest first, at most histLen
@@ -88,6 +89,8 @@ func (a *auto) setup() Setup {
 		AutoConverge:  true,
 		Postcopy:      true,
 		Throttle:      &t,
+		// QEMU's own rate saturates at the throughput: measure the guest's.
+		MeasureDirtyRate: true,
 	}
 }
 
@@ -131,6 +134,9 @@ func (a *auto) waitReason() string {
 // observe updates the smoothed rates.
 func (a *auto) observe(s Sample) {
 	a.ram = max(a.ram, float64(s.TotalBytes))
+	if s.GuestDirtyRate > 0 {
+		a.guestDirty = s.GuestDirtyRate
+	}
 	if s.Throughput > 0 {
 		a.bw, a.bwOK = ewma(a.bw, s.Throughput, a.c.Alpha, a.bwOK), true
 	}
@@ -484,8 +490,15 @@ func (a *auto) throttleFor(r, dirty, bw float64, cur int, plateau bool) (int, st
 	how := fmt.Sprintf("true dirty rate ~%s/s%s", bytesStr(trueDirty), src)
 	q := dirty / bw
 	if !plateau && (math.IsNaN(r) || r >= a.c.FlatRatio || (q >= a.c.FlatRatio && q < saturatedQ)) {
-		trueDirty = math.Max(dirty, bw) / run * a.c.SaturationFactor
+		lower := math.Max(dirty, bw) / run
+		trueDirty = lower * a.c.SaturationFactor
 		how = fmt.Sprintf("working set re-dirtied every pass, true dirty rate ≥ ~%s/s", bytesStr(trueDirty))
+		if a.guestDirty > 0 {
+			// Measured apart from the migration, unthrottled: no guess.
+			trueDirty = math.Max(a.guestDirty, lower)
+			how = fmt.Sprintf("working set re-dirtied every pass, guest dirty rate measured ~%s/s (at least ~%s/s)",
+				bytesStr(a.guestDirty), bytesStr(lower))
+		}
 	}
 	p := 1.0
 	if trueDirty > 0 {

@@ -59,9 +59,9 @@ func TestSetup(t *testing.T) {
 		cfg  strategy.Config
 		want strategy.Setup
 	}{
-		{"auto", strategy.Config{}, strategy.Setup{DowntimeLimit: 100 * ms, AutoConverge: true, Throttle: hold}},
+		{"auto", strategy.Config{}, strategy.Setup{DowntimeLimit: 100 * ms, AutoConverge: true, Throttle: hold, MeasureDirtyRate: true}},
 		{"auto, everything permitted", strategy.Config{Limits: strategy.Limits{AllowPostcopy: true, AllowPause: true, MaxDowntime: sec}},
-			strategy.Setup{DowntimeLimit: 100 * ms, AutoConverge: true, Postcopy: true, Throttle: hold}},
+			strategy.Setup{DowntimeLimit: 100 * ms, AutoConverge: true, Postcopy: true, Throttle: hold, MeasureDirtyRate: true}},
 		{"auto, no throttle, low maximum", strategy.Config{Limits: strategy.Limits{NoThrottle: true, MaxDowntime: 50 * ms}},
 			strategy.Setup{DowntimeLimit: 50 * ms}},
 		{"qemu leaves QEMU's defaults", strategy.Config{Policy: "qemu"}, strategy.Setup{}},

@@ -128,8 +128,11 @@
 // rate, k = TargetRatio (0.5), where the true rate is the measured one over
 // the run fraction the current throttle leaves, and, when the measurement is
 // saturated (flat peaks, or q within [0.97, 1.5): the working set is
-// re-dirtied every pass so QEMU's rate is only a lower bound), at least
-// SaturationFactor (2) × the throughput; an escalation at least halves the
+// re-dirtied every pass so QEMU's rate is only a lower bound), the guest's
+// own rate measured apart from the migration (Sample.GuestDirtyRate, asked
+// for by Setup.MeasureDirtyRate: the engine's calc-dirty-rate at the start)
+// when there is one, else a guess of SaturationFactor (2) × the
+// throughput, and at least that lower bound; an escalation at least halves the
 // guest's remaining run time. On a plateau (the typical peak within
 // SaturationFactor × throughput × the maximum downtime while the measured
 // rate is below the throughput, or a failed prediction) the measured rate is

@@ -121,6 +121,7 @@ func (m *Machine) Setup() Setup {
 	if m.lim.NoThrottle {
 		s.AutoConverge = false
 		s.Throttle = nil
+		s.MeasureDirtyRate = false // it only sizes throttles
 	}
 	if !s.AutoConverge {
 		s.Throttle = nil
@@ -347,6 +348,7 @@ func sanitize(s Sample) Sample {
 		s.Elapsed = 0
 	}
 	s.DirtyRate = finite(s.DirtyRate)
+	s.GuestDirtyRate = finite(s.GuestDirtyRate)
 	s.Throughput = finite(s.Throughput)
 	if s.ExpectedDowntime < 0 {
 		s.ExpectedDowntime = 0

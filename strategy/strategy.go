@@ -34,8 +34,15 @@ type Sample struct {
 	Iteration        uint64        // ram.dirty-sync-count
 	RemainingBytes   uint64
 	TransferredBytes uint64
-	TotalBytes       uint64        // guest RAM size
-	DirtyRate        float64       // bytes/s (dirty-pages-rate × page-size)
+	TotalBytes       uint64  // guest RAM size
+	DirtyRate        float64 // bytes/s (dirty-pages-rate × page-size)
+	// GuestDirtyRate is the guest's own dirty rate measured apart from the
+	// migration's bitmap (calc-dirty-rate, page sampling, when Setup asked
+	// for it), bytes/s; 0 = not measured. It counts the distinct sampled pages
+	// written during a short period (200 ms where QEMU takes milliseconds,
+	// else 1 s), so it too is bounded, by the working set / period, but far
+	// above the link, where DirtyRate saturates at about the throughput.
+	GuestDirtyRate   float64
 	Throughput       float64       // bytes/s measured by QEMU (mbps)
 	ExpectedDowntime time.Duration // QEMU's expected-downtime
 	ThrottlePercent  int           // cpu-throttle-percentage currently applied
@@ -105,6 +112,9 @@ type Setup struct {
 	AutoConverge  bool          // enable the auto-converge capability up front (policy may throttle AND user permits)
 	Postcopy      bool          // enable postcopy-ram up front (policy may use it AND user permits)
 	Throttle      *Throttle     // initial throttle parameters to set before start (nil = leave QEMU's)
+	// MeasureDirtyRate asks the engine to measure the guest's dirty rate
+	// apart from the migration (Sample.GuestDirtyRate) once it starts.
+	MeasureDirtyRate bool
 }
 
 // Policy names.

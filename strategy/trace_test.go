@@ -626,3 +626,41 @@ func TestAutoSaturatedThrottleEscalatesEarly(t *testing.T) {
 	assert.Less(t, got[2].At-got[1].At, 2*pass+pass/2, "escalated after one iteration under the throttle: %v", got)
 	assert.Greater(t, got[2].Throttle, got[1].Throttle)
 }
+
+// With the guest's own dirty rate measured apart from the migration
+// (Sample.GuestDirtyRate), a saturated QEMU rate no longer forces a guess:
+// the throttle is sized from the measurement, up for a fast guest, down for
+// one barely above the link.
+func TestAutoSaturatedUsesGuestDirtyRate(t *testing.T) {
+	bw := 32.0 * MiB
+	peaks := append([]uint64{150 * MiB}, repeat(99*MiB, 4)...)
+	for _, tc := range []struct {
+		guest float64
+		want  int
+	}{
+		{0, 76},         // no measurement: SaturationFactor 2 × QEMU's rate (1.005 × the throughput here)
+		{1.05 * bw, 53}, // 1 - 0.5/1.05
+		{2 * bw, 75},    // 1 - 0.5/2
+		{10 * bw, 95},   // 1 - 0.5/10
+		{0.5 * bw, 51},  // below QEMU's saturated rate: at least that, 1 - 0.5/1.005
+	} {
+		samples := drain(peaks, bw, bw, 150*MiB)
+		for i := range samples {
+			if samples[i].Elapsed >= 200*ms {
+				samples[i].GuestDirtyRate = tc.guest
+			}
+		}
+		got, all := run(t, strategy.Config{Limits: strategy.Limits{MaxDowntime: 500 * ms}}, samples)
+		require.GreaterOrEqual(t, len(got), 2, "%v", got)
+		assert.Equal(t, strategy.SetThrottle, got[1].Action)
+		assert.Equal(t, tc.want, got[1].Throttle, "guest rate %.0f MiB/s", tc.guest/MiB)
+		if tc.guest > 0 {
+			for _, d := range all {
+				if d.Action == strategy.SetThrottle {
+					assert.Contains(t, d.Reason, "measured")
+					break
+				}
+			}
+		}
+	}
+}

@@ -88,6 +88,7 @@ type qemu struct {
 
 	// parameters and capabilities
 	autoConverge, postcopyRAM bool
+	measure                   bool // Setup.MeasureDirtyRate: the engine's calc-dirty-rate at the start
 	downtimeLimit             time.Duration
 	thr                       strategy.Throttle
 
@@ -137,7 +138,7 @@ func Run(sc Scenario, cfg strategy.Config) (Result, error) {
 		q.ws = float64(sc.WorkingSet)
 	}
 	setup := m.Setup()
-	q.autoConverge, q.postcopyRAM = setup.AutoConverge, setup.Postcopy
+	q.autoConverge, q.postcopyRAM, q.measure = setup.AutoConverge, setup.Postcopy, setup.MeasureDirtyRate
 	if setup.DowntimeLimit > 0 {
 		q.downtimeLimit = setup.DowntimeLimit
 	}
@@ -201,6 +202,9 @@ func (q *qemu) downtime() time.Duration {
 	return q.finalDowntime
 }
 
+// measurePeriod is the engine's calc-dirty-rate period.
+const measurePeriod = 200 * time.Millisecond
+
 func (q *qemu) sample() strategy.Sample {
 	s := strategy.Sample{
 		Elapsed:          q.now,
@@ -213,6 +217,11 @@ func (q *qemu) sample() strategy.Sample {
 		ThrottlePercent:  q.throttle,
 		DowntimeLimit:    q.downtimeLimit,
 		SourcePaused:     q.paused,
+	}
+	if q.measure && q.now >= measurePeriod {
+		// calc-dirty-rate over the first 200 ms, unthrottled: distinct
+		// pages, so at most the working set per period.
+		s.GuestDirtyRate = math.Min(q.sc.DirtyRate, q.ws/measurePeriod.Seconds())
 	}
 	if q.status != "completed" {
 		s.Throughput = q.sc.Link
