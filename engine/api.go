@@ -119,7 +119,11 @@ type Stats struct {
 	TransferredBytes uint64
 	RemainingBytes   uint64
 	TotalBytes       uint64
-	DirtyRate        float64 // bytes/s
+	DirtyRate        float64 // bytes/s, QEMU's (saturates at about the throughput)
+	// GuestDirtyRate is the guest's dirty rate measured apart from the
+	// migration (calc-dirty-rate page sampling, when the policy asks for it),
+	// bytes/s; 0 until measured.
+	GuestDirtyRate   float64
 	Throughput       float64 // bytes/s
 	ExpectedDowntime time.Duration
 	ThrottlePercent  int

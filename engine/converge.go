@@ -255,6 +255,7 @@ func (r *run) converge(ctx context.Context) error {
 	var lastTransferred uint64
 	lastProgress := time.Now()
 	srcEv, dstEv := r.srcSub.C, r.dstSub.C
+	r.startDirtyRate(ctx)
 	for {
 		info, err := r.src.QueryMigrate(ctx)
 		if err != nil {
@@ -264,6 +265,7 @@ func (r *run) converge(ctx context.Context) error {
 			return r.callErr(ctx, SideSource, "query-migrate", err)
 		}
 		r.lastInfo = info
+		r.pollDirtyRate(ctx)
 		if r.mirror != nil && !r.switchover {
 			if ps, err := r.mirror.Progress(ctx); err == nil {
 				r.diskProgress(ps)
@@ -436,6 +438,7 @@ func (r *run) sample(info *qmp.MigrationInfo) strategy.Sample {
 		DowntimeLimit:    r.downtimeLimit,
 		SourcePaused:     r.pausedByUs,
 		StorageTotal:     r.storageTotal,
+		GuestDirtyRate:   r.dirty.rate,
 	}
 	if r.storageTotal > r.storageDone {
 		s.StorageRemaining = r.storageTotal - r.storageDone
@@ -459,6 +462,7 @@ func statsOf(s strategy.Sample) *Stats {
 		RemainingBytes:   s.RemainingBytes,
 		TotalBytes:       s.TotalBytes,
 		DirtyRate:        s.DirtyRate,
+		GuestDirtyRate:   s.GuestDirtyRate,
 		Throughput:       s.Throughput,
 		ExpectedDowntime: s.ExpectedDowntime,
 		ThrottlePercent:  s.ThrottlePercent,

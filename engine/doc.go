@@ -52,6 +52,13 @@
 //     strategy, each decision is applied and its outcome fed back (a
 //     MirrorWriteBlocking here too, through blockmirror's SetWriteBlocking,
 //     when the backlog would not drain within the downtime at switchover).
+//     When the strategy's Setup asks for it (auto does), the guest's own
+//     dirty rate is measured once as the converge phase begins, with
+//     calc-dirty-rate in page-sampling mode on the source (200 ms; 1 s
+//     where QEMU refuses calc-time-unit, before 8.2), read back with
+//     query-dirty-rate on the following polls and passed in every later
+//     sample (Sample.GuestDirtyRate, Stats.GuestDirtyRate). A QEMU that
+//     lacks or refuses it only means no measurement.
 //   - switchover: entered when the source stops (STOP, pre-switchover,
 //     device or postcopy). In pre-switchover (storage) the mirrors are
 //     finished, then migrate-continue.

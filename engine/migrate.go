@@ -66,6 +66,7 @@ type run struct {
 	phase Phase
 	m     *strategy.Machine
 	setup strategy.Setup
+	dirty dirtyMeter // the guest's dirty rate (Setup.MeasureDirtyRate)
 
 	ch    transport.Channel // as configured
 	migCh transport.Channel // what the source connects to (port resolved)

@@ -135,8 +135,9 @@ type Pair struct {
 	errDesc          string
 	dstDead          bool
 	cancelInPostcopy int
-	lateCancel       bool // migrate_cancel received in device status, with Options.LateCancel
-	dstHeld          bool // stop on the destination in inmigrate: autostart off
+	dirtyCalcs       []json.RawMessage // calc-dirty-rate arguments received (source)
+	lateCancel       bool              // migrate_cancel received in device status, with Options.LateCancel
+	dstHeld          bool              // stop on the destination in inmigrate: autostart off
 	stops            [2]int
 	stopSim          chan struct{}
 	simDone          chan struct{}
@@ -405,6 +406,19 @@ func (p *Pair) install(i int) {
 		return out, nil
 	})
 	if isSrc {
+		// calc-dirty-rate (page sampling) measures the source's DirtyRate
+		// at once; "calc-time-unit" from 8.2.
+		h("calc-dirty-rate", qmptest.Args(func(args json.RawMessage) (any, error) {
+			p.dirtyCalcs = append(p.dirtyCalcs, args)
+			return nil, nil
+		}, calcDirtyRateMembers(p.opt.Version)...))
+		h("query-dirty-rate", func(json.RawMessage) (any, error) {
+			if len(p.dirtyCalcs) == 0 {
+				return map[string]any{"status": "unstarted", "calc-time": 0, "sample-pages": 0, "mode": "page-sampling", "start-time": 0}, nil
+			}
+			return map[string]any{"status": "measured", "dirty-rate": int64(p.opt.DirtyRate / (1 << 20)),
+				"calc-time": 1, "sample-pages": 4096, "mode": "page-sampling", "start-time": 1}, nil
+		})
 		h("migrate", qmptest.Args(p.migrate, migrateMembers(p.opt.Version)...))
 		h("migrate_cancel", func(json.RawMessage) (any, error) {
 			if p.status.Postcopy() {
@@ -524,6 +538,23 @@ func (p *Pair) parseChannel(uri string, chans []qmp.MigrationChannel) (qmp.Socke
 		}
 	}
 	return qmp.SocketAddress{}, errGeneric("unknown migration protocol: " + uri)
+}
+
+// calcDirtyRateMembers are calc-dirty-rate's arguments: "calc-time-unit"
+// from 8.2.
+func calcDirtyRateMembers(v [3]int) []string {
+	m := []string{"calc-time", "*sample-pages", "*mode"}
+	if hasChannels(v) {
+		m = append(m, "*calc-time-unit")
+	}
+	return m
+}
+
+// DirtyRateCalcs returns the arguments of every calc-dirty-rate received.
+func (p *Pair) DirtyRateCalcs() []json.RawMessage {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]json.RawMessage(nil), p.dirtyCalcs...)
 }
 
 func hasChannels(v [3]int) bool {

@@ -1,0 +1,91 @@
+package engine_test
+
+import (
+	"encoding/json"
+	"testing"
+	"testing/synctest"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/qmigrate/qmigrate/engine"
+	"github.com/qmigrate/qmigrate/engine/internal/fakevm"
+	"github.com/qmigrate/qmigrate/qmp"
+	"github.com/qmigrate/qmigrate/strategy"
+)
+
+// auto asks for the guest's own dirty rate: the engine measures it with
+// calc-dirty-rate (200 ms where QEMU takes milliseconds, 1 s before 8.2),
+// passes it in the samples and the stats, and auto sizes its throttle from it
+// instead of guessing.
+func TestGuestDirtyRateMeasured(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		version [3]int
+		want    string
+	}{
+		{"10.0: milliseconds", [3]int{10, 0, 2}, `{"calc-time":200,"calc-time-unit":"millisecond","sample-pages":4096}`},
+		{"7.2: seconds after the refusal", [3]int{7, 2, 22}, `{"calc-time":1,"sample-pages":4096}`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				// The guest dirties 3 × the link: QEMU's own rate reads about the link.
+				p, cfg := pair(t, fakevm.Options{Version: tc.version, Throughput: 100 << 20, DirtyRate: 300 << 20})
+				var rec recorder
+				cfg.Observer = rec.observe
+				res, err := engine.Migrate(t.Context(), cfg)
+				require.NoError(t, err, "%+v", res)
+
+				calcs := p.DirtyRateCalcs() // those accepted: a refused one never ran
+				require.Len(t, calcs, 1)
+				assert.JSONEq(t, tc.want, string(calcs[0]))
+
+				var measured float64
+				for _, e := range rec.events {
+					if e.Kind == engine.EventStats && e.Stats.GuestDirtyRate > 0 {
+						measured = e.Stats.GuestDirtyRate
+					}
+				}
+				assert.Equal(t, float64(300<<20), measured)
+				var throttle *engine.Event
+				for i, e := range rec.events {
+					if e.Kind == engine.EventDecision && e.Decision.Action == strategy.SetThrottle {
+						throttle = &rec.events[i]
+						break
+					}
+				}
+				require.NotNil(t, throttle, "auto throttled")
+				assert.Contains(t, throttle.Decision.Reason, "measured")
+				// 1 - 0.5 × 100/300 = 84% (83.3 rounded up), not the 75% guess.
+				assert.Equal(t, 84, throttle.Decision.Throttle.Max, throttle.Decision.Reason)
+			})
+		})
+	}
+}
+
+// The presets do not ask for it, and a QEMU without calc-dirty-rate only
+// means no measurement.
+func TestGuestDirtyRateNotMeasured(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 10 << 20})
+		cfg.Strategy.Policy = strategy.PolicyQEMU
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.NoError(t, err, "%+v", res)
+		assert.Empty(t, p.DirtyRateCalcs())
+	})
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 10 << 20})
+		p.Src.Handle("calc-dirty-rate", func(json.RawMessage) (any, error) {
+			return nil, &qmp.Error{Class: "CommandNotFound", Desc: "The command calc-dirty-rate has not been found"}
+		})
+		var rec recorder
+		cfg.Observer = rec.observe
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.NoError(t, err, "%+v", res)
+		for _, e := range rec.events {
+			if e.Kind == engine.EventStats {
+				assert.Zero(t, e.Stats.GuestDirtyRate)
+			}
+		}
+	})
+}
