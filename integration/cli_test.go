@@ -28,7 +28,9 @@ func TestCLI(t *testing.T) {
 	bin := buildCLI(t)
 
 	t.Run("MigrateJSON", func(t *testing.T) { testCLIMigrateJSON(t, q, bin) })
-	t.Run("SIGINTRollsBack", func(t *testing.T) { testCLISIGINT(t, q, bin) })
+	t.Run("SIGINTRollsBack", func(t *testing.T) { testCLISignal(t, q, bin, syscall.SIGINT) })
+	t.Run("SIGTERMRollsBack", func(t *testing.T) { testCLISignal(t, q, bin, syscall.SIGTERM) })
+	t.Run("TCPPortZeroMultifd", func(t *testing.T) { testCLITCPPortZero(t, q, bin) })
 	t.Run("CopyStorage", func(t *testing.T) { testCLICopyStorage(t, q, bin) })
 	t.Run("DestinationNotIncoming", func(t *testing.T) { testCLINotIncoming(t, q, bin) })
 	t.Run("DemoJSON", func(t *testing.T) { testCLIDemo(t, bin) })
@@ -153,7 +155,43 @@ func testCLIMigrateJSON(t *testing.T, q *testbed.QEMU, bin string) {
 	require.NoError(t, err)
 }
 
-func testCLISIGINT(t *testing.T, q *testbed.QEMU, bin string) {
+// testCLITCPPortZero migrates over tcp with port 0 (the destination picks,
+// qmigrate reads the port back), multifd channels and a bandwidth with a
+// unit, all from the command line.
+func testCLITCPPortZero(t *testing.T, q *testbed.QEMU, bin string) {
+	src, dst, srcSock, dstSock := cliPair(t, q, 64<<20, true)
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst", "unix:"+dstSock,
+		"--uri", "tcp:127.0.0.1:0", "--multifd", "2", "--bandwidth", "1GiB", "--max-downtime=500ms", "--timeout", "2m")
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	t.Logf("stderr: %s", stderr.String())
+	require.Equal(t, 0, exitCode(t, err), "stdout: %s", stdout.String())
+	lines := jsonLines(t, stdout.Bytes())
+	res := lines[len(lines)-1]
+	assert.Equal(t, "result", res["type"])
+	assert.Equal(t, "completed", res["status"])
+	for _, k := range []string{"total_ms", "downtime_ms", "transferred_bytes", "decisions", "undone", "undo_errors"} {
+		assert.Contains(t, res, k)
+	}
+	assert.IsType(t, []any{}, res["decisions"])
+	// The parameters really set on the source.
+	var params struct {
+		MaxBandwidth    uint64 `json:"max-bandwidth"`
+		MultifdChannels int    `json:"multifd-channels"`
+	}
+	require.NoError(t, src.QMP.Execute(ctx, "query-migrate-parameters", nil, &params))
+	assert.Equal(t, uint64(1<<30), params.MaxBandwidth)
+	assert.Equal(t, 2, params.MultifdChannels)
+	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	require.NoError(t, err)
+}
+
+// testCLISignal interrupts a running migration with sig (SIGINT or SIGTERM):
+// rolled back, exit 1, a result line with status cancelled.
+func testCLISignal(t *testing.T, q *testbed.QEMU, bin string, sig syscall.Signal) {
 	src, dst, srcSock, dstSock := cliPair(t, q, 64<<20, true)
 	uri := "unix:" + filepath.Join(shortTempDir(t), "mig.sock")
 
@@ -177,11 +215,11 @@ func testCLISIGINT(t *testing.T, q *testbed.QEMU, bin string) {
 		var m map[string]any
 		require.NoError(t, json.Unmarshal(sc.Bytes(), &m), sc.Text())
 		if !signalled && m["type"] == "stats" && m["status"] == "active" && m["transferred_bytes"].(float64) > 0 {
-			require.NoError(t, cmd.Process.Signal(syscall.SIGINT))
+			require.NoError(t, cmd.Process.Signal(sig))
 			signalled = true
-			// An impatient second Ctrl-C must not cut the rollback short.
+			// An impatient second signal must not cut the rollback short.
 			time.Sleep(20 * time.Millisecond)
-			if err := cmd.Process.Signal(syscall.SIGINT); err == nil {
+			if err := cmd.Process.Signal(sig); err == nil {
 				secondSent = true
 			}
 		}
