@@ -143,7 +143,8 @@ type Result struct {
 	// seen, the wall time from the source's STOP to the destination's RESUME
 	// (or to the engine's cont on the destination). 0 when not completed.
 	Downtime time.Duration
-	// TransferredBytes is the RAM bytes sent (source ram.transferred).
+	// TransferredBytes is the RAM bytes sent (source ram.transferred): at
+	// completion, or as last polled when the migration did not complete.
 	TransferredBytes uint64
 	// Decisions are the strategy's decisions, in order.
 	Decisions []strategy.Decision

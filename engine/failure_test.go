@@ -335,6 +335,8 @@ func TestStrategyAbortWithinBudget(t *testing.T) {
 		assert.Equal(t, strategy.Abort, res.Decisions[len(res.Decisions)-1].Action)
 		assert.LessOrEqual(t, res.Total, 5*time.Second+500*time.Millisecond)
 		assert.Equal(t, "running", p.SrcRunState())
+		// What was sent before the abort is reported, not 0.
+		assert.Greater(t, res.TransferredBytes, uint64(100<<20))
 	})
 }
 

@@ -209,6 +209,10 @@ func (r *run) finish(err error) {
 	default:
 		res.Status = StatusFailed
 	}
+	if res.TransferredBytes == 0 && r.lastInfo != nil && r.lastInfo.RAM != nil {
+		// Not completed: what was sent before the end, as last polled.
+		res.TransferredBytes = r.lastInfo.RAM.Transferred
+	}
 	r.log.Debug("migration ended", "status", res.Status, "total", res.Total, "downtime", res.Downtime, "err", err)
 	r.emit(Event{Kind: EventResult, Result: res})
 }
