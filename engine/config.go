@@ -3,6 +3,8 @@ package engine
 import (
 	"fmt"
 	"log/slog"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/qmigrate/qmigrate/qmp"
@@ -42,7 +44,7 @@ func (c Config) Validate() error {
 			return bad(e.name+".Address", "%v", err)
 		}
 	}
-	if c.Source.Client == nil && c.Destination.Client == nil && c.Source.Address == c.Destination.Address {
+	if c.Source.Client == nil && c.Destination.Client == nil && sameAddress(c.Source.Address, c.Destination.Address) {
 		return bad("Destination.Address", "same QMP address as the source (%s)", c.Source.Address)
 	}
 	if c.Source.Client != nil && c.Source.Client == c.Destination.Client {
@@ -79,6 +81,17 @@ func (c Config) Validate() error {
 		}
 	}
 	return nil
+}
+
+// sameAddress reports whether two QMP addresses are the same, unix paths
+// compared cleaned ("unix://run/./q.qmp" is "unix:/run/q.qmp").
+func sameAddress(a, b string) bool {
+	pa, okA := strings.CutPrefix(a, "unix:")
+	pb, okB := strings.CutPrefix(b, "unix:")
+	if okA && okB {
+		return filepath.Clean(pa) == filepath.Clean(pb)
+	}
+	return a == b
 }
 
 func (c Config) pollInterval() time.Duration {

@@ -36,6 +36,7 @@ func TestValidate(t *testing.T) {
 		"no source":      {func(c *engine.Config) { c.Source = engine.Endpoint{} }, "Source"},
 		"bad address":    {func(c *engine.Config) { c.Destination.Address = "/run/dst.qmp" }, "Destination.Address"},
 		"same address":   {func(c *engine.Config) { c.Destination.Address = c.Source.Address }, "Destination.Address"},
+		"same path":      {func(c *engine.Config) { c.Destination.Address = "unix://run/./src.qmp" }, "Destination.Address"},
 		"no uri":         {func(c *engine.Config) { c.URI = "" }, "URI"},
 		"exec uri":       {func(c *engine.Config) { c.URI = "exec:cat > /tmp/x" }, "URI"},
 		"bad port":       {func(c *engine.Config) { c.URI = "tcp:host:99999" }, "URI"},

@@ -230,6 +230,8 @@ func TestUsageErrorsExit2NamingTheProblem(t *testing.T) {
 		{"tcp without port", []string{"migrate", "--src", "tcp:localhost", "--dst", "unix:/b", "--uri", "unix:/c"}, []string{"--src", "tcp:localhost"}},
 		{"exec uri", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/b", "--uri", "exec:cat"}, []string{"--uri", "exec:cat", `unsupported scheme "exec:"`}},
 		{"same socket", []string{"migrate", "--src", "unix:/a", "--dst", "unix:/a", "--uri", "unix:/c"}, []string{"--src and --dst"}},
+		{"same socket spelled differently", []string{"migrate", "--src", "unix:/run/q.qmp", "--dst", "unix://run/./q.qmp", "--uri", "unix:/c"},
+			[]string{"--src and --dst are the same socket", "unix://run/./q.qmp"}},
 		{"nbd alone", append(base, "--nbd", "unix:/n"), []string{"--nbd needs --copy-storage or --disk"}},
 		{"write-blocking alone", append(base, "--write-blocking"), []string{"--write-blocking needs --copy-storage or --disk"}},
 		{"bad nbd", append(base, "--copy-storage", "--nbd", "nbd://x"), []string{"--nbd", "nbd://x"}},

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -130,8 +131,11 @@ func (o *migrateOptions) config() (engine.Config, error) {
 	if err := checkURI(o.uri); err != nil {
 		return engine.Config{}, err
 	}
-	if o.src == o.dst {
-		return engine.Config{}, fmt.Errorf("--src and --dst are the same socket %q", o.src)
+	if sameSocket(o.src, o.dst) {
+		if o.src == o.dst {
+			return engine.Config{}, fmt.Errorf("--src and --dst are the same socket %q", o.src)
+		}
+		return engine.Config{}, fmt.Errorf("--src and --dst are the same socket (%q, %q)", o.src, o.dst)
 	}
 	if err := o.limitOptions.check(); err != nil {
 		return engine.Config{}, err
@@ -423,6 +427,27 @@ func exitCode(res *engine.Result) int {
 type connectBound struct {
 	timeout time.Duration
 	flag    string
+}
+
+// sameSocket reports whether two QMP addresses name the same socket: equal,
+// or unix paths that are the same once cleaned or lead to the same file
+// (a monitor serves one client at a time: the second dial would wait for
+// nothing).
+func sameSocket(a, b string) bool {
+	if a == b {
+		return true
+	}
+	pa, okA := strings.CutPrefix(a, "unix:")
+	pb, okB := strings.CutPrefix(b, "unix:")
+	if !okA || !okB {
+		return false
+	}
+	if filepath.Clean(pa) == filepath.Clean(pb) {
+		return true
+	}
+	fa, errA := os.Stat(pa)
+	fb, errB := os.Stat(pb)
+	return errA == nil && errB == nil && os.SameFile(fa, fb)
 }
 
 // dialBoth connects to both QMP sockets at once, each within the bound. An

@@ -203,3 +203,24 @@ func TestUnixPathNotAMonitor(t *testing.T) {
 		assert.Contains(t, stderr, want, path)
 	}
 }
+
+// A symbolic link to the source's socket given as --dst is the same socket:
+// refused at once rather than left waiting for a greeting the monitor,
+// busy with --src, never sends.
+func TestSameSocketThroughALink(t *testing.T) {
+	dir := t.TempDir()
+	srv := qmptest.NewServer()
+	defer srv.Close()
+	path := filepath.Join(dir, "src.qmp")
+	require.NoError(t, srv.ListenUnix(path))
+	link := filepath.Join(dir, "link.qmp")
+	require.NoError(t, os.Symlink(path, link))
+	code, stdout, stderr := runCLI(t, "migrate", "--src", "unix:"+path, "--dst", "unix:"+link,
+		"--uri", "unix:"+filepath.Join(dir, "mig.sock"))
+	assert.Equal(t, exitUsage, code)
+	assert.Empty(t, stdout)
+	assert.Contains(t, stderr, "--src and --dst are the same socket")
+	assert.True(t, sameSocket("tcp:h:1", "tcp:h:1"))
+	assert.False(t, sameSocket("tcp:h:1", "tcp:h:2"))
+	assert.False(t, sameSocket("unix:"+path, "unix:"+filepath.Join(dir, "other.qmp")))
+}
