@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"time"
 
 	"github.com/qmigrate/qmigrate/qmp"
 )
@@ -23,9 +24,15 @@ const (
 	dirtyRateSamplePages = 4096 // per GiB: QEMU's default 512 is coarse for small guests
 )
 
+// dirtyRateGrace is how long past its period a measurement may take to
+// report before the engine gives up on it. QEMU's status stays "unstarted"
+// until its measuring thread runs, then "measuring".
+const dirtyRateGrace = 3 * time.Second
+
 // dirtyMeter is the measurement's state on the engine goroutine.
 type dirtyMeter struct {
 	measuring bool
+	deadline  time.Time
 	rate      float64 // bytes/s, 0 = not measured
 }
 
@@ -45,7 +52,11 @@ func (r *run) startDirtyRate(ctx context.Context) {
 		return
 	}
 	r.log.Debug("calc-dirty-rate started", "calc-time", args.CalcTime, "unit", args.CalcTimeUnit)
-	r.dirty.measuring = true
+	period := time.Duration(args.CalcTime) * time.Second
+	if args.CalcTimeUnit == "millisecond" {
+		period = time.Duration(args.CalcTime) * time.Millisecond
+	}
+	r.dirty.measuring, r.dirty.deadline = true, time.Now().Add(period+dirtyRateGrace)
 }
 
 // pollDirtyRate reads the measurement back while it runs.
@@ -64,7 +75,8 @@ func (r *run) pollDirtyRate(ctx context.Context) {
 		r.log.Debug("guest dirty rate measured", "bytes/s", rate, "calc-time", d.CalcTime, "mode", d.Mode)
 		return
 	}
-	if d.Status != "measuring" {
-		r.dirty.measuring = false // unstarted: another client's query reset it, or QEMU gave up
+	if time.Now().After(r.dirty.deadline) {
+		r.dirty.measuring = false
+		r.log.Debug("calc-dirty-rate: no result in time", "status", d.Status)
 	}
 }

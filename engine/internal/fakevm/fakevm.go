@@ -136,6 +136,7 @@ type Pair struct {
 	dstDead          bool
 	cancelInPostcopy int
 	dirtyCalcs       []json.RawMessage // calc-dirty-rate arguments received (source)
+	dirtyQueries     int               // query-dirty-rate since the last calc-dirty-rate
 	lateCancel       bool              // migrate_cancel received in device status, with Options.LateCancel
 	dstHeld          bool              // stop on the destination in inmigrate: autostart off
 	stops            [2]int
@@ -406,15 +407,23 @@ func (p *Pair) install(i int) {
 		return out, nil
 	})
 	if isSrc {
-		// calc-dirty-rate (page sampling) measures the source's DirtyRate
-		// at once; "calc-time-unit" from 8.2.
+		// calc-dirty-rate (page sampling) measures the source's DirtyRate;
+		// "calc-time-unit" from 8.2. As in QEMU the status reads
+		// "unstarted" until the measuring thread runs (the first query
+		// here), then "measuring" (the second), then "measured".
 		h("calc-dirty-rate", qmptest.Args(func(args json.RawMessage) (any, error) {
 			p.dirtyCalcs = append(p.dirtyCalcs, args)
+			p.dirtyQueries = 0
 			return nil, nil
 		}, calcDirtyRateMembers(p.opt.Version)...))
 		h("query-dirty-rate", func(json.RawMessage) (any, error) {
-			if len(p.dirtyCalcs) == 0 {
-				return map[string]any{"status": "unstarted", "calc-time": 0, "sample-pages": 0, "mode": "page-sampling", "start-time": 0}, nil
+			p.dirtyQueries++
+			if len(p.dirtyCalcs) == 0 || p.dirtyQueries <= 2 {
+				st := "unstarted"
+				if len(p.dirtyCalcs) > 0 && p.dirtyQueries == 2 {
+					st = "measuring"
+				}
+				return map[string]any{"status": st, "calc-time": 0, "sample-pages": 0, "mode": "page-sampling", "start-time": 0}, nil
 			}
 			return map[string]any{"status": "measured", "dirty-rate": int64(p.opt.DirtyRate / (1 << 20)),
 				"calc-time": 1, "sample-pages": 4096, "mode": "page-sampling", "start-time": 1}, nil
