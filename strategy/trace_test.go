@@ -540,12 +540,7 @@ func TestAutoBorderlineTooSlow(t *testing.T) {
 	assert.Equal(t, strategy.SetThrottle, got[1].Action)
 	// p = 1 - 0.5 × 29.2/27.8 (at most +0.5%) = 48%.
 	assert.InDelta(t, 48, got[1].Throttle, 1)
-	for _, d := range all {
-		if d.Action == strategy.SetThrottle {
-			assert.Contains(t, d.Reason, "converging too slowly")
-			break
-		}
-	}
+	assert.Contains(t, firstReason(all, strategy.SetThrottle), "converging too slowly")
 
 	lim.AllowPostcopy = true
 	got, _ = run(t, strategy.Config{Limits: lim}, samples)
@@ -575,12 +570,7 @@ func TestAutoPlateau(t *testing.T) {
 	// 1 - 0.5×29.1/26.4 = 45%.
 	assert.InDelta(t, 51, got[0].Throttle, 2)
 	assert.Less(t, got[0].At, 8*sec)
-	for _, d := range all {
-		if d.Action == strategy.SetThrottle {
-			assert.Contains(t, d.Reason, "a 500ms switchover takes")
-			break
-		}
-	}
+	assert.Contains(t, firstReason(all, strategy.SetThrottle), "a 500ms switchover takes")
 }
 
 // The prediction check: the measured rate (q = 0.5) predicts convergence in
@@ -603,12 +593,7 @@ func TestAutoPredictionMissed(t *testing.T) {
 	assert.Less(t, got[0].At, 13*sec)
 	// Sized from the dirty set: 1 - 14.55/(typical × 1.25), the rate says 1%.
 	assert.Greater(t, got[0].Throttle, 40)
-	for _, d := range all {
-		if d.Action == strategy.SetThrottle {
-			assert.Contains(t, d.Reason, "still not converged")
-			break
-		}
-	}
+	assert.Contains(t, firstReason(all, strategy.SetThrottle), "still not converged")
 }
 
 // A throttle under which the first full iteration still measures the dirty
@@ -655,12 +640,17 @@ func TestAutoSaturatedUsesGuestDirtyRate(t *testing.T) {
 		assert.Equal(t, strategy.SetThrottle, got[1].Action)
 		assert.Equal(t, tc.want, got[1].Throttle, "guest rate %.0f MiB/s", tc.guest/MiB)
 		if tc.guest > 0 {
-			for _, d := range all {
-				if d.Action == strategy.SetThrottle {
-					assert.Contains(t, d.Reason, "measured")
-					break
-				}
-			}
+			assert.Contains(t, firstReason(all, strategy.SetThrottle), "measured")
 		}
 	}
+}
+
+// firstReason is the reason of the first decision with action a ("" if none).
+func firstReason(all []strategy.Decision, a strategy.Action) string {
+	for _, d := range all {
+		if d.Action == a {
+			return d.Reason
+		}
+	}
+	return ""
 }
