@@ -30,6 +30,7 @@ type jsonStats struct {
 	RemainingBytes        uint64 `json:"remaining_bytes"`
 	TotalBytes            uint64 `json:"total_bytes"`
 	DirtyRateBPS          uint64 `json:"dirty_rate_bps"`
+	GuestDirtyRateBPS     uint64 `json:"guest_dirty_rate_bps"` // calc-dirty-rate's measurement, 0 until measured
 	ThroughputBPS         uint64 `json:"throughput_bps"`
 	ExpectedDowntimeMS    int64  `json:"expected_downtime_ms"`
 	ThrottlePct           int    `json:"throttle_pct"`
@@ -129,7 +130,7 @@ func jsonEvent(ev engine.Event) any {
 		return jsonStats{
 			Type: "stats", ElapsedMS: ms(ev.Elapsed), Status: s.Status, Iteration: s.Iteration,
 			TransferredBytes: s.TransferredBytes, RemainingBytes: s.RemainingBytes, TotalBytes: s.TotalBytes,
-			DirtyRateBPS: rate(s.DirtyRate), ThroughputBPS: rate(s.Throughput),
+			DirtyRateBPS: rate(s.DirtyRate), GuestDirtyRateBPS: rate(s.GuestDirtyRate), ThroughputBPS: rate(s.Throughput),
 			ExpectedDowntimeMS: ms(s.ExpectedDowntime), ThrottlePct: s.ThrottlePercent,
 			DowntimeLimitMS:       ms(s.DowntimeLimit),
 			StorageRemainingBytes: s.StorageRemaining, StorageTotalBytes: s.StorageTotal,
