@@ -64,6 +64,22 @@ type Config struct {
 	// Strategy.Limits.Budget that ends sooner bounds them too.
 	ConnectTimeout time.Duration
 
+	// UnresponsiveTimeout bounds every later QMP command the engine sends
+	// (setting capabilities and parameters, migrate-incoming, migrate, each
+	// poll of the converge loop and the decisions applied, the switchover
+	// and complete phases): a monitor that answers nothing for this long
+	// (its QEMU stopped with SIGSTOP, its main loop stuck) ends the
+	// migration with an *Error that names the side and the command and
+	// wraps ErrUnresponsive. 0 = 30s. Before the switchover a
+	// Strategy.Limits.Budget bounds each command too, by what is left of it
+	// plus PollInterval (see ErrAborted). QEMU answers within milliseconds
+	// while it migrates, except during the stop-and-copy, when its
+	// migration thread holds the big lock while it writes the device state
+	// (up to seconds with a long downtime limit or a paused source): keep
+	// this well above that. Rollback steps are bounded separately (5s per
+	// command, 30s in all).
+	UnresponsiveTimeout time.Duration
+
 	// Logger receives debug logs of every step; nil discards.
 	Logger *slog.Logger
 
@@ -152,6 +168,12 @@ type Result struct {
 	Undone []string
 	// UndoErrors lists rollback steps that failed, with why.
 	UndoErrors []string
+	// StateUnknown: the engine could not establish where the guest runs,
+	// a monitor having stopped answering (ErrUnresponsive) once the
+	// switchover began (nothing is rolled back from there) or the rollback
+	// having failed half-way; UndoErrors says what is known. Check both
+	// QEMUs. When false, the guest runs where Status says.
+	StateUnknown bool
 	// Err is the error Migrate returned (nil iff completed).
 	Err error
 }
@@ -210,8 +232,24 @@ var (
 	ErrCancelled = errors.New("migration cancelled")
 
 	// ErrAborted: the strategy aborted the migration (budget, no progress,
-	// nothing permitted converges).
+	// nothing permitted converges). The budget is also enforced under the
+	// strategy, before the switchover: a QMP command that gets no answer
+	// within what is left of Strategy.Limits.Budget plus PollInterval ends
+	// the migration with ErrAborted, the *Error naming the side whose
+	// monitor did not answer and the command.
 	ErrAborted = errors.New("migration aborted by strategy")
+
+	// ErrUnresponsive: a QEMU's monitor answered nothing to a command for
+	// Config.UnresponsiveTimeout (its process stopped, its main loop stuck).
+	// The *Error names the side and the command. Before the switchover the
+	// rollback runs (Result "failed", the guest on the source): a source
+	// that does not answer it either has its migration stream cut from the
+	// destination's side (yank), so its migration fails as soon as it runs
+	// again, and the steps it could not take are listed in
+	// Result.UndoErrors. Once the switchover began (stop-and-copy, a paused
+	// source, postcopy) nothing is rolled back: the error and UndoErrors
+	// say that the migration's state is unknown.
+	ErrUnresponsive = errors.New("QEMU monitor stopped answering")
 
 	// ErrMigrationFailed: QEMU reported the migration failed (error-desc in
 	// the message).

@@ -22,7 +22,7 @@ func (r *run) complete(ctx context.Context) error {
 	// regardless, bounded by completeTimeout.
 	ctx = context.WithoutCancel(ctx)
 	info := r.lastInfo
-	if fresh, err := r.src.QueryMigrate(ctx); err == nil && fresh.Status == qmp.StatusCompleted {
+	if fresh, err := ask(r, ctx, SideSource, "query-migrate", r.src.QueryMigrate); err == nil && fresh.Status == qmp.StatusCompleted {
 		info = fresh // after a lost race with a cancel, lastInfo is older
 	}
 	if info.RAM != nil {
@@ -45,7 +45,7 @@ func (r *run) complete(ctx context.Context) error {
 		r.waitResume(wctx, false)
 	}
 	if r.mirror != nil {
-		if err := r.mirror.Cleanup(ctx); err != nil {
+		if err := r.do(ctx, SideSource, "storage clean-up", r.mirror.Cleanup); err != nil {
 			// The guest is on the destination; leftovers are reported, the
 			// migration still counts as completed.
 			r.res.UndoErrors = append(r.res.UndoErrors, "storage clean-up: "+err.Error())
@@ -53,7 +53,7 @@ func (r *run) complete(ctx context.Context) error {
 	}
 	if st != "running" && r.srcWasRunning {
 		r.log.Debug("cont on destination", "runstate", st)
-		if err := r.dst.Cont(ctx); err != nil {
+		if err := r.do(ctx, SideDestination, "cont", r.dst.Cont); err != nil {
 			return r.callErr(ctx, SideDestination, "cont", err)
 		}
 		r.dstRan = true
@@ -84,7 +84,7 @@ func (r *run) waitDestination(ctx context.Context) (string, error) {
 	defer t.Stop()
 	for {
 		r.drainEvents()
-		dm, err := r.dst.QueryMigrate(ctx)
+		dm, err := ask(r, ctx, SideDestination, "query-migrate", r.dst.QueryMigrate)
 		if err != nil {
 			return "", r.callErr(ctx, SideDestination, "query-migrate", err)
 		}
@@ -92,7 +92,7 @@ func (r *run) waitDestination(ctx context.Context) (string, error) {
 		case qmp.StatusFailed:
 			return "", r.errorf(SideDestination, "incoming migration", fmt.Errorf("%w: %s", ErrMigrationFailed, orUnknown(dm.ErrorDesc)))
 		case qmp.StatusCompleted:
-			st, err := r.dst.QueryStatus(ctx)
+			st, err := ask(r, ctx, SideDestination, "query-status", r.dst.QueryStatus)
 			if err != nil {
 				return "", r.callErr(ctx, SideDestination, "query-status", err)
 			}

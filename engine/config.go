@@ -15,13 +15,23 @@ import (
 const (
 	DefaultPollInterval   = 200 * time.Millisecond
 	DefaultConnectTimeout = 10 * time.Second
+	// DefaultUnresponsiveTimeout is Config.UnresponsiveTimeout's default.
+	DefaultUnresponsiveTimeout = 30 * time.Second
 	// UnlimitedBandwidth is the max-bandwidth set when Config.Bandwidth is 0:
 	// 64 GiB/s, far above any link, accepted by QEMU 7.2 to 10.x.
 	UnlimitedBandwidth uint64 = 64 << 30
 	// MaxMultifdChannels is QEMU's limit for multifd-channels.
 	MaxMultifdChannels = 255
-	// undoTimeout bounds the whole rollback when the caller's context is gone.
+	// undoTimeout bounds the whole rollback (it runs with a context of its
+	// own: the caller's may have ended, and a cancel arriving meanwhile
+	// must not cut it short).
 	undoTimeout = 30 * time.Second
+	// undoStepTimeout bounds one undo step, undoCallTimeout one QMP command
+	// of the rollback, undoProbeTimeout one to a side that already let a
+	// command go unanswered.
+	undoStepTimeout  = 15 * time.Second
+	undoCallTimeout  = 5 * time.Second
+	undoProbeTimeout = 2 * time.Second
 )
 
 // Validate checks the config without touching any QEMU. Errors wrap
@@ -69,6 +79,9 @@ func (c Config) Validate() error {
 	if c.ConnectTimeout < 0 {
 		return bad("ConnectTimeout", "negative (%v)", c.ConnectTimeout)
 	}
+	if c.UnresponsiveTimeout < 0 {
+		return bad("UnresponsiveTimeout", "negative (%v)", c.UnresponsiveTimeout)
+	}
 	if err := c.Strategy.Validate(); err != nil {
 		return bad("Strategy", "%v", err)
 	}
@@ -106,6 +119,13 @@ func (c Config) connectTimeout() time.Duration {
 		return DefaultConnectTimeout
 	}
 	return c.ConnectTimeout
+}
+
+func (c Config) unresponsiveTimeout() time.Duration {
+	if c.UnresponsiveTimeout == 0 {
+		return DefaultUnresponsiveTimeout
+	}
+	return c.UnresponsiveTimeout
 }
 
 func (c Config) bandwidth() uint64 {

@@ -38,11 +38,14 @@ func (r *run) start(ctx context.Context) error {
 		return r.callErr(ctx, SideDestination, "migrate-incoming", err)
 	}
 	if r.ch.Scheme == transport.Unix {
-		r.pushUndo("destination: remove migration socket", func(ctx context.Context) (string, error) {
+		r.pushUndo("", "destination: remove migration socket", func(ctx context.Context) (string, error) {
 			// After a cancel the destination exits (exit-on-error); give it
 			// a moment, then remove the socket it leaves behind. One that
 			// completed its incoming migration as the cancel landed stays,
-			// no longer listening.
+			// no longer listening. One that does not answer is left alone.
+			if r.silent.isMute(SideDestination) {
+				return "", nil
+			}
 			if !r.dstKept {
 				t := time.NewTimer(2 * time.Second)
 				defer t.Stop()
@@ -60,15 +63,19 @@ func (r *run) start(ctx context.Context) error {
 			return "destination: removed migration socket " + r.ch.Path, nil
 		})
 	}
-	ch, err := transport.ResolvePort(ctx, r.dst, r.ch)
+	ch, err := ask(r, ctx, SideDestination, "read listening port", func(c context.Context) (transport.Channel, error) {
+		return transport.ResolvePort(c, r.dst, r.ch)
+	})
 	if err != nil {
 		return r.callErr(ctx, SideDestination, "read listening port", err)
 	}
 	r.migCh = ch
 	// The source must end up running again after any rollback; then the
 	// migration must be cancelled first (undo runs in reverse).
-	r.pushUndo("source: resume guest", r.undoResumeSource)
-	r.pushUndo("source: cancel migration", r.undoCancel)
+	r.pushUndo(SideSource, "source: resume guest", r.undoResumeSource)
+	// Not skipped when the source stopped answering: it then cuts the
+	// stream from the destination's side.
+	r.pushUndo("", "source: cancel migration", r.undoCancel)
 	if err := r.migrate(ctx, ch); err != nil {
 		return r.callErr(ctx, SideSource, "migrate", err)
 	}
@@ -84,7 +91,7 @@ func (r *run) migrateIncoming(ctx context.Context) error {
 	for {
 		args := r.ch.IncomingArgs(r.dstForm, true)
 		r.log.Debug("migrate-incoming", "channel", r.ch.String(), "channels-form", args.Channels != nil, "exit-on-error", args.ExitOnError != nil)
-		err := r.dst.MigrateIncoming(ctx, args)
+		err := r.do(ctx, SideDestination, "migrate-incoming", func(c context.Context) error { return r.dst.MigrateIncoming(c, args) })
 		if err == nil {
 			return nil
 		}
@@ -105,7 +112,7 @@ func (r *run) migrate(ctx context.Context, ch transport.Channel) error {
 	for {
 		args := ch.MigrateArgs(r.srcForm)
 		r.log.Debug("migrate", "channel", ch.String(), "channels-form", args.Channels != nil)
-		err := r.src.Migrate(ctx, args)
+		err := r.do(ctx, SideSource, "migrate", func(c context.Context) error { return r.src.Migrate(c, args) })
 		if err == nil {
 			return nil
 		}
@@ -127,10 +134,13 @@ func (r *run) waitMirrors(ctx context.Context) error {
 	timer := time.NewTimer(poll)
 	defer timer.Stop()
 	for {
-		ps, err := r.mirror.Progress(ctx)
+		ps, err := ask(r, ctx, SideSource, "query-block-jobs", r.mirror.Progress)
 		if err != nil {
 			if ctx.Err() != nil {
 				return r.cancelled(ctx, "wait for mirrors")
+			}
+			if isUnanswered(err) {
+				return err
 			}
 			return r.errorf("", "wait for mirrors", err)
 		}
@@ -185,6 +195,9 @@ func (r *run) decide(ctx context.Context, d strategy.Decision) error {
 	if aerr != nil && ctx.Err() != nil {
 		return r.cancelled(ctx, "apply decision")
 	}
+	if isUnanswered(aerr) {
+		return aerr
+	}
 	return nil
 }
 
@@ -205,15 +218,15 @@ func (r *run) passFDs(ctx context.Context) error {
 		fd   int
 	}{{SideDestination, dfd}, {SideSource, sfd}} {
 		c := r.client(p.side)
-		if err := c.Getfd(ctx, name, p.fd); err != nil {
+		if err := r.do(ctx, p.side, "getfd", func(ctx context.Context) error { return c.Getfd(ctx, name, p.fd) }); err != nil {
 			return r.callErr(ctx, p.side, "getfd", err)
 		}
 		side := p.side
-		r.pushUndo(string(side)+": close migration fd", func(ctx context.Context) (string, error) {
+		r.pushUndo("", string(side)+": close migration fd", func(ctx context.Context) (string, error) {
 			if c.Err() != nil {
 				return "", nil // QEMU gone, and its fds with it
 			}
-			if err := c.Closefd(ctx, name); err != nil {
+			if err := r.do(ctx, side, "closefd", func(ctx context.Context) error { return c.Closefd(ctx, name) }); err != nil {
 				var qe *qmp.Error
 				if errors.As(err, &qe) {
 					return "", nil // consumed by the migration: nothing to close
@@ -255,9 +268,11 @@ func (r *run) converge(ctx context.Context) error {
 	var lastTransferred uint64
 	lastProgress := time.Now()
 	srcEv, dstEv := r.srcSub.C, r.dstSub.C
-	r.startDirtyRate(ctx)
+	if err := r.startDirtyRate(ctx); err != nil {
+		return err
+	}
 	for {
-		info, err := r.src.QueryMigrate(ctx)
+		info, err := ask(r, ctx, SideSource, "query-migrate", r.src.QueryMigrate)
 		if err != nil {
 			if r.dst.Err() != nil && ctx.Err() == nil {
 				return r.dstGone("query-migrate")
@@ -265,10 +280,14 @@ func (r *run) converge(ctx context.Context) error {
 			return r.callErr(ctx, SideSource, "query-migrate", err)
 		}
 		r.lastInfo = info
-		r.pollDirtyRate(ctx)
+		if err := r.pollDirtyRate(ctx); err != nil {
+			return err
+		}
 		if r.mirror != nil && !r.switchover {
-			if ps, err := r.mirror.Progress(ctx); err == nil {
+			if ps, err := ask(r, ctx, SideSource, "query-block-jobs", r.mirror.Progress); err == nil {
 				r.diskProgress(ps)
+			} else if isUnanswered(err) {
+				return err
 			} else {
 				r.log.Debug("mirror progress", "err", err)
 			}
@@ -278,6 +297,11 @@ func (r *run) converge(ctx context.Context) error {
 
 		switch s := info.Status; {
 		case s == qmp.StatusCompleted:
+			// The STOP of the stop-and-copy may still be queued (the poll
+			// waited out the stop-and-copy): the switchover happened all
+			// the same.
+			r.drain(SideSource, r.srcSub)
+			r.setPhase(PhaseSwitchover)
 			r.srcCompleted = true
 			return nil
 		case s == qmp.StatusFailed:
@@ -309,15 +333,18 @@ func (r *run) converge(ctx context.Context) error {
 			r.setPhase(PhaseSwitchover)
 		}
 
-		if !r.m.Done() && !r.switchover {
+		// Past the switchover the engine finishes: nothing to decide.
+		if !r.m.Done() && !r.pastSwitchover() {
 			if err := r.decide(ctx, r.m.Step(sample)); err != nil {
 				return err
 			}
 		}
 
-		// Safety nets under the strategy.
+		// Safety nets under the strategy. The budget no longer holds once
+		// the switchover began (the stop-and-copy included: a cancel then
+		// lands only once the device state is written).
 		finishing := r.postcopy || r.pausedByUs || r.switchover
-		if b := limits.Budget; b > 0 && !finishing && r.elapsed() >= b+poll {
+		if b := limits.Budget; b > 0 && !r.pastSwitchover() && r.elapsed() >= b+poll {
 			return r.errorf("", "budget", fmt.Errorf("%w: budget %v exhausted at %v", ErrAborted, b, r.elapsed().Round(time.Millisecond)))
 		}
 		if info.RAM != nil && info.RAM.Transferred > lastTransferred {
@@ -423,7 +450,9 @@ func (r *run) switchOver(ctx context.Context) error {
 		}
 	}
 	r.log.Debug("migrate-continue pre-switchover")
-	if err := r.src.MigrateContinue(ctx, qmp.StatusPreSwitchover); err != nil {
+	if err := r.do(ctx, SideSource, "migrate-continue", func(c context.Context) error {
+		return r.src.MigrateContinue(c, qmp.StatusPreSwitchover)
+	}); err != nil {
 		return r.callErr(ctx, SideSource, "migrate-continue", err)
 	}
 	return nil
@@ -472,12 +501,17 @@ func statsOf(s strategy.Sample) *Stats {
 	}
 }
 
-// apply carries out one decision on the source.
+// apply carries out one decision on the source. Each command is bounded
+// (ask): one that gets no answer in time is an *Error decide ends the
+// migration with.
 func (r *run) apply(ctx context.Context, d strategy.Decision) error {
+	setParams := func(p qmp.MigrationParameters) error {
+		return r.do(ctx, SideSource, "migrate-set-parameters", func(c context.Context) error { return r.src.MigrateSetParameters(c, p) })
+	}
 	switch d.Action {
 	case strategy.SetDowntime:
 		lim := r.capDowntime(d.DowntimeLimit)
-		if err := r.src.MigrateSetParameters(ctx, qmp.MigrationParameters{DowntimeLimit: qmp.Ptr(qmp.MillisOf(lim))}); err != nil {
+		if err := setParams(qmp.MigrationParameters{DowntimeLimit: qmp.Ptr(qmp.MillisOf(lim))}); err != nil {
 			return err
 		}
 		r.downtimeLimit = lim
@@ -487,30 +521,42 @@ func (r *run) apply(ctx context.Context, d strategy.Decision) error {
 		}
 		var p qmp.MigrationParameters
 		r.throttleParams(&p, d.Throttle)
-		return r.src.MigrateSetParameters(ctx, p)
+		return setParams(p)
 	case strategy.StartPostcopy:
 		if !r.setup.Postcopy {
 			return errors.New("postcopy-ram was not enabled before the start")
 		}
-		if err := r.src.MigrateStartPostcopy(ctx); err != nil {
+		// From the moment it is sent QEMU may switch at any moment: never
+		// cancel again, unless QEMU refused it. (Set before sending, so the
+		// command is bounded as past the switchover: by
+		// UnresponsiveTimeout, not the budget; one left unanswered may
+		// still be carried out.)
+		r.postcopy = true
+		if err := r.do(ctx, SideSource, "migrate-start-postcopy", r.src.MigrateStartPostcopy); err != nil {
+			var qe *qmp.Error
+			if errors.As(err, &qe) {
+				r.postcopy = false
+			}
 			return err
 		}
-		// From here QEMU may switch at any moment: never cancel again.
-		r.postcopy = true
 	case strategy.PauseSource:
 		if !r.cfg.Strategy.Limits.AllowPause {
 			return errors.New("pausing the source is not permitted")
 		}
-		if err := r.src.Stop(ctx); err != nil {
+		r.pausedByUs = true // as for postcopy: the stop may land late
+		if err := r.do(ctx, SideSource, "stop", r.src.Stop); err != nil {
+			var qe *qmp.Error
+			if errors.As(err, &qe) {
+				r.pausedByUs = false
+			}
 			return err
 		}
-		r.pausedByUs = true
 	case strategy.MirrorWriteBlocking:
 		if r.mirror == nil {
 			return errors.New("no disk mirrors to switch")
 		}
 		if r.srcF.BlockJobChange {
-			return r.mirror.SetWriteBlocking(ctx)
+			return r.do(ctx, SideSource, "block-job-change", r.mirror.SetWriteBlocking)
 		}
 		// No block-job-change: restart the mirrors in write-blocking mode
 		// (a full re-copy). The strategy decides it only in the mirror
@@ -518,7 +564,7 @@ func (r *run) apply(ctx context.Context, d strategy.Decision) error {
 		if r.mirrorsReady {
 			return errors.New("write-blocking restart refused after READY (block-job-change missing on the source)")
 		}
-		return r.mirror.RestartWriteBlocking(ctx)
+		return r.do(ctx, SideSource, "restart mirrors write-blocking", r.mirror.RestartWriteBlocking)
 	case strategy.Abort:
 	default:
 		return fmt.Errorf("unknown action %q", d.Action)

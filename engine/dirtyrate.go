@@ -36,20 +36,27 @@ type dirtyMeter struct {
 	rate      float64 // bytes/s, 0 = not measured
 }
 
-// startDirtyRate starts the measurement on the source, when asked for.
-func (r *run) startDirtyRate(ctx context.Context) {
+// startDirtyRate starts the measurement on the source, when asked for. Only
+// a command left unanswered (ask) is an error.
+func (r *run) startDirtyRate(ctx context.Context) error {
 	if !r.setup.MeasureDirtyRate {
-		return
+		return nil
+	}
+	calc := func(args qmp.CalcDirtyRateArgs) error {
+		return r.do(ctx, SideSource, "calc-dirty-rate", func(c context.Context) error { return r.src.CalcDirtyRate(c, args) })
 	}
 	args := qmp.CalcDirtyRateArgs{CalcTime: dirtyRatePeriodMS, CalcTimeUnit: "millisecond", SamplePages: dirtyRateSamplePages}
-	err := r.src.CalcDirtyRate(ctx, args)
+	err := calc(args)
 	if qmp.IsUnexpectedArgument(err, "calc-time-unit") {
 		args = qmp.CalcDirtyRateArgs{CalcTime: 1, SamplePages: dirtyRateSamplePages}
-		err = r.src.CalcDirtyRate(ctx, args)
+		err = calc(args)
+	}
+	if isUnanswered(err) {
+		return err
 	}
 	if err != nil {
 		r.log.Debug("calc-dirty-rate: no guest dirty-rate measurement", "err", err)
-		return
+		return nil
 	}
 	r.log.Debug("calc-dirty-rate started", "calc-time", args.CalcTime, "unit", args.CalcTimeUnit)
 	period := time.Duration(args.CalcTime) * time.Second
@@ -57,26 +64,32 @@ func (r *run) startDirtyRate(ctx context.Context) {
 		period = time.Duration(args.CalcTime) * time.Millisecond
 	}
 	r.dirty.measuring, r.dirty.deadline = true, time.Now().Add(period+dirtyRateGrace)
+	return nil
 }
 
-// pollDirtyRate reads the measurement back while it runs.
-func (r *run) pollDirtyRate(ctx context.Context) {
+// pollDirtyRate reads the measurement back while it runs. Only a command
+// left unanswered (ask) is an error.
+func (r *run) pollDirtyRate(ctx context.Context) error {
 	if !r.dirty.measuring {
-		return
+		return nil
 	}
-	d, err := r.src.QueryDirtyRate(ctx)
+	d, err := ask(r, ctx, SideSource, "query-dirty-rate", r.src.QueryDirtyRate)
 	if err != nil {
 		r.dirty.measuring = false
 		r.log.Debug("query-dirty-rate", "err", err)
-		return
+		if isUnanswered(err) {
+			return err
+		}
+		return nil
 	}
 	if rate, ok := d.Measured(); ok {
 		r.dirty.measuring, r.dirty.rate = false, rate
 		r.log.Debug("guest dirty rate measured", "bytes/s", rate, "calc-time", d.CalcTime, "mode", d.Mode)
-		return
+		return nil
 	}
 	if time.Now().After(r.dirty.deadline) {
 		r.dirty.measuring = false
 		r.log.Debug("calc-dirty-rate: no result in time", "status", d.Status)
 	}
+	return nil
 }

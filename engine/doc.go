@@ -60,7 +60,8 @@
 //     sample (Sample.GuestDirtyRate, Stats.GuestDirtyRate). A QEMU that
 //     lacks or refuses it only means no measurement.
 //   - switchover: entered when the source stops (STOP, pre-switchover,
-//     device or postcopy). In pre-switchover (storage) the mirrors are
+//     device or postcopy), at the latest when it reports completed (a poll
+//     that waited out the stop-and-copy). In pre-switchover (storage) the mirrors are
 //     finished, then migrate-continue.
 //   - complete: the source says completed; the destination must report its
 //     incoming migration completed; storage clean-up; cont on the
@@ -73,8 +74,11 @@
 //     completes its incoming migration after all stays paused),
 //     migrate_cancel and a wait for the source to settle, a look at both
 //     sides (below), cont of a source left paused or in postmigrate,
-//     blockmirror Abort, capabilities and parameters restored. It runs with a fresh context (30 s) when the
-//     caller's context has ended. Once postcopy started there is no rollback:
+//     blockmirror Abort, capabilities and parameters restored. It always runs
+//     with a context of its own, 30 s in all (the caller's may have ended,
+//     and a cancel arriving meanwhile must not cut it short), each step
+//     bounded by 15 s and each command by 5 s (see "A QEMU that stops
+//     answering"). Once postcopy started there is no rollback:
 //     the engine never sends migrate_cancel in postcopy; a cancel of the
 //     caller's context is then ignored and the migration finishes (the guest
 //     already runs on the destination), and a failure is reported wrapping
@@ -98,6 +102,58 @@
 //     and the source resumed (Result "failed"). Whatever the ending, the
 //     guest runs exactly where the Result says: on the destination when
 //     "completed", on the source otherwise (unless it was paused before).
+//
+// # A QEMU that stops answering
+//
+// Every QMP command after prepare's first answers (which ConnectTimeout
+// bounds) has a deadline, so a QEMU whose monitor answers nothing (its
+// process stopped with SIGSTOP, its main loop stuck) cannot hold Migrate:
+//
+//   - Before the switchover, with Strategy.Limits.Budget, a command is
+//     given what is left of the budget plus PollInterval (the grace of the
+//     budget's safety net; PollInterval when the budget is already spent):
+//     one left unanswered ends the migration with ErrAborted, like the
+//     safety net, the *Error naming the side and the command ("the source
+//     QEMU's monitor did not answer query-migrate within the budget"). This
+//     covers the start phase (getfd, migrate-incoming, migrate, the mirror
+//     polls of waitMirrors), the converge loop (query-migrate, the mirrors'
+//     progress, calc-dirty-rate and query-dirty-rate, every decision
+//     applied) and the capabilities and parameters set in prepare. A command
+//     waiting while the source reports STOP (the stop-and-copy began) stops
+//     being bounded by the budget.
+//   - Always, a command is given Config.UnresponsiveTimeout (30 s): one left
+//     unanswered ends the migration with ErrUnresponsive, the *Error naming
+//     the side and the command.
+//   - From the switchover on (the source stopped for the stop-and-copy:
+//     STOP, status device or pre-switchover; paused by a PauseSource
+//     decision; postcopy asked for; the source completed) the engine
+//     finishes rather than aborts: the budget no longer applies, neither
+//     to commands nor to the safety net, and the strategy is no longer
+//     consulted. QEMU's migration thread holds the big lock while it
+//     writes the device state, so its monitor may take seconds to answer
+//     then; only UnresponsiveTimeout bounds it. When it fires nothing is
+//     rolled back (never a migrate_cancel into a stop-and-copy or postcopy
+//     the engine cannot see): the error says the migration's state is
+//     unknown, Result.StateUnknown is set, and Status is "failed" (never
+//     "completed"). migrate-start-postcopy and the pause's stop count as
+//     sent once written: left unanswered they may still be carried out.
+//   - In the rollback each command is given 5 s (2 s on a side that already
+//     let one go unanswered). A side that leaves a rollback command
+//     unanswered is sent nothing more: its remaining steps are listed in
+//     UndoErrors ("not attempted", "not sent"), never skipped silently.
+//     When that side is the source, its migration cannot be cancelled with
+//     migrate_cancel: the destination is held (stop) and the migration
+//     stream is cut on the destination's side with yank of its migration
+//     instance, so the destination's incoming migration fails and it exits
+//     (as after a cancel), and the source's migration fails as soon as the
+//     source runs again (QEMU keeps, or resumes, the guest there): Result
+//     "failed", the guest on the source. The source's capabilities and
+//     parameters are then left as the migration set them (UndoErrors says
+//     so). A destination that already completed its incoming migration
+//     means the source completed: the migration is finished instead.
+//
+// A command that timed out was written to the socket: its QEMU may still
+// carry it out when it answers again; its late answer is dropped.
 //
 // # Destination after a failure
 //
@@ -145,5 +201,14 @@
 // the phase, the side and the operation, wrapping QEMU's own text
 // (*qmp.Error) or the cause. Observer events arrive in order on the engine
 // goroutine; the result event is last. Clients passed in Endpoint.Client are
-// never closed.
+// never closed. No QMP command of the engine's own waits unbounded
+// (storage excepts blockmirror's Start and Finish, which the engine does
+// not bound as a whole: creating targets and draining mirrors take their
+// time): with a Budget, Migrate returns within the budget plus PollInterval plus the rollback (a few
+// seconds when a QEMU stopped answering) unless the switchover began, and
+// a QEMU that answers nothing ends the migration after UnresponsiveTimeout
+// (ErrUnresponsive). The guest runs where Result.Status says ("completed":
+// on the destination; otherwise on the source, unless it was paused
+// before) except when Result.StateUnknown is set or the error wraps
+// ErrPostcopyFailed.
 package engine

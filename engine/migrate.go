@@ -98,6 +98,8 @@ type run struct {
 	pausedByUs    bool
 	switchover    bool
 	srcCompleted  bool // point of no return passed
+	undoing       bool // the rollback (or rescue) runs: its own bounds on commands
+	silent        sides
 	downtimeLimit time.Duration
 	stopAt        time.Time
 	resumeAt      time.Time
@@ -142,15 +144,32 @@ func (r *run) execute(ctx context.Context) error {
 func (r *run) fail(ctx context.Context, err error) error {
 	r.log.Debug("migration failed", "phase", r.phase, "err", err)
 	if r.postcopy && !r.srcCompleted {
-		r.res.UndoErrors = append(r.res.UndoErrors, "rollback impossible: postcopy started, the guest runs on the destination")
+		switch started := r.lastInfo != nil && r.lastInfo.Status.Postcopy(); {
+		case !isUnanswered(err):
+			r.res.UndoErrors = append(r.res.UndoErrors, "rollback impossible: postcopy started, the guest runs on the destination")
+		case started:
+			r.res.StateUnknown = true
+			r.res.UndoErrors = append(r.res.UndoErrors, "rollback impossible: postcopy started, the guest runs on the destination; a monitor then stopped answering: where the migration stands is unknown, check both QEMUs")
+		default:
+			r.res.StateUnknown = true
+			r.res.UndoErrors = append(r.res.UndoErrors, "rollback impossible: postcopy was asked for and may have started when a monitor stopped answering: the migration's state is unknown, check both QEMUs")
+		}
 		return fmt.Errorf("%w: %w", ErrPostcopyFailed, err)
 	}
-	uctx := ctx
-	if ctx.Err() != nil {
-		var cancel context.CancelFunc
-		uctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), undoTimeout)
-		defer cancel()
+	if !r.srcCompleted && r.pastSwitchover() && errors.Is(err, ErrUnresponsive) {
+		// The source stopped for the stop-and-copy (or was paused by us)
+		// and a monitor stopped answering: the engine finishes rather than
+		// aborts from here, and cannot tell where things stand.
+		r.res.StateUnknown = true
+		r.res.UndoErrors = append(r.res.UndoErrors, "rollback not attempted: a monitor stopped answering after the switchover began: the migration's state is unknown, check both QEMUs")
+		return err
 	}
+	// The rollback runs under a context of its own, bounded: the caller's
+	// may have ended already, and a cancel arriving during the rollback
+	// must not leave the source half restored.
+	r.undoing = true
+	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), undoTimeout)
+	defer cancel()
 	if !r.srcCompleted {
 		if len(r.undo) == 0 {
 			return err
@@ -178,12 +197,23 @@ func (r *run) fail(ctx context.Context, err error) error {
 
 // unwind runs the undo stack from the top, removing each step as it runs,
 // and stops early (leaving the rest) once the source turns out to have
-// completed.
+// completed. Each step is bounded by undoStepTimeout; a step on a side that
+// did not answer an earlier rollback command is not attempted, and says so
+// in UndoErrors.
 func (r *run) unwind(ctx context.Context) {
 	for len(r.undo) > 0 {
 		u := r.undo[len(r.undo)-1]
 		r.undo = r.undo[:len(r.undo)-1]
-		did, uerr := u.fn(ctx)
+		if u.side != "" && r.silent.isMute(u.side) {
+			r.res.UndoErrors = append(r.res.UndoErrors, fmt.Sprintf("%s: not attempted: the %s QEMU's monitor stopped answering", u.name, u.side))
+			continue
+		}
+		sctx, cancel := context.WithTimeout(ctx, undoStepTimeout)
+		did, uerr := u.fn(sctx)
+		if uerr != nil && sctx.Err() != nil && ctx.Err() == nil && !isUnanswered(uerr) {
+			uerr = fmt.Errorf("did not finish within %v: %w", undoStepTimeout, uerr)
+		}
+		cancel()
 		if uerr != nil {
 			r.log.Debug("undo failed", "step", u.name, "err", uerr)
 			r.res.UndoErrors = append(r.res.UndoErrors, u.name+": "+uerr.Error())
@@ -230,14 +260,16 @@ func (r *run) closeAll() {
 }
 
 // undoStep is one entry of the undo stack. fn returns what it did ("" when
-// there was nothing to do) or why it failed.
+// there was nothing to do) or why it failed. side is the QEMU it talks to
+// first ("" when none in particular).
 type undoStep struct {
 	name string
+	side Side
 	fn   func(context.Context) (string, error)
 }
 
-func (r *run) pushUndo(name string, fn func(context.Context) (string, error)) {
-	r.undo = append(r.undo, undoStep{name: name, fn: fn})
+func (r *run) pushUndo(side Side, name string, fn func(context.Context) (string, error)) {
+	r.undo = append(r.undo, undoStep{name: name, side: side, fn: fn})
 }
 
 // errorf builds an *Error in the current phase.
@@ -260,6 +292,9 @@ func (r *run) cancelled(ctx context.Context, op string) error {
 func (r *run) callErr(ctx context.Context, side Side, op string, err error) error {
 	if ctx.Err() != nil {
 		return r.cancelled(ctx, op)
+	}
+	if isUnanswered(err) {
+		return err // already an *Error naming the side and the command
 	}
 	if errors.Is(err, qmp.ErrClosed) {
 		err = fmt.Errorf("%s QEMU went away: %w", side, err)

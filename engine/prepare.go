@@ -422,27 +422,36 @@ func capChanges(cur, want, prev map[string]bool) map[string]bool {
 }
 
 // configureSide sets s.caps and s.params on one QEMU, then reads back what
-// it set. It only talks to QEMU: the caller pushes the undo steps.
+// it set. It only talks to QEMU: the caller pushes the undo steps. Each
+// command is bounded (ask).
 func (r *run) configureSide(ctx context.Context, s *sideConfig) {
 	c := r.client(s.side)
 	var wg sync.WaitGroup
 	if s.caps != nil {
 		r.log.Debug("set capabilities", "side", s.side, "caps", s.caps)
-		wg.Go(func() { s.capErr = c.MigrateSetCapabilities(ctx, s.caps) })
+		wg.Go(func() {
+			s.capErr = r.do(ctx, s.side, "migrate-set-capabilities", func(ctx context.Context) error { return c.MigrateSetCapabilities(ctx, s.caps) })
+		})
 	}
 	if s.params != nil {
 		r.log.Debug("set parameters", "side", s.side, "params", paramString(*s.params))
-		wg.Go(func() { s.parErr = c.MigrateSetParameters(ctx, *s.params) })
+		wg.Go(func() {
+			s.parErr = r.do(ctx, s.side, "migrate-set-parameters", func(ctx context.Context) error { return c.MigrateSetParameters(ctx, *s.params) })
+		})
 	}
 	wg.Wait()
 	if s.capErr != nil || s.parErr != nil {
 		return
 	}
 	if s.caps != nil {
-		wg.Go(func() { s.gotCaps, s.capReadErr = c.QueryMigrateCapabilities(ctx) })
+		wg.Go(func() {
+			s.gotCaps, s.capReadErr = ask(r, ctx, s.side, "query-migrate-capabilities", c.QueryMigrateCapabilities)
+		})
 	}
 	if s.params != nil {
-		wg.Go(func() { s.gotParams, s.parReadErr = c.QueryMigrateParameters(ctx) })
+		wg.Go(func() {
+			s.gotParams, s.parReadErr = ask(r, ctx, s.side, "query-migrate-parameters", c.QueryMigrateParameters)
+		})
 	}
 	wg.Wait()
 }
@@ -455,11 +464,11 @@ func (r *run) pushCapsUndo(side Side) {
 		prev = r.prevDC
 	}
 	restore := maps.Clone(prev)
-	r.pushUndo(string(side)+": restore capabilities", func(ctx context.Context) (string, error) {
+	r.pushUndo("", string(side)+": restore capabilities", func(ctx context.Context) (string, error) {
 		if side == SideDestination && r.incoming {
 			return "", nil // the destination's incoming migration started: it is not reusable, leave it
 		}
-		if err := c.MigrateSetCapabilities(ctx, restore); err != nil {
+		if err := r.do(ctx, side, "migrate-set-capabilities", func(ctx context.Context) error { return c.MigrateSetCapabilities(ctx, restore) }); err != nil {
 			return "", err
 		}
 		return fmt.Sprintf("%s: capabilities restored %v", side, restore), nil
@@ -469,13 +478,13 @@ func (r *run) pushCapsUndo(side Side) {
 // pushParamsUndo pushes the restoration of the parameters set on side.
 func (r *run) pushParamsUndo(side Side, restore qmp.MigrationParameters) {
 	c := r.client(side)
-	r.pushUndo(string(side)+": restore parameters", func(ctx context.Context) (string, error) {
+	r.pushUndo("", string(side)+": restore parameters", func(ctx context.Context) (string, error) {
 		if side == SideDestination && r.incoming {
 			return "", nil
 		}
 		// Parameters changed later by decisions (downtime, throttle) are
 		// covered: restoreParams took every field the engine may touch.
-		if err := c.MigrateSetParameters(ctx, restore); err != nil {
+		if err := r.do(ctx, side, "migrate-set-parameters", func(ctx context.Context) error { return c.MigrateSetParameters(ctx, restore) }); err != nil {
 			return "", err
 		}
 		return fmt.Sprintf("%s: parameters restored %s", side, paramString(restore)), nil
@@ -608,7 +617,9 @@ func (r *run) startStorage(ctx context.Context) error {
 		return r.errorf("", "start mirrors", err)
 	}
 	r.mirror = s
-	r.pushUndo("storage: abort mirrors", func(ctx context.Context) (string, error) {
+	// Abort talks to the source first; it is bounded by undoStepTimeout as
+	// a whole (it waits for the cancelled mirrors).
+	r.pushUndo(SideSource, "storage: abort mirrors", func(ctx context.Context) (string, error) {
 		if err := s.Abort(ctx); err != nil {
 			return "", err
 		}

@@ -63,7 +63,13 @@ func (r *run) undoCancel(ctx context.Context) (string, error) {
 	if r.abandoned {
 		return "", nil // the source's migration completed; the destination failed it: nothing to cancel
 	}
-	info, err := r.src.QueryMigrate(ctx)
+	if r.silent.isMute(SideSource) {
+		return "", r.cutStream(ctx, errors.New("the source QEMU's monitor stopped answering"), false)
+	}
+	info, err := ask(r, ctx, SideSource, "query-migrate", r.src.QueryMigrate)
+	if isUnanswered(err) {
+		return "", r.cutStream(ctx, err, false)
+	}
 	if err != nil {
 		return "", err
 	}
@@ -78,7 +84,11 @@ func (r *run) undoCancel(ctx context.Context) (string, error) {
 	st, did := info.Status, ""
 	if st != qmp.StatusNone && !st.Terminal() {
 		r.log.Debug("migrate_cancel", "status", st)
-		if err := r.src.MigrateCancel(ctx); err != nil {
+		if err := r.do(ctx, SideSource, "migrate_cancel", r.src.MigrateCancel); err != nil {
+			if isUnanswered(err) {
+				// QEMU may carry it out later; meanwhile cut the stream.
+				return "", r.cutStream(ctx, err, true)
+			}
 			return "", err
 		}
 		if st, err = r.waitSourceSettled(ctx); err != nil {
@@ -99,14 +109,67 @@ func (r *run) undoCancel(ctx context.Context) (string, error) {
 // pauses the guest. A destination that is gone or refuses is left as it is
 // (logged): the checks after the cancel still look at it.
 func (r *run) holdDestination(ctx context.Context) {
-	if !r.incoming || r.dst.Err() != nil {
+	if !r.incoming || r.dst.Err() != nil || r.silent.isMute(SideDestination) {
 		return
 	}
-	hctx, cancel := context.WithTimeout(ctx, destinationHoldTimeout)
-	defer cancel()
-	if err := r.dst.Stop(hctx); err != nil {
+	if err := r.doWithin(ctx, SideDestination, "stop", destinationHoldTimeout, r.dst.Stop); err != nil {
 		r.log.Debug("stop on the destination before migrate_cancel", "err", err)
 	}
+}
+
+// cutStream ends a migration the source cannot be asked to cancel (its
+// monitor does not answer; why says so) from the destination's side: the
+// destination is held (stop), then its migration channel is shut down with
+// yank (QEMU 6.0+), so its incoming migration fails and it exits
+// (exit-on-error), and the source's migration fails as soon as the source
+// runs again: QEMU then keeps (or resumes) the guest there. Never in
+// postcopy, nor after the destination completed its incoming migration:
+// then the source completed, and the migration is finished instead
+// (srcCompleted), unless a migrate_cancel was sent (cancelSent) that QEMU
+// may still carry out and resume the source: then the destination stays
+// held and the outcome is unknown. The error returned says what was not
+// done; the yank, when it worked, is recorded in Undone.
+func (r *run) cutStream(ctx context.Context, why error, cancelSent bool) error {
+	r.silent.mark(SideSource, true)
+	if r.postcopy {
+		return fmt.Errorf("%w: postcopy is never cut", why)
+	}
+	if !r.incoming || r.dst.Err() != nil {
+		return fmt.Errorf("%w: migrate_cancel not sent", why)
+	}
+	if r.silent.isMute(SideDestination) {
+		return fmt.Errorf("%w, nor does the destination's: the migration could not be cancelled; check both QEMUs", why)
+	}
+	r.holdDestination(ctx)
+	dm, err := ask(r, ctx, SideDestination, "query-migrate", r.dst.QueryMigrate)
+	if err == nil && dm.Status == qmp.StatusCompleted {
+		if cancelSent {
+			r.dstKept = true
+			r.res.StateUnknown = true
+			return fmt.Errorf("%w after migrate_cancel, and the destination completed its incoming migration (held paused): QEMU may still resume the source: the migration's state is unknown, check both QEMUs", why)
+		}
+		// The whole stream arrived: the source completed (it cannot resume
+		// the guest without a cancel, and none was sent). The destination
+		// was held, so it waits paused for the engine to finish.
+		r.srcCompleted = true
+		return fmt.Errorf("%w, but the destination completed its incoming migration: the migration completed, the guest runs on the destination", why)
+	}
+	r.log.Warn("the source does not answer: cutting the migration stream on the destination (yank)", "cause", why)
+	yank := map[string]any{"instances": []map[string]string{{"type": "migration"}}}
+	if err := r.do(ctx, SideDestination, "yank", func(c context.Context) error { return r.dst.Execute(c, "yank", yank, nil) }); err != nil {
+		return fmt.Errorf("%w: migrate_cancel not sent, and the stream could not be cut on the destination (yank: %w): the migration may go on once the source answers again; check both QEMUs", why, err)
+	}
+	r.res.Undone = append(r.res.Undone, "destination: yank migration: the stream is cut, the destination's incoming migration fails and it exits; the source's migration fails once it runs again")
+	// The destination exits (exit-on-error): wait a moment for it, so the
+	// migration socket can be removed.
+	t := time.NewTimer(destinationSettleTimeout)
+	defer t.Stop()
+	select {
+	case <-r.dst.Done():
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	return fmt.Errorf("%w: migrate_cancel not sent: the guest stays on the source, where QEMU fails the migration once it runs again", why)
 }
 
 // afterCancel looks at both sides once the source's migration ended
@@ -140,8 +203,8 @@ func (r *run) afterCancel(ctx context.Context, st qmp.MigrationStatus) error {
 		// It started by itself before it could be held: two copies run.
 		// Stop one: the destination's, or where that fails the source's
 		// (then the migration completed).
-		if err := r.dst.Stop(ctx); err != nil {
-			if serr := r.src.Stop(ctx); serr != nil {
+		if err := r.do(ctx, SideDestination, "stop", r.dst.Stop); err != nil {
+			if serr := r.do(ctx, SideSource, "stop", r.src.Stop); serr != nil {
 				return fmt.Errorf("destination completed its incoming migration as the cancel landed and runs the guest, and neither side could be stopped: %w", errors.Join(err, serr))
 			}
 			r.srcCompleted = true
@@ -163,17 +226,17 @@ func (r *run) destinationOutcome(ctx context.Context) (completed bool, runState 
 	t := time.NewTicker(20 * time.Millisecond)
 	defer t.Stop()
 	for {
-		if r.dst.Err() != nil {
+		if r.dst.Err() != nil || r.silent.isMute(SideDestination) {
 			return false, ""
 		}
-		dm, err := r.dst.QueryMigrate(wctx)
+		dm, err := ask(r, wctx, SideDestination, "query-migrate", r.dst.QueryMigrate)
 		if err != nil {
 			r.log.Debug("destination after the cancel", "err", err)
 			return false, ""
 		}
 		switch dm.Status {
 		case qmp.StatusCompleted:
-			st, err := r.dst.QueryStatus(wctx)
+			st, err := ask(r, wctx, SideDestination, "query-status", r.dst.QueryStatus)
 			if err != nil {
 				return false, ""
 			}
@@ -208,7 +271,7 @@ func (r *run) sourceRunState(ctx context.Context) (string, error) {
 	t := time.NewTicker(20 * time.Millisecond)
 	defer t.Stop()
 	for {
-		st, err := r.src.QueryStatus(wctx)
+		st, err := ask(r, wctx, SideSource, "query-status", r.src.QueryStatus)
 		if err != nil {
 			return "", err
 		}
@@ -228,7 +291,7 @@ func (r *run) waitSourceSettled(ctx context.Context) (qmp.MigrationStatus, error
 	t := time.NewTicker(min(r.cfg.pollInterval(), 50*time.Millisecond))
 	defer t.Stop()
 	for {
-		info, err := r.src.QueryMigrate(ctx)
+		info, err := ask(r, ctx, SideSource, "query-migrate", r.src.QueryMigrate)
 		if err != nil {
 			return "", err
 		}
@@ -259,7 +322,7 @@ func (r *run) undoResumeSource(ctx context.Context) (string, error) {
 	default:
 		return "", fmt.Errorf("source in run state %q, not resumed", state)
 	}
-	if err := r.src.Cont(ctx); err != nil {
+	if err := r.do(ctx, SideSource, "cont", r.src.Cont); err != nil {
 		return "", err
 	}
 	return fmt.Sprintf("source: cont (was %s)", state), nil
@@ -281,14 +344,15 @@ func (r *run) rescue(ctx context.Context, err error) error {
 		return err
 	}
 	if r.dst.Err() == nil {
-		if st, serr := r.dst.QueryStatus(ctx); serr == nil && st.Running {
+		if st, serr := ask(r, ctx, SideDestination, "query-status", r.dst.QueryStatus); serr == nil && st.Running {
 			// It completed and runs the guest after all: that is where
 			// the guest is, so the migration counts as completed.
 			r.dstRan = true
 			r.res.UndoErrors = append(r.res.UndoErrors, "completing: "+err.Error()+"; yet the destination runs the guest")
 			return nil
 		}
-		if serr := r.dst.Stop(ctx); serr != nil && r.dst.Err() == nil {
+		if serr := r.do(ctx, SideDestination, "stop", r.dst.Stop); serr != nil && r.dst.Err() == nil {
+			r.res.StateUnknown = true
 			r.res.UndoErrors = append(r.res.UndoErrors, "destination: stop: "+serr.Error()+": the source is not resumed")
 			return err
 		}

@@ -93,6 +93,7 @@ func (p *Pair) installBlock(i int) {
 					return nil, err
 				}
 			}
+			p.gate(i)
 			p.mu.Lock()
 			defer p.mu.Unlock()
 			return f(a)

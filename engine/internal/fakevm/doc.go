@@ -16,7 +16,10 @@
 //
 // Lifecycle: New starts two qmptest servers (Src, Dst) with handlers that
 // share one model under a mutex; tests connect with Src.Client/Dst.Client,
-// inject failures by replacing handlers (Handle), KillDst, SetThroughput or
-// Options.FailWith, and Close stops the model goroutine and both servers.
+// inject failures by replacing handlers (Handle), KillDst, SetThroughput,
+// Freeze/Thaw (a QEMU stopped as by SIGSTOP: its monitor answers nothing
+// until thawed) or Options.FailWith, and Close stops the model goroutine
+// and both servers. The destination answers yank of the migration instance
+// by failing its incoming migration and exiting.
 // It is a test double: it models what the engine relies on, not QEMU.
 package fakevm

@@ -144,6 +144,10 @@ type Pair struct {
 	simDone          chan struct{}
 	log              []string
 	block            blockState
+
+	fmu            sync.Mutex
+	frozen         [2]chan struct{} // non-nil while a side is frozen (Freeze); closed by Thaw
+	dstExitPending bool             // the destination exits once thawed (mu)
 }
 
 type vm struct {
@@ -194,8 +198,59 @@ func New(opt Options) *Pair {
 	return p
 }
 
-// Close stops the simulation and both servers.
+// Freeze stops one side's QEMU as SIGSTOP does (0 source, 1 destination):
+// its monitor answers nothing (commands wait, and are answered once it is
+// thawed) and the migration stream stalls. A frozen source does nothing at
+// all (the model does not advance, no events); with a frozen destination
+// the source goes on (a cancel is carried out) and a destination that
+// should exit does so when thawed. Handlers a test installed with Handle
+// are not held.
+func (p *Pair) Freeze(side int) {
+	p.fmu.Lock()
+	defer p.fmu.Unlock()
+	if p.frozen[side] == nil {
+		p.frozen[side] = make(chan struct{})
+	}
+}
+
+// Thaw resumes a side stopped by Freeze (SIGCONT).
+func (p *Pair) Thaw(side int) {
+	p.fmu.Lock()
+	if ch := p.frozen[side]; ch != nil {
+		close(ch)
+		p.frozen[side] = nil
+	}
+	p.fmu.Unlock()
+	if side == 1 {
+		p.mu.Lock()
+		if p.dstExitPending {
+			p.dstExitPending = false
+			p.dstExit()
+		}
+		p.mu.Unlock()
+	}
+}
+
+func (p *Pair) isFrozen(side int) bool {
+	p.fmu.Lock()
+	defer p.fmu.Unlock()
+	return p.frozen[side] != nil
+}
+
+// gate waits while side is frozen.
+func (p *Pair) gate(side int) {
+	p.fmu.Lock()
+	ch := p.frozen[side]
+	p.fmu.Unlock()
+	if ch != nil {
+		<-ch
+	}
+}
+
+// Close stops the simulation and both servers (thawing both sides first).
 func (p *Pair) Close() {
+	p.Thaw(0)
+	p.Thaw(1)
 	p.mu.Lock()
 	stop, done := p.stopSim, p.simDone
 	p.stopSim = nil
@@ -265,6 +320,7 @@ func (p *Pair) install(i int) {
 	isSrc := i == 0
 	h := func(name string, f func(args json.RawMessage) (any, error)) {
 		srv.Handle(name, func(args json.RawMessage) (any, error) {
+			p.gate(i)
 			p.mu.Lock()
 			defer p.mu.Unlock()
 			return f(args)
@@ -467,6 +523,35 @@ func (p *Pair) install(i int) {
 			return nil, nil
 		})
 	} else {
+		// yank of the migration instance shuts the incoming channel down:
+		// the load fails and the destination exits (just after answering).
+		h("yank", func(args json.RawMessage) (any, error) {
+			var a struct {
+				Instances []struct {
+					Type string `json:"type"`
+				} `json:"instances"`
+			}
+			if err := json.Unmarshal(args, &a); err != nil {
+				return nil, err
+			}
+			for _, in := range a.Instances {
+				if in.Type != "migration" {
+					return nil, &qmp.Error{Class: "DeviceNotFound", Desc: "Instance '" + in.Type + "' not found"}
+				}
+				if !p.listening {
+					return nil, &qmp.Error{Class: "DeviceNotFound", Desc: "Instance 'migration' not found"}
+				}
+			}
+			if p.dstStatus != qmp.StatusCompleted {
+				go func() {
+					time.Sleep(time.Millisecond)
+					p.mu.Lock()
+					p.dstExit()
+					p.mu.Unlock()
+				}()
+			}
+			return nil, nil
+		})
 		h("migrate-incoming", qmptest.Args(func(args json.RawMessage) (any, error) {
 			if m.run != "inmigrate" {
 				return nil, errGeneric("'-incoming' was not specified on the command line")
@@ -653,6 +738,9 @@ func (p *Pair) param(side int, name string) uint64 {
 }
 
 func (p *Pair) rate() float64 {
+	if p.isFrozen(1) {
+		return 0 // a stopped destination reads nothing
+	}
 	r := p.opt.Throughput
 	if p.status.Postcopy() {
 		r = p.opt.PostcopyRate
@@ -707,6 +795,9 @@ func (p *Pair) sim(stop, done chan struct{}) {
 		case <-stop:
 			return
 		case <-t.C:
+		}
+		if p.isFrozen(0) {
+			continue // a stopped source does nothing
 		}
 		p.mu.Lock()
 		end := p.step(p.opt.Tick.Seconds())
@@ -894,6 +985,10 @@ func (p *Pair) DstGone() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.dstDe
 // (exit-on-error default).
 func (p *Pair) dstExit() {
 	if p.dstDead || !p.listening {
+		return
+	}
+	if p.isFrozen(1) {
+		p.dstExitPending = true // it exits once it runs again
 		return
 	}
 	p.dstDead = true
