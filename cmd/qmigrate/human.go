@@ -151,6 +151,8 @@ func summary(r *engine.Result, demo *demoVerdict) []string {
 			lines = append(lines, "rollback problems: "+strings.Join(r.UndoErrors, "; "))
 		}
 		switch {
+		case r.StateUnknown:
+			lines = append(lines, "where the guest runs is unknown: check both QEMUs")
 		case errors.Is(r.Err, engine.ErrPostcopyFailed):
 			lines = append(lines, "the failure came during postcopy: the guest's state is split between source and destination")
 		case !isBadInput(r.Err):

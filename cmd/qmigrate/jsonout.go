@@ -84,6 +84,8 @@ type jsonResult struct {
 	Error            string               `json:"error,omitempty"`
 	Undone           []string             `json:"undone"`
 	UndoErrors       []string             `json:"undo_errors"`
+	// Only when the engine could not tell where the guest runs.
+	StateUnknown bool `json:"state_unknown,omitempty"`
 	// Demo only: what the check of the guest on the destination found.
 	Verified *bool  `json:"verified,omitempty"`
 	Verdict  string `json:"verdict,omitempty"`
@@ -166,6 +168,7 @@ func jsonResultOf(r *engine.Result) jsonResult {
 		Decisions:        make([]jsonResultDecision, 0, len(r.Decisions)),
 		Undone:           append(make([]string, 0, len(r.Undone)), r.Undone...),
 		UndoErrors:       append(make([]string, 0, len(r.UndoErrors)), r.UndoErrors...),
+		StateUnknown:     r.StateUnknown,
 	}
 	for _, d := range r.Decisions {
 		dl, th := decisionDetails(d)

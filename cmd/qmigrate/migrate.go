@@ -212,11 +212,17 @@ JSON OUTPUT (--json)
         status is completed, failed or cancelled; decisions, undone and
         undo_errors are arrays, [] when empty; error is present only when the
         status is not completed; undone lists the rollback steps that ran,
-        undo_errors those that failed.
+        undo_errors those that failed; "state_unknown":true is added when
+        qmigrate could not tell where the guest runs (a QEMU stopped
+        answering after the switchover began: check both QEMUs)
 
 EXIT STATUS
   0  completed: the guest runs on the destination
-  1  failed, aborted by the policy or cancelled: the guest runs on the source
+  1  failed, aborted by the policy or cancelled: the guest runs on the source;
+     also a QEMU that stops answering QMP mid-migration (the message names the
+     side and the command): with --timeout the migration ends within it and a
+     few seconds, otherwise after 30s of silence. Once the switchover began
+     nothing is rolled back and where the guest runs is unknown (said so)
   2  bad usage or bad input: a bad flag, an address that cannot be reached or
      does not answer QMP within --connect-timeout, a destination not started
      with -incoming defer, different RAM sizes, a disk that cannot be mirrored
