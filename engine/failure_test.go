@@ -144,19 +144,7 @@ func TestConnectWrongSocket(t *testing.T) {
 // ConnectTimeout.
 func TestConnectSilentPeer(t *testing.T) {
 	dir := t.TempDir()
-	path := filepath.Join(dir, "silent.qmp")
-	l, err := net.Listen("unix", path)
-	require.NoError(t, err)
-	defer l.Close()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close()
-		}
-	}()
+	path := silentListener(t, dir)
 	cfg := engine.Config{
 		Source:         engine.Endpoint{Address: "unix:" + path},
 		Destination:    engine.Endpoint{Address: "unix:" + filepath.Join(dir, "dst.qmp")},
@@ -204,19 +192,7 @@ func TestPrepareMuteMonitorWithinBudget(t *testing.T) {
 // The same for a socket that never greets.
 func TestConnectSilentPeerWithinBudget(t *testing.T) {
 	dir := t.TempDir()
-	path := filepath.Join(dir, "silent.qmp")
-	l, err := net.Listen("unix", path)
-	require.NoError(t, err)
-	defer l.Close()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close()
-		}
-	}()
+	path := silentListener(t, dir)
 	cfg := engine.Config{
 		Source:      engine.Endpoint{Address: "unix:" + path},
 		Destination: engine.Endpoint{Address: "unix:" + filepath.Join(dir, "dst.qmp")},
@@ -758,4 +734,35 @@ func TestCancelLosesRaceWithCompletion(t *testing.T) {
 		assert.Contains(t, strings.Join(res.UndoErrors, "\n"), "completed before the cancel")
 		assert.Positive(t, res.TransferredBytes)
 	})
+}
+
+// silentListener listens on a unix socket in dir, accepts every connection
+// and never writes a byte (no greeting), until the test ends.
+func silentListener(t *testing.T, dir string) string {
+	t.Helper()
+	path := filepath.Join(dir, "silent.qmp")
+	l, err := net.Listen("unix", path)
+	require.NoError(t, err)
+	done := make(chan struct{})
+	t.Cleanup(func() {
+		l.Close()
+		<-done
+	})
+	go func() {
+		defer close(done)
+		var conns []net.Conn
+		defer func() {
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			conns = append(conns, c)
+		}
+	}()
+	return path
 }
