@@ -60,6 +60,10 @@ func parseNBDAddress(s string) (nbdAddr, error) {
 		if p == "" {
 			return nbdAddr{}, fmt.Errorf("%w: NBD address %q: empty path", ErrPreflight, s)
 		}
+		if !filepath.IsAbs(p) {
+			// QEMU would resolve it in its own working directory.
+			return nbdAddr{}, fmt.Errorf("%w: NBD address %q: socket path is not absolute", ErrPreflight, s)
+		}
 		return nbdAddr{unix: p}, nil
 	case strings.HasPrefix(s, "tcp:"):
 		host, port, err := net.SplitHostPort(strings.TrimPrefix(s, "tcp:"))
@@ -69,6 +73,10 @@ func parseNBDAddress(s string) (nbdAddr, error) {
 		n, err := strconv.Atoi(port)
 		if err != nil || n < 0 || n > 65535 {
 			return nbdAddr{}, fmt.Errorf("%w: NBD address %q: bad port", ErrPreflight, s)
+		}
+		if n == 0 {
+			// nbd-server-start does not report the port it would pick.
+			return nbdAddr{}, fmt.Errorf("%w: NBD address %q: port 0: give the port the destination's NBD server should listen on (or leave NBDAddress empty to derive one)", ErrPreflight, s)
 		}
 		if host == "" {
 			return nbdAddr{}, fmt.Errorf("%w: NBD address %q: empty host", ErrPreflight, s)

@@ -411,6 +411,9 @@ func TestValidate(t *testing.T) {
 		{Disks: []string{"a"}, Shared: []string{"a"}},
 		{NBDAddress: "tcp:host"},
 		{NBDAddress: "unix:"},
+		{NBDAddress: "unix:relative.sock"},
+		{NBDAddress: "tcp:h:0"},
+		{NBDAddress: "tcp:h:65536"},
 		{TargetDir: "/x"},
 		{CreateTargets: true, TargetDir: "rel"},
 	} {
