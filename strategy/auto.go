@@ -226,10 +226,7 @@ const (
 
 func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 	lv := &a.m.levers
-	limit := a.downtime
-	if s.DowntimeLimit > 0 {
-		limit = s.DowntimeLimit
-	}
+	limit := a.limit(s)
 	if !a.bwOK || a.bw <= 0 {
 		return wait("auto: no throughput measured yet")
 	}
@@ -410,6 +407,14 @@ func (a *auto) plateauThrottle(need int, how string, typical, thr float64, cur i
 	}
 	return p, fmt.Sprintf("dirty set %s above the %s a %v switchover takes: run time ×%.2f",
 		bytesStr(typical), bytesStr(thr), a.m.lim.maxDowntime(), thr/(typical*a.c.Margin))
+}
+
+// limit is the downtime limit in force: the sample's, else the one auto set.
+func (a *auto) limit(s Sample) time.Duration {
+	if s.DowntimeLimit > 0 {
+		return s.DowntimeLimit
+	}
+	return a.downtime
 }
 
 // seen marks the last lever as in effect from now.

@@ -133,10 +133,7 @@ func (a *auto) backlog(s Sample, now time.Duration) (Decision, bool) {
 	if s.Status != "active" || !a.m.canSwitch() {
 		return Decision{}, false
 	}
-	limit := a.downtime
-	if s.DowntimeLimit > 0 {
-		limit = s.DowntimeLimit
-	}
+	limit := a.limit(s)
 	ok, why := a.diskCheck(now, limit, a.diskHorizon(a.ramPred))
 	if ok {
 		return Decision{}, false
