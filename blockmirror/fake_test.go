@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 
@@ -166,7 +167,7 @@ func newFake(t *testing.T, blocks ...qmp.BlockInfo) *fakeQEMU {
 			c.Type = "mirror"
 			out = append(out, c)
 		}
-		slices.SortFunc(out, func(a, b qmp.BlockJobInfo) int { return cmpStr(a.Device, b.Device) })
+		slices.SortFunc(out, func(a, b qmp.BlockJobInfo) int { return strings.Compare(a.Device, b.Device) })
 		return out, nil
 	})
 	h("block-job-cancel", func(a map[string]any) (any, error) {
@@ -208,16 +209,6 @@ func newFake(t *testing.T, blocks ...qmp.BlockInfo) *fakeQEMU {
 	t.Cleanup(func() { _ = c.Close() })
 	f.c = c
 	return f
-}
-
-func cmpStr(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // progress moves every job to done bytes and READY when ready, emitting

@@ -3,6 +3,7 @@ package fakevm
 import (
 	"encoding/json"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/qmigrate/qmigrate/qmp"
@@ -106,7 +107,7 @@ func (p *Pair) installBlock(i int) {
 		for n, drv := range b.nodes[i] {
 			out = append(out, qmp.BlockDeviceInfo{NodeName: n, Driver: drv})
 		}
-		slices.SortFunc(out, func(x, y qmp.BlockDeviceInfo) int { return cmpStr(x.NodeName, y.NodeName) })
+		slices.SortFunc(out, func(x, y qmp.BlockDeviceInfo) int { return strings.Compare(x.NodeName, y.NodeName) })
 		return out, nil
 	})
 	h("blockdev-add", func(a map[string]any) (any, error) {
@@ -227,16 +228,6 @@ func (p *Pair) installBlock(i int) {
 		}
 		return nil, nil
 	})
-}
-
-func cmpStr(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // BlockLeft reports what the block layer still holds: blockdev-add'ed nodes
