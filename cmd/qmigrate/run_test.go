@@ -67,14 +67,25 @@ func silentListener(t *testing.T, path string) {
 	t.Helper()
 	l, err := net.Listen("unix", path)
 	require.NoError(t, err)
-	t.Cleanup(func() { l.Close() })
+	done := make(chan struct{})
+	t.Cleanup(func() {
+		l.Close()
+		<-done
+	})
 	go func() {
+		defer close(done)
+		var conns []net.Conn
+		defer func() {
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
 		for {
 			c, err := l.Accept()
 			if err != nil {
 				return
 			}
-			t.Cleanup(func() { c.Close() })
+			conns = append(conns, c)
 		}
 	}()
 }
@@ -132,18 +143,7 @@ func TestSilentPeerExit2WithinConnectTimeout(t *testing.T) {
 	require.NoError(t, silent.ListenUnix(srcPath))
 	// A bare listener that accepts and never writes a byte.
 	dstPath := filepath.Join(dir, "dst.qmp")
-	l, err := net.Listen("unix", dstPath)
-	require.NoError(t, err)
-	defer l.Close()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			t.Cleanup(func() { c.Close() })
-		}
-	}()
+	silentListener(t, dstPath)
 
 	start := time.Now()
 	code, stdout, stderr := runCLI(t, "migrate", "--json", "--connect-timeout", "300ms",
