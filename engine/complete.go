@@ -22,8 +22,14 @@ func (r *run) complete(ctx context.Context) error {
 	// regardless, bounded by completeTimeout.
 	ctx = context.WithoutCancel(ctx)
 	info := r.lastInfo
-	if fresh, err := ask(r, ctx, SideSource, "query-migrate", r.src.QueryMigrate); err == nil && fresh.Status == qmp.StatusCompleted {
-		info = fresh // after a lost race with a cancel, lastInfo is older
+	if info == nil || info.Status != qmp.StatusCompleted {
+		// After a lost race with a cancel, lastInfo is older (or none).
+		if fresh, err := ask(r, ctx, SideSource, "query-migrate", r.src.QueryMigrate); err == nil && fresh.Status == qmp.StatusCompleted {
+			info = fresh
+		}
+	}
+	if info == nil {
+		info = &qmp.MigrationInfo{}
 	}
 	if info.RAM != nil {
 		r.res.TransferredBytes = info.RAM.Transferred

@@ -533,10 +533,7 @@ func (r *run) apply(ctx context.Context, d strategy.Decision) error {
 		// still be carried out.)
 		r.postcopy = true
 		if err := r.do(ctx, SideSource, "migrate-start-postcopy", r.src.MigrateStartPostcopy); err != nil {
-			var qe *qmp.Error
-			if errors.As(err, &qe) {
-				r.postcopy = false
-			}
+			r.postcopy = !isQMPError(err) // refused: not started
 			return err
 		}
 	case strategy.PauseSource:
@@ -545,10 +542,7 @@ func (r *run) apply(ctx context.Context, d strategy.Decision) error {
 		}
 		r.pausedByUs = true // as for postcopy: the stop may land late
 		if err := r.do(ctx, SideSource, "stop", r.src.Stop); err != nil {
-			var qe *qmp.Error
-			if errors.As(err, &qe) {
-				r.pausedByUs = false
-			}
+			r.pausedByUs = !isQMPError(err) // refused: not paused
 			return err
 		}
 	case strategy.MirrorWriteBlocking:

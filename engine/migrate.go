@@ -81,9 +81,8 @@ type run struct {
 	srcSub           *qmp.Subscription
 	dstSub           *qmp.Subscription
 
-	prevSC, prevDC map[string]bool // capabilities as they were, for those we changed
-	prevSP, prevDP *qmp.MigrationParameters
-	setSP, setDP   qmp.MigrationParameters // what we set
+	prevSC, prevDC map[string]bool          // capabilities as they were, for those we changed
+	prevSP         *qmp.MigrationParameters // the source's parameters as they were (throttleParams)
 
 	undo []undoStep
 

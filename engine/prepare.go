@@ -330,7 +330,7 @@ type sideConfig struct {
 // on each side the two sets, then the two read-backs, are in flight together
 // (capabilities and parameters are independent in QEMU).
 func (r *run) configure(ctx context.Context, si, di *sideInfo, srcCaps, dstCaps map[string]bool) error {
-	r.prevSP, r.prevDP = si.params, di.params
+	r.prevSP = si.params
 	var sp qmp.MigrationParameters
 	sp.MaxBandwidth = qmp.Ptr(r.cfg.bandwidth())
 	if d := r.setup.DowntimeLimit; d > 0 {
@@ -343,7 +343,6 @@ func (r *run) configure(ctx context.Context, si, di *sideInfo, srcCaps, dstCaps 
 	mf.Parameters(&sp)
 	var dp qmp.MigrationParameters
 	mf.Parameters(&dp)
-	r.setSP, r.setDP = sp, dp
 	src := &sideConfig{side: SideSource, caps: capChanges(si.caps, srcCaps, r.prevSC), params: &sp, prev: si.params}
 	dst := &sideConfig{side: SideDestination, caps: capChanges(di.caps, dstCaps, r.prevDC), prev: di.params}
 	if dp.MultifdChannels != nil {
