@@ -154,10 +154,8 @@ func (r *run) waitMirrors(ctx context.Context) error {
 			return nil
 		}
 		if !r.m.Done() {
-			s := strategy.Sample{Elapsed: r.elapsed(), Mirroring: true, DowntimeLimit: r.downtimeLimit, StorageTotal: r.storageTotal}
-			if r.storageTotal > r.storageDone {
-				s.StorageRemaining = r.storageTotal - r.storageDone
-			}
+			s := r.sample(&qmp.MigrationInfo{}) // no RAM migration yet: Status "", RAM fields zero
+			s.Mirroring = true
 			if err := r.decide(ctx, r.m.Step(s)); err != nil {
 				return err
 			}
