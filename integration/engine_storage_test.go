@@ -71,11 +71,8 @@ func testEngineStorage(t *testing.T, q *testbed.QEMU, cancelIt bool) {
 	assert.Empty(t, exps, "destination exports removed")
 	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
 	require.NoError(t, err, "destination guest intact")
-	img := os.Getenv("QMIGRATE_QEMU_IMG")
-	if img == "" {
-		img = "qemu-img"
-	}
-	out, err := exec.CommandContext(ctx, img, "compare", "-U", "-q",
+	require.NotEmpty(t, q.Img, "qemu-img (testbed.FindQEMU) to compare the images")
+	out, err := exec.CommandContext(ctx, q.Img, "compare", "-U", "-q",
 		filepath.Join(src.Dir(), "sweep.img"), filepath.Join(dst.Dir(), "sweep.img")).CombinedOutput()
 	assert.NoError(t, err, "images differ: %s", out)
 }
