@@ -172,9 +172,8 @@ func (m *Machine) Step(s Sample) Decision {
 		m.mprog.observe(s, now)
 		d = wait(fmt.Sprintf("%s: no storage lever, waiting for the mirrors (%s of %s left)",
 			m.cfg.Policy, bytesStr(float64(s.StorageRemaining)), bytesStr(float64(s.StorageTotal))))
-		if pt := m.lim.ProgressTimeout; pt > 0 && now-m.mprog.last >= pt {
-			d = Decision{Action: Abort, Reason: fmt.Sprintf("%s: no progress for %v in the mirror phase (disk bytes left never below %s): progress timeout %v",
-				m.cfg.Policy, roundDur(now-m.mprog.last), bytesStr(float64(m.mprog.minStorage)), pt)}
+		if why, ok := m.mprog.storageStalled(now, m.lim.ProgressTimeout); ok {
+			d = Decision{Action: Abort, Reason: m.cfg.Policy + ": " + why}
 		}
 	default:
 		d = m.pol.step(s, now)

@@ -58,10 +58,8 @@ type mirrorState struct {
 // would never get READY.
 func (a *auto) mirror(s Sample, now time.Duration) Decision {
 	a.prog.observe(s, now)
-	if _, ok := a.prog.stalled(now, a.progTimeout); ok {
-		return Decision{Action: Abort, Reason: fmt.Sprintf(
-			"auto: no progress for %v in the mirror phase (disk bytes left never below %s): progress timeout %v",
-			roundDur(now-a.prog.last), bytesStr(float64(a.prog.minStorage)), a.progTimeout)}
+	if why, ok := a.prog.storageStalled(now, a.progTimeout); ok {
+		return Decision{Action: Abort, Reason: "auto: " + why}
 	}
 	ms := &a.ms
 	if !ms.started {

@@ -39,6 +39,16 @@ func (p *progress) stalled(now, timeout time.Duration) (string, bool) {
 		roundDur(now-p.last), bytesStr(float64(p.transferred)), bytesStr(float64(p.minRemain)), timeout), true
 }
 
+// storageStalled is stalled's reason for the mirror phase, where progress
+// is the disk bytes left reaching a new low.
+func (p *progress) storageStalled(now, timeout time.Duration) (string, bool) {
+	if timeout <= 0 || !p.seen || now-p.last < timeout {
+		return "", false
+	}
+	return fmt.Sprintf("no progress for %v in the mirror phase (disk bytes left never below %s): progress timeout %v",
+		roundDur(now-p.last), bytesStr(float64(p.minStorage)), timeout), true
+}
+
 // ---------------------------------------------------------------- qemu
 
 // qemuPolicy is QEMU alone: no lever, never an abort unless the user set a
