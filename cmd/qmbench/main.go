@@ -157,7 +157,6 @@ func run(ctx context.Context, o options) error {
 		}
 		rp.Calib[sc.Name] = got
 		for _, pf := range profs {
-			var ss []series
 			for _, pol := range pols {
 				if err := ctx.Err(); err != nil {
 					return err
@@ -174,10 +173,8 @@ func run(ctx context.Context, o options) error {
 					logf("  integrity: %s", res.IntactErr)
 				}
 				rp.Runs = append(rp.Runs, res)
-				ss = append(ss, series{Name: pol, Color: policyColor(pol), Points: res.Points, Outcome: outcome(res)})
 			}
-			title := fmt.Sprintf("%s, %s profile: QEMU %s, link %s", sc.Title, pf.Name, version, rateStr(rate))
-			if err := writePlot(filepath.Join(o.plots, plotName(version, sc.Name, pf.Name)), title, ss); err != nil {
+			if err := plotRuns(o.plots, rp, sc, pf); err != nil {
 				return err
 			}
 			// Write the report as it grows, so an interrupted run keeps its results.
@@ -206,6 +203,17 @@ func writePlot(path, title string, ss []series) (err error) {
 	}
 	defer func() { err = errors.Join(err, f.Close()) }()
 	return plotRemaining(f, title, ss)
+}
+
+// plotRuns writes the plot of one scenario and profile: remaining RAM over
+// time for every policy run there, in the order they ran.
+func plotRuns(dir string, rp *report, sc scenario, pf profile) error {
+	var ss []series
+	for _, r := range rp.runs(sc.Name, pf.Name) {
+		ss = append(ss, series{Name: r.Policy, Color: policyColor(r.Policy), Points: r.Points, Outcome: outcome(r)})
+	}
+	title := fmt.Sprintf("%s, %s profile: QEMU %s, link %s", sc.Title, pf.Name, rp.Version, rateStr(rp.Rate))
+	return writePlot(filepath.Join(dir, plotName(rp.Version, sc.Name, pf.Name)), title, ss)
 }
 
 // render rewrites the report section and the plots of a -json file.
@@ -252,12 +260,7 @@ func render(o options) error {
 	}
 	for _, sc := range scs {
 		for _, pf := range profs {
-			var ss []series
-			for _, r := range rp.runs(sc.Name, pf.Name) {
-				ss = append(ss, series{Name: r.Policy, Color: policyColor(r.Policy), Points: r.Points, Outcome: outcome(r)})
-			}
-			title := fmt.Sprintf("%s, %s profile: QEMU %s, link %s", sc.Title, pf.Name, rp.Version, rateStr(rp.Rate))
-			if err := writePlot(filepath.Join(o.plots, plotName(rp.Version, sc.Name, pf.Name)), title, ss); err != nil {
+			if err := plotRuns(o.plots, &rp, sc, pf); err != nil {
 				return err
 			}
 		}
