@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"net"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -736,33 +735,13 @@ func TestCancelLosesRaceWithCompletion(t *testing.T) {
 	})
 }
 
-// silentListener listens on a unix socket in dir, accepts every connection
-// and never writes a byte (no greeting), until the test ends.
+// silentListener serves a unix socket in dir that accepts every connection
+// and never greets (never writes a byte), until the test ends.
 func silentListener(t *testing.T, dir string) string {
 	t.Helper()
 	path := filepath.Join(dir, "silent.qmp")
-	l, err := net.Listen("unix", path)
-	require.NoError(t, err)
-	done := make(chan struct{})
-	t.Cleanup(func() {
-		l.Close()
-		<-done
-	})
-	go func() {
-		defer close(done)
-		var conns []net.Conn
-		defer func() {
-			for _, c := range conns {
-				c.Close()
-			}
-		}()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			conns = append(conns, c)
-		}
-	}()
+	s := qmptest.NewServer(qmptest.WithoutGreeting())
+	t.Cleanup(s.Close)
+	require.NoError(t, s.ListenUnix(path))
 	return path
 }

@@ -3,7 +3,6 @@ package integration
 import (
 	"context"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -15,6 +14,7 @@ import (
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/guest/sweep"
 	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/qmp/qmptest"
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
@@ -299,25 +299,9 @@ func testEngineSilentPeer(t *testing.T, q *testbed.QEMU) {
 	require.NoError(t, err)
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	path := filepath.Join(dir, "silent.qmp")
-	l, err := net.Listen("unix", path)
-	require.NoError(t, err)
-	accepted := make(chan net.Conn, 16)
-	t.Cleanup(func() {
-		l.Close()
-		close(accepted)
-		for c := range accepted {
-			c.Close()
-		}
-	})
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			accepted <- c // held open, never answered
-		}
-	}()
+	silent := qmptest.NewServer(qmptest.WithoutGreeting()) // accepts, never greets
+	t.Cleanup(silent.Close)
+	require.NoError(t, silent.ListenUnix(path))
 	cfg := engine.Config{
 		Source:         engine.Endpoint{Client: src.QMP},
 		Destination:    engine.Endpoint{Address: "unix:" + path},

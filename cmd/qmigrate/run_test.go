@@ -62,32 +62,13 @@ func TestWrongSocketPathExit2NamingThePath(t *testing.T) {
 	assert.True(t, strings.HasPrefix(lines[1], "qmigrate: --dst "), lines[1])
 }
 
-// silentListener accepts connections and never writes a byte.
+// silentListener serves a unix socket at path that accepts every
+// connection and never greets (never writes a byte), until the test ends.
 func silentListener(t *testing.T, path string) {
 	t.Helper()
-	l, err := net.Listen("unix", path)
-	require.NoError(t, err)
-	done := make(chan struct{})
-	t.Cleanup(func() {
-		l.Close()
-		<-done
-	})
-	go func() {
-		defer close(done)
-		var conns []net.Conn
-		defer func() {
-			for _, c := range conns {
-				c.Close()
-			}
-		}()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			conns = append(conns, c)
-		}
-	}()
+	s := qmptest.NewServer(qmptest.WithoutGreeting())
+	t.Cleanup(s.Close)
+	require.NoError(t, s.ListenUnix(path))
 }
 
 // --timeout is the budget of the whole migration: a peer that never answers
@@ -136,13 +117,9 @@ func TestCancelWhileConnectingExit1(t *testing.T) {
 
 func TestSilentPeerExit2WithinConnectTimeout(t *testing.T) {
 	dir := t.TempDir()
-	// A QMP-ish server that accepts and never greets.
-	silent := qmptest.NewServer(qmptest.WithoutGreeting())
-	defer silent.Close()
-	srcPath := filepath.Join(dir, "src.qmp")
-	require.NoError(t, silent.ListenUnix(srcPath))
-	// A bare listener that accepts and never writes a byte.
-	dstPath := filepath.Join(dir, "dst.qmp")
+	// Two peers that accept and never greet.
+	srcPath, dstPath := filepath.Join(dir, "src.qmp"), filepath.Join(dir, "dst.qmp")
+	silentListener(t, srcPath)
 	silentListener(t, dstPath)
 
 	start := time.Now()
