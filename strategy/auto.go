@@ -38,7 +38,6 @@ type auto struct {
 	bl       backlogState // the disk backlog after READY (RAM phase)
 	diskRate float64      // the mirrors' copy rate: the largest least-squares slope of the bytes done over a window
 	ramPred  time.Duration
-	wbFailed bool // MirrorWriteBlocking failed to apply
 
 	// The prediction check: the first "converging" verdict since the last
 	// lever says when the migration should have converged (predBy, 0 = none
@@ -400,7 +399,7 @@ func (a *auto) plateauThrottle(need int, how string, typical, thr float64, cur i
 	if thr <= 0 || typical <= thr {
 		return need, how
 	}
-	run := math.Max(1-float64(cur)/100, 0.01)
+	run := runFraction(cur)
 	p := clampInt(int(math.Ceil((1-run*thr/(typical*a.c.Margin))*100)), 1, 100)
 	if p <= need {
 		return need, how
@@ -485,7 +484,7 @@ func (a *auto) judge(r, q, last, bw float64, limit, now time.Duration) (verdict,
 //
 // On a plateau (see evaluate) the measured rate is taken as it is.
 func (a *auto) throttleFor(r, dirty, bw float64, cur int, plateau bool) (int, string) {
-	run := math.Max(1-float64(cur)/100, 0.01)
+	run := runFraction(cur)
 	est, src := dirty, ""
 	if dirty <= 0 && !math.IsNaN(r) && !math.IsInf(r, 0) {
 		// Not measured yet: the peaks shrink by about dirty/throughput per pass.
@@ -515,6 +514,10 @@ func (a *auto) throttleFor(r, dirty, bw float64, cur int, plateau bool) (int, st
 	}
 	return clampInt(pct, 1, 100), how + fmt.Sprintf(" vs %.0f%% of %s/s", a.c.TargetRatio*100, bytesStr(bw))
 }
+
+// runFraction is the share of time a guest throttled at pct% runs (at
+// least 1%).
+func runFraction(pct int) float64 { return math.Max(1-float64(pct)/100, 0.01) }
 
 // slowAfter is the predicted time beyond which converging is too slow:
 // SlowPasses full RAM passes at the throughput, at most MaxConvergeTime.
@@ -555,10 +558,6 @@ func (a *auto) deadline(s Sample, now time.Duration) Decision {
 
 func (a *auto) applied(d Decision, err error) {
 	if err == nil {
-		return
-	}
-	if d.Action == MirrorWriteBlocking {
-		a.wbFailed = true
 		return
 	}
 	switch d.Action {

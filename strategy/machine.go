@@ -32,6 +32,7 @@ type levers struct {
 	paused         bool // PauseSource decided and not failed, or the sample says so
 	inPostcopy     bool // a postcopy status was seen
 	writeBlocking  bool // MirrorWriteBlocking decided (applied or failed): never again
+	wbFailed       bool // MirrorWriteBlocking failed to apply
 }
 
 func (l *levers) finishing() bool { return l.postcopy || l.paused || l.inPostcopy }
@@ -227,6 +228,8 @@ func (m *Machine) Applied(d Decision, err error) {
 		case PauseSource:
 			m.levers.pauseFailed = true
 			m.levers.paused = false
+		case MirrorWriteBlocking:
+			m.levers.wbFailed = true
 		}
 	}
 	m.pol.applied(d, err)

@@ -129,7 +129,7 @@ func (a *auto) noSwitch() string {
 	switch {
 	case st.WriteBlocking:
 		return "write-blocking from the start"
-	case a.wbFailed:
+	case a.m.levers.wbFailed:
 		return "switching to write-blocking failed"
 	case a.m.levers.writeBlocking:
 		return "already switched to write-blocking"
