@@ -34,9 +34,9 @@ type auto struct {
 	seenAt     time.Duration // when it was seen
 	reevaluate bool          // a lever failed to apply: decide again at once
 
-	ms       mirrorState  // the mirror phase
-	bl       backlogState // the disk backlog after READY (RAM phase)
-	diskRate float64      // the mirrors' copy rate: the largest least-squares slope of the bytes done over a window
+	ms       mirrorState // the mirror phase
+	bl       trendWindow // the disk backlog after READY (RAM phase)
+	diskRate float64     // the mirrors' copy rate: the largest least-squares slope of the bytes done over a window
 	ramPred  time.Duration
 
 	// The prediction check: the first "converging" verdict since the last

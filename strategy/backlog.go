@@ -22,13 +22,6 @@ const diskBacklogFloor = 1 << 20
 // maximum downtime, even when the RAM downtime limit is at the maximum.
 const diskShareMin = 4
 
-// backlogState is auto's view of the mirrors after READY.
-type backlogState struct {
-	pts     []mirrorPoint // within the last MirrorWindow (plus the one just before)
-	since   time.Duration // start of the current measurement (reset by a switch)
-	started bool
-}
-
 // diskView is the backlog measured over the last MirrorWindow.
 type diskView struct {
 	backlog float64 // least-squares StorageRemaining now, bytes
@@ -42,11 +35,9 @@ func (a *auto) backlogObserve(s Sample, now time.Duration) {
 		return
 	}
 	bs := &a.bl
-	if !bs.started {
-		bs.started, bs.since = true, now
-	}
-	bs.pts = window(bs.pts, newMirrorPoint(s, now), a.c.MirrorWindow)
-	if _, ok := a.disk(now); ok {
+	bs.begin(now)
+	bs.add(newMirrorPoint(s, now), a.c.MirrorWindow)
+	if bs.full(now, a.c.MirrorWindow) {
 		a.copied(bs.pts)
 	}
 }
@@ -54,7 +45,7 @@ func (a *auto) backlogObserve(s Sample, now time.Duration) {
 // disk returns the backlog once a full window is measured.
 func (a *auto) disk(now time.Duration) (diskView, bool) {
 	bs := &a.bl
-	if !bs.started || now-bs.since < a.c.MirrorWindow || len(bs.pts) < 3 {
+	if !bs.full(now, a.c.MirrorWindow) {
 		return diskView{}, false
 	}
 	g, b := fitOf(bs.pts, func(p mirrorPoint) float64 { return p.rem })
@@ -138,7 +129,7 @@ func (a *auto) backlog(s Sample, now time.Duration) (Decision, bool) {
 	if ok {
 		return Decision{}, false
 	}
-	a.bl.pts, a.bl.since = nil, now // measure afresh under write-blocking
+	a.bl.reset(now) // measure afresh under write-blocking
 	return Decision{Action: MirrorWriteBlocking, Reason: "auto: RAM phase, " + why + ": switch the mirrors to write-blocking"}, true
 }
 

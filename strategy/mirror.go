@@ -32,6 +32,34 @@ func window(pts []mirrorPoint, p mirrorPoint, w time.Duration) []mirrorPoint {
 	return pts
 }
 
+// trendWindow is a measurement of the mirrors over the last MirrorWindow
+// (plus the point just before it), since a start a lever resets.
+type trendWindow struct {
+	pts     []mirrorPoint
+	since   time.Duration // start of the current measurement
+	started bool
+}
+
+// begin starts the first measurement at now; it reports whether it did.
+func (t *trendWindow) begin(now time.Duration) bool {
+	if t.started {
+		return false
+	}
+	t.started, t.since = true, now
+	return true
+}
+
+// add records p, keeping the last w.
+func (t *trendWindow) add(p mirrorPoint, w time.Duration) { t.pts = window(t.pts, p, w) }
+
+// full reports whether a whole window w is measured (3 points at least).
+func (t *trendWindow) full(now, w time.Duration) bool {
+	return t.started && now-t.since >= w && len(t.pts) >= 3
+}
+
+// reset measures afresh from now (a lever changed the trend).
+func (t *trendWindow) reset(now time.Duration) { t.pts, t.since = nil, now }
+
 // copied records the mirrors' copy rate over a full window: the least-squares
 // slope of the bytes done. auto keeps the largest seen as the mirrors'
 // capacity (a mirror that keeps up with a slow writer copies only what it is
@@ -44,9 +72,7 @@ func (a *auto) copied(pts []mirrorPoint) {
 
 // mirrorState is auto's view of the mirror phase.
 type mirrorState struct {
-	pts        []mirrorPoint // within the last MirrorWindow (plus the one just before)
-	since      time.Duration // start of the current measurement (reset by a switch)
-	started    bool
+	trendWindow
 	stuckSince time.Duration // -1 = not stuck
 }
 
@@ -62,17 +88,17 @@ func (a *auto) mirror(s Sample, now time.Duration) Decision {
 		return Decision{Action: Abort, Reason: "auto: " + why}
 	}
 	ms := &a.ms
-	if !ms.started {
-		ms.started, ms.since, ms.stuckSince = true, now, -1
+	if ms.begin(now) {
+		ms.stuckSince = -1
 	}
 	if s.StorageTotal == 0 {
 		return wait("auto: waiting for the mirrors to report progress")
 	}
 	rem := float64(s.StorageRemaining)
 	w := a.c.MirrorWindow
-	ms.pts = window(ms.pts, newMirrorPoint(s, now), w)
+	ms.add(newMirrorPoint(s, now), w)
 	left := fmt.Sprintf("%s of %s left", bytesStr(rem), bytesStr(float64(s.StorageTotal)))
-	if now-ms.since < w || len(ms.pts) < 3 {
+	if !ms.full(now, w) {
 		return wait(fmt.Sprintf("auto: mirrors at %s, measuring their trend over %v", left, w))
 	}
 	a.copied(ms.pts)
@@ -98,14 +124,16 @@ func (a *auto) mirror(s Sample, now time.Duration) Decision {
 		what = fmt.Sprintf("READY in ~%v, beyond the %v budget", roundDur(pred), budget)
 	}
 	if a.m.canSwitch() {
-		ms.pts, ms.since, ms.stuckSince = nil, now, -1 // measure afresh under write-blocking
+		ms.reset(now)
+		ms.stuckSince = -1 // measure afresh under write-blocking
 		return Decision{Action: MirrorWriteBlocking, Reason: fmt.Sprintf(
 			"auto: disk mirrors %s: %s: switch them to write-blocking", what, stats)}
 	}
 	if a.m.canWriteBlock(true) {
 		// The restart copies the disks again from the start: the trend and
 		// the progress timeout begin afresh with it.
-		ms.pts, ms.since, ms.stuckSince = nil, now, -1
+		ms.reset(now)
+		ms.stuckSince = -1
 		a.prog = progress{}
 		return Decision{Action: MirrorWriteBlocking, Reason: fmt.Sprintf(
 			"auto: disk mirrors %s: %s: restart them in write-blocking mode (no block-job-change on the source: a full re-copy)", what, stats)}
