@@ -160,8 +160,8 @@ func (r *run) waitMirrors(ctx context.Context) error {
 				return err
 			}
 		}
-		if b := r.cfg.Strategy.Limits.Budget; b > 0 && r.elapsed() >= b+poll {
-			return r.errorf("", "budget", fmt.Errorf("%w: budget %v exhausted at %v waiting for the mirrors", ErrAborted, b, r.elapsed().Round(time.Millisecond)))
+		if err := r.budgetSpent(poll, " waiting for the mirrors"); err != nil {
+			return err
 		}
 		timer.Reset(poll)
 		select {
@@ -342,8 +342,10 @@ func (r *run) converge(ctx context.Context) error {
 		// the switchover began (the stop-and-copy included: a cancel then
 		// lands only once the device state is written).
 		finishing := r.postcopy || r.pausedByUs || r.switchover
-		if b := limits.Budget; b > 0 && !r.pastSwitchover() && r.elapsed() >= b+poll {
-			return r.errorf("", "budget", fmt.Errorf("%w: budget %v exhausted at %v", ErrAborted, b, r.elapsed().Round(time.Millisecond)))
+		if !r.pastSwitchover() {
+			if err := r.budgetSpent(poll, ""); err != nil {
+				return err
+			}
 		}
 		if info.RAM != nil && info.RAM.Transferred > lastTransferred {
 			lastTransferred = info.RAM.Transferred
@@ -396,6 +398,15 @@ func (r *run) converge(ctx context.Context) error {
 		}
 		timer.Stop() // Go 1.23+ timers: no stale tick after Stop/Reset
 	}
+}
+
+// budgetSpent is the budget's safety net under the strategy (which aborts
+// first): an error once the budget and a poll interval have passed.
+func (r *run) budgetSpent(poll time.Duration, where string) error {
+	if b := r.cfg.Strategy.Limits.Budget; b > 0 && r.elapsed() >= b+poll {
+		return r.errorf("", "budget", fmt.Errorf("%w: budget %v exhausted at %v%s", ErrAborted, b, r.elapsed().Round(time.Millisecond), where))
+	}
+	return nil
 }
 
 func orUnknown(s string) string {
