@@ -98,15 +98,12 @@ func (r *run) waitDestination(ctx context.Context) (string, error) {
 		case qmp.StatusFailed:
 			return "", r.errorf(SideDestination, "incoming migration", fmt.Errorf("%w: %s", ErrMigrationFailed, orUnknown(dm.ErrorDesc)))
 		case qmp.StatusCompleted:
-			st, err := ask(r, ctx, SideDestination, "query-status", r.dst.QueryStatus)
+			st, err := r.loadedRunState(ctx)
 			if err != nil {
 				return "", r.callErr(ctx, SideDestination, "query-status", err)
 			}
-			switch st.Status {
-			case "inmigrate", "finish-migrate", "restore-vm":
-				// still loading
-			default:
-				return st.Status, nil
+			if st != "" {
+				return st, nil
 			}
 		}
 		select {
@@ -167,4 +164,18 @@ func (r *run) drain(side Side, sub *qmp.Subscription) {
 			return
 		}
 	}
+}
+
+// loadedRunState asks a destination whose incoming migration completed for
+// its run state: "" while it still finishes loading the stream.
+func (r *run) loadedRunState(ctx context.Context) (string, error) {
+	st, err := ask(r, ctx, SideDestination, "query-status", r.dst.QueryStatus)
+	if err != nil {
+		return "", err
+	}
+	switch st.Status {
+	case "inmigrate", "finish-migrate", "restore-vm":
+		return "", nil
+	}
+	return st.Status, nil
 }

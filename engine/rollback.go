@@ -236,15 +236,12 @@ func (r *run) destinationOutcome(ctx context.Context) (completed bool, runState 
 		}
 		switch dm.Status {
 		case qmp.StatusCompleted:
-			st, err := ask(r, wctx, SideDestination, "query-status", r.dst.QueryStatus)
+			st, err := r.loadedRunState(wctx)
 			if err != nil {
 				return false, ""
 			}
-			switch st.Status {
-			case "inmigrate", "finish-migrate", "restore-vm":
-				// still finishing the load
-			default:
-				return true, st.Status
+			if st != "" {
+				return true, st
 			}
 		case qmp.StatusActive, qmp.StatusDevice:
 			// still loading: it either fails (and exits) or completes
