@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -140,72 +141,65 @@ func TestConnectWrongSocket(t *testing.T) {
 }
 
 // A unix listener that accepts and says nothing: the engine gives up after
-// ConnectTimeout.
+// ConnectTimeout, or sooner when the budget is shorter.
 func TestConnectSilentPeer(t *testing.T) {
-	dir := t.TempDir()
-	path := silentListener(t, dir)
-	cfg := engine.Config{
-		Source:         engine.Endpoint{Address: "unix:" + path},
-		Destination:    engine.Endpoint{Address: "unix:" + filepath.Join(dir, "dst.qmp")},
-		URI:            "unix:" + filepath.Join(dir, "mig.sock"),
-		ConnectTimeout: 300 * time.Millisecond,
+	for name, tc := range map[string]struct {
+		connect, budget time.Duration
+		want            string
+	}{
+		"ConnectTimeout": {connect: 300 * time.Millisecond, want: "greeting"},
+		"budget":         {budget: 300 * time.Millisecond, want: "within 300ms"}, // not the 10s ConnectTimeout
+	} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			cfg := engine.Config{
+				Source:         engine.Endpoint{Address: "unix:" + silentListener(t, dir)},
+				Destination:    engine.Endpoint{Address: "unix:" + filepath.Join(dir, "dst.qmp")},
+				URI:            "unix:" + filepath.Join(dir, "mig.sock"),
+				ConnectTimeout: tc.connect,
+				Strategy:       strategy.Config{Limits: strategy.Limits{Budget: tc.budget}},
+			}
+			start := time.Now()
+			res, err := engine.Migrate(t.Context(), cfg)
+			took := time.Since(start)
+			require.Error(t, err)
+			assert.ErrorIs(t, err, engine.ErrBadInput)
+			assert.Equal(t, engine.StatusFailed, res.Status)
+			assert.Less(t, took, 3*time.Second)
+			assert.Contains(t, err.Error(), tc.want)
+		})
 	}
-	start := time.Now()
-	res, err := engine.Migrate(t.Context(), cfg)
-	took := time.Since(start)
-	require.Error(t, err)
-	assert.ErrorIs(t, err, engine.ErrBadInput)
-	assert.Equal(t, engine.StatusFailed, res.Status)
-	assert.Less(t, took, 3*time.Second)
-	assert.Contains(t, err.Error(), "greeting")
 }
 
-// A monitor that greets but never answers commands.
+// A monitor that greets but never answers commands: the first answers are
+// bounded by ConnectTimeout, or by a budget shorter than that (the
+// migration gives up when its budget is spent, not ConnectTimeout later).
 func TestPrepareMuteMonitor(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{})
-		p.Dst.Handle("query-status", func(json.RawMessage) (any, error) { return nil, qmptest.ErrNoReply })
-		cfg.ConnectTimeout = 5 * time.Second
-		start := time.Now()
-		ee := badInput(t, p, cfg, "no answer within 5s")
-		assert.Equal(t, engine.SideDestination, ee.Side)
-		assert.Equal(t, 5*time.Second, time.Since(start).Round(time.Second))
-	})
-}
-
-// A budget shorter than ConnectTimeout bounds the first answers too: the
-// migration gives up when its budget is spent, not ConnectTimeout later.
-func TestPrepareMuteMonitorWithinBudget(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{})
-		p.Src.Handle("query-migrate", func(json.RawMessage) (any, error) { return nil, qmptest.ErrNoReply })
-		cfg.ConnectTimeout = 10 * time.Second
-		cfg.Strategy.Limits.Budget = 2 * time.Second
-		start := time.Now()
-		ee := badInput(t, p, cfg, "no answer within 2s")
-		assert.Equal(t, engine.SideSource, ee.Side)
-		assert.Equal(t, 2*time.Second, time.Since(start).Round(time.Second))
-	})
-}
-
-// The same for a socket that never greets.
-func TestConnectSilentPeerWithinBudget(t *testing.T) {
-	dir := t.TempDir()
-	path := silentListener(t, dir)
-	cfg := engine.Config{
-		Source:      engine.Endpoint{Address: "unix:" + path},
-		Destination: engine.Endpoint{Address: "unix:" + filepath.Join(dir, "dst.qmp")},
-		URI:         "unix:" + filepath.Join(dir, "mig.sock"),
-		Strategy:    strategy.Config{Limits: strategy.Limits{Budget: 300 * time.Millisecond}},
+	for name, tc := range map[string]struct {
+		side            engine.Side
+		cmd             string
+		connect, budget time.Duration
+		want            time.Duration
+	}{
+		"ConnectTimeout": {side: engine.SideDestination, cmd: "query-status", connect: 5 * time.Second, want: 5 * time.Second},
+		"budget":         {side: engine.SideSource, cmd: "query-migrate", connect: 10 * time.Second, budget: 2 * time.Second, want: 2 * time.Second},
+	} {
+		t.Run(name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				p, cfg := pair(t, fakevm.Options{})
+				mute := p.Src
+				if tc.side == engine.SideDestination {
+					mute = p.Dst
+				}
+				mute.Handle(tc.cmd, func(json.RawMessage) (any, error) { return nil, qmptest.ErrNoReply })
+				cfg.ConnectTimeout, cfg.Strategy.Limits.Budget = tc.connect, tc.budget
+				start := time.Now()
+				ee := badInput(t, p, cfg, fmt.Sprintf("no answer within %v", tc.want))
+				assert.Equal(t, tc.side, ee.Side)
+				assert.Equal(t, tc.want, time.Since(start).Round(time.Second))
+			})
+		})
 	}
-	start := time.Now()
-	res, err := engine.Migrate(t.Context(), cfg)
-	took := time.Since(start)
-	require.Error(t, err)
-	assert.ErrorIs(t, err, engine.ErrBadInput)
-	assert.Equal(t, engine.StatusFailed, res.Status)
-	assert.Less(t, took, 3*time.Second, "bounded by the budget, not the 10s ConnectTimeout")
-	assert.Contains(t, err.Error(), "within 300ms")
 }
 
 func TestFailureRollsBack(t *testing.T) {
