@@ -1,6 +1,7 @@
 package strategy_test
 
 import (
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -46,6 +47,14 @@ func diskRun(wr, cp float64) []strategy.Sample {
 // runDisk feeds the samples and returns every decision.
 func runDisk(t *testing.T, cfg strategy.Config, st strategy.Storage, samples []strategy.Sample) []strategy.Decision {
 	t.Helper()
+	return runStorage(t, cfg, st, samples, false)
+}
+
+// runStorage feeds the samples to a Machine with storage st and returns
+// every decision; each non-wait one is applied, a MirrorWriteBlocking one
+// failing when fail is set.
+func runStorage(t *testing.T, cfg strategy.Config, st strategy.Storage, samples []strategy.Sample, fail bool) []strategy.Decision {
+	t.Helper()
 	m, err := strategy.New(cfg)
 	require.NoError(t, err)
 	m.SetStorage(st)
@@ -54,9 +63,14 @@ func runDisk(t *testing.T, cfg strategy.Config, st strategy.Storage, samples []s
 	for _, s := range samples {
 		d := m.Step(s)
 		out = append(out, d)
-		if d.Action != strategy.Wait {
-			m.Applied(d, nil)
+		if d.Action == strategy.Wait {
+			continue
 		}
+		var aerr error
+		if fail && d.Action == strategy.MirrorWriteBlocking {
+			aerr = errors.New("block-job-change: unsupported")
+		}
+		m.Applied(d, aerr)
 	}
 	return out
 }

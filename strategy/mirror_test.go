@@ -1,7 +1,6 @@
 package strategy_test
 
 import (
-	"errors"
 	"testing"
 	"time"
 
@@ -29,24 +28,7 @@ func mirrorTrace(d time.Duration, total, grow, copyRate float64) []strategy.Samp
 // Applied report an error for MirrorWriteBlocking.
 func runMirror(t *testing.T, cfg strategy.Config, st strategy.Storage, samples []strategy.Sample, fail bool) []strategy.Decision {
 	t.Helper()
-	m, err := strategy.New(cfg)
-	require.NoError(t, err)
-	m.SetStorage(st)
-	m.Setup()
-	var out []strategy.Decision
-	for _, s := range samples {
-		d := m.Step(s)
-		if d.Action == strategy.Wait {
-			continue
-		}
-		out = append(out, d)
-		var aerr error
-		if fail && d.Action == strategy.MirrorWriteBlocking {
-			aerr = errors.New("block-job-change: unsupported")
-		}
-		m.Applied(d, aerr)
-	}
-	return out
+	return nonWait(runStorage(t, cfg, st, samples, fail))
 }
 
 func actions(ds []strategy.Decision) []strategy.Action {
