@@ -95,6 +95,20 @@ func jsonLines(t *testing.T, stdout []byte) []map[string]any {
 	return out
 }
 
+// runCLI runs bin with args, bounded by timeout, and returns its exit code
+// and its --json lines; its stderr is logged and returned.
+func runCLI(t *testing.T, timeout time.Duration, bin string, args ...string) (int, []map[string]any, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), timeout)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	t.Logf("stderr: %s", stderr.String())
+	return exitCode(t, err), jsonLines(t, stdout.Bytes()), stderr.String()
+}
+
 func exitCode(t *testing.T, err error) int {
 	t.Helper()
 	if err == nil {
@@ -109,17 +123,9 @@ func testCLIMigrateJSON(t *testing.T, q *testbed.QEMU, bin string) {
 	src, dst, srcSock, dstSock := cliPair(t, q, 64<<20, true)
 	uri := "unix:" + filepath.Join(shortTempDir(t), "mig.sock")
 
-	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
-	defer cancel()
-	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst=unix:"+dstSock,
+	code, lines, _ := runCLI(t, 3*time.Minute, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst=unix:"+dstSock,
 		"--uri", uri, "--max-downtime", "500ms", "--timeout=2m")
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	t.Logf("stderr: %s", stderr.String())
-	require.Equal(t, 0, exitCode(t, err), "stdout: %s", stdout.String())
-
-	lines := jsonLines(t, stdout.Bytes())
+	require.Equal(t, 0, code, "stdout: %v", lines)
 	res := lines[len(lines)-1]
 	assert.Equal(t, "result", res["type"])
 	assert.Equal(t, "completed", res["status"])
@@ -151,7 +157,7 @@ func testCLIMigrateJSON(t *testing.T, q *testbed.QEMU, bin string) {
 
 	// The guest runs on the destination, every page intact; the source is
 	// left in postmigrate.
-	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	_, err := testbed.CheckSweep(t.Context(), src.QMP, dst.QMP, testbed.SweepCheckOptions{})
 	require.NoError(t, err)
 }
 
@@ -160,16 +166,10 @@ func testCLIMigrateJSON(t *testing.T, q *testbed.QEMU, bin string) {
 // unit, all from the command line.
 func testCLITCPPortZero(t *testing.T, q *testbed.QEMU, bin string) {
 	src, dst, srcSock, dstSock := cliPair(t, q, 64<<20, true)
-	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
-	defer cancel()
-	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst", "unix:"+dstSock,
+	code, lines, _ := runCLI(t, 3*time.Minute, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst", "unix:"+dstSock,
 		"--uri", "tcp:127.0.0.1:0", "--multifd", "2", "--bandwidth", "1GiB", "--max-downtime=500ms", "--timeout", "2m")
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	t.Logf("stderr: %s", stderr.String())
-	require.Equal(t, 0, exitCode(t, err), "stdout: %s", stdout.String())
-	lines := jsonLines(t, stdout.Bytes())
+	require.Equal(t, 0, code, "stdout: %v", lines)
+	ctx := t.Context()
 	res := lines[len(lines)-1]
 	assert.Equal(t, "result", res["type"])
 	assert.Equal(t, "completed", res["status"])
@@ -185,7 +185,7 @@ func testCLITCPPortZero(t *testing.T, q *testbed.QEMU, bin string) {
 	require.NoError(t, src.QMP.Execute(ctx, "query-migrate-parameters", nil, &params))
 	assert.Equal(t, uint64(1<<30), params.MaxBandwidth)
 	assert.Equal(t, 2, params.MultifdChannels)
-	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	_, err := testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
 	require.NoError(t, err)
 }
 
@@ -255,16 +255,9 @@ func testCLISignal(t *testing.T, q *testbed.QEMU, bin string, sig syscall.Signal
 func testCLICopyStorage(t *testing.T, q *testbed.QEMU, bin string) {
 	src, dst, srcSock, dstSock := cliPair(t, q, 64<<20, true)
 	dir := shortTempDir(t)
-	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
-	defer cancel()
-	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst", "unix:"+dstSock,
+	code, lines, _ := runCLI(t, 3*time.Minute, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst", "unix:"+dstSock,
 		"--uri", "unix:"+filepath.Join(dir, "mig.sock"), "--disk", "sweep0", "--nbd", "unix:"+filepath.Join(dir, "nbd.sock"))
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	t.Logf("stderr: %s", stderr.String())
-	require.Equal(t, 0, exitCode(t, err), "stdout: %s", stdout.String())
-	lines := jsonLines(t, stdout.Bytes())
+	require.Equal(t, 0, code, "stdout: %v", lines)
 	assert.Equal(t, "completed", lines[len(lines)-1]["status"])
 	var disks []map[string]any
 	for _, l := range lines {
@@ -277,42 +270,29 @@ func testCLICopyStorage(t *testing.T, q *testbed.QEMU, bin string) {
 	}
 	require.NotEmpty(t, disks, "disk progress lines")
 	assert.Equal(t, true, disks[len(disks)-1]["ready"])
-	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	_, err := testbed.CheckSweep(t.Context(), src.QMP, dst.QMP, testbed.SweepCheckOptions{})
 	require.NoError(t, err)
 }
 
 func testCLINotIncoming(t *testing.T, q *testbed.QEMU, bin string) {
 	_, _, srcSock, dstSock := cliPair(t, q, 64<<20, false)
 	uri := "unix:" + filepath.Join(shortTempDir(t), "mig.sock")
-	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
-	defer cancel()
-	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst", "unix:"+dstSock, "--uri", uri)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	assert.Equal(t, 2, exitCode(t, err), "stderr: %s", stderr.String())
-	lines := jsonLines(t, stdout.Bytes())
+	code, lines, _ := runCLI(t, time.Minute, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst", "unix:"+dstSock, "--uri", uri)
+	assert.Equal(t, 2, code)
 	res := lines[len(lines)-1]
 	assert.Equal(t, "failed", res["status"])
 	assert.Contains(t, res["error"], "incoming")
 }
 
 func testCLIDemo(t *testing.T, bin string) {
-	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
-	defer cancel()
-	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, bin, "demo", "--json")
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	t.Logf("stderr: %s", stderr.String())
-	require.Equal(t, 0, exitCode(t, err), "stdout: %s", stdout.String())
-	lines := jsonLines(t, stdout.Bytes())
+	code, lines, stderr := runCLI(t, 3*time.Minute, bin, "demo", "--json")
+	require.Equal(t, 0, code, "stdout: %v", lines)
 	res := lines[len(lines)-1]
 	assert.Equal(t, "result", res["type"])
 	assert.Equal(t, "completed", res["status"])
 	assert.Equal(t, true, res["verified"])
 	// Nothing left behind: no QEMU of this demo, no folder.
-	_, after, ok := strings.Cut(stderr.String(), "source in ")
+	_, after, ok := strings.Cut(stderr, "source in ")
 	require.True(t, ok, "the demo names its folders")
 	src, dst, ok := strings.Cut(strings.SplitN(after, "\n", 2)[0], ", destination in ")
 	require.True(t, ok, after)
