@@ -147,9 +147,7 @@ func run(ctx context.Context, o options) error {
 		Rate: rate, Budget: r.budget, MemMiB: o.memMiB, Calib: map[string]float64{},
 		Host: fmt.Sprintf("%d cores, %s/%s", runtime.NumCPU(), runtime.GOOS, runtime.GOARCH),
 	}
-	if rel, err := filepath.Rel(filepath.Dir(o.out), o.plots); err == nil {
-		rp.PlotsRel = rel
-	}
+	rp.PlotsRel = plotsRel(o)
 	for _, sc := range scs {
 		spin, got, err := r.calibrate(ctx, sc.Ratio*rate, rounds)
 		if err != nil {
@@ -216,6 +214,15 @@ func plotRuns(dir string, rp *report, sc scenario, pf profile) error {
 	return writePlot(filepath.Join(dir, plotName(rp.Version, sc.Name, pf.Name)), title, ss)
 }
 
+// plotsRel is the plots folder relative to the Markdown report.
+func plotsRel(o options) string {
+	rel, err := filepath.Rel(filepath.Dir(o.out), o.plots)
+	if err != nil {
+		return o.plots
+	}
+	return filepath.ToSlash(rel)
+}
+
 // render rewrites the report section and the plots of a -json file.
 func render(o options) error {
 	var rp report
@@ -241,6 +248,7 @@ func render(o options) error {
 		rp.Runs = append(rp.Runs, one.Runs...)
 	}
 	rp.fromJSON()
+	rp.PlotsRel = plotsRel(o) // where this render writes them, not where the run did
 	has := func(sc, pf string) bool { return len(rp.runs(sc, pf)) > 0 }
 	var scs []scenario
 	var profs []profile

@@ -192,4 +192,7 @@ func TestRenderFromJSON(t *testing.T) {
 	assert.Contains(t, string(doc), "| 2x | throttle | completed 12.0 s | none completes | yes | auto completes, no anchor preset does | yes |")
 	_, err = os.Stat(filepath.Join(dir, "7.2.22-2x-throttle.png"))
 	assert.NoError(t, err)
+	// The image links point where this render wrote the plots, not where
+	// the run that made the JSON did ("plots").
+	assert.Contains(t, string(doc), "](7.2.22-2x-throttle.png)")
 }
