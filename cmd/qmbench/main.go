@@ -249,6 +249,9 @@ func render(o options) error {
 	}
 	rp.fromJSON()
 	rp.PlotsRel = plotsRel(o) // where this render writes them, not where the run did
+	if err := os.MkdirAll(o.plots, 0o755); err != nil {
+		return err
+	}
 	has := func(sc, pf string) bool { return len(rp.runs(sc, pf)) > 0 }
 	var scs []scenario
 	var profs []profile

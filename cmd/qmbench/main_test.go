@@ -185,14 +185,14 @@ func TestRenderFromJSON(t *testing.T) {
 	js := filepath.Join(dir, "r.json")
 	require.NoError(t, os.WriteFile(js, b, 0o644))
 	md := filepath.Join(dir, "b.md")
-	require.NoError(t, run(t.Context(), options{render: js, out: md, plots: dir}))
+	require.NoError(t, run(t.Context(), options{render: js, out: md, plots: filepath.Join(dir, "plots")}), "the plots folder is created")
 	doc, err := os.ReadFile(md)
 	require.NoError(t, err)
 	assert.Contains(t, string(doc), "| auto | completed | 12.0 s |")
 	assert.Contains(t, string(doc), "| 2x | throttle | completed 12.0 s | none completes | yes | auto completes, no anchor preset does | yes |")
-	_, err = os.Stat(filepath.Join(dir, "7.2.22-2x-throttle.png"))
+	_, err = os.Stat(filepath.Join(dir, "plots", "7.2.22-2x-throttle.png"))
 	assert.NoError(t, err)
 	// The image links point where this render wrote the plots, not where
 	// the run that made the JSON did ("plots").
-	assert.Contains(t, string(doc), "](7.2.22-2x-throttle.png)")
+	assert.Contains(t, string(doc), "](plots/7.2.22-2x-throttle.png)")
 }
