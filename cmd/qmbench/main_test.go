@@ -171,7 +171,7 @@ func TestRenderFromJSON(t *testing.T) {
 	dir := t.TempDir()
 	nan := math.NaN()
 	rp := &report{Version: "7.2.22", Command: "go run ./cmd/qmbench", Rate: 32e6, Budget: time.Minute, MemMiB: 150,
-		Calib: map[string]float64{"2x": 64e6}, PlotsRel: "plots",
+		Calib: map[string]float64{"2x": 64e6}, PlotsRel: "run-plots",
 		Runs: []*runResult{
 			{Scenario: "2x", Profile: "throttle", Policy: "auto", Status: "completed", Total: 12 * time.Second,
 				BaseRate: 64e6, DuringRate: 40e6, BeforeRate: 60e6, AfterRate: nan, Intact: true,
