@@ -62,22 +62,25 @@ func TestWrongSocketPathExit2NamingThePath(t *testing.T) {
 	assert.True(t, strings.HasPrefix(lines[1], "qmigrate: --dst "), lines[1])
 }
 
-// silentListener serves a unix socket at path that accepts every
-// connection and never greets (never writes a byte), until the test ends.
-func silentListener(t *testing.T, path string) {
+// silentPeers serves two unix sockets in a temporary folder, a source's and
+// a destination's, that accept every connection and never greet (never
+// write a byte), until the test ends. It returns the folder and the paths.
+func silentPeers(t *testing.T) (dir, srcPath, dstPath string) {
 	t.Helper()
-	s := qmptest.NewServer(qmptest.WithoutGreeting())
-	t.Cleanup(s.Close)
-	require.NoError(t, s.ListenUnix(path))
+	dir = t.TempDir()
+	srcPath, dstPath = filepath.Join(dir, "src.qmp"), filepath.Join(dir, "dst.qmp")
+	for _, path := range []string{srcPath, dstPath} {
+		s := qmptest.NewServer(qmptest.WithoutGreeting())
+		t.Cleanup(s.Close)
+		require.NoError(t, s.ListenUnix(path))
+	}
+	return dir, srcPath, dstPath
 }
 
 // --timeout is the budget of the whole migration: a peer that never answers
 // is given up on when it is spent, even with a longer --connect-timeout.
 func TestSilentPeerGivenUpWithinTimeout(t *testing.T) {
-	dir := t.TempDir()
-	srcPath, dstPath := filepath.Join(dir, "src.qmp"), filepath.Join(dir, "dst.qmp")
-	silentListener(t, srcPath)
-	silentListener(t, dstPath)
+	dir, srcPath, dstPath := silentPeers(t)
 
 	start := time.Now()
 	code, stdout, stderr := runCLI(t, "migrate", "--json", "--timeout", "300ms", "--connect-timeout", "1m",
@@ -93,10 +96,7 @@ func TestSilentPeerGivenUpWithinTimeout(t *testing.T) {
 // A cancel (what SIGINT and SIGTERM do) while connecting: status cancelled,
 // exit 1, and with --json the result line is still the last one.
 func TestCancelWhileConnectingExit1(t *testing.T) {
-	dir := t.TempDir()
-	srcPath, dstPath := filepath.Join(dir, "src.qmp"), filepath.Join(dir, "dst.qmp")
-	silentListener(t, srcPath)
-	silentListener(t, dstPath)
+	dir, srcPath, dstPath := silentPeers(t)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(200*time.Millisecond, cancel)
@@ -116,11 +116,7 @@ func TestCancelWhileConnectingExit1(t *testing.T) {
 }
 
 func TestSilentPeerExit2WithinConnectTimeout(t *testing.T) {
-	dir := t.TempDir()
-	// Two peers that accept and never greet.
-	srcPath, dstPath := filepath.Join(dir, "src.qmp"), filepath.Join(dir, "dst.qmp")
-	silentListener(t, srcPath)
-	silentListener(t, dstPath)
+	dir, srcPath, dstPath := silentPeers(t)
 
 	start := time.Now()
 	code, stdout, stderr := runCLI(t, "migrate", "--json", "--connect-timeout", "300ms",
