@@ -3,6 +3,7 @@ package engine_test
 import (
 	"encoding/json"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -123,6 +124,39 @@ func TestSourceStopsAnsweringNoBudget(t *testing.T) {
 			})
 		})
 	}
+}
+
+// The source's monitor never answers a query-migrate, not even the first
+// one, while its migration goes on and completes: the rollback finds the
+// whole stream on the destination and the engine finishes the migration
+// there with no poll of the source at all (complete once dereferenced the
+// missing last poll).
+func TestSourceSilentBeforeFirstPollCompletes(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20})
+		cfg.UnresponsiveTimeout = 5 * time.Second
+		var started atomic.Bool
+		migrate, query := p.Src.Handler("migrate"), p.Src.Handler("query-migrate")
+		p.Src.Handle("migrate", func(args json.RawMessage) (any, error) {
+			started.Store(true)
+			return migrate(args)
+		})
+		p.Src.Handle("query-migrate", func(args json.RawMessage) (any, error) {
+			if !started.Load() {
+				return query(args)
+			}
+			<-t.Context().Done()
+			return nil, t.Context().Err()
+		})
+		res, err := engine.Migrate(t.Context(), cfg)
+		t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
+		require.NoError(t, err)
+		assert.Equal(t, engine.StatusCompleted, res.Status)
+		assert.Equal(t, "running", p.DstRunState())
+		assert.Equal(t, "postmigrate", p.SrcRunState())
+		assert.Empty(t, p.Src.CallsOf("cont"), "the source is never resumed once the destination has the guest")
+		assert.Empty(t, p.Src.CallsOf("migrate_cancel"))
+	})
 }
 
 // A source that stops answering a decision's command (here the downtime
