@@ -51,8 +51,12 @@ demo:
 	@command -v qemu-system-x86_64 >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 qemu-utils; }
 	$(GO) run ./cmd/qmigrate demo
 
+# go test fuzzes one target per run: each for FUZZTIME.
+FUZZTIME ?= 2m
 fuzz:
-	$(GO) test -run='^$$' -fuzz=Fuzz -fuzztime=5m ./qmp/
+	$(GO) test -run='^$$' -fuzz='^FuzzReader$$' -fuzztime=$(FUZZTIME) ./qmp/
+	$(GO) test -run='^$$' -fuzz='^FuzzDecode$$' -fuzztime=$(FUZZTIME) ./qmp/
+	$(GO) test -run='^$$' -fuzz='^FuzzInvariants$$' -fuzztime=$(FUZZTIME) ./strategy/
 
 bench:
 	set -a; source $(CACHE)/qemu-7.2.env; set +a; \
