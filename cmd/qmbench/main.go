@@ -40,7 +40,7 @@ type options struct {
 	profiles, jsonOut   string
 	render              string
 	rateMB              float64
-	budget              time.Duration
+	budget, maxDowntime time.Duration
 	memMiB              int
 	quick, verbose      bool
 }
@@ -49,11 +49,12 @@ func main() {
 	var o options
 	flag.StringVar(&o.out, "out", "docs/benchmarks.md", "Markdown report to write (this QEMU version's section is replaced)")
 	flag.StringVar(&o.plots, "plots", "docs/plots", "folder for the PNG plots")
-	flag.StringVar(&o.scenarios, "scenarios", "idle,converging,borderline,2x,10x", "scenarios to run (comma-separated)")
+	flag.StringVar(&o.scenarios, "scenarios", "idle,converging,borderline,2x,10x", "scenarios to run (comma-separated); also unthrottled: the sweep guest with no spin (the issue's anchor, with -rate 268.435456)")
 	flag.StringVar(&o.policies, "policies", strings.Join(strategy.Policies(), ","), "policies to run (comma-separated)")
 	flag.StringVar(&o.profiles, "profiles", "throttle,postcopy", "limit profiles to run: throttle (no postcopy), postcopy")
 	flag.Float64Var(&o.rateMB, "rate", 32, "link rate in MB/s (tbf, each direction)")
 	flag.DurationVar(&o.budget, "budget", 60*time.Second, "budget of every migration (the presets' clocks scale with it)")
+	flag.DurationVar(&o.maxDowntime, "max-downtime", defaultMaxDowntime, "downtime ceiling of every migration")
 	flag.IntVar(&o.memMiB, "mem", testbed.DefaultMemMiB, "guest RAM in MiB")
 	flag.BoolVar(&o.quick, "quick", false, "smoke run: 30 s budget, one calibration round, short baselines")
 	flag.BoolVar(&o.verbose, "v", false, "log QEMU command lines")
@@ -123,7 +124,7 @@ func run(ctx context.Context, o options) error {
 	logf("QEMU %s (%s)", version, q.Binary)
 
 	rate := o.rateMB * 1e6
-	r := &runner{q: q, memMiB: o.memMiB, budget: o.budget, warmup: 8 * time.Second, base: 3 * time.Second, logf: logf, verbose: o.verbose, waits: map[int]time.Duration{}}
+	r := &runner{q: q, memMiB: o.memMiB, budget: o.budget, maxDowntime: o.maxDowntime, warmup: 8 * time.Second, base: 3 * time.Second, logf: logf, verbose: o.verbose, waits: map[int]time.Duration{}}
 	rounds := 3
 	if o.quick {
 		r.budget, r.warmup, r.base, rounds = 30*time.Second, 4*time.Second, 1500*time.Millisecond, 1
@@ -144,7 +145,7 @@ func run(ctx context.Context, o options) error {
 
 	rp := &report{
 		Version: version, Command: "go run ./cmd/qmbench " + strings.Join(os.Args[1:], " "), Date: time.Now(),
-		Rate: rate, Budget: r.budget, MemMiB: o.memMiB, Calib: map[string]float64{},
+		Rate: rate, Budget: r.budget, MaxDowntime: o.maxDowntime, MemMiB: o.memMiB, Calib: map[string]float64{},
 		Host: fmt.Sprintf("%d cores, %s/%s", runtime.NumCPU(), runtime.GOOS, runtime.GOARCH),
 	}
 	rp.PlotsRel = plotsRel(o)

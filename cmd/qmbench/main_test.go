@@ -157,7 +157,7 @@ func TestNiceStep(t *testing.T) {
 func TestStrategyConfigsValid(t *testing.T) {
 	for _, p := range allProfiles {
 		for _, pol := range strategy.Policies() {
-			cfg := strategyConfig(pol, p, 60*time.Second)
+			cfg := strategyConfig(pol, p, 60*time.Second, defaultMaxDowntime)
 			require.NoError(t, cfg.Validate(), "%s/%s", pol, p.Name)
 			assert.Equal(t, p.Postcopy, cfg.Limits.AllowPostcopy)
 		}
@@ -195,4 +195,29 @@ func TestRenderFromJSON(t *testing.T) {
 	// The image links point where this render wrote the plots, not where
 	// the run that made the JSON did ("plots").
 	assert.Contains(t, string(doc), "](plots/7.2.22-2x-throttle.png)")
+	assert.Contains(t, string(doc), "downtime ceiling 500ms", "a file without MaxDowntime ran at the default ceiling")
+
+	// A run with another ceiling (and the unthrottled scenario) renders
+	// with it.
+	rp.MaxDowntime = 300 * time.Millisecond
+	rp.Calib = map[string]float64{"unthrottled": 50e9}
+	for _, r := range rp.Runs {
+		r.Scenario = "unthrottled"
+	}
+	b, err = json.Marshal(rp.forJSON())
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(js, b, 0o644))
+	require.NoError(t, run(t.Context(), options{render: js, out: md, plots: filepath.Join(dir, "plots")}))
+	doc, err = os.ReadFile(md)
+	require.NoError(t, err)
+	assert.Contains(t, string(doc), "downtime ceiling 300ms")
+	assert.Contains(t, string(doc), "up to the 300 ms ceiling")
+	assert.Contains(t, string(doc), "in 10 steps, held at the 300 ms ceiling")
+	assert.Contains(t, string(doc), "The guest sweeps with no spin, as fast as TCG runs it; calibration measured 50.00 GB/s")
+	assert.Contains(t, string(doc), "| unthrottled | throttle | completed 12.0 s | none completes | yes |")
+}
+
+func TestMaxDowntimeReachesTheStrategy(t *testing.T) {
+	cfg := strategyConfig("auto", allProfiles[0], time.Minute, 300*time.Millisecond)
+	assert.Equal(t, 300*time.Millisecond, cfg.Limits.MaxDowntime)
 }

@@ -161,16 +161,26 @@ func judge(runs []*runResult) verdict {
 
 // report is one benchmark invocation's results.
 type report struct {
-	Version  string
-	Command  string
-	Date     time.Time
-	Rate     float64
-	Budget   time.Duration
-	MemMiB   int
-	Calib    map[string]float64 // scenario → calibrated dirty rate
-	Runs     []*runResult
-	PlotsRel string // plots folder relative to the Markdown file
-	Host     string
+	Version string
+	Command string
+	Date    time.Time
+	Rate    float64
+	Budget  time.Duration
+	// MaxDowntime is every run's downtime ceiling (0 in files written
+	// before -max-downtime: defaultMaxDowntime).
+	MaxDowntime time.Duration `json:",omitempty"`
+	MemMiB      int
+	Calib       map[string]float64 // scenario → calibrated dirty rate
+	Runs        []*runResult
+	PlotsRel    string // plots folder relative to the Markdown file
+	Host        string
+}
+
+func (rp *report) maxDowntime() time.Duration {
+	if rp.MaxDowntime == 0 {
+		return defaultMaxDowntime
+	}
+	return rp.MaxDowntime
 }
 
 func (rp *report) runs(sc, prof string) []*runResult {
@@ -201,7 +211,7 @@ func (rp *report) section(scs []scenario, profs []profile) string {
 	w("- guest work lost: slowdown × total time, in seconds of the guest's normal progress (a short migration that stalls the guest hard and a long one that slows it a little can lose the same work)\n")
 	w("- guest dirty rate: wall-clock rate of page writes just before and just after the migration (what the link faces)\n")
 	w("- integrity: the sweep invariant checked from a memory dump of the guest where it runs after the migration (destination when completed, source when aborted)\n\n")
-	w("%s\n", scalingNote(rp.Budget))
+	w("%s\n", scalingNote(rp.Budget, rp.maxDowntime()))
 
 	w("### Summary: auto against the best anchor preset\n\n")
 	w("Goal (issue): auto completes every scenario, and on the hard ones (dirty rate ≥ link) in at most half the time of the best anchor preset that completes, with less guest slowdown. ")
@@ -237,7 +247,9 @@ func (rp *report) section(scs []scenario, profs []profile) string {
 
 	for _, sc := range scs {
 		w("### %s\n\n", sc.Title)
-		if r, ok := rp.Calib[sc.Name]; ok && sc.Ratio > 0 {
+		if r, ok := rp.Calib[sc.Name]; ok && math.IsInf(sc.Ratio, 1) {
+			w("The guest sweeps with no spin, as fast as TCG runs it; calibration measured %s on its own vCPU time (%.0f × %s).\n\n", rateStr(r), r/rp.Rate, rateStr(rp.Rate))
+		} else if ok && sc.Ratio > 0 {
 			w("Target dirty rate %s (%.1f × %s); calibration measured %s on the guest's own vCPU time (the rates the link faced in each run are in the table).\n\n", rateStr(sc.Ratio*rp.Rate), sc.Ratio, rateStr(rp.Rate), rateStr(r))
 		} else if sc.Ratio == 0 {
 			w("The guest is booted and idle (it writes nothing after boot).\n\n")

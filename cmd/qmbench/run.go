@@ -57,14 +57,14 @@ func (r *runResult) speed() float64 {
 
 // runner runs single migrations on one two-host network.
 type runner struct {
-	q       *testbed.QEMU
-	net     *testbed.Network
-	memMiB  int
-	budget  time.Duration
-	warmup  time.Duration // how long a freshly booted guest runs before the baseline (at most)
-	base    time.Duration // baseline measurement window
-	logf    func(format string, args ...any)
-	verbose bool
+	q                   *testbed.QEMU
+	net                 *testbed.Network
+	memMiB              int
+	budget, maxDowntime time.Duration
+	warmup              time.Duration // how long a freshly booted guest runs before the baseline (at most)
+	base                time.Duration // baseline measurement window
+	logf                func(format string, args ...any)
+	verbose             bool
 	// waits remembers the last runqueue wait read per QEMU process, for a
 	// QEMU that has exited since (a destination after an abort).
 	waits map[int]time.Duration
@@ -224,6 +224,9 @@ func (r *runner) calibrate(ctx context.Context, target float64, rounds int) (uin
 		return math.MaxUint32, 0, nil
 	}
 	spin := sweep.SpinForRate(target)
+	if math.IsInf(target, 1) {
+		rounds = 1 // spin 0: nothing to adjust, measure it once
+	}
 	var got float64
 	for i := range rounds {
 		g := testbed.SweepGuest{Spin: spin}
@@ -298,7 +301,7 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 		Source:      engine.Endpoint{Client: src.QMP},
 		Destination: engine.Endpoint{Client: dst.QMP},
 		URI:         fmt.Sprintf("tcp:%s:4444", r.net.B.Addr),
-		Strategy:    strategyConfig(policy, prof, r.budget),
+		Strategy:    strategyConfig(policy, prof, r.budget, r.maxDowntime),
 		Observer: func(e engine.Event) {
 			switch e.Kind {
 			case engine.EventStats:
