@@ -477,6 +477,7 @@ func (r *run) sample(info *qmp.MigrationInfo) strategy.Sample {
 		SourcePaused:     r.pausedByUs,
 		StorageTotal:     r.storageTotal,
 		GuestDirtyRate:   r.dirty.rate,
+		GuestDirtyPeriod: r.dirty.period,
 	}
 	if r.storageTotal > r.storageDone {
 		s.StorageRemaining = r.storageTotal - r.storageDone

@@ -33,7 +33,8 @@ const dirtyRateGrace = 3 * time.Second
 type dirtyMeter struct {
 	measuring bool
 	deadline  time.Time
-	rate      float64 // bytes/s, 0 = not measured
+	rate      float64       // bytes/s, 0 = not measured
+	period    time.Duration // what rate was measured over
 }
 
 // startDirtyRate starts the measurement on the source, when asked for. Only
@@ -63,7 +64,7 @@ func (r *run) startDirtyRate(ctx context.Context) error {
 	if args.CalcTimeUnit == "millisecond" {
 		period = time.Duration(args.CalcTime) * time.Millisecond
 	}
-	r.dirty.measuring, r.dirty.deadline = true, time.Now().Add(period+dirtyRateGrace)
+	r.dirty.measuring, r.dirty.deadline, r.dirty.period = true, time.Now().Add(period+dirtyRateGrace), period
 	return nil
 }
 

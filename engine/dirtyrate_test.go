@@ -20,12 +20,21 @@ import (
 // instead of guessing.
 func TestGuestDirtyRateMeasured(t *testing.T) {
 	for _, tc := range []struct {
-		name    string
-		version [3]int
-		want    string
+		name     string
+		version  [3]int
+		want     string
+		measured float64 // what the measurement reads
+		throttle int     // auto's first throttle
+		reason   string
 	}{
-		{"10.0: milliseconds", [3]int{10, 0, 2}, `{"calc-time":200,"calc-time-unit":"millisecond","sample-pages":4096}`},
-		{"7.2: seconds after the refusal", [3]int{7, 2, 22}, `{"calc-time":1,"sample-pages":4096}`},
+		// 1 - 0.5 × 100/300 = 84% (83.3 rounded up), not the 75% guess.
+		{"10.0: milliseconds", [3]int{10, 0, 2}, `{"calc-time":200,"calc-time-unit":"millisecond","sample-pages":4096}`,
+			300 << 20, 84, "guest dirty rate measured ~300.0 MiB/s"},
+		// Over 1 s the page count covers the whole 150 MiB working set:
+		// 150 MiB/s, a lower bound taken as 2 × (300 MiB/s): 84% again,
+		// not the 67% the bound itself gives.
+		{"7.2: seconds after the refusal", [3]int{7, 2, 22}, `{"calc-time":1,"sample-pages":4096}`,
+			150 << 20, 84, "its whole working set (~150.0 MiB) within the 1s measurement"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
@@ -46,7 +55,7 @@ func TestGuestDirtyRateMeasured(t *testing.T) {
 						measured = e.Stats.GuestDirtyRate
 					}
 				}
-				assert.Equal(t, float64(300<<20), measured)
+				assert.Equal(t, tc.measured, measured)
 				var throttle *engine.Event
 				for i, e := range rec.events {
 					if e.Kind == engine.EventDecision && e.Decision.Action == strategy.SetThrottle {
@@ -55,9 +64,8 @@ func TestGuestDirtyRateMeasured(t *testing.T) {
 					}
 				}
 				require.NotNil(t, throttle, "auto throttled")
-				assert.Contains(t, throttle.Decision.Reason, "measured")
-				// 1 - 0.5 × 100/300 = 84% (83.3 rounded up), not the 75% guess.
-				assert.Equal(t, 84, throttle.Decision.Throttle.Max, throttle.Decision.Reason)
+				assert.Contains(t, throttle.Decision.Reason, tc.reason)
+				assert.Equal(t, tc.throttle, throttle.Decision.Throttle.Max, throttle.Decision.Reason)
 			})
 		})
 	}

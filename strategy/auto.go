@@ -18,11 +18,12 @@ type auto struct {
 	// Estimator.
 	bw, dirty     float64 // EWMA of throughput and dirty rate, bytes/s
 	bwOK, dirtyOK bool
-	lastDirty     float64   // DirtyRate of the last sample
-	guestDirty    float64   // the last GuestDirtyRate measured (0 = none)
-	staleDirty    float64   // a DirtyRate value to ignore (-1 = none)
-	cur           iterRec   // the iteration in progress
-	hist          []iterRec // closed iterations, oldest first, at most histLen
+	lastDirty     float64       // DirtyRate of the last sample
+	guestDirty    float64       // the last GuestDirtyRate measured (0 = none)
+	guestPeriod   time.Duration // what guestDirty was measured over (0 = unknown)
+	staleDirty    float64       // a DirtyRate value to ignore (-1 = none)
+	cur           iterRec       // the iteration in progress
+	hist          []iterRec     // closed iterations, oldest first, at most histLen
 
 	// Levers.
 	downtime   time.Duration // the limit auto believes is configured
@@ -134,7 +135,7 @@ func (a *auto) waitReason() string {
 func (a *auto) observe(s Sample) {
 	a.ram = max(a.ram, float64(s.TotalBytes))
 	if s.GuestDirtyRate > 0 {
-		a.guestDirty = s.GuestDirtyRate
+		a.guestDirty, a.guestPeriod = s.GuestDirtyRate, s.GuestDirtyPeriod
 	}
 	if s.Throughput > 0 {
 		a.bw, a.bwOK = ewma(a.bw, s.Throughput, a.c.Alpha, a.bwOK), true
@@ -319,7 +320,7 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 	// threshold plus what the guest dirtied meanwhile.
 	thrMax := bw * maxDT.Seconds()
 	plateau := missed != "" || (a.dirtyOK && dirty < a.c.FlatRatio*bw && typical <= a.c.SaturationFactor*thrMax)
-	need, how := a.throttleFor(r, dirty, bw, s.ThrottlePercent, plateau)
+	need, how := a.throttleFor(r, dirty, bw, typical, s.ThrottlePercent, plateau)
 	if plateau {
 		need, how = a.plateauThrottle(need, how, typical, thrMax, s.ThrottlePercent)
 	}
@@ -483,7 +484,7 @@ func (a *auto) judge(r, q, last, bw float64, limit, now time.Duration) (verdict,
 // remaining run time.
 //
 // On a plateau (see evaluate) the measured rate is taken as it is.
-func (a *auto) throttleFor(r, dirty, bw float64, cur int, plateau bool) (int, string) {
+func (a *auto) throttleFor(r, dirty, bw, typical float64, cur int, plateau bool) (int, string) {
 	run := runFraction(cur)
 	est, src := dirty, ""
 	if dirty <= 0 && !math.IsNaN(r) && !math.IsInf(r, 0) {
@@ -497,7 +498,16 @@ func (a *auto) throttleFor(r, dirty, bw float64, cur int, plateau bool) (int, st
 		lower := math.Max(dirty, bw) / run
 		trueDirty = lower * a.c.SaturationFactor
 		how = fmt.Sprintf("working set re-dirtied every pass, true dirty rate ≥ ~%s/s", bytesStr(trueDirty))
-		if a.guestDirty > 0 {
+		switch {
+		case a.guestDirty > 0 && a.measureSaturated(typical):
+			// The measurement counts distinct pages: a guest that rewrote
+			// its whole working set within the period reads working set /
+			// period, whatever its true rate. A lower bound, taken as
+			// SaturationFactor × like the peaks' when nothing is measured.
+			trueDirty = math.Max(a.guestDirty*a.c.SaturationFactor, lower)
+			how = fmt.Sprintf("working set re-dirtied every pass, guest dirty rate measured ~%s/s, its whole working set (~%s) within the %v measurement: true rate ≥ ~%s/s (at least ~%s/s)",
+				bytesStr(a.guestDirty), bytesStr(typical), a.guestPeriod, bytesStr(a.guestDirty*a.c.SaturationFactor), bytesStr(lower))
+		case a.guestDirty > 0:
 			// Measured apart from the migration, unthrottled: no guess.
 			trueDirty = math.Max(a.guestDirty, lower)
 			how = fmt.Sprintf("working set re-dirtied every pass, guest dirty rate measured ~%s/s (at least ~%s/s)",
@@ -513,6 +523,17 @@ func (a *auto) throttleFor(r, dirty, bw float64, cur int, plateau bool) (int, st
 		pct = max(pct, 100-(100-max(a.target, cur))/2)
 	}
 	return clampInt(pct, 1, 100), how + fmt.Sprintf(" vs %.0f%% of %s/s", a.c.TargetRatio*100, bytesStr(bw))
+}
+
+// measuredSaturatedShare: a guest dirty-rate measurement that counted at
+// least this share of the working set within its period is saturated.
+const measuredSaturatedShare = 0.85
+
+// measureSaturated reports whether the guest's measured dirty rate covered
+// about its whole working set (typical, the dirty set of a pass) within the
+// measurement's period, so that it only bounds the true rate from below.
+func (a *auto) measureSaturated(typical float64) bool {
+	return a.guestPeriod > 0 && typical > 0 && a.guestDirty*a.guestPeriod.Seconds() >= measuredSaturatedShare*typical
 }
 
 // runFraction is the share of time a guest throttled at pct% runs (at

@@ -132,7 +132,10 @@
 // own rate measured apart from the migration (Sample.GuestDirtyRate, asked
 // for by Setup.MeasureDirtyRate: the engine's calc-dirty-rate at the start)
 // when there is one, else a guess of SaturationFactor (2) × the
-// throughput, and at least that lower bound; an escalation at least halves the
+// throughput, and at least that lower bound. The measurement counts distinct
+// pages, so one that covered 85% or more of the typical peak (the working
+// set) within its period (Sample.GuestDirtyPeriod: 1 s on QEMU 7.2) is a
+// lower bound too, taken as SaturationFactor × the measured rate; an escalation at least halves the
 // guest's remaining run time. On a plateau (the typical peak within
 // SaturationFactor × throughput × the maximum downtime while the measured
 // rate is below the throughput, or a failed prediction) the measured rate is

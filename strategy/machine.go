@@ -351,6 +351,9 @@ func sanitize(s Sample) Sample {
 	}
 	s.DirtyRate = finite(s.DirtyRate)
 	s.GuestDirtyRate = finite(s.GuestDirtyRate)
+	if s.GuestDirtyPeriod < 0 {
+		s.GuestDirtyPeriod = 0
+	}
 	s.Throughput = finite(s.Throughput)
 	if s.ExpectedDowntime < 0 {
 		s.ExpectedDowntime = 0

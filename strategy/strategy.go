@@ -42,7 +42,11 @@ type Sample struct {
 	// written during a short period (200 ms where QEMU takes milliseconds,
 	// else 1 s), so it too is bounded, by the working set / period, but far
 	// above the link, where DirtyRate saturates at about the throughput.
-	GuestDirtyRate   float64
+	GuestDirtyRate float64
+	// GuestDirtyPeriod is the period GuestDirtyRate was measured over (0 =
+	// unknown). A measurement whose rate × period is about the whole working
+	// set (the dirty set of a pass) is only a lower bound.
+	GuestDirtyPeriod time.Duration
 	Throughput       float64       // bytes/s measured by QEMU (mbps)
 	ExpectedDowntime time.Duration // QEMU's expected-downtime
 	ThrottlePercent  int           // cpu-throttle-percentage currently applied

@@ -620,25 +620,35 @@ func TestAutoSaturatedUsesGuestDirtyRate(t *testing.T) {
 	bw := 32.0 * MiB
 	peaks := append([]uint64{150 * MiB}, repeat(99*MiB, 4)...)
 	for _, tc := range []struct {
-		guest float64
-		want  int
+		guest  float64
+		period time.Duration // of the measurement (0 = unknown)
+		want   int
 	}{
-		{0, 76},         // no measurement: SaturationFactor 2 × QEMU's rate (1.005 × the throughput here)
-		{1.05 * bw, 53}, // 1 - 0.5/1.05
-		{2 * bw, 75},    // 1 - 0.5/2
-		{10 * bw, 95},   // 1 - 0.5/10
-		{0.5 * bw, 51},  // below QEMU's saturated rate: at least that, 1 - 0.5/1.005
+		{0, 0, 76},         // no measurement: SaturationFactor 2 × QEMU's rate (1.005 × the throughput here)
+		{1.05 * bw, 0, 53}, // 1 - 0.5/1.05
+		{2 * bw, 0, 75},    // 1 - 0.5/2
+		{10 * bw, 0, 95},   // 1 - 0.5/10
+		{0.5 * bw, 0, 51},  // below QEMU's saturated rate: at least that, 1 - 0.5/1.005
+		// Over 200 ms 10 × the link counts 64 MiB of the 99 MiB working
+		// set: a true reading.
+		{10 * bw, 200 * ms, 95},
+		// 7.2 measures over 1 s: 92 MiB/s counts 92 of the 99 MiB, the
+		// whole working set give or take the sampling: a lower bound, taken
+		// as 2 ×: 1 - 0.5×32/184 = 92%, not 1 - 0.5×32/92 = 83%.
+		{92 * MiB, sec, 92},
+		// 2 × the link over 1 s counts 64 of 99 MiB: a true reading.
+		{2 * bw, sec, 75},
 	} {
 		samples := drain(peaks, bw, bw, 150*MiB)
 		for i := range samples {
 			if samples[i].Elapsed >= 200*ms {
-				samples[i].GuestDirtyRate = tc.guest
+				samples[i].GuestDirtyRate, samples[i].GuestDirtyPeriod = tc.guest, tc.period
 			}
 		}
 		got, all := run(t, strategy.Config{Limits: strategy.Limits{MaxDowntime: 500 * ms}}, samples)
 		require.GreaterOrEqual(t, len(got), 2, "%v", got)
 		assert.Equal(t, strategy.SetThrottle, got[1].Action)
-		assert.Equal(t, tc.want, got[1].Throttle, "guest rate %.0f MiB/s", tc.guest/MiB)
+		assert.Equal(t, tc.want, got[1].Throttle, "guest rate %.0f MiB/s over %v", tc.guest/MiB, tc.period)
 		if tc.guest > 0 {
 			assert.Contains(t, firstReason(all, strategy.SetThrottle), "measured")
 		}

@@ -137,6 +137,7 @@ type Pair struct {
 	cancelInPostcopy int
 	dirtyCalcs       []json.RawMessage // calc-dirty-rate arguments received (source)
 	dirtyQueries     int               // query-dirty-rate since the last calc-dirty-rate
+	dirtyPeriod      time.Duration     // the last calc-dirty-rate's period
 	lateCancel       bool              // migrate_cancel received in device status, with Options.LateCancel
 	dstHeld          bool              // stop on the destination in inmigrate: autostart off
 	stops            [2]int
@@ -463,13 +464,26 @@ func (p *Pair) install(i int) {
 		return out, nil
 	})
 	if isSrc {
-		// calc-dirty-rate (page sampling) measures the source's DirtyRate;
-		// "calc-time-unit" from 8.2. As in QEMU the status reads
+		// calc-dirty-rate (page sampling) measures the source's DirtyRate,
+		// counting distinct pages as QEMU does: at most the whole RAM (the
+		// model's working set) within the period; "calc-time-unit" from
+		// 8.2. As in QEMU the status reads
 		// "unstarted" until the measuring thread runs (the first query
 		// here), then "measuring" (the second), then "measured".
 		h("calc-dirty-rate", qmptest.Args(func(args json.RawMessage) (any, error) {
+			var a struct {
+				CalcTime int    `json:"calc-time"`
+				Unit     string `json:"calc-time-unit"`
+			}
+			if err := json.Unmarshal(args, &a); err != nil || a.CalcTime <= 0 {
+				return nil, errGeneric("Invalid calc-time")
+			}
 			p.dirtyCalcs = append(p.dirtyCalcs, args)
 			p.dirtyQueries = 0
+			p.dirtyPeriod = time.Duration(a.CalcTime) * time.Second
+			if a.Unit == "millisecond" {
+				p.dirtyPeriod = time.Duration(a.CalcTime) * time.Millisecond
+			}
 			return nil, nil
 		}, calcDirtyRateMembers(p.opt.Version)...))
 		h("query-dirty-rate", func(json.RawMessage) (any, error) {
@@ -481,7 +495,8 @@ func (p *Pair) install(i int) {
 				}
 				return map[string]any{"status": st, "calc-time": 0, "sample-pages": 0, "mode": "page-sampling", "start-time": 0}, nil
 			}
-			return map[string]any{"status": "measured", "dirty-rate": int64(p.opt.DirtyRate / (1 << 20)),
+			rate := min(p.opt.DirtyRate, float64(p.opt.RAM)/p.dirtyPeriod.Seconds())
+			return map[string]any{"status": "measured", "dirty-rate": int64(rate / (1 << 20)),
 				"calc-time": 1, "sample-pages": 4096, "mode": "page-sampling", "start-time": 1}, nil
 		})
 		h("migrate", qmptest.Args(p.migrate, migrateMembers(p.opt.Version)...))
