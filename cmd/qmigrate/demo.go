@@ -49,7 +49,7 @@ func (o *demoOptions) flagSet() *flag.FlagSet {
 func demoFlagOrder() []string {
 	return []string{
 		"qemu", "dirty-rate", "spin", "copy-storage", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
-		"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "connect-timeout", "json", "verbose",
+		"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "connect-timeout", "unresponsive-timeout", "json", "verbose",
 	}
 }
 
@@ -247,16 +247,17 @@ func (d *demo) config() engine.Config {
 		storage = &blockmirror.Config{Disks: []string{demoDisk}}
 	}
 	return engine.Config{
-		Storage:         storage,
-		Source:          engine.Endpoint{Address: "unix:" + d.src.QMPSocket(), Client: d.src.QMP},
-		Destination:     engine.Endpoint{Address: "unix:" + d.dst.QMPSocket(), Client: d.dst.QMP},
-		URI:             "unix:" + filepath.Join(d.dst.Dir(), "migration.sock"),
-		MultifdChannels: int(o.multifd),
-		Bandwidth:       uint64(o.bandwidth),
-		Strategy:        o.limitOptions.strategy(),
-		ConnectTimeout:  time.Duration(o.connectTimeout),
-		Logger:          o.logger(d.stderr),
-		Observer:        d.r.Event,
+		Storage:             storage,
+		Source:              engine.Endpoint{Address: "unix:" + d.src.QMPSocket(), Client: d.src.QMP},
+		Destination:         engine.Endpoint{Address: "unix:" + d.dst.QMPSocket(), Client: d.dst.QMP},
+		URI:                 "unix:" + filepath.Join(d.dst.Dir(), "migration.sock"),
+		MultifdChannels:     int(o.multifd),
+		Bandwidth:           uint64(o.bandwidth),
+		Strategy:            o.limitOptions.strategy(),
+		ConnectTimeout:      time.Duration(o.connectTimeout),
+		UnresponsiveTimeout: time.Duration(o.unresponsive),
+		Logger:              o.logger(d.stderr),
+		Observer:            d.r.Event,
 	}
 }
 

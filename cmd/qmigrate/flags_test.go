@@ -115,7 +115,7 @@ func TestMigrateConfigFromFlags(t *testing.T) {
 		"--src", "unix:/run/src.qmp", "--dst=tcp:10.0.0.2:4000", "-uri", "tcp:10.0.0.2:0",
 		"--max-downtime=500ms", "--bandwidth", "1GiB", "--timeout", "5m", "--progress-timeout=30s",
 		"--policy", "nova", "--allow-postcopy", "--allow-pause", "--no-auto-converge", "--multifd", "4",
-		"--disk", "disk0", "--disk=disk1", "--nbd", "tcp:10.0.0.2:10809", "--connect-timeout", "3s", "-v",
+		"--disk", "disk0", "--disk=disk1", "--nbd", "tcp:10.0.0.2:10809", "--connect-timeout", "3s", "--unresponsive-timeout=1m", "-v",
 	}))
 	cfg, err := o.config()
 	require.NoError(t, err)
@@ -125,6 +125,7 @@ func TestMigrateConfigFromFlags(t *testing.T) {
 	assert.Equal(t, uint64(1<<30), cfg.Bandwidth)
 	assert.Equal(t, 4, cfg.MultifdChannels)
 	assert.Equal(t, 3*time.Second, cfg.ConnectTimeout)
+	assert.Equal(t, time.Minute, cfg.UnresponsiveTimeout)
 	assert.Equal(t, strategy.Config{Policy: "nova", Limits: strategy.Limits{
 		MaxDowntime: 500 * time.Millisecond, Budget: 5 * time.Minute, ProgressTimeout: 30 * time.Second,
 		NoThrottle: true, AllowPostcopy: true, AllowPause: true,
@@ -145,6 +146,7 @@ func TestMigrateConfigDefaults(t *testing.T) {
 	assert.Zero(t, cfg.MultifdChannels)
 	assert.Nil(t, cfg.Storage)
 	assert.Equal(t, 10*time.Second, cfg.ConnectTimeout)
+	assert.Equal(t, engine.DefaultUnresponsiveTimeout, cfg.UnresponsiveTimeout)
 	assert.False(t, o.jsonOut)
 
 	o = migrateOptions{}
@@ -327,6 +329,8 @@ func TestDemoUsageErrors(t *testing.T) {
 		{[]string{"demo", "--spin", "-5"}, []string{"--spin"}},
 		{[]string{"demo", "--dirty-rate", "fast"}, []string{"--dirty-rate", `"fast"`}},
 		{[]string{"demo", "--dirty-rate", "0"}, []string{"--dirty-rate must be more than 0"}},
+		{[]string{"demo", "--unresponsive-timeout", "0"}, []string{"--unresponsive-timeout must be more than 0"}},
+		{[]string{"demo", "--connect-timeout", "0s"}, []string{"--connect-timeout must be more than 0"}},
 		{[]string{"demo", "--policy", "vmware"}, []string{"--policy", "auto, qemu, kubevirt, nova, proxmox"}},
 		{[]string{"demo", "--src", "unix:/a"}, []string{"--src", "not defined"}},
 	} {

@@ -33,6 +33,7 @@ type limitOptions struct {
 	noAutoConverge  bool
 	multifd         channelCount
 	connectTimeout  duration
+	unresponsive    duration
 	jsonOut         bool
 	verbose         bool
 }
@@ -45,6 +46,7 @@ const (
 func (o *limitOptions) register(fs *flag.FlagSet) {
 	o.maxDowntime = duration(defaultMaxDowntime)
 	o.connectTimeout = duration(defaultConnectTimeout)
+	o.unresponsive = duration(engine.DefaultUnresponsiveTimeout)
 	o.policy = strategy.PolicyAuto
 	fs.Var(&o.maxDowntime, "max-downtime", "longest pause of the guest allowed at switchover, a `duration`; no policy ever sets a larger downtime limit")
 	fs.Var(&o.bandwidth, "bandwidth", "migration bandwidth limit, a `rate` in bytes per second: 256MiB, 1GiB, 500MB, 100K, a plain number is bytes, \"/s\" is optional; K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB powers of 1000; 0 is unlimited")
@@ -56,6 +58,7 @@ func (o *limitOptions) register(fs *flag.FlagSet) {
 	fs.BoolVar(&o.noAutoConverge, "no-auto-converge", false, "refuse CPU throttling of the guest (auto-converge), which is permitted by default")
 	fs.Var(&o.multifd, "multifd", "use `N` parallel multifd channels for RAM, 1 to 255 (default: none, a single stream)")
 	fs.Var(&o.connectTimeout, "connect-timeout", "bound on connecting to each QMP socket and on QEMU's first answers, a `duration` (a shorter --timeout bounds them too)")
+	fs.Var(&o.unresponsive, "unresponsive-timeout", "how long a QEMU that stops answering QMP during the migration is waited for before the migration ends (rolled back before the switchover), a `duration` (a shorter --timeout bounds it too)")
 	fs.BoolVar(&o.jsonOut, "json", false, "write one JSON object per line on stdout (see JSON OUTPUT in qmigrate migrate --help); human messages go to stderr")
 	fs.BoolVar(&o.verbose, "v", false, "")
 	fs.BoolVar(&o.verbose, "verbose", false, "write debug logs (every QMP step) to stderr")
@@ -71,6 +74,9 @@ func (o *limitOptions) check() error {
 	}
 	if o.connectTimeout == 0 {
 		return errors.New("--connect-timeout must be more than 0")
+	}
+	if o.unresponsive == 0 {
+		return errors.New("--unresponsive-timeout must be more than 0")
 	}
 	return nil
 }
@@ -141,13 +147,14 @@ func (o *migrateOptions) config() (engine.Config, error) {
 		return engine.Config{}, err
 	}
 	cfg := engine.Config{
-		Source:          engine.Endpoint{Address: o.src},
-		Destination:     engine.Endpoint{Address: o.dst},
-		URI:             o.uri,
-		MultifdChannels: int(o.multifd),
-		Bandwidth:       uint64(o.bandwidth),
-		Strategy:        o.limitOptions.strategy(),
-		ConnectTimeout:  time.Duration(o.connectTimeout),
+		Source:              engine.Endpoint{Address: o.src},
+		Destination:         engine.Endpoint{Address: o.dst},
+		URI:                 o.uri,
+		MultifdChannels:     int(o.multifd),
+		Bandwidth:           uint64(o.bandwidth),
+		Strategy:            o.limitOptions.strategy(),
+		ConnectTimeout:      time.Duration(o.connectTimeout),
+		UnresponsiveTimeout: time.Duration(o.unresponsive),
 	}
 	if o.nbd != "" {
 		if err := checkAddress("--nbd", o.nbd); err != nil {
@@ -221,8 +228,9 @@ EXIT STATUS
   1  failed, aborted by the policy or cancelled: the guest runs on the source;
      also a QEMU that stops answering QMP mid-migration (the message names the
      side and the command): with --timeout the migration ends within it and a
-     few seconds, otherwise after 30s of silence. Once the switchover began
-     nothing is rolled back and where the guest runs is unknown (said so)
+     few seconds, otherwise after --unresponsive-timeout (30s) of silence.
+     Once the switchover began nothing is rolled back and where the guest
+     runs is unknown (said so)
   2  bad usage or bad input: a bad flag, an address that cannot be reached or
      does not answer QMP within --connect-timeout, a destination not started
      with -incoming defer, different RAM sizes, a disk that cannot be mirrored
@@ -297,7 +305,7 @@ func migrateFlagOrder() []string {
 	return []string{
 		"src", "dst", "uri", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
 		"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "copy-storage", "disk", "nbd",
-		"write-blocking", "connect-timeout", "json", "verbose",
+		"write-blocking", "connect-timeout", "unresponsive-timeout", "json", "verbose",
 	}
 }
 
