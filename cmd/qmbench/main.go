@@ -97,6 +97,9 @@ func run(ctx context.Context, o options) error {
 	if o.render != "" {
 		return render(o)
 	}
+	if o.maxDowntime <= 0 || o.maxDowntime > strategy.QEMUMaxDowntime {
+		return fmt.Errorf("-max-downtime %v: want more than 0 and at most QEMU's %v", o.maxDowntime, strategy.QEMUMaxDowntime)
+	}
 	scs, err := pick(allScenarios, func(s scenario) string { return s.Name }, o.scenarios, "scenario")
 	if err != nil {
 		return err

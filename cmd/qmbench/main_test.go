@@ -220,4 +220,8 @@ func TestRenderFromJSON(t *testing.T) {
 func TestMaxDowntimeReachesTheStrategy(t *testing.T) {
 	cfg := strategyConfig("auto", allProfiles[0], time.Minute, 300*time.Millisecond)
 	assert.Equal(t, 300*time.Millisecond, cfg.Limits.MaxDowntime)
+	for _, d := range []time.Duration{0, -time.Second, strategy.QEMUMaxDowntime + time.Millisecond} {
+		err := run(t.Context(), options{maxDowntime: d, scenarios: "idle", profiles: "throttle", policies: "auto"})
+		assert.ErrorContains(t, err, "-max-downtime", "checked before anything starts: %v", d)
+	}
 }
