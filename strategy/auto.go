@@ -518,11 +518,38 @@ func (a *auto) throttleFor(r, dirty, bw, typical float64, cur int, plateau bool)
 	if trueDirty > 0 {
 		p = 1 - a.c.TargetRatio*bw/trueDirty
 	}
+	how += fmt.Sprintf(" vs %.0f%% of %s/s", a.c.TargetRatio*100, bytesStr(bw))
+	if p1, why, ok := a.onePass(trueDirty, bw, typical); ok && p1 > p {
+		p, how = p1, how+"; "+why
+	}
 	pct := int(math.Ceil(p * 100))
 	if a.target > 0 {
 		pct = max(pct, 100-(100-max(a.target, cur))/2)
 	}
-	return clampInt(pct, 1, 100), how + fmt.Sprintf(" vs %.0f%% of %s/s", a.c.TargetRatio*100, bytesStr(bw))
+	return clampInt(pct, 1, 100), how
+}
+
+// onePass sizes a throttle for a guest that dirties at least as fast as
+// the link (trueDirty ≥ bw) so that the next pass, which sends the typical
+// dirty set, leaves at most what a switchover at the maximum downtime sends
+// (with the Margin): the run fraction f = threshold / (typical × Margin) ×
+// bw / trueDirty. With q = trueDirty / bw ≥ 1 this is the cheapest throttle
+// for the guest too, not only the fastest: a throttle leaving f shrinks each
+// pass by r = f×q, and the n passes down to the threshold (r^n = x =
+// threshold / (typical × Margin)) take P×(1-x)/(1-r) (P: one pass of the
+// typical set) during which the guest loses 1 - r/q of its time; that loss,
+// (1-r/q)(1-x)/(1-r)×P, grows with r when q ≥ 1, so one pass (r = x) loses
+// the least. Below the link (q < 1) fewer, lighter passes lose less; the
+// TargetRatio rule applies there.
+func (a *auto) onePass(trueDirty, bw, typical float64) (float64, string, bool) {
+	maxDT := a.m.lim.maxDowntime()
+	thr := bw * maxDT.Seconds()
+	if trueDirty < bw || bw <= 0 || typical*a.c.Margin <= thr {
+		return 0, "", false
+	}
+	f := thr / (typical * a.c.Margin) * bw / trueDirty
+	return 1 - f, fmt.Sprintf("at or above the throughput, one throttled pass of the %s dirty set (%v) must leave at most %s (a %v switchover / %.2f): run time ×%.3f",
+		bytesStr(typical), roundDur(seconds(typical, bw)), bytesStr(thr/a.c.Margin), maxDT, a.c.Margin, f), true
 }
 
 // measuredSaturatedShare: a guest dirty-rate measurement that counted at

@@ -81,7 +81,9 @@ type AutoConfig struct {
 	// which a throttle or postcopy cut to a few.
 	SlowPasses float64
 	// TargetRatio is k in p = 1 - k×throughput/dirty: the throttled dirty rate
-	// aimed for, as a fraction of the throughput (0.5).
+	// aimed for, as a fraction of the throughput (0.5). A guest dirtying at
+	// least as fast as the link gets at least the throttle that converges in
+	// one pass (see the package documentation).
 	TargetRatio float64
 	// SaturationFactor: when the peaks are flat, every pass re-dirties the
 	// whole working set and QEMU's dirty rate (distinct pages per sync period)

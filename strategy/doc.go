@@ -135,8 +135,17 @@
 // throughput, and at least that lower bound. The measurement counts distinct
 // pages, so one that covered 85% or more of the typical peak (the working
 // set) within its period (Sample.GuestDirtyPeriod: 1 s on QEMU 7.2) is a
-// lower bound too, taken as SaturationFactor × the measured rate; an escalation at least halves the
-// guest's remaining run time. On a plateau (the typical peak within
+// lower bound too, taken as SaturationFactor × the measured rate. When that
+// true rate is at least the throughput (q ≥ 1), p is at least what makes the
+// next pass, which sends the typical peak, leave no more than a switchover
+// at the maximum downtime sends (with Margin): run fraction x / q, x =
+// throughput × maximum downtime / (typical peak × Margin). For such a guest
+// one heavy pass is both the fastest and the cheapest throttle: n passes
+// shrinking by r (r^n = x) cost the guest (1 - r/q)(1 - x)/(1 - r) passes'
+// worth of run time, which grows with r when q ≥ 1 (below the link, lighter
+// and more passes lose less, and the k rule applies; docs/benchmarks.md
+// has the measurements). An escalation at least halves the guest's
+// remaining run time. On a plateau (the typical peak within
 // SaturationFactor × throughput × the maximum downtime while the measured
 // rate is below the throughput, or a failed prediction) the measured rate is
 // taken as it is, and p is at least 1 - run × throughput × maximum downtime /

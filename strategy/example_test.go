@@ -10,7 +10,8 @@ import (
 // A guest whose 128 MiB working set is re-dirtied every pass over a
 // 256 MiB/s link: auto sees it at the second iteration. With postcopy not
 // permitted, it raises the downtime limit to the user's maximum, then
-// computes a throttle instead of ramping blindly.
+// computes a throttle instead of ramping blindly: one that lets the next
+// pass leave no more than a switchover at that maximum sends.
 func ExampleMachine() {
 	m, err := strategy.New(strategy.Config{}) // auto, 300 ms max downtime, throttling permitted
 	if err != nil {
@@ -48,7 +49,7 @@ func ExampleMachine() {
 	// setup: downtime 100ms, auto-converge true, held at 1%
 	// 0s wait
 	// 500ms set-downtime 300ms
-	// 1s set-throttle 75%
+	// 1s set-throttle 76%
 }
 
 // The Nova preset ramps the downtime limit; its times scale with the

@@ -149,25 +149,27 @@ func TestAutoTraces(t *testing.T) {
 		},
 		{
 			// Iteration 2 (0.5 s): the measured dirty rate equals the throughput, a
-			// lower bound, so the true rate is taken as 2 × 256 MiB/s and
-			// p = 1 - 0.5×256/512 = 75%. The downtime limit goes from 100 ms to the
-			// 300 ms maximum first (the throttled passes then need to shrink less),
-			// the throttle at the next sample. Two iterations after the throttle shows,
-			// still flat and still at the throughput: the true rate must be above
-			// 256 MiB/s / 25% × 2, so p = 1 - 0.5/8 = 94%, then 99%; then nothing is left.
+			// lower bound, so the true rate is taken as 2 × 256 MiB/s (q = 2). The
+			// downtime limit goes from 100 ms to the 300 ms maximum first (the
+			// throttled passes then need to shrink less), the throttle at the next
+			// sample, sized for one pass: the 128 MiB pass must leave 76.8 MiB /
+			// 1.25 (a 300 ms switchover), run time 0.48/q = 0.24, 76%. Two
+			// iterations after the throttle shows, still flat and still at the
+			// throughput: the true rate must be above 256 MiB/s / 24% × 2 (q =
+			// 8.3), so 1 - 0.48/8.3 = 95%, then 99%; then nothing is left.
 			"not converging, throttle computed, then escalated",
 			strategy.Config{},
 			nonConv,
 			[]want{
 				{At: 500 * ms, Action: strategy.SetDowntime, Downtime: 300 * ms},
-				{At: 625 * ms, Action: strategy.SetThrottle, Throttle: 75},
-				{At: 1500 * ms, Action: strategy.SetThrottle, Throttle: 94},
+				{At: 625 * ms, Action: strategy.SetThrottle, Throttle: 76},
+				{At: 1500 * ms, Action: strategy.SetThrottle, Throttle: 95},
 				{At: 2500 * ms, Action: strategy.SetThrottle, Throttle: 99},
 				{At: 3500 * ms, Action: strategy.Abort},
 			},
 		},
 		{
-			"not converging, postcopy permitted: postcopy rather than a 75% throttle",
+			"not converging, postcopy permitted: postcopy rather than a 76% throttle",
 			strategy.Config{Limits: strategy.Limits{AllowPostcopy: true}},
 			nonConv,
 			[]want{{At: 500 * ms, Action: strategy.StartPostcopy}},
@@ -178,7 +180,7 @@ func TestAutoTraces(t *testing.T) {
 			nonConv,
 			[]want{
 				{At: 500 * ms, Action: strategy.SetDowntime, Downtime: 300 * ms},
-				{At: 625 * ms, Action: strategy.SetThrottle, Throttle: 75},
+				{At: 625 * ms, Action: strategy.SetThrottle, Throttle: 76},
 				{At: 1500 * ms, Action: strategy.StartPostcopy},
 			},
 		},
@@ -538,9 +540,11 @@ func TestAutoBorderlineTooSlow(t *testing.T) {
 	assert.Equal(t, 500*ms, got[0].Downtime)
 	assert.Less(t, got[0].At, 6*sec, "at the first judgement, after the bulk pass")
 	assert.Equal(t, strategy.SetThrottle, got[1].Action)
-	// p = 1 - 0.5 × 29.2/27.8 (at most +0.5%) = 48%.
+	// p = 1 - 0.5 × 29.2/27.8 (at most +0.5%) = 48%: below the link (q =
+	// 0.95) lighter passes lose less guest time than one heavy one.
 	assert.InDelta(t, 48, got[1].Throttle, 1)
 	assert.Contains(t, firstReason(all, strategy.SetThrottle), "converging too slowly")
+	assert.NotContains(t, firstReason(all, strategy.SetThrottle), "one throttled pass")
 
 	lim.AllowPostcopy = true
 	got, _ = run(t, strategy.Config{Limits: lim}, samples)
@@ -615,7 +619,10 @@ func TestAutoSaturatedThrottleEscalatesEarly(t *testing.T) {
 // With the guest's own dirty rate measured apart from the migration
 // (Sample.GuestDirtyRate), a saturated QEMU rate no longer forces a guess:
 // the throttle is sized from the measurement, up for a fast guest, down for
-// one barely above the link.
+// one barely above the link. Every guest here dirties at least as fast as
+// the link, so the throttle is sized for one pass: the 99 MiB pass must
+// leave at most 16 MiB (a 500 ms switchover at 32 MiB/s) / 1.25, run time
+// x/q with x = 16/(99×1.25) = 0.129 and q = true rate / throughput.
 func TestAutoSaturatedUsesGuestDirtyRate(t *testing.T) {
 	bw := 32.0 * MiB
 	peaks := append([]uint64{150 * MiB}, repeat(99*MiB, 4)...)
@@ -624,20 +631,20 @@ func TestAutoSaturatedUsesGuestDirtyRate(t *testing.T) {
 		period time.Duration // of the measurement (0 = unknown)
 		want   int
 	}{
-		{0, 0, 76},         // no measurement: SaturationFactor 2 × QEMU's rate (1.005 × the throughput here)
-		{1.05 * bw, 0, 53}, // 1 - 0.5/1.05
-		{2 * bw, 0, 75},    // 1 - 0.5/2
-		{10 * bw, 0, 95},   // 1 - 0.5/10
-		{0.5 * bw, 0, 51},  // below QEMU's saturated rate: at least that, 1 - 0.5/1.005
+		{0, 0, 94},         // no measurement: SaturationFactor 2 × QEMU's rate (1.005 × the throughput here): 1 - 0.129/2.01
+		{1.05 * bw, 0, 88}, // 1 - 0.129/1.05
+		{2 * bw, 0, 94},    // 1 - 0.129/2
+		{10 * bw, 0, 99},   // 1 - 0.129/10
+		{0.5 * bw, 0, 88},  // below QEMU's saturated rate: at least that, 1 - 0.129/1.005
 		// Over 200 ms 10 × the link counts 64 MiB of the 99 MiB working
 		// set: a true reading.
-		{10 * bw, 200 * ms, 95},
+		{10 * bw, 200 * ms, 99},
 		// 7.2 measures over 1 s: 92 MiB/s counts 92 of the 99 MiB, the
 		// whole working set give or take the sampling: a lower bound, taken
-		// as 2 ×: 1 - 0.5×32/184 = 92%, not 1 - 0.5×32/92 = 83%.
-		{92 * MiB, sec, 92},
+		// as 2 ×: 1 - 0.129×32/184 = 98%, not 1 - 0.129×32/92 = 96%.
+		{92 * MiB, sec, 98},
 		// 2 × the link over 1 s counts 64 of 99 MiB: a true reading.
-		{2 * bw, sec, 75},
+		{2 * bw, sec, 94},
 	} {
 		samples := drain(peaks, bw, bw, 150*MiB)
 		for i := range samples {
@@ -652,6 +659,7 @@ func TestAutoSaturatedUsesGuestDirtyRate(t *testing.T) {
 		if tc.guest > 0 {
 			assert.Contains(t, firstReason(all, strategy.SetThrottle), "measured")
 		}
+		assert.Contains(t, firstReason(all, strategy.SetThrottle), "one throttled pass")
 	}
 }
 
