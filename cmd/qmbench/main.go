@@ -20,7 +20,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"maps"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -59,7 +58,7 @@ func main() {
 	flag.BoolVar(&o.quick, "quick", false, "smoke run: 30 s budget, one calibration round, short baselines")
 	flag.BoolVar(&o.verbose, "v", false, "log QEMU command lines")
 	flag.StringVar(&o.jsonOut, "json", "", "also write every run's raw results (samples, decisions) to this JSON file")
-	flag.StringVar(&o.render, "render", "", "run nothing: rewrite the report section and plots from -json files (comma-separated, one QEMU version)")
+	flag.StringVar(&o.render, "render", "", "run nothing: rewrite the report section and plots from -json files (comma-separated, one QEMU version; a scenario, profile and policy found in several files is taken from the first)")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, o)
@@ -128,7 +127,7 @@ func run(ctx context.Context, o options) error {
 
 	rate := o.rateMB * 1e6
 	r := &runner{q: q, memMiB: o.memMiB, budget: o.budget, maxDowntime: o.maxDowntime, warmup: 8 * time.Second, base: 3 * time.Second, logf: logf, verbose: o.verbose, waits: map[int]time.Duration{}}
-	rounds := 3
+	rounds := 5
 	if o.quick {
 		r.budget, r.warmup, r.base, rounds = 30*time.Second, 4*time.Second, 1500*time.Millisecond, 1
 	}
@@ -227,9 +226,14 @@ func plotsRel(o options) string {
 	return filepath.ToSlash(rel)
 }
 
-// render rewrites the report section and the plots of a -json file.
+// render rewrites the report section and the plots of -json files. A run
+// (scenario, profile, policy) that an earlier file has too is left out, and
+// so is the calibration of a scenario an earlier file has: a re-run of some
+// scenarios, listed first, replaces them in a full run.
 func render(o options) error {
 	var rp report
+	type key struct{ sc, pf, pol string }
+	seen := map[key]bool{}
 	for i, name := range strings.Split(o.render, ",") {
 		b, err := os.ReadFile(name)
 		if err != nil {
@@ -247,9 +251,19 @@ func render(o options) error {
 			if rp.Calib == nil {
 				rp.Calib = map[string]float64{}
 			}
-			maps.Copy(rp.Calib, one.Calib)
+			for sc, v := range one.Calib {
+				if _, ok := rp.Calib[sc]; !ok {
+					rp.Calib[sc] = v
+				}
+			}
 		}
-		rp.Runs = append(rp.Runs, one.Runs...)
+		for _, r := range one.Runs {
+			k := key{r.Scenario, r.Profile, r.Policy}
+			if !seen[k] {
+				seen[k] = true
+				rp.Runs = append(rp.Runs, r)
+			}
+		}
 	}
 	rp.fromJSON()
 	rp.PlotsRel = plotsRel(o) // where this render writes them, not where the run did

@@ -225,3 +225,34 @@ func TestMaxDowntimeReachesTheStrategy(t *testing.T) {
 		assert.ErrorContains(t, err, "-max-downtime", "checked before anything starts: %v", d)
 	}
 }
+
+// A re-run of a scenario listed before the full run replaces that
+// scenario's runs and calibration; the others come from the full run.
+func TestRenderRerunReplaces(t *testing.T) {
+	dir := t.TempDir()
+	mk := func(name string, total time.Duration, calib float64, scs ...string) string {
+		rp := &report{Version: "10.0.2", Command: "go run ./cmd/qmbench " + name, Rate: 32e6, Budget: time.Minute, MemMiB: 150,
+			Calib: map[string]float64{}}
+		for _, sc := range scs {
+			rp.Calib[sc] = calib
+			rp.Runs = append(rp.Runs, &runResult{Scenario: sc, Profile: "throttle", Policy: "auto", Status: "completed",
+				Total: total, BaseRate: 32e6, DuringRate: 30e6, Intact: true, Points: []point{{0, 150e6}, {total, 0}}})
+		}
+		b, err := json.Marshal(rp.forJSON())
+		require.NoError(t, err)
+		p := filepath.Join(dir, name+".json")
+		require.NoError(t, os.WriteFile(p, b, 0o644))
+		return p
+	}
+	rerun := mk("rerun", 10*time.Second, 31e6, "borderline")
+	full := mk("full", 12*time.Second, 24e6, "borderline", "2x")
+	md := filepath.Join(dir, "b.md")
+	require.NoError(t, run(t.Context(), options{render: rerun + "," + full, out: md, plots: filepath.Join(dir, "plots")}))
+	doc, err := os.ReadFile(md)
+	require.NoError(t, err)
+	assert.Contains(t, string(doc), "| borderline | throttle | completed 10.0 s |", "the re-run's borderline")
+	assert.NotContains(t, string(doc), "| borderline | throttle | completed 12.0 s |", "the full run's borderline is left out")
+	assert.Contains(t, string(doc), "| 2x | throttle | completed 12.0 s |", "the full run's 2x")
+	assert.Contains(t, string(doc), "Target dirty rate 32.0 MB/s (1.0 × 32.0 MB/s); calibration measured 31.0 MB/s", "the re-run's calibration")
+	assert.Contains(t, string(doc), "Target dirty rate 64.0 MB/s (2.0 × 32.0 MB/s); calibration measured 24.0 MB/s", "the full run's")
+}
