@@ -292,6 +292,8 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 	switch {
 	case missed != "":
 		what = missed
+	case v == slow && dirty/bw >= a.c.SlowRatio:
+		what = fmt.Sprintf("converging too slowly (~%v; the dirty rate is %.2f × the throughput, at least %.2f)", roundDur(pred), dirty/bw, a.c.SlowRatio)
 	case v == slow:
 		what = fmt.Sprintf("converging too slowly (~%v)", roundDur(pred))
 	case pred < time.Duration(math.MaxInt64):
@@ -451,28 +453,40 @@ func (a *auto) judge(r, q, last, bw float64, limit, now time.Duration) (verdict,
 	if q >= flat || ((math.IsNaN(r) || r >= flat) && !nearThreshold(last, bw*limit.Seconds(), q)) {
 		return stuck, inf
 	}
-	rr := r
-	if q > 0 {
-		rr = q
-	}
+	rr := shrink(r, q)
 	thr := bw * limit.Seconds()
 	if nearThreshold(last, thr, q) {
 		// Near the threshold QEMU syncs on every pass check, so the peaks
 		// look flat: what matters is that the dirty rate is below the link.
 		return converging, seconds(last, bw)
 	}
+	pred := geomPred(last, thr, rr, bw)
+	if b := a.m.lim.Budget; b > 0 && (pred >= b || now+pred > b) {
+		return stuck, pred
+	}
+	if pred > a.slowAfter(bw) || q >= a.c.SlowRatio {
+		return slow, pred
+	}
+	return converging, pred
+}
+
+// shrink is the per-pass shrink factor a prediction uses: the measured
+// dirty rate over the throughput (q) when known, else the peaks' ratio r.
+func shrink(r, q float64) float64 {
+	if q > 0 {
+		return q
+	}
+	return r
+}
+
+// geomPred is the time passes shrinking by rr per pass take from last until
+// one fits the switchover threshold thr.
+func geomPred(last, thr, rr, bw float64) time.Duration {
 	n := 1.0
 	if thr > 0 && last > thr && rr > 0 {
 		n = math.Ceil(math.Log(thr/last) / math.Log(rr))
 	}
-	pred := seconds(last*(1-math.Pow(rr, n))/(1-rr), bw)
-	if b := a.m.lim.Budget; b > 0 && (pred >= b || now+pred > b) {
-		return stuck, pred
-	}
-	if pred > a.slowAfter(bw) {
-		return slow, pred
-	}
-	return converging, pred
+	return seconds(last*(1-math.Pow(rr, n))/(1-rr), bw)
 }
 
 // throttleFor computes p = 1 - k×throughput/dirty for the guest's true dirty

@@ -80,6 +80,12 @@ type AutoConfig struct {
 	// as fast as the link converges, but over dozens of shrinking passes,
 	// which a throttle or postcopy cut to a few.
 	SlowPasses float64
+	// SlowRatio: a migration whose measured dirty rate is at least this ×
+	// the throughput is too slow whatever the prediction says (0.8). Its
+	// passes shrink by that ratio at best, about three full RAM passes to a
+	// 500 ms switchover from a full working set, and a prediction ∝ 1/(1-q)
+	// is too sensitive there to the dirty rate's noise to wait on.
+	SlowRatio float64
 	// TargetRatio is k in p = 1 - k×throughput/dirty: the throttled dirty rate
 	// aimed for, as a fraction of the throughput (0.5). A guest dirtying at
 	// least as fast as the link gets at least the throttle that converges in
@@ -135,6 +141,7 @@ const (
 	defAutoFlatRatio            = 0.97
 	defAutoMaxConvergeTime      = 60 * time.Second
 	defAutoSlowPasses           = 3
+	defAutoSlowRatio            = 0.8
 	defAutoTargetRatio          = 0.5
 	defAutoSaturationFactor     = 2
 	defAutoMargin               = 1.25
@@ -230,6 +237,7 @@ func (c Config) Validate() error {
 		lo, hi float64
 	}{
 		{"Auto.FlatRatio", a.FlatRatio, 0, 1},
+		{"Auto.SlowRatio", a.SlowRatio, 0, 1},
 		{"Auto.TargetRatio", a.TargetRatio, 0, 1},
 		{"Auto.Alpha", a.Alpha, 0, 1},
 	} {
@@ -298,6 +306,7 @@ func (a AutoConfig) withDefaults() AutoConfig {
 	a.FlatRatio = orFloat(a.FlatRatio, defAutoFlatRatio)
 	a.MaxConvergeTime = orDur(a.MaxConvergeTime, defAutoMaxConvergeTime)
 	a.SlowPasses = orFloat(a.SlowPasses, defAutoSlowPasses)
+	a.SlowRatio = orFloat(a.SlowRatio, defAutoSlowRatio)
 	a.TargetRatio = orFloat(a.TargetRatio, defAutoTargetRatio)
 	a.SaturationFactor = orFloat(a.SaturationFactor, defAutoSaturationFactor)
 	a.Margin = orFloat(a.Margin, defAutoMargin)

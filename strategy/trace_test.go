@@ -553,6 +553,41 @@ func TestAutoBorderlineTooSlow(t *testing.T) {
 	assert.Less(t, got[len(got)-1].At, 6*sec)
 }
 
+// The 7.2 benchmark's borderline guest in a slow moment (QEMU's dirty rate
+// 24 MiB/s against 29 MiB/s, q = 0.83): the first dirty set is 73 MiB and
+// the geometric prediction to the 100 ms threshold is ~14 s, just under the
+// three full RAM passes (15.5 s) of SlowPasses, so auto used to wait; the
+// peaks then hovered around 50 MiB and it acted at 9.9 s. With q at least
+// SlowRatio (0.8) the prediction is too sensitive to wait on: too slow at
+// the first judgement, a 40% throttle (below the link: 1 - 0.5/0.83), or
+// postcopy when permitted.
+func TestAutoSlowRatio(t *testing.T) {
+	bw, dirty := 29.0*MiB, 24.0*MiB
+	peaks := []uint64{149 * MiB, 73 * MiB, 50 * MiB, 55 * MiB, 43 * MiB, 48 * MiB, 51 * MiB}
+	samples := drain(peaks, dirty, bw, 150*MiB)
+	lim := strategy.Limits{MaxDowntime: 500 * ms}
+	got, all := run(t, strategy.Config{Limits: lim}, samples)
+	require.GreaterOrEqual(t, len(got), 2, "%v", got)
+	assert.Equal(t, strategy.SetDowntime, got[0].Action)
+	assert.Equal(t, 500*ms, got[0].Downtime)
+	first := seconds(149*MiB+73*MiB, bw)
+	assert.Less(t, got[0].At, first+sec, "at the first judgement")
+	assert.Equal(t, strategy.SetThrottle, got[1].Action)
+	assert.InDelta(t, 40, got[1].Throttle, 1)
+	assert.Contains(t, firstReason(all, strategy.SetThrottle), "the dirty rate is 0.83 × the throughput, at least 0.80")
+
+	// With SlowRatio 0.9, above this guest's q, the prediction rules, as
+	// before: the first judgements wait.
+	got, _ = run(t, strategy.Config{Limits: lim, Auto: strategy.AutoConfig{SlowRatio: 0.9}}, samples[:4*3])
+	assert.Empty(t, got, "with SlowRatio 0.9 the first judgements wait")
+
+	lim.AllowPostcopy = true
+	got, _ = run(t, strategy.Config{Limits: lim}, samples)
+	require.NotEmpty(t, got)
+	assert.Equal(t, strategy.StartPostcopy, got[0].Action, "a 40%% throttle is above PostcopyThrottle: postcopy: %v", got)
+	assert.Less(t, got[0].At, first+sec)
+}
+
 // A plateau (the 10.0 benchmark's borderline guest at 20 s): the peaks hover
 // around 23 MiB, above the 14.6 MiB a 500 ms switchover takes (QEMU syncs as
 // soon as the pass falls to its threshold, so each peak is that threshold
