@@ -507,6 +507,13 @@ func (a *auto) throttleFor(r, dirty, bw, typical float64, cur int, plateau bool)
 	}
 	trueDirty := est / run
 	how := fmt.Sprintf("true dirty rate ~%s/s%s", bytesStr(trueDirty), src)
+	if !plateau && a.guestDirty > trueDirty {
+		// QEMU's rate counts the distinct pages of a whole sync period,
+		// pass-long: a guest that rewrites pages within it is faster than
+		// that. Its own rate, measured over a shorter period, says so.
+		trueDirty = a.guestDirty
+		how = fmt.Sprintf("true dirty rate ~%s/s%s, guest dirty rate measured ~%s/s", bytesStr(est/run), src, bytesStr(a.guestDirty))
+	}
 	q := dirty / bw
 	if !plateau && (math.IsNaN(r) || r >= a.c.FlatRatio || (q >= a.c.FlatRatio && q < saturatedQ)) {
 		lower := math.Max(dirty, bw) / run

@@ -128,7 +128,9 @@
 // downtime limit raised to the maximum (the throttled passes then need to
 // shrink less), with p = 1 - k × throughput / true dirty
 // rate, k = TargetRatio (0.5), where the true rate is the measured one over
-// the run fraction the current throttle leaves, and, when the measurement is
+// the run fraction the current throttle leaves (at least the guest's own
+// rate when it was measured, below: QEMU's counts a page once per sync
+// period, a whole pass long), and, when the measurement is
 // saturated (flat peaks, or q within [0.97, 1.5): the working set is
 // re-dirtied every pass so QEMU's rate is only a lower bound), the guest's
 // own rate measured apart from the migration (Sample.GuestDirtyRate, asked
