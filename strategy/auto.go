@@ -34,6 +34,11 @@ type auto struct {
 	seenIter   uint64        // iteration when the lever was first seen in effect (0 = not yet)
 	seenAt     time.Duration // when it was seen
 	reevaluate bool          // a lever failed to apply: decide again at once
+	// prelude: the downtime limit was just raised as the first step of a
+	// throttle (judged slow or stuck): the next judgement keeps that
+	// verdict, so that a marginal re-estimate one sample later (a dirty
+	// rate right at SlowRatio) does not drop the throttle it was raised for.
+	prelude bool
 
 	ms       mirrorState // the mirror phase
 	bl       trendWindow // the disk backlog after READY (RAM phase)
@@ -273,6 +278,12 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 	if missed != "" {
 		v = slow
 	}
+	if a.prelude {
+		a.prelude = false
+		if v == converging && !fits {
+			v = slow
+		}
+	}
 	if v == converging && fits {
 		a.ramPred = 0
 		if ok, why := a.diskCheck(now, limit, 0); !ok {
@@ -334,7 +345,7 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 			// The throttled passes then only need to shrink to throughput ×
 			// the maximum: less throttling, for a downtime the user accepts.
 			// The throttle follows at the next sample.
-			a.downtime, a.reevaluate = maxDT, true
+			a.downtime, a.reevaluate, a.prelude = maxDT, true, true
 			return Decision{Action: SetDowntime, DowntimeLimit: maxDT, Reason: fmt.Sprintf(
 				"auto: %s; %s / throughput = %v does not fit the %v maximum: downtime limit %v before throttling",
 				stats, bytesStr(typical), roundDur(seconds(typical, bw)), maxDT, maxDT)}

@@ -588,6 +588,26 @@ func TestAutoSlowRatio(t *testing.T) {
 	assert.Less(t, got[0].At, first+sec)
 }
 
+// The downtime limit raised before a throttle is followed by the throttle
+// even when the next sample's dirty rate dips under SlowRatio (the 7.2
+// borderline re-run: q 0.80 at 3.4 s, the throttle came only at 8.2 s).
+func TestAutoPreludeKeepsVerdict(t *testing.T) {
+	bw := 29.0 * MiB
+	peaks := []uint64{149 * MiB, 78 * MiB, 78 * MiB, 78 * MiB}
+	samples := drain(peaks, 0.801*bw, bw, 150*MiB)
+	for i := range samples {
+		if samples[i].Iteration == 2 && samples[i].RemainingBytes < 78*MiB {
+			samples[i].DirtyRate = 0.75 * bw // EWMA: 0.78
+		}
+	}
+	got, _ := run(t, strategy.Config{Limits: strategy.Limits{MaxDowntime: 500 * ms}}, samples)
+	require.GreaterOrEqual(t, len(got), 2, "%v", got)
+	assert.Equal(t, strategy.SetDowntime, got[0].Action)
+	assert.Equal(t, strategy.SetThrottle, got[1].Action)
+	pass := seconds(78*MiB, bw)
+	assert.Less(t, got[1].At-got[0].At, pass/2, "the throttle at the next sample: %v", got)
+}
+
 // The 7.2 benchmark's borderline guest (its final run): QEMU's dirty rate
 // reads 29.4 MiB/s against 30.8 MiB/s (q = 0.95), the 98.5 MiB dirty set of
 // the first pass over its 3.35 s period, while the guest's own measurement
