@@ -535,14 +535,9 @@ func TestAutoBorderlineTooSlow(t *testing.T) {
 	// The trace does not react to the throttle (its peaks keep shrinking by
 	// 0.95), so later escalations follow: only the first two are checked.
 	got, all := run(t, strategy.Config{Limits: lim}, samples)
-	require.GreaterOrEqual(t, len(got), 2, "%v", got)
-	assert.Equal(t, strategy.SetDowntime, got[0].Action)
-	assert.Equal(t, 500*ms, got[0].Downtime)
-	assert.Less(t, got[0].At, 6*sec, "at the first judgement, after the bulk pass")
-	assert.Equal(t, strategy.SetThrottle, got[1].Action)
 	// p = 1 - 0.5 × 29.2/27.8 (at most +0.5%) = 48%: below the link (q =
 	// 0.95) lighter passes lose less guest time than one heavy one.
-	assert.InDelta(t, 48, got[1].Throttle, 1)
+	downtimeThenThrottle(t, got, 500*ms, 6*sec, 48)
 	assert.Contains(t, firstReason(all, strategy.SetThrottle), "converging too slowly")
 	assert.NotContains(t, firstReason(all, strategy.SetThrottle), "one throttled pass")
 
@@ -567,13 +562,8 @@ func TestAutoSlowRatio(t *testing.T) {
 	samples := drain(peaks, dirty, bw, 150*MiB)
 	lim := strategy.Limits{MaxDowntime: 500 * ms}
 	got, all := run(t, strategy.Config{Limits: lim}, samples)
-	require.GreaterOrEqual(t, len(got), 2, "%v", got)
-	assert.Equal(t, strategy.SetDowntime, got[0].Action)
-	assert.Equal(t, 500*ms, got[0].Downtime)
 	first := seconds(149*MiB+73*MiB, bw)
-	assert.Less(t, got[0].At, first+sec, "at the first judgement")
-	assert.Equal(t, strategy.SetThrottle, got[1].Action)
-	assert.InDelta(t, 40, got[1].Throttle, 1)
+	downtimeThenThrottle(t, got, 500*ms, first+sec, 40)
 	assert.Contains(t, firstReason(all, strategy.SetThrottle), "the dirty rate is 0.83 × the throughput, at least 0.80")
 
 	// With SlowRatio 0.9, above this guest's q, the prediction rules, as
@@ -745,6 +735,19 @@ func TestAutoSaturatedUsesGuestDirtyRate(t *testing.T) {
 		}
 		assert.Contains(t, firstReason(all, strategy.SetThrottle), "one throttled pass")
 	}
+}
+
+// downtimeThenThrottle checks auto's first two levers on a migration that
+// does not converge: the downtime limit raised to max before the deadline
+// (the first judgement), then a throttle of about pct%.
+func downtimeThenThrottle(t *testing.T, got []want, max, before time.Duration, pct int) {
+	t.Helper()
+	require.GreaterOrEqual(t, len(got), 2, "%v", got)
+	assert.Equal(t, strategy.SetDowntime, got[0].Action)
+	assert.Equal(t, max, got[0].Downtime)
+	assert.Less(t, got[0].At, before, "at the first judgement")
+	assert.Equal(t, strategy.SetThrottle, got[1].Action)
+	assert.InDelta(t, pct, got[1].Throttle, 1)
 }
 
 // firstReason is the reason of the first decision with action a ("" if none).
