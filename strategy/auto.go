@@ -475,7 +475,7 @@ func (a *auto) judge(r, q, last, bw float64, limit, now time.Duration) (verdict,
 	if b := a.m.lim.Budget; b > 0 && (pred >= b || now+pred > b) {
 		return stuck, pred
 	}
-	if pred > a.slowAfter(bw) || q >= a.c.SlowRatio {
+	if pred > a.slowAfter(bw) || (q >= a.c.SlowRatio && pred > a.onePassTime(bw)) {
 		return slow, pred
 	}
 	return converging, pred
@@ -598,6 +598,15 @@ func (a *auto) measureSaturated(typical float64) bool {
 // runFraction is the share of time a guest throttled at pct% runs (at
 // least 1%).
 func runFraction(pct int) float64 { return math.Max(1-float64(pct)/100, 0.01) }
+
+// onePassTime is one full RAM pass at the throughput (0 when the RAM size
+// is unknown).
+func (a *auto) onePassTime(bw float64) time.Duration {
+	if a.ram <= 0 || bw <= 0 {
+		return 0
+	}
+	return seconds(a.ram, bw)
+}
 
 // slowAfter is the predicted time beyond which converging is too slow:
 // SlowPasses full RAM passes at the throughput, at most MaxConvergeTime.

@@ -81,7 +81,8 @@ type AutoConfig struct {
 	// which a throttle or postcopy cut to a few.
 	SlowPasses float64
 	// SlowRatio: a migration whose measured dirty rate is at least this ×
-	// the throughput is too slow whatever the prediction says (0.8). Its
+	// the throughput is too slow once its prediction exceeds one full RAM
+	// pass, however far below SlowPasses (0.8; 1 turns the rule off). Its
 	// passes shrink by that ratio at best, about three full RAM passes to a
 	// 500 ms switchover from a full working set, and a prediction ∝ 1/(1-q)
 	// is too sensitive there to the dirty rate's noise to wait on.

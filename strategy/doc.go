@@ -110,9 +110,10 @@
 //   - too slow: converging, but the prediction exceeds AutoConfig.SlowPasses
 //     (3) full RAM passes (TotalBytes / throughput; only once the dirty rate
 //     is measured, the ratio of a few peaks being too noisy) or
-//     MaxConvergeTime (60 s), or q is at least SlowRatio (0.8), where the
-//     passes shrink so little that a prediction ∝ 1/(1-q) hangs on the
-//     dirty rate's noise: use a lever, but never abort for that alone. A
+//     MaxConvergeTime (60 s), or exceeds one full RAM pass with q at least
+//     SlowRatio (0.8), where the passes shrink so little that a prediction
+//     ∝ 1/(1-q) hangs on the dirty rate's noise: use a lever, but never
+//     abort for that alone. A
 //     guest dirtying at 0.95 × the link converges, but over dozens of passes.
 //     The first converging prediction after a lever is checked too: still
 //     running two iterations and twice the predicted time (at least

@@ -566,6 +566,11 @@ func TestAutoSlowRatio(t *testing.T) {
 	downtimeThenThrottle(t, got, 500*ms, first+sec, 40)
 	assert.Contains(t, firstReason(all, strategy.SetThrottle), "the dirty rate is 0.83 × the throughput, at least 0.80")
 
+	// Near the end the same rate is no reason to act: 20 MiB left, ~3.5 s of
+	// passes to the 100 ms threshold, under one full RAM pass (5.2 s).
+	got, _ = run(t, strategy.Config{Limits: lim}, drain([]uint64{149 * MiB, 20 * MiB, 17 * MiB}, dirty, bw, 150*MiB))
+	assert.Empty(t, got, "converging within one RAM pass")
+
 	// With SlowRatio 0.9, above this guest's q, the prediction rules, as
 	// before: the first judgements wait.
 	got, _ = run(t, strategy.Config{Limits: lim, Auto: strategy.AutoConfig{SlowRatio: 0.9}}, samples[:4*3])
