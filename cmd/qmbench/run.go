@@ -232,11 +232,6 @@ func (r *runner) calibrate(ctx context.Context, target float64, rounds int) (uin
 	}
 	var got float64
 	bestSpin, best := spin, math.NaN()
-	defer func() {
-		if !math.IsNaN(best) && spin != bestSpin {
-			r.logf("calibrate %s: spin %d, which gave %s", rateStr(target), bestSpin, rateStr(best))
-		}
-	}()
 	for i := range rounds {
 		g := testbed.SweepGuest{Spin: spin}
 		src, err := r.q.Start(ctx, testbed.Config{Name: "cal", Guest: g, MemMiB: r.memMiB, Args: debugThreads("cal")})
@@ -275,6 +270,9 @@ func (r *runner) calibrate(ctx context.Context, target float64, rounds int) (uin
 		}
 	}
 	if !math.IsNaN(best) {
+		if bestSpin != spin {
+			r.logf("calibrate %s: spin %d, which gave %s", rateStr(target), bestSpin, rateStr(best))
+		}
 		return bestSpin, best, nil
 	}
 	return spin, got, nil
