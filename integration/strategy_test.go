@@ -23,7 +23,7 @@ const (
 	// strategyLink is the tbf rate of the link, bytes/s.
 	strategyLink = 32e6
 	// strategyDirty is the sweep guest's dirty rate: 10 × the link, tuned by
-	// measuring it (strategyGuest).
+	// measuring it (tunedSweep).
 	strategyDirty = 10 * strategyLink
 	// strategyBudget bounds the runs that must abort.
 	strategyBudget = 25 * time.Second
@@ -85,7 +85,7 @@ func TestStrategy(t *testing.T) {
 // aborted, the guest running there intact).
 func strategyRun(t *testing.T, q *testbed.QEMU, n *testbed.Network, sc strategy.Config, want bool) *engine.Result {
 	t.Helper()
-	src, g, rate := strategyGuest(t, q, n)
+	src, g, rate := tunedSweep(t, q, testbed.Config{Name: "src", Netns: n.A.Netns}, strategyDirty, strategyMin*strategyLink, strategyMax*strategyLink)
 	dst := testbed.StartT(t, q, testbed.Config{Name: "dst", Guest: g, Incoming: true, Netns: n.B.Netns})
 	t.Logf("sweep guest dirties %.0f MB/s, %.1f × the %.0f MB/s link", rate/1e6, rate/strategyLink, strategyLink/1e6)
 	require.GreaterOrEqual(t, rate, 2*strategyLink, "premise: the guest dirties at least twice the link")
@@ -141,30 +141,32 @@ func strategyRun(t *testing.T, q *testbed.QEMU, n *testbed.Network, sc strategy.
 	return res
 }
 
-// sweepRate measures the sweep guest's dirty rate from its serial port: the
-// time between passes (each pass dirties the 99 MiB range once).
-// strategyGuest boots the source in host A with a sweep guest whose
-// measured rate is within [strategyMin, strategyMax] × the link: TCG's speed
-// depends on the host and its load (the spin count for strategyDirty gave
-// from 2 to 30 × here), so a guest outside is booted again with its spin
-// count scaled (the rate goes about as 1/spin), up to four boots.
-func strategyGuest(t *testing.T, q *testbed.QEMU, n *testbed.Network) (*testbed.Instance, testbed.SweepGuest, float64) {
+// tunedSweep starts a QEMU of cfg (its Guest set here) running a sweep
+// guest whose measured rate is within [lo, hi] bytes/s: TCG's speed depends
+// on the host and its load (the spin count for 320 MB/s gave from 2 to 30 ×
+// the 32 MB/s link here), so a guest outside is booted again with its spin
+// count scaled towards target (the rate goes about as 1/spin), up to four
+// boots; the last one is returned whatever its rate.
+func tunedSweep(t *testing.T, q *testbed.QEMU, cfg testbed.Config, target, lo, hi float64) (*testbed.Instance, testbed.SweepGuest, float64) {
 	t.Helper()
-	g := testbed.NewSweepGuest(strategyDirty)
+	g := testbed.NewSweepGuest(target)
 	for boot := 1; ; boot++ {
-		src := testbed.StartT(t, q, testbed.Config{Name: "src", Guest: g, Netns: n.A.Netns})
-		rate := sweepRate(t, src)
-		if (rate >= strategyMin*strategyLink && rate <= strategyMax*strategyLink) || boot == 4 {
-			return src, g, rate
+		cfg.Guest = g
+		inst := testbed.StartT(t, q, cfg)
+		rate := sweepRate(t, inst)
+		if (rate >= lo && rate <= hi) || boot == 4 {
+			return inst, g, rate
 		}
-		spin := math.Min(float64(g.Spin)*rate/strategyDirty, math.MaxUint32)
-		t.Logf("sweep guest with spin %d dirties %.0f MB/s (%.1f × the link): booting it again with spin %.0f",
-			g.Spin, rate/1e6, rate/strategyLink, spin)
-		_ = src.Close()
+		spin := math.Min(float64(g.Spin)*rate/target, math.MaxUint32)
+		t.Logf("sweep guest with spin %d dirties %.0f MB/s, outside %.0f-%.0f MB/s: booting it again with spin %.0f",
+			g.Spin, rate/1e6, lo/1e6, hi/1e6, spin)
+		_ = inst.Close()
 		g.Spin = uint32(max(spin, 1))
 	}
 }
 
+// sweepRate measures the sweep guest's dirty rate from its serial port: the
+// time between passes (each pass dirties the 99 MiB range once).
 func sweepRate(t *testing.T, src *testbed.Instance) float64 {
 	t.Helper()
 	ctx := tbTimeout(t, 30*time.Second)
