@@ -548,11 +548,12 @@ func TestAutoBorderlineTooSlow(t *testing.T) {
 	assert.Less(t, got[len(got)-1].At, 6*sec)
 }
 
-// The 7.2 benchmark's borderline guest in a slow moment (QEMU's dirty rate
-// 24 MiB/s against 29 MiB/s, q = 0.83): the first dirty set is 73 MiB and
-// the geometric prediction to the 100 ms threshold is ~14 s, just under the
-// three full RAM passes (15.5 s) of SlowPasses, so auto used to wait; the
-// peaks then hovered around 50 MiB and it acted at 9.9 s. With q at least
+// Modelled on the 7.2 benchmark's borderline guest in a slow moment (its
+// peaks, 73 MiB then around 50 MiB; QEMU's dirty rate taken as 24 MiB/s
+// against 29 MiB/s, q = 0.83, as such guests read in the re-runs): the
+// geometric prediction to the 100 ms threshold is ~14 s, just under the
+// three full RAM passes (15.5 s) of SlowPasses, so auto used to wait; on
+// real QEMU it acted at 9.9 s. With q at least
 // SlowRatio (0.8) the prediction is too sensitive to wait on: too slow at
 // the first judgement, a 40% throttle (below the link: 1 - 0.5/0.83), or
 // postcopy when permitted.
