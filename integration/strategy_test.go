@@ -143,8 +143,9 @@ func strategyRun(t *testing.T, q *testbed.QEMU, n *testbed.Network, sc strategy.
 
 // tunedSweep starts a QEMU of cfg (its Guest set here) running a sweep
 // guest whose measured rate is within [lo, hi] bytes/s: TCG's speed depends
-// on the host and its load (the spin count for 320 MB/s gave from 2 to 30 ×
-// the 32 MB/s link here), so a guest outside is booted again with its spin
+// on the host and its load (the spin count for 320 MB/s gave 22-30 × the
+// 32 MB/s link on an idle host, and TCG runs at half speed or less on a
+// loaded one), so a guest outside is booted again with its spin
 // count scaled towards target (the rate goes about as 1/spin), up to four
 // boots; the last one is returned whatever its rate.
 func tunedSweep(t *testing.T, q *testbed.QEMU, cfg testbed.Config, target, lo, hi float64) (*testbed.Instance, testbed.SweepGuest, float64) {
