@@ -464,14 +464,21 @@ func (a *auto) judge(r, q, last, bw float64, limit, now time.Duration) (verdict,
 	if q >= flat || ((math.IsNaN(r) || r >= flat) && !nearThreshold(last, bw*limit.Seconds(), q)) {
 		return stuck, inf
 	}
-	rr := shrink(r, q)
+	rr := r
+	if q > 0 {
+		rr = q
+	}
 	thr := bw * limit.Seconds()
 	if nearThreshold(last, thr, q) {
 		// Near the threshold QEMU syncs on every pass check, so the peaks
 		// look flat: what matters is that the dirty rate is below the link.
 		return converging, seconds(last, bw)
 	}
-	pred := geomPred(last, thr, rr, bw)
+	n := 1.0
+	if thr > 0 && last > thr && rr > 0 {
+		n = math.Ceil(math.Log(thr/last) / math.Log(rr))
+	}
+	pred := seconds(last*(1-math.Pow(rr, n))/(1-rr), bw)
 	if b := a.m.lim.Budget; b > 0 && (pred >= b || now+pred > b) {
 		return stuck, pred
 	}
@@ -479,25 +486,6 @@ func (a *auto) judge(r, q, last, bw float64, limit, now time.Duration) (verdict,
 		return slow, pred
 	}
 	return converging, pred
-}
-
-// shrink is the per-pass shrink factor a prediction uses: the measured
-// dirty rate over the throughput (q) when known, else the peaks' ratio r.
-func shrink(r, q float64) float64 {
-	if q > 0 {
-		return q
-	}
-	return r
-}
-
-// geomPred is the time passes shrinking by rr per pass take from last until
-// one fits the switchover threshold thr.
-func geomPred(last, thr, rr, bw float64) time.Duration {
-	n := 1.0
-	if thr > 0 && last > thr && rr > 0 {
-		n = math.Ceil(math.Log(thr/last) / math.Log(rr))
-	}
-	return seconds(last*(1-math.Pow(rr, n))/(1-rr), bw)
 }
 
 // throttleFor computes p = 1 - k×throughput/dirty for the guest's true dirty
@@ -523,7 +511,7 @@ func (a *auto) throttleFor(r, dirty, bw, typical float64, cur int, plateau bool)
 		// pass-long: a guest that rewrites pages within it is faster than
 		// that. Its own rate, measured over a shorter period, says so.
 		trueDirty = a.guestDirty
-		how = fmt.Sprintf("true dirty rate ~%s/s%s, guest dirty rate measured ~%s/s", bytesStr(est/run), src, bytesStr(a.guestDirty))
+		how += fmt.Sprintf(", guest dirty rate measured ~%s/s", bytesStr(a.guestDirty))
 	}
 	q := dirty / bw
 	if !plateau && (math.IsNaN(r) || r >= a.c.FlatRatio || (q >= a.c.FlatRatio && q < saturatedQ)) {
@@ -616,7 +604,7 @@ func (a *auto) slowAfter(bw float64) time.Duration {
 	if a.ram <= 0 || bw <= 0 || !a.dirtyOK {
 		return a.c.MaxConvergeTime
 	}
-	return min(a.c.MaxConvergeTime, mulDur(seconds(a.ram, bw), a.c.SlowPasses))
+	return min(a.c.MaxConvergeTime, mulDur(a.onePassTime(bw), a.c.SlowPasses))
 }
 
 // decide records a lever decision for the settle rule.
