@@ -553,10 +553,9 @@ func TestAutoBorderlineTooSlow(t *testing.T) {
 // against 29 MiB/s, q = 0.83, as such guests read in the re-runs): the
 // geometric prediction to the 100 ms threshold is ~14 s, just under the
 // three full RAM passes (15.5 s) of SlowPasses, so auto used to wait; on
-// real QEMU it acted at 9.9 s. With q at least
-// SlowRatio (0.8) the prediction is too sensitive to wait on: too slow at
-// the first judgement, a 40% throttle (below the link: 1 - 0.5/0.83), or
-// postcopy when permitted.
+// real QEMU it acted at 9.9 s. With q at least SlowRatio (0.8) the
+// prediction is too sensitive to wait on: too slow at the first judgement,
+// a 40% throttle (below the link: 1 - 0.5/0.83), or postcopy when permitted.
 func TestAutoSlowRatio(t *testing.T) {
 	bw, dirty := 29.0*MiB, 24.0*MiB
 	peaks := []uint64{149 * MiB, 73 * MiB, 50 * MiB, 55 * MiB, 43 * MiB, 48 * MiB, 51 * MiB}
@@ -606,9 +605,10 @@ func TestAutoPreludeKeepsVerdict(t *testing.T) {
 
 // The 7.2 benchmark's borderline guest (its final run): QEMU's dirty rate
 // reads 29.4 MiB/s against 30.8 MiB/s (q = 0.95), the 98.5 MiB dirty set of
-// the first pass over its 3.35 s period, while the guest's own measurement
-// (1 s) reads 36 MiB/s: it rewrites pages within the pass, and QEMU's rate
-// counts each once. From QEMU's rate alone auto sized a 48% throttle (below
+// the first pass over its 3.35 s period, while its own measurement (1 s),
+// taken here as 36 MiB/s (a re-run read 34 MiB/s for such a guest), is
+// above the link: it rewrites pages within the pass, and QEMU's rate counts
+// each once. From QEMU's rate alone auto sized a 48% throttle (below
 // the link: 1 - 0.5/0.95), which took two more passes (12.7 s against
 // 10.1 s on 10.0); with the guest's rate, above the link, the throttle is
 // sized for one pass: 1 - 0.125/1.17 = 90%.
