@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -13,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -94,14 +96,24 @@ func startQEMU(tb testing.TB, monitors ...string) []string {
 	return socks
 }
 
+// dialQEMU connects to a QMP socket of startQEMU's. QEMU creates the socket
+// file when it binds it and listens a moment later: a connect in between is
+// refused, so a refusal is retried until the deadline.
 func dialQEMU(tb testing.TB, sock string, opts ...qmp.Option) *qmp.Client {
 	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	c, err := qmp.Dial(ctx, "unix", sock, opts...)
-	require.NoError(tb, err)
-	tb.Cleanup(func() { c.Close() })
-	return c
+	for {
+		c, err := qmp.Dial(ctx, "unix", sock, opts...)
+		if err == nil {
+			tb.Cleanup(func() { c.Close() })
+			return c
+		}
+		if !errors.Is(err, syscall.ECONNREFUSED) || ctx.Err() != nil {
+			require.NoError(tb, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 func ctxT(t *testing.T) context.Context {
