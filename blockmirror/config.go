@@ -42,6 +42,16 @@ type Config struct {
 	// Shared are node names on storage both hosts see; they are never
 	// mirrored and may not appear in Disks.
 	Shared []string
+	// TLSCreds encrypts the NBD connections with QEMU's TLS: the id of a
+	// tls-creds object that exists on both QEMUs, its server end on the
+	// destination (nbd-server-start) and its client end on the source (the
+	// NBD client nodes), as the engine makes them for transport.TLS. ""
+	// is plain NBD.
+	TLSCreds string
+	// TLSHostname is the name the destination's x509 certificate must
+	// carry (the NBD client's tls-hostname); "" means the host of a tcp
+	// NBD address. A unix NBD address with x509 credentials needs it.
+	TLSHostname string
 	// Logger receives progress and clean-up messages; nil discards.
 	Logger *slog.Logger
 }
@@ -119,6 +129,9 @@ func (c Config) Validate() error {
 		if _, err := parseNBDAddress(c.NBDAddress); err != nil {
 			return err
 		}
+	}
+	if c.TLSHostname != "" && c.TLSCreds == "" {
+		return fmt.Errorf("%w: TLSHostname set without TLSCreds", ErrPreflight)
 	}
 	if c.TargetDir != "" && !c.CreateTargets {
 		return fmt.Errorf("%w: TargetDir set without CreateTargets", ErrPreflight)

@@ -114,9 +114,14 @@ func (s *Session) start(ctx context.Context) error {
 	prefix := s.jobPrefix()
 	s.sub = s.src.Subscribe(qmp.EventFilter{Names: jobEvents, Match: func(e qmp.Event) bool { return strings.HasPrefix(e.Field("device"), prefix) }})
 	for _, d := range s.disks {
-		if err := s.src.BlockdevAdd(ctx, map[string]any{
-			"driver": "nbd", "node-name": d.nbdNode, "server": s.addr.client(), "export": d.export,
-		}); err != nil {
+		node := map[string]any{"driver": "nbd", "node-name": d.nbdNode, "server": s.addr.client(), "export": d.export}
+		if s.cfg.TLSCreds != "" {
+			node["tls-creds"] = s.cfg.TLSCreds
+			if s.cfg.TLSHostname != "" {
+				node["tls-hostname"] = s.cfg.TLSHostname
+			}
+		}
+		if err := s.src.BlockdevAdd(ctx, node); err != nil {
 			return fmt.Errorf("blockmirror: source NBD client for %s at %s: %w", d.name, s.addr, err)
 		}
 		d.nbdAdded = true
@@ -143,7 +148,7 @@ func (s *Session) startServer(ctx context.Context) error {
 	}
 	var err error
 	for i := 0; i < tries; i++ {
-		if err = s.dst.NBDServerStart(ctx, s.addr.server(), ""); err == nil {
+		if err = s.dst.NBDServerStart(ctx, s.addr.server(), s.cfg.TLSCreds); err == nil {
 			s.serverStarted = true
 			s.log.Debug("destination NBD server started", "addr", s.addr.String())
 			return nil

@@ -489,3 +489,32 @@ func TestCreateTargets(t *testing.T) {
 	assert.Contains(t, err.Error(), "Permission denied")
 	nothingLeft(t, src, dst)
 }
+
+// With TLS credentials the NBD server and every NBD client node use them:
+// the server end on the destination, the client end (and the host name the
+// certificate must carry) on the source.
+func TestTLSCredentials(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name, host string
+	}{{"x509 with a host name", "dst.example"}, {"without a host name", ""}} {
+		t.Run(tc.name, func(t *testing.T) {
+			src, dst := pair(t)
+			s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{Disks: []string{"disk0"}, TLSCreds: "creds0", TLSHostname: tc.host}, uri)
+			require.NoError(t, err)
+			assert.Equal(t, "creds0", dst.args("nbd-server-start", 0)["tls-creds"])
+			add := src.args("blockdev-add", 0)
+			assert.Equal(t, "creds0", add["tls-creds"])
+			if tc.host != "" {
+				assert.Equal(t, tc.host, add["tls-hostname"])
+			} else {
+				assert.NotContains(t, add, "tls-hostname", "QEMU takes the tcp address's host")
+			}
+			require.NoError(t, s.Abort(ctx))
+			nothingLeft(t, src, dst)
+		})
+	}
+	err := Config{TLSHostname: "dst.example"}.Validate()
+	require.ErrorIs(t, err, ErrPreflight)
+	assert.Contains(t, err.Error(), "TLSHostname set without TLSCreds")
+}

@@ -9,6 +9,7 @@ import (
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/strategy"
+	"github.com/qmigrate/qmigrate/transport"
 )
 
 // Endpoint names one QEMU's QMP monitor: either an address the engine dials
@@ -54,6 +55,17 @@ type Config struct {
 	// within the downtime at switchover. It may not be combined with
 	// Strategy.Limits.NoWriteBlocking.
 	Storage *blockmirror.Config
+
+	// TLS, when non-nil, encrypts the migration stream (and the mirrors'
+	// NBD connections of a storage migration) with QEMU's own TLS: the
+	// engine creates the credentials objects on both QEMUs from the
+	// folders named there (QEMU reads them on its own host; a file that is
+	// missing or refused fails the prepare phase as bad input), sets
+	// tls-creds, tls-hostname and tls-authz, and removes all of it again
+	// when the migration ends, completed or rolled back. Without TLS a
+	// tls-creds left set by an earlier run is cleared for this migration
+	// (and restored after a rollback).
+	TLS *transport.TLS
 
 	// PollInterval is how often query-migrate is polled during converge
 	// (MIGRATION and MIGRATION_PASS events wake the loop earlier). 0 = 200ms.

@@ -66,6 +66,7 @@ func (r *run) complete(ctx context.Context) error {
 		r.resumeAt = time.Time{}
 		r.waitResume(wctx, true)
 	}
+	r.finishTLS(ctx)
 	if r.ch.Scheme == transport.Unix {
 		if err := transport.RemoveSocket(r.ch); err != nil {
 			r.log.Debug("remove migration socket", "err", err)

@@ -73,6 +73,15 @@ func (c Config) Validate() error {
 	if c.MultifdChannels < 0 || c.MultifdChannels > MaxMultifdChannels {
 		return bad("MultifdChannels", "%d out of range 0..%d", c.MultifdChannels, MaxMultifdChannels)
 	}
+	if c.TLS != nil {
+		if err := c.TLS.Validate(ch); err != nil {
+			return fmt.Errorf("%w: %w", ErrInvalidConfig, err) // it names the field
+		}
+		if c.Storage != nil && c.TLS.Kind != transport.TLSPSK && c.TLS.Hostname == "" && strings.HasPrefix(c.Storage.NBDAddress, "unix:") {
+			return fmt.Errorf("%w: TLS.Hostname: the NBD server %s is a unix socket, with no host name to check the destination's certificate against: %w",
+				ErrInvalidConfig, c.Storage.NBDAddress, transport.ErrBadTLS)
+		}
+	}
 	if c.PollInterval < 0 {
 		return bad("PollInterval", "negative (%v)", c.PollInterval)
 	}

@@ -82,7 +82,8 @@ type run struct {
 	dstSub           *qmp.Subscription
 
 	prevSC, prevDC map[string]bool          // capabilities as they were, for those we changed
-	prevSP         *qmp.MigrationParameters // the source's parameters as they were (throttleParams)
+	prevSP, prevDP *qmp.MigrationParameters // each side's parameters as they were (throttleParams, dropTLS)
+	tlsID          string                   // the TLS credentials objects' id (Config.TLS), "" without TLS
 
 	undo []undoStep
 

@@ -97,6 +97,9 @@ func (r *run) prepare(ctx context.Context) error {
 		return r.badInput(SideDestination, "check capabilities", err)
 	}
 	// From here on things change on the QEMUs.
+	if err := r.addTLS(ctx); err != nil {
+		return err
+	}
 	if r.cfg.Storage != nil {
 		if err := r.startStorage(ctx); err != nil {
 			return err
@@ -330,7 +333,7 @@ type sideConfig struct {
 // on each side the two sets, then the two read-backs, are in flight together
 // (capabilities and parameters are independent in QEMU).
 func (r *run) configure(ctx context.Context, si, di *sideInfo, srcCaps, dstCaps map[string]bool) error {
-	r.prevSP = si.params
+	r.prevSP, r.prevDP = si.params, di.params
 	var sp qmp.MigrationParameters
 	sp.MaxBandwidth = qmp.Ptr(r.cfg.bandwidth())
 	if d := r.setup.DowntimeLimit; d > 0 {
@@ -343,9 +346,10 @@ func (r *run) configure(ctx context.Context, si, di *sideInfo, srcCaps, dstCaps 
 	mf.Parameters(&sp)
 	var dp qmp.MigrationParameters
 	mf.Parameters(&dp)
+	r.tlsParameters(&sp, &dp, si.params, di.params)
 	src := &sideConfig{side: SideSource, caps: capChanges(si.caps, srcCaps, r.prevSC), params: &sp, prev: si.params}
 	dst := &sideConfig{side: SideDestination, caps: capChanges(di.caps, dstCaps, r.prevDC), prev: di.params}
-	if dp.MultifdChannels != nil {
+	if dp != (qmp.MigrationParameters{}) {
 		dst.params = &dp
 	}
 	var wg sync.WaitGroup
@@ -395,7 +399,7 @@ func (r *run) configure(ctx context.Context, si, di *sideInfo, srcCaps, dstCaps 
 	}
 	// Keep the downtime limit in force.
 	r.downtimeLimit = src.gotParams.DowntimeLimitDuration()
-	if dst.params != nil && *dst.gotParams.MultifdChannels != *src.gotParams.MultifdChannels {
+	if dp.MultifdChannels != nil && *dst.gotParams.MultifdChannels != *src.gotParams.MultifdChannels {
 		return r.errorf(SideDestination, "check parameters", fmt.Errorf("multifd-channels %d on the destination, %d on the source", *dst.gotParams.MultifdChannels, *src.gotParams.MultifdChannels))
 	}
 	return nil
@@ -507,6 +511,15 @@ func restoreParams(p qmp.MigrationParameters, prev *qmp.MigrationParameters) qmp
 	if p.MultifdChannels != nil {
 		out.MultifdChannels = prev.MultifdChannels
 	}
+	if p.TLSCreds != nil {
+		out.TLSCreds = orEmpty(prev.TLSCreds)
+	}
+	if p.TLSHostname != nil {
+		out.TLSHostname = orEmpty(prev.TLSHostname)
+	}
+	if p.TLSAuthz != nil {
+		out.TLSAuthz = orEmpty(prev.TLSAuthz)
+	}
 	return out
 }
 
@@ -523,6 +536,12 @@ func paramsMatch(want qmp.MigrationParameters, got *qmp.MigrationParameters) err
 		}
 		return nil
 	}
+	chkS := func(name string, w, g *string) error {
+		if w != nil && (g == nil || *g != *w) {
+			return fmt.Errorf("%s reads %s after setting it to %q", name, fmtPtr(g), *w)
+		}
+		return nil
+	}
 	return errors.Join(
 		chk("max-bandwidth", want.MaxBandwidth, got.MaxBandwidth),
 		chk("downtime-limit", want.DowntimeLimit, got.DowntimeLimit),
@@ -531,6 +550,9 @@ func paramsMatch(want qmp.MigrationParameters, got *qmp.MigrationParameters) err
 		chkI("cpu-throttle-increment", want.CPUThrottleIncrement, got.CPUThrottleIncrement),
 		chkI("max-cpu-throttle", want.MaxCPUThrottle, got.MaxCPUThrottle),
 		chkI("throttle-trigger-threshold", want.ThrottleTriggerThreshold, got.ThrottleTriggerThreshold),
+		chkS("tls-creds", want.TLSCreds, got.TLSCreds),
+		chkS("tls-hostname", want.TLSHostname, got.TLSHostname),
+		chkS("tls-authz", want.TLSAuthz, got.TLSAuthz),
 	)
 }
 
@@ -567,6 +589,14 @@ func paramString(p qmp.MigrationParameters) string {
 	}
 	if p.CPUThrottleTailslow != nil {
 		add("cpu-throttle-tailslow", *p.CPUThrottleTailslow)
+	}
+	for _, f := range []struct {
+		name string
+		v    *string
+	}{{"tls-creds", p.TLSCreds}, {"tls-hostname", p.TLSHostname}, {"tls-authz", p.TLSAuthz}} {
+		if f.v != nil {
+			add(f.name, fmt.Sprintf("%q", *f.v))
+		}
 	}
 	if s == "" {
 		return "{}"
@@ -605,7 +635,11 @@ func (r *run) throttleParams(p *qmp.MigrationParameters, t strategy.Throttle) {
 // startStorage starts the mirrors (blockmirror preflights first: its
 // preflight errors are bad input) and pushes their abort.
 func (r *run) startStorage(ctx context.Context) error {
-	s, err := blockmirror.Start(ctx, r.src, r.dst, r.srcF, r.dstF, *r.cfg.Storage, r.ch.String())
+	cfg := *r.cfg.Storage
+	if t := r.cfg.TLS; t != nil {
+		cfg.TLSCreds, cfg.TLSHostname = r.tlsID, t.Hostname
+	}
+	s, err := blockmirror.Start(ctx, r.src, r.dst, r.srcF, r.dstF, cfg, r.ch.String())
 	if err != nil {
 		if ctx.Err() != nil {
 			return r.cancelled(ctx, "start mirrors")

@@ -47,6 +47,11 @@ type Options struct {
 	// DstFailsLoad makes the destination fail loading the end of the
 	// stream and exit, after the source completed.
 	DstFailsLoad bool
+	// RefuseObject makes object-add fail with this error text on the
+	// side given by RefuseObjectSide (0 source, 1 destination), as QEMU
+	// refuses TLS credentials whose files are missing.
+	RefuseObject     string
+	RefuseObjectSide int
 }
 
 // LateCancel is an ending of a migrate_cancel that lands during the
@@ -152,10 +157,11 @@ type Pair struct {
 }
 
 type vm struct {
-	srv    *qmptest.Server
-	run    string
-	caps   map[string]bool
-	params map[string]any
+	srv     *qmptest.Server
+	run     string
+	caps    map[string]bool
+	params  map[string]any
+	objects map[string]map[string]any // object-add arguments by id
 }
 
 func capNames() []string {
@@ -175,10 +181,11 @@ func New(opt Options) *Pair {
 		dstStatus: qmp.StatusNone,
 	}
 	for i, srv := range []*qmptest.Server{p.Src, p.Dst} {
-		m := &vm{srv: srv, caps: map[string]bool{}, params: map[string]any{
+		m := &vm{srv: srv, caps: map[string]bool{}, objects: map[string]map[string]any{}, params: map[string]any{
 			"max-bandwidth": uint64(134217728), "downtime-limit": uint64(300), "multifd-channels": 2,
 			"cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "max-cpu-throttle": 99,
 			"throttle-trigger-threshold": 50, "cpu-throttle-tailslow": false,
+			"tls-creds": "", "tls-hostname": "", "tls-authz": "",
 		}}
 		for _, c := range capNames() {
 			m.caps[c] = false
@@ -300,6 +307,42 @@ func (p *Pair) Param(side int, name string) any {
 	return p.side[side].params[name]
 }
 
+// tlsMismatch is the error-desc of a TLS handshake that cannot work: a
+// side whose tls-creds names no object of its own with the right endpoint,
+// or one side with TLS and the other without ("" when they match).
+func (p *Pair) tlsMismatch() string {
+	var creds [2]string
+	for i, end := range []string{"client", "server"} {
+		m := p.side[i]
+		creds[i], _ = m.params["tls-creds"].(string)
+		if creds[i] == "" {
+			continue
+		}
+		o, ok := m.objects[creds[i]]
+		if !ok {
+			return fmt.Sprintf("No TLS credentials with id '%s'", creds[i])
+		}
+		if o["endpoint"] != end {
+			return fmt.Sprintf("Expecting TLS credentials with a %s endpoint", end)
+		}
+	}
+	if (creds[0] == "") != (creds[1] == "") {
+		return "Unable to read from socket: Connection reset by peer"
+	}
+	return ""
+}
+
+// Objects returns the object-add arguments of one side's objects, by id.
+func (p *Pair) Objects(side int) map[string]map[string]any {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := map[string]map[string]any{}
+	for id, o := range p.side[side].objects {
+		out[id] = o
+	}
+	return out
+}
+
 // CancelsInPostcopy counts migrate_cancel received during postcopy.
 func (p *Pair) CancelsInPostcopy() int { p.mu.Lock(); defer p.mu.Unlock(); return p.cancelInPostcopy }
 
@@ -382,6 +425,34 @@ func (p *Pair) install(i int) {
 		return nil, nil
 	})
 	h("query-migrate-parameters", func(json.RawMessage) (any, error) { return m.params, nil })
+	h("object-add", func(args json.RawMessage) (any, error) {
+		var a map[string]any
+		if err := json.Unmarshal(args, &a); err != nil {
+			return nil, err
+		}
+		id, _ := a["id"].(string)
+		if _, dup := m.objects[id]; dup {
+			return nil, errGeneric(fmt.Sprintf("attempt to add duplicate property '%s' to object (type 'container')", id))
+		}
+		if p.opt.RefuseObject != "" && p.opt.RefuseObjectSide == i {
+			return nil, errGeneric(p.opt.RefuseObject)
+		}
+		m.objects[id] = a
+		return nil, nil
+	})
+	h("object-del", func(args json.RawMessage) (any, error) {
+		var a struct {
+			ID string `json:"id"`
+		}
+		if err := json.Unmarshal(args, &a); err != nil {
+			return nil, err
+		}
+		if _, ok := m.objects[a.ID]; !ok {
+			return nil, errGeneric(fmt.Sprintf("object '%s' not found", a.ID))
+		}
+		delete(m.objects, a.ID)
+		return nil, nil
+	})
 	h("migrate-set-parameters", func(args json.RawMessage) (any, error) {
 		var a map[string]json.RawMessage
 		if err := json.Unmarshal(args, &a); err != nil {
@@ -412,6 +483,12 @@ func (p *Pair) install(i int) {
 				var v bool
 				if err := json.Unmarshal(raw, &v); err != nil {
 					return nil, errGeneric("Parameter '" + k + "' expects bool")
+				}
+				m.params[k] = v
+			case string:
+				var v string
+				if err := json.Unmarshal(raw, &v); err != nil {
+					return nil, errGeneric("Parameter '" + k + "' expects string")
 				}
 				m.params[k] = v
 			}
@@ -874,6 +951,10 @@ func (p *Pair) step(dt float64) bool {
 		if p.opt.FailWith != "" {
 			return fail(p.opt.FailWith)
 		}
+		if desc := p.tlsMismatch(); desc != "" {
+			p.dstExit()
+			return fail(desc)
+		}
 		if p.errDesc != "" {
 			p.dstExit()
 			return fail(p.errDesc)
@@ -1041,7 +1122,8 @@ func (p *Pair) schema(side int) []map[string]any {
 	}
 	cmds := []string{"query-status", "query-migrate", "migrate-set-capabilities", "migrate-set-parameters",
 		"query-migrate-capabilities", "query-migrate-parameters", "migrate", "migrate-incoming", "migrate_cancel",
-		"migrate-continue", "migrate-start-postcopy", "stop", "cont", "query-uuid", "qom-get", "query-memory-size-summary"}
+		"migrate-continue", "migrate-start-postcopy", "stop", "cont", "query-uuid", "qom-get", "query-memory-size-summary",
+		"object-add", "object-del"}
 	cmds = append(cmds, p.blockCommands()...)
 	out := []map[string]any{
 		{"name": "migrate-set-capabilities", "meta-type": "command", "arg-type": "0", "ret-type": "1"},
