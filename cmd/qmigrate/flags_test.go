@@ -14,6 +14,7 @@ import (
 
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/strategy"
+	"github.com/qmigrate/qmigrate/transport"
 )
 
 func TestParseByteSize(t *testing.T) {
@@ -377,4 +378,53 @@ func TestWriteBlockingDecisionRendered(t *testing.T) {
 	var out bytes.Buffer
 	newJSONRenderer(&out).Event(engine.Event{Kind: engine.EventDecision, Elapsed: 3 * time.Second, Decision: &d})
 	assert.JSONEq(t, `{"type":"decision","elapsed_ms":3000,"action":"write-blocking","reason":"auto: disk mirrors never READY"}`, out.String())
+}
+
+func TestTLSFlags(t *testing.T) {
+	parse := func(args ...string) (engine.Config, error) {
+		var o migrateOptions
+		require.NoError(t, parseFlags(o.flagSet(), append([]string{"--src", "unix:/a", "--dst", "unix:/b"}, args...)))
+		return o.config()
+	}
+	cfg, err := parse("--uri", "tcp:10.0.0.2:0", "--tls-x509", "/etc/pki/qemu", "--tls-authz", "auth0")
+	require.NoError(t, err)
+	assert.Equal(t, &transport.TLS{Kind: transport.TLSX509, Dir: "/etc/pki/qemu", Authz: "auth0"}, cfg.TLS)
+
+	cfg, err = parse("--uri", "unix:/run/m.sock", "--tls-x509=/pki", "--tls-hostname", "dst.example", "--copy-storage")
+	require.NoError(t, err)
+	assert.Equal(t, &transport.TLS{Kind: transport.TLSX509, Dir: "/pki", Hostname: "dst.example"}, cfg.TLS)
+
+	cfg, err = parse("--uri", "unix:/run/m.sock", "--tls-psk", "/pki/psk", "--tls-psk-user", "mig")
+	require.NoError(t, err)
+	assert.Equal(t, &transport.TLS{Kind: transport.TLSPSK, Dir: "/pki/psk", Username: "mig"}, cfg.TLS)
+
+	cfg, err = parse("--uri", "unix:/run/m.sock")
+	require.NoError(t, err)
+	assert.Nil(t, cfg.TLS)
+}
+
+func TestTLSFlagErrorsExit2(t *testing.T) {
+	base := []string{"migrate", "--src", "unix:/a", "--dst", "unix:/b"}
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"both kinds", []string{"--uri", "tcp:h:1", "--tls-x509", "/p", "--tls-psk", "/q"}, "--tls-x509 and --tls-psk exclude each other"},
+		{"hostname alone", []string{"--uri", "tcp:h:1", "--tls-hostname", "h"}, "--tls-hostname needs --tls-x509 or --tls-psk"},
+		{"authz alone", []string{"--uri", "tcp:h:1", "--tls-authz", "a"}, "--tls-authz needs --tls-x509 or --tls-psk"},
+		{"psk user with x509", []string{"--uri", "tcp:h:1", "--tls-x509", "/p", "--tls-psk-user", "u"}, "--tls-psk-user goes with --tls-psk"},
+		{"hostname with psk", []string{"--uri", "tcp:h:1", "--tls-psk", "/p", "--tls-hostname", "h"}, "--tls-hostname goes with --tls-x509"},
+		{"relative folder", []string{"--uri", "tcp:h:1", "--tls-x509", "pki"}, `--tls-x509 "pki": not an absolute path`},
+		{"x509 over unix", []string{"--uri", "unix:/m.sock", "--tls-x509", "/p"}, "--tls-x509 with --uri unix:/m.sock needs --tls-hostname"},
+		{"x509 with a unix NBD server", []string{"--uri", "tcp:h:1", "--tls-x509", "/p", "--copy-storage", "--nbd", "unix:/n.sock"}, "--tls-x509 with --nbd unix:/n.sock needs --tls-hostname"},
+		{"psk user with a colon", []string{"--uri", "tcp:h:1", "--tls-psk", "/p", "--tls-psk-user", "a:b"}, "TLS.Username"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, stdout, stderr := runCLI(t, append(base, tc.args...)...)
+			assert.Equal(t, exitUsage, code)
+			assert.Empty(t, stdout)
+			assert.Contains(t, stderr, tc.want)
+		})
+	}
 }

@@ -110,6 +110,7 @@ type migrateOptions struct {
 	disks         stringList
 	nbd           string
 	writeBlocking bool
+	tls           tlsOptions
 }
 
 func (o *migrateOptions) flagSet() *flag.FlagSet {
@@ -123,6 +124,7 @@ func (o *migrateOptions) flagSet() *flag.FlagSet {
 	fs.Var(&o.disks, "disk", "migrate the disk of block `NODE` (repeatable, or comma-separated); implies --copy-storage for just those nodes")
 	fs.StringVar(&o.nbd, "nbd", "", "`ADDR` of the NBD server the destination starts for the disks: unix:/path or tcp:host:port (default: derived from --uri)")
 	fs.BoolVar(&o.writeBlocking, "write-blocking", false, "start the disk mirrors in write-blocking mode: guest writes complete only once they reached the destination, so the disks converge under any write load, at the price of write latency (on QEMU 8.2+ the auto policy switches a mirror that does not converge by itself; needs --copy-storage or --disk)")
+	o.tls.register(fs)
 	return fs
 }
 
@@ -170,6 +172,11 @@ func (o *migrateOptions) config() (engine.Config, error) {
 	if o.copyStorage || len(o.disks) > 0 {
 		cfg.Storage = &blockmirror.Config{Disks: append([]string(nil), o.disks...), NBDAddress: o.nbd, WriteBlocking: o.writeBlocking}
 	}
+	t, err := o.tls.config(o.uri, o.nbd)
+	if err != nil {
+		return engine.Config{}, err
+	}
+	cfg.TLS = t
 	return cfg, nil
 }
 
@@ -233,7 +240,8 @@ EXIT STATUS
      runs is unknown (said so)
   2  bad usage or bad input: a bad flag, an address that cannot be reached or
      does not answer QMP within --connect-timeout, a destination not started
-     with -incoming defer, different RAM sizes, a disk that cannot be mirrored
+     with -incoming defer, different RAM sizes, a disk that cannot be mirrored,
+     TLS credentials a QEMU cannot load (a file missing on its host)
 
 SIGNALS
   SIGINT or SIGTERM cancels: the migration is rolled back, status
@@ -244,6 +252,8 @@ EXAMPLES
       --uri tcp:10.0.0.2:4444 --max-downtime 500ms --bandwidth 1GiB --timeout 5m
   qmigrate migrate --src tcp:10.0.0.1:4000 --dst tcp:10.0.0.2:4000 \
       --uri tcp:10.0.0.2:0 --copy-storage --json
+  qmigrate migrate --src unix:/run/vm1-src.qmp --dst tcp:10.0.0.2:4000 \
+      --uri tcp:10.0.0.2:0 --tls-x509 /etc/pki/qemu --copy-storage
 `
 
 // printFlags lists the flags as --name, one dash-pair per line, in the
@@ -305,7 +315,8 @@ func migrateFlagOrder() []string {
 	return []string{
 		"src", "dst", "uri", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
 		"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "copy-storage", "disk", "nbd",
-		"write-blocking", "connect-timeout", "unresponsive-timeout", "json", "verbose",
+		"write-blocking", "tls-x509", "tls-psk", "tls-psk-user", "tls-hostname", "tls-authz",
+		"connect-timeout", "unresponsive-timeout", "json", "verbose",
 	}
 }
 
@@ -364,8 +375,8 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	defer dst.Close()
 	cfg.Source.Client, cfg.Destination.Client = src, dst
 
-	r.Message(fmt.Sprintf("migrating %s -> %s over %s (policy %s, max downtime %s, bandwidth %s)", o.src, o.dst, o.uri,
-		cfg.Strategy.Policy, formatDuration(cfg.Strategy.Limits.MaxDowntime), o.bandwidth.rate()))
+	r.Message(fmt.Sprintf("migrating %s -> %s over %s%s (policy %s, max downtime %s, bandwidth %s)", o.src, o.dst, o.uri,
+		o.tls.describe(), cfg.Strategy.Policy, formatDuration(cfg.Strategy.Limits.MaxDowntime), o.bandwidth.rate()))
 	res, err := engine.Migrate(ctx, cfg)
 	return finish(r, stderr, resultOf(res, err), nil)
 }
