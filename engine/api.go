@@ -61,7 +61,9 @@ type Config struct {
 	// engine creates the credentials objects on both QEMUs from the
 	// folders named there (QEMU reads them on its own host; a file that is
 	// missing or refused fails the prepare phase as bad input), sets
-	// tls-creds, tls-hostname and tls-authz, and removes all of it again
+	// tls-creds and tls-hostname (and tls-authz when TLS.Authz is set; an
+	// authorization the destination has is otherwise left in force), and
+	// removes all of it again
 	// when the migration ends, completed or rolled back. Without TLS a
 	// tls-creds left set by an earlier run is cleared for this migration
 	// (and restored after a rollback).

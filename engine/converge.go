@@ -314,7 +314,7 @@ func (r *run) converge(ctx context.Context) error {
 			if r.dst.Err() != nil {
 				return r.dstGone("incoming migration: source reports " + info.ErrorDesc)
 			}
-			return r.errorf(SideSource, "migrate", fmt.Errorf("%w: %s", ErrMigrationFailed, orUnknown(info.ErrorDesc)))
+			return r.errorf(SideSource, "migrate", fmt.Errorf("%w: %s%s", ErrMigrationFailed, orUnknown(info.ErrorDesc), r.tlsHint(info)))
 		case s == qmp.StatusCancelled || s == qmp.StatusCancelling:
 			return r.errorf(SideSource, "migrate", fmt.Errorf("%w: cancelled outside the engine (status %s)", ErrMigrationFailed, s))
 		case s.Postcopy():

@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 
 	"github.com/qmigrate/qmigrate/qmp"
@@ -56,8 +57,8 @@ func (r *run) addTLS(ctx context.Context) error {
 	return nil
 }
 
-// tlsParams are the TLS parameters of side as they were before the
-// migration ("" where unknown): what dropTLS sets back.
+// tlsParams are the TLS parameters the engine set on side, as they were
+// before the migration ("" where unknown): what dropTLS sets back.
 func (r *run) tlsParams(side Side) qmp.MigrationParameters {
 	prev := r.prevSP
 	if side == SideDestination {
@@ -69,7 +70,7 @@ func (r *run) tlsParams(side Side) qmp.MigrationParameters {
 	p := qmp.MigrationParameters{TLSCreds: orEmpty(prev.TLSCreds)}
 	if side == SideSource {
 		p.TLSHostname = orEmpty(prev.TLSHostname)
-	} else {
+	} else if r.cfg.TLS != nil && r.cfg.TLS.Authz != "" {
 		p.TLSAuthz = orEmpty(prev.TLSAuthz)
 	}
 	return p
@@ -127,7 +128,14 @@ func (r *run) finishTLS(ctx context.Context) {
 func (r *run) tlsParameters(sp, dp *qmp.MigrationParameters, sprev, dprev *qmp.MigrationParameters) {
 	if t := r.cfg.TLS; t != nil {
 		sp.TLSCreds, sp.TLSHostname = qmp.Ptr(r.tlsID), qmp.Ptr(t.Hostname)
-		dp.TLSCreds, dp.TLSAuthz = qmp.Ptr(r.tlsID), qmp.Ptr(t.Authz)
+		dp.TLSCreds = qmp.Ptr(r.tlsID)
+		if t.Authz != "" {
+			// Only when asked for: QEMU 7.2 takes an empty tls-authz for
+			// the id of an authorization object, finds none and refuses
+			// every x509 client; and an authorization the destination's
+			// manager set is left in force.
+			dp.TLSAuthz = qmp.Ptr(t.Authz)
+		}
 		return
 	}
 	for _, p := range []struct{ set, prev *qmp.MigrationParameters }{{sp, sprev}, {dp, dprev}} {
@@ -142,4 +150,21 @@ func orEmpty(s *string) *string {
 		return qmp.Ptr("")
 	}
 	return qmp.Ptr(*s)
+}
+
+// tlsHint explains a TLS migration that failed on the source with a
+// connection error before anything was sent: a destination that refuses
+// the source's certificate (another CA, its tls-authz) closes the
+// connection, and QEMU puts the reason only in the destination's log.
+func (r *run) tlsHint(info *qmp.MigrationInfo) string {
+	if r.cfg.TLS == nil || (info.RAM != nil && info.RAM.Transferred > 0) {
+		return ""
+	}
+	d := info.ErrorDesc
+	for _, s := range []string{"TLS channel", "Connection reset by peer", "Broken pipe"} {
+		if strings.Contains(d, s) {
+			return " (over TLS: a destination that refuses the source's credentials, or its tls-authz, closes the connection and gives its reason only in the destination QEMU's log)"
+		}
+	}
+	return ""
 }

@@ -76,6 +76,7 @@ func TestTLSX509Completes(t *testing.T) {
 		assert.Equal(t, map[string]any{"qom-type": "tls-creds-x509", "id": did, "dir": "/etc/pki/qemu", "endpoint": "server", "verify-peer": true}, do)
 		assert.Equal(t, map[string]any{"tls-creds": sid, "tls-hostname": "dst.example", "tls-authz": ""}, s.params[0])
 		assert.Equal(t, map[string]any{"tls-creds": did, "tls-hostname": "", "tls-authz": "auth0"}, s.params[1])
+		assert.Equal(t, "", p.Param(1, "tls-authz"), "authorization restored")
 
 		assertNoTLSLeft(t, p)
 		assert.Equal(t, "", p.Param(0, "tls-hostname"))
@@ -211,6 +212,26 @@ func TestTLSConfigRefused(t *testing.T) {
 			assert.ErrorIs(t, err, engine.ErrInvalidConfig)
 			assert.ErrorIs(t, err, transport.ErrBadTLS)
 			assert.Contains(t, err.Error(), tc.want)
+		})
+	}
+}
+
+// A TLS migration cut by the destination before anything was sent gets a
+// hint where its reason is; the same error without TLS does not.
+func TestTLSFailureHint(t *testing.T) {
+	for _, withTLS := range []bool{true, false} {
+		synctest.Test(t, func(t *testing.T) {
+			_, cfg := pair(t, fakevm.Options{FailWith: "Cannot write to TLS channel: Input/output error"})
+			if withTLS {
+				cfg.TLS = &transport.TLS{Dir: "/etc/pki/qemu", Hostname: "dst.example"}
+			}
+			_, err := engine.Migrate(t.Context(), cfg)
+			require.ErrorIs(t, err, engine.ErrMigrationFailed)
+			if withTLS {
+				assert.Contains(t, err.Error(), "the destination QEMU's log")
+			} else {
+				assert.NotContains(t, err.Error(), "TLS:")
+			}
 		})
 	}
 }
