@@ -15,6 +15,7 @@ import (
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/guest/sweep"
 	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/transport"
 )
 
 // demoOptions are the flags of "qmigrate demo".
@@ -24,7 +25,11 @@ type demoOptions struct {
 	dirtyRate   byteSize
 	spin        int64 // -1: derive from dirtyRate
 	copyStorage bool
+	tls         bool
 }
+
+// demoTLSHost is the host name the demo's throwaway certificate carries.
+const demoTLSHost = "qmigrate-demo.test"
 
 // demoDisk is the drive id of the sweep guest's boot disk (testbed.SweepGuest).
 const demoDisk = "sweep0"
@@ -41,6 +46,7 @@ func (o *demoOptions) flagSet() *flag.FlagSet {
 	fs.Var(&o.dirtyRate, "dirty-rate", "how fast the guest dirties its memory, bytes per second (`rate`, as --bandwidth; approximate, TCG speed varies)")
 	fs.Int64Var(&o.spin, "spin", -1, "set the guest's busy-wait per page directly (`N` iterations, 0: as fast as it can); overrides --dirty-rate")
 	fs.BoolVar(&o.copyStorage, "copy-storage", false, "also mirror the guest's boot disk to the destination over NBD, as between hosts without shared storage")
+	fs.BoolVar(&o.tls, "tls", false, "encrypt the migration stream (and, with --copy-storage, the disk mirror) with QEMU's TLS, using x509 certificates made for the demo (a throwaway CA)")
 	o.limitOptions.register(fs)
 	return fs
 }
@@ -48,7 +54,7 @@ func (o *demoOptions) flagSet() *flag.FlagSet {
 // demoFlagOrder lists the flags in the order the help shows them.
 func demoFlagOrder() []string {
 	return []string{
-		"qemu", "dirty-rate", "spin", "copy-storage", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
+		"qemu", "dirty-rate", "spin", "copy-storage", "tls", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
 		"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "connect-timeout", "unresponsive-timeout", "json", "verbose",
 	}
 }
@@ -137,6 +143,7 @@ type demo struct {
 	stdout, stderr io.Writer
 	r              renderer
 	src, dst       *testbed.Instance
+	tlsDir         string // the throwaway certificates (--tls), removed by cleanup
 }
 
 func (d *demo) say(format string, args ...any) { d.r.Message(fmt.Sprintf(format, args...)) }
@@ -164,7 +171,15 @@ func (d *demo) run(ctx context.Context) (code int) {
 	if cfg.Storage != nil {
 		what = "the guest and its disk"
 	}
-	d.say("migrating %s live over %s (policy %s, max downtime %s, bandwidth %s)", what, cfg.URI,
+	over := cfg.URI
+	if d.opts.tls {
+		if err := d.makeCerts(); err != nil {
+			return fail(err)
+		}
+		cfg.TLS = &transport.TLS{Kind: transport.TLSX509, Dir: d.tlsDir, Hostname: demoTLSHost}
+		over += " with TLS"
+	}
+	d.say("migrating %s live over %s (policy %s, max downtime %s, bandwidth %s)", what, over,
 		cfg.Strategy.Policy, formatDuration(cfg.Strategy.Limits.MaxDowntime), d.opts.bandwidth.rate())
 	res, err := engine.Migrate(ctx, cfg)
 	result := resultOf(res, err)
@@ -261,9 +276,27 @@ func (d *demo) config() engine.Config {
 	}
 }
 
+// makeCerts writes a throwaway CA and the certificates both QEMUs use
+// (--tls) into a folder of their own.
+func (d *demo) makeCerts() error {
+	dir, err := os.MkdirTemp("", "qmigrate-demo-pki-")
+	if err != nil {
+		return err
+	}
+	d.tlsDir = dir
+	if err := testbed.WriteX509Creds(dir, demoTLSHost); err != nil {
+		return err
+	}
+	d.say("TLS: certificates for %s from a throwaway CA in %s", demoTLSHost, dir)
+	return nil
+}
+
 // cleanup quits both QEMUs (killing them if they linger) and removes their
-// folders.
+// folders and the demo's certificates.
 func (d *demo) cleanup() {
+	if d.tlsDir != "" {
+		defer os.RemoveAll(d.tlsDir)
+	}
 	for _, q := range []*testbed.Instance{d.src, d.dst} {
 		if q == nil {
 			continue
