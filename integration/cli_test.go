@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -33,7 +34,9 @@ func TestCLI(t *testing.T) {
 	t.Run("TCPPortZeroMultifd", func(t *testing.T) { testCLITCPPortZero(t, q, bin) })
 	t.Run("CopyStorage", func(t *testing.T) { testCLICopyStorage(t, q, bin) })
 	t.Run("DestinationNotIncoming", func(t *testing.T) { testCLINotIncoming(t, q, bin) })
+	t.Run("TLS", func(t *testing.T) { testCLITLS(t, q, bin) })
 	t.Run("DemoJSON", func(t *testing.T) { testCLIDemo(t, bin) })
+	t.Run("DemoTLSCopyStorage", func(t *testing.T) { testCLIDemo(t, bin, "--tls", "--copy-storage") })
 }
 
 // buildCLI builds cmd/qmigrate into the test's temporary folder.
@@ -284,8 +287,8 @@ func testCLINotIncoming(t *testing.T, q *testbed.QEMU, bin string) {
 	assert.Contains(t, res["error"], "incoming")
 }
 
-func testCLIDemo(t *testing.T, bin string) {
-	code, lines, stderr := runCLI(t, 3*time.Minute, bin, "demo", "--json")
+func testCLIDemo(t *testing.T, bin string, flags ...string) {
+	code, lines, stderr := runCLI(t, 3*time.Minute, bin, append([]string{"demo", "--json"}, flags...)...)
 	require.Equal(t, 0, code, "stdout: %v", lines)
 	res := lines[len(lines)-1]
 	assert.Equal(t, "result", res["type"])
@@ -296,10 +299,50 @@ func testCLIDemo(t *testing.T, bin string) {
 	require.True(t, ok, "the demo names its folders")
 	src, dst, ok := strings.Cut(strings.SplitN(after, "\n", 2)[0], ", destination in ")
 	require.True(t, ok, after)
+	if slices.Contains(flags, "--tls") {
+		_, pki, ok := strings.Cut(stderr, "from a throwaway CA in ")
+		require.True(t, ok, "the demo names its certificates' folder")
+		pki = strings.SplitN(pki, "\n", 2)[0]
+		assert.Contains(t, stderr, "with TLS")
+		assert.NoDirExists(t, pki, "certificates removed")
+	}
 	for _, dir := range []string{src, dst} {
 		require.Contains(t, dir, "qm-demo-")
 		assert.NoDirExists(t, dir)
 		out, _ := exec.Command("pgrep", "-f", dir).Output()
 		assert.Empty(t, strings.TrimSpace(string(out)), "demo QEMU left running in %s", dir)
 	}
+}
+
+// testCLITLS: credentials the destination cannot load exit 2 with QEMU's
+// reason and leave the pair as it was; the same pair then migrates over
+// x509 TLS on a unix socket (the certificate's name given).
+func testCLITLS(t *testing.T, q *testbed.QEMU, bin string) {
+	src, dst, srcSock, dstSock := cliPair(t, q, 64<<20, true)
+	uri := "unix:" + filepath.Join(shortTempDir(t), "mig.sock")
+	args := []string{"migrate", "--json", "--src", "unix:" + srcSock, "--dst", "unix:" + dstSock, "--uri", uri,
+		"--tls-hostname", "dst.qmigrate.test", "--timeout", "2m"}
+
+	missing := filepath.Join(t.TempDir(), "no-pki")
+	code, lines, stderr := runCLI(t, time.Minute, bin, append(args, "--tls-x509", missing)...)
+	assert.Equal(t, 2, code)
+	res := lines[len(lines)-1]
+	assert.Equal(t, "failed", res["status"])
+	assert.Contains(t, res["error"], "Unable to access credentials "+missing+"/ca-cert.pem")
+	assert.Contains(t, stderr, "Unable to access credentials")
+
+	pki := filepath.Join(t.TempDir(), "pki")
+	require.NoError(t, testbed.WriteX509Creds(pki, "dst.qmigrate.test"))
+	code, lines, stderr = runCLI(t, 3*time.Minute, bin, append(args, "--tls-x509", pki)...)
+	require.Equal(t, 0, code, "stdout: %v", lines)
+	res = lines[len(lines)-1]
+	assert.Equal(t, "completed", res["status"])
+	assert.Equal(t, []any{}, res["undo_errors"])
+	assert.Contains(t, stderr, "with TLS (x509 certificates in "+pki+")")
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	_, err := testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	require.NoError(t, err, "destination guest intact")
+	assertNoTLSLeft(t, "source", src)
+	assertNoTLSLeft(t, "destination", dst)
 }
