@@ -23,9 +23,16 @@
 //     the engine needs comes from those small queries, and the argument
 //     forms of migrate-incoming and migrate from trying them (start).
 //     With storage both schemas (query-qmp-schema) are probed in the same
-//     wave, the storage preflight runs on them (still bad input) and
-//     blockmirror.Start. Then the capabilities and parameters are set on
-//     both sides and read back (sets, then read-backs, in flight together).
+//     wave, the storage preflight runs on them (still bad input). Then, with
+//     Config.TLS, the credentials objects are added on both sides
+//     (object-add tls-creds-x509 or tls-creds-psk, one id, the client end on
+//     the source, the server end on the destination; QEMU reads the files
+//     then, so credentials it cannot load are bad input, and the rollback
+//     removes the other side's object); blockmirror.Start (its NBD server
+//     and client nodes use the same credentials); then the capabilities and
+//     parameters (tls-creds, tls-hostname and tls-authz among them) are set
+//     on both sides and read back (sets, then read-backs, in flight
+//     together).
 //   - start: wait for the mirrors to be READY (storage only: every poll is
 //     a strategy sample of the mirror phase, Sample.Mirroring, and its
 //     decisions are applied: MirrorWriteBlocking through
@@ -67,14 +74,17 @@
 //     incoming migration completed; storage clean-up; cont on the
 //     destination when the guest was running on the source and the
 //     destination did not start by itself (-S, late-block-activate or a
-//     PauseSource decision).
+//     PauseSource decision); the TLS parameters put back and the
+//     credentials objects deleted on both sides (a failure there is noted
+//     in UndoErrors: the migration still completed).
 //   - rollback: on any failure before the switchover point of no return the
 //     undo stack runs in reverse: stop on the destination (on a destination
 //     still in inmigrate it only turns off its autostart, so one that
 //     completes its incoming migration after all stays paused),
 //     migrate_cancel and a wait for the source to settle, a look at both
 //     sides (below), cont of a source left paused or in postmigrate,
-//     blockmirror Abort, capabilities and parameters restored. It always runs
+//     blockmirror Abort, capabilities and parameters restored, TLS
+//     credentials objects deleted. It always runs
 //     with a context of its own, 30 s in all (the caller's may have ended,
 //     and a cancel arriving meanwhile must not cut it short), each step
 //     bounded by 15 s and each command by 5 s (see "A QEMU that stops

@@ -24,6 +24,14 @@
 // channel whose uuid differs from its own. CheckUUIDs turns that into a clear
 // error before anything starts.
 //
+// TLS describes QEMU's own TLS over any of these channels: x509
+// certificates or a pre-shared key, read by each QEMU from a folder on its
+// own host. Validate refuses what cannot work before any QEMU is touched (a
+// relative folder, x509 over a unix: or fd: channel without the host name
+// the destination's certificate carries); SourceObject and
+// DestinationObject are the object-add arguments of the two ends (the
+// engine creates and removes the objects and sets tls-creds).
+//
 // The package holds no state and no resources; RemoveSocket deletes a unix
 // socket file a destination left behind once it stopped listening.
 package transport
