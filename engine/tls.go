@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -85,6 +86,9 @@ func (r *run) dropTLS(ctx context.Context, side Side) (string, error) {
 	}
 	restore := r.tlsParams(side)
 	if err := r.do(ctx, side, "migrate-set-parameters", func(ctx context.Context) error { return c.MigrateSetParameters(ctx, restore) }); err != nil {
+		if errors.Is(err, qmp.ErrClosed) {
+			return "", nil // it exited meanwhile (a failed incoming migration)
+		}
 		if !isQMPError(err) {
 			return "", err
 		}
@@ -95,7 +99,10 @@ func (r *run) dropTLS(ctx context.Context, side Side) (string, error) {
 	if err := r.do(ctx, side, "object-del", func(ctx context.Context) error {
 		return c.Execute(ctx, "object-del", map[string]string{"id": r.tlsID}, nil)
 	}); err != nil {
-		return "", err
+		if errors.Is(err, qmp.ErrClosed) {
+			return "", nil
+		}
+		return "", fmt.Errorf("object-del %s: %w", r.tlsID, err)
 	}
 	return fmt.Sprintf("%s: TLS credentials %s removed", side, r.tlsID), nil
 }

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 	"testing/synctest"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -234,4 +235,23 @@ func TestTLSFailureHint(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A destination that dies mid-migration took its credentials with it: the
+// rollback removes the source's, and reports no failure for the other.
+func TestTLSDestinationDies(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+		cfg.TLS = &transport.TLS{Dir: "/etc/pki/qemu", Hostname: "dst.example"}
+		cfg.Strategy.Limits.NoThrottle = true
+		time.AfterFunc(2*time.Second, p.KillDst)
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.Error(t, err)
+		assert.Equal(t, "running", p.SrcRunState())
+		assert.Empty(t, p.Objects(0), "source: credentials removed")
+		assert.Equal(t, "", p.Param(0, "tls-creds"))
+		for _, u := range res.UndoErrors {
+			assert.NotContains(t, u, "TLS", "no TLS undo failure for a QEMU that is gone")
+		}
+	})
 }
