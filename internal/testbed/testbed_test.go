@@ -75,14 +75,14 @@ func TestArgs(t *testing.T) {
 	require.NoError(t, err)
 	line := strings.Join(args, " ")
 	for _, want := range []string{
-		"-accel tcg", "-M q35", "-cpu max", "-m 150M", "-nographic -nodefaults",
+		"-accel tcg", "-M q35", "-cpu max", "-m 153608K", "-nographic -nodefaults",
 		"-serial file:" + filepath.Join(dir, "serial.log"),
 		"-qmp unix:" + filepath.Join(dir, "qmp.sock") + ",server=on,wait=off",
 		"-uuid 1111", "-incoming defer", "virtio-blk-pci,drive=sweep0",
 	} {
 		assert.Contains(t, line, want)
 	}
-	assert.Equal(t, "-S", args[len(args)-1], "extra args come last")
+	assert.Equal(t, "-S", args[len(args)-1], "extra args come last (150 MiB + 8 KiB under TCG: unalignedRAM)")
 	disk, err := os.ReadFile(filepath.Join(dir, "sweep.img"))
 	require.NoError(t, err)
 	assert.Equal(t, sweep.Image(7), disk[:sweep.ImageSize])
