@@ -127,7 +127,7 @@ type bmOpts struct {
 	machine  string   // default q35
 	second   bool     // a second writable raw disk: node disk1 (16 MiB) on device vd1
 	netns    string   // run inside this network namespace
-	mem      string   // -m, default 64
+	mem      int      // MiB of RAM (testbed.RAMSize), default 64
 	extra    []string // more QEMU arguments
 	discard  bool     // discard=unmap on the disk nodes (keeps a mirrored image sparse)
 }
@@ -153,10 +153,10 @@ func bmStartVM(t testing.TB, q bmQEMU, dir, name string, o bmOpts) *bmVM {
 	if o.machine == "" {
 		o.machine = "q35"
 	}
-	if o.mem == "" {
-		o.mem = "64"
+	if o.mem == 0 {
+		o.mem = 64
 	}
-	args := []string{"-M", o.machine, "-accel", "tcg", "-cpu", "max", "-m", o.mem, "-nodefaults", "-display", "none",
+	args := []string{"-M", o.machine, "-accel", "tcg", "-cpu", "max", "-m", testbed.RAMSize("tcg", o.mem), "-nodefaults", "-display", "none",
 		"-qmp", "unix:" + sock + ",server=on,wait=off"}
 	if q.firmware != "" {
 		args = append(args, "-L", q.firmware, "-L", "/usr/share/seabios")
@@ -885,7 +885,7 @@ func bmTestLinuxGuest(t *testing.T, q bmQEMU, kernel, initrd string, useEngine b
 	w := linux.Workload{Mode: linux.ModeDiskWrite, RateBytes: 2 << 20, VerifyEvery: 2 * time.Second}
 	serial := func(name string) string { return filepath.Join(dir, name+".serial") }
 	opts := func(name string, incoming bool) bmOpts {
-		return bmOpts{size: "32M", mem: "256", incoming: incoming,
+		return bmOpts{size: "32M", mem: 256, incoming: incoming,
 			extra: append([]string{"-serial", "file:" + serial(name)}, linux.BootArgs(kernel, initrd, w)...)}
 	}
 	src := bmStartVM(t, q, dir, "src", opts("src", false))

@@ -120,8 +120,10 @@ func parseVersion(out string) (qmp.Version, bool) {
 // and keeps whole MiB.
 const unalignedRAM = 8 // KiB
 
-// ramSize is the -m argument for mem MiB under accel: 8 KiB more for TCG.
-func ramSize(accel string, mem int) string {
+// RAMSize is the -m argument for mem MiB under accel ("tcg", "kvm",
+// "kvm:tcg"...): 8 KiB more for TCG (unalignedRAM). Every test that
+// migrates a TCG guest sizes its RAM with it.
+func RAMSize(accel string, mem int) string {
 	if strings.Contains(accel, "tcg") {
 		return strconv.Itoa(mem<<10+unalignedRAM) + "K"
 	}
