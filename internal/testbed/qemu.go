@@ -124,8 +124,15 @@ const unalignedRAM = 8 // KiB
 // "kvm:tcg"...): 8 KiB more for TCG (unalignedRAM). Every test that
 // migrates a TCG guest sizes its RAM with it.
 func RAMSize(accel string, mem int) string {
+	return strconv.FormatInt(RAMBytes(accel, mem)>>10, 10) + "K"
+}
+
+// RAMBytes is RAMSize in bytes: the size a memory backend of the guest
+// must have.
+func RAMBytes(accel string, mem int) int64 {
+	b := int64(mem) << 20
 	if strings.Contains(accel, "tcg") {
-		return strconv.Itoa(mem<<10+unalignedRAM) + "K"
+		b += unalignedRAM << 10
 	}
-	return strconv.Itoa(mem) + "M"
+	return b
 }

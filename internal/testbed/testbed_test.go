@@ -90,7 +90,7 @@ func TestArgs(t *testing.T) {
 	args, err = q.Args(dir, Config{Accel: "kvm", CPU: "host", Machine: "pc", MemMiB: 512})
 	require.NoError(t, err)
 	line = strings.Join(args, " ")
-	assert.Contains(t, line, "-accel kvm -M pc -cpu host -m 512M")
+	assert.Contains(t, line, "-accel kvm -M pc -cpu host -m 524288K")
 	assert.NotContains(t, line, "-incoming")
 }
 
