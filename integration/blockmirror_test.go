@@ -37,6 +37,16 @@ type bmQEMU struct {
 	img      string
 }
 
+// version is the QEMU's major.minor from its name (zero when the name is
+// not a version).
+func (q bmQEMU) version() qmp.Version {
+	var v qmp.Version
+	if _, err := fmt.Sscanf(q.name, "%d.%d", &v.Major, &v.Minor); err != nil {
+		return qmp.Version{}
+	}
+	return v
+}
+
 // bmQEMUs lists the QEMUs to run on: QMIGRATE_QEMU when set, else
 // /usr/bin's and the testbed's cached 10.0 when present. It skips when none is
 // found and CI is unset.
@@ -156,7 +166,7 @@ func bmStartVM(t testing.TB, q bmQEMU, dir, name string, o bmOpts) *bmVM {
 	if o.mem == 0 {
 		o.mem = 64
 	}
-	args := []string{"-M", o.machine, "-accel", "tcg", "-cpu", "max", "-m", testbed.RAMSize("tcg", o.mem), "-nodefaults", "-display", "none",
+	args := []string{"-M", o.machine, "-accel", "tcg", "-cpu", "max", "-m", testbed.RAMSize(q.version(), "tcg", o.mem), "-nodefaults", "-display", "none",
 		"-qmp", "unix:" + sock + ",server=on,wait=off"}
 	if q.firmware != "" {
 		args = append(args, "-L", q.firmware, "-L", "/usr/share/seabios")

@@ -27,8 +27,8 @@ func TestEngineLinuxGuest(t *testing.T) {
 	// QEMU before 9.0 loses TCG writes from the dirty log when a RAM block
 	// is a multiple of 256 KiB (the bitmap sync's fast path does not reset
 	// TCG's TLB): a live-migrated Linux guest's kernel then often arrives
-	// corrupt (10 of 24 on 7.2.22). The testbed gives every TCG guest 8 KiB
-	// more RAM, off that path (none of 30 since; testbed.unalignedRAM). On
+	// corrupt (10 of 24 on 7.2.22). The testbed gives a TCG guest there 8
+	// KiB more RAM, off that path (none of 30 since; testbed.RAMSize). On
 	// 7.x the guest still dirties a small set slowly, as a margin; on newer
 	// QEMU a 128 MiB set at 64 MiB/s.
 	w := linux.Workload{Mode: linux.ModeMemDirty, MemBytes: 128 << 20, RateBytes: 64 << 20}

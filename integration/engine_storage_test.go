@@ -233,12 +233,12 @@ func TestEngineStorageBacklogAfterReady(t *testing.T) {
 		t.Run(q.name, func(t *testing.T) {
 			dir := t.TempDir()
 			ram := filepath.Join(dir, "ram.bin")
-			buf := make([]byte, testbed.RAMBytes("tcg", 64))
+			buf := make([]byte, testbed.RAMBytes(q.version(), "tcg", 64))
 			_, _ = rand.NewChaCha8([32]byte{1}).Read(buf)
 			require.NoError(t, os.WriteFile(ram, buf, 0o600))
-			// The backend's size is the guest's (bmStartVM: 64 MiB + 8 KiB,
-			// testbed.RAMSize), and QEMU wants the file's to match.
-			mem := []string{"-object", "memory-backend-file,id=ram0,size=" + testbed.RAMSize("tcg", 64) + ",share=off,mem-path=" + ram}
+			// The backend's size is the guest's (bmStartVM: 64 MiB, + 8 KiB
+			// before 9.0: testbed.RAMSize), and QEMU wants the file's to match.
+			mem := []string{"-object", "memory-backend-file,id=ram0,size=" + testbed.RAMSize(q.version(), "tcg", 64) + ",share=off,mem-path=" + ram}
 			src := bmStartVM(t, q, dir, "src", bmOpts{size: "32M", machine: "q35,memory-backend=ram0", extra: mem})
 			// The destination disk takes writes at 8 MiB/s (a throttle node
 			// under the device). The mirror's speed alone is not enough: on

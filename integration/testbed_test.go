@@ -175,7 +175,7 @@ func testTestbedLinuxPrecopy(t *testing.T, q *testbed.QEMU, v qmp.Version) {
 	if !v.AtLeast(8, 0) {
 		// QEMU before 9.0 loses TCG writes from the dirty log when a RAM
 		// block is a multiple of 256 KiB (fixed in 9.0); the testbed's 8 KiB
-		// over whole MiB (unalignedRAM) keeps the guest off that path. On 7.2
+		// over whole MiB before 9.0 (testbed.RAMSize) keeps the guest off that path. On 7.2
 		// the Linux guest still dirties slowly (a 4 s pass) as a margin, on
 		// 10.0 at full rate.
 		mem, rate = 16<<20, 4<<20

@@ -188,7 +188,7 @@ func (q *QEMU) Args(dir string, cfg Config) ([]string, error) {
 		"-accel", accel,
 		"-M", machine,
 		"-cpu", cpu,
-		"-m", RAMSize(accel, mem),
+		"-m", RAMSize(q.ver, accel, mem),
 		"-nographic", "-nodefaults",
 		"-serial", "file:"+filepath.Join(dir, "serial.log"),
 		"-qmp", "unix:"+filepath.Join(dir, "qmp.sock")+",server=on,wait=off",

@@ -354,3 +354,12 @@ func TestNetwork(t *testing.T) {
 	assert.NotContains(t, list, n.B.Netns)
 	require.NoError(t, n.Close(), "Close twice is fine")
 }
+
+func TestRAMSize(t *testing.T) {
+	v72, v10 := qmp.Version{Major: 7, Minor: 2, Micro: 22}, qmp.Version{Major: 10}
+	assert.Equal(t, "153608K", RAMSize(v72, "tcg", 150), "QEMU < 9.0 under TCG: off the 256 KiB alignment")
+	assert.Equal(t, "153608K", RAMSize(qmp.Version{}, "tcg", 150), "unknown version: the size safe on all")
+	assert.Equal(t, "153600K", RAMSize(v10, "tcg", 150), "9.0+ has the fix: whole MiB")
+	assert.Equal(t, "153600K", RAMSize(v72, "kvm", 150), "KVM is not affected")
+	assert.Equal(t, int64(150<<20+8<<10), RAMBytes(v72, "kvm:tcg", 150))
+}
