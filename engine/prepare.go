@@ -524,36 +524,26 @@ func restoreParams(p qmp.MigrationParameters, prev *qmp.MigrationParameters) qmp
 }
 
 func paramsMatch(want qmp.MigrationParameters, got *qmp.MigrationParameters) error {
-	chk := func(name string, w, g *uint64) error {
-		if w != nil && (g == nil || *g != *w) {
-			return fmt.Errorf("%s reads %s after setting it to %d", name, fmtPtr(g), *w)
-		}
-		return nil
-	}
-	chkI := func(name string, w, g *int) error {
-		if w != nil && (g == nil || *g != *w) {
-			return fmt.Errorf("%s reads %s after setting it to %d", name, fmtPtr(g), *w)
-		}
-		return nil
-	}
-	chkS := func(name string, w, g *string) error {
-		if w != nil && (g == nil || *g != *w) {
-			return fmt.Errorf("%s reads %s after setting it to %q", name, fmtPtr(g), *w)
-		}
-		return nil
-	}
 	return errors.Join(
-		chk("max-bandwidth", want.MaxBandwidth, got.MaxBandwidth),
-		chk("downtime-limit", want.DowntimeLimit, got.DowntimeLimit),
-		chkI("multifd-channels", want.MultifdChannels, got.MultifdChannels),
-		chkI("cpu-throttle-initial", want.CPUThrottleInitial, got.CPUThrottleInitial),
-		chkI("cpu-throttle-increment", want.CPUThrottleIncrement, got.CPUThrottleIncrement),
-		chkI("max-cpu-throttle", want.MaxCPUThrottle, got.MaxCPUThrottle),
-		chkI("throttle-trigger-threshold", want.ThrottleTriggerThreshold, got.ThrottleTriggerThreshold),
-		chkS("tls-creds", want.TLSCreds, got.TLSCreds),
-		chkS("tls-hostname", want.TLSHostname, got.TLSHostname),
-		chkS("tls-authz", want.TLSAuthz, got.TLSAuthz),
+		paramReads("max-bandwidth", want.MaxBandwidth, got.MaxBandwidth),
+		paramReads("downtime-limit", want.DowntimeLimit, got.DowntimeLimit),
+		paramReads("multifd-channels", want.MultifdChannels, got.MultifdChannels),
+		paramReads("cpu-throttle-initial", want.CPUThrottleInitial, got.CPUThrottleInitial),
+		paramReads("cpu-throttle-increment", want.CPUThrottleIncrement, got.CPUThrottleIncrement),
+		paramReads("max-cpu-throttle", want.MaxCPUThrottle, got.MaxCPUThrottle),
+		paramReads("throttle-trigger-threshold", want.ThrottleTriggerThreshold, got.ThrottleTriggerThreshold),
+		paramReads("tls-creds", want.TLSCreds, got.TLSCreds),
+		paramReads("tls-hostname", want.TLSHostname, got.TLSHostname),
+		paramReads("tls-authz", want.TLSAuthz, got.TLSAuthz),
 	)
+}
+
+// paramReads checks that a parameter set to w (nil: not set) reads back g.
+func paramReads[T comparable](name string, w, g *T) error {
+	if w != nil && (g == nil || *g != *w) {
+		return fmt.Errorf("%s reads %s after setting it to %v", name, fmtPtr(g), *w)
+	}
+	return nil
 }
 
 func fmtPtr[T any](p *T) string {
