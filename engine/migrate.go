@@ -82,8 +82,11 @@ type run struct {
 	dstSub           *qmp.Subscription
 
 	prevSC, prevDC map[string]bool          // capabilities as they were, for those we changed
-	prevSP, prevDP *qmp.MigrationParameters // each side's parameters as they were (throttleParams, dropTLS)
+	prevSP         *qmp.MigrationParameters // the source's parameters as they were (throttleParams)
 	tlsID          string                   // the TLS credentials objects' id (Config.TLS), "" without TLS
+	// tlsRestore is the TLS parameters dropTLS sets back on each side, as
+	// configure decided them (none before configure ran).
+	tlsRestore map[Side]qmp.MigrationParameters
 
 	undo []undoStep
 

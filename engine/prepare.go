@@ -333,7 +333,7 @@ type sideConfig struct {
 // on each side the two sets, then the two read-backs, are in flight together
 // (capabilities and parameters are independent in QEMU).
 func (r *run) configure(ctx context.Context, si, di *sideInfo, srcCaps, dstCaps map[string]bool) error {
-	r.prevSP, r.prevDP = si.params, di.params
+	r.prevSP = si.params
 	var sp qmp.MigrationParameters
 	sp.MaxBandwidth = qmp.Ptr(r.cfg.bandwidth())
 	if d := r.setup.DowntimeLimit; d > 0 {

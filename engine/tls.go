@@ -58,43 +58,26 @@ func (r *run) addTLS(ctx context.Context) error {
 	return nil
 }
 
-// tlsParams are the TLS parameters the engine set on side, as they were
-// before the migration ("" where unknown): what dropTLS sets back.
-func (r *run) tlsParams(side Side) qmp.MigrationParameters {
-	prev := r.prevSP
-	if side == SideDestination {
-		prev = r.prevDP
-	}
-	if prev == nil {
-		prev = &qmp.MigrationParameters{}
-	}
-	p := qmp.MigrationParameters{TLSCreds: orEmpty(prev.TLSCreds)}
-	if side == SideSource {
-		p.TLSHostname = orEmpty(prev.TLSHostname)
-	} else if r.cfg.TLS != nil && r.cfg.TLS.Authz != "" {
-		p.TLSAuthz = orEmpty(prev.TLSAuthz)
-	}
-	return p
-}
-
-// dropTLS points side's TLS parameters back to what they were and deletes
-// its credentials object. A QEMU that is gone took its object with it.
+// dropTLS points side's TLS parameters back to what they were (when
+// configure set them) and deletes its credentials object. A QEMU that is
+// gone took its object with it.
 func (r *run) dropTLS(ctx context.Context, side Side) (string, error) {
 	c := r.client(side)
 	if c.Err() != nil {
 		return "", nil
 	}
-	restore := r.tlsParams(side)
-	if err := r.do(ctx, side, "migrate-set-parameters", func(ctx context.Context) error { return c.MigrateSetParameters(ctx, restore) }); err != nil {
-		if errors.Is(err, qmp.ErrClosed) {
-			return "", nil // it exited meanwhile (a failed incoming migration)
+	if restore := r.tlsRestore[side]; restore != (qmp.MigrationParameters{}) {
+		if err := r.do(ctx, side, "migrate-set-parameters", func(ctx context.Context) error { return c.MigrateSetParameters(ctx, restore) }); err != nil {
+			if errors.Is(err, qmp.ErrClosed) {
+				return "", nil // it exited meanwhile (a failed incoming migration)
+			}
+			if !isQMPError(err) {
+				return "", err
+			}
+			// The object goes all the same: a parameter naming a missing
+			// object fails the next migration that uses it, clearly.
+			r.log.Debug("TLS parameters not restored", "side", side, "err", err)
 		}
-		if !isQMPError(err) {
-			return "", err
-		}
-		// The object goes all the same: a parameter naming a missing
-		// object fails the next migration that uses it, clearly.
-		r.log.Debug("TLS parameters not restored", "side", side, "err", err)
 	}
 	if err := r.do(ctx, side, "object-del", func(ctx context.Context) error {
 		return c.Execute(ctx, "object-del", map[string]string{"id": r.tlsID}, nil)
@@ -143,6 +126,11 @@ func (r *run) tlsParameters(sp, dp *qmp.MigrationParameters, sprev, dprev *qmp.M
 			// manager set is left in force.
 			dp.TLSAuthz = qmp.Ptr(t.Authz)
 		}
+		// What dropTLS sets back: the TLS part of each side's restoration.
+		r.tlsRestore = map[Side]qmp.MigrationParameters{
+			SideSource:      tlsPart(restoreParams(*sp, sprev)),
+			SideDestination: tlsPart(restoreParams(*dp, dprev)),
+		}
 		return
 	}
 	for _, p := range []struct{ set, prev *qmp.MigrationParameters }{{sp, sprev}, {dp, dprev}} {
@@ -150,6 +138,11 @@ func (r *run) tlsParameters(sp, dp *qmp.MigrationParameters, sprev, dprev *qmp.M
 			p.set.TLSCreds = qmp.Ptr("")
 		}
 	}
+}
+
+// tlsPart is p's TLS parameters alone.
+func tlsPart(p qmp.MigrationParameters) qmp.MigrationParameters {
+	return qmp.MigrationParameters{TLSCreds: p.TLSCreds, TLSHostname: p.TLSHostname, TLSAuthz: p.TLSAuthz}
 }
 
 func orEmpty(s *string) *string {
