@@ -62,16 +62,6 @@ func (s *sides) isMute(side Side) bool {
 	return s.mute[side]
 }
 
-// pastSwitchover reports whether the switchover began: the source stopped
-// for the stop-and-copy (STOP, status device or pre-switchover), was paused
-// by the engine, postcopy was asked for, or the source completed. From here
-// the engine finishes rather than aborts, so the budget no longer bounds
-// anything; only UnresponsiveTimeout does.
-func (r *run) pastSwitchover() bool {
-	return r.postcopy || r.pausedByUs || r.switchover || r.srcCompleted ||
-		r.phase == PhaseSwitchover || r.phase == PhaseComplete
-}
-
 // callContext bounds one command to side sent now; limit > 0 bounds it
 // further (a step's own deadline, reported like the others).
 func (r *run) callContext(ctx context.Context, side Side, limit time.Duration) (context.Context, context.CancelFunc, callBound) {
@@ -80,12 +70,12 @@ func (r *run) callContext(ctx context.Context, side Side, limit time.Duration) (
 		cb.wait = min(cb.wait, limit)
 	}
 	switch {
-	case r.undoing:
+	case r.undoing():
 		cb.wait = min(cb.wait, undoCallTimeout)
 		if r.silent.isSuspect(side) {
 			cb.wait = min(cb.wait, undoProbeTimeout)
 		}
-	case r.cfg.Strategy.Limits.Budget > 0 && !r.pastSwitchover():
+	case r.cfg.Strategy.Limits.Budget > 0 && r.stage.budgeted():
 		left := max(r.cfg.Strategy.Limits.Budget-r.elapsed(), 0) + r.cfg.pollInterval()
 		if left < cb.wait {
 			cb = callBound{budget: true, wait: left}
@@ -105,7 +95,7 @@ func ask[T any](r *run, ctx context.Context, side Side, op string, f func(contex
 
 // askWithin is ask with the command also bounded by limit (when > 0).
 func askWithin[T any](r *run, ctx context.Context, side Side, op string, limit time.Duration, f func(context.Context) (T, error)) (T, error) {
-	if r.undoing && r.silent.isMute(side) {
+	if r.undoing() && r.silent.isMute(side) {
 		var zero T
 		return zero, r.errorf(side, op, &noAnswer{fmt.Errorf("%w: not sent, the %s QEMU's monitor did not answer an earlier command", ErrUnresponsive, side)})
 	}
@@ -168,7 +158,7 @@ func askWatching[T any](r *run, ctx context.Context, side Side, op string, cb ca
 			r.event(SideSource, ev)
 			if ev.Name == "STOP" && !budgetFired {
 				r.log.Debug("source stopped while a command waits for its answer: the budget no longer bounds it", "command", op)
-				r.setPhase(PhaseSwitchover)
+				r.sourceStopped()
 				budget.Stop()
 			}
 		}
@@ -189,7 +179,7 @@ func (r *run) doWithin(ctx context.Context, side Side, op string, limit time.Dur
 // unanswered is the error for a command whose bound fired, and notes the
 // side as not answering.
 func (r *run) unanswered(side Side, op string, cb callBound) error {
-	r.silent.mark(side, r.undoing)
+	r.silent.mark(side, r.undoing())
 	wait := cb.wait.Round(time.Millisecond)
 	if cb.budget {
 		b := r.cfg.Strategy.Limits.Budget
@@ -197,7 +187,7 @@ func (r *run) unanswered(side Side, op string, cb callBound) error {
 			ErrAborted, b, r.elapsed().Round(time.Millisecond), side, op, wait)})
 	}
 	msg := fmt.Sprintf("the %s QEMU's monitor did not answer %s within %v (its process stopped or its main loop stuck?)", side, op, wait)
-	if !r.undoing && r.pastSwitchover() {
+	if !r.undoing() && r.pastSwitchover() {
 		msg += "; the switchover had begun, so nothing is rolled back: the migration's state is unknown, check both QEMUs"
 	}
 	return r.errorf(side, op, &noAnswer{fmt.Errorf("%w: %s", ErrUnresponsive, msg)})

@@ -16,7 +16,7 @@ const completeTimeout = 60 * time.Second
 // complete waits for the destination to finish its incoming migration, cleans
 // up storage, resumes the destination if needed and measures the downtime.
 func (r *run) complete(ctx context.Context) error {
-	r.setPhase(PhaseComplete)
+	r.enter(stageComplete)
 	// The source completed: the guest's state is on the destination. A
 	// cancel now would leave it paused nowhere, so this phase finishes
 	// regardless, bounded by completeTimeout.
@@ -44,7 +44,7 @@ func (r *run) complete(ctx context.Context) error {
 		return err
 	}
 	if st == "running" {
-		r.dstRan = true
+		r.dstAt = dstRan
 	}
 	if st == "running" && r.resumeAt.IsZero() {
 		// It started by itself; its RESUME may still be on the way.
@@ -62,7 +62,7 @@ func (r *run) complete(ctx context.Context) error {
 		if err := r.do(ctx, SideDestination, "cont", r.dst.Cont); err != nil {
 			return r.callErr(ctx, SideDestination, "cont", err)
 		}
-		r.dstRan = true
+		r.dstAt = dstRan
 		r.resumeAt = time.Time{}
 		r.waitResume(wctx, true)
 	}

@@ -48,6 +48,8 @@ func Migrate(ctx context.Context, cfg Config) (*Result, error) {
 		migCh:  ch,
 		m:      m,
 		phase:  PhasePrepare,
+		stage:  stagePrepare,
+		seen:   1 << stagePrepare,
 		prevSC: map[string]bool{},
 		prevDC: map[string]bool{},
 	}
@@ -91,17 +93,10 @@ type run struct {
 	undo []undoStep
 
 	mirror        *blockmirror.Session
-	mirrorsReady  bool // every mirror READY: waitMirrors is over (no write-blocking restart from here)
-	srcWasRunning bool
-	incoming      bool // migrate-incoming ran on the destination
-	dstRan        bool // the guest ran on the destination (RESUME, or seen running)
-	abandoned     bool // the source completed but the destination did not take over: resuming the source
-	dstKept       bool // the destination completed as a cancel landed and is kept paused (it does not exit)
-	postcopy      bool // postcopy requested or running: no rollback from here
-	pausedByUs    bool
-	switchover    bool
-	srcCompleted  bool // point of no return passed
-	undoing       bool // the rollback (or rescue) runs: its own bounds on commands
+	srcWasRunning bool        // the guest ran on the source when the migration began
+	dstAt         destination // what the engine did to the destination and saw of it
+	stage         stage       // where the migration stands (stage.go)
+	seen          uint32      // the stages visited, a bit each (been)
 	silent        sides
 	downtimeLimit time.Duration
 	stopAt        time.Time
@@ -145,8 +140,8 @@ func (r *run) execute(ctx context.Context) error {
 // fail runs the rollback when it is still possible and returns err (or nil
 // when the migration turned out to have completed).
 func (r *run) fail(ctx context.Context, err error) error {
-	r.log.Debug("migration failed", "phase", r.phase, "err", err)
-	if r.postcopy && !r.srcCompleted {
+	r.log.Debug("migration failed", "stage", r.stage, "err", err)
+	if r.stage == stagePostcopy {
 		switch started := r.lastInfo != nil && r.lastInfo.Status.Postcopy(); {
 		case !isUnanswered(err):
 			r.res.UndoErrors = append(r.res.UndoErrors, "rollback impossible: postcopy started, the guest runs on the destination")
@@ -159,7 +154,7 @@ func (r *run) fail(ctx context.Context, err error) error {
 		}
 		return fmt.Errorf("%w: %w", ErrPostcopyFailed, err)
 	}
-	if !r.srcCompleted && r.pastSwitchover() && errors.Is(err, ErrUnresponsive) {
+	if r.stage.rollsBack() && r.pastSwitchover() && errors.Is(err, ErrUnresponsive) {
 		// The source stopped for the stop-and-copy (or was paused by us)
 		// and a monitor stopped answering: the engine finishes rather than
 		// aborts from here, and cannot tell where things stand.
@@ -170,16 +165,15 @@ func (r *run) fail(ctx context.Context, err error) error {
 	// The rollback runs under a context of its own, bounded: the caller's
 	// may have ended already, and a cancel arriving during the rollback
 	// must not leave the source half restored.
-	r.undoing = true
 	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), undoTimeout)
 	defer cancel()
-	if !r.srcCompleted {
+	if r.stage.rollsBack() {
 		if len(r.undo) == 0 {
 			return err
 		}
-		r.setPhase(PhaseRollback)
+		r.enter(stageRollback)
 		r.unwind(uctx)
-		if !r.srcCompleted {
+		if !r.stage.sourceCompleted() {
 			return err
 		}
 		// The migration completed before the cancel took effect: the
@@ -200,7 +194,7 @@ func (r *run) fail(ctx context.Context, err error) error {
 
 // unwind runs the undo stack from the top, removing each step as it runs,
 // and stops early (leaving the rest) once the source turns out to have
-// completed. Each step is bounded by undoStepTimeout; a step on a side that
+// completed (a step entered stageComplete). Each step is bounded by undoStepTimeout; a step on a side that
 // did not answer an earlier rollback command is not attempted, and says so
 // in UndoErrors.
 func (r *run) unwind(ctx context.Context) {
@@ -224,13 +218,14 @@ func (r *run) unwind(ctx context.Context) {
 			r.log.Debug("undone", "step", did)
 			r.res.Undone = append(r.res.Undone, did)
 		}
-		if r.srcCompleted {
+		if r.stage.sourceCompleted() {
 			return
 		}
 	}
 }
 
 func (r *run) finish(err error) {
+	r.enter(stageEnded)
 	res := r.res
 	res.Total = r.elapsed()
 	res.Err = err

@@ -468,7 +468,7 @@ func (r *run) pushCapsUndo(side Side) {
 	}
 	restore := maps.Clone(prev)
 	r.pushUndo("", string(side)+": restore capabilities", func(ctx context.Context) (string, error) {
-		if side == SideDestination && r.incoming {
+		if side == SideDestination && r.dstAt != dstUntouched {
 			return "", nil // the destination's incoming migration started: it is not reusable, leave it
 		}
 		if err := r.do(ctx, side, "migrate-set-capabilities", func(ctx context.Context) error { return c.MigrateSetCapabilities(ctx, restore) }); err != nil {
@@ -482,7 +482,7 @@ func (r *run) pushCapsUndo(side Side) {
 func (r *run) pushParamsUndo(side Side, restore qmp.MigrationParameters) {
 	c := r.client(side)
 	r.pushUndo("", string(side)+": restore parameters", func(ctx context.Context) (string, error) {
-		if side == SideDestination && r.incoming {
+		if side == SideDestination && r.dstAt != dstUntouched {
 			return "", nil
 		}
 		// Parameters changed later by decisions (downtime, throttle) are

@@ -57,10 +57,10 @@ const (
 
 // undoCancel cancels the migration on the source (never in postcopy),
 // waits until the source settles and works out where the guest is: a
-// migration that completed after all sets srcCompleted (the rollback stops
-// and the engine finishes it).
+// migration that completed after all enters stageComplete (the rollback
+// stops and the engine finishes it).
 func (r *run) undoCancel(ctx context.Context) (string, error) {
-	if r.abandoned {
+	if r.been(stageRescue) {
 		return "", nil // the source's migration completed; the destination failed it: nothing to cancel
 	}
 	if r.silent.isMute(SideSource) {
@@ -73,11 +73,11 @@ func (r *run) undoCancel(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if info.Status.Postcopy() || r.postcopy {
+	if info.Status.Postcopy() || r.been(stagePostcopy) {
 		return "", fmt.Errorf("status %s: postcopy is never cancelled", info.Status)
 	}
 	if info.Status == qmp.StatusCompleted {
-		r.srcCompleted = true
+		r.enter(stageComplete)
 		return "", errors.New("the migration had completed: the guest runs on the destination")
 	}
 	r.holdDestination(ctx)
@@ -95,7 +95,7 @@ func (r *run) undoCancel(ctx context.Context) (string, error) {
 			return "", err
 		}
 		if st == qmp.StatusCompleted {
-			r.srcCompleted = true
+			r.enter(stageComplete)
 			return "", errors.New("the migration completed before the cancel took effect: the guest runs on the destination")
 		}
 		did = fmt.Sprintf("source: migrate_cancel from %s, now %s", info.Status, st)
@@ -109,7 +109,7 @@ func (r *run) undoCancel(ctx context.Context) (string, error) {
 // pauses the guest. A destination that is gone or refuses is left as it is
 // (logged): the checks after the cancel still look at it.
 func (r *run) holdDestination(ctx context.Context) {
-	if !r.incoming || r.dst.Err() != nil || r.silent.isMute(SideDestination) {
+	if r.dstAt == dstUntouched || r.dst.Err() != nil || r.silent.isMute(SideDestination) {
 		return
 	}
 	if err := r.doWithin(ctx, SideDestination, "stop", destinationHoldTimeout, r.dst.Stop); err != nil {
@@ -125,16 +125,16 @@ func (r *run) holdDestination(ctx context.Context) {
 // runs again: QEMU then keeps (or resumes) the guest there. Never in
 // postcopy, nor after the destination completed its incoming migration:
 // then the source completed, and the migration is finished instead
-// (srcCompleted), unless a migrate_cancel was sent (cancelSent) that QEMU
+// (stageComplete), unless a migrate_cancel was sent (cancelSent) that QEMU
 // may still carry out and resume the source: then the destination stays
 // held and the outcome is unknown. The error returned says what was not
 // done; the yank, when it worked, is recorded in Undone.
 func (r *run) cutStream(ctx context.Context, why error, cancelSent bool) error {
 	r.silent.mark(SideSource, true)
-	if r.postcopy {
+	if r.been(stagePostcopy) {
 		return fmt.Errorf("%w: postcopy is never cut", why)
 	}
-	if !r.incoming || r.dst.Err() != nil {
+	if r.dstAt == dstUntouched || r.dst.Err() != nil {
 		return fmt.Errorf("%w: migrate_cancel not sent", why)
 	}
 	if r.silent.isMute(SideDestination) {
@@ -144,14 +144,14 @@ func (r *run) cutStream(ctx context.Context, why error, cancelSent bool) error {
 	dm, err := ask(r, ctx, SideDestination, "query-migrate", r.dst.QueryMigrate)
 	if err == nil && dm.Status == qmp.StatusCompleted {
 		if cancelSent {
-			r.dstKept = true
+			r.dstAt = dstKept
 			r.res.StateUnknown = true
 			return fmt.Errorf("%w after migrate_cancel, and the destination completed its incoming migration (held paused): QEMU may still resume the source: the migration's state is unknown, check both QEMUs", why)
 		}
 		// The whole stream arrived: the source completed (it cannot resume
 		// the guest without a cancel, and none was sent). The destination
 		// was held, so it waits paused for the engine to finish.
-		r.srcCompleted = true
+		r.enter(stageComplete)
 		return fmt.Errorf("%w, but the destination completed its incoming migration: the migration completed, the guest runs on the destination", why)
 	}
 	r.log.Warn("the source does not answer: cutting the migration stream on the destination (yank)", "cause", why)
@@ -177,11 +177,11 @@ func (r *run) cutStream(ctx context.Context, why error, cancelSent bool) error {
 // for good (not running, and not about to be resumed by QEMU) while the
 // guest ran on it before, with a destination that completed its incoming
 // migration, means the guest's latest state is on the destination: the
-// migration completed (srcCompleted, an error says so). Otherwise the guest
+// migration completed (stageComplete, an error says so). Otherwise the guest
 // stays on the source (undoResumeSource resumes it when needed), and a
 // destination that completed anyway is kept paused and noted.
 func (r *run) afterCancel(ctx context.Context, st qmp.MigrationStatus) error {
-	if !r.incoming {
+	if r.dstAt == dstUntouched {
 		return nil
 	}
 	completed, dstState := r.destinationOutcome(ctx)
@@ -194,10 +194,10 @@ func (r *run) afterCancel(ctx context.Context, st qmp.MigrationStatus) error {
 	}
 	r.log.Debug("destination completed its incoming migration after the cancel", "source", st, "source-runstate", srcState, "destination-runstate", dstState)
 	if srcState != "running" && r.srcWasRunning {
-		r.srcCompleted = true
+		r.enter(stageComplete)
 		return fmt.Errorf("the migration completed on the destination as the cancel landed and the source stopped for good (migration %s, run state %s): the guest runs on the destination", st, srcState)
 	}
-	r.dstKept = true
+	r.dstAt = dstKept
 	note := "destination: completed its incoming migration as the cancel landed; left paused, not to be resumed: the guest runs on the source"
 	if dstState == "running" {
 		// It started by itself before it could be held: two copies run.
@@ -207,7 +207,7 @@ func (r *run) afterCancel(ctx context.Context, st qmp.MigrationStatus) error {
 			if serr := r.do(ctx, SideSource, "stop", r.src.Stop); serr != nil {
 				return fmt.Errorf("destination completed its incoming migration as the cancel landed and runs the guest, and neither side could be stopped: %w", errors.Join(err, serr))
 			}
-			r.srcCompleted = true
+			r.enter(stageComplete)
 			return fmt.Errorf("destination completed its incoming migration as the cancel landed and runs the guest, and refused stop (%w): the source was stopped instead: the guest runs on the destination", err)
 		}
 		note = "destination: completed its incoming migration as the cancel landed and started the guest; stopped it: the guest runs on the source"
@@ -305,7 +305,7 @@ func (r *run) waitSourceSettled(ctx context.Context) (qmp.MigrationStatus, error
 
 // undoResumeSource makes sure a guest that ran on the source runs again.
 func (r *run) undoResumeSource(ctx context.Context) (string, error) {
-	if !r.srcWasRunning || r.srcCompleted {
+	if !r.srcWasRunning || r.stage.sourceCompleted() {
 		return "", nil
 	}
 	state, err := r.sourceRunState(ctx)
@@ -337,14 +337,15 @@ func (r *run) undoResumeSource(ctx context.Context) (string, error) {
 // (nil, err noted in UndoErrors). Where the guest ran on the destination,
 // in postcopy, or the source was not running before, nothing is done.
 func (r *run) rescue(ctx context.Context, err error) error {
-	if r.postcopy || r.dstRan || !r.srcWasRunning {
+	r.enter(stageRescue)
+	if r.been(stagePostcopy) || r.dstAt == dstRan || !r.srcWasRunning {
 		return err
 	}
 	if r.dst.Err() == nil {
 		if st, serr := ask(r, ctx, SideDestination, "query-status", r.dst.QueryStatus); serr == nil && st.Running {
 			// It completed and runs the guest after all: that is where
 			// the guest is, so the migration counts as completed.
-			r.dstRan = true
+			r.dstAt = dstRan
 			r.res.UndoErrors = append(r.res.UndoErrors, "completing: "+err.Error()+"; yet the destination runs the guest")
 			return nil
 		}
@@ -355,8 +356,7 @@ func (r *run) rescue(ctx context.Context, err error) error {
 		}
 	}
 	r.log.Warn("the destination did not take the guest over after the source completed; resuming the source", "cause", err)
-	r.srcCompleted, r.abandoned = false, true
-	r.setPhase(PhaseRollback)
+	r.enter(stageRollback)
 	r.unwind(ctx)
 	return err
 }

@@ -1,0 +1,28 @@
+package engine
+
+import (
+	"context"
+
+	"github.com/qmigrate/qmigrate/qmp"
+)
+
+// switchOver handles pre-switchover: finish the mirrors, then continue.
+func (r *run) switchOver(ctx context.Context) error {
+	r.enter(stageSwitchover)
+	if r.mirror != nil {
+		r.log.Debug("finishing mirrors")
+		if err := r.mirror.Finish(ctx); err != nil {
+			if ctx.Err() != nil {
+				return r.cancelled(ctx, "finish mirrors")
+			}
+			return r.errorf(SideSource, "finish mirrors", err)
+		}
+	}
+	r.log.Debug("migrate-continue pre-switchover")
+	if err := r.do(ctx, SideSource, "migrate-continue", func(c context.Context) error {
+		return r.src.MigrateContinue(c, qmp.StatusPreSwitchover)
+	}); err != nil {
+		return r.callErr(ctx, SideSource, "migrate-continue", err)
+	}
+	return nil
+}
