@@ -53,6 +53,7 @@ func TestValidateNamesTheField(t *testing.T) {
 }
 
 func TestSetup(t *testing.T) {
+	qemuRamp := strategy.DefaultThrottle
 	hold := &strategy.Throttle{Initial: 1, Increment: 1, Max: 1}
 	tests := []struct {
 		name string
@@ -64,17 +65,17 @@ func TestSetup(t *testing.T) {
 			strategy.Setup{DowntimeLimit: 100 * ms, AutoConverge: true, Postcopy: true, Throttle: hold, MeasureDirtyRate: true}},
 		{"auto, no throttle, low maximum", strategy.Config{Limits: strategy.Limits{NoThrottle: true, MaxDowntime: 50 * ms}},
 			strategy.Setup{DowntimeLimit: 50 * ms}},
-		{"qemu leaves QEMU's defaults", strategy.Config{Policy: "qemu"}, strategy.Setup{}},
+		{"qemu writes QEMU's defaults", strategy.Config{Policy: "qemu"}, strategy.Setup{DowntimeLimit: 300 * ms}},
 		{"qemu under a 200 ms maximum", strategy.Config{Policy: "qemu", Limits: strategy.Limits{MaxDowntime: 200 * ms}}, strategy.Setup{DowntimeLimit: 200 * ms}},
-		{"kubevirt", strategy.Config{Policy: "kubevirt", Limits: strategy.Limits{AllowPostcopy: true}}, strategy.Setup{Postcopy: true}},
+		{"kubevirt", strategy.Config{Policy: "kubevirt", Limits: strategy.Limits{AllowPostcopy: true}}, strategy.Setup{DowntimeLimit: 300 * ms, Postcopy: true}},
 		{"nova starts its ramp at 50 ms", strategy.Config{Policy: "nova"}, strategy.Setup{DowntimeLimit: 50 * ms}},
 		{"kubevirt with allowAutoConverge", strategy.Config{Policy: "kubevirt", KubeVirt: strategy.KubeVirtConfig{AllowAutoConverge: true}},
-			strategy.Setup{AutoConverge: true}},
+			strategy.Setup{DowntimeLimit: 300 * ms, AutoConverge: true, Throttle: &qemuRamp}},
 		{"nova auto-converge only without postcopy", strategy.Config{Policy: "nova", Nova: strategy.NovaConfig{PermitAutoConverge: true},
 			Limits: strategy.Limits{AllowPostcopy: true}}, strategy.Setup{DowntimeLimit: 50 * ms, Postcopy: true}},
 		{"nova auto-converge", strategy.Config{Policy: "nova", Nova: strategy.NovaConfig{PermitAutoConverge: true}},
-			strategy.Setup{DowntimeLimit: 50 * ms, AutoConverge: true}},
-		{"proxmox: 100 ms, auto-converge with QEMU's ramp", strategy.Config{Policy: "proxmox"}, strategy.Setup{DowntimeLimit: 100 * ms, AutoConverge: true}},
+			strategy.Setup{DowntimeLimit: 50 * ms, AutoConverge: true, Throttle: &qemuRamp}},
+		{"proxmox: 100 ms, auto-converge with QEMU's ramp", strategy.Config{Policy: "proxmox"}, strategy.Setup{DowntimeLimit: 100 * ms, AutoConverge: true, Throttle: &qemuRamp}},
 		{"proxmox without throttling", strategy.Config{Policy: "proxmox", Limits: strategy.Limits{NoThrottle: true}}, strategy.Setup{DowntimeLimit: 100 * ms}},
 	}
 	for _, tt := range tests {

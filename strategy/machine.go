@@ -111,14 +111,13 @@ func (m *Machine) wbPermitted() bool {
 // AutoConverge only when throttling is permitted, Postcopy only when allowed.
 func (m *Machine) Setup() Setup {
 	s := m.pol.setup()
-	max := m.lim.maxDowntime()
-	if s.DowntimeLimit > max || (s.DowntimeLimit == 0 && max < DefaultMaxDowntime) {
-		// Leaving QEMU's 300 ms would exceed a lower user maximum.
-		s.DowntimeLimit = max
+	// Every policy sets the downtime limit explicitly: one that keeps
+	// QEMU's default gets QEMU's default (300 ms) written, so a limit left
+	// on the source by someone else (a stale 5 s) is not what decides.
+	if s.DowntimeLimit <= 0 {
+		s.DowntimeLimit = DefaultMaxDowntime
 	}
-	if s.DowntimeLimit < 0 {
-		s.DowntimeLimit = 0
-	}
+	s.DowntimeLimit = min(s.DowntimeLimit, m.lim.maxDowntime())
 	if m.lim.NoThrottle {
 		s.AutoConverge = false
 		s.Throttle = nil
@@ -126,6 +125,11 @@ func (m *Machine) Setup() Setup {
 	}
 	if !s.AutoConverge {
 		s.Throttle = nil
+	} else if s.Throttle == nil {
+		// Throttling permitted with QEMU's own rule: QEMU's defaults
+		// written, not whatever an earlier user left.
+		t := DefaultThrottle
+		s.Throttle = &t
 	}
 	if s.Throttle != nil {
 		t := clampThrottle(*s.Throttle)
@@ -136,6 +140,28 @@ func (m *Machine) Setup() Setup {
 	}
 	return s
 }
+
+// SetLimits changes the user's limits mid-migration (the engine's job
+// handle: SetMaxDowntime, SetBudget); the next Step obeys them. Only the
+// maximum downtime and the budget may change: the permissions and the
+// progress timeout decided the Setup and are refused.
+func (m *Machine) SetLimits(l Limits) error {
+	c := m.cfg
+	c.Limits = l
+	if err := c.Validate(); err != nil {
+		return err
+	}
+	old := m.lim
+	old.MaxDowntime, old.Budget = l.MaxDowntime, l.Budget
+	if old != l {
+		return fmt.Errorf("strategy: only MaxDowntime and Budget may change during a migration")
+	}
+	m.lim = l
+	return nil
+}
+
+// Limits returns the limits in force.
+func (m *Machine) Limits() Limits { return m.lim }
 
 // Done reports whether a terminal status was seen or Abort was decided.
 // Step then only returns Wait.
@@ -215,6 +241,16 @@ func (m *Machine) Step(s Sample) Decision {
 func (m *Machine) Applied(d Decision, err error) {
 	if m.done || d.Action == Wait {
 		return
+	}
+	if err == nil {
+		// A lever applied on the caller's request (the engine's job
+		// handle) counts as decided here.
+		switch d.Action {
+		case StartPostcopy:
+			m.levers.postcopy = true
+		case PauseSource:
+			m.levers.paused = true
+		}
 	}
 	if err != nil {
 		switch d.Action {

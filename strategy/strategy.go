@@ -82,6 +82,13 @@ type Throttle struct {
 	Tailslow                bool
 }
 
+// DefaultThrottle is QEMU's own throttle (cpu-throttle-initial 20 %,
+// -increment 10 %, max-cpu-throttle 99 %, throttle-trigger-threshold 50 %,
+// no tailslow): what Setup gives a policy that permits throttling with
+// QEMU's rule, so that the engine writes it rather than inherit an earlier
+// user's values.
+var DefaultThrottle = Throttle{Initial: 20, Increment: 10, Max: 99, TriggerThreshold: 50}
+
 // Decision is the output of one Step.
 type Decision struct {
 	Action        Action
