@@ -126,6 +126,7 @@ const (
 	EventDecision EventKind = "decision"
 	EventDisk     EventKind = "disk"
 	EventResult   EventKind = "result"
+	EventLimits   EventKind = "limits" // a limit changed through the Job (SetBandwidth, SetMaxDowntime, SetBudget)
 )
 
 // Event is one observation of a running migration. Exactly the member named
@@ -140,6 +141,7 @@ type Event struct {
 	DecisionErr error                 //   the error applying it, if any
 	Disk        *blockmirror.Progress // Kind == EventDisk
 	Result      *Result               // Kind == EventResult
+	Limits      *Limits               // Kind == EventLimits: the limits now in force
 }
 
 // Stats is one sample of the source's query-migrate.

@@ -143,6 +143,11 @@ func (r *run) converge(ctx context.Context) error {
 					continue
 				}
 				r.event(SideDestination, ev)
+			case q := <-r.job.reqs:
+				if err := r.serve(ctx, q); err != nil {
+					return err
+				}
+				break wait // poll at once: the strategy sees the change
 			case <-timer.C:
 				break wait
 			}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/strategy"
@@ -15,7 +16,12 @@ func (r *run) decide(ctx context.Context, d strategy.Decision) error {
 	if d.Action == strategy.Wait {
 		return nil
 	}
-	aerr := r.apply(ctx, d)
+	return r.record(ctx, d, r.apply(ctx, d))
+}
+
+// record feeds a decision's outcome (aerr) back to the strategy, records
+// and reports it, and returns the error that ends the migration, if any.
+func (r *run) record(ctx context.Context, d strategy.Decision, aerr error) error {
 	r.m.Applied(d, aerr)
 	r.res.Decisions = append(r.res.Decisions, d)
 	r.log.Debug("decision", "action", d.Action, "reason", d.Reason, "err", aerr)
@@ -73,19 +79,10 @@ func (r *run) apply(ctx context.Context, d strategy.Decision) error {
 			return err
 		}
 	case strategy.PauseSource:
-		if r.stage != stagePrecopy {
-			return fmt.Errorf("the source can be paused only in pre-copy, not in stage %s", r.stage)
-		}
 		if !r.cfg.Strategy.Limits.AllowPause {
 			return errors.New("pausing the source is not permitted")
 		}
-		r.enter(stagePaused) // as for postcopy: the stop may land late
-		if err := r.do(ctx, SideSource, "stop", r.src.Stop); err != nil {
-			if isQMPError(err) { // refused: not paused
-				r.revert(stagePaused)
-			}
-			return err
-		}
+		return r.pauseSource(ctx)
 	case strategy.MirrorWriteBlocking:
 		if r.mirror == nil {
 			return errors.New("no disk mirrors to switch")
@@ -105,4 +102,35 @@ func (r *run) apply(ctx context.Context, d strategy.Decision) error {
 		return fmt.Errorf("unknown action %q", d.Action)
 	}
 	return nil
+}
+
+// pauseSource stops the guest on the source so that QEMU finishes with a
+// stop-and-copy (the strategy's PauseSource, or the job's ForceComplete).
+func (r *run) pauseSource(ctx context.Context) error {
+	if r.stage != stagePrecopy {
+		return fmt.Errorf("the source can be paused only in pre-copy, not in stage %s", r.stage)
+	}
+	r.enter(stagePaused) // as for postcopy: the stop may land late
+	if err := r.do(ctx, SideSource, "stop", r.src.Stop); err != nil {
+		if isQMPError(err) { // refused: not paused
+			r.revert(stagePaused)
+		}
+		return err
+	}
+	return nil
+}
+
+// setSourceParams sets parameters on the source (what names them, for
+// the logs).
+func (r *run) setSourceParams(ctx context.Context, what string, p qmp.MigrationParameters) error {
+	r.log.Debug("set source parameters", "what", what, "params", paramString(p))
+	return r.do(ctx, SideSource, "migrate-set-parameters", func(c context.Context) error { return r.src.MigrateSetParameters(c, p) })
+}
+
+func paramsBandwidth(bps uint64) qmp.MigrationParameters {
+	return qmp.MigrationParameters{MaxBandwidth: qmp.Ptr(bps)}
+}
+
+func paramsDowntime(d time.Duration) qmp.MigrationParameters {
+	return qmp.MigrationParameters{DowntimeLimit: qmp.Ptr(qmp.MillisOf(d))}
 }

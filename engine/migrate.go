@@ -13,54 +13,10 @@ import (
 	"github.com/qmigrate/qmigrate/transport"
 )
 
-// Migrate runs one migration from cfg.Source to cfg.Destination and returns
-// when the guest runs on the destination (Status "completed", nil error), or
-// when the migration failed or was cancelled and the rollback ran (the guest
-// runs on the source). The Result is never nil: an invalid config returns
-// one with Status "failed" and an error wrapping ErrInvalidConfig, without
-// touching either QEMU, and the observer gets only the result event. See the
-// package documentation for the phases.
-func Migrate(ctx context.Context, cfg Config) (*Result, error) {
-	t0 := time.Now()
-	err := cfg.Validate()
-	var m *strategy.Machine
-	if err == nil {
-		if m, err = strategy.New(cfg.Strategy); err != nil {
-			err = fmt.Errorf("%w: Strategy: %v", ErrInvalidConfig, err)
-		}
-	}
-	if err != nil {
-		// Nothing was touched. The Result and the observer's one event
-		// say so like for any other failure.
-		res := &Result{Status: StatusFailed, Total: time.Since(t0), Err: err}
-		if cfg.Observer != nil {
-			cfg.Observer(Event{Kind: EventResult, Elapsed: res.Total, Result: res})
-		}
-		return res, err
-	}
-	ch, _ := transport.Parse(cfg.URI) // Validate checked it
-	r := &run{
-		cfg:    cfg,
-		log:    cfg.logger(),
-		t0:     t0,
-		res:    &Result{},
-		ch:     ch,
-		migCh:  ch,
-		m:      m,
-		phase:  PhasePrepare,
-		stage:  stagePrepare,
-		seen:   1 << stagePrepare,
-		prevSC: map[string]bool{},
-		prevDC: map[string]bool{},
-	}
-	err = r.execute(ctx)
-	r.finish(err)
-	return r.res, r.res.Err
-}
-
-// run is the state of one migration. It is owned by the goroutine that called
-// Migrate; nothing else touches it.
+// run is the state of one migration. It is owned by its job's goroutine
+// (job.go); nothing else touches it.
 type run struct {
+	job   *Job
 	cfg   Config
 	log   *slog.Logger
 	t0    time.Time
@@ -108,12 +64,14 @@ type run struct {
 
 func (r *run) elapsed() time.Duration { return time.Since(r.t0) }
 
+// emit hands ev to the observer (synchronously, in order) and to the job's
+// snapshot and subscribers.
 func (r *run) emit(ev Event) {
-	if r.cfg.Observer == nil {
-		return
-	}
 	ev.Elapsed = r.elapsed()
-	r.cfg.Observer(ev)
+	if r.cfg.Observer != nil {
+		r.cfg.Observer(ev)
+	}
+	r.job.publish(ev)
 }
 
 func (r *run) setPhase(p Phase) {
@@ -128,12 +86,18 @@ func (r *run) setPhase(p Phase) {
 func (r *run) execute(ctx context.Context) error {
 	defer r.closeAll()
 	r.emit(Event{Kind: EventPhase, Phase: PhasePrepare})
-	steps := []func(context.Context) error{r.prepare, r.start, r.converge, r.complete}
+	steps := []func(context.Context) error{r.prepare, r.start, r.running, r.converge, r.complete}
 	for _, step := range steps {
 		if err := step(ctx); err != nil {
 			return r.fail(ctx, err)
 		}
 	}
+	return nil
+}
+
+// running tells Start that the migration runs: it returns the Job.
+func (r *run) running(context.Context) error {
+	close(r.job.start)
 	return nil
 }
 

@@ -80,6 +80,9 @@ func (r *run) prepare(ctx context.Context) error {
 		r.m.SetStorage(strategy.Storage{Disks: true, CanSwitch: r.srcF.BlockJobChange, CanRestart: !r.srcF.BlockJobChange, WriteBlocking: st.WriteBlocking})
 	}
 	r.setup = r.m.Setup()
+	// Postcopy permitted: its capability is on whatever the policy, so
+	// that the caller can start it through the job (StartPostcopy).
+	r.setup.Postcopy = r.setup.Postcopy || r.cfg.Strategy.Limits.AllowPostcopy
 	if r.setup.Postcopy && r.cfg.MultifdChannels > 0 &&
 		!(r.src.Version().AtLeast(10, 1) && r.dst.Version().AtLeast(10, 1)) {
 		// 8.1-10.0 refuse multifd with postcopy-ram; 7.2 accepts it and

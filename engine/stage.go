@@ -138,6 +138,7 @@ func (r *run) enter(t stage) {
 	r.log.Debug("stage", "from", r.stage, "to", t, "elapsed", r.elapsed())
 	r.stage = t
 	r.seen |= 1 << t
+	r.job.setStage(t)
 	if p := t.phase(); p != "" {
 		r.setPhase(p)
 	}
@@ -153,6 +154,7 @@ func (r *run) revert(from stage) {
 	r.log.Debug("stage", "from", r.stage, "to", stagePrecopy, "why", "refused by QEMU")
 	r.stage = stagePrecopy
 	r.seen &^= 1 << from
+	r.job.setStage(stagePrecopy)
 	r.setPhase(PhaseConverge)
 }
 

@@ -172,6 +172,10 @@ func (r *run) waitMirrors(ctx context.Context) error {
 			return r.errorf("", "wait for mirrors", fmt.Errorf("%w: %w", blockmirror.ErrDestinationGone, r.dst.Err()))
 		case <-r.src.Done():
 			return r.errorf("", "wait for mirrors", fmt.Errorf("%w: %w", blockmirror.ErrSourceGone, r.src.Err()))
+		case q := <-r.job.reqs:
+			if err := r.serve(ctx, q); err != nil {
+				return err
+			}
 		case <-timer.C:
 		}
 	}
