@@ -184,6 +184,10 @@ type Result struct {
 	Undone []string
 	// UndoErrors lists rollback steps that failed, with why.
 	UndoErrors []string
+	// Rollback is every step of the rollback as it ended, in order, for
+	// a program to act on (Undone and UndoErrors are the same for people,
+	// plus the notes of how a late cancel or a rescue ended).
+	Rollback []RollbackStep
 	// StateUnknown: the engine could not establish where the guest runs,
 	// a monitor having stopped answering (ErrUnresponsive) once the
 	// switchover began (nothing is rolled back from there) or the rollback
@@ -210,13 +214,52 @@ const (
 	SideDestination Side = "destination"
 )
 
+// RollbackStep is one step of a rollback (Result.Rollback).
+type RollbackStep struct {
+	Name string // what the step undoes: "source: restore capabilities", "destination: remove migration socket", ...
+	Side Side   // the QEMU it acts on; "" when not one in particular
+	Did  string // what it did; "" when there was nothing to do, or it failed
+	Err  error  // why it failed or was not attempted (wraps ErrUnresponsive for a silent QEMU); nil when it ran
+}
+
 // Error is a failed step of a migration: in which phase, on which side, what
 // the engine was doing, and the cause (often a *qmp.Error with QEMU's text).
 type Error struct {
 	Phase Phase
 	Side  Side // "" when the step is not tied to one side
 	Op    string
+	// Check says which check of prepare refused the migration, for an
+	// Error that wraps ErrBadInput ("" otherwise): what a manager acts on
+	// (retry the connection, start the destination again, fix its RAM).
+	Check Check
 	Err   error
+}
+
+// Check names what prepare found wrong (Error.Check). Nothing has changed
+// on either QEMU when prepare refuses a migration.
+type Check string
+
+// The checks of prepare.
+const (
+	CheckConnect  Check = "connect"   // no QMP connection: wrong address, nothing listening, no greeting, client closed
+	CheckInspect  Check = "inspect"   // a QEMU refused, or did not answer, a query prepare reads it with
+	CheckRunState Check = "run-state" // a QEMU in the wrong run state, or already migrating or listening
+	CheckRAM      Check = "ram"       // the two sides' RAM sizes differ
+	CheckMachine  Check = "machine"   // the two sides' machine types differ
+	CheckMultifd  Check = "multifd"   // multifd cannot work between these two (their -uuid differ)
+	CheckFeatures Check = "features"  // a capability or command the migration needs is missing
+	CheckStorage  Check = "storage"   // the disks cannot be migrated as asked (storage preflight)
+	CheckTLS      Check = "tls"       // a QEMU cannot load the TLS credentials
+)
+
+// CheckOf returns the check that refused a migration (Error.Check), or ""
+// when err is not a refusal of prepare.
+func CheckOf(err error) Check {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Check
+	}
+	return ""
 }
 
 func (e *Error) Error() string {
@@ -270,6 +313,16 @@ var (
 	// ErrMigrationFailed: QEMU reported the migration failed (error-desc in
 	// the message).
 	ErrMigrationFailed = errors.New("migration failed")
+
+	// ErrDestinationGone: the destination QEMU went away (its QMP
+	// connection ended: the process exited or was killed) during the
+	// migration. With ErrMigrationFailed when that failed the migration,
+	// as opposed to a migration QEMU reported failed while both QEMUs
+	// stayed up.
+	ErrDestinationGone = errors.New("destination QEMU went away")
+
+	// ErrSourceGone: the source QEMU went away during the migration.
+	ErrSourceGone = errors.New("source QEMU went away")
 
 	// ErrPostcopyFailed: a failure after postcopy started. There is no
 	// rollback from postcopy; the guest state lives on both sides.

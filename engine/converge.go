@@ -121,11 +121,11 @@ func (r *run) converge(ctx context.Context) error {
 				ctx = context.WithoutCancel(ctx)
 			case <-r.dst.Done():
 				if r.stage == stagePostcopy {
-					return r.errorf(SideDestination, "monitor", fmt.Errorf("destination QEMU went away during postcopy: %w", r.dst.Err()))
+					return r.errorf(SideDestination, "monitor", fmt.Errorf("%w during postcopy: %w", ErrDestinationGone, r.dst.Err()))
 				}
 				return r.dstGone("monitor")
 			case <-r.src.Done():
-				return r.errorf(SideSource, "monitor", fmt.Errorf("source QEMU went away: %w", r.src.Err()))
+				return r.errorf(SideSource, "monitor", fmt.Errorf("%w: %w", ErrSourceGone, r.src.Err()))
 			case ev, ok := <-srcEv:
 				if !ok {
 					srcEv = nil
@@ -178,7 +178,7 @@ func (r *run) dstGone(op string) error {
 	if cause == nil {
 		cause = qmp.ErrClosed
 	}
-	return r.errorf(SideDestination, op, fmt.Errorf("%w: destination QEMU went away: %w", ErrMigrationFailed, cause))
+	return r.errorf(SideDestination, op, fmt.Errorf("%w: %w: %w", ErrMigrationFailed, ErrDestinationGone, cause))
 }
 
 func (r *run) event(side Side, ev qmp.Event) {

@@ -222,3 +222,61 @@ func TestJobStartFails(t *testing.T) {
 		require.ErrorIs(t, err, engine.ErrInvalidConfig)
 	})
 }
+
+// What a manager acts on is typed: which check refused the migration, a
+// destination that went away against a migration QEMU failed, and each
+// rollback step with its side and outcome.
+func TestTypedOutcomes(t *testing.T) {
+	t.Run("checks", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			for _, tc := range []struct {
+				opt  fakevm.Options
+				want engine.Check
+			}{
+				{fakevm.Options{DstRAM: 64 << 20}, engine.CheckRAM},
+				{fakevm.Options{DstMachine: "pc-i440fx-7.2"}, engine.CheckMachine},
+				{fakevm.Options{DstRunState: "running"}, engine.CheckRunState},
+				{fakevm.Options{SrcRunState: "shutdown"}, engine.CheckRunState},
+			} {
+				_, cfg := pair(t, tc.opt)
+				_, err := engine.Migrate(t.Context(), cfg)
+				require.ErrorIs(t, err, engine.ErrBadInput)
+				assert.Equal(t, tc.want, engine.CheckOf(err), "%v", err)
+			}
+			_, cfg := pair(t, fakevm.Options{})
+			cfg.Source = engine.Endpoint{Address: "unix:/nonexistent/qmigrate-test.qmp"}
+			_, err := engine.Migrate(t.Context(), cfg)
+			assert.Equal(t, engine.CheckConnect, engine.CheckOf(err), "%v", err)
+			assert.Equal(t, engine.Check(""), engine.CheckOf(engine.ErrCancelled))
+		})
+	})
+	t.Run("destination gone", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+			cfg.Strategy.Policy = strategy.PolicyQEMU
+			time.AfterFunc(2*time.Second, p.KillDst)
+			res, err := engine.Migrate(t.Context(), cfg)
+			assert.ErrorIs(t, err, engine.ErrDestinationGone)
+			assert.NotErrorIs(t, err, engine.ErrSourceGone)
+			assert.Equal(t, "running", p.SrcRunState())
+			require.NotEmpty(t, res.Rollback)
+			sides := map[engine.Side]bool{}
+			for _, s := range res.Rollback {
+				sides[s.Side] = true
+				assert.NotEmpty(t, s.Name)
+				if s.Err == nil && s.Did != "" {
+					assert.Contains(t, res.Undone, s.Did)
+				}
+			}
+			assert.True(t, sides[engine.SideSource], "%+v", res.Rollback)
+		})
+	})
+	t.Run("QEMU reports failure", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			_, cfg := pair(t, fakevm.Options{FailWith: "something broke"})
+			_, err := engine.Migrate(t.Context(), cfg)
+			assert.ErrorIs(t, err, engine.ErrMigrationFailed)
+			assert.NotErrorIs(t, err, engine.ErrDestinationGone)
+		})
+	})
+}

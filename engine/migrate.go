@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/qmigrate/qmigrate/blockmirror"
@@ -166,7 +167,9 @@ func (r *run) unwind(ctx context.Context) {
 		u := r.undo[len(r.undo)-1]
 		r.undo = r.undo[:len(r.undo)-1]
 		if u.side != "" && r.silent.isMute(u.side) {
-			r.res.UndoErrors = append(r.res.UndoErrors, fmt.Sprintf("%s: not attempted: the %s QEMU's monitor stopped answering", u.name, u.side))
+			err := &quietWrap{fmt.Sprintf("not attempted: the %s QEMU's monitor stopped answering", u.side), ErrUnresponsive}
+			r.res.UndoErrors = append(r.res.UndoErrors, u.name+": "+err.Error())
+			r.res.Rollback = append(r.res.Rollback, RollbackStep{Name: u.name, Side: u.acts(), Err: err})
 			continue
 		}
 		sctx, cancel := context.WithTimeout(ctx, undoStepTimeout)
@@ -178,10 +181,12 @@ func (r *run) unwind(ctx context.Context) {
 		if uerr != nil {
 			r.log.Debug("undo failed", "step", u.name, "err", uerr)
 			r.res.UndoErrors = append(r.res.UndoErrors, u.name+": "+uerr.Error())
+			did = ""
 		} else if did != "" {
 			r.log.Debug("undone", "step", did)
 			r.res.Undone = append(r.res.Undone, did)
 		}
+		r.res.Rollback = append(r.res.Rollback, RollbackStep{Name: u.name, Side: u.acts(), Did: did, Err: uerr})
 		if r.stage.sourceCompleted() {
 			return
 		}
@@ -230,6 +235,16 @@ type undoStep struct {
 	fn   func(context.Context) (string, error)
 }
 
+// acts is the side the step acts on: the side it names first.
+func (u undoStep) acts() Side {
+	for _, s := range []Side{SideSource, SideDestination} {
+		if strings.HasPrefix(u.name, string(s)+":") {
+			return s
+		}
+	}
+	return u.side
+}
+
 func (r *run) pushUndo(side Side, name string, fn func(context.Context) (string, error)) {
 	r.undo = append(r.undo, undoStep{name: name, side: side, fn: fn})
 }
@@ -239,9 +254,10 @@ func (r *run) errorf(side Side, op string, err error) error {
 	return &Error{Phase: r.phase, Side: side, Op: op, Err: err}
 }
 
-// badInput is an *Error in prepare that wraps ErrBadInput and the cause.
-func (r *run) badInput(side Side, op string, err error) error {
-	return &Error{Phase: r.phase, Side: side, Op: op, Err: fmt.Errorf("%w: %w", ErrBadInput, err)}
+// badInput is an *Error in prepare, of the given check, that wraps
+// ErrBadInput and the cause.
+func (r *run) badInput(check Check, side Side, op string, err error) error {
+	return &Error{Phase: r.phase, Side: side, Op: op, Check: check, Err: fmt.Errorf("%w: %w", ErrBadInput, err)}
 }
 
 // cancelled is the error for the caller's context ending.
@@ -259,7 +275,11 @@ func (r *run) callErr(ctx context.Context, side Side, op string, err error) erro
 		return err // already an *Error naming the side and the command
 	}
 	if errors.Is(err, qmp.ErrClosed) {
-		err = fmt.Errorf("%s QEMU went away: %w", side, err)
+		gone := ErrSourceGone
+		if side == SideDestination {
+			gone = ErrDestinationGone
+		}
+		err = fmt.Errorf("%w: %w", gone, err)
 	}
 	return r.errorf(side, op, err)
 }
@@ -270,3 +290,13 @@ func (r *run) client(side Side) *qmp.Client {
 	}
 	return r.dst
 }
+
+// quietWrap is an error whose text is msg alone, wrapping err for
+// errors.Is.
+type quietWrap struct {
+	msg string
+	err error
+}
+
+func (e *quietWrap) Error() string { return e.msg }
+func (e *quietWrap) Unwrap() error { return e.err }

@@ -75,7 +75,7 @@ func (r *run) prepare(ctx context.Context) error {
 		r.srcF, r.dstF = si.feat, di.feat
 		r.srcForm, r.dstForm = transport.FormOf(r.srcF), transport.FormOf(r.dstF)
 		if !r.srcF.HasCommand("blockdev-mirror") || !r.dstF.HasCommand("block-export-add") {
-			return r.badInput("", "check storage support", errors.New("storage migration needs blockdev-mirror on the source and block-export-add on the destination"))
+			return r.badInput(CheckFeatures, "", "check storage support", errors.New("storage migration needs blockdev-mirror on the source and block-export-add on the destination"))
 		}
 		r.m.SetStorage(strategy.Storage{Disks: true, CanSwitch: r.srcF.BlockJobChange, CanRestart: !r.srcF.BlockJobChange, WriteBlocking: st.WriteBlocking})
 	}
@@ -94,10 +94,10 @@ func (r *run) prepare(ctx context.Context) error {
 		"auto-converge", r.setup.AutoConverge, "postcopy", r.setup.Postcopy, "throttle", r.setup.Throttle)
 	srcCaps, dstCaps := r.wantCaps()
 	if err := checkCaps(SideSource, r.src.Version(), si.caps, srcCaps); err != nil {
-		return r.badInput(SideSource, "check capabilities", err)
+		return r.badInput(CheckFeatures, SideSource, "check capabilities", err)
 	}
 	if err := checkCaps(SideDestination, r.dst.Version(), di.caps, dstCaps); err != nil {
-		return r.badInput(SideDestination, "check capabilities", err)
+		return r.badInput(CheckFeatures, SideDestination, "check capabilities", err)
 	}
 	// From here on things change on the QEMUs.
 	if err := r.addTLS(ctx); err != nil {
@@ -129,7 +129,7 @@ func (r *run) connect(ctx context.Context, side Side, ep Endpoint) (*qmp.Client,
 	if ep.Client != nil {
 		select {
 		case <-ep.Client.Done():
-			return nil, r.badInput(side, "connect", fmt.Errorf("client already closed: %w", ep.Client.Err()))
+			return nil, r.badInput(CheckConnect, side, "connect", fmt.Errorf("client already closed: %w", ep.Client.Err()))
 		default:
 		}
 		return ep.Client, nil
@@ -146,7 +146,7 @@ func (r *run) connect(ctx context.Context, side Side, ep Endpoint) (*qmp.Client,
 		if cctx.Err() != nil {
 			err = fmt.Errorf("no QMP greeting from %s within %v: %w", ep.Address, timeout.Round(time.Millisecond), err)
 		}
-		return nil, r.badInput(side, "connect", err)
+		return nil, r.badInput(CheckConnect, side, "connect", err)
 	}
 	return c, nil
 }
@@ -167,7 +167,7 @@ func (r *run) inspect(ctx context.Context, side Side) (*sideInfo, error) {
 		if qctx.Err() != nil {
 			err = fmt.Errorf("no answer within %v: %w", timeout.Round(time.Millisecond), err)
 		}
-		return r.badInput(side, op, err)
+		return r.badInput(CheckInspect, side, op, err)
 	}
 	info := &sideInfo{}
 	var (
@@ -246,11 +246,11 @@ func isQMPError(err error) bool {
 // check compares the two sides. Nothing has changed yet: every failure is bad input.
 func (r *run) check(si, di *sideInfo) error {
 	if di.status != "inmigrate" {
-		return r.badInput(SideDestination, "check run state",
+		return r.badInput(CheckRunState, SideDestination, "check run state",
 			fmt.Errorf("destination is in run state %q, not \"inmigrate\": start it with -incoming defer", di.status))
 	}
 	if di.mig.Status != qmp.StatusNone || len(di.mig.SocketAddress) > 0 {
-		return r.badInput(SideDestination, "check incoming migration",
+		return r.badInput(CheckRunState, SideDestination, "check incoming migration",
 			fmt.Errorf("destination already listens or migrates (status %q): start it with -incoming defer, not -incoming URI", di.mig.Status))
 	}
 	switch si.status {
@@ -258,24 +258,24 @@ func (r *run) check(si, di *sideInfo) error {
 		r.srcWasRunning = true
 	case "paused":
 	default:
-		return r.badInput(SideSource, "check run state",
+		return r.badInput(CheckRunState, SideSource, "check run state",
 			fmt.Errorf("source is in run state %q, want \"running\" (or \"paused\")", si.status))
 	}
 	if s := si.mig.Status; s != qmp.StatusNone && !s.Terminal() {
-		return r.badInput(SideSource, "check migration state",
+		return r.badInput(CheckRunState, SideSource, "check migration state",
 			fmt.Errorf("source already has a migration in status %q", s))
 	}
 	if si.memory != 0 && di.memory != 0 && si.memory != di.memory {
-		return r.badInput(SideDestination, "compare RAM size",
+		return r.badInput(CheckRAM, SideDestination, "compare RAM size",
 			fmt.Errorf("source has %d bytes of RAM, destination %d", si.memory, di.memory))
 	}
 	if si.machine != "" && di.machine != "" && si.machine != di.machine {
-		return r.badInput(SideDestination, "compare machine type",
+		return r.badInput(CheckMachine, SideDestination, "compare machine type",
 			fmt.Errorf("source machine type %q, destination %q", si.machine, di.machine))
 	}
 	if r.cfg.MultifdChannels > 0 {
 		if err := transport.CheckUUIDs(si.uuid, di.uuid); err != nil {
-			return r.badInput(SideDestination, "compare uuid for multifd", err)
+			return r.badInput(CheckMultifd, SideDestination, "compare uuid for multifd", err)
 		}
 	}
 	return nil
@@ -638,7 +638,7 @@ func (r *run) startStorage(ctx context.Context) error {
 			return r.cancelled(ctx, "start mirrors")
 		}
 		if errors.Is(err, blockmirror.ErrPreflight) {
-			return r.badInput("", "storage preflight", err)
+			return r.badInput(CheckStorage, "", "storage preflight", err)
 		}
 		return r.errorf("", "start mirrors", err)
 	}

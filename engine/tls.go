@@ -50,7 +50,7 @@ func (r *run) addTLS(ctx context.Context) error {
 			continue
 		}
 		if isQMPError(err) && ctx.Err() == nil {
-			return r.badInput(side, "object-add "+fmt.Sprint(objs[i]["qom-type"]),
+			return r.badInput(CheckTLS, side, "object-add "+fmt.Sprint(objs[i]["qom-type"]),
 				fmt.Errorf("the %s QEMU refused the TLS credentials in %s: %w", side, objs[i]["dir"], err))
 		}
 		return r.callErr(ctx, side, "object-add", err)
