@@ -7,7 +7,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/qmigrate/qmigrate/engine/internal/fakevm"
+	"github.com/qmigrate/qmigrate/qemutest"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/qmp/qmptest"
 )
@@ -29,7 +29,7 @@ func TestFakeArgumentErrorsMatchQEMU(t *testing.T) {
 			{"migrate-unexpected", "migrate", map[string]any{"uri": "unix:/tmp/qm-golden.sock", "no-such-argument": true}},
 		} {
 			t.Run(version+"/"+tc.file, func(t *testing.T) {
-				_, cfg := pair(t, fakevm.Options{Version: v})
+				_, cfg := pair(t, qemutest.Options{Version: v})
 				c := cfg.Destination.Client
 				if tc.cmd == "migrate" {
 					c = cfg.Source.Client
