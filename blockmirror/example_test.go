@@ -3,29 +3,37 @@ package blockmirror
 import (
 	"context"
 	"fmt"
-	"testing"
 
+	"github.com/qmigrate/qmigrate/qemutest"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
-// The storage part of a migration, against fake QEMUs. The real engine runs
+// The storage part of a migration, against a fake QEMU pair. The real engine runs
 // migrate-incoming/migrate after WaitReady and calls Finish when the source
 // reaches pre-switchover.
 func Example() {
-	t := &testing.T{}
-	src := newFake(t, blk("disk0", "/var/lib/vm/a.qcow2", 1<<30, false))
-	dst := newFake(t, blk("disk0", "/var/lib/vm/a.qcow2", 1<<30, false))
-	defer src.s.Close()
-	defer dst.s.Close()
+	vms := qemutest.New(qemutest.Options{
+		Disks:      []qmp.BlockInfo{blk("disk0", "/var/lib/vm/a.qcow2", 1<<30, false)},
+		DstDisks:   []qmp.BlockInfo{blk("disk0", "/var/lib/vm/a.qcow2", 1<<30, false)},
+		MirrorRate: qemutest.MirrorManual,
+	})
+	defer vms.Close()
 	ctx := context.Background()
-	f := &qmp.Features{}
-
-	s, err := Start(ctx, src.c, dst.c, f, f, Config{}, "tcp:198.18.0.2:4444")
+	src, dst, err := vms.Clients(ctx)
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
-	src.progress(1<<30, true) // the fake copies everything at once
+	defer src.Close()
+	defer dst.Close()
+	f := &qmp.Features{}
+
+	s, err := Start(ctx, src, dst, f, f, Config{}, "tcp:198.18.0.2:4444")
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	vms.Src.SetMirrorProgress(1<<30, true) // the fake copies everything at once
 	err = s.WaitReady(ctx, func(p []Progress) {
 		fmt.Printf("%s: %d/%d ready=%v\n", p[0].Node, p[0].Done, p[0].Total, p[0].Ready)
 	})
@@ -34,7 +42,7 @@ func Example() {
 	fmt.Println("finish:", s.Finish(ctx))
 	// ... migrate-continue, wait for completed ...
 	fmt.Println("cleanup:", s.Cleanup(ctx))
-	fmt.Println(dst.commands())
+	fmt.Println((&fakeQEMU{QEMU: vms.Dst}).commands())
 	// Output:
 	// disk0: 1073741824/1073741824 ready=true
 	// ready: <nil>

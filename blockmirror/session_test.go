@@ -22,9 +22,9 @@ const (
 var feat72 = &qmp.Features{Commands: map[string]bool{"yank": true}}
 
 func pair(t *testing.T) (src, dst *fakeQEMU) {
-	src = newFake(t, blk("disk0", "/src/a.raw", 64*mib, false), blk("disk1", "/src/b.raw", 32*mib, false), blk("cd0", "/iso/x.iso", 8*mib, true))
-	dst = newFake(t, blk("disk0", "/dst/a.raw", 64*mib, false), blk("disk1", "/dst/b.raw", 32*mib, false), blk("cd0", "/iso/x.iso", 8*mib, true))
-	return src, dst
+	return fakes(t,
+		[]qmp.BlockInfo{blk("disk0", "/src/a.raw", 64*mib, false), blk("disk1", "/src/b.raw", 32*mib, false), blk("cd0", "/iso/x.iso", 8*mib, true)},
+		[]qmp.BlockInfo{blk("disk0", "/dst/a.raw", 64*mib, false), blk("disk1", "/dst/b.raw", 32*mib, false), blk("cd0", "/iso/x.iso", 8*mib, true)})
 }
 
 func nothingLeft(t *testing.T, src, dst *fakeQEMU) {
@@ -76,7 +76,7 @@ func TestStartFinishCleanup(t *testing.T) {
 	assert.Equal(t, Progress{Node: "disk0", Job: p[0].Job, Total: 64 * mib, CopyMode: "background"}, p[0])
 	require.ErrorIs(t, s.Cleanup(ctx), ErrState)
 
-	src.progress(64*mib, true)
+	src.SetMirrorProgress(64*mib, true)
 	var seen [][]Progress
 	require.NoError(t, s.WaitReady(ctx, func(p []Progress) { seen = append(seen, p) }))
 	last := seen[len(seen)-1]
@@ -85,7 +85,7 @@ func TestStartFinishCleanup(t *testing.T) {
 
 	require.NoError(t, s.Finish(ctx))
 	assert.Nil(t, src.args("block-job-cancel", 0)["force"], "soft cancel")
-	assert.Len(t, src.s.CallsOf("block-job-cancel"), 2)
+	assert.Len(t, src.CallsOf("block-job-cancel"), 2)
 	require.NoError(t, s.Finish(ctx), "Finish twice is a no-op")
 	require.NoError(t, s.Cleanup(ctx))
 	assert.Equal(t, []string{"blockdev-add", "blockdev-mirror", "blockdev-add", "blockdev-mirror",
@@ -129,7 +129,7 @@ func TestPreflight(t *testing.T) {
 			if tc.uri == "" {
 				tc.uri = uri
 			}
-			src, dst := newFake(t, tc.src...), newFake(t, tc.dst...)
+			src, dst := fakes(t, tc.src, tc.dst)
 			s, err := Start(ctx, src.c, dst.c, feat72, feat72, tc.cfg, tc.uri)
 			require.ErrorIs(t, err, ErrPreflight)
 			assert.Nil(t, s)
@@ -146,7 +146,7 @@ func TestSelection(t *testing.T) {
 	// By device qdev, and disk1 declared shared.
 	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{Disks: []string{"/machine/peripheral/vd-disk0/virtio-backend"}, Shared: []string{"disk1"}, WriteBlocking: true}, uri)
 	require.NoError(t, err)
-	assert.Len(t, src.s.CallsOf("blockdev-mirror"), 1)
+	assert.Len(t, src.CallsOf("blockdev-mirror"), 1)
 	assert.Equal(t, "disk0", src.args("blockdev-mirror", 0)["device"])
 	assert.Equal(t, "write-blocking", src.args("blockdev-mirror", 0)["copy-mode"])
 	require.NoError(t, s.Abort(ctx))
@@ -159,14 +159,14 @@ func TestSyncTopWithBackingChain(t *testing.T) {
 	b.Inserted.BackingFile, b.Inserted.BackingFileDepth = "/images/base.qcow2", 1
 	d := blk("disk0", "/dst/top.qcow2", 64*mib, false)
 	d.Inserted.BackingFile, d.Inserted.BackingFileDepth = "/other/base.qcow2", 1
-	src, dst := newFake(t, b), newFake(t, d)
+	src, dst := fakes(t, []qmp.BlockInfo{b}, []qmp.BlockInfo{d})
 	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
 	require.NoError(t, err)
 	assert.Equal(t, "top", src.args("blockdev-mirror", 0)["sync"])
 	require.NoError(t, s.Abort(ctx))
 
 	// No backing on the destination: full.
-	src2, dst2 := newFake(t, b), newFake(t, blk("disk0", "/dst/top.qcow2", 64*mib, false))
+	src2, dst2 := fakes(t, []qmp.BlockInfo{b}, []qmp.BlockInfo{blk("disk0", "/dst/top.qcow2", 64*mib, false)})
 	s, err = Start(ctx, src2.c, dst2.c, feat72, feat72, Config{}, uri)
 	require.NoError(t, err)
 	assert.Equal(t, "full", src2.args("blockdev-mirror", 0)["sync"])
@@ -176,7 +176,7 @@ func TestSyncTopWithBackingChain(t *testing.T) {
 func TestStartUndoesPartialWork(t *testing.T) {
 	ctx := context.Background()
 	src, dst := pair(t)
-	src.mirrorErr["disk1"] = qerr("Permission conflicts on node 'disk1'")
+	src.RefuseMirror("disk1", qerr("Permission conflicts on node 'disk1'"))
 	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
 	require.Error(t, err)
 	assert.Nil(t, s)
@@ -186,14 +186,14 @@ func TestStartUndoesPartialWork(t *testing.T) {
 	assert.Equal(t, "Permission conflicts on node 'disk1'", qe.Desc)
 	// disk0's mirror was force-cancelled, both NBD nodes deleted, exports and server gone.
 	assert.Equal(t, true, src.args("block-job-cancel", 0)["force"])
-	assert.Len(t, src.s.CallsOf("blockdev-del"), 2)
+	assert.Len(t, src.CallsOf("blockdev-del"), 2)
 	assert.Equal(t, []string{"nbd-server-start", "block-export-add", "block-export-add",
 		"block-export-del", "block-export-del", "nbd-server-stop"}, dst.commands())
 	assert.Equal(t, "hard", dst.args("block-export-del", 0)["mode"])
 	nothingLeft(t, src, dst)
 
 	// A retry works.
-	delete(src.mirrorErr, "disk1")
+	src.RefuseMirror("disk1", nil)
 	s, err = Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
 	require.NoError(t, err)
 	require.NoError(t, s.Abort(ctx))
@@ -206,16 +206,16 @@ func TestAbortBeforeAndAfterReady(t *testing.T) {
 		src, dst := pair(t)
 		s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
 		require.NoError(t, err)
-		src.progress(8*mib, ready)
+		src.SetMirrorProgress(8*mib, ready)
 		if ready {
 			require.NoError(t, s.WaitReady(ctx, nil))
 		} else {
 			require.ErrorIs(t, s.Finish(ctx), ErrNotReady)
-			assert.Empty(t, src.s.CallsOf("block-job-cancel"), "Finish cancels nothing when not ready")
+			assert.Empty(t, src.CallsOf("block-job-cancel"), "Finish cancels nothing when not ready")
 		}
 		require.NoError(t, s.Abort(ctx))
 		require.NoError(t, s.Abort(ctx))
-		assert.Len(t, src.s.CallsOf("block-job-cancel"), 2)
+		assert.Len(t, src.CallsOf("block-job-cancel"), 2)
 		nothingLeft(t, src, dst)
 		require.ErrorIs(t, s.Finish(ctx), ErrState)
 		require.ErrorIs(t, s.WaitReady(ctx, nil), ErrState)
@@ -229,7 +229,7 @@ func TestMirrorErrorEvent(t *testing.T) {
 	require.NoError(t, err)
 	p, err := s.Progress(ctx)
 	require.NoError(t, err)
-	src.fail(p[1].Job, "Input/output error")
+	src.FailMirror(p[1].Job, "Input/output error")
 	err = s.WaitReady(ctx, nil)
 	require.ErrorIs(t, err, ErrMirrorFailed)
 	var je *JobError
@@ -248,7 +248,7 @@ func TestDestinationGone(t *testing.T) {
 	src, dst := pair(t)
 	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
 	require.NoError(t, err)
-	dst.s.CloseConns()
+	dst.CloseConns()
 	err = s.WaitReady(ctx, nil)
 	require.ErrorIs(t, err, ErrDestinationGone)
 	require.NoError(t, s.Abort(ctx), "the destination part is skipped")
@@ -264,11 +264,11 @@ func TestSetWriteBlocking(t *testing.T) {
 	err = s.SetWriteBlocking(ctx)
 	require.ErrorIs(t, err, ErrUnsupported)
 	require.ErrorIs(t, err, errors.ErrUnsupported)
-	assert.Empty(t, src.s.CallsOf("block-job-change"))
+	assert.Empty(t, src.CallsOf("block-job-change"))
 
 	s.srcF = &qmp.Features{BlockJobChange: true}
 	require.NoError(t, s.SetWriteBlocking(ctx))
-	calls := src.s.CallsOf("block-job-change")
+	calls := src.CallsOf("block-job-change")
 	require.Len(t, calls, 2)
 	a := src.args("block-job-change", 0)
 	assert.Equal(t, "mirror", a["type"])
@@ -277,7 +277,7 @@ func TestSetWriteBlocking(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "write-blocking", p[0].CopyMode)
 	require.NoError(t, s.SetWriteBlocking(ctx))
-	assert.Len(t, src.s.CallsOf("block-job-change"), 2, "already write-blocking")
+	assert.Len(t, src.CallsOf("block-job-change"), 2, "already write-blocking")
 	require.NoError(t, s.Abort(ctx))
 }
 
@@ -286,7 +286,7 @@ func TestRestartWriteBlocking(t *testing.T) {
 	src, dst := pair(t)
 	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
 	require.NoError(t, err)
-	src.progress(4*mib, false)
+	src.SetMirrorProgress(4*mib, false)
 	p, err := s.Progress(ctx)
 	require.NoError(t, err)
 	require.Len(t, p, 2)
@@ -294,7 +294,7 @@ func TestRestartWriteBlocking(t *testing.T) {
 	nbd0 := src.args("blockdev-mirror", 0)["target"]
 
 	require.NoError(t, s.RestartWriteBlocking(ctx))
-	cancels := src.s.CallsOf("block-job-cancel")
+	cancels := src.CallsOf("block-job-cancel")
 	require.Len(t, cancels, 2)
 	for i := range 2 {
 		assert.Equal(t, true, src.args("block-job-cancel", i)["force"])
@@ -304,8 +304,8 @@ func TestRestartWriteBlocking(t *testing.T) {
 		assert.NotEqual(t, oldJobs[i], a["job-id"], "a new job id")
 	}
 	assert.Equal(t, nbd0, src.args("blockdev-mirror", 2)["target"], "same NBD client node")
-	assert.Empty(t, src.s.CallsOf("blockdev-del"), "NBD client nodes kept")
-	assert.Empty(t, dst.s.CallsOf("block-export-del"), "exports kept")
+	assert.Empty(t, src.CallsOf("blockdev-del"), "NBD client nodes kept")
+	assert.Empty(t, dst.CallsOf("block-export-del"), "exports kept")
 	n, j, e, _ := src.state()
 	assert.Equal(t, 2, n)
 	assert.Equal(t, 2, j)
@@ -323,8 +323,8 @@ func TestRestartWriteBlocking(t *testing.T) {
 		assert.False(t, p[i].Ready)
 	}
 	require.NoError(t, s.RestartWriteBlocking(ctx))
-	assert.Len(t, src.s.CallsOf("block-job-cancel"), 2, "already write-blocking: nothing restarted")
-	src.progress(8*mib, true)
+	assert.Len(t, src.CallsOf("block-job-cancel"), 2, "already write-blocking: nothing restarted")
+	src.SetMirrorProgress(8*mib, true)
 	require.NoError(t, s.WaitReady(ctx, nil))
 	require.NoError(t, s.Finish(ctx))
 	require.NoError(t, s.Cleanup(ctx))
@@ -337,9 +337,7 @@ func TestRestartWriteBlockingFailsThenAbort(t *testing.T) {
 	src, dst := pair(t)
 	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
 	require.NoError(t, err)
-	src.mu.Lock()
-	src.mirrorErr["disk1"] = qerr("Permission conflict")
-	src.mu.Unlock()
+	src.RefuseMirror("disk1", qerr("Permission conflict"))
 	err = s.RestartWriteBlocking(ctx)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "Permission conflict")
@@ -355,17 +353,17 @@ func TestNextJobID(t *testing.T) {
 func TestDerivedTCPPortMovesOn(t *testing.T) {
 	ctx := context.Background()
 	src, dst := pair(t)
-	dst.serverErr = 2
+	dst.failServerStart(2)
 	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{Disks: []string{"disk0"}}, "tcp:198.18.0.2:4444")
 	require.NoError(t, err)
-	calls := dst.s.CallsOf("nbd-server-start")
+	calls := dst.CallsOf("nbd-server-start")
 	require.Len(t, calls, 3)
 	assert.JSONEq(t, `{"addr":{"type":"inet","data":{"host":"198.18.0.2","port":"4447"}}}`, string(calls[2].Args))
 	assert.Equal(t, map[string]any{"type": "inet", "host": "198.18.0.2", "port": "4447"}, src.args("blockdev-add", 0)["server"])
 	require.NoError(t, s.Abort(ctx))
 
 	// An explicit address is not moved.
-	dst.serverErr = 1
+	dst.failServerStart(1)
 	_, err = Start(ctx, src.c, dst.c, feat72, feat72, Config{NBDAddress: "tcp:198.18.0.2:10809"}, uri)
 	require.Error(t, err)
 	nothingLeft(t, src, dst)
@@ -381,7 +379,7 @@ func TestWaitReadyTiming(t *testing.T) {
 		go func() {
 			for i := uint64(1); i <= 4; i++ {
 				time.Sleep(time.Second)
-				src.progress(i*8*mib, i == 4)
+				src.SetMirrorProgress(i*8*mib, i == 4)
 			}
 		}()
 		start := time.Now()
@@ -461,7 +459,7 @@ func TestCreateTargets(t *testing.T) {
 	ctx := context.Background()
 	b := blk("disk0", "/src/vm/a.qcow2", 64*mib, false)
 	b.Inserted.Driver = "qcow2"
-	src, dst := newFake(t, b), newFake(t)
+	src, dst := fakes(t, []qmp.BlockInfo{b}, nil)
 	_, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
 	require.ErrorIs(t, err, ErrPreflight, "missing node without CreateTargets")
 
@@ -483,7 +481,7 @@ func TestCreateTargets(t *testing.T) {
 	nothingLeft(t, src, dst)
 
 	// A failed creation job is an error and is undone.
-	dst.createErr = "Could not create '/dst/vm/a.qcow2': Permission denied"
+	dst.FailCreate("Could not create '/dst/vm/a.qcow2': Permission denied")
 	_, err = Start(ctx, src.c, dst.c, feat72, feat72, Config{CreateTargets: true, TargetDir: "/dst/vm"}, uri)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "Permission denied")

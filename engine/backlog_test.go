@@ -10,7 +10,7 @@ import (
 
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/engine/internal/fakevm"
+	"github.com/qmigrate/qmigrate/qemutest"
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
@@ -19,8 +19,8 @@ import (
 // RAM take about 9 s at 16 MiB/s: a RAM phase long enough for auto to
 // measure the disk backlog. At the converge phase the guest speeds up to
 // after bytes/s.
-func lateWriter(t *testing.T, version [3]int, after float64) (*fakevm.Pair, engine.Config, *lateRec) {
-	p, cfg := pair(t, fakevm.Options{Version: version, Disk: 32 << 20, MirrorRate: 32 << 20, DiskWriteRate: 8 << 20, Throughput: 16 << 20})
+func lateWriter(t *testing.T, version [3]int, after float64) (*qemutest.Pair, engine.Config, *lateRec) {
+	p, cfg := pair(t, qemutest.Options{Version: version, Disk: 32 << 20, MirrorRate: 32 << 20, DiskWriteRate: 8 << 20, Throughput: 16 << 20})
 	cfg.Storage = &blockmirror.Config{}
 	rec := &lateRec{}
 	cfg.Observer = func(e engine.Event) {

@@ -9,7 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/engine/internal/fakevm"
+	"github.com/qmigrate/qmigrate/qemutest"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/strategy"
 )
@@ -41,7 +41,7 @@ func TestGuestDirtyRateMeasured(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				// The guest dirties 3 × the link: QEMU's own rate reads about the link.
-				p, cfg := pair(t, fakevm.Options{Version: tc.version, Throughput: 100 << 20, DirtyRate: 300 << 20})
+				p, cfg := pair(t, qemutest.Options{Version: tc.version, Throughput: 100 << 20, DirtyRate: 300 << 20})
 				var rec recorder
 				cfg.Observer = rec.observe
 				res, err := engine.Migrate(t.Context(), cfg)
@@ -77,14 +77,14 @@ func TestGuestDirtyRateMeasured(t *testing.T) {
 // means no measurement.
 func TestGuestDirtyRateNotMeasured(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 10 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 10 << 20})
 		cfg.Strategy.Policy = strategy.PolicyQEMU
 		res, err := engine.Migrate(t.Context(), cfg)
 		require.NoError(t, err, "%+v", res)
 		assert.Empty(t, p.DirtyRateCalcs())
 	})
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 10 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 10 << 20})
 		p.Src.Handle("calc-dirty-rate", func(json.RawMessage) (any, error) {
 			return nil, &qmp.Error{Class: "CommandNotFound", Desc: "The command calc-dirty-rate has not been found"}
 		})

@@ -10,14 +10,14 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/engine/internal/fakevm"
+	"github.com/qmigrate/qmigrate/qemutest"
 )
 
 // pair starts a simulated pair and returns a config that drives it through
 // clients the test holds.
-func pair(t *testing.T, opt fakevm.Options) (*fakevm.Pair, engine.Config) {
+func pair(t *testing.T, opt qemutest.Options) (*qemutest.Pair, engine.Config) {
 	t.Helper()
-	p := fakevm.New(opt)
+	p := qemutest.New(opt)
 	ctx := context.Background()
 	src, err := p.Src.Client(ctx)
 	require.NoError(t, err)
@@ -71,7 +71,7 @@ func (r *recorder) kinds(k engine.EventKind) int {
 
 func TestMigrateHappyPath(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{DirtyRate: 50 << 20})
+		p, cfg := pair(t, qemutest.Options{DirtyRate: 50 << 20})
 		var rec recorder
 		cfg.Observer = rec.observe
 		res, err := engine.Migrate(t.Context(), cfg)
@@ -91,9 +91,9 @@ func TestMigrateHappyPath(t *testing.T) {
 		assert.Equal(t, engine.EventResult, last.Kind)
 		assert.Same(t, res, last.Result)
 		// max-bandwidth always explicit, events on both sides.
-		assert.Equal(t, engine.UnlimitedBandwidth, p.Param(0, "max-bandwidth"))
-		assert.True(t, p.Caps(0)["events"])
-		assert.True(t, p.Caps(1)["events"])
+		assert.Equal(t, engine.UnlimitedBandwidth, p.Param(qemutest.Source, "max-bandwidth"))
+		assert.True(t, p.Caps(qemutest.Source)["events"])
+		assert.True(t, p.Caps(qemutest.Destination)["events"])
 		assert.Empty(t, p.Src.CallsOf("migrate_cancel"))
 	})
 }

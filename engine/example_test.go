@@ -6,14 +6,13 @@ import (
 	"time"
 
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/engine/internal/fakevm"
+	"github.com/qmigrate/qmigrate/qemutest"
 )
 
-// Migrate a guest between two simulated QEMUs (qmp/qmptest servers scripted
-// by engine/internal/fakevm). With real QEMUs, set Endpoint.Address to their
+// Migrate a guest between two fake QEMUs (package qemutest). With real QEMUs, set Endpoint.Address to their
 // QMP sockets instead of passing clients.
 func Example() {
-	vms := fakevm.New(fakevm.Options{RAM: 64 << 20, Throughput: 1 << 30, DirtyRate: 16 << 20})
+	vms := qemutest.New(qemutest.Options{RAM: 64 << 20, Throughput: 1 << 30, DirtyRate: 16 << 20})
 	defer vms.Close()
 	ctx := context.Background()
 	src, _ := vms.Src.Client(ctx)

@@ -16,7 +16,7 @@ import (
 
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/engine/internal/fakevm"
+	"github.com/qmigrate/qmigrate/qemutest"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/qmp/qmptest"
 	"github.com/qmigrate/qmigrate/strategy"
@@ -73,7 +73,7 @@ func TestValidate(t *testing.T) {
 
 // badInput runs a migration that must fail in prepare with ErrBadInput and
 // without changing anything on either side.
-func badInput(t *testing.T, p *fakevm.Pair, cfg engine.Config, want string) *engine.Error {
+func badInput(t *testing.T, p *qemutest.Pair, cfg engine.Config, want string) *engine.Error {
 	t.Helper()
 	res, err := engine.Migrate(t.Context(), cfg)
 	require.Error(t, err)
@@ -84,7 +84,7 @@ func badInput(t *testing.T, p *fakevm.Pair, cfg engine.Config, want string) *eng
 	var ee *engine.Error
 	require.ErrorAs(t, err, &ee)
 	assert.Equal(t, engine.PhasePrepare, ee.Phase)
-	for _, s := range []*qmptest.Server{p.Src, p.Dst} {
+	for _, s := range []*qemutest.QEMU{p.Src, p.Dst} {
 		for _, c := range s.Calls() {
 			switch c.Command {
 			case "migrate-set-capabilities", "migrate-set-parameters", "migrate", "migrate-incoming", "stop", "cont":
@@ -98,17 +98,17 @@ func badInput(t *testing.T, p *fakevm.Pair, cfg engine.Config, want string) *eng
 
 func TestPrepareBadInput(t *testing.T) {
 	for name, tc := range map[string]struct {
-		opt     fakevm.Options
+		opt     qemutest.Options
 		multifd int
 		side    engine.Side
 		want    string
 	}{
-		"destination running":      {opt: fakevm.Options{DstRunState: "running"}, side: engine.SideDestination, want: `"inmigrate"`},
-		"destination not deferred": {opt: fakevm.Options{DstNotDeferred: true}, side: engine.SideDestination, want: "-incoming defer"},
-		"source postmigrate":       {opt: fakevm.Options{SrcRunState: "postmigrate"}, side: engine.SideSource, want: `"postmigrate"`},
-		"RAM size":                 {opt: fakevm.Options{DstRAM: 256 << 20}, side: engine.SideDestination, want: "RAM"},
-		"machine type":             {opt: fakevm.Options{DstMachine: "pc-i440fx-10.0"}, side: engine.SideDestination, want: "machine type"},
-		"multifd uuid": {opt: fakevm.Options{SrcUUID: "11111111-1111-1111-1111-111111111111"}, multifd: 4,
+		"destination running":      {opt: qemutest.Options{DstRunState: "running"}, side: engine.SideDestination, want: `"inmigrate"`},
+		"destination not deferred": {opt: qemutest.Options{DstNotDeferred: true}, side: engine.SideDestination, want: "-incoming defer"},
+		"source postmigrate":       {opt: qemutest.Options{SrcRunState: "postmigrate"}, side: engine.SideSource, want: `"postmigrate"`},
+		"RAM size":                 {opt: qemutest.Options{DstRAM: 256 << 20}, side: engine.SideDestination, want: "RAM"},
+		"machine type":             {opt: qemutest.Options{DstMachine: "pc-i440fx-10.0"}, side: engine.SideDestination, want: "machine type"},
+		"multifd uuid": {opt: qemutest.Options{SrcUUID: "11111111-1111-1111-1111-111111111111"}, multifd: 4,
 			side: engine.SideDestination, want: "uuid"},
 	} {
 		t.Run(name, func(t *testing.T) {
@@ -186,7 +186,7 @@ func TestPrepareMuteMonitor(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				p, cfg := pair(t, fakevm.Options{})
+				p, cfg := pair(t, qemutest.Options{})
 				mute := p.Src
 				if tc.side == engine.SideDestination {
 					mute = p.Dst
@@ -217,9 +217,9 @@ func TestFailureRollsBack(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				p, cfg := pair(t, fakevm.Options{})
-				before := p.Caps(0)
-				bw := p.Param(0, "max-bandwidth")
+				p, cfg := pair(t, qemutest.Options{})
+				before := p.Caps(qemutest.Source)
+				bw := p.Param(qemutest.Source, "max-bandwidth")
 				srv := p.Src
 				if tc.side == 1 {
 					srv = p.Dst
@@ -239,8 +239,8 @@ func TestFailureRollsBack(t *testing.T) {
 				var qe *qmp.Error
 				require.ErrorAs(t, err, &qe, "QEMU's error is kept")
 				assert.Contains(t, err.Error(), "injected "+tc.cmd+" failure")
-				assert.Equal(t, before, p.Caps(0), "source capabilities restored")
-				assert.Equal(t, bw, p.Param(0, "max-bandwidth"), "source parameters restored")
+				assert.Equal(t, before, p.Caps(qemutest.Source), "source capabilities restored")
+				assert.Equal(t, bw, p.Param(qemutest.Source, "max-bandwidth"), "source parameters restored")
 				assert.Equal(t, "running", p.SrcRunState())
 				assert.Contains(t, rec.phases(), engine.PhaseRollback)
 				assert.NotEmpty(t, res.Undone)
@@ -253,9 +253,9 @@ func TestFailureRollsBack(t *testing.T) {
 func TestCancelMidMigration(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		// Dirtying faster than the link: never converges by itself.
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
 		cfg.Strategy.Policy = strategy.PolicyQEMU
-		before := p.Caps(0)
+		before := p.Caps(qemutest.Source)
 		ctx, cancel := context.WithCancel(t.Context())
 		time.AfterFunc(3*time.Second, cancel)
 		res, err := engine.Migrate(ctx, cfg)
@@ -267,7 +267,7 @@ func TestCancelMidMigration(t *testing.T) {
 		assert.Len(t, p.Src.CallsOf("migrate_cancel"), 1)
 		assert.Equal(t, qmp.StatusCancelled, p.Status())
 		assert.Equal(t, "running", p.SrcRunState())
-		assert.Equal(t, before, p.Caps(0))
+		assert.Equal(t, before, p.Caps(qemutest.Source))
 		assert.Contains(t, res.Undone[0], "migrate_cancel")
 		assert.Empty(t, res.UndoErrors)
 	})
@@ -275,7 +275,7 @@ func TestCancelMidMigration(t *testing.T) {
 
 func TestDestinationDies(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
 		cfg.Strategy.Policy = strategy.PolicyQEMU
 		time.AfterFunc(2*time.Second, p.KillDst)
 		res, err := engine.Migrate(t.Context(), cfg)
@@ -294,7 +294,7 @@ func TestDestinationDies(t *testing.T) {
 
 func TestStrategyAbortWithinBudget(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
 		cfg.Strategy.Policy = strategy.PolicyQEMU
 		cfg.Strategy.Limits.Budget = 5 * time.Second
 		res, err := engine.Migrate(t.Context(), cfg)
@@ -314,7 +314,7 @@ func TestStrategyAbortWithinBudget(t *testing.T) {
 // an error that says so.
 func TestPostcopyDestinationDies(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20, PostcopyRate: 10 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20, PostcopyRate: 10 << 20})
 		cfg.Strategy.Limits.Budget = 3 * time.Second
 		cfg.Strategy.Limits.AllowPostcopy = true
 		time.AfterFunc(5*time.Second, p.KillDst)
@@ -334,7 +334,7 @@ func TestPostcopyDestinationDies(t *testing.T) {
 func TestPostcopyNeverCancelled(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		// Postcopy runs slowly so the cancel lands in postcopy-active.
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20, PostcopyRate: 10 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20, PostcopyRate: 10 << 20})
 		cfg.Strategy.Limits.Budget = 3 * time.Second
 		cfg.Strategy.Limits.AllowPostcopy = true
 		ctx, cancel := context.WithCancel(t.Context())
@@ -346,7 +346,7 @@ func TestPostcopyNeverCancelled(t *testing.T) {
 		assert.Greater(t, res.Total, 5*time.Second, "the cancel came during postcopy")
 		assert.Zero(t, p.CancelsInPostcopy())
 		assert.Empty(t, p.Src.CallsOf("migrate_cancel"))
-		assert.True(t, p.Caps(0)["postcopy-ram"] && p.Caps(1)["postcopy-ram"])
+		assert.True(t, p.Caps(qemutest.Source)["postcopy-ram"] && p.Caps(qemutest.Destination)["postcopy-ram"])
 		assert.Equal(t, "running", p.DstRunState())
 		require.NotEmpty(t, res.Decisions)
 	})
@@ -354,7 +354,7 @@ func TestPostcopyNeverCancelled(t *testing.T) {
 
 func TestPostcopyCompletes(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
 		cfg.Strategy.Limits.Budget = 3 * time.Second
 		cfg.Strategy.Limits.AllowPostcopy = true
 		var rec recorder
@@ -375,7 +375,7 @@ func TestPostcopyCompletes(t *testing.T) {
 
 func TestPauseSourceFinishes(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
 		cfg.Strategy.Limits.Budget = 3 * time.Second
 		cfg.Strategy.Limits.AllowPause = true
 		cfg.Strategy.Limits.NoThrottle = true
@@ -391,7 +391,7 @@ func TestPauseSourceFinishes(t *testing.T) {
 // capped at the user's maximum.
 func TestDecisionsApplied(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 200 << 20, DirtyRate: 250 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 200 << 20, DirtyRate: 250 << 20})
 		cfg.Strategy.Policy = strategy.PolicyProxmox
 		cfg.Strategy.Limits.MaxDowntime = 2 * time.Second
 		cfg.Strategy.Limits.NoThrottle = true
@@ -409,7 +409,7 @@ func TestDecisionsApplied(t *testing.T) {
 			}
 		}
 		require.Positive(t, n, "proxmox raised the downtime")
-		assert.Equal(t, uint64(last.Milliseconds()), p.Param(0, "downtime-limit"))
+		assert.Equal(t, uint64(last.Milliseconds()), p.Param(qemutest.Source, "downtime-limit"))
 		assert.LessOrEqual(t, last, 2*time.Second)
 	})
 }
@@ -435,7 +435,7 @@ func TestArgFormsByTrying(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				p, cfg := pair(t, fakevm.Options{Version: tc.src, DstVersion: tc.dst})
+				p, cfg := pair(t, qemutest.Options{Version: tc.src, DstVersion: tc.dst})
 				cfg.URI = "tcp:127.0.0.1:0"
 				res, err := engine.Migrate(t.Context(), cfg)
 				require.NoError(t, err)
@@ -511,7 +511,7 @@ func TestArgFormFallbackFailures(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				p, cfg := pair(t, fakevm.Options{Version: tc.version})
+				p, cfg := pair(t, qemutest.Options{Version: tc.version})
 				srv := p.Src
 				members := []string{"uri", "*blk", "*inc", "*detach", "*resume"}
 				if tc.side == 1 {
@@ -544,7 +544,7 @@ func TestArgFormFallbackFailures(t *testing.T) {
 				assert.Equal(t, tc.wantDesc, qe.Desc)
 				assert.Len(t, srv.CallsOf(tc.cmd), tc.calls)
 				assert.Equal(t, "running", p.SrcRunState())
-				assert.False(t, p.Caps(0)["events"], "source capabilities restored")
+				assert.False(t, p.Caps(qemutest.Source)["events"], "source capabilities restored")
 				assert.Empty(t, res.UndoErrors)
 			})
 		})
@@ -554,11 +554,11 @@ func TestArgFormFallbackFailures(t *testing.T) {
 func TestMultifdBothSides(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		u := "11111111-2222-3333-4444-555555555555"
-		p, cfg := pair(t, fakevm.Options{SrcUUID: u, DstUUID: u})
+		p, cfg := pair(t, qemutest.Options{SrcUUID: u, DstUUID: u})
 		cfg.MultifdChannels = 4
 		_, err := engine.Migrate(t.Context(), cfg)
 		require.NoError(t, err)
-		for side := range 2 {
+		for _, side := range []qemutest.Side{qemutest.Source, qemutest.Destination} {
 			assert.True(t, p.Caps(side)["multifd"])
 			assert.Equal(t, 4, p.Param(side, "multifd-channels"))
 		}
@@ -567,7 +567,7 @@ func TestMultifdBothSides(t *testing.T) {
 
 func TestMissingCapabilityIsBadInput(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{})
+		p, cfg := pair(t, qemutest.Options{})
 		cfg.MultifdChannels = 2
 		// A QEMU without multifd: its query-migrate-capabilities lists
 		// every capability it has.
@@ -585,7 +585,7 @@ var _ = errors.Is
 // comes before any change and is bad input.
 func TestStorageSchemaFailureIsBadInput(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Disk: 16 << 20})
+		p, cfg := pair(t, qemutest.Options{Disk: 16 << 20})
 		cfg.Storage = &blockmirror.Config{}
 		p.Dst.Handle("query-qmp-schema", qmptest.Fail("GenericError", "injected schema failure"))
 		ee := badInput(t, p, cfg, "injected schema failure")
@@ -598,7 +598,7 @@ func TestStorageSchemaFailureIsBadInput(t *testing.T) {
 // destination is still up.
 func TestSourceReportsFailure(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{FailWith: "multifd: received uuid '1111' and expected uuid '2222'"})
+		p, cfg := pair(t, qemutest.Options{FailWith: "multifd: received uuid '1111' and expected uuid '2222'"})
 		res, err := engine.Migrate(t.Context(), cfg)
 		require.Error(t, err)
 		assert.Equal(t, engine.StatusFailed, res.Status)
@@ -614,7 +614,7 @@ func TestSourceReportsFailure(t *testing.T) {
 
 func TestSourceDies(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
 		cfg.Strategy.Policy = strategy.PolicyQEMU
 		time.AfterFunc(time.Second, p.Src.CloseConns)
 		var rec recorder
@@ -637,7 +637,7 @@ func TestSourceDies(t *testing.T) {
 // A migration that stops moving is aborted after the progress timeout.
 func TestProgressTimeout(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
 		cfg.Strategy.Policy = strategy.PolicyQEMU
 		cfg.Strategy.Limits.ProgressTimeout = 3 * time.Second
 		time.AfterFunc(time.Second, func() { p.SetThroughput(0) })
@@ -654,7 +654,7 @@ func TestProgressTimeout(t *testing.T) {
 // input, and nothing changed.
 func TestCancelDuringPrepare(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{})
+		p, cfg := pair(t, qemutest.Options{})
 		p.Dst.Handle("query-migrate-parameters", func(json.RawMessage) (any, error) { return nil, qmptest.ErrNoReply })
 		ctx, cancel := context.WithCancel(t.Context())
 		time.AfterFunc(time.Second, cancel)
@@ -672,7 +672,7 @@ func TestCancelDuringPrepare(t *testing.T) {
 // result last.
 func TestEventOrder(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		_, cfg := pair(t, fakevm.Options{Throughput: 200 << 20, DirtyRate: 250 << 20})
+		_, cfg := pair(t, qemutest.Options{Throughput: 200 << 20, DirtyRate: 250 << 20})
 		cfg.Strategy.Limits.MaxDowntime = 2 * time.Second
 		var rec recorder
 		cfg.Observer = rec.observe
@@ -698,14 +698,14 @@ func TestEventOrder(t *testing.T) {
 // left off (7.2 would crash the destination at the switch).
 func TestMultifdNoPostcopyBefore101(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Version: [3]int{7, 2, 22}})
+		p, cfg := pair(t, qemutest.Options{Version: [3]int{7, 2, 22}})
 		cfg.MultifdChannels = 2
 		cfg.Strategy.Limits.AllowPostcopy = true
 		_, err := engine.Migrate(t.Context(), cfg)
 		require.NoError(t, err)
-		assert.False(t, p.Caps(0)["postcopy-ram"])
-		assert.False(t, p.Caps(1)["postcopy-ram"])
-		assert.True(t, p.Caps(0)["multifd"])
+		assert.False(t, p.Caps(qemutest.Source)["postcopy-ram"])
+		assert.False(t, p.Caps(qemutest.Destination)["postcopy-ram"])
+		assert.True(t, p.Caps(qemutest.Source)["multifd"])
 	})
 }
 
@@ -714,7 +714,7 @@ func TestMultifdNoPostcopyBefore101(t *testing.T) {
 // resumes the destination) instead of abandoning it, and says so.
 func TestCancelLosesRaceWithCompletion(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20})
 		p.Src.Handle("migrate_cancel", func(json.RawMessage) (any, error) { return nil, nil }) // too late to cancel
 		ctx, cancel := context.WithCancel(t.Context())
 		time.AfterFunc(500*time.Millisecond, cancel)

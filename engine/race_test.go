@@ -11,7 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/engine/internal/fakevm"
+	"github.com/qmigrate/qmigrate/qemutest"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/qmp/qmptest"
 )
@@ -19,7 +19,7 @@ import (
 // guestWhereResultSays checks the invariant a caller relies on: after
 // Migrate the guest runs exactly where the Result says, and the other side
 // does not run it.
-func guestWhereResultSays(t *testing.T, p *fakevm.Pair, res *engine.Result) {
+func guestWhereResultSays(t *testing.T, p *qemutest.Pair, res *engine.Result) {
 	t.Helper()
 	if res.Status == engine.StatusCompleted {
 		assert.Equal(t, "running", p.DstRunState(), "completed: the guest runs on the destination")
@@ -35,7 +35,7 @@ func guestWhereResultSays(t *testing.T, p *fakevm.Pair, res *engine.Result) {
 // cancelAtSwitchover runs a migration whose context is cancelled the moment
 // the source stops for the stop-and-copy, so migrate_cancel arrives while
 // the device state is being written.
-func cancelAtSwitchover(t *testing.T, p *fakevm.Pair, cfg engine.Config) (*engine.Result, error) {
+func cancelAtSwitchover(t *testing.T, p *qemutest.Pair, cfg engine.Config) (*engine.Result, error) {
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
 	cfg.Observer = func(e engine.Event) {
@@ -49,7 +49,7 @@ func cancelAtSwitchover(t *testing.T, p *fakevm.Pair, cfg engine.Config) (*engin
 // A cancel at the stop-and-copy, for every way QEMU can end it.
 func TestCancelAtSwitchoverEndings(t *testing.T) {
 	for name, tc := range map[string]struct {
-		opt        fakevm.Options
+		opt        qemutest.Options
 		holdFails  int // the destination refuses its first n stops (-1: every one)
 		status     string
 		srcCont    int    // cont commands the source gets
@@ -58,30 +58,30 @@ func TestCancelAtSwitchoverEndings(t *testing.T) {
 		undoErrors string // a substring of UndoErrors ("" = none)
 	}{
 		// The stream is cut: the usual ending.
-		"cut": {opt: fakevm.Options{}, status: engine.StatusCancelled, dstGone: true},
+		"cut": {opt: qemutest.Options{}, status: engine.StatusCancelled, dstGone: true},
 		// 10.0: completed over cancelling. The held destination is resumed.
-		"completes": {opt: fakevm.Options{LateCancel: fakevm.LateCancelCompletes}, status: engine.StatusCompleted,
+		"completes": {opt: qemutest.Options{LateCancel: qemutest.LateCancelCompletes}, status: engine.StatusCompleted,
 			dstRun: "running", undoErrors: "completed before the cancel took effect"},
 		// 7.2 and 10.0: cancelled and the source resumed, while the
 		// destination read the whole stream: held, it stays paused.
-		"source resumes, destination completes": {opt: fakevm.Options{LateCancel: fakevm.LateCancelResumes},
+		"source resumes, destination completes": {opt: qemutest.Options{LateCancel: qemutest.LateCancelResumes},
 			status: engine.StatusCancelled, dstRun: "paused", undoErrors: "left paused"},
 		// The same where the destination could not be held: it started
 		// the guest by itself and is stopped.
-		"source resumes, destination started": {opt: fakevm.Options{LateCancel: fakevm.LateCancelResumes}, holdFails: 1,
+		"source resumes, destination started": {opt: qemutest.Options{LateCancel: qemutest.LateCancelResumes}, holdFails: 1,
 			status: engine.StatusCancelled, dstRun: "paused", undoErrors: "started the guest; stopped it"},
 		// ... and where it refuses stop for good, the source is stopped
 		// instead: one copy runs, and the migration completed.
-		"source resumes, destination started and cannot be stopped": {opt: fakevm.Options{LateCancel: fakevm.LateCancelResumes},
+		"source resumes, destination started and cannot be stopped": {opt: qemutest.Options{LateCancel: qemutest.LateCancelResumes},
 			holdFails: -1, status: engine.StatusCompleted, dstRun: "running", undoErrors: "the source was stopped instead"},
 		// Cancelled, yet the source stopped for good (QEMU did not record
 		// that the guest ran) and the destination completed: the guest's
 		// latest state is on the destination, the migration completed.
-		"source postmigrate, destination completes": {opt: fakevm.Options{LateCancel: fakevm.LateCancelPostmigrate},
+		"source postmigrate, destination completes": {opt: qemutest.Options{LateCancel: qemutest.LateCancelPostmigrate},
 			status: engine.StatusCompleted, dstRun: "running", undoErrors: "the source stopped for good"},
 		// Cancelled, the source stopped, the destination failed: the
 		// source gets the guest back.
-		"source postmigrate, destination fails": {opt: fakevm.Options{LateCancel: fakevm.LateCancelPostmigrateDstFails},
+		"source postmigrate, destination fails": {opt: qemutest.Options{LateCancel: qemutest.LateCancelPostmigrateDstFails},
 			status: engine.StatusCancelled, srcCont: 1, dstGone: true},
 	} {
 		t.Run(name, func(t *testing.T) {
@@ -118,7 +118,7 @@ func TestCancelAtSwitchoverEndings(t *testing.T) {
 					assert.Contains(t, strings.Join(res.UndoErrors, "\n"), tc.undoErrors)
 				}
 				if tc.status == engine.StatusCancelled {
-					assert.False(t, p.Caps(0)["events"], "source capabilities restored")
+					assert.False(t, p.Caps(qemutest.Source)["events"], "source capabilities restored")
 				}
 			})
 		})
@@ -130,7 +130,7 @@ func TestCancelAtSwitchoverEndings(t *testing.T) {
 // migration failed.
 func TestDestinationFailsAfterSourceCompleted(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 20 << 20, DstFailsLoad: true})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 20 << 20, DstFailsLoad: true})
 		var rec recorder
 		cfg.Observer = rec.observe
 		res, err := engine.Migrate(t.Context(), cfg)
@@ -140,7 +140,7 @@ func TestDestinationFailsAfterSourceCompleted(t *testing.T) {
 		guestWhereResultSays(t, p, res)
 		assert.Contains(t, strings.Join(res.Undone, "\n"), "source: cont (was postmigrate)")
 		assert.Empty(t, p.Src.CallsOf("migrate_cancel"), "nothing to cancel: the source completed")
-		assert.False(t, p.Caps(0)["events"], "source capabilities restored")
+		assert.False(t, p.Caps(qemutest.Source)["events"], "source capabilities restored")
 		assert.Contains(t, rec.phases(), engine.PhaseRollback)
 	})
 }
@@ -149,7 +149,7 @@ func TestDestinationFailsAfterSourceCompleted(t *testing.T) {
 // there, the source gets it back (the destination stays paused).
 func TestDestinationContFailsAfterSourceCompleted(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 20 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 20 << 20})
 		p.Dst.Handle("cont", qmptest.Fail("GenericError", "injected cont failure"))
 		res, err := engine.Migrate(t.Context(), cfg)
 		require.Error(t, err)
@@ -157,7 +157,7 @@ func TestDestinationContFailsAfterSourceCompleted(t *testing.T) {
 		assert.Equal(t, engine.StatusFailed, res.Status)
 		guestWhereResultSays(t, p, res)
 		assert.Equal(t, "paused", p.DstRunState())
-		assert.Positive(t, p.Stops(1), "the destination was stopped first")
+		assert.Positive(t, p.Stops(qemutest.Destination), "the destination was stopped first")
 	})
 }
 
@@ -166,7 +166,7 @@ func TestDestinationContFailsAfterSourceCompleted(t *testing.T) {
 // not cont'ed (QEMU refuses cont there).
 func TestResumeSourceWaitsOutFinishMigrate(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 20 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 20 << 20})
 		n := 0
 		p.Src.Handle("query-status", func(json.RawMessage) (any, error) {
 			n++

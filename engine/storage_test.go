@@ -11,14 +11,14 @@ import (
 
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/engine/internal/fakevm"
+	"github.com/qmigrate/qmigrate/qemutest"
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
 // heavyWriter is a pair whose guest dirties its 64 MiB disk at 200 MiB/s
 // while a mirror copies 32 MiB/s: background mode never gets READY.
-func heavyWriter(version [3]int) fakevm.Options {
-	return fakevm.Options{Version: version, Disk: 64 << 20, MirrorRate: 32 << 20, DiskWriteRate: 200 << 20}
+func heavyWriter(version [3]int) qemutest.Options {
+	return qemutest.Options{Version: version, Disk: 64 << 20, MirrorRate: 32 << 20, DiskWriteRate: 200 << 20}
 }
 
 func actionsOf(res *engine.Result) []strategy.Action {
@@ -29,7 +29,7 @@ func actionsOf(res *engine.Result) []strategy.Action {
 	return out
 }
 
-func assertBlockClean(t *testing.T, p *fakevm.Pair) {
+func assertBlockClean(t *testing.T, p *qemutest.Pair) {
 	t.Helper()
 	nodes, jobs, exports, server := p.BlockLeft()
 	assert.Zero(t, nodes, "NBD nodes left")
@@ -162,7 +162,7 @@ func TestStoragePresetBudgetInMirrorPhase(t *testing.T) {
 // A mirror that converges on its own gets no decision in the mirror phase.
 func TestStorageConvergingMirrorLeftAlone(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Disk: 256 << 20, MirrorRate: 64 << 20, DiskWriteRate: 8 << 20})
+		p, cfg := pair(t, qemutest.Options{Disk: 256 << 20, MirrorRate: 64 << 20, DiskWriteRate: 8 << 20})
 		cfg.Storage = &blockmirror.Config{}
 		res, err := engine.Migrate(t.Context(), cfg)
 		require.NoError(t, err)

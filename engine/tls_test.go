@@ -12,7 +12,7 @@ import (
 
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/engine/internal/fakevm"
+	"github.com/qmigrate/qmigrate/qemutest"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/transport"
 )
@@ -25,11 +25,11 @@ type tlsSnapshot struct {
 
 // snapshotAtConverge records both sides' objects and TLS parameters when
 // the converge phase begins.
-func snapshotAtConverge(p *fakevm.Pair, cfg *engine.Config) *tlsSnapshot {
+func snapshotAtConverge(p *qemutest.Pair, cfg *engine.Config) *tlsSnapshot {
 	s := &tlsSnapshot{}
 	cfg.Observer = func(ev engine.Event) {
 		if ev.Kind == engine.EventPhase && ev.Phase == engine.PhaseConverge {
-			for i := range 2 {
+			for _, i := range []qemutest.Side{qemutest.Source, qemutest.Destination} {
 				s.objects[i] = p.Objects(i)
 				s.params[i] = map[string]any{}
 				for _, k := range []string{"tls-creds", "tls-hostname", "tls-authz"} {
@@ -51,17 +51,17 @@ func onlyObject(t *testing.T, objs map[string]map[string]any) (string, map[strin
 	return "", nil
 }
 
-func assertNoTLSLeft(t *testing.T, p *fakevm.Pair) {
+func assertNoTLSLeft(t *testing.T, p *qemutest.Pair) {
 	t.Helper()
-	for i, side := range []string{"source", "destination"} {
-		assert.Empty(t, p.Objects(i), "%s: no credentials object left", side)
-		assert.Equal(t, "", p.Param(i, "tls-creds"), "%s: tls-creds back to empty", side)
+	for _, side := range []qemutest.Side{qemutest.Source, qemutest.Destination} {
+		assert.Empty(t, p.Objects(side), "%s: no credentials object left", side)
+		assert.Equal(t, "", p.Param(side, "tls-creds"), "%s: tls-creds back to empty", side)
 	}
 }
 
 func TestTLSX509Completes(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{DirtyRate: 20 << 20})
+		p, cfg := pair(t, qemutest.Options{DirtyRate: 20 << 20})
 		cfg.TLS = &transport.TLS{Dir: "/etc/pki/qemu", Hostname: "dst.example", Authz: "auth0"}
 		s := snapshotAtConverge(p, &cfg)
 		res, err := engine.Migrate(t.Context(), cfg)
@@ -77,17 +77,17 @@ func TestTLSX509Completes(t *testing.T) {
 		assert.Equal(t, map[string]any{"qom-type": "tls-creds-x509", "id": did, "dir": "/etc/pki/qemu", "endpoint": "server", "verify-peer": true}, do)
 		assert.Equal(t, map[string]any{"tls-creds": sid, "tls-hostname": "dst.example", "tls-authz": ""}, s.params[0])
 		assert.Equal(t, map[string]any{"tls-creds": did, "tls-hostname": "", "tls-authz": "auth0"}, s.params[1])
-		assert.Equal(t, "", p.Param(1, "tls-authz"), "authorization restored")
+		assert.Equal(t, "", p.Param(qemutest.Destination, "tls-authz"), "authorization restored")
 
 		assertNoTLSLeft(t, p)
-		assert.Equal(t, "", p.Param(0, "tls-hostname"))
-		assert.Equal(t, "", p.Param(1, "tls-authz"))
+		assert.Equal(t, "", p.Param(qemutest.Source, "tls-hostname"))
+		assert.Equal(t, "", p.Param(qemutest.Destination, "tls-authz"))
 	})
 }
 
 func TestTLSPSKPerSideFolders(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{})
+		p, cfg := pair(t, qemutest.Options{})
 		cfg.URI = "tcp:127.0.0.1:0"
 		cfg.TLS = &transport.TLS{Kind: transport.TLSPSK, SourceDir: "/src/psk", DestinationDir: "/dst/psk", Username: "mig"}
 		s := snapshotAtConverge(p, &cfg)
@@ -112,7 +112,7 @@ func TestTLSPSKPerSideFolders(t *testing.T) {
 func TestTLSRefusedCredentials(t *testing.T) {
 	const refusal = "Unable to access credentials /etc/pki/qemu/server-cert.pem: No such file or directory"
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{RefuseObject: refusal, RefuseObjectSide: 1})
+		p, cfg := pair(t, qemutest.Options{RefuseObject: refusal, RefuseObjectSide: qemutest.Destination})
 		cfg.TLS = &transport.TLS{Dir: "/etc/pki/qemu", Hostname: "dst.example"}
 		res, err := engine.Migrate(t.Context(), cfg)
 		require.Error(t, err)
@@ -127,7 +127,7 @@ func TestTLSRefusedCredentials(t *testing.T) {
 		require.Len(t, res.Undone, 1)
 		assert.Contains(t, res.Undone[0], "source: TLS credentials")
 		assertNoTLSLeft(t, p)
-		assert.Equal(t, uint64(134217728), p.Param(0, "max-bandwidth"), "parameters untouched")
+		assert.Equal(t, uint64(134217728), p.Param(qemutest.Source, "max-bandwidth"), "parameters untouched")
 	})
 }
 
@@ -135,16 +135,16 @@ func TestTLSRefusedCredentials(t *testing.T) {
 // the rest.
 func TestTLSRolledBack(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{FailWith: "Certificate does not match the hostname dst.example"})
+		p, cfg := pair(t, qemutest.Options{FailWith: "Certificate does not match the hostname dst.example"})
 		cfg.TLS = &transport.TLS{Dir: "/etc/pki/qemu", Hostname: "dst.example"}
 		res, err := engine.Migrate(t.Context(), cfg)
 		require.Error(t, err)
 		assert.ErrorIs(t, err, engine.ErrMigrationFailed)
 		assert.Contains(t, err.Error(), "Certificate does not match the hostname")
 		assert.Equal(t, "running", p.SrcRunState())
-		assert.Empty(t, p.Objects(0), "source: no credentials object left")
-		assert.Equal(t, "", p.Param(0, "tls-creds"))
-		assert.Equal(t, "", p.Param(0, "tls-hostname"))
+		assert.Empty(t, p.Objects(qemutest.Source), "source: no credentials object left")
+		assert.Equal(t, "", p.Param(qemutest.Source, "tls-creds"))
+		assert.Equal(t, "", p.Param(qemutest.Source, "tls-hostname"))
 		found := false
 		for _, u := range res.Undone {
 			found = found || strings.HasPrefix(u, "source: TLS credentials")
@@ -159,7 +159,7 @@ func TestLeftoverTLSCredsCleared(t *testing.T) {
 	for _, fail := range []bool{false, true} {
 		t.Run(map[bool]string{false: "completed", true: "rolled back"}[fail], func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				opt := fakevm.Options{}
+				opt := qemutest.Options{}
 				if fail {
 					opt.FailWith = "boom"
 				}
@@ -171,11 +171,11 @@ func TestLeftoverTLSCredsCleared(t *testing.T) {
 				_, err = engine.Migrate(t.Context(), cfg)
 				if fail {
 					require.Error(t, err)
-					assert.Equal(t, "old", p.Param(0, "tls-creds"), "restored by the rollback")
+					assert.Equal(t, "old", p.Param(qemutest.Source, "tls-creds"), "restored by the rollback")
 					return
 				}
 				require.NoError(t, err)
-				assert.Equal(t, "", p.Param(0, "tls-creds"))
+				assert.Equal(t, "", p.Param(qemutest.Source, "tls-creds"))
 			})
 		})
 	}
@@ -222,7 +222,7 @@ func TestTLSConfigRefused(t *testing.T) {
 func TestTLSFailureHint(t *testing.T) {
 	for _, withTLS := range []bool{true, false} {
 		synctest.Test(t, func(t *testing.T) {
-			_, cfg := pair(t, fakevm.Options{FailWith: "Cannot write to TLS channel: Input/output error"})
+			_, cfg := pair(t, qemutest.Options{FailWith: "Cannot write to TLS channel: Input/output error"})
 			if withTLS {
 				cfg.TLS = &transport.TLS{Dir: "/etc/pki/qemu", Hostname: "dst.example"}
 			}
@@ -241,15 +241,15 @@ func TestTLSFailureHint(t *testing.T) {
 // rollback removes the source's, and reports no failure for the other.
 func TestTLSDestinationDies(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
 		cfg.TLS = &transport.TLS{Dir: "/etc/pki/qemu", Hostname: "dst.example"}
 		cfg.Strategy.Limits.NoThrottle = true
 		time.AfterFunc(2*time.Second, p.KillDst)
 		res, err := engine.Migrate(t.Context(), cfg)
 		require.Error(t, err)
 		assert.Equal(t, "running", p.SrcRunState())
-		assert.Empty(t, p.Objects(0), "source: credentials removed")
-		assert.Equal(t, "", p.Param(0, "tls-creds"))
+		assert.Empty(t, p.Objects(qemutest.Source), "source: credentials removed")
+		assert.Equal(t, "", p.Param(qemutest.Source, "tls-creds"))
 		for _, u := range res.UndoErrors {
 			assert.NotContains(t, u, "TLS", "no TLS undo failure for a QEMU that is gone")
 		}

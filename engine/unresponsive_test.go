@@ -12,7 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/engine/internal/fakevm"
+	"github.com/qmigrate/qmigrate/qemutest"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/qmp/qmptest"
 	"github.com/qmigrate/qmigrate/strategy"
@@ -20,8 +20,8 @@ import (
 
 // nonConverging is a pair whose guest dirties faster than the link, under a
 // policy that never gives up by itself: only the engine's bounds end it.
-func nonConverging(t *testing.T) (*fakevm.Pair, engine.Config) {
-	p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+func nonConverging(t *testing.T) (*qemutest.Pair, engine.Config) {
+	p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
 	cfg.Strategy.Policy = strategy.PolicyQEMU
 	return p, cfg
 }
@@ -46,7 +46,7 @@ func TestSourceStopsAnsweringWithinBudget(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		p, cfg := nonConverging(t)
 		cfg.Strategy.Limits.Budget = 3 * time.Second
-		time.AfterFunc(time.Second, func() { p.Freeze(0) })
+		time.AfterFunc(time.Second, func() { p.Freeze(qemutest.Source) })
 		var rec recorder
 		cfg.Observer = rec.observe
 		res, err := engine.Migrate(t.Context(), cfg)
@@ -74,12 +74,12 @@ func TestSourceStopsAnsweringWithinBudget(t *testing.T) {
 		assert.Contains(t, strings.Join(res.Undone, "\n"), "destination: yank migration")
 		assert.Empty(t, p.Src.CallsOf("migrate_cancel"))
 		assert.Len(t, p.Dst.CallsOf("yank"), 1)
-		assert.Positive(t, p.Stops(1), "the destination was held first")
+		assert.Positive(t, p.Stops(qemutest.Destination), "the destination was held first")
 		assert.True(t, p.DstGone(), "the destination exits once its stream is cut")
 
 		// SIGCONT: the source's migration fails on the cut stream; the
 		// guest never stopped there.
-		p.Thaw(0)
+		p.Thaw(qemutest.Source)
 		time.Sleep(time.Second)
 		assert.Equal(t, qmp.StatusFailed, p.Status())
 		assert.Equal(t, "running", p.SrcRunState())
@@ -102,7 +102,7 @@ func TestSourceStopsAnsweringNoBudget(t *testing.T) {
 				cfg.UnresponsiveTimeout = tc.limit
 				var frozenAt time.Duration
 				start := time.Now()
-				time.AfterFunc(time.Second, func() { frozenAt = time.Since(start); p.Freeze(0) })
+				time.AfterFunc(time.Second, func() { frozenAt = time.Since(start); p.Freeze(qemutest.Source) })
 				res, err := engine.Migrate(t.Context(), cfg)
 				require.Error(t, err)
 				t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
@@ -117,7 +117,7 @@ func TestSourceStopsAnsweringNoBudget(t *testing.T) {
 				assert.InDelta(t, frozenAt+tc.want+2*time.Second, res.Total, float64(300*time.Millisecond))
 				assert.Contains(t, strings.Join(res.Undone, "\n"), "destination: yank migration")
 				assert.Contains(t, strings.Join(res.UndoErrors, "\n"), "source: resume guest: ")
-				p.Thaw(0)
+				p.Thaw(qemutest.Source)
 				time.Sleep(time.Second)
 				assert.Equal(t, qmp.StatusFailed, p.Status())
 				assert.Equal(t, "running", p.SrcRunState())
@@ -133,7 +133,7 @@ func TestSourceStopsAnsweringNoBudget(t *testing.T) {
 // missing last poll).
 func TestSourceSilentBeforeFirstPollCompletes(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20})
 		cfg.UnresponsiveTimeout = 5 * time.Second
 		var started atomic.Bool
 		migrate, query := p.Src.Handler("migrate"), p.Src.Handler("query-migrate")
@@ -163,7 +163,7 @@ func TestSourceSilentBeforeFirstPollCompletes(t *testing.T) {
 // the proxmox preset raises) is caught there too.
 func TestSourceStopsAnsweringDecision(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 200 << 20, DirtyRate: 250 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 200 << 20, DirtyRate: 250 << 20})
 		cfg.Strategy.Policy = strategy.PolicyProxmox
 		cfg.Strategy.Limits.MaxDowntime = 2 * time.Second
 		cfg.Strategy.Limits.NoThrottle = true
@@ -199,8 +199,8 @@ func TestDestinationStopsAnswering(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		p, cfg := nonConverging(t)
 		cfg.Strategy.Limits.Budget = 3 * time.Second
-		before := p.Caps(0)
-		time.AfterFunc(time.Second, func() { p.Freeze(1) })
+		before := p.Caps(qemutest.Source)
+		time.AfterFunc(time.Second, func() { p.Freeze(qemutest.Destination) })
 		res, err := engine.Migrate(t.Context(), cfg)
 		require.Error(t, err)
 		t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
@@ -211,11 +211,11 @@ func TestDestinationStopsAnswering(t *testing.T) {
 		assert.Len(t, p.Src.CallsOf("migrate_cancel"), 1)
 		assert.Equal(t, qmp.StatusCancelled, p.Status())
 		assert.Equal(t, "running", p.SrcRunState())
-		assert.Equal(t, before, p.Caps(0), "source capabilities restored")
+		assert.Equal(t, before, p.Caps(qemutest.Source), "source capabilities restored")
 		assert.Contains(t, res.Undone[0], "migrate_cancel")
 		assert.Empty(t, res.UndoErrors, "nothing else was needed from the destination")
 		assert.False(t, p.DstGone())
-		p.Thaw(1)
+		p.Thaw(qemutest.Destination)
 		assert.True(t, p.DstGone(), "the destination exits once it runs again")
 	})
 }
@@ -234,10 +234,10 @@ func TestDestinationNeverAnswersMigrateIncoming(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				p, cfg := pair(t, fakevm.Options{})
+				p, cfg := pair(t, qemutest.Options{})
 				cfg.UnresponsiveTimeout = 4 * time.Second
 				cfg.Strategy.Limits.Budget = tc.budget
-				before := p.Caps(0)
+				before := p.Caps(qemutest.Source)
 				p.Dst.Handle("migrate-incoming", func(json.RawMessage) (any, error) { return nil, qmptest.ErrNoReply })
 				res, err := engine.Migrate(t.Context(), cfg)
 				require.Error(t, err)
@@ -248,7 +248,7 @@ func TestDestinationNeverAnswersMigrateIncoming(t *testing.T) {
 				assert.Contains(t, err.Error(), "destination QEMU's monitor did not answer migrate-incoming")
 				assert.Equal(t, tc.took, res.Total.Round(100*time.Millisecond))
 				assert.Empty(t, p.Src.CallsOf("migrate"))
-				assert.Equal(t, before, p.Caps(0), "source capabilities restored")
+				assert.Equal(t, before, p.Caps(qemutest.Source), "source capabilities restored")
 				assert.Empty(t, res.UndoErrors)
 			})
 		})
@@ -273,7 +273,7 @@ func TestSlowMonitorInStopAndCopy(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				// A first pass of 1.5s, then 300ms of stop-and-copy (status
 				// device) from 1.5s; polls at 1.41s (active) and 1.51s (device).
-				p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 20 << 20})
+				p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 20 << 20})
 				cfg.Strategy.Policy = strategy.PolicyQEMU
 				cfg.Strategy.Limits.Budget = tc.budget
 				var rec recorder
@@ -318,13 +318,13 @@ func TestSlowMonitorInStopAndCopy(t *testing.T) {
 // says the state is unknown.
 func TestSourceStopsAnsweringInStopAndCopy(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 20 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 20 << 20})
 		cfg.Strategy.Policy = strategy.PolicyQEMU
 		cfg.Strategy.Limits.Budget = 1900 * time.Millisecond // ends in the stop-and-copy
 		cfg.UnresponsiveTimeout = 5 * time.Second
 		cfg.Observer = func(e engine.Event) {
 			if e.Kind == engine.EventPhase && e.Phase == engine.PhaseSwitchover {
-				p.Freeze(0)
+				p.Freeze(qemutest.Source)
 			}
 		}
 		res, err := engine.Migrate(t.Context(), cfg)
@@ -339,7 +339,7 @@ func TestSourceStopsAnsweringInStopAndCopy(t *testing.T) {
 		assert.Empty(t, res.Undone)
 		assert.Empty(t, p.Src.CallsOf("migrate_cancel"))
 		assert.Empty(t, p.Dst.CallsOf("yank"))
-		p.Thaw(0)
+		p.Thaw(qemutest.Source)
 	})
 }
 
@@ -347,11 +347,11 @@ func TestSourceStopsAnsweringInStopAndCopy(t *testing.T) {
 // cut, the error wraps ErrPostcopyFailed as well.
 func TestSourceStopsAnsweringInPostcopy(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20, PostcopyRate: 10 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20, PostcopyRate: 10 << 20})
 		cfg.Strategy.Limits.Budget = 3 * time.Second
 		cfg.Strategy.Limits.AllowPostcopy = true
 		cfg.UnresponsiveTimeout = 5 * time.Second
-		time.AfterFunc(5*time.Second, func() { p.Freeze(0) })
+		time.AfterFunc(5*time.Second, func() { p.Freeze(qemutest.Source) })
 		res, err := engine.Migrate(t.Context(), cfg)
 		require.Error(t, err)
 		t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
@@ -362,7 +362,7 @@ func TestSourceStopsAnsweringInPostcopy(t *testing.T) {
 		assert.Empty(t, p.Src.CallsOf("migrate_cancel"))
 		assert.Empty(t, p.Dst.CallsOf("yank"))
 		assert.Empty(t, res.Undone)
-		p.Thaw(0)
+		p.Thaw(qemutest.Source)
 	})
 }
 
@@ -371,13 +371,13 @@ func TestSourceStopsAnsweringInPostcopy(t *testing.T) {
 // the destination may hold the guest, and the state is unknown.
 func TestDestinationStopsAnsweringAfterSourceCompleted(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 20 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 20 << 20})
 		cfg.UnresponsiveTimeout = 5 * time.Second
 		var completeAt time.Duration
 		cfg.Observer = func(e engine.Event) {
 			if e.Kind == engine.EventPhase && e.Phase == engine.PhaseComplete {
 				completeAt = e.Elapsed
-				p.Freeze(1)
+				p.Freeze(qemutest.Destination)
 			}
 		}
 		res, err := engine.Migrate(t.Context(), cfg)
@@ -393,6 +393,6 @@ func TestDestinationStopsAnsweringAfterSourceCompleted(t *testing.T) {
 		assert.Contains(t, strings.Join(res.UndoErrors, "\n"), "the source is not resumed")
 		assert.Empty(t, p.Src.CallsOf("cont"))
 		assert.Equal(t, "postmigrate", p.SrcRunState())
-		p.Thaw(1)
+		p.Thaw(qemutest.Destination)
 	})
 }

@@ -9,22 +9,22 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/qmigrate/qmigrate/internal/ramsim"
 	"github.com/qmigrate/qmigrate/strategy"
-	"github.com/qmigrate/qmigrate/strategy/sim"
 )
 
 const link = 256.0 * MiB
 
 // sweep is the testbed's boot-sector guest in the toy model: 128 MiB of RAM,
 // a 99 MiB working set re-dirtied far faster than the link.
-var sweep = sim.Scenario{Name: "sweep", RAM: 128 * MiB, WorkingSet: 99 * MiB, DirtyRate: 4 * link, Link: link}
+var sweep = ramsim.Scenario{Name: "sweep", RAM: 128 * MiB, WorkingSet: 99 * MiB, DirtyRate: 4 * link, Link: link}
 
-func simRun(t *testing.T, sc sim.Scenario, cfg strategy.Config) sim.Result {
+func simRun(t *testing.T, sc ramsim.Scenario, cfg strategy.Config) ramsim.Result {
 	t.Helper()
 	if sc.Limit == 0 {
 		sc.Limit = 20 * time.Minute
 	}
-	r, err := sim.Run(sc, cfg)
+	r, err := ramsim.Run(sc, cfg)
 	require.NoError(t, err)
 	return r
 }
@@ -34,7 +34,7 @@ func simRun(t *testing.T, sc sim.Scenario, cfg strategy.Config) sim.Result {
 func TestEndToEndTable(t *testing.T) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "\n| scenario | policy | outcome | total | downtime | sent MiB | guest lost | max throttle |\n|---|---|---|---|---|---|---|---|\n")
-	for _, sc := range append(sim.Standard(2*GiB, link), sweep) {
+	for _, sc := range append(ramsim.Standard(2*GiB, link), sweep) {
 		for _, pol := range strategy.Policies() {
 			r := simRun(t, sc, strategy.Config{Policy: pol})
 			fmt.Fprintf(&b, "| %s | %s | %s | %v | %v | %.0f | %v | %d%% |\n", sc.Name, pol, r.Outcome,
@@ -45,7 +45,7 @@ func TestEndToEndTable(t *testing.T) {
 }
 
 func TestEndToEndAutoBeatsPresets(t *testing.T) {
-	for _, sc := range sim.Standard(2*GiB, link) {
+	for _, sc := range ramsim.Standard(2*GiB, link) {
 		t.Run(sc.Name, func(t *testing.T) {
 			auto := simRun(t, sc, strategy.Config{})
 			require.Equal(t, "completed", auto.Outcome, auto.String())
@@ -56,7 +56,7 @@ func TestEndToEndAutoBeatsPresets(t *testing.T) {
 				}
 				return
 			}
-			var best sim.Result
+			var best ramsim.Result
 			for _, pol := range []string{"qemu", "kubevirt", "nova", "proxmox"} {
 				r := simRun(t, sc, strategy.Config{Policy: pol})
 				t.Logf("%-8s %s", pol, r)
@@ -73,7 +73,7 @@ func TestEndToEndAutoBeatsPresets(t *testing.T) {
 }
 
 func TestEndToEndQEMUNeverCompletes2x(t *testing.T) {
-	sc := sim.Standard(2*GiB, link)[3]
+	sc := ramsim.Standard(2*GiB, link)[3]
 	require.Equal(t, "2x", sc.Name)
 	r := simRun(t, sc, strategy.Config{Policy: "qemu"})
 	assert.Equal(t, "timeout", r.Outcome)
@@ -85,7 +85,7 @@ func TestEndToEndQEMUNeverCompletes2x(t *testing.T) {
 }
 
 func TestEndToEndPostcopyFaster(t *testing.T) {
-	for _, sc := range sim.Standard(2*GiB, link)[3:] {
+	for _, sc := range ramsim.Standard(2*GiB, link)[3:] {
 		plain := simRun(t, sc, strategy.Config{})
 		post := simRun(t, sc, strategy.Config{Limits: strategy.Limits{AllowPostcopy: true}})
 		require.Equal(t, "completed", post.Outcome)
@@ -95,7 +95,7 @@ func TestEndToEndPostcopyFaster(t *testing.T) {
 }
 
 func TestEndToEndNoLeverAbortsEarly(t *testing.T) {
-	for _, sc := range sim.Standard(2*GiB, link)[3:] {
+	for _, sc := range ramsim.Standard(2*GiB, link)[3:] {
 		r := simRun(t, sc, strategy.Config{Limits: strategy.Limits{NoThrottle: true, Budget: 60 * sec}})
 		assert.Equal(t, "aborted", r.Outcome, sc.Name)
 		assert.Less(t, r.Total, 15*sec, "aborted at the first verdict, not at the budget")
@@ -104,7 +104,7 @@ func TestEndToEndNoLeverAbortsEarly(t *testing.T) {
 }
 
 func TestEndToEndPauseFinishes(t *testing.T) {
-	sc := sim.Standard(2*GiB, link)[4]
+	sc := ramsim.Standard(2*GiB, link)[4]
 	r := simRun(t, sc, strategy.Config{Limits: strategy.Limits{NoThrottle: true, AllowPause: true}})
 	assert.Equal(t, "completed", r.Outcome)
 	assert.True(t, r.Paused)
@@ -126,7 +126,7 @@ func TestEndToEndSweepAnchor(t *testing.T) {
 }
 
 func TestEndToEndDeterministic(t *testing.T) {
-	sc := sim.Standard(2*GiB, link)[4]
+	sc := ramsim.Standard(2*GiB, link)[4]
 	a := simRun(t, sc, strategy.Config{})
 	b := simRun(t, sc, strategy.Config{})
 	assert.Equal(t, a, b)

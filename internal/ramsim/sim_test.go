@@ -1,4 +1,4 @@
-package sim_test
+package ramsim_test
 
 import (
 	"testing"
@@ -7,21 +7,21 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/qmigrate/qmigrate/internal/ramsim"
 	"github.com/qmigrate/qmigrate/strategy"
-	"github.com/qmigrate/qmigrate/strategy/sim"
 )
 
 const MiB = 1 << 20
 
 func TestInvalidScenario(t *testing.T) {
-	_, err := sim.Run(sim.Scenario{}, strategy.Config{})
+	_, err := ramsim.Run(ramsim.Scenario{}, strategy.Config{})
 	assert.Error(t, err)
-	_, err = sim.Run(sim.Scenario{RAM: MiB, Link: MiB}, strategy.Config{Policy: "nope"})
+	_, err = ramsim.Run(ramsim.Scenario{RAM: MiB, Link: MiB}, strategy.Config{Policy: "nope"})
 	assert.Error(t, err)
 }
 
 func TestIdleGuestIsOnePass(t *testing.T) {
-	r, err := sim.Run(sim.Scenario{RAM: 512 * MiB, Link: 256 * MiB}, strategy.Config{Policy: "qemu"})
+	r, err := ramsim.Run(ramsim.Scenario{RAM: 512 * MiB, Link: 256 * MiB}, strategy.Config{Policy: "qemu"})
 	require.NoError(t, err)
 	assert.Equal(t, "completed", r.Outcome)
 	// The pass stops at the 300 ms threshold (76.8 MiB), which goes in the downtime.
@@ -34,8 +34,8 @@ func TestIdleGuestIsOnePass(t *testing.T) {
 // QEMU's own auto-converge ramp, as the proxmox preset leaves it: 20%, then
 // +10% per trigger.
 func TestAutoConvergeRamp(t *testing.T) {
-	sc := sim.Scenario{RAM: 128 * MiB, WorkingSet: 99 * MiB, DirtyRate: 1024 * MiB, Link: 256 * MiB}
-	r, err := sim.Run(sc, strategy.Config{Policy: "proxmox"})
+	sc := ramsim.Scenario{RAM: 128 * MiB, WorkingSet: 99 * MiB, DirtyRate: 1024 * MiB, Link: 256 * MiB}
+	r, err := ramsim.Run(sc, strategy.Config{Policy: "proxmox"})
 	require.NoError(t, err)
 	require.Equal(t, "completed", r.Outcome)
 	var steps []int
@@ -54,14 +54,14 @@ func TestAutoConvergeRamp(t *testing.T) {
 }
 
 func TestPostcopyAndPause(t *testing.T) {
-	sc := sim.Scenario{RAM: 256 * MiB, DirtyRate: 1024 * MiB, Link: 256 * MiB, Limit: time.Minute}
-	r, err := sim.Run(sc, strategy.Config{Limits: strategy.Limits{AllowPostcopy: true}})
+	sc := ramsim.Scenario{RAM: 256 * MiB, DirtyRate: 1024 * MiB, Link: 256 * MiB, Limit: time.Minute}
+	r, err := ramsim.Run(sc, strategy.Config{Limits: strategy.Limits{AllowPostcopy: true}})
 	require.NoError(t, err)
 	assert.Equal(t, "completed", r.Outcome)
 	assert.True(t, r.Postcopy)
 	assert.Equal(t, 20*time.Millisecond, r.Downtime)
 
-	r, err = sim.Run(sc, strategy.Config{Limits: strategy.Limits{NoThrottle: true, AllowPause: true}})
+	r, err = ramsim.Run(sc, strategy.Config{Limits: strategy.Limits{NoThrottle: true, AllowPause: true}})
 	require.NoError(t, err)
 	assert.Equal(t, "completed", r.Outcome)
 	assert.True(t, r.Paused)
@@ -70,7 +70,7 @@ func TestPostcopyAndPause(t *testing.T) {
 
 func TestStandard(t *testing.T) {
 	var names []string
-	for _, s := range sim.Standard(MiB, MiB) {
+	for _, s := range ramsim.Standard(MiB, MiB) {
 		names = append(names, s.Name)
 	}
 	assert.Equal(t, []string{"idle", "converging", "borderline", "2x", "10x"}, names)

@@ -1,4 +1,4 @@
-// Package sim is a toy model of a QEMU pre-copy migration, used to run the
+// Package ramsim is a toy model of a QEMU pre-copy migration, used to run the
 // strategy policies end to end without QEMU: in tests, and in benchmarks that
 // want a deterministic baseline next to the measured numbers.
 //
@@ -24,7 +24,7 @@
 //
 // The Machine gets a Sample every PollInterval and at every sync (the
 // MIGRATION_PASS event), and its decisions apply at once.
-package sim
+package ramsim
 
 import (
 	"errors"
@@ -119,7 +119,7 @@ type qemu struct {
 // Run drives a strategy.Machine configured by cfg through the scenario.
 func Run(sc Scenario, cfg strategy.Config) (Result, error) {
 	if sc.RAM == 0 || sc.Link <= 0 || sc.DirtyRate < 0 || math.IsNaN(sc.DirtyRate) {
-		return Result{}, errors.New("sim: scenario needs RAM > 0, Link > 0, DirtyRate ≥ 0")
+		return Result{}, errors.New("ramsim: scenario needs RAM > 0, Link > 0, DirtyRate ≥ 0")
 	}
 	if sc.Limit == 0 {
 		sc.Limit = 30 * time.Minute
@@ -144,7 +144,7 @@ func Run(sc Scenario, cfg strategy.Config) (Result, error) {
 	}
 	if setup.Throttle != nil {
 		if err := q.setThrottle(*setup.Throttle); err != nil {
-			return Result{}, fmt.Errorf("sim: setup throttle: %w", err)
+			return Result{}, fmt.Errorf("ramsim: setup throttle: %w", err)
 		}
 	}
 

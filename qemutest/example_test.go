@@ -1,0 +1,51 @@
+package qemutest_test
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/qmigrate/qmigrate/engine"
+	"github.com/qmigrate/qmigrate/qemutest"
+)
+
+// Migrate a guest between two fake QEMUs with engine.Migrate. With real
+// QEMUs, set Endpoint.Address to their QMP sockets instead of passing
+// clients.
+func Example() {
+	vms := qemutest.New(qemutest.Options{RAM: 64 << 20, Throughput: 1 << 30, DirtyRate: 16 << 20})
+	defer vms.Close()
+	ctx := context.Background()
+	src, dst, err := vms.Clients(ctx)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer src.Close()
+	defer dst.Close()
+
+	res, err := engine.Migrate(ctx, engine.Config{
+		Source:      engine.Endpoint{Client: src},
+		Destination: engine.Endpoint{Client: dst},
+		URI:         "tcp:127.0.0.1:0", // the destination picks the port
+		Observer: func(e engine.Event) {
+			if e.Kind == engine.EventPhase {
+				fmt.Println("phase", e.Phase)
+			}
+		},
+	})
+	if err != nil {
+		fmt.Println("failed:", err)
+		return
+	}
+	fmt.Println(res.Status, "downtime within 300ms:", res.Downtime <= 300*time.Millisecond)
+	fmt.Println("destination", vms.DstRunState(), "source", vms.SrcRunState())
+	// Output:
+	// phase prepare
+	// phase start
+	// phase converge
+	// phase switchover
+	// phase complete
+	// completed downtime within 300ms: true
+	// destination running source postmigrate
+}

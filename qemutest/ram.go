@@ -1,0 +1,389 @@
+package qemutest
+
+import (
+	"encoding/json"
+	"time"
+
+	"github.com/qmigrate/qmigrate/qmp"
+)
+
+// The RAM model. From migrate on, a goroutine steps it every Options.Tick
+// on the real clock (or testing/synctest's virtual one) until the
+// migration ends:
+//
+//   - setup: fails with Options.FailWith, a TLS mismatch, or a destination
+//     that does not listen at the migrate address (it then exits); else
+//     active, first pass.
+//   - active: the link sends Throughput bytes/s (capped by max-bandwidth)
+//     of the pass; the running source dirties DirtyRate bytes/s, lowered
+//     by the throttle, up to the whole RAM. At the end of a pass the
+//     dirtied bytes make the next pass (MIGRATION_PASS); when they fit in
+//     downtime-limit at the link's rate the source stops (STOP) and goes to
+//     pre-switchover (with pause-before-switchover, until migrate-continue)
+//     or device. With auto-converge, from the second pass, a dirty rate
+//     above throttle-trigger-threshold % of the link throttles the vCPUs:
+//     cpu-throttle-initial, then +increment up to max-cpu-throttle.
+//   - device, postcopy-active: the rest is sent; completed (the source in
+//     postmigrate, downtime measured from the stop) and the destination
+//     completes its incoming migration, or the Options.LateCancel and
+//     DstFailsLoad endings.
+//   - migrate-start-postcopy: the source stops, the destination runs.
+//   - cancelling: cancelled, the source resumed if it was running, the
+//     destination exits; a destination gone (KillDst) fails the migration.
+//
+// calc-dirty-rate measures DirtyRate, at most the whole RAM per period.
+
+// ramModel is the state of the RAM migration (Pair.mu).
+type ramModel struct {
+	iter          uint64
+	passLeft      float64 // bytes left in this pass
+	dirtyNext     float64 // bytes dirtied since the pass started
+	sent          float64
+	started       time.Time
+	stopAt        time.Time
+	downtime      time.Duration
+	throttle      int
+	runningAtStop bool
+	stop, done    chan struct{} // the stepping goroutine's
+
+	dirtyCalcs   []json.RawMessage // calc-dirty-rate arguments received
+	dirtyQueries int               // query-dirty-rate since the last calc-dirty-rate
+	dirtyPeriod  time.Duration     // the last calc-dirty-rate's period
+}
+
+// SetDirtyRate changes the source's dirty rate.
+func (p *Pair) SetDirtyRate(r float64) { p.mu.Lock(); p.opt.DirtyRate = r; p.mu.Unlock() }
+
+// SetThroughput changes the link's throughput (0 stalls the migration).
+func (p *Pair) SetThroughput(r float64) {
+	p.mu.Lock()
+	p.opt.Throughput, p.opt.PostcopyRate = r, r
+	p.mu.Unlock()
+}
+
+// DirtyRateCalcs returns the arguments of every calc-dirty-rate received.
+func (p *Pair) DirtyRateCalcs() []json.RawMessage {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]json.RawMessage(nil), p.ram.dirtyCalcs...)
+}
+
+// startRAM resets the model for a new migration and starts stepping it.
+func (p *Pair) startRAM() {
+	r := &p.ram
+	r.started = time.Now()
+	r.iter, r.sent, r.dirtyNext, r.throttle = 0, 0, 0, 0
+	r.passLeft = float64(p.opt.RAM)
+	r.stopAt = time.Time{}
+	r.stop, r.done = make(chan struct{}), make(chan struct{})
+	go p.runRAM(r.stop, r.done)
+}
+
+// stopRAM stops the stepping goroutine, if any, and waits for it.
+func (p *Pair) stopRAM() {
+	p.mu.Lock()
+	stop, done := p.ram.stop, p.ram.done
+	p.ram.stop = nil
+	p.mu.Unlock()
+	if stop != nil {
+		close(stop)
+		<-done
+	}
+}
+
+func (p *Pair) runRAM(stop, done chan struct{}) {
+	defer close(done)
+	t := time.NewTicker(p.opt.Tick)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		if p.isFrozen(Source) {
+			continue // a stopped source does nothing
+		}
+		p.mu.Lock()
+		end := p.step(p.opt.Tick.Seconds())
+		p.mu.Unlock()
+		if end {
+			return
+		}
+	}
+}
+
+// rate is the link's throughput now.
+func (p *Pair) rate() float64 {
+	if p.isFrozen(Destination) {
+		return 0 // a stopped destination reads nothing
+	}
+	r := p.opt.Throughput
+	if p.mig.status.Postcopy() {
+		r = p.opt.PostcopyRate
+	}
+	if bw := float64(p.Src.param("max-bandwidth")); bw > 0 && bw < r {
+		r = bw
+	}
+	return r
+}
+
+// dirty is the rate the guest dirties RAM at now.
+func (p *Pair) dirty() float64 {
+	if p.Src.run != "running" {
+		return 0
+	}
+	return p.opt.DirtyRate * float64(100-p.ram.throttle) / 100
+}
+
+// srcInfo is the source's query-migrate.
+func (p *Pair) srcInfo() map[string]any {
+	out := map[string]any{}
+	r, status := &p.ram, p.mig.status
+	if status == qmp.StatusNone {
+		return out
+	}
+	out["status"] = status
+	rem := uint64(r.passLeft)
+	out["ram"] = map[string]any{
+		"transferred": uint64(r.sent), "remaining": rem, "total": p.opt.RAM,
+		"dirty-pages-rate": uint64(p.dirty() / 4096), "page-size": 4096,
+		"mbps": p.rate() * 8 / 1e6, "dirty-sync-count": r.iter,
+	}
+	out["total-time"] = time.Since(r.started).Milliseconds()
+	if status == qmp.StatusActive && p.rate() > 0 {
+		out["expected-downtime"] = int64(float64(rem) / p.rate() * 1000)
+	}
+	if r.throttle > 0 {
+		out["cpu-throttle-percentage"] = r.throttle
+	}
+	if status == qmp.StatusCompleted {
+		out["downtime"] = r.downtime.Milliseconds()
+	}
+	if status == qmp.StatusFailed {
+		out["error-desc"] = p.mig.errDesc
+	}
+	return out
+}
+
+// pass starts a new pass (a dirty bitmap sync).
+func (p *Pair) pass() {
+	p.ram.iter++
+	if p.Src.caps["events"] {
+		p.Src.Emit("MIGRATION_PASS", map[string]any{"pass": p.ram.iter})
+	}
+}
+
+// switchover stops the source (QEMU's migration_completion).
+func (p *Pair) switchover() {
+	src := p.Src
+	p.ram.runningAtStop = src.run == "running"
+	if src.run == "running" {
+		src.run = "finish-migrate"
+		src.Emit("STOP", nil)
+	} else if src.run == "paused" {
+		src.run = "finish-migrate"
+	}
+	if p.ram.stopAt.IsZero() {
+		p.ram.stopAt = time.Now()
+	}
+}
+
+// fail ends the migration with desc, resuming a source stopped for it.
+func (p *Pair) fail(desc string) bool {
+	src := p.Src
+	p.mig.errDesc = desc
+	p.setStatus(qmp.StatusFailed)
+	if src.run == "finish-migrate" && p.ram.runningAtStop {
+		src.run = "running"
+		src.Emit("RESUME", nil)
+	}
+	return true
+}
+
+// step advances the model by dt seconds; true ends the migration.
+func (p *Pair) step(dt float64) bool {
+	src, m := p.Src, &p.mig
+	switch m.status {
+	case qmp.StatusCancelling:
+		p.setStatus(qmp.StatusCancelled)
+		if src.run == "finish-migrate" {
+			if p.ram.runningAtStop {
+				src.run = "running"
+				src.Emit("RESUME", nil)
+			} else {
+				src.run = "postmigrate"
+			}
+		}
+		p.dstExit()
+		return true
+	case qmp.StatusSetup:
+		return p.stepSetup()
+	}
+	if m.dstDead {
+		return p.fail("Unable to write to socket: Broken pipe")
+	}
+	switch {
+	case m.status == qmp.StatusPreSwitchover:
+		if m.continued {
+			p.setStatus(qmp.StatusDevice)
+		}
+		return false
+	case m.status == qmp.StatusDevice || m.status.Postcopy():
+		return p.stepFinal(dt)
+	}
+	return p.stepActive(dt)
+}
+
+func (p *Pair) stepSetup() bool {
+	m := &p.mig
+	if p.opt.FailWith != "" {
+		return p.fail(p.opt.FailWith)
+	}
+	if desc := p.tlsMismatch(); desc != "" {
+		p.dstExit()
+		return p.fail(desc)
+	}
+	if m.errDesc != "" {
+		p.dstExit()
+		return p.fail(m.errDesc)
+	}
+	p.setStatus(qmp.StatusActive)
+	p.setDstStatus(qmp.StatusActive)
+	p.pass()
+	return false
+}
+
+// stepFinal sends the rest with the source stopped (device) or the
+// destination running (postcopy), then ends the migration.
+func (p *Pair) stepFinal(dt float64) bool {
+	src, r, m := p.Src, &p.ram, &p.mig
+	send := p.rate() * dt
+	r.sent += min(send, r.passLeft)
+	r.passLeft = max(0, r.passLeft-send)
+	if r.passLeft > 0 {
+		return false
+	}
+	if !m.status.Postcopy() {
+		r.downtime = time.Since(r.stopAt)
+	} else {
+		r.downtime = 0
+	}
+	p.pass()
+	if m.lateCancel && p.opt.LateCancel != LateCancelCompletes {
+		p.setStatus(qmp.StatusCancelled)
+		if p.opt.LateCancel == LateCancelResumes && r.runningAtStop {
+			src.run = "running"
+			src.Emit("RESUME", nil)
+		} else {
+			src.run = "postmigrate"
+		}
+		if p.opt.LateCancel == LateCancelPostmigrateDstFails {
+			p.dstExit()
+		} else {
+			p.dstComplete()
+		}
+		return true
+	}
+	src.run = "postmigrate"
+	p.setStatus(qmp.StatusCompleted)
+	if p.opt.DstFailsLoad {
+		p.dstExit()
+		return true
+	}
+	p.dstComplete()
+	return true
+}
+
+// stepActive is one step of the pre-copy passes.
+func (p *Pair) stepActive(dt float64) bool {
+	src, r, m := p.Src, &p.ram, &p.mig
+	if m.wantPost {
+		m.wantPost = false
+		p.switchover()
+		r.passLeft += r.dirtyNext
+		r.dirtyNext = 0
+		p.setStatus(qmp.StatusPostcopyActive)
+		p.setDstStatus(qmp.StatusPostcopyActive)
+		p.Dst.run = "running"
+		p.Dst.Emit("RESUME", nil)
+		return false
+	}
+	send := p.rate() * dt
+	r.sent += min(send, r.passLeft)
+	r.passLeft = max(0, r.passLeft-send)
+	r.dirtyNext = min(r.dirtyNext+p.dirty()*dt, float64(p.opt.RAM))
+	if r.passLeft > 0 || p.rate() == 0 {
+		return false
+	}
+	// End of pass: sync the dirty bitmap.
+	r.passLeft, r.dirtyNext = r.dirtyNext, 0
+	p.pass()
+	limit := time.Duration(src.param("downtime-limit")) * time.Millisecond
+	if time.Duration(r.passLeft/p.rate()*float64(time.Second)) <= limit || r.passLeft == 0 {
+		p.switchover()
+		if src.caps["pause-before-switchover"] {
+			p.setStatus(qmp.StatusPreSwitchover)
+			return false
+		}
+		p.setStatus(qmp.StatusDevice)
+		return false
+	}
+	if src.caps["auto-converge"] && r.iter >= 2 && p.dirty() > p.rate()*float64(src.param("throttle-trigger-threshold"))/100 {
+		if r.throttle == 0 {
+			r.throttle = int(src.param("cpu-throttle-initial"))
+		} else {
+			r.throttle = min(r.throttle+int(src.param("cpu-throttle-increment")), int(src.param("max-cpu-throttle")))
+		}
+	}
+	return false
+}
+
+// calcDirtyRate (page sampling) measures the source's DirtyRate, counting
+// distinct pages as QEMU does: at most the whole RAM (the model's working
+// set) within the period; "calc-time-unit" from 8.2.
+func (p *Pair) calcDirtyRate(args json.RawMessage) (any, error) {
+	var a struct {
+		CalcTime int    `json:"calc-time"`
+		Unit     string `json:"calc-time-unit"`
+	}
+	if err := json.Unmarshal(args, &a); err != nil || a.CalcTime <= 0 {
+		return nil, errGeneric("Invalid calc-time")
+	}
+	r := &p.ram
+	r.dirtyCalcs = append(r.dirtyCalcs, args)
+	r.dirtyQueries = 0
+	r.dirtyPeriod = time.Duration(a.CalcTime) * time.Second
+	if a.Unit == "millisecond" {
+		r.dirtyPeriod = time.Duration(a.CalcTime) * time.Millisecond
+	}
+	return nil, nil
+}
+
+// queryDirtyRate reads "unstarted" until the measuring thread runs (the
+// first query here), then "measuring" (the second), then "measured", as in
+// QEMU.
+func (p *Pair) queryDirtyRate(json.RawMessage) (any, error) {
+	r := &p.ram
+	r.dirtyQueries++
+	if len(r.dirtyCalcs) == 0 || r.dirtyQueries <= 2 {
+		st := "unstarted"
+		if len(r.dirtyCalcs) > 0 && r.dirtyQueries == 2 {
+			st = "measuring"
+		}
+		return map[string]any{"status": st, "calc-time": 0, "sample-pages": 0, "mode": "page-sampling", "start-time": 0}, nil
+	}
+	rate := min(p.opt.DirtyRate, float64(p.opt.RAM)/r.dirtyPeriod.Seconds())
+	return map[string]any{"status": "measured", "dirty-rate": int64(rate / (1 << 20)),
+		"calc-time": 1, "sample-pages": 4096, "mode": "page-sampling", "start-time": 1}, nil
+}
+
+// calcDirtyRateMembers are calc-dirty-rate's arguments: "calc-time-unit"
+// from 8.2.
+func calcDirtyRateMembers(v [3]int) []string {
+	m := []string{"calc-time", "*sample-pages", "*mode"}
+	if hasChannels(v) {
+		m = append(m, "*calc-time-unit")
+	}
+	return m
+}
