@@ -9,7 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/engine/internal/fakevm"
+	"github.com/qmigrate/qmigrate/qemutest"
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
@@ -31,7 +31,7 @@ func waitStats(t *testing.T, j *engine.Job, n uint64) engine.Progress {
 // end leaves the new value in force. The change is an event.
 func TestJobBandwidthCapLifted(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 1 << 30, DirtyRate: 60 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 1 << 30, DirtyRate: 60 << 20})
 		cfg.Bandwidth = 32 << 20
 		cfg.Strategy = strategy.Config{Policy: strategy.PolicyQEMU, Limits: strategy.Limits{NoThrottle: true}}
 		var rec recorder
@@ -42,10 +42,10 @@ func TestJobBandwidthCapLifted(t *testing.T) {
 		require.Nil(t, pr.Result, "capped below the dirty rate, it must not have finished")
 		assert.Equal(t, "precopy", pr.Stage)
 		assert.Equal(t, uint64(32<<20), pr.Limits.Bandwidth)
-		assert.Equal(t, uint64(32<<20), p.Param(0, "max-bandwidth"))
+		assert.Equal(t, uint64(32<<20), p.Param(qemutest.Source, "max-bandwidth"))
 
 		require.NoError(t, j.SetBandwidth(0))
-		assert.Equal(t, engine.UnlimitedBandwidth, p.Param(0, "max-bandwidth"))
+		assert.Equal(t, engine.UnlimitedBandwidth, p.Param(qemutest.Source, "max-bandwidth"))
 		res, err := j.Wait(t.Context())
 		require.NoError(t, err)
 		assert.Equal(t, engine.StatusCompleted, res.Status)
@@ -61,7 +61,7 @@ func TestJobBandwidthCapLifted(t *testing.T) {
 // a guest that cannot finish under 300 ms finishes under the new maximum.
 func TestJobMaxDowntimeRaised(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		_, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 90 << 20})
+		_, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 90 << 20})
 		cfg.Strategy = strategy.Config{Policy: strategy.PolicyAuto, Limits: strategy.Limits{NoThrottle: true, MaxDowntime: 300 * time.Millisecond}}
 		j, err := engine.Start(t.Context(), cfg)
 		require.NoError(t, err)
@@ -85,14 +85,14 @@ func TestJobMaxDowntimeRaised(t *testing.T) {
 // Lowering the maximum below the limit in force lowers the limit at once.
 func TestJobMaxDowntimeLowered(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 200 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 200 << 20})
 		cfg.Strategy = strategy.Config{Policy: strategy.PolicyQEMU, Limits: strategy.Limits{NoThrottle: true, MaxDowntime: 2 * time.Second}}
 		j, err := engine.Start(t.Context(), cfg)
 		require.NoError(t, err)
 		waitStats(t, j, 2)
-		assert.Equal(t, uint64(300), p.Param(0, "downtime-limit"))
+		assert.Equal(t, uint64(300), p.Param(qemutest.Source, "downtime-limit"))
 		require.NoError(t, j.SetMaxDowntime(100*time.Millisecond))
-		assert.Equal(t, uint64(100), p.Param(0, "downtime-limit"))
+		assert.Equal(t, uint64(100), p.Param(qemutest.Source, "downtime-limit"))
 		assert.Equal(t, 100*time.Millisecond, j.Progress().Limits.DowntimeLimit)
 		require.NoError(t, j.Abort())
 		res, err := j.Wait(t.Context())
@@ -101,13 +101,13 @@ func TestJobMaxDowntimeLowered(t *testing.T) {
 		assert.Equal(t, "running", p.SrcRunState())
 		// The rollback restores what was there before the migration, not
 		// the mid-flight value.
-		assert.Equal(t, uint64(300), p.Param(0, "downtime-limit"))
+		assert.Equal(t, uint64(300), p.Param(qemutest.Source, "downtime-limit"))
 	})
 }
 
 func TestJobStartPostcopy(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20, PostcopyRate: 100 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20, PostcopyRate: 100 << 20})
 		cfg.Strategy = strategy.Config{Policy: strategy.PolicyQEMU, Limits: strategy.Limits{NoThrottle: true, AllowPostcopy: true}}
 		j, err := engine.Start(t.Context(), cfg)
 		require.NoError(t, err)
@@ -131,7 +131,7 @@ func TestJobStartPostcopy(t *testing.T) {
 
 func TestJobStartPostcopyNotPermitted(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
 		cfg.Strategy = strategy.Config{Policy: strategy.PolicyQEMU, Limits: strategy.Limits{NoThrottle: true}}
 		j, err := engine.Start(t.Context(), cfg)
 		require.NoError(t, err)
@@ -150,7 +150,7 @@ func TestJobStartPostcopyNotPermitted(t *testing.T) {
 // (AllowPause unset): the caller decided; the stop-and-copy finishes.
 func TestJobForceComplete(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
 		cfg.Strategy = strategy.Config{Policy: strategy.PolicyQEMU, Limits: strategy.Limits{NoThrottle: true}}
 		j, err := engine.Start(t.Context(), cfg)
 		require.NoError(t, err)
@@ -170,7 +170,7 @@ func TestJobForceComplete(t *testing.T) {
 // the result; one that never reads blocks neither the job nor the others.
 func TestJobSubscribe(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		_, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 20 << 20})
+		_, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 20 << 20})
 		var rec recorder
 		cfg.Observer = rec.observe
 		j, err := engine.Start(t.Context(), cfg)
@@ -213,7 +213,7 @@ func TestJobSubscribe(t *testing.T) {
 // with nothing left behind.
 func TestJobStartFails(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, fakevm.Options{DstRAM: 64 << 20})
+		p, cfg := pair(t, qemutest.Options{DstRAM: 64 << 20})
 		j, err := engine.Start(t.Context(), cfg)
 		require.ErrorIs(t, err, engine.ErrBadInput)
 		assert.Nil(t, j)
@@ -230,20 +230,20 @@ func TestTypedOutcomes(t *testing.T) {
 	t.Run("checks", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			for _, tc := range []struct {
-				opt  fakevm.Options
+				opt  qemutest.Options
 				want engine.Check
 			}{
-				{fakevm.Options{DstRAM: 64 << 20}, engine.CheckRAM},
-				{fakevm.Options{DstMachine: "pc-i440fx-7.2"}, engine.CheckMachine},
-				{fakevm.Options{DstRunState: "running"}, engine.CheckRunState},
-				{fakevm.Options{SrcRunState: "shutdown"}, engine.CheckRunState},
+				{qemutest.Options{DstRAM: 64 << 20}, engine.CheckRAM},
+				{qemutest.Options{DstMachine: "pc-i440fx-7.2"}, engine.CheckMachine},
+				{qemutest.Options{DstRunState: "running"}, engine.CheckRunState},
+				{qemutest.Options{SrcRunState: "shutdown"}, engine.CheckRunState},
 			} {
 				_, cfg := pair(t, tc.opt)
 				_, err := engine.Migrate(t.Context(), cfg)
 				require.ErrorIs(t, err, engine.ErrBadInput)
 				assert.Equal(t, tc.want, engine.CheckOf(err), "%v", err)
 			}
-			_, cfg := pair(t, fakevm.Options{})
+			_, cfg := pair(t, qemutest.Options{})
 			cfg.Source = engine.Endpoint{Address: "unix:/nonexistent/qmigrate-test.qmp"}
 			_, err := engine.Migrate(t.Context(), cfg)
 			assert.Equal(t, engine.CheckConnect, engine.CheckOf(err), "%v", err)
@@ -252,7 +252,7 @@ func TestTypedOutcomes(t *testing.T) {
 	})
 	t.Run("destination gone", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
-			p, cfg := pair(t, fakevm.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
+			p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20})
 			cfg.Strategy.Policy = strategy.PolicyQEMU
 			time.AfterFunc(2*time.Second, p.KillDst)
 			res, err := engine.Migrate(t.Context(), cfg)
@@ -273,7 +273,7 @@ func TestTypedOutcomes(t *testing.T) {
 	})
 	t.Run("QEMU reports failure", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
-			_, cfg := pair(t, fakevm.Options{FailWith: "something broke"})
+			_, cfg := pair(t, qemutest.Options{FailWith: "something broke"})
 			_, err := engine.Migrate(t.Context(), cfg)
 			assert.ErrorIs(t, err, engine.ErrMigrationFailed)
 			assert.NotErrorIs(t, err, engine.ErrDestinationGone)
