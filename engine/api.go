@@ -175,6 +175,16 @@ type Result struct {
 	// seen, the wall time from the source's STOP to the destination's RESUME
 	// (or to the engine's cont on the destination). 0 when not completed.
 	Downtime time.Duration
+	// MaxDowntime is the user's maximum downtime in force
+	// (Strategy.Limits.MaxDowntime, or the strategy's 300 ms default).
+	MaxDowntime time.Duration
+	// DowntimeHeld: the migration completed with Downtime within
+	// MaxDowntime (false when not completed).
+	DowntimeHeld bool
+	// DowntimeLimit is QEMU's downtime-limit in force at the switchover (0
+	// when not completed): with Downtime, what strategy.LearnHeadroom
+	// learns from.
+	DowntimeLimit time.Duration
 	// TransferredBytes is the RAM bytes sent (source ram.transferred): at
 	// completion, or as last polled when the migration did not complete.
 	TransferredBytes uint64

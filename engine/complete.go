@@ -78,6 +78,9 @@ func (r *run) complete(ctx context.Context) error {
 			r.res.Downtime = wall
 		}
 	}
+	r.res.MaxDowntime = r.m.MaxDowntime()
+	r.res.DowntimeHeld = r.res.Downtime <= r.res.MaxDowntime
+	r.res.DowntimeLimit = r.downtimeLimit
 	r.log.Debug("completed", "qemu-downtime", qemuDowntime, "downtime", r.res.Downtime,
 		"transferred", r.res.TransferredBytes)
 	return nil

@@ -84,6 +84,9 @@ func TestMigrateHappyPath(t *testing.T) {
 		assert.Greater(t, res.TransferredBytes, uint64(150<<20))
 		assert.Greater(t, res.Downtime, time.Duration(0))
 		assert.LessOrEqual(t, res.Downtime, 300*time.Millisecond+20*time.Millisecond)
+		assert.Equal(t, 300*time.Millisecond, res.MaxDowntime, "the default maximum")
+		assert.Equal(t, res.Downtime <= res.MaxDowntime, res.DowntimeHeld)
+		assert.Positive(t, res.DowntimeLimit, "the limit in force at the switchover")
 		assert.Equal(t, []engine.Phase{engine.PhasePrepare, engine.PhaseStart, engine.PhaseConverge,
 			engine.PhaseSwitchover, engine.PhaseComplete}, rec.phases())
 		assert.Positive(t, rec.kinds(engine.EventStats))

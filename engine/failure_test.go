@@ -384,6 +384,7 @@ func TestPauseSourceFinishes(t *testing.T) {
 		assert.Len(t, p.Src.CallsOf("stop"), 1)
 		assert.Equal(t, "running", p.DstRunState(), "destination resumed after stop-and-copy")
 		assert.Greater(t, res.Downtime, 300*time.Millisecond, "stop-and-copy downtime is reported")
+		assert.False(t, res.DowntimeHeld, "a stop-and-copy breaks the 300 ms maximum, and the Result says so")
 	})
 }
 

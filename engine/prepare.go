@@ -79,6 +79,7 @@ func (r *run) prepare(ctx context.Context) error {
 		}
 		r.m.SetStorage(strategy.Storage{Disks: true, CanSwitch: r.srcF.BlockJobChange, CanRestart: !r.srcF.BlockJobChange, WriteBlocking: st.WriteBlocking})
 	}
+	r.m.SetQEMU(r.src.Version().Major, r.src.Version().Minor) // auto's downtime headroom is learned per version
 	r.setup = r.m.Setup()
 	// Postcopy permitted: its capability is on whatever the policy, so
 	// that the caller can start it through the job (StartPostcopy).

@@ -54,6 +54,38 @@ type auto struct {
 	predMade time.Duration
 	predFor  time.Duration
 	predIter uint64
+
+	last lastModel // the last judgement's figures, for a Remedy
+}
+
+// lastModel is what the last judgement measured: the typical dirty set and
+// the throughput.
+type lastModel struct {
+	typical, bw float64
+	ok          bool
+}
+
+// remedy adds to r what auto's model says would finish the migration: CPU
+// throttling when the user refused it (auto's lever before postcopy); the
+// maximum downtime under which QEMU would switch over with the typical dirty
+// set at the measured throughput (with the Margin, plus the headroom), and
+// the throughput at which it fits the current ceiling.
+func (a *auto) remedy(_ Sample, r *Remedy) {
+	r.Throttle = !a.m.lim.throttleOK()
+	m := a.last
+	if !m.ok || m.bw <= 0 || m.typical <= 0 {
+		return
+	}
+	h, _ := a.headroom()
+	need := mulDur(seconds(m.typical, m.bw), a.c.Margin)
+	if dt := roundUp(need+h, 100*time.Millisecond); dt > a.m.lim.maxDowntime() && dt <= QEMUMaxDowntime {
+		r.MaxDowntime = dt
+	}
+	if c := a.ceiling(); c > 0 {
+		if bw := m.typical * a.c.Margin / c.Seconds(); bw > m.bw {
+			r.Bandwidth = bw
+		}
+	}
 }
 
 // saturatedQ: a dirty rate measured below this × the throughput, in a
@@ -88,6 +120,8 @@ func newAuto(m *Machine) *auto {
 var holdBack = Throttle{Initial: 1, Increment: 1, Max: 1}
 
 func (a *auto) setup() Setup {
+	// SetQEMU came after New: the headroom is known now.
+	a.downtime = min(a.c.InitialDowntime, a.ceiling())
 	t := holdBack
 	return Setup{
 		DowntimeLimit: a.downtime,
@@ -102,7 +136,7 @@ func (a *auto) setup() Setup {
 func (a *auto) step(s Sample, now time.Duration) Decision {
 	a.prog.observe(s, now)
 	if why, ok := a.prog.stalled(now, a.progTimeout); ok {
-		return Decision{Action: Abort, Reason: "auto: " + why}
+		return a.prog.stallAbort(now, "auto: "+why)
 	}
 	lv := &a.m.levers
 	if lv.postcopy {
@@ -284,6 +318,7 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 			v = slow
 		}
 	}
+	a.last = lastModel{typical: typical, bw: bw, ok: true}
 	if v == converging && fits {
 		a.ramPred = 0
 		if ok, why := a.diskCheck(now, limit, 0); !ok {
@@ -300,29 +335,41 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 		return wait(fmt.Sprintf("auto: converging in ~%v: %s", roundDur(pred), stats))
 	}
 	what := "not converging"
+	// because is the verdict in words, one clause.
+	because := fmt.Sprintf("the guest rewrites its %s faster than the link carries it", bytesStr(typical))
 	switch {
 	case missed != "":
 		what = missed
+		because = fmt.Sprintf("it did not converge when predicted (in ~%v)", roundDur(a.predFor))
 	case v == slow && dirty/bw >= a.c.SlowRatio:
 		what = fmt.Sprintf("converging too slowly (~%v; the dirty rate is %.2f × the throughput, at least %.2f)", roundDur(pred), dirty/bw, a.c.SlowRatio)
+		because = fmt.Sprintf("the guest dirties memory at %.0f%% of the link's speed, so each pass shrinks too little", 100*dirty/bw)
 	case v == slow:
 		what = fmt.Sprintf("converging too slowly (~%v)", roundDur(pred))
+		because = fmt.Sprintf("it would take ~%v to converge", roundDur(pred))
 	case pred < time.Duration(math.MaxInt64):
 		what = fmt.Sprintf("not converging within the budget (~%v)", roundDur(pred))
+		because = fmt.Sprintf("it would not converge within the %v budget", a.m.lim.Budget)
 	}
 	stats = what + ": " + stats
 
-	// Lever 1: downtime, if the typical peak fits within the maximum.
-	maxDT := a.m.lim.maxDowntime()
+	// Lever 1: downtime, if the typical peak fits within the ceiling (the
+	// maximum less the headroom).
+	maxDT := a.ceiling()
+	ceil := fmt.Sprintf("the %v maximum", maxDT)
+	if why := a.ceilingWhy(); why != "" {
+		ceil = fmt.Sprintf("the %v ceiling, %s", maxDT, why)
+	}
 	if !lv.downtimeFailed && seconds(typical, bw) <= maxDT && limit < maxDT {
 		dl := roundUp(mulDur(seconds(typical, bw), a.c.Margin), 10*time.Millisecond)
 		if dl <= limit {
 			dl = maxDT // the estimate fitted the limit, yet QEMU did not switch
 		}
 		dl = min(dl, maxDT)
-		return a.decide(Decision{Action: SetDowntime, DowntimeLimit: dl, Reason: fmt.Sprintf(
-			"auto: %s; %s / throughput = %v fits the %v maximum: downtime limit %v",
-			stats, bytesStr(typical), roundDur(seconds(typical, bw)), maxDT, dl)}, now)
+		return a.decide(Decision{Action: SetDowntime, DowntimeLimit: dl,
+			Summary: fmt.Sprintf("downtime limit %v: %s, and its %s dirty set copies in ~%v", dl, because, bytesStr(typical), roundDur(seconds(typical, bw))),
+			Reason: fmt.Sprintf("auto: %s; %s / throughput = %v fits %s: downtime limit %v",
+				stats, bytesStr(typical), roundDur(seconds(typical, bw)), ceil, dl)}, now)
 	}
 
 	// Lever 2: CPU throttle computed from the stats.
@@ -346,23 +393,26 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 			// the maximum: less throttling, for a downtime the user accepts.
 			// The throttle follows at the next sample.
 			a.downtime, a.reevaluate, a.prelude = maxDT, true, true
-			return Decision{Action: SetDowntime, DowntimeLimit: maxDT, Reason: fmt.Sprintf(
-				"auto: %s; %s / throughput = %v does not fit the %v maximum: downtime limit %v before throttling",
-				stats, bytesStr(typical), roundDur(seconds(typical, bw)), maxDT, maxDT)}
+			return Decision{Action: SetDowntime, DowntimeLimit: maxDT,
+				Summary: fmt.Sprintf("downtime limit %v, the most it may be, before a throttle: %s", maxDT, because),
+				Reason: fmt.Sprintf("auto: %s; %s / throughput = %v does not fit %s: downtime limit %v before throttling",
+					stats, bytesStr(typical), roundDur(seconds(typical, bw)), ceil, maxDT)}
 		}
 		inc := pct - s.ThrottlePercent
 		t := Throttle{Initial: pct, Increment: clampInt(inc, 1, qemuMaxThrottle), Max: pct}
-		return a.decide(Decision{Action: SetThrottle, Throttle: t, Reason: fmt.Sprintf(
-			"auto: %s; %s: throttle %d%%", stats, how, pct)}, now)
+		return a.decide(Decision{Action: SetThrottle, Throttle: t, Summary: fmt.Sprintf("throttle %d%%: %s", pct, because),
+			Reason: fmt.Sprintf("auto: %s; %s: throttle %d%%", stats, how, pct)}, now)
 	}
 
 	// Lever 3: postcopy.
 	if postcopyOK {
-		why := "throttling exhausted or refused"
+		why, words := "throttling exhausted or refused", "and throttling is exhausted or refused"
 		if throttleOK {
 			why = fmt.Sprintf("%s would need %d%% throttle, above %d%%", how, need, min(a.c.PostcopyThrottle, a.c.MaxThrottle))
+			words = fmt.Sprintf("and a throttle would need %d%%", need)
 		}
-		return a.decide(Decision{Action: StartPostcopy, Reason: fmt.Sprintf("auto: %s; %s: start postcopy", stats, why)}, now)
+		return a.decide(Decision{Action: StartPostcopy, Summary: fmt.Sprintf("start postcopy: %s, %s", because, words),
+			Reason: fmt.Sprintf("auto: %s; %s: start postcopy", stats, why)}, now)
 	}
 	// The last two are disruptive or final: confirm the verdict with a second
 	// sync after the first one (or a measured dirty rate) before taking them.
@@ -371,14 +421,16 @@ func (a *auto) evaluate(s Sample, now time.Duration) Decision {
 	}
 	// Lever 4: pause (stop-and-copy).
 	if a.m.lim.AllowPause && !lv.pauseFailed {
-		return a.decide(Decision{Action: PauseSource, Reason: fmt.Sprintf(
-			"auto: %s; no other lever left: pause the guest, stop-and-copy of ~%v",
-			stats, roundDur(seconds(last, bw)))}, now)
+		return a.decide(Decision{Action: PauseSource,
+			Summary: fmt.Sprintf("pause the guest, a stop-and-copy of ~%v: %s, and no other lever is left", roundDur(seconds(last, bw)), because),
+			Reason: fmt.Sprintf(
+				"auto: %s; no other lever left: pause the guest, stop-and-copy of ~%v",
+				stats, roundDur(seconds(last, bw)))}, now)
 	}
 	if v == slow {
 		return wait("auto: " + stats + "; no lever left, letting it converge")
 	}
-	return Decision{Action: Abort, Reason: fmt.Sprintf(
+	return Decision{Action: Abort, Summary: fmt.Sprintf("abort: %s, and no permitted lever can make it converge", because), Reason: fmt.Sprintf(
 		"auto: %s; no permitted lever can make it converge (downtime max %v, throttle %s, postcopy %s, pause %s)",
 		stats, maxDT, permittedStr(a.m.lim.throttleOK() && !lv.throttleFailed, fmt.Sprintf("at %d%%", a.target)),
 		permittedStr(a.m.lim.AllowPostcopy && !lv.postcopyFailed, ""), permittedStr(a.m.lim.AllowPause && !lv.pauseFailed, ""))}
@@ -419,7 +471,7 @@ func (a *auto) plateauThrottle(need int, how string, typical, thr float64, cur i
 		return need, how
 	}
 	return p, fmt.Sprintf("dirty set %s above the %s a %v switchover takes: run time ×%.2f",
-		bytesStr(typical), bytesStr(thr), a.m.lim.maxDowntime(), thr/(typical*a.c.Margin))
+		bytesStr(typical), bytesStr(thr), a.ceiling(), thr/(typical*a.c.Margin))
 }
 
 // limit is the downtime limit in force: the sample's, else the one auto set.
@@ -562,7 +614,7 @@ func (a *auto) throttleFor(r, dirty, bw, typical float64, cur int, plateau bool)
 // the least. Below the link (q < 1) fewer, lighter passes lose less; the
 // TargetRatio rule applies there.
 func (a *auto) onePass(trueDirty, bw, typical float64) (float64, string, bool) {
-	maxDT := a.m.lim.maxDowntime()
+	maxDT := a.ceiling()
 	thr := bw * maxDT.Seconds()
 	if trueDirty < bw || bw <= 0 || typical*a.c.Margin <= thr {
 		return 0, "", false
@@ -624,13 +676,14 @@ func (a *auto) decide(d Decision, now time.Duration) Decision {
 func (a *auto) deadline(s Sample, now time.Duration) Decision {
 	lv := &a.m.levers
 	why := fmt.Sprintf("auto: budget %v reached at %v", a.m.lim.Budget, roundDur(now))
+	ran := fmt.Sprintf("the %v budget ran out", a.m.lim.Budget)
 	if a.m.lim.AllowPostcopy && !lv.postcopyFailed {
-		return Decision{Action: StartPostcopy, Reason: why + ": finish by postcopy"}
+		return Decision{Action: StartPostcopy, Summary: "start postcopy: " + ran, Reason: why + ": finish by postcopy"}
 	}
 	if a.m.lim.AllowPause && !lv.pauseFailed {
-		return Decision{Action: PauseSource, Reason: why + ": finish by stop-and-copy"}
+		return Decision{Action: PauseSource, Summary: "pause the guest (stop-and-copy): " + ran, Reason: why + ": finish by stop-and-copy"}
 	}
-	return Decision{Action: Abort, Reason: why + ": no finishing lever permitted"}
+	return Decision{Action: Abort, Summary: "abort: " + ran + ", and neither postcopy nor a pause is permitted", Reason: why + ": no finishing lever permitted"}
 }
 
 func (a *auto) applied(d Decision, err error) {

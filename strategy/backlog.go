@@ -85,7 +85,7 @@ func (v diskView) String() string {
 // drain at switchover next to a RAM downtime limit: the maximum minus the
 // limit, and at least a quarter of the maximum.
 func (a *auto) diskShare(limit time.Duration) time.Duration {
-	maxDT := a.m.lim.maxDowntime()
+	maxDT := a.ceiling()
 	return max(maxDT-limit, maxDT/diskShareMin)
 }
 
@@ -130,7 +130,9 @@ func (a *auto) backlog(s Sample, now time.Duration) (Decision, bool) {
 		return Decision{}, false
 	}
 	a.bl.reset(now) // measure afresh under write-blocking
-	return Decision{Action: MirrorWriteBlocking, Reason: "auto: RAM phase, " + why + ": switch the mirrors to write-blocking"}, true
+	return Decision{Action: MirrorWriteBlocking,
+		Summary: "switch the disk mirrors to write-blocking: the disk writes they have not copied would not fit the downtime at switchover",
+		Reason:  "auto: RAM phase, " + why + ": switch the mirrors to write-blocking"}, true
 }
 
 // diskLever says what happens about a backlog that does not fit.

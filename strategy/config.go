@@ -125,6 +125,13 @@ type AutoConfig struct {
 	// cannot converge waits for two windows. After READY, the disk backlog
 	// (StorageRemaining in the RAM phase) is judged over the same window.
 	MirrorWindow time.Duration
+	// Headroom is kept free below Limits.MaxDowntime: auto's downtime limits
+	// are at most the maximum less it (and at least half the maximum),
+	// because QEMU's measured downtime exceeds its downtime-limit by what its
+	// estimate leaves out. 0 = the headroom learned for the source QEMU's
+	// version (Machine.SetQEMU; none when it was not called): see
+	// LearnHeadroom. The presets keep none, like their anchors.
+	Headroom time.Duration
 }
 
 // Anchor defaults.
@@ -227,6 +234,7 @@ func (c Config) Validate() error {
 		{"Auto.SettleTime", a.SettleTime},
 		{"Auto.ProgressTimeout", a.ProgressTimeout},
 		{"Auto.MirrorWindow", a.MirrorWindow},
+		{"Auto.Headroom", a.Headroom},
 	} {
 		if err := nonNeg(d.name, d.v); err != nil {
 			return err

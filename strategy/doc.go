@@ -122,6 +122,18 @@
 //   - stuck: q ≥ FlatRatio (0.97), or flat peaks (r ≥ 0.97), or the
 //     prediction exceeds the budget.
 //
+// auto's downtime limits are at most the user's maximum less a headroom
+// (and at least half the maximum): QEMU's measured downtime exceeds its
+// downtime-limit by what its estimate leaves out (tens of milliseconds,
+// whatever the limit). The headroom is learned per QEMU version
+// (Machine.SetQEMU, which the engine calls before Setup) from the
+// benchmark's completions (LearnHeadroom: 69 ms on 7.2, 62 ms on 10.0), or
+// set by AutoConfig.Headroom; the reasons say how much and why.
+//
+// Every Decision has a Summary in words (what, and why in one clause) apart
+// from the Reason's arithmetic; an Abort carries a Remedy: what would have
+// finished the migration, from auto's model (see Remedy).
+//
 // auto starts with a 100 ms downtime limit (AutoConfig.InitialDowntime, at
 // most the user's maximum). When not converging, levers go in order of guest
 // impact: (1) raise the downtime limit to the typical peak (median of

@@ -29,8 +29,8 @@ func simRun(t *testing.T, sc ramsim.Scenario, cfg strategy.Config) ramsim.Result
 	return r
 }
 
-// TestEndToEndTable runs every policy on every scenario and logs the table
-// (go test -run EndToEndTable -v).
+// TestEndToEndTable runs every policy on every scenario and compares the
+// table with testdata/endtoend.golden (-rewrite regenerates it).
 func TestEndToEndTable(t *testing.T) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "\n| scenario | policy | outcome | total | downtime | sent MiB | guest lost | max throttle |\n|---|---|---|---|---|---|---|---|\n")
@@ -41,7 +41,7 @@ func TestEndToEndTable(t *testing.T) {
 				r.Total.Round(10*ms), r.Downtime.Round(ms), float64(r.Bytes)/MiB, r.GuestLost.Round(10*ms), r.MaxThrottle)
 		}
 	}
-	t.Log(b.String())
+	golden(t, "endtoend.golden", b.String())
 }
 
 func TestEndToEndAutoBeatsPresets(t *testing.T) {

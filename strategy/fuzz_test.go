@@ -157,6 +157,12 @@ func checkInvariants(in fuzzInput) ([]strategy.Decision, error) {
 		if d.Action == "" {
 			return out, fmt.Errorf("sample %d: empty action", i)
 		}
+		if d.Summary == "" {
+			return out, fmt.Errorf("sample %d: %s without a summary in words", i, d.Action)
+		}
+		if (d.Remedy != nil) != (d.Action == strategy.Abort) {
+			return out, fmt.Errorf("sample %d: %s with remedy %v", i, d.Action, d.Remedy)
+		}
 		if done && d.Action != strategy.Wait {
 			return out, fmt.Errorf("sample %d: %s after done", i, d.Action)
 		}

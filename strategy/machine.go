@@ -19,6 +19,9 @@ type Machine struct {
 	levers  levers
 	storage Storage
 	mprog   progress // the mirror phase, for policies without a storage lever
+
+	qemuKnown            bool // SetQEMU was called
+	qemuMajor, qemuMinor int
 }
 
 // levers is what the policies share about the levers: which failed to apply
@@ -173,7 +176,7 @@ func (m *Machine) Done() bool { return m.done }
 func (m *Machine) Step(s Sample) Decision {
 	at := s.Elapsed
 	if m.done {
-		return Decision{Action: Wait, Reason: "done", At: at}
+		return Decision{Action: Wait, Summary: "done", Reason: "done", At: at}
 	}
 	s = sanitize(s)
 	if s.Elapsed > m.now {
@@ -183,10 +186,11 @@ func (m *Machine) Step(s Sample) Decision {
 	switch classify(s.Status) {
 	case statusTerminal:
 		m.done = true
-		return Decision{Action: Wait, Reason: fmt.Sprintf("migration %s", s.Status), At: at}
+		return Decision{Action: Wait, Summary: "migration " + s.Status, Reason: fmt.Sprintf("migration %s", s.Status), At: at}
 	case statusPostcopy:
 		m.levers.inPostcopy = true
-		return Decision{Action: Wait, Reason: fmt.Sprintf("%s: postcopy is never aborted", s.Status), At: at}
+		return Decision{Action: Wait, Summary: "postcopy under way: never aborted",
+			Reason: fmt.Sprintf("%s: postcopy is never aborted", s.Status), At: at}
 	}
 	if s.SourcePaused {
 		m.levers.paused = true
@@ -200,7 +204,8 @@ func (m *Machine) Step(s Sample) Decision {
 		d = wait(fmt.Sprintf("%s: no storage lever, waiting for the mirrors (%s of %s left)",
 			m.cfg.Policy, bytesStr(float64(s.StorageRemaining)), bytesStr(float64(s.StorageTotal))))
 		if why, ok := m.mprog.storageStalled(now, m.lim.ProgressTimeout); ok {
-			d = Decision{Action: Abort, Reason: m.cfg.Policy + ": " + why}
+			d = Decision{Action: Abort, Summary: fmt.Sprintf("abort: the disk mirrors made no progress for %v", roundDur(now-m.mprog.last)),
+				Reason: m.cfg.Policy + ": " + why, Remedy: &Remedy{}}
 		}
 	default:
 		d = m.pol.step(s, now)
@@ -208,17 +213,27 @@ func (m *Machine) Step(s Sample) Decision {
 	if b := m.lim.Budget; b > 0 && now >= b && !m.levers.finishing() && !isFinishing(d.Action) {
 		if s.Mirroring {
 			// No RAM migration yet: nothing to finish by postcopy or pause.
-			d = Decision{Action: Abort, Reason: fmt.Sprintf("budget %v reached at %v with the disk mirrors not READY (%s of %s left)",
-				b, roundDur(now), bytesStr(float64(s.StorageRemaining)), bytesStr(float64(s.StorageTotal)))}
+			d = Decision{Action: Abort, Summary: fmt.Sprintf("abort: the %v budget ran out before the disk mirrors were READY", b),
+				Reason: fmt.Sprintf("budget %v reached at %v with the disk mirrors not READY (%s of %s left)",
+					b, roundDur(now), bytesStr(float64(s.StorageRemaining)), bytesStr(float64(s.StorageTotal)))}
 		} else {
 			d = m.pol.deadline(s, now)
 		}
 		if !isFinishing(d.Action) || !m.permitted(d.Action) {
-			d = Decision{Action: Abort, Reason: fmt.Sprintf("budget %v reached at %v", b, roundDur(now))}
+			d = Decision{Action: Abort, Summary: fmt.Sprintf("abort: the %v budget ran out", b),
+				Reason: fmt.Sprintf("budget %v reached at %v", b, roundDur(now))}
 		}
 	}
 	d = m.enforce(d, s)
 	d.At = at
+	if d.Summary == "" {
+		d.Summary = defaultSummary(d)
+	}
+	if d.Action == Abort && d.Remedy == nil {
+		d.Remedy = m.remedy(s)
+	} else if d.Action != Abort {
+		d.Remedy = nil
+	}
 	switch d.Action {
 	case Wait:
 		return d
@@ -293,6 +308,9 @@ func (m *Machine) enforce(d Decision, s Sample) Decision {
 		if d.DowntimeLimit > max {
 			d.DowntimeLimit = max
 			d.Reason += fmt.Sprintf(" (capped at the %v maximum)", max)
+			if d.Summary != "" {
+				d.Summary += fmt.Sprintf(" (capped at the %v maximum)", max)
+			}
 		}
 		if d.DowntimeLimit < 0 {
 			d.DowntimeLimit = 0
@@ -317,7 +335,9 @@ func (m *Machine) enforce(d Decision, s Sample) Decision {
 		if m.levers.postcopy || m.levers.inPostcopy {
 			// migrate-start-postcopy was accepted: QEMU may switch at any
 			// moment, and a cancelled postcopy loses the guest.
-			return wait("postcopy requested, never aborted: " + d.Reason)
+			w := wait("postcopy requested, never aborted: " + d.Reason)
+			w.Summary = "postcopy under way: never aborted"
+			return w
 		}
 	default:
 		if d.Action != Wait {
@@ -342,6 +362,50 @@ func (m *Machine) permitted(a Action) bool {
 func isFinishing(a Action) bool { return a == Abort || a == StartPostcopy || a == PauseSource }
 
 func wait(reason string) Decision { return Decision{Action: Wait, Reason: reason} }
+
+// defaultSummary words a decision whose policy gave no Summary.
+func defaultSummary(d Decision) string {
+	switch d.Action {
+	case Wait:
+		return "waiting"
+	case SetDowntime:
+		return fmt.Sprintf("downtime limit %v", d.DowntimeLimit)
+	case SetThrottle:
+		return fmt.Sprintf("throttle %d%%", d.Throttle.Max)
+	case StartPostcopy:
+		return "start postcopy"
+	case PauseSource:
+		return "pause the guest (stop-and-copy)"
+	case MirrorWriteBlocking:
+		return "switch the disk mirrors to write-blocking"
+	}
+	return string(d.Action)
+}
+
+// remedyModel is a policy that can say what would have finished a
+// migration it aborts (auto: from its measurements).
+type remedyModel interface {
+	remedy(s Sample, r *Remedy)
+}
+
+// remedy is what would have finished a migration aborted at s: in the
+// mirror phase only write-blocking mirrors; else postcopy and a pause, which
+// finish whatever the guest does, when they were not permitted, and what the
+// policy's model adds.
+func (m *Machine) remedy(s Sample) *Remedy {
+	r := &Remedy{}
+	if s.Mirroring {
+		st := m.storage
+		r.WriteBlocking = m.lim.NoWriteBlocking && st.Disks && !st.WriteBlocking && (st.CanSwitch || st.CanRestart)
+		return r
+	}
+	r.Postcopy = !m.lim.AllowPostcopy
+	r.Pause = !m.lim.AllowPause
+	if rm, ok := m.pol.(remedyModel); ok {
+		rm.remedy(s, r)
+	}
+	return r
+}
 
 // clampThrottle keeps the parameters within what QEMU accepts:
 // initial and increment 1..99, initial ≤ max ≤ 99, threshold 0 (leave) .. 100.

@@ -85,7 +85,8 @@ type mirrorState struct {
 func (a *auto) mirror(s Sample, now time.Duration) Decision {
 	a.prog.observe(s, now)
 	if why, ok := a.prog.storageStalled(now, a.progTimeout); ok {
-		return Decision{Action: Abort, Reason: "auto: " + why}
+		return Decision{Action: Abort, Summary: fmt.Sprintf("abort: the disk mirrors made no progress for %v", roundDur(now-a.prog.last)),
+			Reason: "auto: " + why, Remedy: &Remedy{}}
 	}
 	ms := &a.ms
 	if ms.begin(now) {
@@ -117,17 +118,20 @@ func (a *auto) mirror(s Sample, now time.Duration) Decision {
 		return wait(fmt.Sprintf("auto: mirrors converging, READY in ~%v: %s", roundDur(pred), stats))
 	}
 	what := fmt.Sprintf("READY only in ~%v", roundDur(pred))
+	words := fmt.Sprintf("the disk mirrors would take ~%v to be READY", roundDur(pred))
 	switch {
 	case flat:
 		what = "never READY"
+		words = "the guest writes its disks faster than the mirrors copy them"
 	case stuck:
 		what = fmt.Sprintf("READY in ~%v, beyond the %v budget", roundDur(pred), budget)
+		words = fmt.Sprintf("the disk mirrors would not be READY within the %v budget", budget)
 	}
 	if a.m.canSwitch() {
 		ms.reset(now)
 		ms.stuckSince = -1 // measure afresh under write-blocking
-		return Decision{Action: MirrorWriteBlocking, Reason: fmt.Sprintf(
-			"auto: disk mirrors %s: %s: switch them to write-blocking", what, stats)}
+		return Decision{Action: MirrorWriteBlocking, Summary: "switch the disk mirrors to write-blocking: " + words,
+			Reason: fmt.Sprintf("auto: disk mirrors %s: %s: switch them to write-blocking", what, stats)}
 	}
 	if a.m.canWriteBlock(true) {
 		// The restart copies the disks again from the start: the trend and
@@ -135,7 +139,7 @@ func (a *auto) mirror(s Sample, now time.Duration) Decision {
 		ms.reset(now)
 		ms.stuckSince = -1
 		a.prog = progress{}
-		return Decision{Action: MirrorWriteBlocking, Reason: fmt.Sprintf(
+		return Decision{Action: MirrorWriteBlocking, Summary: "restart the disk mirrors in write-blocking mode (a full re-copy): " + words, Reason: fmt.Sprintf(
 			"auto: disk mirrors %s: %s: restart them in write-blocking mode (no block-job-change on the source: a full re-copy)", what, stats)}
 	}
 	if !stuck {
@@ -148,7 +152,8 @@ func (a *auto) mirror(s Sample, now time.Duration) Decision {
 	if now-ms.stuckSince < w {
 		return wait(fmt.Sprintf("auto: disk mirrors %s: %s; %s, confirming over %v before an abort", what, stats, a.noSwitch(), w))
 	}
-	return Decision{Action: Abort, Reason: fmt.Sprintf("auto: disk mirrors %s: %s; %s", what, stats, a.noSwitch())}
+	return Decision{Action: Abort, Summary: fmt.Sprintf("abort: %s, and they cannot be made write-blocking (%s)", words, a.noSwitch()),
+		Reason: fmt.Sprintf("auto: disk mirrors %s: %s; %s", what, stats, a.noSwitch())}
 }
 
 // noSwitch says why the mirrors cannot be switched to write-blocking.

@@ -39,6 +39,13 @@ func (p *progress) stalled(now, timeout time.Duration) (string, bool) {
 		roundDur(now-p.last), bytesStr(float64(p.transferred)), bytesStr(float64(p.minRemain)), timeout), true
 }
 
+// stallAbort is the Abort for a migration that made no progress: nothing
+// the limits could permit would finish it (the link carries nothing).
+func (p *progress) stallAbort(now time.Duration, reason string) Decision {
+	return Decision{Action: Abort, Summary: fmt.Sprintf("abort: no progress for %v, the link carries nothing", roundDur(now-p.last)),
+		Reason: reason, Remedy: &Remedy{}}
+}
+
 // storageStalled is stalled's reason for the mirror phase, where progress
 // is the disk bytes left reaching a new low.
 func (p *progress) storageStalled(now, timeout time.Duration) (string, bool) {
@@ -63,13 +70,13 @@ func (p *qemuPolicy) setup() Setup { return Setup{} }
 func (p *qemuPolicy) step(s Sample, now time.Duration) Decision {
 	p.prog.observe(s, now)
 	if why, ok := p.prog.stalled(now, p.m.lim.ProgressTimeout); ok {
-		return Decision{Action: Abort, Reason: why}
+		return p.prog.stallAbort(now, why)
 	}
 	return wait("qemu: QEMU decides the switchover alone")
 }
 
 func (p *qemuPolicy) deadline(s Sample, now time.Duration) Decision {
-	return Decision{Action: Abort, Reason: fmt.Sprintf("qemu: budget %v reached at %v", p.m.lim.Budget, roundDur(now))}
+	return budgetAbort("qemu", p.m.lim.Budget, now)
 }
 
 func (p *qemuPolicy) applied(Decision, error) {}
@@ -128,35 +135,40 @@ func (p *kubeVirt) step(s Sample, now time.Duration) Decision {
 	switch {
 	case p.awd() && over && !p.paused:
 		if p.m.lim.AllowPostcopy && !lv.postcopyFailed {
-			return Decision{Action: StartPostcopy, Reason: fmt.Sprintf(
-				"kubevirt: %v elapsed exceeds the completion timeout %v (%v per GB × %d GB): switch to postcopy",
-				roundDur(now), p.acceptable, p.perGiB, kubeVirtGB(s))}
+			return Decision{Action: StartPostcopy, Summary: fmt.Sprintf("start postcopy: the migration ran past KubeVirt's %v completion timeout", p.acceptable),
+				Reason: fmt.Sprintf(
+					"kubevirt: %v elapsed exceeds the completion timeout %v (%v per GB × %d GB): switch to postcopy",
+					roundDur(now), p.acceptable, p.perGiB, kubeVirtGB(s))}
 		}
 		if p.m.lim.AllowPause && !lv.pauseFailed {
 			old := p.acceptable
 			p.acceptable *= 2
 			p.paused = true
-			return Decision{Action: PauseSource, Reason: fmt.Sprintf(
-				"kubevirt: %v elapsed exceeds the completion timeout %v: pause the guest, completion timeout now %v",
-				roundDur(now), old, p.acceptable)}
+			return Decision{Action: PauseSource, Summary: fmt.Sprintf("pause the guest: the migration ran past KubeVirt's %v completion timeout", old),
+				Reason: fmt.Sprintf(
+					"kubevirt: %v elapsed exceeds the completion timeout %v: pause the guest, completion timeout now %v",
+					roundDur(now), old, p.acceptable)}
 		}
-		return Decision{Action: Abort, Reason: fmt.Sprintf(
-			"kubevirt: %v elapsed exceeds the completion timeout %v and no workload-disruption lever could be applied",
-			roundDur(now), p.acceptable)}
+		return Decision{Action: Abort, Summary: fmt.Sprintf("abort: the migration ran past KubeVirt's %v completion timeout, and neither postcopy nor a pause could be applied", p.acceptable),
+			Reason: fmt.Sprintf(
+				"kubevirt: %v elapsed exceeds the completion timeout %v and no workload-disruption lever could be applied",
+				roundDur(now), p.acceptable)}
 	case now-p.lastProgress > p.progressTimeout:
-		return Decision{Action: Abort, Reason: fmt.Sprintf(
-			"kubevirt: remaining %s has not decreased for %v (progress timeout %v): migration stuck",
-			bytesStr(float64(s.RemainingBytes)), roundDur(now-p.lastProgress), p.progressTimeout)}
+		return Decision{Action: Abort, Summary: fmt.Sprintf("abort: the memory left to copy has not shrunk for %v (KubeVirt's progress timeout)", roundDur(now-p.lastProgress)),
+			Reason: fmt.Sprintf(
+				"kubevirt: remaining %s has not decreased for %v (progress timeout %v): migration stuck",
+				bytesStr(float64(s.RemainingBytes)), roundDur(now-p.lastProgress), p.progressTimeout)}
 	case over:
-		return Decision{Action: Abort, Reason: fmt.Sprintf(
-			"kubevirt: %v elapsed exceeds the completion timeout %v (%v per GB × %d GB)",
-			roundDur(now), p.acceptable, p.perGiB, kubeVirtGB(s))}
+		return Decision{Action: Abort, Summary: fmt.Sprintf("abort: the migration ran past KubeVirt's %v completion timeout", p.acceptable),
+			Reason: fmt.Sprintf(
+				"kubevirt: %v elapsed exceeds the completion timeout %v (%v per GB × %d GB)",
+				roundDur(now), p.acceptable, p.perGiB, kubeVirtGB(s))}
 	}
 	return wait("kubevirt: within the progress and completion timeouts")
 }
 
 func (p *kubeVirt) deadline(s Sample, now time.Duration) Decision {
-	return Decision{Action: Abort, Reason: fmt.Sprintf("kubevirt: user budget %v reached at %v", p.m.lim.Budget, roundDur(now))}
+	return budgetAbort("kubevirt", p.m.lim.Budget, now)
 }
 
 func (p *kubeVirt) applied(d Decision, err error) {
@@ -247,7 +259,7 @@ func (p *nova) step(s Sample, now time.Duration) Decision {
 	}
 	p.prog.observe(s, now)
 	if why, ok := p.prog.stalled(now, p.m.lim.ProgressTimeout); ok {
-		return Decision{Action: Abort, Reason: "nova: " + why}
+		return p.prog.stallAbort(now, "nova: "+why)
 	}
 	if !p.sized {
 		return wait("nova: guest size not known yet")
@@ -256,16 +268,18 @@ func (p *nova) step(s Sample, now time.Duration) Decision {
 	if p.timeout > 0 && now > p.timeout && !lv.finishing() {
 		why := fmt.Sprintf("nova: %v elapsed exceeds the completion timeout %v (%v per GiB × %.2f GiB)",
 			roundDur(now), p.timeout, p.complPer, p.dataGB)
+		past := fmt.Sprintf("the migration ran past Nova's %v completion timeout", p.timeout)
 		if p.action == novaTimeoutAbort {
-			return Decision{Action: Abort, Reason: why + ": timeout action abort"}
+			return Decision{Action: Abort, Summary: "abort: " + past, Reason: why + ": timeout action abort"}
 		}
 		if p.m.lim.AllowPostcopy && !lv.postcopyFailed {
-			return Decision{Action: StartPostcopy, Reason: why + ": force complete by postcopy"}
+			return Decision{Action: StartPostcopy, Summary: "start postcopy: " + past, Reason: why + ": force complete by postcopy"}
 		}
 		if p.m.lim.AllowPause && !lv.pauseFailed {
-			return Decision{Action: PauseSource, Reason: why + ": force complete by pausing the guest"}
+			return Decision{Action: PauseSource, Summary: "pause the guest: " + past, Reason: why + ": force complete by pausing the guest"}
 		}
-		return Decision{Action: Abort, Reason: why + ": force complete not permitted (no postcopy, no pause)"}
+		return Decision{Action: Abort, Summary: "abort: " + past + ", and neither postcopy nor a pause is permitted",
+			Reason: why + ": force complete not permitted (no postcopy, no pause)"}
 	}
 	// update_downtime: the last step whose time marker is below elapsed.
 	i := -1
@@ -282,13 +296,13 @@ func (p *nova) step(s Sample, now time.Duration) Decision {
 		return wait(fmt.Sprintf("nova: downtime step %d/%d holds at %v", i, p.steps, v))
 	}
 	p.current = v
-	return Decision{Action: SetDowntime, DowntimeLimit: v, Reason: fmt.Sprintf(
+	return Decision{Action: SetDowntime, DowntimeLimit: v, Summary: fmt.Sprintf("downtime limit %v: step %d of %d of Nova's ramp", v, i, p.steps), Reason: fmt.Sprintf(
 		"nova: downtime step %d/%d at %v (one step per %v = %v per GiB × %.2f GiB)",
 		i, p.steps, roundDur(now), p.delay, p.delayPer, p.dataGB)}
 }
 
 func (p *nova) deadline(s Sample, now time.Duration) Decision {
-	return Decision{Action: Abort, Reason: fmt.Sprintf("nova: user budget %v reached at %v", p.m.lim.Budget, roundDur(now))}
+	return budgetAbort("nova", p.m.lim.Budget, now)
 }
 
 func (p *nova) applied(Decision, error) {}
@@ -331,7 +345,7 @@ func (p *proxmox) setup() Setup {
 func (p *proxmox) step(s Sample, now time.Duration) Decision {
 	p.prog.observe(s, now)
 	if why, ok := p.prog.stalled(now, p.m.lim.ProgressTimeout); ok {
-		return Decision{Action: Abort, Reason: "proxmox: " + why}
+		return p.prog.stallAbort(now, "proxmox: "+why)
 	}
 	if s.Status != "active" && s.Status != "device" {
 		return wait("proxmox: status " + s.Status)
@@ -354,15 +368,21 @@ func (p *proxmox) step(s Sample, now time.Duration) Decision {
 		return wait(fmt.Sprintf("proxmox: downtime would double to %v, held at the %v maximum", p.downtime, v))
 	}
 	p.lastSetTo = v
-	return Decision{Action: SetDowntime, DowntimeLimit: v, Reason: fmt.Sprintf(
+	return Decision{Action: SetDowntime, DowntimeLimit: v, Summary: fmt.Sprintf("downtime limit %v: the memory left to copy grew on more than %d polls, so Proxmox doubles it", v, p.polls), Reason: fmt.Sprintf(
 		"proxmox: remaining grew on more than %d polls: auto-increased downtime to %v", p.polls, p.downtime)}
 }
 
 func (p *proxmox) deadline(s Sample, now time.Duration) Decision {
-	return Decision{Action: Abort, Reason: fmt.Sprintf("proxmox: user budget %v reached at %v", p.m.lim.Budget, roundDur(now))}
+	return budgetAbort("proxmox", p.m.lim.Budget, now)
 }
 
 func (p *proxmox) applied(Decision, error) {}
+
+// budgetAbort is a preset's Abort when the user's Budget runs out.
+func budgetAbort(policy string, budget, now time.Duration) Decision {
+	return Decision{Action: Abort, Summary: fmt.Sprintf("abort: the %v budget ran out", budget),
+		Reason: fmt.Sprintf("%s: user budget %v reached at %v", policy, budget, roundDur(now))}
+}
 
 // mulDur multiplies a duration by a factor, saturating.
 func mulDur(d time.Duration, f float64) time.Duration {

@@ -1,6 +1,8 @@
 package strategy
 
 import (
+	"fmt"
+	"strings"
 	"time"
 )
 
@@ -94,8 +96,81 @@ type Decision struct {
 	Action        Action
 	DowntimeLimit time.Duration // for SetDowntime
 	Throttle      Throttle      // for SetThrottle
-	Reason        string        // human readable, says why, with numbers
-	At            time.Duration // Sample.Elapsed when decided
+	// Summary is the decision in words, for a person: what, and why in one
+	// clause ("throttle 95%: the guest rewrites its 99 MiB faster than the
+	// link carries it"). Never empty. An Abort's Remedy is not in it: Text
+	// adds it.
+	Summary string
+	// Reason is the arithmetic behind the decision, with its numbers (for
+	// logs, --json and -v).
+	Reason string
+	// Remedy, on an Abort only, is what the Machine's model says would have
+	// finished the migration (nil on other decisions).
+	Remedy *Remedy
+	At     time.Duration // Sample.Elapsed when decided
+}
+
+// Text is the Summary followed, on an Abort, by the Remedy in words.
+func (d Decision) Text() string {
+	if d.Remedy != nil {
+		if r := d.Remedy.String(); r != "" {
+			return d.Summary + "; " + r
+		}
+	}
+	return d.Summary
+}
+
+// Remedy says what would have finished an aborted migration, computed from
+// the policy's model of it (auto's: the dirty set, throughput and rates it
+// measured), never guessed. The zero value means nothing the Machine knows
+// of would (a link that made no progress).
+type Remedy struct {
+	Postcopy bool // permitting postcopy (Limits.AllowPostcopy) would finish it: about one pass of the working set
+	Pause    bool // permitting a pause (Limits.AllowPause) would finish it, as a stop-and-copy
+	Throttle bool // permitting CPU throttling (Limits.NoThrottle off) would let auto make it converge
+	// WriteBlocking: permitting write-blocking mirrors (Limits.NoWriteBlocking
+	// off) would let disk mirrors that never get READY converge.
+	WriteBlocking bool
+	// MaxDowntime, when non-zero, is the smallest Limits.MaxDowntime (to
+	// 100 ms) under which auto would let QEMU switch over now: the typical
+	// dirty set at the measured throughput, with the Margin and the headroom.
+	MaxDowntime time.Duration
+	// Bandwidth, when non-zero, is the throughput (bytes/s) at which the
+	// typical dirty set fits the current maximum downtime (with the Margin
+	// and the headroom): a link (or a max-bandwidth) at least this fast
+	// would switch over at the next pass.
+	Bandwidth float64
+}
+
+// None reports whether the Remedy names nothing.
+func (r Remedy) None() bool { return r == Remedy{} }
+
+// String is the Remedy in words, without flag names: "would complete with
+// postcopy permitted, or with a maximum downtime of 1.6s" ("" for none).
+func (r Remedy) String() string {
+	var alts []string
+	if r.Postcopy {
+		alts = append(alts, "postcopy permitted")
+	}
+	if r.MaxDowntime > 0 {
+		alts = append(alts, fmt.Sprintf("a maximum downtime of %v", r.MaxDowntime))
+	}
+	if r.Throttle {
+		alts = append(alts, "CPU throttling permitted")
+	}
+	if r.Bandwidth > 0 {
+		alts = append(alts, fmt.Sprintf("a link of %s/s", bytesStr(r.Bandwidth)))
+	}
+	if r.Pause {
+		alts = append(alts, "a pause permitted (stop-and-copy)")
+	}
+	if r.WriteBlocking {
+		alts = append(alts, "write-blocking mirrors permitted")
+	}
+	if len(alts) == 0 {
+		return ""
+	}
+	return "would complete with " + strings.Join(alts, ", or with ")
 }
 
 // Limits are the user's hard limits. Every policy obeys them.

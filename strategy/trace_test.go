@@ -64,6 +64,7 @@ func run(t *testing.T, cfg strategy.Config, samples []strategy.Sample) ([]want, 
 		all = append(all, d)
 		assert.Equal(t, s.Elapsed, d.At)
 		assert.NotEmpty(t, d.Reason)
+		assert.NotEmpty(t, d.Summary)
 		if d.Action == strategy.Wait {
 			continue
 		}

@@ -374,7 +374,7 @@ func TestHelpListsEveryFlag(t *testing.T) {
 // no downtime or throttle details.
 func TestWriteBlockingDecisionRendered(t *testing.T) {
 	d := strategy.Decision{Action: strategy.MirrorWriteBlocking, Reason: "auto: disk mirrors never READY", At: 3 * time.Second}
-	assert.Equal(t, "decision write-blocking: auto: disk mirrors never READY", describeDecision(d, nil))
+	assert.Equal(t, "decision write-blocking: auto: disk mirrors never READY", describeDecision(d, nil, false))
 	var out bytes.Buffer
 	newJSONRenderer(&out).Event(engine.Event{Kind: engine.EventDecision, Elapsed: 3 * time.Second, Decision: &d})
 	assert.JSONEq(t, `{"type":"decision","elapsed_ms":3000,"action":"write-blocking","reason":"auto: disk mirrors never READY"}`, out.String())

@@ -41,7 +41,7 @@ func newRenderer(jsonOut, verbose bool, stdout, stderr io.Writer) renderer {
 	if width, ok := terminalWidth(stdout); ok && !verbose {
 		return &termRenderer{w: stdout, width: width, resize: true}
 	}
-	return &plainRenderer{w: stdout}
+	return &plainRenderer{w: stdout, verbose: verbose}
 }
 
 // formatBytes renders a byte count with binary units: "512 B", "1.5 GiB".
@@ -84,8 +84,65 @@ func formatElapsed(d time.Duration) string {
 	return fmt.Sprintf("[%7.1fs]", d.Seconds())
 }
 
-// describeDecision is one line for a decision: "set-downtime 500ms: why".
-func describeDecision(d strategy.Decision, err error) string {
+// describeDecision is one line for a decision in words: the strategy's
+// Summary ("throttle 95%: the guest rewrites its 99 MiB faster than the link
+// carries it"), on an abort what would finish it in flags, and with verbose
+// the arithmetic (its Reason) on the next line. A decision without a Summary
+// reads "decision set-downtime 500ms: reason".
+func describeDecision(d strategy.Decision, err error, verbose bool) string {
+	if d.Summary == "" {
+		return describeDecisionReason(d, err)
+	}
+	var b strings.Builder
+	b.WriteString(d.Summary)
+	if r := remedyFlags(d.Remedy); r != "" {
+		b.WriteString("; ")
+		b.WriteString(r)
+	}
+	if err != nil {
+		fmt.Fprintf(&b, " (failed: %v)", err)
+	}
+	if verbose && d.Reason != "" {
+		b.WriteString("\n           ")
+		b.WriteString(d.Reason)
+	}
+	return b.String()
+}
+
+// remedyFlags phrases an abort's remedy with the flags that give it:
+// "would complete with --allow-postcopy, or with --max-downtime 1.6s".
+func remedyFlags(r *strategy.Remedy) string {
+	if r == nil {
+		return ""
+	}
+	var alts []string
+	if r.Postcopy {
+		alts = append(alts, "--allow-postcopy")
+	}
+	if r.MaxDowntime > 0 {
+		alts = append(alts, "--max-downtime "+formatDuration(r.MaxDowntime))
+	}
+	if r.Throttle {
+		alts = append(alts, "CPU throttling (without --no-auto-converge)")
+	}
+	if r.Bandwidth > 0 {
+		alts = append(alts, "--bandwidth "+strings.ReplaceAll(formatRate(r.Bandwidth), " ", "")+" on a link that carries it")
+	}
+	if r.Pause {
+		alts = append(alts, "--allow-pause (the guest stops for the rest of the copy)")
+	}
+	if r.WriteBlocking {
+		alts = append(alts, "write-blocking disk mirrors permitted")
+	}
+	if len(alts) == 0 {
+		return ""
+	}
+	return "would complete with " + strings.Join(alts, ", or with ")
+}
+
+// describeDecisionReason is the line of a decision without words: its
+// action, its values and its reason.
+func describeDecisionReason(d strategy.Decision, err error) string {
 	var b strings.Builder
 	b.WriteString("decision ")
 	b.WriteString(string(d.Action))

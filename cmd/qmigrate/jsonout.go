@@ -45,11 +45,33 @@ type jsonThrottle struct {
 	Max       int `json:"max"`
 }
 
+// jsonRemedy is an abort's remedy: what would have finished the migration.
+type jsonRemedy struct {
+	Postcopy      bool   `json:"postcopy,omitempty"`
+	Pause         bool   `json:"pause,omitempty"`
+	Throttle      bool   `json:"throttle,omitempty"`
+	WriteBlocking bool   `json:"write_blocking,omitempty"`
+	MaxDowntimeMS int64  `json:"max_downtime_ms,omitempty"`
+	BandwidthBPS  uint64 `json:"bandwidth_bps,omitempty"`
+	Text          string `json:"text,omitempty"` // in words, with flag names
+}
+
+func remedyOf(r *strategy.Remedy) *jsonRemedy {
+	if r == nil {
+		return nil
+	}
+	return &jsonRemedy{Postcopy: r.Postcopy, Pause: r.Pause, Throttle: r.Throttle, WriteBlocking: r.WriteBlocking,
+		MaxDowntimeMS: ms(r.MaxDowntime), BandwidthBPS: rate(r.Bandwidth), Text: remedyFlags(r)}
+}
+
 type jsonDecision struct {
-	Type            string        `json:"type"`
-	ElapsedMS       int64         `json:"elapsed_ms"`
-	Action          string        `json:"action"`
+	Type      string `json:"type"`
+	ElapsedMS int64  `json:"elapsed_ms"`
+	Action    string `json:"action"`
+	// Summary is the decision in words; Reason its arithmetic.
+	Summary         string        `json:"summary,omitempty"`
 	Reason          string        `json:"reason"`
+	Remedy          *jsonRemedy   `json:"remedy,omitempty"`
 	DowntimeLimitMS *int64        `json:"downtime_limit_ms,omitempty"`
 	Throttle        *jsonThrottle `json:"throttle,omitempty"`
 	Error           string        `json:"error,omitempty"`
@@ -68,17 +90,23 @@ type jsonDisk struct {
 // jsonResultDecision is one entry of the result's "decisions".
 type jsonResultDecision struct {
 	Action          string        `json:"action"`
+	Summary         string        `json:"summary,omitempty"`
 	Reason          string        `json:"reason"`
+	Remedy          *jsonRemedy   `json:"remedy,omitempty"`
 	AtMS            int64         `json:"at_ms"`
 	DowntimeLimitMS *int64        `json:"downtime_limit_ms,omitempty"`
 	Throttle        *jsonThrottle `json:"throttle,omitempty"`
 }
 
 type jsonResult struct {
-	Type             string               `json:"type"`
-	Status           string               `json:"status"`
-	TotalMS          int64                `json:"total_ms"`
-	DowntimeMS       int64                `json:"downtime_ms"`
+	Type       string `json:"type"`
+	Status     string `json:"status"`
+	TotalMS    int64  `json:"total_ms"`
+	DowntimeMS int64  `json:"downtime_ms"` // QEMU's figure (engine.Result.Downtime)
+	// The user's maximum and whether the downtime held within it
+	// (completed migrations only).
+	MaxDowntimeMS    int64                `json:"max_downtime_ms,omitempty"`
+	DowntimeHeld     *bool                `json:"downtime_held,omitempty"`
 	TransferredBytes uint64               `json:"transferred_bytes"`
 	Decisions        []jsonResultDecision `json:"decisions"`
 	Error            string               `json:"error,omitempty"`
@@ -143,8 +171,8 @@ func jsonEvent(ev engine.Event) any {
 		}
 		d := ev.Decision
 		dl, th := decisionDetails(*d)
-		j := jsonDecision{Type: "decision", ElapsedMS: ms(ev.Elapsed), Action: string(d.Action), Reason: d.Reason,
-			DowntimeLimitMS: dl, Throttle: th}
+		j := jsonDecision{Type: "decision", ElapsedMS: ms(ev.Elapsed), Action: string(d.Action), Summary: d.Summary, Reason: d.Reason,
+			Remedy: remedyOf(d.Remedy), DowntimeLimitMS: dl, Throttle: th}
 		if ev.DecisionErr != nil {
 			j.Error = ev.DecisionErr.Error()
 		}
@@ -172,8 +200,12 @@ func jsonResultOf(r *engine.Result) jsonResult {
 	}
 	for _, d := range r.Decisions {
 		dl, th := decisionDetails(d)
-		j.Decisions = append(j.Decisions, jsonResultDecision{Action: string(d.Action), Reason: d.Reason,
-			AtMS: ms(d.At), DowntimeLimitMS: dl, Throttle: th})
+		j.Decisions = append(j.Decisions, jsonResultDecision{Action: string(d.Action), Summary: d.Summary, Reason: d.Reason,
+			Remedy: remedyOf(d.Remedy), AtMS: ms(d.At), DowntimeLimitMS: dl, Throttle: th})
+	}
+	if r.Status == engine.StatusCompleted && r.MaxDowntime > 0 {
+		held := r.DowntimeHeld
+		j.MaxDowntimeMS, j.DowntimeHeld = ms(r.MaxDowntime), &held
 	}
 	if r.Status != engine.StatusCompleted && r.Err != nil {
 		j.Error = r.Err.Error()

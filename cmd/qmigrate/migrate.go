@@ -211,17 +211,22 @@ JSON OUTPUT (--json)
      "remaining_bytes","total_bytes","dirty_rate_bps","throughput_bps",
      "expected_downtime_ms","throttle_pct","downtime_limit_ms",
      "storage_remaining_bytes","storage_total_bytes"}
-    {"type":"decision","elapsed_ms","action","reason"[,"downtime_limit_ms"]
-     [,"throttle":{"initial","increment","max"}][,"error"]}
+    {"type":"decision","elapsed_ms","action","summary","reason"
+     [,"downtime_limit_ms"][,"throttle":{"initial","increment","max"}]
+     [,"remedy":{"postcopy","pause","throttle","write_blocking",
+                 "max_downtime_ms","bandwidth_bps","text"}][,"error"]}
         action is wait, set-downtime, set-throttle, start-postcopy, pause,
         write-blocking (disk mirrors switched to write-blocking) or abort;
-        "error" says why applying it failed
+        "summary" says it in words, "reason" gives the arithmetic; an abort's
+        "remedy" is what would have finished the migration; "error" says why
+        applying it failed
     {"type":"disk","node","job","done_bytes","total_bytes","rate_bps","ready"}
   The last line is always the result, whatever happened, even for bad usage
   or an address that cannot be reached (then status is "failed"):
-    {"type":"result","status","total_ms","downtime_ms","transferred_bytes",
-     "decisions":[{"action","reason","at_ms"[,"downtime_limit_ms"]
-                   [,"throttle"]}, ...],
+    {"type":"result","status","total_ms","downtime_ms"[,"max_downtime_ms",
+     "downtime_held"],"transferred_bytes",
+     "decisions":[{"action","summary","reason","at_ms"[,"downtime_limit_ms"]
+                   [,"throttle"][,"remedy"]}, ...],
      "error","undone":[...],"undo_errors":[...]}
         status is completed, failed or cancelled; decisions, undone and
         undo_errors are arrays, [] when empty; error is present only when the

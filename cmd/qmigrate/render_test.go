@@ -39,7 +39,8 @@ func golden(t *testing.T, name, got string) {
 // decisions (one failing to apply), completion.
 func sampleRun() ([]engine.Event, *engine.Result) {
 	setDowntime := strategy.Decision{Action: strategy.SetDowntime, DowntimeLimit: 500 * time.Millisecond,
-		Reason: "dirty rate 310 MiB/s > 0.8 x throughput: raise downtime to converge", At: 2100 * time.Millisecond}
+		Summary: "downtime limit 500ms: the guest dirties memory at 97% of the link's speed, so each pass shrinks too little",
+		Reason:  "dirty rate 310 MiB/s > 0.8 x throughput: raise downtime to converge", At: 2100 * time.Millisecond}
 	throttle := strategy.Decision{Action: strategy.SetThrottle, Throttle: strategy.Throttle{Initial: 40, Increment: 10, Max: 80},
 		Reason: "downtime at the user's maximum: throttle the guest", At: 4200 * time.Millisecond}
 	stats := func(at time.Duration, status string, iter, sent, rem uint64, dirty, tput float64, exp time.Duration, thr int) engine.Event {
@@ -66,6 +67,7 @@ func sampleRun() ([]engine.Event, *engine.Result) {
 		{Kind: engine.EventPhase, Elapsed: 4700 * time.Millisecond, Phase: engine.PhaseComplete},
 	}
 	res := &engine.Result{Status: engine.StatusCompleted, Total: 4712 * time.Millisecond, Downtime: 48 * time.Millisecond,
+		MaxDowntime: 500 * time.Millisecond, DowntimeHeld: true, DowntimeLimit: 500 * time.Millisecond,
 		TransferredBytes: 240 << 20, Decisions: []strategy.Decision{setDowntime, throttle}}
 	events = append(events, engine.Event{Kind: engine.EventResult, Elapsed: 4712 * time.Millisecond, Result: res})
 	return events, res
@@ -214,4 +216,20 @@ func TestResultOfAndExitCode(t *testing.T) {
 	odd := resultOf(&engine.Result{Status: engine.StatusCompleted}, errors.New("boom"))
 	assert.Equal(t, engine.StatusFailed, odd.Status)
 	assert.Equal(t, exitFailed, exitCode(odd))
+}
+
+// An abort reads in words and ends with what would finish it, phrased with
+// the flags; -v adds the arithmetic; --json keeps both apart.
+func TestAbortDecisionRendered(t *testing.T) {
+	d := strategy.Decision{Action: strategy.Abort, At: 9 * time.Second,
+		Summary: "abort: the guest rewrites its 98.1 MiB faster than the link carries it, and no permitted lever can make it converge",
+		Reason:  "auto: not converging: peaks ×1.00/iteration, last 98.6 MiB",
+		Remedy:  &strategy.Remedy{Postcopy: true, MaxDowntime: 1600 * time.Millisecond}}
+	assert.Equal(t, "abort: the guest rewrites its 98.1 MiB faster than the link carries it, and no permitted lever can make it converge; "+
+		"would complete with --allow-postcopy, or with --max-downtime 1.6s", describeDecision(d, nil, false))
+	assert.Contains(t, describeDecision(d, nil, true), "\n           auto: not converging")
+	var out bytes.Buffer
+	newJSONRenderer(&out).Event(engine.Event{Kind: engine.EventDecision, Elapsed: 9 * time.Second, Decision: &d})
+	assert.JSONEq(t, `{"type":"decision","elapsed_ms":9000,"action":"abort","summary":"`+d.Summary+`","reason":"`+d.Reason+`",`+
+		`"remedy":{"postcopy":true,"max_downtime_ms":1600,"text":"would complete with --allow-postcopy, or with --max-downtime 1.6s"}}`, out.String())
 }

@@ -145,7 +145,7 @@ func (r *termRenderer) Event(ev engine.Event) {
 		r.stats = ev.Stats
 	case engine.EventDecision:
 		if ev.Decision != nil {
-			r.above(formatElapsed(ev.Elapsed) + " " + describeDecision(*ev.Decision, ev.DecisionErr))
+			r.above(formatElapsed(ev.Elapsed) + " " + describeDecision(*ev.Decision, ev.DecisionErr, false))
 		}
 	case engine.EventDisk:
 		r.disk = ev.Disk
@@ -177,6 +177,7 @@ func (r *termRenderer) Result(res *engine.Result, demo *demoVerdict) {
 // per statsEvery of stats (and on every status change), and the summary.
 type plainRenderer struct {
 	w          io.Writer
+	verbose    bool // -v: each decision's arithmetic under its words
 	lastStats  time.Duration
 	lastStatus string
 	statsSeen  bool
@@ -205,7 +206,7 @@ func (r *plainRenderer) Event(ev engine.Event) {
 		fmt.Fprintf(r.w, "%s %s\n", at, describeStats(s))
 	case engine.EventDecision:
 		if ev.Decision != nil {
-			fmt.Fprintf(r.w, "%s %s\n", at, describeDecision(*ev.Decision, ev.DecisionErr))
+			fmt.Fprintf(r.w, "%s %s\n", at, describeDecision(*ev.Decision, ev.DecisionErr, r.verbose))
 		}
 	case engine.EventDisk:
 		p := ev.Disk
