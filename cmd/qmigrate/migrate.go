@@ -215,7 +215,8 @@ METRICS (--metrics-addr ADDR)
 
 OUTPUT
   On a terminal: one live line (phase, a bar of sent/(sent+remaining), rate,
-  remaining, expected downtime, pass, throttle) with decisions printed above
+  remaining, expected downtime, pass, throttle, decisions taken, elapsed; a
+  narrow terminal drops the least useful first) with decisions printed above
   it. Otherwise, and with -v: plain lines, one per phase change, per strategy decision (with
   its reason), per 2s of stats, and a closing summary. Errors go to stderr.
 

@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vbauerster/mpb/v8"
@@ -50,6 +51,34 @@ type liveView struct {
 	closed  bool
 }
 
+// shownView is the live view on the terminal now, if any: notes written
+// on stderr meanwhile (the signal handler's) go above its lines.
+var shownView atomic.Pointer[liveView]
+
+// stderrNotes wraps stderr for notes written while a live view may be on
+// the terminal. Written to a terminal directly, such a note would land under
+// the live lines, and their next redraw (cursor up, erase below) would wipe
+// it and leave a stale live line above it; through the view it is printed
+// above them. It keeps f's Fd, so terminalWidth still sees a terminal.
+func stderrNotes(f *os.File) io.Writer {
+	if _, ok := terminalWidth(f); !ok {
+		return f // not a terminal: no live lines there
+	}
+	return noteWriter{f}
+}
+
+type noteWriter struct{ *os.File }
+
+func (n noteWriter) Write(p []byte) (int, error) {
+	if v := shownView.Load(); v != nil {
+		if _, err := v.p.Write(p); err == nil {
+			return len(p), nil
+		}
+		// The view closed meanwhile: the terminal is the file's again.
+	}
+	return n.File.Write(p)
+}
+
 // liveRefresh is how often the live lines are redrawn.
 const liveRefresh = 120 * time.Millisecond
 
@@ -62,6 +91,9 @@ func newLiveView(w io.Writer, width int) *liveView {
 	// last redraw (of the lines written above) before the view ends, which
 	// mpb's own ticker cannot.
 	v.p = mpb.New(mpb.WithOutput(w), mpb.WithManualRefresh(v.refresh), mpb.ContainerOptional(mpb.WithWidth(width), width > 0))
+	if width <= 0 {
+		shownView.Store(v) // on the terminal
+	}
 	go func() {
 		defer close(v.ticking)
 		t := time.NewTicker(liveRefresh)
@@ -98,6 +130,7 @@ func (v *liveView) close() {
 		return
 	}
 	v.closed = true
+	shownView.CompareAndSwap(v, nil)
 	v.p.Wait() // the ticker keeps redrawing until the ended bars are gone
 	close(v.stop)
 	<-v.ticking
