@@ -58,7 +58,7 @@ func main() {
 	// kill qmigrate mid-migration with SIGPIPE: the write fails instead and
 	// the migration finishes or rolls back as usual.
 	signal.Ignore(syscall.SIGPIPE)
-	ctx, stop := signalContext(context.Background(), os.Stderr)
+	ctx, stop := signalContext(context.Background(), stderrNotes(os.Stderr))
 	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
 	os.Exit(code)

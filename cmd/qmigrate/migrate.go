@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,8 +16,13 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
+	"github.com/qmigrate/qmigrate/metrics"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/strategy"
 )
@@ -111,6 +118,7 @@ type migrateOptions struct {
 	nbd           string
 	writeBlocking bool
 	tls           tlsOptions
+	metricsAddr   string
 }
 
 func (o *migrateOptions) flagSet() *flag.FlagSet {
@@ -125,6 +133,7 @@ func (o *migrateOptions) flagSet() *flag.FlagSet {
 	fs.StringVar(&o.nbd, "nbd", "", "`ADDR` of the NBD server the destination starts for the disks: unix:/path or tcp:host:port (default: derived from --uri)")
 	fs.BoolVar(&o.writeBlocking, "write-blocking", false, "start the disk mirrors in write-blocking mode: guest writes complete only once they reached the destination, so the disks converge under any write load, at the price of write latency (on QEMU 8.2+ the auto policy switches a mirror that does not converge by itself; needs --copy-storage or --disk)")
 	o.tls.register(fs)
+	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve Prometheus metrics of the migration on http://`ADDR`/metrics while it runs: host:port, or :port for every address (port 0 picks a free one, said on the output); the series are labelled name=<the --src address>")
 	return fs
 }
 
@@ -195,9 +204,19 @@ Flags:
 `
 
 const migrateUsageTail = `
+METRICS (--metrics-addr ADDR)
+  While the command runs, http://ADDR/metrics serves the migration's
+  Prometheus metrics (package github.com/qmigrate/qmigrate/metrics: phase,
+  bytes sent and remaining, dirty and transfer rates, expected downtime,
+  throttle, decisions by action, the outcome, named after KubeVirt's
+  kubevirt_vmi_migration_* metrics where they mean the same) and the
+  process's own (go_*, process_*). The listener closes when qmigrate exits.
+  An address that cannot be listened on is bad usage (exit 2).
+
 OUTPUT
   On a terminal: one live line (phase, a bar of sent/(sent+remaining), rate,
-  remaining, expected downtime, pass, throttle) with decisions printed above
+  remaining, expected downtime, pass, throttle, decisions taken, elapsed; a
+  narrow terminal drops the least useful first) with decisions printed above
   it. Otherwise, and with -v: plain lines, one per phase change, per strategy decision (with
   its reason), per 2s of stats, and a closing summary. Errors go to stderr.
 
@@ -321,7 +340,7 @@ func migrateFlagOrder() []string {
 		"src", "dst", "uri", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
 		"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "copy-storage", "disk", "nbd",
 		"write-blocking", "tls-x509", "tls-psk", "tls-psk-user", "tls-hostname", "tls-authz",
-		"connect-timeout", "unresponsive-timeout", "json", "verbose",
+		"connect-timeout", "unresponsive-timeout", "metrics-addr", "json", "verbose",
 	}
 }
 
@@ -362,6 +381,19 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	if err := cfg.Validate(); err != nil {
 		return usageFailure(stdout, stderr, "migrate", o.jsonOut, err)
 	}
+	if o.metricsAddr != "" {
+		ms, err := serveMetrics(o.metricsAddr)
+		if err != nil {
+			return usageFailure(stdout, stderr, "migrate", o.jsonOut, err)
+		}
+		defer ms.close()
+		observe := ms.collector.Observe(o.src)
+		cfg.Observer = func(ev engine.Event) {
+			r.Event(ev)
+			observe(ev)
+		}
+		r.Message("serving metrics on http://" + ms.addr() + "/metrics")
+	}
 
 	start := time.Now()
 	// Connecting is bounded by --connect-timeout, and by --timeout when it
@@ -384,6 +416,56 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) in
 		o.tls.describe(), cfg.Strategy.Policy, formatDuration(cfg.Strategy.Limits.MaxDowntime), o.bandwidth.rate()))
 	res, err := engine.Migrate(ctx, cfg)
 	return finish(r, stderr, resultOf(res, err), nil)
+}
+
+// metricsServer serves a metrics.Collector's series over HTTP while a
+// command runs.
+type metricsServer struct {
+	collector *metrics.Collector
+	ln        net.Listener
+	srv       *http.Server
+	served    chan struct{}
+}
+
+// serveMetrics listens on addr (host:port) and serves /metrics from a
+// registry of its own. A bad address or one that cannot be listened on is
+// an *inputError naming --metrics-addr.
+func serveMetrics(addr string) (*metricsServer, error) {
+	bad := func(err error) error { return &inputError{flag: "--metrics-addr", address: addr, err: err} }
+	if _, port, err := net.SplitHostPort(addr); err != nil {
+		return nil, bad(fmt.Errorf("want host:port or :port (%w)", err))
+	} else if port == "" {
+		return nil, bad(errors.New("missing port"))
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		var se *os.SyscallError
+		if errors.As(err, &se) {
+			err = se.Err // "address already in use" says it; the rest repeats the address
+		}
+		return nil, bad(fmt.Errorf("cannot listen: %w", err))
+	}
+	c := metrics.New(metrics.Options{})
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(c, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	ms := &metricsServer{collector: c, ln: ln, served: make(chan struct{}),
+		srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}}
+	go func() {
+		defer close(ms.served)
+		_ = ms.srv.Serve(ln) // ErrServerClosed once close runs
+	}()
+	return ms, nil
+}
+
+// addr is the address listened on, with the port picked for port 0.
+func (m *metricsServer) addr() string { return m.ln.Addr().String() }
+
+// close stops listening and drops open connections.
+func (m *metricsServer) close() {
+	_ = m.srv.Close()
+	<-m.served
 }
 
 // finish shows the result and returns the exit status for it.

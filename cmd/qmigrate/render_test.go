@@ -5,12 +5,14 @@ import (
 	"encoding/json"
 	"errors"
 	"flag"
+	"fmt"
 	"math"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -136,45 +138,85 @@ func TestPlainRendererGolden(t *testing.T) {
 	golden(t, "plain.txt", out.String())
 }
 
-func TestTermRendererGolden(t *testing.T) {
+// The live line's text after each event (the bar is mpb's), with the
+// lines printed above it, at full width and at a narrow one.
+func TestLiveLineGolden(t *testing.T) {
+	events, _ := sampleRun()
+	var st liveState
+	var b strings.Builder
+	for _, ev := range events {
+		if above := st.apply(ev); above != "" {
+			b.WriteString(above + "\n")
+		}
+		if ev.Kind == engine.EventResult {
+			continue
+		}
+		fmt.Fprintf(&b, "%s [bar] %s\n", st.head(), st.tail(0))
+		narrow := st.tail(30)
+		assert.LessOrEqual(t, len(narrow), 30, narrow)
+		fmt.Fprintf(&b, "%s [bar] %s\n", st.head(), narrow)
+	}
+	golden(t, "term.txt", b.String())
+	// A disk said ready once, however many polls repeat it.
+	assert.Equal(t, 1, strings.Count(b.String(), "ready\n"))
+}
+
+// What fields go first when the line is narrow: the percent, rate and
+// remaining stay longest.
+func TestLiveTailNarrow(t *testing.T) {
+	st := liveState{phase: engine.PhaseConverge, elapsed: 1500 * time.Millisecond, decisions: 2, stats: &engine.Stats{
+		Iteration: 2, TransferredBytes: 75 << 20, RemainingBytes: 25 << 20, Throughput: 1 << 30,
+		ExpectedDowntime: 300 * time.Millisecond, ThrottlePercent: 20}}
+	assert.Equal(t, " 75%  1.00 GiB/s  rem 25.0 MiB  downtime ~300ms  pass 2  throttle 20%  2 decisions  1.5s", st.tail(0))
+	assert.Equal(t, " 75%  1.00 GiB/s  rem 25.0 MiB  throttle 20%  2 decisions  1.5s", st.tail(63))
+	assert.Equal(t, " 75%  1.00 GiB/s  rem 25.0 MiB", st.tail(31))
+	assert.Equal(t, " 75%", st.tail(3), "the percent is kept even when nothing fits")
+	assert.Equal(t, "1.5s", (&liveState{elapsed: 1500 * time.Millisecond}).tail(0))
+	disk := &liveState{phase: engine.PhasePrepare, elapsed: 2 * time.Second,
+		disk: &blockmirror.Progress{Node: "disk0", Done: 1 << 30, Total: 4 << 30, Rate: 100 << 20}}
+	assert.Equal(t, " 25%  disk disk0  100 MiB/s  rem 3.00 GiB  2s", disk.tail(0))
+}
+
+// The renderer on a (fixed-width) terminal: decisions and notes above the
+// live line, each once and in order; the live line drawn by mpb, never
+// wider than the terminal; removed at the end, the summary last.
+func TestTermRendererDraws(t *testing.T) {
 	events, res := sampleRun()
-	var out bytes.Buffer
-	r := &termRenderer{w: &out, width: 132}
+	var out syncBuffer
+	r := &termRenderer{w: &out, width: 100}
+	r.Message("migrating a -> b")
 	for _, ev := range events {
 		r.Event(ev)
 	}
 	r.Result(res, nil)
 	got := out.String()
-	// Human-readable golden: each redraw on its own line.
-	golden(t, "term.txt", strings.ReplaceAll(got, eraseLine, "<CR>\n"))
-	// The live line never exceeds the terminal width.
-	for _, seg := range strings.Split(got, eraseLine) {
-		for _, l := range strings.Split(seg, "\n") {
-			if !strings.HasPrefix(l, "[") { // decisions above the line may be long
-				assert.LessOrEqual(t, len(l), 131, l)
-			}
+	lines := strings.Split(strings.TrimSuffix(got, "\n"), "\n")
+	assert.Equal(t, "completed in 4.7s: downtime 48ms, 240 MiB transferred, 2 decisions; the guest runs on the destination",
+		lines[len(lines)-1])
+	var above []string
+	live := 0
+	for _, l := range lines[:len(lines)-1] {
+		switch {
+		case strings.HasPrefix(l, "[") || strings.HasPrefix(l, "migrating"):
+			above = append(above, l)
+		default:
+			live++
+			assert.LessOrEqual(t, utf8.RuneCountInString(l), 100, l)
+			assert.Regexp(t, `^(prepare|start|converge|switchover|complete) `, l)
 		}
 	}
-	assert.True(t, strings.HasSuffix(got, "the guest runs on the destination\n"))
-}
+	require.Len(t, above, 4, got)
+	assert.Equal(t, "migrating a -> b", above[0])
+	assert.Contains(t, above[1], "disk disk0 (qmigrate-mirror-disk0)")
+	assert.Contains(t, above[2], "downtime limit 500ms")
+	assert.Contains(t, above[3], "decision set-throttle")
+	assert.Positive(t, live, "the live line was drawn at least once")
 
-func TestStatusLineNarrowTerminal(t *testing.T) {
-	s := &engine.Stats{Status: "active", Iteration: 2, TransferredBytes: 75, RemainingBytes: 25, Throughput: 1 << 30}
-	line := statusLine(engine.PhaseConverge, 1500*time.Millisecond, s, nil, 40)
-	assert.Len(t, line, 39)
-	assert.True(t, strings.HasPrefix(line, "converge   [===============>    ]  75%"), line)
-	assert.Equal(t, "converge     1.5s", statusLine(engine.PhaseConverge, 1500*time.Millisecond, nil, nil, 80))
-	disk := &blockmirror.Progress{Node: "disk0", Done: 1 << 30, Total: 4 << 30, Rate: 100 << 20}
-	assert.Equal(t, "prepare    [=====>              ]  25%  disk disk0  100 MiB/s  rem 3.00 GiB  2s",
-		statusLine(engine.PhasePrepare, 2*time.Second, nil, disk, 100))
-}
-
-func TestProgressBar(t *testing.T) {
-	assert.Equal(t, "[          ]", progressBar(0, 100, 12))
-	assert.Equal(t, "[=====>    ]", progressBar(50, 100, 12))
-	assert.Equal(t, "[==========]", progressBar(100, 100, 12))
-	assert.Equal(t, "[==========]", progressBar(200, 100, 12))
-	assert.Equal(t, "[          ]", progressBar(5, 0, 12))
+	// Nothing started: no live line and no summary (the error on stderr
+	// says it).
+	var empty syncBuffer
+	(&termRenderer{w: &empty, width: 80}).Result(failedResult(), nil)
+	assert.Empty(t, empty.String())
 }
 
 func TestFormatBytes(t *testing.T) {

@@ -1,15 +1,22 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -196,4 +203,73 @@ func TestSameSocketThroughALink(t *testing.T) {
 	assert.True(t, sameSocket("tcp:h:1", "tcp:h:1"))
 	assert.False(t, sameSocket("tcp:h:1", "tcp:h:2"))
 	assert.False(t, sameSocket("unix:"+path, "unix:"+filepath.Join(dir, "other.qmp")))
+}
+
+// --metrics-addr serves /metrics while the command runs (here: while it
+// waits for two silent monitors) and closes the listener when it ends.
+func TestMetricsServedWhileRunningAndClosedAfter(t *testing.T) {
+	dir, srcPath, dstPath := silentPeers(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	pr, pw := io.Pipe()
+	var out bytes.Buffer
+	done := make(chan int)
+	go func() {
+		code := run(ctx, []string{"migrate", "--json", "--metrics-addr", "127.0.0.1:0", "--connect-timeout", "1h",
+			"--src", "unix:" + srcPath, "--dst", "unix:" + dstPath, "--uri", "unix:" + filepath.Join(dir, "mig.sock")}, &out, pw)
+		pw.Close()
+		done <- code
+	}()
+	lines := bufio.NewScanner(pr)
+	require.True(t, lines.Scan(), "the address is said on stderr with --json")
+	url, ok := strings.CutPrefix(lines.Text(), "serving metrics on ")
+	require.True(t, ok, lines.Text())
+	go func() { // drain the rest of stderr until run ends
+		for lines.Scan() {
+		}
+	}()
+
+	resp, err := http.Get(url)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(resp.Body)
+	require.NoError(t, err)
+	for _, name := range []string{"qmigrate_migrations_total", "qmigrate_migration_downtime_seconds", "go_goroutines", "process_resident_memory_bytes"} {
+		assert.Contains(t, fams, name)
+	}
+
+	cancel()
+	assert.Equal(t, exitFailed, <-done)
+	assert.Equal(t, "cancelled", lastJSON(t, out.String())["status"])
+	_, err = http.Get(url)
+	var oe *net.OpError
+	require.ErrorAs(t, err, &oe, "the listener is closed when the command ends")
+	assert.ErrorIs(t, err, syscall.ECONNREFUSED)
+}
+
+// A --metrics-addr that cannot be listened on is bad usage: exit 2 naming
+// the flag, before any QEMU is touched; with --json the result line says it.
+func TestMetricsAddrBad(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer taken.Close()
+	dir, srcPath, dstPath := silentPeers(t)
+	for addr, want := range map[string]string{
+		"9090":                 "want host:port or :port",
+		"127.0.0.1:":           "missing port",
+		"127.0.0.1:http-alt-x": "cannot listen",
+		taken.Addr().String():  "address already in use",
+		"[::1:9090":            "want host:port",
+	} {
+		code, stdout, stderr := runCLI(t, "migrate", "--json", "--metrics-addr", addr,
+			"--src", "unix:"+srcPath, "--dst", "unix:"+dstPath, "--uri", "unix:"+filepath.Join(dir, "mig.sock"))
+		assert.Equal(t, exitUsage, code, addr)
+		assert.Contains(t, stderr, "--metrics-addr "+addr+": ", addr)
+		assert.Contains(t, stderr, want, addr)
+		res := lastJSON(t, stdout)
+		assert.Equal(t, "failed", res["status"])
+		assert.Contains(t, res["error"], "--metrics-addr")
+	}
 }

@@ -13,6 +13,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+
+	"github.com/qmigrate/qmigrate/engine"
 )
 
 // syncBuffer is a bytes.Buffer safe for the signal goroutine and the test.
@@ -110,4 +112,38 @@ func TestRendererOnATerminal(t *testing.T) {
 	assert.IsType(t, &plainRenderer{}, newRenderer(false, true, slave, slave))
 	assert.IsType(t, &jsonRenderer{}, newRenderer(true, false, slave, slave))
 	assert.IsType(t, &plainRenderer{}, newRenderer(false, false, &bytes.Buffer{}, slave))
+}
+
+// A note written on stderr while the live line is on the terminal (the
+// signal handler's) goes through the view, above the live line, instead of
+// under it where the next redraw would wipe it.
+func TestNotesGoAboveTheLiveLine(t *testing.T) {
+	t.Setenv("TERM", "xterm")
+	master, slave := openPTY(t)
+	notes := stderrNotes(slave)
+	require.IsType(t, noteWriter{}, notes)
+	r := &termRenderer{w: slave, resize: true}
+	r.Event(engine.Event{Kind: engine.EventPhase, Phase: engine.PhaseConverge})
+	require.Same(t, r.view, shownView.Load())
+	_, err := notes.Write([]byte("qmigrate: interrupt: cancelling\n"))
+	require.NoError(t, err)
+	r.Result(resultOf(nil, cancelledErr()), nil)
+	assert.Nil(t, shownView.Load(), "the view is gone: notes go to the terminal again")
+
+	require.NoError(t, master.SetReadDeadline(time.Now().Add(5*time.Second)))
+	var got []byte
+	buf := make([]byte, 4096)
+	for !bytes.Contains(got, []byte("cancelled after")) {
+		n, err := master.Read(buf)
+		require.NoError(t, err, "read %q", got)
+		got = append(got, buf[:n]...)
+	}
+	note := bytes.Index(got, []byte("qmigrate: interrupt: cancelling"))
+	require.GreaterOrEqual(t, note, 0, "%q", got)
+	assert.Less(t, note, bytes.Index(got, []byte("cancelled after")))
+	// Not a terminal: stderr as it is.
+	f, err := os.CreateTemp(t.TempDir(), "stderr")
+	require.NoError(t, err)
+	defer f.Close()
+	assert.Same(t, f, stderrNotes(f))
 }
