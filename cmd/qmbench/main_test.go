@@ -94,7 +94,7 @@ func TestMergeSection(t *testing.T) {
 
 func TestPlotRemaining(t *testing.T) {
 	pts := func(end time.Duration, last uint64) []point {
-		return []point{{0, 150e6}, {end / 2, 80e6}, {end, last}}
+		return []point{{At: 0, Remaining: 150e6}, {At: end / 2, Remaining: 80e6}, {At: end, Remaining: last}}
 	}
 	var buf bytes.Buffer
 	require.NoError(t, plotRemaining(&buf, "2 × the link, throttle profile: QEMU 7.2.22", []series{
@@ -175,9 +175,9 @@ func TestRenderFromJSON(t *testing.T) {
 		Runs: []*runResult{
 			{Scenario: "2x", Profile: "throttle", Policy: "auto", Status: "completed", Total: 12 * time.Second,
 				BaseRate: 64e6, DuringRate: 40e6, BeforeRate: 60e6, AfterRate: nan, Intact: true,
-				Points: []point{{0, 150e6}, {12 * time.Second, 0}}},
+				Points: []point{{At: 0, Remaining: 150e6}, {At: 12 * time.Second}}},
 			{Scenario: "2x", Profile: "throttle", Policy: "qemu", Status: "aborted", Total: time.Minute,
-				BaseRate: 64e6, DuringRate: nan, Intact: true, Points: []point{{0, 150e6}, {time.Minute, 99e6}}},
+				BaseRate: 64e6, DuringRate: nan, Intact: true, Points: []point{{At: 0, Remaining: 150e6}, {At: time.Minute, Remaining: 99e6}}},
 		}}
 	b, err := json.Marshal(rp.forJSON())
 	require.NoError(t, err, "NaN rates are encoded")
@@ -236,7 +236,7 @@ func TestRenderRerunReplaces(t *testing.T) {
 		for _, sc := range scs {
 			rp.Calib[sc] = calib
 			rp.Runs = append(rp.Runs, &runResult{Scenario: sc, Profile: "throttle", Policy: "auto", Status: "completed",
-				Total: total, BaseRate: 32e6, DuringRate: 30e6, Intact: true, Points: []point{{0, 150e6}, {total, 0}}})
+				Total: total, BaseRate: 32e6, DuringRate: 30e6, Intact: true, Points: []point{{At: 0, Remaining: 150e6}, {At: total}}})
 		}
 		b, err := json.Marshal(rp.forJSON())
 		require.NoError(t, err)
