@@ -187,7 +187,7 @@ func timeVerdict(a, b time.Duration) string {
 	d := a.Seconds() - b.Seconds()
 	switch {
 	case math.Abs(d) < 0.05:
-		return "the same time"
+		return "the same time to 0.1 s"
 	case d < 0:
 		return fmt.Sprintf("faster by %.1f s", -d)
 	}
