@@ -2,8 +2,13 @@
 // anchors' (strategy presets qemu, kubevirt, nova, proxmox) on real QEMU:
 // every policy migrates the same sweep guest, at several dirty rates
 // relative to a tbf-shaped link between two network namespaces, under the
-// same limits. It writes a Markdown report (a section per QEMU version) and
-// a PNG plot of remaining RAM over time per scenario and profile.
+// same limits. It writes a Markdown report (a section per QEMU version) and,
+// per scenario and profile, plots (PNG and SVG) of remaining RAM, of the
+// throttle and downtime limit with the decisions marked, and of the guest's
+// progress rate, over time. -render rewrites the whole report, its Findings
+// computed from the raw results, and the plots from -json files:
+//
+//	go run ./cmd/qmbench -render docs/results/a.json,docs/results/b.json
 //
 //	go run ./cmd/qmbench                          # everything, ~30 min
 //	go run ./cmd/qmbench -quick -scenarios 2x     # a smoke run
@@ -42,12 +47,13 @@ type options struct {
 	budget, maxDowntime time.Duration
 	memMiB              int
 	quick, verbose      bool
+	noPlots             bool // render only the report (tests)
 }
 
 func main() {
 	var o options
-	flag.StringVar(&o.out, "out", "docs/benchmarks.md", "Markdown report to write (this QEMU version's section is replaced)")
-	flag.StringVar(&o.plots, "plots", "docs/plots", "folder for the PNG plots")
+	flag.StringVar(&o.out, "out", defaultOut, "Markdown report to write (a run replaces its QEMU version's section; -render rewrites the whole file)")
+	flag.StringVar(&o.plots, "plots", defaultPlots, "folder for the plots (PNG and SVG)")
 	flag.StringVar(&o.scenarios, "scenarios", "idle,converging,borderline,2x,10x", "scenarios to run (comma-separated); also unthrottled: the sweep guest with no spin (the issue's anchor, with -rate 268.435456)")
 	flag.StringVar(&o.policies, "policies", strings.Join(strategy.Policies(), ","), "policies to run (comma-separated)")
 	flag.StringVar(&o.profiles, "profiles", "throttle,postcopy", "limit profiles to run: throttle (no postcopy), postcopy")
@@ -58,7 +64,7 @@ func main() {
 	flag.BoolVar(&o.quick, "quick", false, "smoke run: 30 s budget, one calibration round, short baselines")
 	flag.BoolVar(&o.verbose, "v", false, "log QEMU command lines")
 	flag.StringVar(&o.jsonOut, "json", "", "also write every run's raw results (samples, decisions) to this JSON file")
-	flag.StringVar(&o.render, "render", "", "run nothing: rewrite the report section and plots from -json files (comma-separated, one QEMU version; a scenario, profile and policy found in several files is taken from the first)")
+	flag.StringVar(&o.render, "render", "", "run nothing: rewrite the whole report (its Findings computed from the runs) and the plots from -json files (comma-separated; one section per QEMU version and configuration; a scenario, profile and policy found in several files of a section is taken from the first)")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, o)
@@ -179,7 +185,7 @@ func run(ctx context.Context, o options) error {
 				return err
 			}
 			// Write the report as it grows, so an interrupted run keeps its results.
-			if err := mergeSection(o.out, version, rp.section(scs, profs)); err != nil {
+			if err := mergeSection(o.out, rp.sectionID(), rp.section(scs, profs)); err != nil {
 				return err
 			}
 			if o.jsonOut != "" {
@@ -197,24 +203,38 @@ func run(ctx context.Context, o options) error {
 	return nil
 }
 
-func writePlot(path, title string, ss []series) (err error) {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	defer func() { err = errors.Join(err, f.Close()) }()
-	return plotRemaining(f, title, ss)
-}
-
-// plotRuns writes the plot of one scenario and profile: remaining RAM over
-// time for every policy run there, in the order they ran.
+// plotRuns writes the plots of one scenario and profile, for every policy
+// run there in the order they ran: remaining RAM over time; the throttle and
+// downtime limit over time with the decisions marked; and the guest's
+// progress rate over time when the runs recorded it. Each as PNG and SVG.
 func plotRuns(dir string, rp *report, sc scenario, pf profile) error {
 	var ss []series
 	for _, r := range rp.runs(sc.Name, pf.Name) {
-		ss = append(ss, series{Name: r.Policy, Color: policyColor(r.Policy), Points: r.Points, Outcome: outcome(r)})
+		ss = append(ss, seriesOf(r))
 	}
-	title := fmt.Sprintf("%s, %s profile: QEMU %s, link %s", sc.Title, pf.Name, rp.Version, rateStr(rp.Rate))
-	return writePlot(filepath.Join(dir, plotName(rp.Version, sc.Name, pf.Name)), title, ss)
+	title := fmt.Sprintf("%s, %s profile: QEMU %s, link %s, downtime ceiling %d ms", sc.Title, pf.Name, rp.Version, rateStr(rp.Rate), rp.maxDowntime().Milliseconds())
+	base := filepath.Join(dir, rp.plotBase(sc.Name, pf.Name))
+	p, err := plotRemaining(title, ss)
+	if err != nil {
+		return err
+	}
+	if err := writeImages(base, p); err != nil {
+		return err
+	}
+	ps, err := plotLevers(title, ss)
+	if err != nil {
+		return err
+	}
+	if err := writeImages(base+"-levers", ps...); err != nil {
+		return err
+	}
+	if !hasGuest(ss) {
+		return nil
+	}
+	if p, err = plotGuest(title, ss); err != nil {
+		return err
+	}
+	return writeImages(base+"-guest", p)
 }
 
 // plotsRel is the plots folder relative to the Markdown report.
@@ -226,50 +246,130 @@ func plotsRel(o options) string {
 	return filepath.ToSlash(rel)
 }
 
-// render rewrites the report section and the plots of -json files. A run
-// (scenario, profile, policy) that an earlier file has too is left out, and
-// so is the calibration of a scenario an earlier file has: a re-run of some
+// defaultOut and defaultPlots are -out's and -plots' defaults.
+const (
+	defaultOut   = "docs/benchmarks.md"
+	defaultPlots = "docs/plots"
+)
+
+// renderCommand is the command line that re-renders what o renders.
+func renderCommand(o options) string {
+	cmd := "go run ./cmd/qmbench -render " + o.render
+	if o.out != defaultOut {
+		cmd += " -out " + o.out
+	}
+	if o.plots != defaultPlots {
+		cmd += " -plots " + o.plots
+	}
+	return cmd
+}
+
+// render rewrites the whole report (its Findings computed from the runs)
+// and the plots from -json files. The files are grouped into sections by
+// QEMU version and configuration (link rate, downtime ceiling, budget, guest
+// RAM), in the order first listed. Within a section, a run (scenario,
+// profile, policy) that an earlier file has too is left out, and so is the
+// calibration of a scenario an earlier file has: a re-run of some
 // scenarios, listed first, replaces them in a full run.
 func render(o options) error {
-	var rp report
-	type key struct{ sc, pf, pol string }
-	seen := map[key]bool{}
-	for i, name := range strings.Split(o.render, ",") {
-		b, err := os.ReadFile(name)
-		if err != nil {
-			return err
-		}
-		var one report
-		if err := json.Unmarshal(b, &one); err != nil {
-			return fmt.Errorf("%s: %w", name, err)
-		}
-		if i == 0 {
-			rp = one
-			rp.Runs = nil
-		} else {
-			rp.Command += "; " + one.Command
-			if rp.Calib == nil {
-				rp.Calib = map[string]float64{}
-			}
-			for sc, v := range one.Calib {
-				if _, ok := rp.Calib[sc]; !ok {
-					rp.Calib[sc] = v
+	groups, err := loadGroups(strings.Split(o.render, ","))
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(o.plots, 0o755); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(o.out), 0o755); err != nil {
+		return err
+	}
+	var b strings.Builder
+	b.WriteString(docHeaderFor(renderCommand(o)))
+	b.WriteString(findings(groups))
+	for _, rp := range groups {
+		rp.PlotsRel = plotsRel(o) // where this render writes them, not where the run did
+		scs, profs := rp.scenarios()
+		for _, sc := range scs {
+			for _, pf := range profs {
+				if o.noPlots || len(rp.runs(sc.Name, pf.Name)) == 0 {
+					continue
+				}
+				if err := plotRuns(o.plots, rp, sc, pf); err != nil {
+					return err
 				}
 			}
 		}
+		fmt.Fprintf(&b, "\n<!-- qmbench QEMU %s begin -->\n%s<!-- qmbench QEMU %s end -->\n", rp.sectionID(), rp.section(scs, profs), rp.sectionID())
+	}
+	return os.WriteFile(o.out, []byte(b.String()), 0o644)
+}
+
+// loadGroups reads -json files into one report per QEMU version and
+// configuration, in the order first seen, each merged as render says,
+// then sorted by version (stable: configurations keep their order).
+func loadGroups(names []string) ([]*report, error) {
+	var groups []*report
+	type key struct{ sc, pf, pol string }
+	seen := map[*report]map[key]bool{}
+	for _, name := range names {
+		name = strings.TrimSpace(name)
+		if name == "" {
+			continue
+		}
+		b, err := os.ReadFile(name)
+		if err != nil {
+			return nil, err
+		}
+		var one report
+		if err := json.Unmarshal(b, &one); err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+		one.fromJSON()
+		i := slices.IndexFunc(groups, func(g *report) bool { return g.sameConfig(&one) })
+		var rp *report
+		if i < 0 {
+			rp = &report{}
+			*rp = one
+			rp.Runs, rp.Calib = nil, map[string]float64{}
+			groups = append(groups, rp)
+			seen[rp] = map[key]bool{}
+		} else {
+			rp = groups[i]
+			rp.Command += "; " + one.Command
+		}
+		rp.Files = append(rp.Files, sourceFile{Name: filepath.ToSlash(name), Command: one.Command, Date: one.Date})
+		for sc, v := range one.Calib {
+			if _, ok := rp.Calib[sc]; !ok {
+				rp.Calib[sc] = v
+			}
+		}
 		for _, r := range one.Runs {
+			r.File = filepath.Base(name)
+			rp.All = append(rp.All, r)
 			k := key{r.Scenario, r.Profile, r.Policy}
-			if !seen[k] {
-				seen[k] = true
+			if !seen[rp][k] {
+				seen[rp][k] = true
 				rp.Runs = append(rp.Runs, r)
 			}
 		}
 	}
-	rp.fromJSON()
-	rp.PlotsRel = plotsRel(o) // where this render writes them, not where the run did
-	if err := os.MkdirAll(o.plots, 0o755); err != nil {
-		return err
+	if len(groups) == 0 {
+		return nil, errors.New("-render: no files")
 	}
+	slices.SortStableFunc(groups, func(a, b *report) int {
+		switch {
+		case versionLess(a.Version, b.Version):
+			return -1
+		case versionLess(b.Version, a.Version):
+			return 1
+		}
+		return 0
+	})
+	return groups, nil
+}
+
+// scenarios are the scenarios and profiles that have runs, in the
+// benchmark's order.
+func (rp *report) scenarios() ([]scenario, []profile) {
 	has := func(sc, pf string) bool { return len(rp.runs(sc, pf)) > 0 }
 	var scs []scenario
 	var profs []profile
@@ -287,12 +387,5 @@ func render(o options) error {
 			}
 		}
 	}
-	for _, sc := range scs {
-		for _, pf := range profs {
-			if err := plotRuns(o.plots, &rp, sc, pf); err != nil {
-				return err
-			}
-		}
-	}
-	return mergeSection(o.out, rp.Version, rp.section(scs, profs))
+	return scs, profs
 }

@@ -1,18 +1,20 @@
 package main
 
 import (
-	"bytes"
 	"encoding/json"
+	"fmt"
 	"image/png"
 	"math"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"gonum.org/v1/plot/plotter"
 
 	"github.com/qmigrate/qmigrate/strategy"
 )
@@ -92,66 +94,73 @@ func TestMergeSection(t *testing.T) {
 	assert.False(t, versionLess("10.0.2", "10.0.2"))
 }
 
-func TestPlotRemaining(t *testing.T) {
+func TestPlots(t *testing.T) {
 	pts := func(end time.Duration, last uint64) []point {
-		return []point{{0, 150e6}, {end / 2, 80e6}, {end, last}}
+		return []point{{At: 0, Remaining: 150e6}, {At: end / 2, Remaining: 80e6}, {At: end, Remaining: last}}
 	}
-	var buf bytes.Buffer
-	require.NoError(t, plotRemaining(&buf, "2 × the link, throttle profile: QEMU 7.2.22", []series{
-		{Name: "auto", Color: policyColor("auto"), Points: pts(10*time.Second, 0), Outcome: "completed"},
-		{Name: "qemu", Color: policyColor("qemu"), Points: pts(60*time.Second, 99e6), Outcome: "aborted"},
-	}))
-	img, err := png.Decode(&buf)
+	ss := []series{
+		{Name: "auto", Color: policyColor("auto"), Points: pts(10*time.Second, 0), Outcome: "completed",
+			Decisions: []strategy.Decision{{Action: strategy.SetThrottle, Throttle: strategy.Throttle{Max: 95}, At: 4 * time.Second}},
+			Guest:     []guestSample{{At: time.Second, Rate: 60e6}, {At: 2 * time.Second, Rate: 20e6}}, BaseRate: 64e6},
+		{Name: "qemu", Color: policyColor("qemu"), Points: pts(60*time.Second, 99e6), Outcome: "aborted",
+			Decisions: []strategy.Decision{{Action: strategy.Abort, At: 60 * time.Second}}},
+	}
+	base := filepath.Join(t.TempDir(), "p")
+	p, err := plotRemaining("2 × the link, throttle profile: QEMU 7.2.22", ss)
 	require.NoError(t, err)
-	assert.Equal(t, plotW, img.Bounds().Dx())
-	assert.Equal(t, plotH, img.Bounds().Dy())
+	require.NoError(t, writeImages(base, p))
+	f, err := os.Open(base + ".png")
+	require.NoError(t, err)
+	defer f.Close()
+	img, err := png.Decode(f)
+	require.NoError(t, err)
+	assert.Equal(t, 960, img.Bounds().Dx())
+	assert.Equal(t, 540, img.Bounds().Dy())
 	counts := map[[3]uint32]int{}
-	for y := 0; y < plotH; y++ {
-		for x := 0; x < plotW; x++ {
+	for y := range img.Bounds().Dy() {
+		for x := range img.Bounds().Dx() {
 			r, g, b, _ := img.At(x, y).RGBA()
 			counts[[3]uint32{r >> 8, g >> 8, b >> 8}]++
 		}
 	}
 	for _, pol := range []string{"auto", "qemu"} {
 		c := policyColor(pol)
-		assert.Greater(t, counts[[3]uint32{uint32(c.R), uint32(c.G), uint32(c.B)}], 500, "%s's line is drawn", pol)
+		assert.Greater(t, counts[[3]uint32{uint32(c.R), uint32(c.G), uint32(c.B)}], 200, "%s's line is drawn", pol)
 	}
+	svg, err := os.ReadFile(base + ".svg")
+	require.NoError(t, err)
+	assert.Contains(t, string(svg), "<svg", "an SVG beside the PNG")
+
+	ps, err := plotLevers("levers", ss)
+	require.NoError(t, err)
+	require.NoError(t, writeImages(base+"-levers", ps...))
+	assert.True(t, hasGuest(ss))
+	p, err = plotGuest("guest", ss)
+	require.NoError(t, err)
+	require.NoError(t, writeImages(base+"-guest", p))
+
 	// An empty plot still renders.
-	buf.Reset()
-	require.NoError(t, plotRemaining(&buf, "empty", nil))
+	p, err = plotRemaining("empty", nil)
+	require.NoError(t, err)
+	require.NoError(t, writeImages(base+"-empty", p))
 }
 
-func TestGlyphsCoverLabels(t *testing.T) {
-	var labels []string
-	for _, s := range allScenarios {
-		for _, p := range allProfiles {
-			labels = append(labels, s.Title+", "+p.Name+" profile: QEMU 10.0.2, link 32.0 MB/s")
-		}
+func TestLeverSteps(t *testing.T) {
+	throttle := func(pt point) float64 { return float64(pt.Throttle) }
+	decided := func(d strategy.Decision) (float64, bool) {
+		return float64(d.Throttle.Max), d.Action == strategy.SetThrottle
 	}
-	labels = append(labels, "time since the migration started (s)", "remaining RAM (MB)", "dot: completed, cross: aborted",
-		"completed (postcopy) 12.5 s", "0123456789")
-	labels = append(labels, strategy.Policies()...)
-	for _, l := range labels {
-		for _, r := range l {
-			_, ok := glyphs[r]
-			if !ok {
-				_, ok = glyphs[[]rune(strings.ToLower(string(r)))[0]]
-			}
-			assert.True(t, ok, "glyph for %q in %q", r, l)
-		}
-	}
-	for r, g := range glyphs {
-		for _, row := range g {
-			assert.Len(t, row, 5, "glyph %q", r)
-		}
-	}
-}
-
-func TestNiceStep(t *testing.T) {
-	assert.Equal(t, 5.0, niceStep(40, 10))
-	assert.Equal(t, 20.0, niceStep(110, 6))
-	assert.Equal(t, 0.2, niceStep(1.1, 6))
-	assert.Equal(t, 1.0, niceStep(0, 6))
+	// Without the values in force: a step line from the decisions to the end.
+	s := series{Points: []point{{At: 0}, {At: 10 * time.Second}}, Decisions: []strategy.Decision{
+		{Action: strategy.SetThrottle, Throttle: strategy.Throttle{Max: 50}, At: 2 * time.Second},
+		{Action: strategy.SetDowntime, DowntimeLimit: time.Second, At: 3 * time.Second},
+		{Action: strategy.SetThrottle, Throttle: strategy.Throttle{Max: 90}, At: 4 * time.Second},
+	}}
+	assert.Equal(t, plotter.XYs{{X: 2, Y: 50}, {X: 4, Y: 50}, {X: 4, Y: 90}, {X: 10, Y: 90}}, leverSteps(s, throttle, decided))
+	assert.Equal(t, 50.0, valueAt(leverSteps(s, throttle, decided), 3))
+	// With them: the samples.
+	s.Points = []point{{At: 0, DowntimeLimit: 100 * time.Millisecond}, {At: 5 * time.Second, Throttle: 20, DowntimeLimit: 100 * time.Millisecond}}
+	assert.Equal(t, plotter.XYs{{X: 0, Y: 0}, {X: 5, Y: 20}}, leverSteps(s, throttle, decided))
 }
 
 func TestStrategyConfigsValid(t *testing.T) {
@@ -175,9 +184,9 @@ func TestRenderFromJSON(t *testing.T) {
 		Runs: []*runResult{
 			{Scenario: "2x", Profile: "throttle", Policy: "auto", Status: "completed", Total: 12 * time.Second,
 				BaseRate: 64e6, DuringRate: 40e6, BeforeRate: 60e6, AfterRate: nan, Intact: true,
-				Points: []point{{0, 150e6}, {12 * time.Second, 0}}},
+				Points: []point{{At: 0, Remaining: 150e6}, {At: 12 * time.Second}}},
 			{Scenario: "2x", Profile: "throttle", Policy: "qemu", Status: "aborted", Total: time.Minute,
-				BaseRate: 64e6, DuringRate: nan, Intact: true, Points: []point{{0, 150e6}, {time.Minute, 99e6}}},
+				BaseRate: 64e6, DuringRate: nan, Intact: true, Points: []point{{At: 0, Remaining: 150e6}, {At: time.Minute, Remaining: 99e6}}},
 		}}
 	b, err := json.Marshal(rp.forJSON())
 	require.NoError(t, err, "NaN rates are encoded")
@@ -189,7 +198,7 @@ func TestRenderFromJSON(t *testing.T) {
 	doc, err := os.ReadFile(md)
 	require.NoError(t, err)
 	assert.Contains(t, string(doc), "| auto | completed | 12.0 s |")
-	assert.Contains(t, string(doc), "| 2x | throttle | completed 12.0 s | none completes | yes | auto completes, no anchor preset does | yes |")
+	assert.Contains(t, string(doc), "| 2x | throttle | completed 12.0 s | none completes | 60.0 MB/s / – | yes | auto completes, no anchor preset does | yes |")
 	_, err = os.Stat(filepath.Join(dir, "plots", "7.2.22-2x-throttle.png"))
 	assert.NoError(t, err)
 	// The image links point where this render wrote the plots, not where
@@ -214,7 +223,7 @@ func TestRenderFromJSON(t *testing.T) {
 	assert.Contains(t, string(doc), "up to the 300 ms ceiling")
 	assert.Contains(t, string(doc), "in 10 steps, held at the 300 ms ceiling")
 	assert.Contains(t, string(doc), "The guest sweeps with no spin, as fast as TCG runs it; calibration measured 50.00 GB/s")
-	assert.Contains(t, string(doc), "| unthrottled | throttle | completed 12.0 s | none completes | yes |")
+	assert.Contains(t, string(doc), "| unthrottled | throttle | completed 12.0 s | none completes | 60.0 MB/s / – | yes |")
 }
 
 func TestMaxDowntimeReachesTheStrategy(t *testing.T) {
@@ -236,7 +245,7 @@ func TestRenderRerunReplaces(t *testing.T) {
 		for _, sc := range scs {
 			rp.Calib[sc] = calib
 			rp.Runs = append(rp.Runs, &runResult{Scenario: sc, Profile: "throttle", Policy: "auto", Status: "completed",
-				Total: total, BaseRate: 32e6, DuringRate: 30e6, Intact: true, Points: []point{{0, 150e6}, {total, 0}}})
+				Total: total, BaseRate: 32e6, DuringRate: 30e6, Intact: true, Points: []point{{At: 0, Remaining: 150e6}, {At: total}}})
 		}
 		b, err := json.Marshal(rp.forJSON())
 		require.NoError(t, err)
@@ -255,4 +264,66 @@ func TestRenderRerunReplaces(t *testing.T) {
 	assert.Contains(t, string(doc), "| 2x | throttle | completed 12.0 s |", "the full run's 2x")
 	assert.Contains(t, string(doc), "Target dirty rate 32.0 MB/s (1.0 × 32.0 MB/s); calibration measured 31.0 MB/s", "the re-run's calibration")
 	assert.Contains(t, string(doc), "Target dirty rate 64.0 MB/s (2.0 × 32.0 MB/s); calibration measured 24.0 MB/s", "the full run's")
+}
+
+// The committed report is what its own first lines' command renders from
+// the committed results, byte for byte, prose included.
+func TestCommittedReportReproduces(t *testing.T) {
+	root, err := filepath.Abs("../..")
+	require.NoError(t, err)
+	want, err := os.ReadFile(filepath.Join(root, defaultOut))
+	require.NoError(t, err)
+	var cmd string
+	for _, l := range strings.SplitN(string(want), "\n", 12) {
+		if strings.HasPrefix(l, "go run ./cmd/qmbench -render ") {
+			cmd = l
+			break
+		}
+	}
+	require.NotEmpty(t, cmd, "the report's first lines give the command that re-renders it")
+	args := strings.Fields(strings.TrimPrefix(cmd, "go run ./cmd/qmbench "))
+	require.Len(t, args, 2, "only -render FILES: the default -out and -plots")
+
+	// Render as that command would in a checkout: docs/results read from
+	// this one, the report and plots written to a copy of its layout.
+	dir := t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "docs"), 0o755))
+	require.NoError(t, os.Symlink(filepath.Join(root, "docs", "results"), filepath.Join(dir, "docs", "results")))
+	t.Chdir(dir)
+	// The plots take a minute under -race: drawn by TestPlots, here only
+	// their links are checked against the committed ones.
+	require.NoError(t, run(t.Context(), options{render: args[1], out: defaultOut, plots: defaultPlots, noPlots: true}))
+	got, err := os.ReadFile(defaultOut)
+	require.NoError(t, err)
+	if string(got) != string(want) {
+		t.Errorf("%s differs from what its command renders:\n%s", defaultOut, lineDiff(string(want), string(got)))
+	}
+	// Every plot the report links to is committed.
+	links := regexp.MustCompile(`\]\((plots/[^)]+)\)`).FindAllStringSubmatch(string(got), -1)
+	assert.NotEmpty(t, links)
+	for _, m := range links {
+		_, err := os.Stat(filepath.Join(root, "docs", m[1]))
+		assert.NoError(t, err, "linked plot %s", m[1])
+	}
+}
+
+// lineDiff lists the lines of want and got that differ (at most 20).
+func lineDiff(want, got string) string {
+	w, g := strings.Split(want, "\n"), strings.Split(got, "\n")
+	var b strings.Builder
+	n := 0
+	for i := 0; i < max(len(w), len(g)) && n < 20; i++ {
+		var a, c string
+		if i < len(w) {
+			a = w[i]
+		}
+		if i < len(g) {
+			c = g[i]
+		}
+		if a != c {
+			fmt.Fprintf(&b, "line %d:\n- %s\n+ %s\n", i+1, a, c)
+			n++
+		}
+	}
+	return b.String()
 }

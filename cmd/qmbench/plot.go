@@ -1,23 +1,44 @@
 package main
 
 import (
+	"errors"
 	"fmt"
-	"image"
 	"image/color"
-	"image/png"
 	"io"
 	"math"
+	"os"
+	"strconv"
 	"strings"
 	"time"
-	"unicode"
+
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
+	"gonum.org/v1/plot/vg/vgimg"
+	"gonum.org/v1/plot/vg/vgsvg"
+
+	"github.com/qmigrate/qmigrate/strategy"
 )
 
-// series is one policy's line on a plot.
+// The plots are drawn with gonum.org/v1/plot: real fonts (Liberation),
+// axes with ticks chosen for the data, legends, and PNG beside SVG from the
+// same drawing.
+
+// series is one policy's run on a plot.
 type series struct {
-	Name    string
-	Color   color.RGBA
-	Points  []point
-	Outcome string // "completed" draws a dot at the end, anything else a cross
+	Name      string
+	Color     color.RGBA
+	Points    []point
+	Outcome   string // "completed…" draws a dot at the end, anything else a cross
+	Decisions []strategy.Decision
+	Guest     []guestSample
+	BaseRate  float64 // the guest's rate without migration (the 1× of the guest plot)
+}
+
+func seriesOf(r *runResult) series {
+	return series{Name: r.Policy, Color: policyColor(r.Policy), Points: r.Points, Outcome: outcome(r),
+		Decisions: r.Decisions, Guest: r.Guest, BaseRate: r.BaseRate}
 }
 
 // policyColor gives every policy the same colour on every plot.
@@ -37,228 +58,365 @@ func policyColor(policy string) color.RGBA {
 	return color.RGBA{148, 103, 189, 255}
 }
 
-// Plot geometry.
+// Plot size: 960 × 540 pixels at 96 dpi for the PNG; the SVG has the same
+// size in points.
 const (
-	plotW, plotH                 = 960, 540
-	marginL, marginR             = 96, 24
-	marginT, marginB             = 56, 72
-	fontScale                    = 2
-	glyphW, glyphH, glyphAdvance = 5 * fontScale, 7 * fontScale, 6 * fontScale
+	plotDPI = 96
+	plotW   = 10 * vg.Inch
+	plotH   = 5.625 * vg.Inch
 )
 
-var (
-	white = color.RGBA{255, 255, 255, 255}
-	black = color.RGBA{0, 0, 0, 255}
-	grid  = color.RGBA{225, 225, 225, 255}
-)
+func secsOf(d time.Duration) float64 { return d.Seconds() }
 
-type canvas struct{ img *image.RGBA }
-
-func (c canvas) set(x, y int, col color.RGBA) {
-	if image.Pt(x, y).In(c.img.Rect) {
-		c.img.SetRGBA(x, y, col)
-	}
+func newPlot(title, xLabel, yLabel string) *plot.Plot {
+	p := plot.New()
+	p.Title.Text = title
+	p.Title.Padding = vg.Points(6)
+	p.X.Label.Text = xLabel
+	p.Y.Label.Text = yLabel
+	p.X.Min, p.Y.Min = 0, 0
+	p.Add(plotter.NewGrid())
+	p.Legend.Top = true
+	p.Legend.ThumbnailWidth = 0.4 * vg.Inch
+	p.Legend.XOffs = -vg.Points(14)
+	p.X.Tick.Marker = plainTicks{}
+	p.Y.Tick.Marker = plainTicks{}
+	return p
 }
 
-func (c canvas) rect(x0, y0, x1, y1 int, col color.RGBA) {
-	for y := y0; y < y1; y++ {
-		for x := x0; x < x1; x++ {
-			c.set(x, y, col)
+// plainTicks are gonum's default ticks labelled without trailing zeros
+// ("500", not "500.00").
+type plainTicks struct{}
+
+func (plainTicks) Ticks(lo, hi float64) []plot.Tick {
+	ts := plot.DefaultTicks{}.Ticks(lo, hi)
+	for i := range ts {
+		if ts[i].Label != "" {
+			ts[i].Label = strconv.FormatFloat(ts[i].Value, 'f', -1, 64)
 		}
 	}
+	return ts
 }
 
-// line draws a line of width w (Bresenham with a square brush).
-func (c canvas) line(x0, y0, x1, y1, w int, col color.RGBA) {
-	dx, dy := abs(x1-x0), -abs(y1-y0)
-	sx, sy := sign(x1-x0), sign(y1-y0)
-	e := dx + dy
-	for {
-		c.rect(x0-w/2, y0-w/2, x0-w/2+w, y0-w/2+w, col)
-		if x0 == x1 && y0 == y1 {
-			return
-		}
-		e2 := 2 * e
-		if e2 >= dy {
-			e += dy
-			x0 += sx
-		}
-		if e2 <= dx {
-			e += dx
-			y0 += sy
-		}
+// legendRoom raises the y axis's top so that a legend of n lines above the
+// data does not hide it.
+func legendRoom(p *plot.Plot, ymax float64, n int) {
+	if ymax <= 0 {
+		ymax = 1
 	}
+	p.Y.Max = ymax * (1 + 0.075*float64(n))
 }
 
-func (c canvas) disc(x, y, r int, col color.RGBA) {
-	for j := -r; j <= r; j++ {
-		for i := -r; i <= r; i++ {
-			if i*i+j*j <= r*r {
-				c.set(x+i, y+j, col)
-			}
-		}
+// legendLine adds a legend entry drawn as a line in s's colour.
+func legendLine(p *plot.Plot, s series, label string) {
+	l, err := plotter.NewLine(plotter.XYs{{}})
+	if err != nil {
+		return
 	}
+	l.Color, l.Width = s.Color, vg.Points(2)
+	p.Legend.Add(label, l)
 }
 
-// text draws s with its top-left corner at (x, y) and returns its width.
-func (c canvas) text(x, y int, s string, col color.RGBA) int {
-	x0 := x
-	for _, r := range s {
-		g, ok := glyphs[r]
-		if !ok {
-			g, ok = glyphs[unicode.ToLower(r)]
-		}
-		if ok {
-			for row, bits := range g {
-				for colIdx, b := range bits {
-					if b == '#' {
-						c.rect(x+colIdx*fontScale, y+row*fontScale, x+(colIdx+1)*fontScale, y+(row+1)*fontScale, col)
-					}
-				}
-			}
-		}
-		x += glyphAdvance
+// addLine adds a polyline of xy in s's colour, with legend entry label.
+func addLine(p *plot.Plot, s series, xy plotter.XYs, label string, dashed bool) error {
+	if len(xy) == 0 {
+		return nil
 	}
-	return x - x0
+	l, err := plotter.NewLine(xy)
+	if err != nil {
+		return err
+	}
+	l.Color, l.Width = s.Color, vg.Points(2)
+	if s.Name == "auto" {
+		l.Width = vg.Points(2.5)
+	}
+	if dashed {
+		l.Dashes = []vg.Length{vg.Points(6), vg.Points(3)}
+	}
+	p.Add(l)
+	if label != "" {
+		p.Legend.Add(label, l)
+	}
+	return nil
 }
 
-func textWidth(s string) int { return len([]rune(s)) * glyphAdvance }
-
-// vtext draws s bottom-to-top (rotated 90°) with its baseline at x, ending at y.
-func (c canvas) vtext(x, y int, s string, col color.RGBA) {
-	tmp := canvas{image.NewRGBA(image.Rect(0, 0, textWidth(s), glyphH))}
-	tmp.text(0, 0, s, col)
-	b := tmp.img.Bounds()
-	for ty := 0; ty < b.Dy(); ty++ {
-		for tx := 0; tx < b.Dx(); tx++ {
-			if p := tmp.img.RGBAAt(tx, ty); p.A != 0 {
-				c.set(x+ty, y-tx, p)
-			}
-		}
+// addMarks adds glyphs at xy in s's colour (no legend entry).
+func addMarks(p *plot.Plot, s series, xy plotter.XYs, shape draw.GlyphDrawer, radius vg.Length) error {
+	if len(xy) == 0 {
+		return nil
 	}
+	sc, err := plotter.NewScatter(xy)
+	if err != nil {
+		return err
+	}
+	sc.GlyphStyle = draw.GlyphStyle{Color: s.Color, Radius: radius, Shape: shape}
+	p.Add(sc)
+	return nil
 }
 
-// niceStep returns a step of 1, 2 or 5 × 10^k giving at most n ticks over span.
-func niceStep(span float64, n int) float64 {
-	if span <= 0 {
-		return 1
+// endMark is the glyph at the end of a run: a dot when it completed, a
+// cross when it did not.
+func endMark(s series) draw.GlyphDrawer {
+	if strings.HasPrefix(s.Outcome, "completed") {
+		return draw.CircleGlyph{}
 	}
-	raw := span / float64(n)
-	p := math.Pow(10, math.Floor(math.Log10(raw)))
-	for _, m := range []float64{1, 2, 5, 10} {
-		if m*p >= raw {
-			return m * p
-		}
-	}
-	return 10 * p
+	return draw.CrossGlyph{}
 }
 
-func fmtTick(v, step float64) string {
-	if step >= 1 {
-		return fmt.Sprintf("%.0f", v)
+func runEnd(s series) time.Duration {
+	if len(s.Points) == 0 {
+		return 0
 	}
-	return fmt.Sprintf("%.*f", int(math.Ceil(-math.Log10(step))), v)
+	return s.Points[len(s.Points)-1].At
 }
 
-// plotRemaining draws remaining MB over time for every series and writes a PNG.
-func plotRemaining(w io.Writer, title string, ss []series) error {
-	c := canvas{image.NewRGBA(image.Rect(0, 0, plotW, plotH))}
-	c.rect(0, 0, plotW, plotH, white)
-	var xmax, ymax float64
+// plotRemaining is remaining RAM over time for every series: auto drawn
+// last, on top.
+func plotRemaining(title string, ss []series) (*plot.Plot, error) {
+	p := newPlot(title, "time since the migration started (s)", "remaining RAM (MB)")
+	ymax := 0.0
 	for _, s := range ss {
-		for _, p := range s.Points {
-			xmax = math.Max(xmax, p.At.Seconds())
-			ymax = math.Max(ymax, float64(p.Remaining)/1e6)
+		for _, pt := range s.Points {
+			ymax = max(ymax, float64(pt.Remaining)/1e6)
 		}
 	}
-	xstep, ystep := niceStep(math.Max(xmax, 1), 10), niceStep(math.Max(ymax, 1), 6)
-	xmax = math.Ceil(math.Max(xmax, 1)/xstep) * xstep
-	ymax = math.Ceil(math.Max(ymax, 1)/ystep) * ystep
-	x0, y0, x1, y1 := marginL, plotH-marginB, plotW-marginR, marginT
-	px := func(t float64) int { return x0 + int(math.Round(t/xmax*float64(x1-x0))) }
-	py := func(v float64) int { return y0 - int(math.Round(v/ymax*float64(y0-y1))) }
-
-	// Grid, ticks and their labels.
-	for v := 0.0; v <= xmax+xstep/2; v += xstep {
-		x := px(v)
-		c.line(x, y0, x, y1, 1, grid)
-		c.line(x, y0, x, y0+6, 1, black)
-		l := fmtTick(v, xstep)
-		c.text(x-textWidth(l)/2, y0+10, l, black)
-	}
-	for v := 0.0; v <= ymax+ystep/2; v += ystep {
-		y := py(v)
-		c.line(x0, y, x1, y, 1, grid)
-		c.line(x0-6, y, x0, y, 1, black)
-		l := fmtTick(v, ystep)
-		c.text(x0-10-textWidth(l), y-glyphH/2, l, black)
-	}
-	c.line(x0, y0, x1, y0, 2, black)
-	c.line(x0, y0, x0, y1, 2, black)
-	xl := "time since the migration started (s)"
-	c.text((x0+x1-textWidth(xl))/2, plotH-glyphH-12, xl, black)
-	c.vtext(14, (y0+y1+textWidth("remaining RAM (MB)"))/2, "remaining RAM (MB)", black)
-	c.text((plotW-textWidth(title))/2, 16, title, black)
-
-	// The lines, the first series (auto) last so that it is on top, then
-	// the end markers.
+	legendRoom(p, ymax, len(ss)+1)
 	for k := range ss {
 		s := ss[len(ss)-1-k]
-		for i := 1; i < len(s.Points); i++ {
-			a, b := s.Points[i-1], s.Points[i]
-			c.line(px(a.At.Seconds()), py(float64(a.Remaining)/1e6), px(b.At.Seconds()), py(float64(b.Remaining)/1e6), 2, s.Color)
+		var xy plotter.XYs
+		for _, pt := range s.Points {
+			xy = append(xy, plotter.XY{X: secsOf(pt.At), Y: float64(pt.Remaining) / 1e6})
+		}
+		if err := addLine(p, s, xy, "", false); err != nil {
+			return nil, err
+		}
+		if len(xy) > 0 {
+			if err := addMarks(p, s, xy[len(xy)-1:], endMark(s), vg.Points(5)); err != nil {
+				return nil, err
+			}
 		}
 	}
-	for _, s := range ss {
-		if len(s.Points) == 0 {
-			continue
-		}
-		e := s.Points[len(s.Points)-1]
-		x, y := px(e.At.Seconds()), py(float64(e.Remaining)/1e6)
-		if strings.HasPrefix(s.Outcome, "completed") {
-			c.disc(x, y, 6, s.Color)
-		} else {
-			c.line(x-6, y-6, x+6, y+6, 3, s.Color)
-			c.line(x-6, y+6, x+6, y-6, 3, s.Color)
-		}
+	for _, s := range ss { // legend in run order
+		legendLine(p, s, fmt.Sprintf("%s: %s, %.1f s", s.Name, s.Outcome, runEnd(s).Seconds()))
 	}
-
-	// Legend, top right inside the plot area.
-	lw := 0
-	labels := make([]string, len(ss))
-	for i, s := range ss {
-		end := time.Duration(0)
-		if len(s.Points) > 0 {
-			end = s.Points[len(s.Points)-1].At
-		}
-		labels[i] = fmt.Sprintf("%-8s %s %.1f s", s.Name, s.Outcome, end.Seconds())
-		lw = max(lw, textWidth(labels[i]))
-	}
-	lx, ly := x1-lw-60, y1+8
-	c.rect(min(lx, x1-16-textWidth("dot: completed, cross: aborted"))-8, ly-8, x1-8, ly+(len(ss)+1)*(glyphH+8)+4, white)
-	for i, s := range ss {
-		y := ly + i*(glyphH+8)
-		c.line(lx, y+glyphH/2, lx+30, y+glyphH/2, 3, s.Color)
-		c.text(lx+40, y, labels[i], black)
-	}
-	note := "dot: completed, cross: aborted"
-	c.text(x1-8-textWidth(note)-8, ly+len(ss)*(glyphH+8)+4, note, black)
-	return png.Encode(w, c.img)
+	p.Legend.Add("dot: completed, cross: not completed")
+	return p, nil
 }
 
-func abs(v int) int {
-	if v < 0 {
-		return -v
+// recordedLevers reports whether the run's samples carry the throttle and
+// downtime limit in force (runs before they were recorded have only the
+// decisions).
+func recordedLevers(s series) bool {
+	for _, pt := range s.Points {
+		if pt.DowntimeLimit > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// leverSteps is a lever's value over time: from the samples when they carry
+// it, else as a step line from the decisions that set it (from the first
+// such decision to the end of the run).
+func leverSteps(s series, fromPoint func(point) float64, fromDecision func(strategy.Decision) (float64, bool)) plotter.XYs {
+	var xy plotter.XYs
+	if recordedLevers(s) {
+		for _, pt := range s.Points {
+			xy = append(xy, plotter.XY{X: secsOf(pt.At), Y: fromPoint(pt)})
+		}
+		return xy
+	}
+	for _, d := range s.Decisions {
+		v, ok := fromDecision(d)
+		if !ok {
+			continue
+		}
+		if n := len(xy); n > 0 {
+			xy = append(xy, plotter.XY{X: secsOf(d.At), Y: xy[n-1].Y})
+		}
+		xy = append(xy, plotter.XY{X: secsOf(d.At), Y: v})
+	}
+	if n := len(xy); n > 0 && secsOf(runEnd(s)) > xy[n-1].X {
+		xy = append(xy, plotter.XY{X: secsOf(runEnd(s)), Y: xy[n-1].Y})
+	}
+	return xy
+}
+
+// valueAt is the step line's value at t (its first value before it starts).
+func valueAt(xy plotter.XYs, t float64) float64 {
+	v := xy[0].Y
+	for _, p := range xy {
+		if p.X > t {
+			break
+		}
+		v = p.Y
 	}
 	return v
 }
 
-func sign(v int) int {
-	switch {
-	case v > 0:
-		return 1
-	case v < 0:
-		return -1
+// decisionShape is a decision's marker: triangle set-downtime, square
+// set-throttle, diamond postcopy, cross abort, ring anything else.
+func decisionShape(a strategy.Action) draw.GlyphDrawer {
+	switch a {
+	case strategy.SetDowntime:
+		return draw.PyramidGlyph{}
+	case strategy.SetThrottle:
+		return draw.BoxGlyph{}
+	case strategy.StartPostcopy:
+		return diamondGlyph{}
+	case strategy.Abort:
+		return draw.CrossGlyph{}
 	}
-	return 0
+	return draw.RingGlyph{}
+}
+
+// diamondGlyph is a filled square turned by 45°.
+type diamondGlyph struct{}
+
+func (diamondGlyph) DrawGlyph(c *draw.Canvas, sty draw.GlyphStyle, pt vg.Point) {
+	c.SetLineWidth(vg.Points(0.5))
+	r := sty.Radius * 1.3
+	var p vg.Path
+	p.Move(vg.Point{X: pt.X, Y: pt.Y + r})
+	p.Line(vg.Point{X: pt.X + r, Y: pt.Y})
+	p.Line(vg.Point{X: pt.X, Y: pt.Y - r})
+	p.Line(vg.Point{X: pt.X - r, Y: pt.Y})
+	p.Close()
+	c.Fill(p)
+}
+
+// leverPanel is one lever over time for every series, with every decision
+// marked on it.
+func leverPanel(title, yLabel string, ss []series, own strategy.Action, fromPoint func(point) float64, fromDecision func(strategy.Decision) (float64, bool)) (*plot.Plot, error) {
+	p := newPlot(title, "time since the migration started (s)", yLabel)
+	for _, s := range ss {
+		xy := leverSteps(s, fromPoint, fromDecision)
+		if len(xy) == 0 {
+			// Nothing set: the decisions (an abort, postcopy) are still
+			// marked, at 0.
+			xy = plotter.XYs{{X: 0, Y: 0}}
+		} else if err := addLine(p, s, xy, "", false); err != nil {
+			return nil, err
+		}
+		for _, d := range s.Decisions {
+			if d.Action != own && (d.Action == strategy.SetDowntime || d.Action == strategy.SetThrottle) {
+				continue // marked on its own panel
+			}
+			m := plotter.XYs{{X: secsOf(d.At), Y: valueAt(xy, secsOf(d.At))}}
+			if err := addMarks(p, s, m, decisionShape(d.Action), vg.Points(4.5)); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return p, nil
+}
+
+// plotLevers is two panels: the throttle and the downtime limit over time,
+// every decision marked (legend of the shapes in the first panel's title).
+func plotLevers(title string, ss []series) ([]*plot.Plot, error) {
+	recorded := len(ss) > 0
+	for _, s := range ss {
+		recorded = recorded && recordedLevers(s)
+	}
+	src := "in force (QEMU's)"
+	if !recorded {
+		src = "as decided (this run did not record the values in force)"
+	}
+	th, err := leverPanel(title+"\nCPU throttle "+src+"; marks: square set-throttle, diamond postcopy, cross abort",
+		"CPU throttle (%)", ss, strategy.SetThrottle,
+		func(pt point) float64 { return float64(pt.Throttle) },
+		func(d strategy.Decision) (float64, bool) {
+			return float64(d.Throttle.Max), d.Action == strategy.SetThrottle
+		})
+	if err != nil {
+		return nil, err
+	}
+	legendRoom(th, 100, len(ss))
+	for _, s := range ss {
+		legendLine(th, s, s.Name)
+	}
+	dt, err := leverPanel("downtime limit "+src+"; marks: triangle set-downtime, diamond postcopy, cross abort", "downtime limit (ms)", ss, strategy.SetDowntime,
+		func(pt point) float64 { return float64(pt.DowntimeLimit.Milliseconds()) },
+		func(d strategy.Decision) (float64, bool) {
+			return float64(d.DowntimeLimit.Milliseconds()), d.Action == strategy.SetDowntime
+		})
+	if err != nil {
+		return nil, err
+	}
+	return []*plot.Plot{th, dt}, nil
+}
+
+// hasGuest reports whether any series has the guest's progress over time.
+func hasGuest(ss []series) bool {
+	for _, s := range ss {
+		if len(s.Guest) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// plotGuest is the guest's progress rate over time, as a multiple of its
+// rate without migration (1 = unaffected).
+func plotGuest(title string, ss []series) (*plot.Plot, error) {
+	p := newPlot(title, "time since the migration started (s)", "guest progress (× its rate without migration)")
+	ymax := 1.0
+	for _, s := range ss {
+		if len(s.Guest) == 0 || !(s.BaseRate > 0) {
+			continue
+		}
+		var xy plotter.XYs
+		for _, g := range s.Guest {
+			if !math.IsNaN(g.Rate) {
+				xy = append(xy, plotter.XY{X: secsOf(g.At), Y: g.Rate / s.BaseRate})
+				ymax = max(ymax, g.Rate/s.BaseRate)
+			}
+		}
+		if err := addLine(p, s, xy, s.Name, false); err != nil {
+			return nil, err
+		}
+	}
+	legendRoom(p, ymax, len(ss))
+	return p, nil
+}
+
+// writeImages writes the plots, stacked, to base.png and base.svg.
+func writeImages(base string, ps ...*plot.Plot) error {
+	h := plotH
+	if len(ps) > 1 {
+		h = plotH * vg.Length(len(ps)) * 0.8
+	}
+	png := vgimg.PngCanvas{Canvas: vgimg.NewWith(vgimg.UseWH(plotW, h), vgimg.UseDPI(plotDPI))}
+	svg := vgsvg.New(plotW, h)
+	for _, c := range []vg.CanvasSizer{png, svg} {
+		dc := draw.New(c)
+		if len(ps) == 1 {
+			ps[0].Draw(dc)
+			continue
+		}
+		col := make([][]*plot.Plot, len(ps))
+		for i, p := range ps {
+			col[i] = []*plot.Plot{p}
+		}
+		cs := plot.Align(col, draw.Tiles{Rows: len(ps), Cols: 1, PadY: vg.Points(8), PadTop: vg.Points(4), PadBottom: vg.Points(4)}, dc)
+		for i, p := range ps {
+			p.Draw(cs[i][0])
+		}
+	}
+	for ext, w := range map[string]io.WriterTo{".png": png, ".svg": svg} {
+		if err := writeFile(base+ext, w); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func writeFile(path string, w io.WriterTo) (err error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, f.Close()) }()
+	_, err = w.WriteTo(f)
+	return err
 }

@@ -17,10 +17,29 @@ import (
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
-// point is one poll of a run: elapsed time and RAM bytes still to send.
+// point is one poll of a run: elapsed time, RAM bytes still to send, and
+// the levers in force (QEMU's throttle and downtime limit; 0 in runs made
+// before they were recorded).
 type point struct {
-	At        time.Duration
-	Remaining uint64
+	At            time.Duration
+	Remaining     uint64
+	Throttle      int           `json:",omitempty"`
+	DowntimeLimit time.Duration `json:",omitempty"`
+}
+
+// guestSample is the guest's own progress over the interval ending At: its
+// dirty rate over its vCPU time (rateBetween) since the previous sample.
+type guestSample struct {
+	At   time.Duration
+	Rate float64
+}
+
+// hostLoad is the host's load around one run: the 1-minute load average
+// before and after the migration, and how many QEMU processes other than
+// the run's own were running (at most, of the two looks).
+type hostLoad struct {
+	Load1Before, Load1After float64
+	OtherQEMUs              int
 }
 
 // runResult is everything measured in one migration.
@@ -44,6 +63,14 @@ type runResult struct {
 	MaxThrottle           int
 	MovedAnyway           bool // not completed for the engine, yet the guest runs on the destination
 	Undone, UndoErrors    []string
+	// Guest is the guest's progress rate during the migration, sampled
+	// every guestEvery while it runs on the source (not recorded in runs
+	// made before it was).
+	Guest []guestSample `json:",omitempty"`
+	// Host is the host's load during the run (nil: not recorded).
+	Host *hostLoad `json:",omitempty"`
+	// File is the -json file a render took the run from.
+	File string `json:"-"`
 }
 
 // speed is the guest's progress during the migration relative to before, or
@@ -325,7 +352,7 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 				res.MaxThrottle = max(res.MaxThrottle, s.ThrottlePercent)
 				res.Sent = max(res.Sent, s.TransferredBytes)
 				if s.Status == "active" || strings.HasPrefix(s.Status, "postcopy") || s.Status == "device" || s.Status == "pre-switchover" {
-					res.Points = append(res.Points, point{At: e.Elapsed, Remaining: s.RemainingBytes})
+					res.Points = append(res.Points, point{At: e.Elapsed, Remaining: s.RemainingBytes, Throttle: s.ThrottlePercent, DowntimeLimit: s.DowntimeLimit})
 				}
 			case engine.EventDecision:
 				r.logf("  %s/%s/%s %5.1fs %s: %s", sc.Name, prof.Name, policy, e.Elapsed.Seconds(), e.Decision.Action, e.Decision.Reason)
@@ -334,7 +361,14 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 	}
 	mctx, cancel := context.WithTimeout(ctx, r.budget+90*time.Second)
 	defer cancel()
+	load := readHostLoad(src, dst)
+	start := time.Now()
+	stopSampling := r.sampleGuest(mctx, src, dst, m0, start, &res.Guest)
 	out, merr := engine.Migrate(mctx, cfg)
+	stopSampling()
+	after := readHostLoad(src, dst)
+	load.Load1After, load.OtherQEMUs = after.Load1Before, max(load.OtherQEMUs, after.OtherQEMUs)
+	res.Host = &load
 	if out == nil {
 		return fail(merr)
 	}
@@ -421,4 +455,79 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 		res.IntactErr = cerr.Error()
 	}
 	return res
+}
+
+// guestEvery is how often the guest's progress is sampled during a
+// migration.
+const guestEvery = time.Second
+
+// sampleGuest samples the guest's progress rate on the source every
+// guestEvery into *out until the returned stop is called. It stops on its
+// own at the first sample it cannot take (the source paused for the
+// switchover or postcopy, or gone): the rate in postcopy is not sampled,
+// as reading the destination's memory then would fault pages in.
+func (r *runner) sampleGuest(ctx context.Context, src, dst *testbed.Instance, from mark, start time.Time, out *[]guestSample) (stop func()) {
+	sctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(guestEvery)
+		defer t.Stop()
+		prev := from
+		for {
+			select {
+			case <-sctx.Done():
+				return
+			case <-t.C:
+			}
+			st, err := src.QMP.QueryStatus(sctx)
+			if err != nil || !st.Running {
+				return
+			}
+			m, err := r.takeMark(sctx, src, src, false, src, dst)
+			if err != nil {
+				return
+			}
+			*out = append(*out, guestSample{At: m.At.Sub(start), Rate: rateBetween(prev, m)})
+			prev = m
+		}
+	}()
+	return func() {
+		cancel()
+		<-done
+	}
+}
+
+// readHostLoad reads the 1-minute load average (into Load1Before) and
+// counts the QEMU processes other than the given ones; a figure it cannot
+// read is left at -1.
+func readHostLoad(own ...*testbed.Instance) hostLoad {
+	h := hostLoad{Load1Before: -1, OtherQEMUs: -1}
+	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
+		if f := strings.Fields(string(b)); len(f) > 0 {
+			if v, err := strconv.ParseFloat(f[0], 64); err == nil {
+				h.Load1Before = v
+			}
+		}
+	}
+	comms, err := filepath.Glob("/proc/[0-9]*/comm")
+	if err != nil {
+		return h
+	}
+	mine := map[string]bool{}
+	for _, in := range own {
+		mine[strconv.Itoa(in.Pid())] = true
+	}
+	n := 0
+	for _, c := range comms {
+		b, err := os.ReadFile(c)
+		if err != nil || !strings.HasPrefix(string(b), "qemu-system") {
+			continue
+		}
+		if !mine[filepath.Base(filepath.Dir(c))] {
+			n++
+		}
+	}
+	h.OtherQEMUs = n
+	return h
 }
