@@ -67,6 +67,7 @@ func (r *run) complete(ctx context.Context) error {
 		r.waitResume(wctx, true)
 	}
 	r.finishTLS(ctx)
+	r.finishJournal(ctx)
 	if r.ch.Scheme == transport.Unix {
 		if err := transport.RemoveSocket(r.ch); err != nil {
 			r.log.Debug("remove migration socket", "err", err)

@@ -153,6 +153,7 @@ func launch(ctx context.Context, cfg Config) *Job {
 		prevSC: map[string]bool{},
 		prevDC: map[string]bool{},
 		job:    j,
+		token:  randomHex(6),
 	}
 	j.r = r
 	j.prog = Progress{Phase: PhasePrepare, Stage: stagePrepare.String(), Limits: r.limits()}

@@ -19,6 +19,7 @@ import (
 type run struct {
 	job   *Job
 	cfg   Config
+	token string // this migration's id: the suffix of what it creates on the QEMUs (journal.go)
 	log   *slog.Logger
 	t0    time.Time
 	res   *Result

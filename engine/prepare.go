@@ -100,7 +100,11 @@ func (r *run) prepare(ctx context.Context) error {
 	if err := checkCaps(SideDestination, r.dst.Version(), di.caps, dstCaps); err != nil {
 		return r.badInput(CheckFeatures, SideDestination, "check capabilities", err)
 	}
-	// From here on things change on the QEMUs.
+	// From here on things change on the QEMUs: first the journal of what
+	// they were (journal.go), removed last by a rollback.
+	if err := r.writeJournal(ctx, si, di); err != nil {
+		return err
+	}
 	if err := r.addTLS(ctx); err != nil {
 		return err
 	}

@@ -26,7 +26,7 @@ func (r *run) addTLS(ctx context.Context) error {
 	if t == nil {
 		return nil
 	}
-	r.tlsID = "qmigrate-tls-" + randomHex(6)
+	r.tlsID = tlsID(r.token)
 	sides := [2]Side{SideSource, SideDestination}
 	objs := [2]map[string]any{t.SourceObject(r.tlsID), t.DestinationObject(r.tlsID)}
 	var errs [2]error
@@ -168,3 +168,6 @@ func (r *run) tlsHint(info *qmp.MigrationInfo) string {
 	}
 	return ""
 }
+
+// tlsID is the id of a migration's TLS credentials objects.
+func tlsID(token string) string { return ownPrefix + "tls-" + token }

@@ -30,7 +30,7 @@ func snapshotAtConverge(p *qemutest.Pair, cfg *engine.Config) *tlsSnapshot {
 	cfg.Observer = func(ev engine.Event) {
 		if ev.Kind == engine.EventPhase && ev.Phase == engine.PhaseConverge {
 			for _, i := range []qemutest.Side{qemutest.Source, qemutest.Destination} {
-				s.objects[i] = p.Objects(i)
+				s.objects[i] = credentials(p.Objects(i))
 				s.params[i] = map[string]any{}
 				for _, k := range []string{"tls-creds", "tls-hostname", "tls-authz"} {
 					s.params[i][k] = p.Param(i, k)
@@ -124,8 +124,10 @@ func TestTLSRefusedCredentials(t *testing.T) {
 		assert.Contains(t, err.Error(), refusal, "QEMU's own text")
 		assert.Contains(t, err.Error(), "/etc/pki/qemu", "the folder")
 		assert.Empty(t, res.UndoErrors)
-		require.Len(t, res.Undone, 1)
+		require.Len(t, res.Undone, 3, "the source's credentials, then both journals")
 		assert.Contains(t, res.Undone[0], "source: TLS credentials")
+		assert.Contains(t, res.Undone[1], "destination: journal")
+		assert.Contains(t, res.Undone[2], "source: journal")
 		assertNoTLSLeft(t, p)
 		assert.Equal(t, uint64(134217728), p.Param(qemutest.Source, "max-bandwidth"), "parameters untouched")
 	})
@@ -254,4 +256,15 @@ func TestTLSDestinationDies(t *testing.T) {
 			assert.NotContains(t, u, "TLS", "no TLS undo failure for a QEMU that is gone")
 		}
 	})
+}
+
+// credentials drops the journal (journal.go) from a side's objects.
+func credentials(objs map[string]map[string]any) map[string]map[string]any {
+	out := map[string]map[string]any{}
+	for id, o := range objs {
+		if !strings.HasPrefix(id, "qmigrate-journal-") {
+			out[id] = o
+		}
+	}
+	return out
 }

@@ -3,6 +3,7 @@ package qemutest
 import (
 	"encoding/json"
 	"fmt"
+	"strings"
 )
 
 // Objects: object-add and object-del keep the arguments by id (TLS
@@ -20,8 +21,8 @@ func (q *QEMU) installObjects() {
 		if _, dup := q.objects[id]; dup {
 			return nil, errGeneric(fmt.Sprintf("attempt to add duplicate property '%s' to object (type 'container')", id))
 		}
-		if o := q.p.opt; o.RefuseObject != "" && o.RefuseObjectSide == q.side {
-			return nil, errGeneric(o.RefuseObject)
+		if t, _ := a["qom-type"].(string); q.p.opt.RefuseObject != "" && q.p.opt.RefuseObjectSide == q.side && strings.HasPrefix(t, "tls-creds") {
+			return nil, errGeneric(q.p.opt.RefuseObject)
 		}
 		q.objects[id] = a
 		return nil, nil

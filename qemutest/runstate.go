@@ -25,11 +25,41 @@ func (q *QEMU) installRunState() {
 		}
 		return map[string]any{"base-memory": ram}, nil
 	})
-	q.handle("qom-get", func(json.RawMessage) (any, error) {
+	q.handle("qom-get", func(args json.RawMessage) (any, error) {
+		var a struct{ Path, Property string }
+		if err := json.Unmarshal(args, &a); err != nil {
+			return nil, err
+		}
+		if id, ok := strings.CutPrefix(a.Path, "/objects/"); ok {
+			o, found := q.objects[id]
+			if !found {
+				return nil, &qmp.Error{Class: "DeviceNotFound", Desc: "Device '" + a.Path + "' not found"}
+			}
+			v, has := o[a.Property]
+			if !has {
+				return nil, errGeneric("Property '" + a.Property + "' not found")
+			}
+			return v, nil
+		}
 		if isSrc {
 			return p.opt.Machine, nil
 		}
 		return p.opt.DstMachine, nil
+	})
+	q.handle("qom-list", func(args json.RawMessage) (any, error) {
+		var a struct{ Path string }
+		if err := json.Unmarshal(args, &a); err != nil {
+			return nil, err
+		}
+		if a.Path != "/objects" {
+			return nil, errGeneric("qemutest: qom-list models /objects only")
+		}
+		out := []map[string]string{{"name": "type", "type": "string"}}
+		for id, o := range q.objects {
+			t, _ := o["qom-type"].(string)
+			out = append(out, map[string]string{"name": id, "type": "child<" + t + ">"})
+		}
+		return out, nil
 	})
 	q.handle("query-uuid", func(json.RawMessage) (any, error) {
 		u := p.opt.SrcUUID
@@ -106,7 +136,7 @@ func (q *QEMU) schema() []map[string]any {
 	}
 	cmds := []string{"query-status", "query-migrate", "migrate-set-capabilities", "migrate-set-parameters",
 		"query-migrate-capabilities", "query-migrate-parameters", "migrate", "migrate-incoming", "migrate_cancel",
-		"migrate-continue", "migrate-start-postcopy", "stop", "cont", "query-uuid", "qom-get", "query-memory-size-summary",
+		"migrate-continue", "migrate-start-postcopy", "stop", "cont", "query-uuid", "qom-get", "qom-list", "query-memory-size-summary",
 		"object-add", "object-del"}
 	cmds = append(cmds, q.blockCommands()...)
 	out := []map[string]any{
