@@ -20,7 +20,11 @@ func Example() {
 	ctx := context.Background()
 	f := &qmp.Features{}
 
-	s, err := Start(ctx, src.c, dst.c, f, f, Config{}, "tcp:198.18.0.2:4444")
+	s, err := Start(ctx, Config{}, Env{
+		Source:      QEMU{Client: src.c, Features: f},
+		Destination: QEMU{Client: dst.c, Features: f},
+		Migration:   qmp.TCPAddress("198.18.0.2", "4444"),
+	})
 	if err != nil {
 		fmt.Println(err)
 		return

@@ -16,7 +16,7 @@ import (
 // (and closes when done) or a client the caller already holds (the engine
 // never closes a caller's client). Client wins when both are set.
 type Endpoint struct {
-	Address string      // "unix:/path" or "tcp:host:port"
+	Address qmp.Address // a QMP monitor's socket (qmp.ParseAddress reads "unix:/path", "tcp:host:port")
 	Client  *qmp.Client // a connected client the caller keeps ownership of
 }
 

@@ -24,8 +24,8 @@ import (
 
 func TestValidate(t *testing.T) {
 	ok := engine.Config{
-		Source:      engine.Endpoint{Address: "unix:/run/src.qmp"},
-		Destination: engine.Endpoint{Address: "unix:/run/dst.qmp"},
+		Source:      engine.Endpoint{Address: qmp.UnixAddress("/run/src.qmp")},
+		Destination: engine.Endpoint{Address: qmp.UnixAddress("/run/dst.qmp")},
 		URI:         "tcp:[::1]:0",
 	}
 	require.NoError(t, ok.Validate())
@@ -34,9 +34,9 @@ func TestValidate(t *testing.T) {
 		field string
 	}{
 		"no source":      {func(c *engine.Config) { c.Source = engine.Endpoint{} }, "Source"},
-		"bad address":    {func(c *engine.Config) { c.Destination.Address = "/run/dst.qmp" }, "Destination.Address"},
+		"bad address":    {func(c *engine.Config) { c.Destination.Address = qmp.TCPAddress("h", "0") }, "Destination.Address"},
 		"same address":   {func(c *engine.Config) { c.Destination.Address = c.Source.Address }, "Destination.Address"},
-		"same path":      {func(c *engine.Config) { c.Destination.Address = "unix://run/./src.qmp" }, "Destination.Address"},
+		"same path":      {func(c *engine.Config) { c.Destination.Address = qmp.UnixAddress("//run/./src.qmp") }, "Destination.Address"},
 		"no uri":         {func(c *engine.Config) { c.URI = "" }, "URI"},
 		"exec uri":       {func(c *engine.Config) { c.URI = "exec:cat > /tmp/x" }, "URI"},
 		"bad port":       {func(c *engine.Config) { c.URI = "tcp:host:99999" }, "URI"},
@@ -125,8 +125,8 @@ func TestPrepareBadInput(t *testing.T) {
 func TestConnectWrongSocket(t *testing.T) {
 	dir := t.TempDir()
 	cfg := engine.Config{
-		Source:         engine.Endpoint{Address: "unix:" + filepath.Join(dir, "nope.qmp")},
-		Destination:    engine.Endpoint{Address: "unix:" + filepath.Join(dir, "dst.qmp")},
+		Source:         engine.Endpoint{Address: qmp.UnixAddress(filepath.Join(dir, "nope.qmp"))},
+		Destination:    engine.Endpoint{Address: qmp.UnixAddress(filepath.Join(dir, "dst.qmp"))},
 		URI:            "unix:" + filepath.Join(dir, "mig.sock"),
 		ConnectTimeout: time.Second,
 	}
@@ -153,8 +153,8 @@ func TestConnectSilentPeer(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			dir := t.TempDir()
 			cfg := engine.Config{
-				Source:         engine.Endpoint{Address: "unix:" + silentListener(t, dir)},
-				Destination:    engine.Endpoint{Address: "unix:" + filepath.Join(dir, "dst.qmp")},
+				Source:         engine.Endpoint{Address: qmp.UnixAddress(silentListener(t, dir))},
+				Destination:    engine.Endpoint{Address: qmp.UnixAddress(filepath.Join(dir, "dst.qmp"))},
 				URI:            "unix:" + filepath.Join(dir, "mig.sock"),
 				ConnectTimeout: tc.connect,
 				Strategy:       strategy.Config{Limits: strategy.Limits{Budget: tc.budget}},
