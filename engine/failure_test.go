@@ -5,8 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
+	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -138,6 +141,54 @@ func TestConnectWrongSocket(t *testing.T) {
 	require.ErrorAs(t, err, &ee)
 	assert.Equal(t, engine.SideSource, ee.Side)
 	assert.Contains(t, err.Error(), "nope.qmp")
+	var ce *engine.ConnectError
+	require.ErrorAs(t, err, &ce)
+	assert.Equal(t, engine.SideSource, ce.Side)
+	assert.Equal(t, cfg.Source.Address, ce.Address)
+	assert.Zero(t, ce.Timeout)
+	assert.Equal(t, engine.PathUnknown, ce.Path)
+	assert.ErrorIs(t, err, syscall.ENOENT)
+
+	// Both sides wrong: both ConnectErrors, joined.
+	cfg.Destination.Address = qmp.UnixAddress(filepath.Join(dir, "nope2.qmp"))
+	_, err = engine.Migrate(t.Context(), cfg)
+	require.Error(t, err)
+	j, ok := err.(interface{ Unwrap() []error })
+	require.True(t, ok, "joined: %v", err)
+	var sides []engine.Side
+	for _, e := range j.Unwrap() {
+		require.ErrorAs(t, e, &ce)
+		sides = append(sides, ce.Side)
+	}
+	assert.Equal(t, []engine.Side{engine.SideSource, engine.SideDestination}, sides)
+}
+
+// What is at a unix path that refuses the connection: a directory, a file,
+// a socket no process listens on.
+func TestConnectPathKind(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "file.qmp")
+	require.NoError(t, os.WriteFile(file, nil, 0o600))
+	stale := filepath.Join(dir, "stale.qmp")
+	l, err := net.Listen("unix", stale)
+	require.NoError(t, err)
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	require.NoError(t, l.Close())
+	for path, want := range map[string]engine.PathKind{
+		dir:   engine.PathDirectory,
+		file:  engine.PathFile,
+		stale: engine.PathStaleSocket,
+	} {
+		_, err := engine.Migrate(t.Context(), engine.Config{
+			Source:      engine.Endpoint{Address: qmp.UnixAddress(path)},
+			Destination: engine.Endpoint{Address: qmp.UnixAddress(filepath.Join(dir, "dst.qmp"))},
+			URI:         "unix:" + filepath.Join(dir, "mig.sock"),
+		})
+		var ce *engine.ConnectError
+		require.ErrorAs(t, err, &ce, path)
+		assert.Equal(t, want, ce.Path, path)
+		assert.ErrorIs(t, err, engine.ErrBadInput)
+	}
 }
 
 // A unix listener that accepts and says nothing: the engine gives up after
@@ -167,6 +218,9 @@ func TestConnectSilentPeer(t *testing.T) {
 			assert.Equal(t, engine.StatusFailed, res.Status)
 			assert.Less(t, took, 3*time.Second)
 			assert.Contains(t, err.Error(), tc.want)
+			var ce *engine.ConnectError
+			require.ErrorAs(t, err, &ce)
+			assert.Equal(t, 300*time.Millisecond, ce.Timeout.Round(100*time.Millisecond), "no greeting within it")
 		})
 	}
 }
