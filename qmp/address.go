@@ -47,6 +47,9 @@ type AddressError struct {
 	// or 0 where a port is needed); Port is the port as given.
 	BadPort bool
 	Port    string
+	// Err is the parser's own error where one said what is wrong (a
+	// tcp address that net.SplitHostPort refused), nil otherwise.
+	Err error
 }
 
 func (e *AddressError) Error() string {
@@ -77,11 +80,12 @@ func ParseAddress(s string) (Address, error) {
 	case strings.HasPrefix(s, "tcp:"):
 		host, port, err := net.SplitHostPort(strings.TrimPrefix(s, "tcp:"))
 		if err != nil {
+			why := err.Error()
 			var ae *net.AddrError
 			if errors.As(err, &ae) {
-				return Address{}, bad("want tcp:host:port: " + ae.Err)
+				why = ae.Err
 			}
-			return Address{}, bad("want tcp:host:port: " + err.Error())
+			return Address{}, &AddressError{Address: s, Reason: "want tcp:host:port: " + why, Err: err}
 		}
 		n, err := strconv.ParseUint(port, 10, 16)
 		if err != nil {

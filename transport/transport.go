@@ -24,6 +24,24 @@ var (
 	ErrNoListenAddress = errors.New("destination reported no listening socket-address")
 )
 
+// URIError is a migration URI Parse refused: why, and ErrBadURI or
+// ErrUnsupportedScheme (Unwrap).
+type URIError struct {
+	URI    string
+	Reason string // "" when the sentinel says it all
+	Err    error
+}
+
+func (e *URIError) Error() string {
+	if e.Reason == "" {
+		return fmt.Sprintf("transport: %q: %v", e.URI, e.Err)
+	}
+	return fmt.Sprintf("transport: %q: %s: %v", e.URI, e.Reason, e.Err)
+}
+
+// Unwrap returns ErrBadURI or ErrUnsupportedScheme.
+func (e *URIError) Unwrap() error { return e.Err }
+
 // Scheme is a migration transport.
 type Scheme string
 
@@ -52,13 +70,13 @@ type Channel struct {
 // address), "tcp:host:port" ("tcp:[::1]:4444" for IPv6) or
 // "fd:" (a socketpair the engine makes; "fd:NAME" for a descriptor passed by
 // someone else is refused). Every other scheme, exec: included, is refused
-// with ErrUnsupportedScheme.
+// with ErrUnsupportedScheme. Every error is a *URIError.
 func Parse(uri string) (Channel, error) {
 	scheme, rest, ok := strings.Cut(uri, ":")
 	if !ok || scheme == "" {
-		return Channel{}, fmt.Errorf("transport: %q: %w", uri, ErrUnsupportedScheme)
+		return Channel{}, &URIError{URI: uri, Err: ErrUnsupportedScheme}
 	}
-	bad := func(why string) error { return fmt.Errorf("transport: %q: %s: %w", uri, why, ErrBadURI) }
+	bad := func(why string) error { return &URIError{URI: uri, Reason: why, Err: ErrBadURI} }
 	switch Scheme(scheme) {
 	case Unix, TCP:
 		a, err := qmp.ParseAddress(uri)
@@ -67,6 +85,8 @@ func Parse(uri string) (Channel, error) {
 			switch {
 			case errors.As(err, &ae) && ae.BadPort:
 				return Channel{}, bad(fmt.Sprintf("port %q: want a number from 0 (the destination picks) to 65535", ae.Port))
+			case errors.As(err, &ae) && ae.Err != nil:
+				return Channel{}, bad(ae.Err.Error())
 			case errors.As(err, &ae):
 				return Channel{}, bad(ae.Reason)
 			}
@@ -90,7 +110,7 @@ func Parse(uri string) (Channel, error) {
 		}
 		return Channel{Scheme: FD}, nil
 	default:
-		return Channel{}, fmt.Errorf("transport: %q: scheme %q: %w", uri, scheme, ErrUnsupportedScheme)
+		return Channel{}, &URIError{URI: uri, Reason: fmt.Sprintf("scheme %q", scheme), Err: ErrUnsupportedScheme}
 	}
 }
 

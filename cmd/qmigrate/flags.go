@@ -259,8 +259,11 @@ func checkURI(value string) (transport.Channel, error) {
 	}
 	ch, err := transport.Parse(value)
 	if err != nil {
-		why := strings.TrimPrefix(err.Error(), "transport: "+strconv.Quote(value)+": ")
-		why = strings.TrimSuffix(why, ": "+transport.ErrBadURI.Error())
+		why := err.Error()
+		var ue *transport.URIError
+		if errors.As(err, &ue) {
+			why = ue.Reason
+		}
 		return transport.Channel{}, fmt.Errorf("%s %q: %s", flagName, value, addressProblem(value, why))
 	}
 	return ch, nil
