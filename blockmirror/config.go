@@ -5,19 +5,25 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+
+	"github.com/qmigrate/qmigrate/qmp"
 )
 
-// Config selects the disks to migrate and how. The zero value mirrors every
-// writable, non-shared disk to an NBD server derived from the migration URI.
+// Config is what the user chooses: the disks to migrate and how. The zero
+// value mirrors every writable, non-shared disk to an NBD server derived
+// from the migration channel's address. What the caller sets up around it
+// (the QEMUs, TLS credentials, logging) is in Start's Env.
 type Config struct {
 	// Disks are the block nodes to mirror, by node name, device name or qdev
 	// id/path. Empty selects every writable disk that is not in Shared.
 	Disks []string
-	// NBDAddress is the destination NBD server: "unix:/path" or
-	// "tcp:host:port". "" derives it from the migration URI: for tcp the same
-	// host and a free port next to the migration port, for unix a socket
-	// beside the migration socket. Other migration URIs need it set.
-	NBDAddress string
+	// NBDAddress is where the destination's NBD server listens: an absolute
+	// unix socket path, or a tcp host and port (qmp.ParseAddress reads
+	// "unix:/path" and "tcp:host:port"). The zero Address derives it from
+	// the migration channel: for tcp the same host and a free port next to
+	// the migration port, for unix a socket beside the migration socket. An
+	// fd: migration needs it set.
+	NBDAddress qmp.Address
 	// CreateTargets creates missing destination images over QMP
 	// (blockdev-create, same format and virtual size as the source) and adds
 	// them as block nodes of the same name. The caller still adds the devices.
@@ -42,18 +48,6 @@ type Config struct {
 	// Shared are node names on storage both hosts see; they are never
 	// mirrored and may not appear in Disks.
 	Shared []string
-	// TLSCreds encrypts the NBD connections with QEMU's TLS: the id of a
-	// tls-creds object that exists on both QEMUs, its server end on the
-	// destination (nbd-server-start) and its client end on the source (the
-	// NBD client nodes), as the engine makes them for transport.TLS. ""
-	// is plain NBD.
-	TLSCreds string
-	// TLSHostname is the name the destination's x509 certificate must
-	// carry (the NBD client's tls-hostname); "" means the host of a tcp
-	// NBD address. A unix NBD address with x509 credentials needs it.
-	TLSHostname string
-	// Logger receives progress and clean-up messages; nil discards.
-	Logger *slog.Logger
 }
 
 // Sentinel errors. Match them with errors.Is.
@@ -125,13 +119,10 @@ func (c Config) Validate() error {
 			return fmt.Errorf("%w: disk %q is both selected and shared", ErrPreflight, s)
 		}
 	}
-	if c.NBDAddress != "" {
-		if _, err := parseNBDAddress(c.NBDAddress); err != nil {
+	if !c.NBDAddress.IsZero() {
+		if err := checkNBDAddress(c.NBDAddress); err != nil {
 			return err
 		}
-	}
-	if c.TLSHostname != "" && c.TLSCreds == "" {
-		return fmt.Errorf("%w: TLSHostname set without TLSCreds", ErrPreflight)
 	}
 	if c.TargetDir != "" && !c.CreateTargets {
 		return fmt.Errorf("%w: TargetDir set without CreateTargets", ErrPreflight)
@@ -142,9 +133,49 @@ func (c Config) Validate() error {
 	return nil
 }
 
-func (c Config) logger() *slog.Logger {
-	if c.Logger == nil {
+// Env is what the caller of Start supplies around the user's Config: the
+// two QEMUs, the migration channel's address and the TLS credentials it set
+// up on both, and where to log.
+type Env struct {
+	Source, Destination QEMU
+	// Migration is the address the destination listens on for the
+	// migration stream, from which a zero Config.NBDAddress is derived; the
+	// zero Address for a channel without one (fd:).
+	Migration qmp.Address
+	// TLSCreds encrypts the NBD connections with QEMU's TLS: the id of a
+	// tls-creds object that exists on both QEMUs, its server end on the
+	// destination (nbd-server-start) and its client end on the source (the
+	// NBD client nodes), as the engine makes them for transport.TLS. ""
+	// is plain NBD.
+	TLSCreds string
+	// TLSHostname is the name the destination's x509 certificate must
+	// carry (the NBD client's tls-hostname); "" means the host of a tcp
+	// NBD address. A unix NBD address with x509 credentials needs it.
+	TLSHostname string
+	// Logger receives progress and clean-up messages; nil discards.
+	Logger *slog.Logger
+}
+
+// QEMU is one side of the mirrors: its QMP client and the features probed
+// from its schema (ProbeFeatures; nil when unknown).
+type QEMU struct {
+	Client   *qmp.Client
+	Features *qmp.Features
+}
+
+func (e Env) validate() error {
+	if e.Source.Client == nil || e.Destination.Client == nil {
+		return fmt.Errorf("%w: nil QMP client", ErrPreflight)
+	}
+	if e.TLSHostname != "" && e.TLSCreds == "" {
+		return fmt.Errorf("%w: TLSHostname set without TLSCreds", ErrPreflight)
+	}
+	return nil
+}
+
+func (e Env) logger() *slog.Logger {
+	if e.Logger == nil {
 		return slog.New(slog.DiscardHandler)
 	}
-	return c.Logger
+	return e.Logger
 }

@@ -6,7 +6,11 @@
 //
 // # Lifecycle
 //
-// The caller (the engine) owns both QMP connections and the migration itself:
+// The caller (the engine) owns both QMP connections and the migration itself.
+// Start takes what the user chose (Config: the disks, the NBD address, copy
+// mode, speed) apart from what the caller supplies (Env: both QEMUs with their
+// probed features, the migration channel's address, the TLS credentials the
+// caller created on both, the logger):
 //
 //  1. Start, before migrate-incoming / migrate. It runs the preflight
 //     (errors wrap ErrPreflight and nothing has been changed), then on the
@@ -59,9 +63,11 @@
 //     qcow2) and added under the source's node name (the caller adds the
 //     device). Source and destination may not use the same image file when the
 //     NBD address shows both QEMUs are on one host (unix socket or loopback).
-//   - NBD address: Config.NBDAddress, or derived from the migration URI: tcp
-//     uses the same host and the next free port after the migration port
-//     (49152 when it is 0), unix a socket beside the migration socket.
+//   - NBD address: Config.NBDAddress, or derived from Env.Migration (the
+//     migration channel's address, a qmp.Address): tcp uses the same host and
+//     the next free port after the migration port (49152 when it is 0), unix
+//     a socket beside the migration socket; an fd: migration has no address
+//     to derive from and needs Config.NBDAddress.
 //   - Events hint, queries decide: job state comes from BLOCK_JOB_* events and
 //     query-block-jobs; a job that vanishes without an event is a failure.
 //   - The Session's methods serialise on a mutex (a WaitReady or Finish in

@@ -28,7 +28,11 @@ func Example() {
 	defer dst.Close()
 	f := &qmp.Features{}
 
-	s, err := Start(ctx, src, dst, f, f, Config{}, "tcp:198.18.0.2:4444")
+	s, err := Start(ctx, Config{}, Env{
+		Source:      QEMU{Client: src, Features: f},
+		Destination: QEMU{Client: dst, Features: f},
+		Migration:   qmp.TCPAddress("198.18.0.2", "4444"),
+	})
 	if err != nil {
 		fmt.Println(err)
 		return

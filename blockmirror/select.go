@@ -214,7 +214,7 @@ func (s *Session) plan(ctx context.Context) error {
 				return fmt.Errorf("%w: disk %q: destination node %q has %d bytes, source has %d", ErrPreflight, d.name, t.NodeName, dsize, size)
 			}
 			if t.File != "" && t.File == in.File {
-				if s.addr.local() {
+				if local(s.addr) {
 					return fmt.Errorf("%w: disk %q: source and destination use the same image file %s (declare it in Shared if the storage is shared)", ErrPreflight, d.name, in.File)
 				}
 				s.log.Warn("source and destination image have the same path; assuming different hosts", "disk", d.name, "file", in.File)

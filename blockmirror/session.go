@@ -42,10 +42,11 @@ type Session struct {
 	src, dst   *qmp.Client
 	srcF, dstF *qmp.Features
 	cfg        Config
+	env        Env
 	log        *slog.Logger
 	token      string // random, per session
-	addr       nbdAddr
-	derived    bool // addr derived from the migration URI (port may be moved)
+	addr       qmp.Address
+	derived    bool // addr derived from the migration channel (port may be moved)
 
 	mu            sync.Mutex
 	disks         []*disk
@@ -57,24 +58,23 @@ type Session struct {
 }
 
 // Start checks the disks, exports them on the destination and starts one
-// mirror per disk on the source. See the package documentation.
-func Start(ctx context.Context, src, dst *qmp.Client, srcF, dstF *qmp.Features, cfg Config, migrationURI string) (*Session, error) {
+// mirror per disk on the source, as cfg asks, between the QEMUs of env. See
+// the package documentation.
+func Start(ctx context.Context, cfg Config, env Env) (*Session, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	if src == nil || dst == nil {
-		return nil, fmt.Errorf("%w: nil QMP client", ErrPreflight)
-	}
-	s := &Session{src: src, dst: dst, srcF: srcF, dstF: dstF, cfg: cfg, log: cfg.logger(), token: randomHex(4)}
-	var err error
-	if cfg.NBDAddress != "" {
-		s.addr, err = parseNBDAddress(cfg.NBDAddress)
-	} else {
-		s.addr, err = deriveNBDAddress(migrationURI, s.token)
-		s.derived = true
-	}
-	if err != nil {
+	if err := env.validate(); err != nil {
 		return nil, err
+	}
+	s := &Session{src: env.Source.Client, dst: env.Destination.Client, srcF: env.Source.Features, dstF: env.Destination.Features,
+		cfg: cfg, env: env, log: env.logger(), token: randomHex(4), addr: cfg.NBDAddress}
+	if s.addr.IsZero() {
+		var err error
+		if s.addr, err = deriveNBDAddress(env.Migration, s.token); err != nil {
+			return nil, err
+		}
+		s.derived = true
 	}
 	if err := s.plan(ctx); err != nil {
 		return nil, err
@@ -114,11 +114,11 @@ func (s *Session) start(ctx context.Context) error {
 	prefix := s.jobPrefix()
 	s.sub = s.src.Subscribe(qmp.EventFilter{Names: jobEvents, Match: func(e qmp.Event) bool { return strings.HasPrefix(e.Field("device"), prefix) }})
 	for _, d := range s.disks {
-		node := map[string]any{"driver": "nbd", "node-name": d.nbdNode, "server": s.addr.client(), "export": d.export}
-		if s.cfg.TLSCreds != "" {
-			node["tls-creds"] = s.cfg.TLSCreds
-			if s.cfg.TLSHostname != "" {
-				node["tls-hostname"] = s.cfg.TLSHostname
+		node := map[string]any{"driver": "nbd", "node-name": d.nbdNode, "server": s.addr.SocketAddress(), "export": d.export}
+		if s.env.TLSCreds != "" {
+			node["tls-creds"] = s.env.TLSCreds
+			if s.env.TLSHostname != "" {
+				node["tls-hostname"] = s.env.TLSHostname
 			}
 		}
 		if err := s.src.BlockdevAdd(ctx, node); err != nil {
@@ -143,12 +143,12 @@ func (s *Session) start(ctx context.Context) error {
 // taken.
 func (s *Session) startServer(ctx context.Context) error {
 	tries := 1
-	if s.derived && s.addr.unix == "" {
+	if s.derived && s.addr.Network == qmp.TCP {
 		tries = nbdPortTries
 	}
 	var err error
 	for i := 0; i < tries; i++ {
-		if err = s.dst.NBDServerStart(ctx, s.addr.server(), s.cfg.TLSCreds); err == nil {
+		if err = s.dst.NBDServerStart(ctx, s.addr, s.env.TLSCreds); err == nil {
 			s.serverStarted = true
 			s.log.Debug("destination NBD server started", "addr", s.addr.String())
 			return nil
@@ -157,7 +157,7 @@ func (s *Session) startServer(ctx context.Context) error {
 		if !errors.As(err, &qe) {
 			break
 		}
-		s.addr.port++
+		s.addr = nextPort(s.addr)
 	}
 	return fmt.Errorf("blockmirror: destination nbd-server-start: %w", err)
 }

@@ -21,6 +21,13 @@ const (
 
 var feat72 = &qmp.Features{Commands: map[string]bool{"yank": true}}
 
+// env is the Env of a session between two fakes of QEMU 7.2 with the
+// migration channel at mig ("fd:..." has no address).
+func env(src, dst *fakeQEMU, mig string) Env {
+	a, _ := qmp.ParseAddress(mig)
+	return Env{Source: QEMU{Client: src.c, Features: feat72}, Destination: QEMU{Client: dst.c, Features: feat72}, Migration: a}
+}
+
 func pair(t *testing.T) (src, dst *fakeQEMU) {
 	return fakes(t,
 		[]qmp.BlockInfo{blk("disk0", "/src/a.raw", 64*mib, false), blk("disk1", "/src/b.raw", 32*mib, false), blk("cd0", "/iso/x.iso", 8*mib, true)},
@@ -40,7 +47,7 @@ func nothingLeft(t *testing.T, src, dst *fakeQEMU) {
 func TestStartFinishCleanup(t *testing.T) {
 	ctx := context.Background()
 	src, dst := pair(t)
-	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+	s, err := Start(ctx, Config{}, env(src, dst, uri))
 	require.NoError(t, err)
 
 	// Read-only cd0 is skipped; disk0 and disk1 are exported and mirrored.
@@ -117,7 +124,7 @@ func TestPreflight(t *testing.T) {
 		{name: "unknown disk", cfg: Config{Disks: []string{"nope"}}, wantMsg: `"nope" not found`},
 		{name: "only read-only and shared", cfg: Config{Shared: []string{"disk0"}}, wantMsg: "no disk to mirror"},
 		{name: "fd migration without NBD address", uri: "fd:mig", wantMsg: "set Config.NBDAddress"},
-		{name: "bad NBD address", cfg: Config{NBDAddress: "nbd://x"}, wantMsg: "want unix:/path or tcp:host:port"},
+		{name: "relative NBD address", cfg: Config{NBDAddress: qmp.UnixAddress("nbd.sock")}, wantMsg: "not absolute"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if tc.src == nil {
@@ -130,7 +137,7 @@ func TestPreflight(t *testing.T) {
 				tc.uri = uri
 			}
 			src, dst := fakes(t, tc.src, tc.dst)
-			s, err := Start(ctx, src.c, dst.c, feat72, feat72, tc.cfg, tc.uri)
+			s, err := Start(ctx, tc.cfg, env(src, dst, tc.uri))
 			require.ErrorIs(t, err, ErrPreflight)
 			assert.Nil(t, s)
 			assert.Contains(t, err.Error(), tc.wantMsg)
@@ -144,7 +151,7 @@ func TestSelection(t *testing.T) {
 	ctx := context.Background()
 	src, dst := pair(t)
 	// By device qdev, and disk1 declared shared.
-	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{Disks: []string{"/machine/peripheral/vd-disk0/virtio-backend"}, Shared: []string{"disk1"}, WriteBlocking: true}, uri)
+	s, err := Start(ctx, Config{Disks: []string{"/machine/peripheral/vd-disk0/virtio-backend"}, Shared: []string{"disk1"}, WriteBlocking: true}, env(src, dst, uri))
 	require.NoError(t, err)
 	assert.Len(t, src.CallsOf("blockdev-mirror"), 1)
 	assert.Equal(t, "disk0", src.args("blockdev-mirror", 0)["device"])
@@ -160,14 +167,14 @@ func TestSyncTopWithBackingChain(t *testing.T) {
 	d := blk("disk0", "/dst/top.qcow2", 64*mib, false)
 	d.Inserted.BackingFile, d.Inserted.BackingFileDepth = "/other/base.qcow2", 1
 	src, dst := fakes(t, []qmp.BlockInfo{b}, []qmp.BlockInfo{d})
-	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+	s, err := Start(ctx, Config{}, env(src, dst, uri))
 	require.NoError(t, err)
 	assert.Equal(t, "top", src.args("blockdev-mirror", 0)["sync"])
 	require.NoError(t, s.Abort(ctx))
 
 	// No backing on the destination: full.
 	src2, dst2 := fakes(t, []qmp.BlockInfo{b}, []qmp.BlockInfo{blk("disk0", "/dst/top.qcow2", 64*mib, false)})
-	s, err = Start(ctx, src2.c, dst2.c, feat72, feat72, Config{}, uri)
+	s, err = Start(ctx, Config{}, env(src2, dst2, uri))
 	require.NoError(t, err)
 	assert.Equal(t, "full", src2.args("blockdev-mirror", 0)["sync"])
 	require.NoError(t, s.Abort(ctx))
@@ -177,7 +184,7 @@ func TestStartUndoesPartialWork(t *testing.T) {
 	ctx := context.Background()
 	src, dst := pair(t)
 	src.RefuseMirror("disk1", qerr("Permission conflicts on node 'disk1'"))
-	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+	s, err := Start(ctx, Config{}, env(src, dst, uri))
 	require.Error(t, err)
 	assert.Nil(t, s)
 	assert.NotErrorIs(t, err, ErrPreflight)
@@ -194,7 +201,7 @@ func TestStartUndoesPartialWork(t *testing.T) {
 
 	// A retry works.
 	src.RefuseMirror("disk1", nil)
-	s, err = Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+	s, err = Start(ctx, Config{}, env(src, dst, uri))
 	require.NoError(t, err)
 	require.NoError(t, s.Abort(ctx))
 	nothingLeft(t, src, dst)
@@ -204,7 +211,7 @@ func TestAbortBeforeAndAfterReady(t *testing.T) {
 	for _, ready := range []bool{false, true} {
 		ctx := context.Background()
 		src, dst := pair(t)
-		s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+		s, err := Start(ctx, Config{}, env(src, dst, uri))
 		require.NoError(t, err)
 		src.SetMirrorProgress(8*mib, ready)
 		if ready {
@@ -225,7 +232,7 @@ func TestAbortBeforeAndAfterReady(t *testing.T) {
 func TestMirrorErrorEvent(t *testing.T) {
 	ctx := context.Background()
 	src, dst := pair(t)
-	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+	s, err := Start(ctx, Config{}, env(src, dst, uri))
 	require.NoError(t, err)
 	p, err := s.Progress(ctx)
 	require.NoError(t, err)
@@ -246,7 +253,7 @@ func TestMirrorErrorEvent(t *testing.T) {
 func TestDestinationGone(t *testing.T) {
 	ctx := context.Background()
 	src, dst := pair(t)
-	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+	s, err := Start(ctx, Config{}, env(src, dst, uri))
 	require.NoError(t, err)
 	dst.CloseConns()
 	err = s.WaitReady(ctx, nil)
@@ -259,7 +266,7 @@ func TestDestinationGone(t *testing.T) {
 func TestSetWriteBlocking(t *testing.T) {
 	ctx := context.Background()
 	src, dst := pair(t)
-	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+	s, err := Start(ctx, Config{}, env(src, dst, uri))
 	require.NoError(t, err)
 	err = s.SetWriteBlocking(ctx)
 	require.ErrorIs(t, err, ErrUnsupported)
@@ -284,7 +291,7 @@ func TestSetWriteBlocking(t *testing.T) {
 func TestRestartWriteBlocking(t *testing.T) {
 	ctx := context.Background()
 	src, dst := pair(t)
-	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+	s, err := Start(ctx, Config{}, env(src, dst, uri))
 	require.NoError(t, err)
 	src.SetMirrorProgress(4*mib, false)
 	p, err := s.Progress(ctx)
@@ -335,7 +342,7 @@ func TestRestartWriteBlocking(t *testing.T) {
 func TestRestartWriteBlockingFailsThenAbort(t *testing.T) {
 	ctx := context.Background()
 	src, dst := pair(t)
-	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+	s, err := Start(ctx, Config{}, env(src, dst, uri))
 	require.NoError(t, err)
 	src.RefuseMirror("disk1", qerr("Permission conflict"))
 	err = s.RestartWriteBlocking(ctx)
@@ -354,7 +361,7 @@ func TestDerivedTCPPortMovesOn(t *testing.T) {
 	ctx := context.Background()
 	src, dst := pair(t)
 	dst.failServerStart(2)
-	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{Disks: []string{"disk0"}}, "tcp:198.18.0.2:4444")
+	s, err := Start(ctx, Config{Disks: []string{"disk0"}}, env(src, dst, "tcp:198.18.0.2:4444"))
 	require.NoError(t, err)
 	calls := dst.CallsOf("nbd-server-start")
 	require.Len(t, calls, 3)
@@ -364,7 +371,7 @@ func TestDerivedTCPPortMovesOn(t *testing.T) {
 
 	// An explicit address is not moved.
 	dst.failServerStart(1)
-	_, err = Start(ctx, src.c, dst.c, feat72, feat72, Config{NBDAddress: "tcp:198.18.0.2:10809"}, uri)
+	_, err = Start(ctx, Config{NBDAddress: qmp.TCPAddress("198.18.0.2", "10809")}, env(src, dst, uri))
 	require.Error(t, err)
 	nothingLeft(t, src, dst)
 }
@@ -374,7 +381,7 @@ func TestWaitReadyTiming(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		ctx := context.Background()
 		src, dst := pair(t)
-		s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+		s, err := Start(ctx, Config{}, env(src, dst, uri))
 		require.NoError(t, err)
 		go func() {
 			for i := uint64(1); i <= 4; i++ {
@@ -402,16 +409,17 @@ func TestWaitReadyTiming(t *testing.T) {
 
 func TestValidate(t *testing.T) {
 	require.NoError(t, Config{}.Validate())
-	require.NoError(t, Config{Disks: []string{"a"}, Shared: []string{"b"}, NBDAddress: "tcp:[::1]:10809"}.Validate())
+	require.NoError(t, Config{Disks: []string{"a"}, Shared: []string{"b"}, NBDAddress: qmp.TCPAddress("::1", "10809")}.Validate())
 	for _, c := range []Config{
 		{Disks: []string{""}},
 		{Disks: []string{"a", "a"}},
 		{Disks: []string{"a"}, Shared: []string{"a"}},
-		{NBDAddress: "tcp:host"},
-		{NBDAddress: "unix:"},
-		{NBDAddress: "unix:relative.sock"},
-		{NBDAddress: "tcp:h:0"},
-		{NBDAddress: "tcp:h:65536"},
+		{NBDAddress: qmp.TCPAddress("", "10809")},
+		{NBDAddress: qmp.UnixAddress("")},
+		{NBDAddress: qmp.UnixAddress("relative.sock")},
+		{NBDAddress: qmp.TCPAddress("h", "0")},
+		{NBDAddress: qmp.TCPAddress("h", "65536")},
+		{NBDAddress: qmp.Address{Network: "vsock"}},
 		{TargetDir: "/x"},
 		{CreateTargets: true, TargetDir: "rel"},
 	} {
@@ -426,11 +434,13 @@ func TestDeriveNBDAddress(t *testing.T) {
 		"tcp:198.18.0.2:0":     "tcp:198.18.0.2:49152",
 		"unix:/run/x/mig.sock": "unix:/run/x/qmigrate-nbd-tok.sock",
 	} {
-		a, err := deriveNBDAddress(in, "tok")
+		mig, err := qmp.ParseAddress(in)
+		require.NoError(t, err, in)
+		a, err := deriveNBDAddress(mig, "tok")
 		require.NoError(t, err, in)
 		assert.Equal(t, want, a.String(), in)
 	}
-	for _, in := range []string{"fd:x", "exec:cat", "tcp:nohost", "unix:"} {
+	for _, in := range []qmp.Address{{}, qmp.TCPAddress("", "4444"), qmp.UnixAddress("")} {
 		_, err := deriveNBDAddress(in, "tok")
 		assert.ErrorIs(t, err, ErrPreflight, in)
 	}
@@ -440,7 +450,7 @@ func TestWaitReadyContextDeadline(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		ctx := context.Background()
 		src, dst := pair(t)
-		s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+		s, err := Start(ctx, Config{}, env(src, dst, uri))
 		require.NoError(t, err)
 		// Off the poll grid: a deadline that fires while a command is being
 		// written leaves the qmp client's write deadline in the past (qmp bug,
@@ -460,10 +470,10 @@ func TestCreateTargets(t *testing.T) {
 	b := blk("disk0", "/src/vm/a.qcow2", 64*mib, false)
 	b.Inserted.Driver = "qcow2"
 	src, dst := fakes(t, []qmp.BlockInfo{b}, nil)
-	_, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{}, uri)
+	_, err := Start(ctx, Config{}, env(src, dst, uri))
 	require.ErrorIs(t, err, ErrPreflight, "missing node without CreateTargets")
 
-	s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{CreateTargets: true, TargetDir: "/dst/vm"}, uri)
+	s, err := Start(ctx, Config{CreateTargets: true, TargetDir: "/dst/vm"}, env(src, dst, uri))
 	require.NoError(t, err)
 	assert.Equal(t, []string{"blockdev-create", "job-dismiss", "blockdev-create", "job-dismiss", "blockdev-add", "blockdev-add",
 		"nbd-server-start", "block-export-add"}, dst.commands())
@@ -482,7 +492,7 @@ func TestCreateTargets(t *testing.T) {
 
 	// A failed creation job is an error and is undone.
 	dst.FailCreate("Could not create '/dst/vm/a.qcow2': Permission denied")
-	_, err = Start(ctx, src.c, dst.c, feat72, feat72, Config{CreateTargets: true, TargetDir: "/dst/vm"}, uri)
+	_, err = Start(ctx, Config{CreateTargets: true, TargetDir: "/dst/vm"}, env(src, dst, uri))
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "Permission denied")
 	nothingLeft(t, src, dst)
@@ -498,7 +508,7 @@ func TestTLSCredentials(t *testing.T) {
 	}{{"x509 with a host name", "dst.example"}, {"without a host name", ""}} {
 		t.Run(tc.name, func(t *testing.T) {
 			src, dst := pair(t)
-			s, err := Start(ctx, src.c, dst.c, feat72, feat72, Config{Disks: []string{"disk0"}, TLSCreds: "creds0", TLSHostname: tc.host}, uri)
+			s, err := Start(ctx, Config{Disks: []string{"disk0"}}, tlsEnv(env(src, dst, uri), "creds0", tc.host))
 			require.NoError(t, err)
 			assert.Equal(t, "creds0", dst.args("nbd-server-start", 0)["tls-creds"])
 			add := src.args("blockdev-add", 0)
@@ -512,7 +522,13 @@ func TestTLSCredentials(t *testing.T) {
 			nothingLeft(t, src, dst)
 		})
 	}
-	err := Config{TLSHostname: "dst.example"}.Validate()
+	src, dst := pair(t)
+	_, err := Start(ctx, Config{}, tlsEnv(env(src, dst, uri), "", "dst.example"))
 	require.ErrorIs(t, err, ErrPreflight)
 	assert.Contains(t, err.Error(), "TLSHostname set without TLSCreds")
+}
+
+func tlsEnv(e Env, creds, host string) Env {
+	e.TLSCreds, e.TLSHostname = creds, host
+	return e
 }

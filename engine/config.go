@@ -3,8 +3,6 @@ package engine
 import (
 	"fmt"
 	"log/slog"
-	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/qmigrate/qmigrate/qmp"
@@ -47,15 +45,15 @@ func (c Config) Validate() error {
 		if e.ep.Client != nil {
 			continue
 		}
-		if e.ep.Address == "" {
+		if e.ep.Address.IsZero() {
 			return bad(e.name, "neither Address nor Client set")
 		}
-		if _, _, err := qmp.ParseAddress(e.ep.Address); err != nil {
+		if err := e.ep.Address.Dialable(); err != nil {
 			return bad(e.name+".Address", "%v", err)
 		}
 	}
-	if c.Source.Client == nil && c.Destination.Client == nil && sameAddress(c.Source.Address, c.Destination.Address) {
-		return bad("Destination.Address", "same QMP address as the source (%s)", c.Source.Address)
+	if c.Source.Client == nil && c.Destination.Client == nil && qmp.SameSocket(c.Source.Address, c.Destination.Address) {
+		return bad("Destination.Address", "same QMP socket as the source (%s)", c.Source.Address)
 	}
 	if c.Source.Client != nil && c.Source.Client == c.Destination.Client {
 		return bad("Destination.Client", "same client as the source")
@@ -77,7 +75,7 @@ func (c Config) Validate() error {
 		if err := c.TLS.Validate(ch); err != nil {
 			return fmt.Errorf("%w: %w", ErrInvalidConfig, err) // it names the field
 		}
-		if c.Storage != nil && c.TLS.Kind != transport.TLSPSK && c.TLS.Hostname == "" && strings.HasPrefix(c.Storage.NBDAddress, "unix:") {
+		if c.Storage != nil && c.TLS.Kind != transport.TLSPSK && c.TLS.Hostname == "" && c.Storage.NBDAddress.Network == qmp.Unix {
 			return fmt.Errorf("%w: TLS.Hostname: the NBD server %s is a unix socket, with no host name to check the destination's certificate against: %w",
 				ErrInvalidConfig, c.Storage.NBDAddress, transport.ErrBadTLS)
 		}
@@ -103,17 +101,6 @@ func (c Config) Validate() error {
 		}
 	}
 	return nil
-}
-
-// sameAddress reports whether two QMP addresses are the same, unix paths
-// compared cleaned ("unix://run/./q.qmp" is "unix:/run/q.qmp").
-func sameAddress(a, b string) bool {
-	pa, okA := strings.CutPrefix(a, "unix:")
-	pb, okB := strings.CutPrefix(b, "unix:")
-	if okA && okB {
-		return filepath.Clean(pa) == filepath.Clean(pb)
-	}
-	return a == b
 }
 
 func (c Config) pollInterval() time.Duration {

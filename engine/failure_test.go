@@ -5,8 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
+	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -24,8 +27,8 @@ import (
 
 func TestValidate(t *testing.T) {
 	ok := engine.Config{
-		Source:      engine.Endpoint{Address: "unix:/run/src.qmp"},
-		Destination: engine.Endpoint{Address: "unix:/run/dst.qmp"},
+		Source:      engine.Endpoint{Address: qmp.UnixAddress("/run/src.qmp")},
+		Destination: engine.Endpoint{Address: qmp.UnixAddress("/run/dst.qmp")},
 		URI:         "tcp:[::1]:0",
 	}
 	require.NoError(t, ok.Validate())
@@ -34,9 +37,9 @@ func TestValidate(t *testing.T) {
 		field string
 	}{
 		"no source":      {func(c *engine.Config) { c.Source = engine.Endpoint{} }, "Source"},
-		"bad address":    {func(c *engine.Config) { c.Destination.Address = "/run/dst.qmp" }, "Destination.Address"},
+		"bad address":    {func(c *engine.Config) { c.Destination.Address = qmp.TCPAddress("h", "0") }, "Destination.Address"},
 		"same address":   {func(c *engine.Config) { c.Destination.Address = c.Source.Address }, "Destination.Address"},
-		"same path":      {func(c *engine.Config) { c.Destination.Address = "unix://run/./src.qmp" }, "Destination.Address"},
+		"same path":      {func(c *engine.Config) { c.Destination.Address = qmp.UnixAddress("//run/./src.qmp") }, "Destination.Address"},
 		"no uri":         {func(c *engine.Config) { c.URI = "" }, "URI"},
 		"exec uri":       {func(c *engine.Config) { c.URI = "exec:cat > /tmp/x" }, "URI"},
 		"bad port":       {func(c *engine.Config) { c.URI = "tcp:host:99999" }, "URI"},
@@ -125,8 +128,8 @@ func TestPrepareBadInput(t *testing.T) {
 func TestConnectWrongSocket(t *testing.T) {
 	dir := t.TempDir()
 	cfg := engine.Config{
-		Source:         engine.Endpoint{Address: "unix:" + filepath.Join(dir, "nope.qmp")},
-		Destination:    engine.Endpoint{Address: "unix:" + filepath.Join(dir, "dst.qmp")},
+		Source:         engine.Endpoint{Address: qmp.UnixAddress(filepath.Join(dir, "nope.qmp"))},
+		Destination:    engine.Endpoint{Address: qmp.UnixAddress(filepath.Join(dir, "dst.qmp"))},
 		URI:            "unix:" + filepath.Join(dir, "mig.sock"),
 		ConnectTimeout: time.Second,
 	}
@@ -138,6 +141,54 @@ func TestConnectWrongSocket(t *testing.T) {
 	require.ErrorAs(t, err, &ee)
 	assert.Equal(t, engine.SideSource, ee.Side)
 	assert.Contains(t, err.Error(), "nope.qmp")
+	var ce *engine.ConnectError
+	require.ErrorAs(t, err, &ce)
+	assert.Equal(t, engine.SideSource, ce.Side)
+	assert.Equal(t, cfg.Source.Address, ce.Address)
+	assert.Zero(t, ce.Timeout)
+	assert.Equal(t, engine.PathUnknown, ce.Path)
+	assert.ErrorIs(t, err, syscall.ENOENT)
+
+	// Both sides wrong: both ConnectErrors, joined.
+	cfg.Destination.Address = qmp.UnixAddress(filepath.Join(dir, "nope2.qmp"))
+	_, err = engine.Migrate(t.Context(), cfg)
+	require.Error(t, err)
+	j, ok := err.(interface{ Unwrap() []error })
+	require.True(t, ok, "joined: %v", err)
+	var sides []engine.Side
+	for _, e := range j.Unwrap() {
+		require.ErrorAs(t, e, &ce)
+		sides = append(sides, ce.Side)
+	}
+	assert.Equal(t, []engine.Side{engine.SideSource, engine.SideDestination}, sides)
+}
+
+// What is at a unix path that refuses the connection: a directory, a file,
+// a socket no process listens on.
+func TestConnectPathKind(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "file.qmp")
+	require.NoError(t, os.WriteFile(file, nil, 0o600))
+	stale := filepath.Join(dir, "stale.qmp")
+	l, err := net.Listen("unix", stale)
+	require.NoError(t, err)
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	require.NoError(t, l.Close())
+	for path, want := range map[string]engine.PathKind{
+		dir:   engine.PathDirectory,
+		file:  engine.PathFile,
+		stale: engine.PathStaleSocket,
+	} {
+		_, err := engine.Migrate(t.Context(), engine.Config{
+			Source:      engine.Endpoint{Address: qmp.UnixAddress(path)},
+			Destination: engine.Endpoint{Address: qmp.UnixAddress(filepath.Join(dir, "dst.qmp"))},
+			URI:         "unix:" + filepath.Join(dir, "mig.sock"),
+		})
+		var ce *engine.ConnectError
+		require.ErrorAs(t, err, &ce, path)
+		assert.Equal(t, want, ce.Path, path)
+		assert.ErrorIs(t, err, engine.ErrBadInput)
+	}
 }
 
 // A unix listener that accepts and says nothing: the engine gives up after
@@ -153,8 +204,8 @@ func TestConnectSilentPeer(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			dir := t.TempDir()
 			cfg := engine.Config{
-				Source:         engine.Endpoint{Address: "unix:" + silentListener(t, dir)},
-				Destination:    engine.Endpoint{Address: "unix:" + filepath.Join(dir, "dst.qmp")},
+				Source:         engine.Endpoint{Address: qmp.UnixAddress(silentListener(t, dir))},
+				Destination:    engine.Endpoint{Address: qmp.UnixAddress(filepath.Join(dir, "dst.qmp"))},
 				URI:            "unix:" + filepath.Join(dir, "mig.sock"),
 				ConnectTimeout: tc.connect,
 				Strategy:       strategy.Config{Limits: strategy.Limits{Budget: tc.budget}},
@@ -167,6 +218,9 @@ func TestConnectSilentPeer(t *testing.T) {
 			assert.Equal(t, engine.StatusFailed, res.Status)
 			assert.Less(t, took, 3*time.Second)
 			assert.Contains(t, err.Error(), tc.want)
+			var ce *engine.ConnectError
+			require.ErrorAs(t, err, &ce)
+			assert.Equal(t, 300*time.Millisecond, ce.Timeout.Round(100*time.Millisecond), "no greeting within it")
 		})
 	}
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/qemutest"
+	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
@@ -244,7 +245,7 @@ func TestTypedOutcomes(t *testing.T) {
 				assert.Equal(t, tc.want, engine.CheckOf(err), "%v", err)
 			}
 			_, cfg := pair(t, qemutest.Options{})
-			cfg.Source = engine.Endpoint{Address: "unix:/nonexistent/qmigrate-test.qmp"}
+			cfg.Source = engine.Endpoint{Address: qmp.UnixAddress("/nonexistent/qmigrate-test.qmp")}
 			_, err := engine.Migrate(t.Context(), cfg)
 			assert.Equal(t, engine.CheckConnect, engine.CheckOf(err), "%v", err)
 			assert.Equal(t, engine.Check(""), engine.CheckOf(engine.ErrCancelled))

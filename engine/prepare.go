@@ -49,6 +49,9 @@ func (r *run) prepare(ctx context.Context) error {
 			r.owned = append(r.owned, p.c)
 		}
 	}
+	if err != nil && derr != nil {
+		return errors.Join(err, derr) // each side's ConnectError
+	}
 	if err != nil {
 		return err
 	}
@@ -70,7 +73,7 @@ func (r *run) prepare(ctx context.Context) error {
 	if err := r.check(si, di); err != nil {
 		return err
 	}
-	r.srcForm, r.dstForm = transport.Newest, transport.Newest
+	r.srcForm, r.dstForm = transport.Newest(), transport.Newest()
 	if st := r.cfg.Storage; st != nil {
 		r.srcF, r.dstF = si.feat, di.feat
 		r.srcForm, r.dstForm = transport.FormOf(r.srcF), transport.FormOf(r.dstF)
@@ -145,13 +148,17 @@ func (r *run) connect(ctx context.Context, side Side, ep Endpoint) (*qmp.Client,
 	r.log.Debug("connecting", "side", side, "address", ep.Address)
 	c, err := qmp.DialAddress(cctx, ep.Address, qmp.WithLogger(r.log.With("side", string(side))))
 	if err != nil {
-		if ctx.Err() != nil {
-			return nil, r.cancelled(ctx, "connect")
+		ce := &ConnectError{Side: side, Address: ep.Address, Err: err}
+		switch {
+		case ctx.Err() != nil:
+			ce.Err = ctx.Err()
+			return nil, &Error{Phase: r.phase, Op: "connect", Err: fmt.Errorf("%w: %w", ErrCancelled, ce)}
+		case cctx.Err() != nil:
+			ce.Timeout = timeout
+		default:
+			ce.Path = pathKind(ep.Address, err)
 		}
-		if cctx.Err() != nil {
-			err = fmt.Errorf("no QMP greeting from %s within %v: %w", ep.Address, timeout.Round(time.Millisecond), err)
-		}
-		return nil, r.badInput(CheckConnect, side, "connect", err)
+		return nil, r.badInput(CheckConnect, side, "connect", ce)
 	}
 	return c, nil
 }
@@ -192,7 +199,7 @@ func (r *run) inspect(ctx context.Context, side Side) (*sideInfo, error) {
 		machErr = c.Execute(qctx, "qom-get", map[string]string{"path": "/machine", "property": "type"}, &machine)
 	})
 	if r.cfg.MultifdChannels > 0 {
-		wg.Go(func() { info.uuid, uuidErr = transport.QueryUUID(qctx, c) })
+		wg.Go(func() { info.uuid, uuidErr = c.QueryUUID(qctx) })
 	}
 	wg.Go(func() { info.caps, capErr = c.QueryMigrateCapabilities(qctx) })
 	wg.Go(func() { info.params, parErr = c.QueryMigrateParameters(qctx) })
@@ -633,11 +640,16 @@ func (r *run) throttleParams(p *qmp.MigrationParameters, t strategy.Throttle) {
 // startStorage starts the mirrors (blockmirror preflights first: its
 // preflight errors are bad input) and pushes their abort.
 func (r *run) startStorage(ctx context.Context) error {
-	cfg := *r.cfg.Storage
-	if t := r.cfg.TLS; t != nil {
-		cfg.TLSCreds, cfg.TLSHostname = r.tlsID, t.Hostname
+	env := blockmirror.Env{
+		Source:      blockmirror.QEMU{Client: r.src, Features: r.srcF},
+		Destination: blockmirror.QEMU{Client: r.dst, Features: r.dstF},
+		Migration:   r.ch.Address,
+		Logger:      r.log,
 	}
-	s, err := blockmirror.Start(ctx, r.src, r.dst, r.srcF, r.dstF, cfg, r.ch.String())
+	if t := r.cfg.TLS; t != nil {
+		env.TLSCreds, env.TLSHostname = r.tlsID, t.Hostname
+	}
+	s, err := blockmirror.Start(ctx, *r.cfg.Storage, env)
 	if err != nil {
 		if ctx.Err() != nil {
 			return r.cancelled(ctx, "start mirrors")

@@ -63,7 +63,7 @@ func (r *run) start(ctx context.Context) error {
 		})
 	}
 	ch, err := ask(r, ctx, SideDestination, "read listening port", func(c context.Context) (transport.Channel, error) {
-		return transport.ResolvePort(c, r.dst, r.ch)
+		return resolvePort(c, r.dst, r.ch)
 	})
 	if err != nil {
 		return r.callErr(ctx, SideDestination, "read listening port", err)

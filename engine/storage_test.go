@@ -12,6 +12,7 @@ import (
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/qemutest"
+	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
@@ -173,7 +174,7 @@ func TestStorageConvergingMirrorLeftAlone(t *testing.T) {
 }
 
 func TestStorageWriteBlockingRefusedConflicts(t *testing.T) {
-	cfg := engine.Config{Source: engine.Endpoint{Address: "unix:/a"}, Destination: engine.Endpoint{Address: "unix:/b"}, URI: "unix:/c",
+	cfg := engine.Config{Source: engine.Endpoint{Address: qmp.UnixAddress("/a")}, Destination: engine.Endpoint{Address: qmp.UnixAddress("/b")}, URI: "unix:/c",
 		Storage:  &blockmirror.Config{WriteBlocking: true},
 		Strategy: strategy.Config{Limits: strategy.Limits{NoWriteBlocking: true}}}
 	err := cfg.Validate()

@@ -198,17 +198,17 @@ func TestTLSConfigRefused(t *testing.T) {
 		{"unknown kind", "tcp:h:1", transport.TLS{Kind: "gpg", Dir: "/pki"}, "", "TLS.Kind"},
 		{"psk with a host name", "tcp:h:1", transport.TLS{Kind: transport.TLSPSK, Dir: "/pki", Hostname: "h"}, "", "TLS.Hostname"},
 		{"x509 with a user name", "tcp:h:1", transport.TLS{Dir: "/pki", Username: "u"}, "", "TLS.Username"},
-		{"unix NBD without a host name", "tcp:h:1", transport.TLS{Dir: "/pki"}, "unix:/tmp/nbd.sock", "NBD server"},
+		{"unix NBD without a host name", "tcp:h:1", transport.TLS{Dir: "/pki"}, "/tmp/nbd.sock", "NBD server"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := engine.Config{
-				Source:      engine.Endpoint{Address: "unix:/tmp/a.qmp"},
-				Destination: engine.Endpoint{Address: "unix:/tmp/b.qmp"},
+				Source:      engine.Endpoint{Address: qmp.UnixAddress("/tmp/a.qmp")},
+				Destination: engine.Endpoint{Address: qmp.UnixAddress("/tmp/b.qmp")},
 				URI:         tc.uri,
 				TLS:         &tc.tls,
 			}
 			if tc.st != "" {
-				cfg.Storage = &blockmirror.Config{NBDAddress: tc.st}
+				cfg.Storage = &blockmirror.Config{NBDAddress: qmp.UnixAddress(tc.st)}
 			}
 			err := cfg.Validate()
 			require.Error(t, err)

@@ -223,7 +223,7 @@ func bmStartVM(t testing.TB, q bmQEMU, dir, name string, o bmOpts) *bmVM {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	for {
-		c, err := qmp.DialAddress(ctx, "unix:"+sock)
+		c, err := qmp.DialAddress(ctx, qmp.UnixAddress(sock))
 		if err == nil {
 			vm.qmp = c
 			break
@@ -299,12 +299,24 @@ func bmAssertNothingLeft(t testing.TB, ctx context.Context, src, dst *bmVM) {
 		require.NoError(t, err)
 		assert.Empty(t, exps, "destination exports")
 		// nbd-server-stop succeeds only when... a second start proves the server is gone.
-		err = dst.qmp.NBDServerStart(ctx, qmp.NBDUnix(filepath.Join(dst.dir, "probe.sock")), "")
+		err = dst.qmp.NBDServerStart(ctx, qmp.UnixAddress(filepath.Join(dst.dir, "probe.sock")), "")
 		assert.NoError(t, err, "NBD server still running on the destination")
 		if err == nil {
 			require.NoError(t, dst.qmp.NBDServerStop(ctx))
 		}
 	}
+}
+
+// bmStart starts the mirrors of cfg from src to dst, the migration channel
+// at uri ("" for none), logging with bmLogger.
+func bmStart(ctx context.Context, tb testing.TB, src, dst *bmVM, cfg blockmirror.Config, uri string) (*blockmirror.Session, error) {
+	mig, _ := qmp.ParseAddress(uri)
+	return blockmirror.Start(ctx, cfg, blockmirror.Env{
+		Source:      blockmirror.QEMU{Client: src.qmp, Features: src.f},
+		Destination: blockmirror.QEMU{Client: dst.qmp, Features: dst.f},
+		Migration:   mig,
+		Logger:      bmLogger(tb),
+	})
 }
 
 // bmLogger logs to the test log when QMIGRATE_TEST_DEBUG is set.
@@ -412,14 +424,14 @@ func bmTestMigrate(t *testing.T, q bmQEMU, format string) {
 		src.hmp(ctx, `qemu-io -d vd1/virtio-backend "write -P 0x66 1M 3M"`)
 	}
 
-	cfg := blockmirror.Config{Logger: bmLogger(t)}
+	cfg := blockmirror.Config{}
 	// raw: NBD address derived from a unix migration URI; qcow2: from a tcp
 	// one (the next port after the migration port).
 	uri := "unix:" + filepath.Join(src.dir, "mig.sock")
 	if format == "qcow2" {
 		uri = fmt.Sprintf("tcp:127.0.0.1:%d", bmFreePort(t))
 	}
-	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, cfg, uri)
+	s, err := bmStart(ctx, t, src, dst, cfg, uri)
 	require.NoError(t, err)
 	src.write(ctx, 0x33, 4<<20, 1<<20) // during the mirror
 	var last []blockmirror.Progress
@@ -486,9 +498,9 @@ func bmTestAbort(t *testing.T, q bmQEMU, afterReady bool) {
 	bmCaps(t, ctx, src, dst)
 	src.write(ctx, 0x11, 0, 32<<20)
 	uri := "unix:" + filepath.Join(src.dir, "mig.sock")
-	cfg := blockmirror.Config{Logger: bmLogger(t)}
+	cfg := blockmirror.Config{}
 
-	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, cfg, uri)
+	s, err := bmStart(ctx, t, src, dst, cfg, uri)
 	require.NoError(t, err)
 	if afterReady {
 		require.NoError(t, s.WaitReady(ctx, nil))
@@ -507,7 +519,7 @@ func bmTestAbort(t *testing.T, q bmQEMU, afterReady bool) {
 	bmSourceIntact(t, ctx, src, map[uint64]byte{0: 0x11, 40 << 20: 0x22}, 1<<20)
 
 	// A retry on the same pair migrates.
-	s, err = blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, cfg, uri)
+	s, err = bmStart(ctx, t, src, dst, cfg, uri)
 	require.NoError(t, err)
 	require.NoError(t, s.WaitReady(ctx, nil))
 	bmMigrate(t, ctx, s, src, dst)
@@ -525,7 +537,7 @@ func bmTestDestinationLost(t *testing.T, q bmQEMU, freeze bool) {
 	src, dst := bmPair(t, q, bmOpts{size: "64M"})
 	bmCaps(t, ctx, src, dst)
 	src.write(ctx, 0x11, 0, 32<<20)
-	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, blockmirror.Config{Logger: bmLogger(t)}, "unix:"+filepath.Join(src.dir, "mig.sock"))
+	s, err := bmStart(ctx, t, src, dst, blockmirror.Config{}, "unix:"+filepath.Join(src.dir, "mig.sock"))
 	require.NoError(t, err)
 	require.NoError(t, src.qmp.BlockJobSetSpeed(ctx, bmJob(t, ctx, s), 4<<20))
 	time.Sleep(300 * time.Millisecond)
@@ -572,7 +584,7 @@ func bmTestPreflight(t *testing.T, q bmQEMU) {
 	dst := bmStartVM(t, q, dir, "dst", bmOpts{size: "32M", incoming: true, readOnly: ro})
 	uri := "unix:" + filepath.Join(dir, "mig.sock")
 	start := func(cfg blockmirror.Config, d *bmVM) error {
-		s, err := blockmirror.Start(ctx, src.qmp, d.qmp, src.f, d.f, cfg, uri)
+		s, err := bmStart(ctx, t, src, d, cfg, uri)
 		if err == nil {
 			_ = s.Abort(ctx)
 		}
@@ -650,7 +662,7 @@ func bmTestSparse(t *testing.T, q bmQEMU) {
 	}
 	port := bmFreePort(t)
 	start := time.Now()
-	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, blockmirror.Config{NBDAddress: fmt.Sprintf("tcp:127.0.0.1:%d", port)}, "unix:"+filepath.Join(src.dir, "mig.sock"))
+	s, err := bmStart(ctx, t, src, dst, blockmirror.Config{NBDAddress: qmp.TCPAddress("127.0.0.1", strconv.Itoa(port))}, "unix:"+filepath.Join(src.dir, "mig.sock"))
 	require.NoError(t, err)
 	var last []blockmirror.Progress
 	require.NoError(t, s.WaitReady(ctx, func(p []blockmirror.Progress) { last = p }))
@@ -712,7 +724,7 @@ func bmTestHeavyWriter(t *testing.T, q bmQEMU) {
 	defer wstop()
 	time.Sleep(200 * time.Millisecond)
 
-	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, blockmirror.Config{Logger: bmLogger(t), Speed: speed}, uri)
+	s, err := bmStart(ctx, t, src, dst, blockmirror.Config{Speed: speed}, uri)
 	require.NoError(t, err)
 	rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
 	err = s.WaitReady(rctx, nil)
@@ -727,7 +739,7 @@ func bmTestHeavyWriter(t *testing.T, q bmQEMU) {
 		require.ErrorIs(t, err, blockmirror.ErrUnsupported)
 		t.Logf("QEMU %s: %v; restarting with Config.WriteBlocking", q.name, err)
 		require.NoError(t, s.Abort(ctx))
-		s, err = blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, blockmirror.Config{Logger: bmLogger(t), WriteBlocking: true, Speed: speed}, uri)
+		s, err = bmStart(ctx, t, src, dst, blockmirror.Config{WriteBlocking: true, Speed: speed}, uri)
 		require.NoError(t, err)
 	} else {
 		require.NoError(t, err)
@@ -759,7 +771,7 @@ func bmTestCreateTargets(t *testing.T, q bmQEMU) {
 	src.write(ctx, 0x77, 1<<20, 3<<20)
 	tdir := filepath.Join(dir, "dst")
 	require.NoError(t, os.Mkdir(tdir, 0o755))
-	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, blockmirror.Config{CreateTargets: true, TargetDir: tdir, Logger: bmLogger(t)}, "unix:"+filepath.Join(dir, "mig.sock"))
+	s, err := bmStart(ctx, t, src, dst, blockmirror.Config{CreateTargets: true, TargetDir: tdir}, "unix:"+filepath.Join(dir, "mig.sock"))
 	require.NoError(t, err)
 	require.NoError(t, dst.qmp.Execute(ctx, "device_add", map[string]any{"driver": "virtio-blk-pci", "drive": "disk0", "id": "vd0"}, nil))
 	require.NoError(t, s.WaitReady(ctx, nil))
@@ -798,7 +810,7 @@ func bmBench(b *testing.B, q bmQEMU) {
 	require.NoError(b, src.qmp.Stop(ctx))
 	dst := bmStartVM(b, q, dir, "dst", bmOpts{incoming: true, size: fmt.Sprint(size)})
 	sock := filepath.Join(dir, "nbd.sock")
-	cfg := blockmirror.Config{NBDAddress: "unix:" + sock}
+	cfg := blockmirror.Config{NBDAddress: qmp.UnixAddress(sock)}
 	if v := os.Getenv("QMIGRATE_BENCH_BUFSIZE"); v != "" {
 		n, err := strconv.ParseUint(v, 10, 64)
 		require.NoError(b, err)
@@ -812,7 +824,7 @@ func bmBench(b *testing.B, q bmQEMU) {
 
 	mirror := func() time.Duration {
 		start := time.Now()
-		s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, cfg, "")
+		s, err := bmStart(ctx, b, src, dst, cfg, "")
 		require.NoError(b, err)
 		require.NoError(b, s.WaitReady(ctx, nil))
 		d := time.Since(start)
@@ -820,7 +832,7 @@ func bmBench(b *testing.B, q bmQEMU) {
 		return d
 	}
 	convert := func() time.Duration {
-		require.NoError(b, dst.qmp.NBDServerStart(ctx, qmp.NBDUnix(sock), ""))
+		require.NoError(b, dst.qmp.NBDServerStart(ctx, qmp.UnixAddress(sock), ""))
 		require.NoError(b, dst.qmp.BlockExportAdd(ctx, qmp.BlockExportAddArgs{ID: "bench", NodeName: "disk0", Writable: true, Name: "bench"}))
 		start := time.Now()
 		out, err := exec.Command(q.img, "convert", "-U", "-n", "-f", "raw", "-O", "raw", img, "nbd+unix:///bench?socket="+sock).CombinedOutput()
@@ -910,7 +922,7 @@ func bmTestLinuxGuest(t *testing.T, q bmQEMU, kernel, initrd string, useEngine b
 		var disks []blockmirror.Progress
 		res, err := engine.Migrate(ctx, engine.Config{
 			Source: engine.Endpoint{Client: src.qmp}, Destination: engine.Endpoint{Client: dst.qmp},
-			URI: uri, Storage: &blockmirror.Config{Logger: bmLogger(t)}, Logger: bmLogger(t),
+			URI: uri, Storage: &blockmirror.Config{}, Logger: bmLogger(t),
 			Observer: func(e engine.Event) {
 				if e.Kind == engine.EventDisk {
 					disks = append(disks, *e.Disk)
@@ -927,7 +939,7 @@ func bmTestLinuxGuest(t *testing.T, q bmQEMU, kernel, initrd string, useEngine b
 		assert.Equal(t, "running", dst.status(ctx))
 	} else {
 		bmCaps(t, ctx, src, dst)
-		s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, blockmirror.Config{Logger: bmLogger(t)}, uri)
+		s, err := bmStart(ctx, t, src, dst, blockmirror.Config{}, uri)
 		require.NoError(t, err)
 		require.NoError(t, s.WaitReady(ctx, nil))
 		time.Sleep(2 * time.Second) // the guest keeps writing through the READY mirror
@@ -964,10 +976,10 @@ func bmTestLinkCut(t *testing.T, q bmQEMU) {
 	dst := bmStartVM(t, q, dir, "dst", bmOpts{size: "64M", incoming: true, netns: n.B.Netns})
 	bmCaps(t, ctx, src, dst)
 	src.write(ctx, 0x11, 0, 48<<20)
-	cfg := blockmirror.Config{NBDAddress: "tcp:" + n.B.Addr + ":10809", Logger: bmLogger(t)}
+	cfg := blockmirror.Config{NBDAddress: qmp.TCPAddress(n.B.Addr, "10809")}
 	uri := "unix:" + filepath.Join(dir, "mig.sock")
 
-	s, err := blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, cfg, uri)
+	s, err := bmStart(ctx, t, src, dst, cfg, uri)
 	require.NoError(t, err)
 	time.Sleep(time.Second)
 	p, err := s.Progress(ctx)
@@ -989,7 +1001,7 @@ func bmTestLinkCut(t *testing.T, q bmQEMU) {
 
 	require.NoError(t, n.Restore(ctx))
 	require.NoError(t, n.SetRate(ctx, 0))
-	s, err = blockmirror.Start(ctx, src.qmp, dst.qmp, src.f, dst.f, cfg, uri)
+	s, err = bmStart(ctx, t, src, dst, cfg, uri)
 	require.NoError(t, err)
 	require.NoError(t, s.WaitReady(ctx, nil))
 	bmMigrate(t, ctx, s, src, dst)

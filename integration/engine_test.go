@@ -14,6 +14,7 @@ import (
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/guest/sweep"
 	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/qmp/qmptest"
 	"github.com/qmigrate/qmigrate/strategy"
 )
@@ -284,8 +285,8 @@ func testEngineNotIncoming(t *testing.T, q *testbed.QEMU) {
 func testEngineWrongSocket(t *testing.T) {
 	dir := t.TempDir()
 	cfg := engine.Config{
-		Source:      engine.Endpoint{Address: "unix:" + filepath.Join(dir, "src.qmp")},
-		Destination: engine.Endpoint{Address: "unix:" + filepath.Join(dir, "dst.qmp")},
+		Source:      engine.Endpoint{Address: qmp.UnixAddress(filepath.Join(dir, "src.qmp"))},
+		Destination: engine.Endpoint{Address: qmp.UnixAddress(filepath.Join(dir, "dst.qmp"))},
 		URI:         "unix:" + filepath.Join(dir, "mig.sock"),
 	}
 	start := time.Now()
@@ -309,7 +310,7 @@ func testEngineSilentPeer(t *testing.T, q *testbed.QEMU) {
 	require.NoError(t, silent.ListenUnix(path))
 	cfg := engine.Config{
 		Source:         engine.Endpoint{Client: src.QMP},
-		Destination:    engine.Endpoint{Address: "unix:" + path},
+		Destination:    engine.Endpoint{Address: qmp.UnixAddress(path)},
 		URI:            "unix:" + filepath.Join(dir, "mig.sock"),
 		ConnectTimeout: time.Second,
 	}

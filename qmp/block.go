@@ -167,24 +167,14 @@ func (c *Client) JobCancel(ctx context.Context, id string) error {
 	return c.Execute(ctx, "job-cancel", map[string]any{"id": id}, nil)
 }
 
-// NBDServerStart runs nbd-server-start. addr is the legacy SocketAddress form,
-// e.g. {"type":"unix","data":{"path":...}}; use NBDUnix / NBDInet.
-func (c *Client) NBDServerStart(ctx context.Context, addr any, tlsCreds string) error {
-	args := map[string]any{"addr": addr}
+// NBDServerStart runs nbd-server-start, listening on addr (sent in the
+// legacy SocketAddress form that command takes).
+func (c *Client) NBDServerStart(ctx context.Context, addr Address, tlsCreds string) error {
+	args := map[string]any{"addr": addr.legacy()}
 	if tlsCreds != "" {
 		args["tls-creds"] = tlsCreds
 	}
 	return c.Execute(ctx, "nbd-server-start", args, nil)
-}
-
-// NBDUnix is the legacy SocketAddress of a unix socket for nbd-server-start.
-func NBDUnix(path string) any {
-	return map[string]any{"type": "unix", "data": map[string]any{"path": path}}
-}
-
-// NBDInet is the legacy SocketAddress of a TCP address for nbd-server-start.
-func NBDInet(host, port string) any {
-	return map[string]any{"type": "inet", "data": map[string]any{"host": host, "port": port}}
 }
 
 // NBDServerStop runs nbd-server-stop.

@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"net"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -132,53 +131,14 @@ func Dial(ctx context.Context, network, addr string, opts ...Option) (*Client, e
 	return c, nil
 }
 
-// DialAddress connects to an address of the form "unix:/path" or "tcp:host:port".
-func DialAddress(ctx context.Context, address string, opts ...Option) (*Client, error) {
-	network, addr, err := ParseAddress(address)
-	if err != nil {
+// DialAddress connects to a QMP monitor at a (see Dial). An address that
+// is not Dialable fails with an *AddressError.
+func DialAddress(ctx context.Context, a Address, opts ...Option) (*Client, error) {
+	if err := a.Dialable(); err != nil {
 		return nil, err
 	}
+	network, addr := a.dialTarget()
 	return Dial(ctx, network, addr, opts...)
-}
-
-// MaxUnixPath is the longest unix socket path the kernel takes (sun_path is
-// 108 bytes, the terminating NUL included).
-const MaxUnixPath = 107
-
-// ParseAddress splits "unix:/path" or "tcp:host:port" into a network and an
-// address. The port must be a number from 1 to 65535 (an empty host means
-// this machine); a unix path must fit in a socket address (MaxUnixPath
-// bytes). Every error wraps ErrBadAddress.
-func ParseAddress(address string) (network, addr string, err error) {
-	bad := func(why string) error {
-		return fmt.Errorf("qmp: address %q: %s: %w", address, why, ErrBadAddress)
-	}
-	switch {
-	case strings.HasPrefix(address, "unix:"):
-		path := strings.TrimPrefix(address, "unix:")
-		if path == "" {
-			return "", "", bad("empty socket path")
-		}
-		if len(path) > MaxUnixPath && !strings.HasPrefix(path, "@") {
-			return "", "", bad(fmt.Sprintf("socket path is %d bytes, longer than the %d a unix socket takes", len(path), MaxUnixPath))
-		}
-		return "unix", path, nil
-	case strings.HasPrefix(address, "tcp:"):
-		hostPort := strings.TrimPrefix(address, "tcp:")
-		_, port, err := net.SplitHostPort(hostPort)
-		if err != nil {
-			var ae *net.AddrError
-			if errors.As(err, &ae) {
-				return "", "", bad("want tcp:host:port: " + ae.Err)
-			}
-			return "", "", bad("want tcp:host:port: " + err.Error())
-		}
-		if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
-			return "", "", bad(fmt.Sprintf("port %q: want a number from 1 to 65535", port))
-		}
-		return "tcp", hostPort, nil
-	}
-	return "", "", bad("want unix:/path or tcp:host:port")
 }
 
 // NewClient runs the QMP handshake over an existing connection and returns a

@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -572,28 +574,40 @@ func TestQuitTreatsCloseAsSuccess(t *testing.T) {
 func TestDialErrors(t *testing.T) {
 	_, err := qmp.Dial(t.Context(), "udp", "x")
 	assert.ErrorIs(t, err, qmp.ErrUnsupportedNetwork)
-	_, err = qmp.DialAddress(t.Context(), "ftp://x")
+	_, err = qmp.DialAddress(t.Context(), qmp.Address{})
+	assert.ErrorIs(t, err, qmp.ErrBadAddress)
+	_, err = qmp.DialAddress(t.Context(), qmp.TCPAddress("127.0.0.1", "0"))
 	assert.ErrorIs(t, err, qmp.ErrBadAddress)
 	_, err = qmp.Dial(t.Context(), "unix", "/nonexistent/qmp.sock")
 	assert.Error(t, err)
 }
 
 func TestParseAddress(t *testing.T) {
-	for in, want := range map[string][2]string{
-		"unix:/run/q.sock":   {"unix", "/run/q.sock"},
-		"tcp:127.0.0.1:4444": {"tcp", "127.0.0.1:4444"},
-		"tcp:[::1]:4444":     {"tcp", "[::1]:4444"},
+	for in, want := range map[string]qmp.Address{
+		"unix:/run/q.sock":   qmp.UnixAddress("/run/q.sock"),
+		"unix:rel.sock":      qmp.UnixAddress("rel.sock"),
+		"tcp:127.0.0.1:4444": qmp.TCPAddress("127.0.0.1", "4444"),
+		"tcp:[::1]:4444":     qmp.TCPAddress("::1", "4444"),
+		"tcp::4444":          qmp.TCPAddress("", "4444"),
+		"tcp:h:0049":         qmp.TCPAddress("h", "49"),
+		"tcp:h:0":            qmp.TCPAddress("h", "0"),
 	} {
-		n, a, err := qmp.ParseAddress(in)
+		a, err := qmp.ParseAddress(in)
 		require.NoError(t, err, in)
-		assert.Equal(t, want, [2]string{n, a}, in)
+		assert.Equal(t, want, a, in)
+		if want.Port == "0" {
+			assert.ErrorIs(t, a.Dialable(), qmp.ErrBadAddress)
+			assert.Contains(t, a.Dialable().Error(), `port "0"`)
+		} else {
+			assert.NoError(t, a.Dialable(), in)
+		}
 	}
+	assert.Equal(t, "tcp:[::1]:4444", qmp.TCPAddress("::1", "4444").String())
 	for in, why := range map[string]string{
 		"":                    "want unix:/path or tcp:host:port",
 		"unix:":               "empty socket path",
 		"tcp:nohostport":      "missing port",
 		"tcp:127.0.0.1:":      `port ""`,
-		"tcp:127.0.0.1:0":     `port "0"`,
 		"tcp:127.0.0.1:99999": `port "99999"`,
 		"tcp:127.0.0.1:-1":    `port "-1"`,
 		"tcp:127.0.0.1:qmp":   `port "qmp"`,
@@ -601,15 +615,33 @@ func TestParseAddress(t *testing.T) {
 		"vsock:1:2":           "want unix:/path or tcp:host:port",
 		"unix:/" + strings.Repeat("x", qmp.MaxUnixPath): "longer than the 107",
 	} {
-		_, _, err := qmp.ParseAddress(in)
+		_, err := qmp.ParseAddress(in)
 		require.Error(t, err, in)
 		assert.ErrorIs(t, err, qmp.ErrBadAddress, in)
-		assert.Contains(t, err.Error(), why, in)
+		var ae *qmp.AddressError
+		require.ErrorAs(t, err, &ae, in)
+		assert.Contains(t, ae.Reason, why, in)
+		assert.Equal(t, in, ae.Address)
 	}
-	_, _, err := qmp.ParseAddress("unix:/" + strings.Repeat("x", qmp.MaxUnixPath-1))
+	_, err := qmp.ParseAddress("unix:/" + strings.Repeat("x", qmp.MaxUnixPath-1))
 	assert.NoError(t, err, "a path of exactly MaxUnixPath bytes fits")
-	_, _, err = qmp.ParseAddress("vsock:1:2")
-	assert.True(t, errors.Is(err, qmp.ErrBadAddress))
+}
+
+func TestSameSocket(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "q.qmp")
+	l, err := net.Listen("unix", path)
+	require.NoError(t, err)
+	defer l.Close()
+	link := filepath.Join(dir, "link.qmp")
+	require.NoError(t, os.Symlink(path, link))
+
+	assert.True(t, qmp.SameSocket(qmp.TCPAddress("h", "1"), qmp.TCPAddress("h", "1")))
+	assert.False(t, qmp.SameSocket(qmp.TCPAddress("h", "1"), qmp.TCPAddress("h", "2")))
+	assert.True(t, qmp.SameSocket(qmp.UnixAddress("/run/q.qmp"), qmp.UnixAddress("//run/./q.qmp")), "cleaned")
+	assert.True(t, qmp.SameSocket(qmp.UnixAddress(path), qmp.UnixAddress(link)), "through a link")
+	assert.False(t, qmp.SameSocket(qmp.UnixAddress(path), qmp.UnixAddress(filepath.Join(dir, "other.qmp"))))
+	assert.False(t, qmp.SameSocket(qmp.UnixAddress("/h"), qmp.TCPAddress("h", "1")))
 }
 
 // lateCancelCtx is a context that is cancelled at a moment the test picks
@@ -700,7 +732,7 @@ func TestDialTCP(t *testing.T) {
 			s.ServeConn(nc)
 		}
 	}()
-	c, err := qmp.DialAddress(t.Context(), "tcp:"+l.Addr().String())
+	c, err := qmp.DialAddress(t.Context(), qmp.TCPAddress("127.0.0.1", strconv.Itoa(l.Addr().(*net.TCPAddr).Port)))
 	require.NoError(t, err)
 	defer c.Close()
 	assert.Equal(t, "9.2.0", c.Version().String())

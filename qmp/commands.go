@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"sort"
+	"strings"
 )
 
 func sortedKeys[V any](m map[string]V) []string {
@@ -45,6 +46,21 @@ func (c *Client) Quit(ctx context.Context) error {
 		return nil
 	}
 	return err
+}
+
+// QueryUUID runs query-uuid: the QEMU's -uuid, lower case, or "" for a
+// QEMU started without one (which answers the all-zero UUID).
+func (c *Client) QueryUUID(ctx context.Context) (string, error) {
+	var r struct {
+		UUID string `json:"UUID"`
+	}
+	if err := c.Execute(ctx, "query-uuid", nil, &r); err != nil {
+		return "", err
+	}
+	if r.UUID == "00000000-0000-0000-0000-000000000000" {
+		return "", nil
+	}
+	return strings.ToLower(r.UUID), nil
 }
 
 // VersionInfo is the reply of query-version.

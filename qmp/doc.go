@@ -2,7 +2,7 @@
 //
 // # Lifecycle
 //
-// Dial (or DialAddress, or NewClient over a net.Conn you already have) reads
+// Dial (or DialAddress with an Address, or NewClient over a net.Conn you already have) reads
 // QEMU's greeting, checks it, keeps the version and negotiates capabilities,
 // enabling out-of-band execution ("oob") when QEMU offers it. The context
 // bounds the whole handshake: a QEMU that never greets fails the call when the
@@ -31,8 +31,17 @@
 // Typed helpers carry the QMP command's name (QueryMigrate, BlockdevMirror,
 // MigrateSetCapabilities, ...). Their wire types never fail on values a newer
 // QEMU adds: unknown statuses, capabilities and fields decode as they are or
-// are ignored. Units are normalised at the edge: sizes in bytes, times as
-// time.Duration (QEMU's milliseconds are converted), rates in bytes per second.
+// are ignored. Sizes are bytes and rates bytes per second. The times QEMU
+// reports (MigrationInfo's total, expected and actual downtime, ...) are
+// time.Duration, converted from its milliseconds; MigrationParameters, read
+// and sent back as they are, keep QEMU's units: DowntimeLimit is
+// milliseconds (DowntimeLimitDuration and MillisOf convert).
+//
+// Addresses: an Address is a unix socket path or a tcp host and port, parsed
+// once from "unix:/path" or "tcp:host:port" by ParseAddress and passed on as
+// a value (a QMP monitor for DialAddress, a migration channel in transport,
+// an NBD server in blockmirror). SameSocket says whether two addresses name
+// the same socket (a monitor serves one client at a time).
 //
 // Events: Subscribe (or SubscribeNames) registers a filter by event name and
 // optionally by a predicate such as ForDevice (block jobs, job status,

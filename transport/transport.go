@@ -1,12 +1,9 @@
 package transport
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
-	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -17,7 +14,7 @@ import (
 // Errors; match with errors.Is.
 var (
 	// ErrUnsupportedScheme: the URI's scheme is not one qmigrate drives
-	// (exec:, rdma:, file:, vsock:, fd:, anything unknown).
+	// (exec:, rdma:, file:, vsock:, anything unknown).
 	ErrUnsupportedScheme = errors.New("unsupported migration URI scheme (want unix:/path or tcp:host:port)")
 	// ErrBadURI: the URI is malformed.
 	ErrBadURI = errors.New("malformed migration URI")
@@ -26,6 +23,24 @@ var (
 	// ErrNoListenAddress: the destination did not report where it listens.
 	ErrNoListenAddress = errors.New("destination reported no listening socket-address")
 )
+
+// URIError is a migration URI Parse refused: why, and ErrBadURI or
+// ErrUnsupportedScheme (Unwrap).
+type URIError struct {
+	URI    string
+	Reason string // "" when the sentinel says it all
+	Err    error
+}
+
+func (e *URIError) Error() string {
+	if e.Reason == "" {
+		return fmt.Sprintf("transport: %q: %v", e.URI, e.Err)
+	}
+	return fmt.Sprintf("transport: %q: %s: %v", e.URI, e.Reason, e.Err)
+}
+
+// Unwrap returns ErrBadURI or ErrUnsupportedScheme.
+func (e *URIError) Unwrap() error { return e.Err }
 
 // Scheme is a migration transport.
 type Scheme string
@@ -45,9 +60,9 @@ const (
 // source connects to. It is a value; build it with Parse.
 type Channel struct {
 	Scheme Scheme
-	Path   string // Unix: socket path
-	Host   string // TCP: host name or address, without IPv6 brackets
-	Port   string // TCP: port, "0" = let the destination pick
+	// Address is the listening socket of a Unix or TCP channel (Path, or
+	// Host and Port, "0" = let the destination pick); zero for FD.
+	qmp.Address
 	FDName string // FD: the getfd name both QEMUs know the descriptor by (set by the engine)
 }
 
@@ -55,80 +70,69 @@ type Channel struct {
 // address), "tcp:host:port" ("tcp:[::1]:4444" for IPv6) or
 // "fd:" (a socketpair the engine makes; "fd:NAME" for a descriptor passed by
 // someone else is refused). Every other scheme, exec: included, is refused
-// with ErrUnsupportedScheme.
+// with ErrUnsupportedScheme. Every error is a *URIError.
 func Parse(uri string) (Channel, error) {
 	scheme, rest, ok := strings.Cut(uri, ":")
 	if !ok || scheme == "" {
-		return Channel{}, fmt.Errorf("transport: %q: %w", uri, ErrUnsupportedScheme)
+		return Channel{}, &URIError{URI: uri, Err: ErrUnsupportedScheme}
 	}
+	bad := func(why string) error { return &URIError{URI: uri, Reason: why, Err: ErrBadURI} }
 	switch Scheme(scheme) {
-	case Unix:
-		if rest == "" {
-			return Channel{}, fmt.Errorf("transport: %q: empty socket path: %w", uri, ErrBadURI)
+	case Unix, TCP:
+		a, err := qmp.ParseAddress(uri)
+		if err != nil {
+			var ae *qmp.AddressError
+			switch {
+			case errors.As(err, &ae) && ae.BadPort:
+				return Channel{}, bad(fmt.Sprintf("port %q: want a number from 0 (the destination picks) to 65535", ae.Port))
+			case errors.As(err, &ae) && ae.Err != nil:
+				return Channel{}, bad(ae.Err.Error())
+			case errors.As(err, &ae):
+				return Channel{}, bad(ae.Reason)
+			}
+			return Channel{}, bad(err.Error())
 		}
-		if strings.Contains(rest, ",") {
+		switch {
+		case a.Network == qmp.Unix && strings.Contains(a.Path, ","):
 			// QEMU would read options after a comma; refuse the ambiguity.
-			return Channel{}, fmt.Errorf("transport: %q: comma in socket path: %w", uri, ErrBadURI)
-		}
-		if !strings.HasPrefix(rest, "/") {
+			return Channel{}, bad("comma in socket path")
+		case a.Network == qmp.Unix && !strings.HasPrefix(a.Path, "/"):
 			// Each QEMU would resolve it in its own working directory, and
 			// the engine's clean-up in the caller's.
-			return Channel{}, fmt.Errorf("transport: %q: socket path is not absolute: %w", uri, ErrBadURI)
+			return Channel{}, bad("socket path is not absolute")
+		case a.Network == qmp.TCP && a.Host == "":
+			return Channel{}, bad("empty host")
 		}
-		if len(rest) > qmp.MaxUnixPath {
-			return Channel{}, fmt.Errorf("transport: %q: socket path is %d bytes, longer than the %d a unix socket takes: %w",
-				uri, len(rest), qmp.MaxUnixPath, ErrBadURI)
-		}
-		return Channel{Scheme: Unix, Path: rest}, nil
-	case TCP:
-		host, port, err := net.SplitHostPort(rest)
-		if err != nil {
-			return Channel{}, fmt.Errorf("transport: %q: %v: %w", uri, err, ErrBadURI)
-		}
-		if host == "" {
-			return Channel{}, fmt.Errorf("transport: %q: empty host: %w", uri, ErrBadURI)
-		}
-		n, err := strconv.ParseUint(port, 10, 16)
-		if err != nil {
-			return Channel{}, fmt.Errorf("transport: %q: port %q: want a number from 0 (the destination picks) to 65535: %w", uri, port, ErrBadURI)
-		}
-		return Channel{Scheme: TCP, Host: host, Port: strconv.FormatUint(n, 10)}, nil
+		return Channel{Scheme: Scheme(scheme), Address: a}, nil
 	case FD:
 		if rest != "" {
-			return Channel{}, fmt.Errorf("transport: %q: only \"fd:\" (a socketpair made by qmigrate) is supported: %w", uri, ErrBadURI)
+			return Channel{}, bad(`only "fd:" (a socketpair made by qmigrate) is supported`)
 		}
 		return Channel{Scheme: FD}, nil
 	default:
-		return Channel{}, fmt.Errorf("transport: %q: scheme %q: %w", uri, scheme, ErrUnsupportedScheme)
+		return Channel{}, &URIError{URI: uri, Reason: fmt.Sprintf("scheme %q", scheme), Err: ErrUnsupportedScheme}
 	}
 }
 
-// String is the URI form QEMU takes ("unix:/p", "tcp:h:p", "tcp:[v6]:p").
+// String is the URI form QEMU takes ("unix:/p", "tcp:h:p", "tcp:[v6]:p",
+// "fd:name").
 func (c Channel) String() string {
-	switch c.Scheme {
-	case Unix:
-		return "unix:" + c.Path
-	case TCP:
-		return "tcp:" + net.JoinHostPort(c.Host, c.Port)
-	case FD:
+	if c.Scheme == FD {
 		return "fd:" + c.FDName
 	}
-	return ""
+	return c.Address.String()
 }
 
 // NeedsPort reports whether the destination picks the port (tcp port 0), so
-// the real one must be read back with ResolvePort before the source connects.
+// the real one must be read back with WithPort before the source connects.
 func (c Channel) NeedsPort() bool { return c.Scheme == TCP && c.Port == "0" }
 
 // SocketAddress is the channel as QMP's flat SocketAddress.
 func (c Channel) SocketAddress() qmp.SocketAddress {
-	switch c.Scheme {
-	case Unix:
-		return qmp.SocketAddress{Type: "unix", Path: c.Path}
-	case FD:
+	if c.Scheme == FD {
 		return qmp.SocketAddress{Type: "fd", Str: c.FDName}
 	}
-	return qmp.SocketAddress{Type: "inet", Host: c.Host, Port: c.Port}
+	return c.Address.SocketAddress()
 }
 
 func (c Channel) channels() []qmp.MigrationChannel {
@@ -153,7 +157,7 @@ type Form struct {
 }
 
 // Newest is the form to try first on a QEMU nothing is known of.
-var Newest = Form{Channels: true, ExitOnError: true}
+func Newest() Form { return Form{Channels: true, ExitOnError: true} }
 
 // FormOf is the form a QEMU's probed schema says it takes.
 func FormOf(f *qmp.Features) Form {
@@ -210,23 +214,21 @@ func (c Channel) MigrateArgs(f Form) qmp.MigrateArgs {
 	return qmp.MigrateArgs{URI: c.String()}
 }
 
-// ResolvePort reads the port the destination really listens on from its
-// query-migrate "socket-address" (after migrate-incoming) and returns the
-// channel the source must connect to. The host stays the one the caller gave
-// (the destination may report a wildcard address). A channel that needs no
-// resolution is returned unchanged.
-func ResolvePort(ctx context.Context, dst *qmp.Client, c Channel) (Channel, error) {
+// WithPort returns the channel the source must connect to, given the
+// destination's query-migrate after migrate-incoming: for a channel that
+// NeedsPort, the port the destination reports in "socket-address" (the host
+// stays the one the caller gave: the destination may report a wildcard
+// address). Any other channel is returned unchanged.
+func (c Channel) WithPort(dst *qmp.MigrationInfo) (Channel, error) {
 	if !c.NeedsPort() {
 		return c, nil
 	}
-	info, err := dst.QueryMigrate(ctx)
-	if err != nil {
-		return c, fmt.Errorf("transport: reading destination port: %w", err)
-	}
-	for _, sa := range info.SocketAddress {
-		if sa.Type == "inet" && sa.Port != "" && sa.Port != "0" {
-			c.Port = sa.Port
-			return c, nil
+	if dst != nil {
+		for _, sa := range dst.SocketAddress {
+			if sa.Type == "inet" && sa.Port != "" && sa.Port != "0" {
+				c.Port = sa.Port
+				return c, nil
+			}
 		}
 	}
 	return c, fmt.Errorf("transport: %s: %w", c, ErrNoListenAddress)
@@ -273,14 +275,6 @@ type Multifd struct {
 	Channels int
 }
 
-// Capabilities is the multifd capability map to set on both sides.
-func (m Multifd) Capabilities() map[string]bool {
-	if m.Channels <= 0 {
-		return nil
-	}
-	return map[string]bool{"multifd": true}
-}
-
 // Parameters sets multifd-channels when multifd is on.
 func (m Multifd) Parameters(p *qmp.MigrationParameters) {
 	if m.Channels > 0 {
@@ -288,25 +282,10 @@ func (m Multifd) Parameters(p *qmp.MigrationParameters) {
 	}
 }
 
-// QueryUUID runs query-uuid; a QEMU started without -uuid answers the
-// all-zero UUID, returned as "".
-func QueryUUID(ctx context.Context, c *qmp.Client) (string, error) {
-	var r struct {
-		UUID string `json:"UUID"`
-	}
-	if err := c.Execute(ctx, "query-uuid", nil, &r); err != nil {
-		return "", err
-	}
-	if r.UUID == "00000000-0000-0000-0000-000000000000" {
-		return "", nil
-	}
-	return strings.ToLower(r.UUID), nil
-}
-
 // CheckUUIDs enforces the multifd uuid rule: every multifd channel carries
 // the source's -uuid and the destination rejects it when it differs from its
 // own, so both sides must have the same uuid or none at all. srcUUID and
-// dstUUID are QueryUUID results.
+// dstUUID are qmp.Client.QueryUUID results.
 func CheckUUIDs(srcUUID, dstUUID string) error {
 	if srcUUID == dstUUID {
 		return nil

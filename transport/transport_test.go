@@ -19,10 +19,10 @@ import (
 
 func TestParse(t *testing.T) {
 	for uri, want := range map[string]transport.Channel{
-		"unix:/run/m.sock":     {Scheme: transport.Unix, Path: "/run/m.sock"},
-		"tcp:10.0.0.2:4444":    {Scheme: transport.TCP, Host: "10.0.0.2", Port: "4444"},
-		"tcp:[fd00::2]:0":      {Scheme: transport.TCP, Host: "fd00::2", Port: "0"},
-		"tcp:dst.example:0049": {Scheme: transport.TCP, Host: "dst.example", Port: "49"},
+		"unix:/run/m.sock":     {Scheme: transport.Unix, Address: qmp.UnixAddress("/run/m.sock")},
+		"tcp:10.0.0.2:4444":    {Scheme: transport.TCP, Address: qmp.TCPAddress("10.0.0.2", "4444")},
+		"tcp:[fd00::2]:0":      {Scheme: transport.TCP, Address: qmp.TCPAddress("fd00::2", "0")},
+		"tcp:dst.example:0049": {Scheme: transport.TCP, Address: qmp.TCPAddress("dst.example", "49")},
 		"fd:":                  {Scheme: transport.FD},
 	} {
 		got, err := transport.Parse(uri)
@@ -57,7 +57,7 @@ func TestArgs(t *testing.T) {
 	c, err := transport.Parse("tcp:[::1]:4444")
 	require.NoError(t, err)
 	old := transport.Form{}
-	newer := transport.Newest
+	newer := transport.Newest()
 
 	a := c.IncomingArgs(old, true)
 	assert.Equal(t, "tcp:[::1]:4444", a.URI)
@@ -86,7 +86,7 @@ func TestArgs(t *testing.T) {
 func TestFormOf(t *testing.T) {
 	assert.Equal(t, transport.Form{}, transport.FormOf(nil))
 	assert.Equal(t, transport.Form{Channels: true}, transport.FormOf(&qmp.Features{MigrateChannels: true}))
-	assert.Equal(t, transport.Newest, transport.FormOf(&qmp.Features{MigrateChannels: true, IncomingExitOnError: true}))
+	assert.Equal(t, transport.Newest(), transport.FormOf(&qmp.Features{MigrateChannels: true, IncomingExitOnError: true}))
 }
 
 // Fallback follows QEMU's exact refusals, one field at a time, and nothing
@@ -97,17 +97,17 @@ func TestFallback(t *testing.T) {
 	}
 	// QEMU 7.2: the channels form lacks the mandatory uri; then the uri
 	// form with exit-on-error is refused for exit-on-error.
-	f, ok := transport.Newest.Fallback(refuse("Parameter 'uri' is missing"))
+	f, ok := transport.Newest().Fallback(refuse("Parameter 'uri' is missing"))
 	require.True(t, ok)
 	assert.Equal(t, transport.Form{ExitOnError: true}, f)
 	f, ok = f.Fallback(refuse("Parameter 'exit-on-error' is unexpected"))
 	require.True(t, ok)
 	assert.Equal(t, transport.Form{}, f)
 	// 8.2-9.0: channels known, exit-on-error not.
-	f, ok = transport.Newest.Fallback(refuse("Parameter 'exit-on-error' is unexpected"))
+	f, ok = transport.Newest().Fallback(refuse("Parameter 'exit-on-error' is unexpected"))
 	require.True(t, ok)
 	assert.Equal(t, transport.Form{Channels: true}, f)
-	f, ok = transport.Newest.Fallback(refuse("Parameter 'channels' is unexpected"))
+	f, ok = transport.Newest().Fallback(refuse("Parameter 'channels' is unexpected"))
 	require.True(t, ok)
 	assert.Equal(t, transport.Form{ExitOnError: true}, f)
 
@@ -119,9 +119,9 @@ func TestFallback(t *testing.T) {
 		"wrapped elsewhere": fmt.Errorf("context: %w", context.Canceled),
 		"nil":               nil,
 	} {
-		f, ok := transport.Newest.Fallback(err)
+		f, ok := transport.Newest().Fallback(err)
 		assert.False(t, ok, name)
-		assert.Equal(t, transport.Newest, f, name)
+		assert.Equal(t, transport.Newest(), f, name)
 	}
 	// A field already off does not fall back again.
 	_, ok = transport.Form{}.Fallback(refuse("Parameter 'uri' is missing"))
@@ -137,6 +137,25 @@ func TestCheckUUIDs(t *testing.T) {
 	err := transport.CheckUUIDs(u, "")
 	assert.ErrorIs(t, err, transport.ErrUUIDMismatch)
 	assert.Contains(t, err.Error(), "destination uuid none")
+}
+
+// WithPort takes the port a destination listening on tcp port 0 reports;
+// other channels need none.
+func TestWithPort(t *testing.T) {
+	c, err := transport.Parse("tcp:dst.example:0")
+	require.NoError(t, err)
+	info := &qmp.MigrationInfo{SocketAddress: []qmp.SocketAddress{{Type: "inet", Host: "0.0.0.0", Port: "41234"}}}
+	got, err := c.WithPort(info)
+	require.NoError(t, err)
+	assert.Equal(t, "tcp:dst.example:41234", got.String(), "the host stays the one given")
+	_, err = c.WithPort(&qmp.MigrationInfo{})
+	assert.ErrorIs(t, err, transport.ErrNoListenAddress)
+	_, err = c.WithPort(nil)
+	assert.ErrorIs(t, err, transport.ErrNoListenAddress)
+	u, _ := transport.Parse("unix:/m.sock")
+	got, err = u.WithPort(nil)
+	require.NoError(t, err)
+	assert.Equal(t, u, got)
 }
 
 func TestRemoveSocket(t *testing.T) {

@@ -15,6 +15,7 @@ import (
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/guest/sweep"
 	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/transport"
 )
 
@@ -263,8 +264,8 @@ func (d *demo) config() engine.Config {
 	}
 	return engine.Config{
 		Storage:             storage,
-		Source:              engine.Endpoint{Address: "unix:" + d.src.QMPSocket(), Client: d.src.QMP},
-		Destination:         engine.Endpoint{Address: "unix:" + d.dst.QMPSocket(), Client: d.dst.QMP},
+		Source:              engine.Endpoint{Address: qmp.UnixAddress(d.src.QMPSocket()), Client: d.src.QMP},
+		Destination:         engine.Endpoint{Address: qmp.UnixAddress(d.dst.QMPSocket()), Client: d.dst.QMP},
 		URI:                 "unix:" + filepath.Join(d.dst.Dir(), "migration.sock"),
 		MultifdChannels:     int(o.multifd),
 		Bandwidth:           uint64(o.bandwidth),

@@ -223,38 +223,56 @@ func (c *channelCount) Set(s string) error {
 	return nil
 }
 
-// checkAddress checks that a QMP or NBD address flag is unix:/path or
-// tcp:host:port, naming the flag and what is wrong.
-func checkAddress(flagName, value string) error {
+// checkAddress parses a QMP or NBD address flag: unix:/path or
+// tcp:host:port with a port, naming the flag and what is wrong.
+func checkAddress(flagName, value string) (qmp.Address, error) {
 	if value == "" {
-		return fmt.Errorf("%s is required (unix:/path or tcp:host:port)", flagName)
+		return qmp.Address{}, fmt.Errorf("%s is required (unix:/path or tcp:host:port)", flagName)
 	}
-	if _, _, err := qmp.ParseAddress(value); err != nil {
-		return fmt.Errorf("%s %q: %s", flagName, value, addressProblem(value, err, "qmp: address "+strconv.Quote(value)+": ", qmp.ErrBadAddress))
+	a, err := qmp.ParseAddress(value)
+	if err == nil {
+		err = a.Dialable()
 	}
-	return nil
+	if err != nil {
+		why := err.Error()
+		var ae *qmp.AddressError
+		switch {
+		case errors.As(err, &ae) && ae.BadPort:
+			why = fmt.Sprintf("port %q: want a number from 1 to 65535", ae.Port)
+		case errors.As(err, &ae):
+			why = ae.Reason
+		}
+		return qmp.Address{}, fmt.Errorf("%s %q: %s", flagName, value, addressProblem(value, why))
+	}
+	return a, nil
 }
 
 // checkURI checks the --uri flag: unix:/path or tcp:host:port (port 0 lets
 // the destination pick). exec:, fd: and every other scheme are refused.
-func checkURI(value string) error {
+func checkURI(value string) (transport.Channel, error) {
 	const flagName = "--uri"
 	if value == "" {
-		return fmt.Errorf("%s is required (unix:/path or tcp:host:port)", flagName)
+		return transport.Channel{}, fmt.Errorf("%s is required (unix:/path or tcp:host:port)", flagName)
 	}
 	if !strings.HasPrefix(value, "unix:") && !strings.HasPrefix(value, "tcp:") {
-		return fmt.Errorf("%s %q: %s", flagName, value, addressProblem(value, nil, "", nil))
+		return transport.Channel{}, fmt.Errorf("%s %q: %s", flagName, value, addressProblem(value, ""))
 	}
-	if _, err := transport.Parse(value); err != nil {
-		return fmt.Errorf("%s %q: %s", flagName, value, addressProblem(value, err, "transport: "+strconv.Quote(value)+": ", transport.ErrBadURI))
+	ch, err := transport.Parse(value)
+	if err != nil {
+		why := err.Error()
+		var ue *transport.URIError
+		if errors.As(err, &ue) {
+			why = ue.Reason
+		}
+		return transport.Channel{}, fmt.Errorf("%s %q: %s", flagName, value, addressProblem(value, why))
 	}
-	return nil
+	return ch, nil
 }
 
 // addressProblem says what is wrong with an address that failed to parse:
 // a missing scheme (with the likely fix), a scheme qmigrate does not take,
-// or the parser's own reason (err, without its prefix and sentinel suffix).
-func addressProblem(value string, err error, prefix string, sentinel error) string {
+// or the parser's own reason why.
+func addressProblem(value, why string) string {
 	const want = "want unix:/path or tcp:host:port"
 	if !strings.HasPrefix(value, "unix:") && !strings.HasPrefix(value, "tcp:") {
 		scheme, _, hasColon := strings.Cut(value, ":")
@@ -274,11 +292,6 @@ func addressProblem(value string, err error, prefix string, sentinel error) stri
 			return fmt.Sprintf("unsupported scheme %q: %s", scheme+":", want)
 		}
 		return "missing scheme: " + want
-	}
-	why := err.Error()
-	why = strings.TrimPrefix(why, prefix)
-	if sentinel != nil {
-		why = strings.TrimSuffix(why, ": "+sentinel.Error())
 	}
 	if strings.Contains(why, "want ") {
 		return why

@@ -120,8 +120,8 @@ func TestMigrateConfigFromFlags(t *testing.T) {
 	}))
 	cfg, err := o.config()
 	require.NoError(t, err)
-	assert.Equal(t, "unix:/run/src.qmp", cfg.Source.Address)
-	assert.Equal(t, "tcp:10.0.0.2:4000", cfg.Destination.Address)
+	assert.Equal(t, "unix:/run/src.qmp", cfg.Source.Address.String())
+	assert.Equal(t, "tcp:10.0.0.2:4000", cfg.Destination.Address.String())
 	assert.Equal(t, "tcp:10.0.0.2:0", cfg.URI)
 	assert.Equal(t, uint64(1<<30), cfg.Bandwidth)
 	assert.Equal(t, 4, cfg.MultifdChannels)
@@ -133,7 +133,7 @@ func TestMigrateConfigFromFlags(t *testing.T) {
 	}}, cfg.Strategy)
 	require.NotNil(t, cfg.Storage)
 	assert.Equal(t, []string{"disk0", "disk1"}, cfg.Storage.Disks)
-	assert.Equal(t, "tcp:10.0.0.2:10809", cfg.Storage.NBDAddress)
+	assert.Equal(t, "tcp:10.0.0.2:10809", cfg.Storage.NBDAddress.String())
 	assert.True(t, o.verbose)
 }
 

@@ -10,10 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -137,18 +134,21 @@ func (o *migrateOptions) flagSet() *flag.FlagSet {
 	return fs
 }
 
-// config builds the engine configuration, checking the addresses.
+// config builds the engine configuration, parsing the addresses.
 func (o *migrateOptions) config() (engine.Config, error) {
-	if err := checkAddress("--src", o.src); err != nil {
+	src, err := checkAddress("--src", o.src)
+	if err != nil {
 		return engine.Config{}, err
 	}
-	if err := checkAddress("--dst", o.dst); err != nil {
+	dst, err := checkAddress("--dst", o.dst)
+	if err != nil {
 		return engine.Config{}, err
 	}
-	if err := checkURI(o.uri); err != nil {
+	ch, err := checkURI(o.uri)
+	if err != nil {
 		return engine.Config{}, err
 	}
-	if sameSocket(o.src, o.dst) {
+	if qmp.SameSocket(src, dst) {
 		if o.src == o.dst {
 			return engine.Config{}, fmt.Errorf("--src and --dst are the same socket %q", o.src)
 		}
@@ -158,8 +158,8 @@ func (o *migrateOptions) config() (engine.Config, error) {
 		return engine.Config{}, err
 	}
 	cfg := engine.Config{
-		Source:              engine.Endpoint{Address: o.src},
-		Destination:         engine.Endpoint{Address: o.dst},
+		Source:              engine.Endpoint{Address: src},
+		Destination:         engine.Endpoint{Address: dst},
 		URI:                 o.uri,
 		MultifdChannels:     int(o.multifd),
 		Bandwidth:           uint64(o.bandwidth),
@@ -167,8 +167,9 @@ func (o *migrateOptions) config() (engine.Config, error) {
 		ConnectTimeout:      time.Duration(o.connectTimeout),
 		UnresponsiveTimeout: time.Duration(o.unresponsive),
 	}
+	var nbd qmp.Address
 	if o.nbd != "" {
-		if err := checkAddress("--nbd", o.nbd); err != nil {
+		if nbd, err = checkAddress("--nbd", o.nbd); err != nil {
 			return engine.Config{}, err
 		}
 		if !o.copyStorage && len(o.disks) == 0 {
@@ -179,9 +180,9 @@ func (o *migrateOptions) config() (engine.Config, error) {
 		return engine.Config{}, errors.New("--write-blocking needs --copy-storage or --disk")
 	}
 	if o.copyStorage || len(o.disks) > 0 {
-		cfg.Storage = &blockmirror.Config{Disks: append([]string(nil), o.disks...), NBDAddress: o.nbd, WriteBlocking: o.writeBlocking}
+		cfg.Storage = &blockmirror.Config{Disks: append([]string(nil), o.disks...), NBDAddress: nbd, WriteBlocking: o.writeBlocking}
 	}
-	t, err := o.tls.config(o.uri, o.nbd)
+	t, err := o.tls.config(o.uri, ch, nbd)
 	if err != nil {
 		return engine.Config{}, err
 	}
@@ -377,44 +378,44 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	log := o.logger(stderr)
 	cfg.Logger = log
 	r := newRenderer(o.jsonOut, o.verbose, stdout, stderr)
-	cfg.Observer = r.Event
 	if err := cfg.Validate(); err != nil {
 		return usageFailure(stdout, stderr, "migrate", o.jsonOut, err)
 	}
+	var observe func(engine.Event) // the metrics', with --metrics-addr
 	if o.metricsAddr != "" {
 		ms, err := serveMetrics(o.metricsAddr)
 		if err != nil {
 			return usageFailure(stdout, stderr, "migrate", o.jsonOut, err)
 		}
 		defer ms.close()
-		observe := ms.collector.Observe(o.src)
-		cfg.Observer = func(ev engine.Event) {
-			r.Event(ev)
-			observe(ev)
-		}
+		observe = ms.collector.Observe(o.src)
 		r.Message("serving metrics on http://" + ms.addr() + "/metrics")
 	}
 
-	start := time.Now()
-	// Connecting is bounded by --connect-timeout, and by --timeout when it
-	// is shorter: the budget is for the whole migration.
+	// The engine connects to both QMP sockets, within --connect-timeout,
+	// or --timeout when it is shorter: the budget is for the whole
+	// migration. Until it has, nothing is shown: a socket it cannot
+	// connect to is bad input, said on stderr alone.
 	bound := connectBound{timeout: cfg.ConnectTimeout, flag: "--connect-timeout"}
 	if b := cfg.Strategy.Limits.Budget; b > 0 && b < bound.timeout {
 		bound = connectBound{timeout: b, flag: "--timeout"}
 	}
-	src, dst, err := dialBoth(ctx, o.src, o.dst, bound, log)
-	if err != nil {
-		res := resultOf(nil, err)
-		res.Total = time.Since(start)
-		return finish(r, stderr, res, nil)
+	g := &connectGate{r: r}
+	cfg.Observer = g.Event
+	if observe != nil {
+		cfg.Observer = func(ev engine.Event) {
+			g.Event(ev)
+			observe(ev)
+		}
 	}
-	defer src.Close()
-	defer dst.Close()
-	cfg.Source.Client, cfg.Destination.Client = src, dst
-
-	r.Message(fmt.Sprintf("migrating %s -> %s over %s%s (policy %s, max downtime %s, bandwidth %s)", o.src, o.dst, o.uri,
+	g.Message(fmt.Sprintf("migrating %s -> %s over %s%s (policy %s, max downtime %s, bandwidth %s)", o.src, o.dst, o.uri,
 		o.tls.describe(), cfg.Strategy.Policy, formatDuration(cfg.Strategy.Limits.MaxDowntime), o.bandwidth.rate()))
 	res, err := engine.Migrate(ctx, cfg)
+	if cerr := o.connectFailure(err, bound); cerr != nil {
+		cres := resultOf(nil, cerr)
+		cres.Total = res.Total
+		return finish(r, stderr, cres, nil)
+	}
 	return finish(r, stderr, resultOf(res, err), nil)
 }
 
@@ -541,100 +542,125 @@ type connectBound struct {
 	flag    string
 }
 
-// sameSocket reports whether two QMP addresses name the same socket: equal,
-// or unix paths that are the same once cleaned or lead to the same file
-// (a monitor serves one client at a time: the second dial would wait for
-// nothing).
-func sameSocket(a, b string) bool {
-	if a == b {
-		return true
-	}
-	pa, okA := strings.CutPrefix(a, "unix:")
-	pb, okB := strings.CutPrefix(b, "unix:")
-	if !okA || !okB {
-		return false
-	}
-	if filepath.Clean(pa) == filepath.Clean(pb) {
-		return true
-	}
-	fa, errA := os.Stat(pa)
-	fb, errB := os.Stat(pb)
-	return errA == nil && errB == nil && os.SameFile(fa, fb)
-}
-
-// dialBoth connects to both QMP sockets at once, each within the bound. An
-// error names the flag and the address.
-func dialBoth(ctx context.Context, srcAddr, dstAddr string, bound connectBound, log *slog.Logger) (src, dst *qmp.Client, err error) {
-	var wg sync.WaitGroup
-	var srcErr, dstErr error
-	wg.Go(func() { src, srcErr = dial(ctx, "--src", srcAddr, bound, log) })
-	wg.Go(func() { dst, dstErr = dial(ctx, "--dst", dstAddr, bound, log) })
-	wg.Wait()
-	if err = errors.Join(srcErr, dstErr); err != nil {
-		if src != nil {
-			src.Close()
+// connectFailure is the error to show when the engine could not connect
+// to --src or --dst (nil when it connected): one per side that failed,
+// naming the flag and the address as given, and saying what is wrong as an
+// input error (exit 2), or the cancel that cut connecting short.
+func (o *migrateOptions) connectFailure(err error, bound connectBound) error {
+	var errs []error
+	for _, ee := range engineErrors(err) {
+		var ce *engine.ConnectError
+		if !errors.As(ee, &ce) {
+			continue
 		}
-		if dst != nil {
-			dst.Close()
+		flagName, address := "--src", o.src
+		if ce.Side == engine.SideDestination {
+			flagName, address = "--dst", o.dst
 		}
-		return nil, nil, err
-	}
-	return src, dst, nil
-}
-
-// dial connects to one QMP socket and negotiates capabilities.
-func dial(ctx context.Context, flagName, address string, bound connectBound, log *slog.Logger) (*qmp.Client, error) {
-	dctx, cancel := context.WithTimeout(ctx, bound.timeout)
-	defer cancel()
-	var opts []qmp.Option
-	if log != nil {
-		opts = append(opts, qmp.WithLogger(log.With("side", strings.TrimPrefix(flagName, "--"))))
-	}
-	c, err := qmp.DialAddress(dctx, address, opts...)
-	if err == nil {
-		return c, nil
-	}
-	if ctx.Err() != nil {
-		return nil, fmt.Errorf("%s %s: %w: %w", flagName, address, engine.ErrCancelled, ctx.Err())
-	}
-	if dctx.Err() != nil {
-		// A QEMU monitor serves one client at a time and leaves the next
-		// one connected but ungreeted: the usual cause besides a socket
-		// that is not a monitor at all.
-		err = fmt.Errorf("no QMP answer within %s (%s): is it a QEMU monitor socket, with no other client connected to it? (%w)",
-			bound.timeout, bound.flag, err)
-	} else {
-		// The innermost cause says it best: "no such file or directory",
-		// "connection refused"; the rest repeats the address.
+		if errors.Is(ee, engine.ErrCancelled) {
+			errs = append(errs, fmt.Errorf("%s %s: %w: %w", flagName, address, engine.ErrCancelled, ce.Err))
+			continue
+		}
+		var why error
 		var se *os.SyscallError
-		if errors.As(err, &se) {
-			err = fmt.Errorf("cannot connect: %w%s", se.Err, unixHint(address, se.Err))
-		} else {
-			err = fmt.Errorf("cannot connect: %w", err)
+		switch {
+		case ce.Timeout > 0:
+			// A QEMU monitor serves one client at a time and leaves the
+			// next one connected but ungreeted: the usual cause besides a
+			// socket that is not a monitor at all.
+			why = fmt.Errorf("no QMP answer within %s (%s): is it a QEMU monitor socket, with no other client connected to it? (%w)",
+				bound.timeout, bound.flag, ce.Err)
+		case errors.As(ce.Err, &se):
+			// The innermost cause says it best: "no such file or
+			// directory", "connection refused"; the rest repeats the
+			// address.
+			why = fmt.Errorf("cannot connect: %w%s", se.Err, pathHint(ce.Path))
+		default:
+			why = fmt.Errorf("cannot connect: %w", ce.Err)
 		}
+		errs = append(errs, &inputError{flag: flagName, address: address, err: why})
 	}
-	return nil, &inputError{flag: flagName, address: address, err: err}
+	return errors.Join(errs...)
 }
 
-// unixHint explains a failed connect to a unix socket path: a path that is
+// engineErrors are the engine's *Errors in err: one, or one per side when
+// both failed to connect (joined).
+func engineErrors(err error) []*engine.Error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		var out []*engine.Error
+		for _, e := range j.Unwrap() {
+			out = append(out, engineErrors(e)...)
+		}
+		return out
+	}
+	var ee *engine.Error
+	if errors.As(err, &ee) {
+		return []*engine.Error{ee}
+	}
+	return nil
+}
+
+// pathHint explains a failed connect to a unix socket path: a path that is
 // not a socket at all, or a socket nobody listens on any more (the QEMU
 // that made it is gone).
-func unixHint(address string, errno error) string {
-	path, ok := strings.CutPrefix(address, "unix:")
-	if !ok {
-		return ""
-	}
-	fi, err := os.Stat(path)
-	if err != nil {
-		return ""
-	}
-	switch {
-	case fi.IsDir():
+func pathHint(k engine.PathKind) string {
+	switch k {
+	case engine.PathDirectory:
 		return " (it is a directory, not a socket)"
-	case fi.Mode()&os.ModeSocket == 0:
+	case engine.PathFile:
 		return " (it is a file, not a socket)"
-	case errors.Is(errno, syscall.ECONNREFUSED):
+	case engine.PathStaleSocket:
 		return " (a socket no process listens on: has its QEMU exited?)"
 	}
 	return ""
+}
+
+// connectGate holds back what is shown (the opening message, the prepare
+// phase) until the engine connected to both QEMUs: the first event after
+// the prepare phase's, or a result that is not a failure to connect. A
+// migration that cannot connect shows nothing but its error, as one that
+// never started.
+type connectGate struct {
+	r    renderer
+	held []func()
+	open bool
+}
+
+func (g *connectGate) Message(s string) { g.hold(func() { g.r.Message(s) }) }
+
+func (g *connectGate) Event(ev engine.Event) {
+	switch {
+	case g.open:
+	case ev.Kind == engine.EventPhase && ev.Phase == engine.PhasePrepare:
+		g.hold(func() { g.r.Event(ev) })
+		return
+	case ev.Kind == engine.EventResult && ev.Result != nil && isConnectFailure(ev.Result.Err):
+		g.held = nil
+		return
+	default:
+		g.flush()
+	}
+	g.r.Event(ev)
+}
+
+func (g *connectGate) hold(f func()) {
+	if g.open {
+		f()
+		return
+	}
+	g.held = append(g.held, f)
+}
+
+func (g *connectGate) flush() {
+	g.open = true
+	for _, f := range g.held {
+		f()
+	}
+	g.held = nil
+}
+
+// isConnectFailure reports whether err is the engine failing to connect.
+func isConnectFailure(err error) bool {
+	var ce *engine.ConnectError
+	return errors.As(err, &ce)
 }

@@ -200,9 +200,32 @@ func TestSameSocketThroughALink(t *testing.T) {
 	assert.Equal(t, exitUsage, code)
 	assert.Empty(t, stdout)
 	assert.Contains(t, stderr, "--src and --dst are the same socket")
-	assert.True(t, sameSocket("tcp:h:1", "tcp:h:1"))
-	assert.False(t, sameSocket("tcp:h:1", "tcp:h:2"))
-	assert.False(t, sameSocket("unix:"+path, "unix:"+filepath.Join(dir, "other.qmp")))
+}
+
+// Once the engine connected, what is held back while connecting is shown
+// in order: a QEMU that greets but knows no query-status fails in prepare,
+// after the opening message (stderr with --json) and the prepare phase.
+func TestFailureAfterConnectShowsThePreparePhase(t *testing.T) {
+	dir := t.TempDir()
+	var paths []string
+	for _, name := range []string{"src.qmp", "dst.qmp"} {
+		s := qmptest.NewServer()
+		t.Cleanup(s.Close)
+		path := filepath.Join(dir, name)
+		require.NoError(t, s.ListenUnix(path))
+		paths = append(paths, path)
+	}
+	code, stdout, stderr := runCLI(t, "migrate", "--json", "--src", "unix:"+paths[0], "--dst", "unix:"+paths[1],
+		"--uri", "unix:"+filepath.Join(dir, "mig.sock"))
+	assert.Equal(t, exitUsage, code)
+	lines := strings.Split(strings.TrimSpace(stdout), "\n")
+	require.Len(t, lines, 2, stdout)
+	var phase map[string]any
+	require.NoError(t, json.Unmarshal([]byte(lines[0]), &phase))
+	assert.Equal(t, "prepare", phase["phase"])
+	assert.Equal(t, "failed", lastJSON(t, stdout)["status"])
+	assert.True(t, strings.HasPrefix(stderr, "migrating unix:"+paths[0]), stderr)
+	assert.Contains(t, stderr, "query-status")
 }
 
 // --metrics-addr serves /metrics while the command runs (here: while it

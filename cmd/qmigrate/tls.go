@@ -5,8 +5,8 @@ import (
 	"flag"
 	"fmt"
 	"path/filepath"
-	"strings"
 
+	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/transport"
 )
 
@@ -23,9 +23,10 @@ func (o *tlsOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.authz, "tls-authz", "", "`ID` of an authorization object (authz-simple, authz-list...) created on the destination QEMU that must allow the source: its certificate's distinguished name, or its --tls-psk-user")
 }
 
-// config checks the flags against each other and the channel, and returns
-// the engine's TLS configuration (nil without TLS).
-func (o *tlsOptions) config(uri, nbd string) (*transport.TLS, error) {
+// config checks the flags against each other, the channel ch (--uri, as
+// given in uri) and the NBD server's address nbd (zero without --nbd), and
+// returns the engine's TLS configuration (nil without TLS).
+func (o *tlsOptions) config(uri string, ch transport.Channel, nbd qmp.Address) (*transport.TLS, error) {
 	switch {
 	case o.x509 != "" && o.psk != "":
 		return nil, errors.New("--tls-x509 and --tls-psk exclude each other: choose certificates or a pre-shared key")
@@ -50,16 +51,12 @@ func (o *tlsOptions) config(uri, nbd string) (*transport.TLS, error) {
 		return nil, fmt.Errorf("%s %q: not an absolute path (each QEMU reads the folder on its own host)", flagName, t.Dir)
 	}
 	if t.Kind == transport.TLSX509 && t.Hostname == "" {
-		if !strings.HasPrefix(uri, "tcp:") {
+		if ch.Scheme != transport.TCP {
 			return nil, fmt.Errorf("--tls-x509 with --uri %s needs --tls-hostname: the name the destination's certificate carries (a unix socket has no host name to check it against)", uri)
 		}
-		if strings.HasPrefix(nbd, "unix:") {
+		if nbd.Network == qmp.Unix {
 			return nil, fmt.Errorf("--tls-x509 with --nbd %s needs --tls-hostname: the name the destination's certificate carries (a unix socket has no host name to check it against)", nbd)
 		}
-	}
-	ch, err := transport.Parse(uri)
-	if err != nil {
-		return nil, err // checkURI ran first; not reached
 	}
 	if err := t.Validate(ch); err != nil {
 		return nil, err
