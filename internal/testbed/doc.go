@@ -15,6 +15,13 @@
 //	info, err := testbed.Migrate(ctx, src, dst, testbed.MigrateOptions{})
 //	rep, err := testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
 //
+// Config covers what the repository's tests and tools pass to QEMU: the
+// guest, RAM size (RAMSize), machine, accelerator and CPU, a memory backend
+// of the guest's size (MemBackend), disk images on -blockdev nodes (Drive),
+// more QMP sockets, -S, -incoming defer, a network namespace, and Args for
+// anything else. FindQEMU resolves the QEMU of the environment, NewQEMU a
+// chosen binary, FindQEMUs every QEMU installed here (one per version).
+//
 // Source and destination must be given equal guests. The sweep guest boots
 // from a virtio-blk disk on q35 (SeaBIOS 1.16.2 hangs on AHCI under QEMU
 // 10.0); the Linux guest (LinuxGuest, CheckLinux) from -kernel/-initrd.
@@ -33,5 +40,7 @@
 //	QMIGRATE_QEMU_FIRMWARE  firmware folder; when set, QEMU gets
 //	                        -L $QMIGRATE_QEMU_FIRMWARE -L /usr/share/seabios
 //	QMIGRATE_QEMU_IMG       path of qemu-img (default: on PATH)
+//	QMIGRATE_CACHE          scripts/setup.sh's folder, whose qemu-*.env files
+//	                        FindQEMUs reads when QMIGRATE_QEMU is unset
 //	CI                      when set, missing prerequisites fail instead of skip
 package testbed

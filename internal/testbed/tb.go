@@ -75,3 +75,14 @@ func NewNetworkT(t TB, rate uint64) *Network {
 	})
 	return n
 }
+
+// RequireQEMUs lists the QEMUs to run a test on (FindQEMUs); when there is
+// none the test is skipped (failed under CI).
+func RequireQEMUs(t TB) []*QEMU {
+	t.Helper()
+	qs, err := FindQEMUs()
+	if err != nil {
+		SkipOrFail(t, "%v", err)
+	}
+	return qs
+}
