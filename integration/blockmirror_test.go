@@ -24,27 +24,27 @@ import (
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/guest/linux"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
-// bmQEMUs lists the QEMUs to run on (testbed.FindQEMUs: QMIGRATE_QEMU when
+// bmQEMUs lists the QEMUs to run on (qemulab.FindQEMUs: QMIGRATE_QEMU when
 // set, else PATH's and the ones scripts/setup.sh unpacked). It skips when none
 // is found and CI is unset.
-func bmQEMUs(t testing.TB) []*testbed.QEMU {
+func bmQEMUs(t testing.TB) []*qemulab.QEMU {
 	t.Helper()
-	qs := testbed.RequireQEMUs(t)
+	qs := qemulab.RequireQEMUs(t)
 	for _, q := range qs {
 		require.NotEmpty(t, q.Img, "qemu-img of %s", q.Binary)
 	}
 	return qs
 }
 
-// bmVM is a QEMU process (testbed.Instance) with a disk, driven over QMP.
+// bmVM is a QEMU process (qemulab.Instance) with a disk, driven over QMP.
 type bmVM struct {
 	t    testing.TB
-	q    *testbed.QEMU
-	inst *testbed.Instance
+	q    *qemulab.QEMU
+	inst *qemulab.Instance
 	qmp  *qmp.Client
 	f    *qmp.Features
 	disk string // image path
@@ -60,15 +60,15 @@ type bmOpts struct {
 	machine  string   // default q35
 	second   bool     // a second writable raw disk: node disk1 (16 MiB) on device vd1
 	netns    string   // run inside this network namespace
-	mem      int      // MiB of RAM (testbed.RAMSize), default 64
-	ram      string   // a file to back the RAM with (private mapping; testbed.MemBackend)
+	mem      int      // MiB of RAM (qemulab.RAMSize), default 64
+	ram      string   // a file to back the RAM with (private mapping; qemulab.MemBackend)
 	extra    []string // more QEMU arguments
 	discard  bool     // discard=unmap on the disk nodes (keeps a mirrored image sparse)
-	guest    testbed.Guest
+	guest    qemulab.Guest
 }
 
 // bmImage creates a qemu-img image unless it exists.
-func bmImage(t testing.TB, q *testbed.QEMU, path, format, size string) {
+func bmImage(t testing.TB, q *qemulab.QEMU, path, format, size string) {
 	t.Helper()
 	if _, err := os.Stat(path); os.IsNotExist(err) {
 		out, err := exec.Command(q.Img, "create", "-q", "-f", format, path, size).CombinedOutput()
@@ -77,9 +77,9 @@ func bmImage(t testing.TB, q *testbed.QEMU, path, format, size string) {
 }
 
 // bmStartVM creates the image in dir (unless it exists) and starts QEMU
-// (testbed.StartT) with the disk as node "disk0" on device "vd0". The process
+// (qemulab.StartT) with the disk as node "disk0" on device "vd0". The process
 // and its files are cleaned up with the test.
-func bmStartVM(t testing.TB, q *testbed.QEMU, dir, name string, o bmOpts) *bmVM {
+func bmStartVM(t testing.TB, q *qemulab.QEMU, dir, name string, o bmOpts) *bmVM {
 	t.Helper()
 	if o.format == "" {
 		o.format = "raw"
@@ -90,25 +90,25 @@ func bmStartVM(t testing.TB, q *testbed.QEMU, dir, name string, o bmOpts) *bmVM 
 	if o.mem == 0 {
 		o.mem = 64
 	}
-	cfg := testbed.Config{Name: name, Guest: o.guest, Machine: o.machine, MemMiB: o.mem, Netns: o.netns,
+	cfg := qemulab.Config{Name: name, Guest: o.guest, Machine: o.machine, MemMiB: o.mem, Netns: o.netns,
 		Incoming: o.incoming, Paused: o.incoming, Args: o.extra}
 	if o.ram != "" {
-		cfg.MemBackend = &testbed.MemBackend{Path: o.ram}
+		cfg.MemBackend = &qemulab.MemBackend{Path: o.ram}
 	}
 	img := filepath.Join(dir, name+"."+o.format)
 	if !o.noDisk {
 		bmImage(t, q, img, o.format, o.size)
-		cfg.Drives = append(cfg.Drives, testbed.Drive{Path: img, Format: o.format, Node: "disk0", Device: "vd0", Discard: o.discard})
+		cfg.Drives = append(cfg.Drives, qemulab.Drive{Path: img, Format: o.format, Node: "disk0", Device: "vd0", Discard: o.discard})
 	}
 	if o.second {
 		img1 := filepath.Join(dir, name+"-1.raw")
 		bmImage(t, q, img1, "raw", "16M")
-		cfg.Drives = append(cfg.Drives, testbed.Drive{Path: img1, Node: "disk1", Device: "vd1"})
+		cfg.Drives = append(cfg.Drives, qemulab.Drive{Path: img1, Node: "disk1", Device: "vd1"})
 	}
 	if o.readOnly != "" {
-		cfg.Drives = append(cfg.Drives, testbed.Drive{Path: o.readOnly, Node: "ro0", Device: "vdro", ReadOnly: true})
+		cfg.Drives = append(cfg.Drives, qemulab.Drive{Path: o.readOnly, Node: "ro0", Device: "vdro", ReadOnly: true})
 	}
-	inst := testbed.StartT(t, q, cfg)
+	inst := qemulab.StartT(t, q, cfg)
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("%s output:\n%s", name, inst.LogTail())
@@ -236,13 +236,13 @@ func bmCaps(t testing.TB, ctx context.Context, src, dst *bmVM) {
 }
 
 // bmCompare runs qemu-img compare on the two images (both QEMUs stopped).
-func bmCompare(t testing.TB, q *testbed.QEMU, a, b string) {
+func bmCompare(t testing.TB, q *qemulab.QEMU, a, b string) {
 	t.Helper()
 	out, err := exec.Command(q.Img, "compare", "-q", a, b).CombinedOutput()
 	require.NoError(t, err, "qemu-img compare %s %s: %s", a, b, out)
 }
 
-func bmPair(t testing.TB, q *testbed.QEMU, o bmOpts) (src, dst *bmVM) {
+func bmPair(t testing.TB, q *qemulab.QEMU, o bmOpts) (src, dst *bmVM) {
 	t.Helper()
 	dir := t.TempDir()
 	src = bmStartVM(t, q, dir, "src", o)
@@ -269,7 +269,7 @@ func TestBlockMirror(t *testing.T) {
 	}
 }
 
-func bmTestMigrate(t *testing.T, q *testbed.QEMU, format string) {
+func bmTestMigrate(t *testing.T, q *qemulab.QEMU, format string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	// raw runs with a second disk: two mirrors, finished together.
@@ -348,7 +348,7 @@ func bmJob(t testing.TB, ctx context.Context, s *blockmirror.Session) string {
 	return p[0].Job
 }
 
-func bmTestAbort(t *testing.T, q *testbed.QEMU, afterReady bool) {
+func bmTestAbort(t *testing.T, q *qemulab.QEMU, afterReady bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	src, dst := bmPair(t, q, bmOpts{size: "64M"})
@@ -388,7 +388,7 @@ func bmTestAbort(t *testing.T, q *testbed.QEMU, afterReady bool) {
 
 // bmTestDestinationLost kills (or SIGSTOPs) the destination while a slow
 // mirror runs: the source must stay intact with nothing left behind.
-func bmTestDestinationLost(t *testing.T, q *testbed.QEMU, freeze bool) {
+func bmTestDestinationLost(t *testing.T, q *qemulab.QEMU, freeze bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	src, dst := bmPair(t, q, bmOpts{size: "64M"})
@@ -430,7 +430,7 @@ func bmTestDestinationLost(t *testing.T, q *testbed.QEMU, freeze bool) {
 	bmSourceIntact(t, ctx, src, map[uint64]byte{0: 0x11}, 1<<20)
 }
 
-func bmTestPreflight(t *testing.T, q *testbed.QEMU) {
+func bmTestPreflight(t *testing.T, q *qemulab.QEMU) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	dir := t.TempDir()
@@ -508,7 +508,7 @@ func bmAllocated(t testing.TB, path string) uint64 {
 
 // A 4 GiB disk with 200 MiB written: only about the written data crosses.
 // The NBD connection runs over TCP loopback so ss can count its bytes.
-func bmTestSparse(t *testing.T, q *testbed.QEMU) {
+func bmTestSparse(t *testing.T, q *qemulab.QEMU) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	src, dst := bmPair(t, q, bmOpts{size: "4G", discard: true})
@@ -570,7 +570,7 @@ func bmWriter(vm *bmVM, span uint64) (stop func() uint64) {
 // A writer that outpaces a rate-limited mirror: the mirror does not reach
 // READY in background mode; write-blocking (switched live on 8.2+, from the
 // start on 7.2) makes it converge.
-func bmTestHeavyWriter(t *testing.T, q *testbed.QEMU) {
+func bmTestHeavyWriter(t *testing.T, q *qemulab.QEMU) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	src, dst := bmPair(t, q, bmOpts{size: "64M"})
@@ -617,7 +617,7 @@ func bmTestHeavyWriter(t *testing.T, q *testbed.QEMU) {
 
 // CreateTargets: the destination starts without the disk; blockmirror
 // creates the image and node, the test adds the device, then migrates.
-func bmTestCreateTargets(t *testing.T, q *testbed.QEMU) {
+func bmTestCreateTargets(t *testing.T, q *qemulab.QEMU) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
@@ -650,7 +650,7 @@ func BenchmarkBlockMirror(b *testing.B) {
 	}
 }
 
-func bmBench(b *testing.B, q *testbed.QEMU) {
+func bmBench(b *testing.B, q *qemulab.QEMU) {
 	const size = 1 << 30
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -757,14 +757,14 @@ func TestBlockMirrorLinuxGuest(t *testing.T) {
 
 // bmTestLinuxGuest drives the sequence itself (and compares the images at
 // the switchover), or with useEngine runs engine.Migrate with Storage.
-func bmTestLinuxGuest(t *testing.T, q *testbed.QEMU, kernel, initrd string, useEngine bool) {
+func bmTestLinuxGuest(t *testing.T, q *qemulab.QEMU, kernel, initrd string, useEngine bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
 	w := linux.Workload{Mode: linux.ModeDiskWrite, RateBytes: 2 << 20, VerifyEvery: 2 * time.Second}
 	opts := func(incoming bool) bmOpts {
 		return bmOpts{size: "32M", mem: 256, incoming: incoming,
-			guest: testbed.LinuxGuest{Kernel: kernel, Initrd: initrd, Workload: w}}
+			guest: qemulab.LinuxGuest{Kernel: kernel, Initrd: initrd, Workload: w}}
 	}
 	src := bmStartVM(t, q, dir, "src", opts(false))
 	ss := linux.NewSerial(src.inst.SerialPath())
@@ -818,11 +818,11 @@ func bmTestLinuxGuest(t *testing.T, q *testbed.QEMU, kernel, initrd string, useE
 // bmTestLinkCut runs source and destination in two network namespaces with
 // the NBD connection over a shaped veth link, cuts the link mid-mirror, aborts
 // (the stuck NBD connection is yanked), restores the link and migrates.
-func bmTestLinkCut(t *testing.T, q *testbed.QEMU) {
+func bmTestLinkCut(t *testing.T, q *qemulab.QEMU) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	n, err := testbed.NewNetwork(ctx, 8<<20)
-	if errors.Is(err, testbed.ErrNetnsUnavailable) && os.Getenv("CI") == "" {
+	n, err := qemulab.NewNetwork(ctx, 8<<20)
+	if errors.Is(err, qemulab.ErrNetnsUnavailable) && os.Getenv("CI") == "" {
 		t.Skipf("no network namespaces: %v", err)
 	}
 	require.NoError(t, err)

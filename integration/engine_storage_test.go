@@ -15,7 +15,7 @@ import (
 
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
@@ -24,12 +24,12 @@ import (
 // pre-switchover window and cleans up; on a cancel it aborts the mirror and
 // leaves nothing behind on the source.
 func TestEngineStorage(t *testing.T) {
-	q := testbed.RequireQEMU(t)
+	q := qemulab.RequireQEMU(t)
 	t.Run("Completes", func(t *testing.T) { testEngineStorage(t, q, false) })
 	t.Run("CancelRollsBack", func(t *testing.T) { testEngineStorage(t, q, true) })
 }
 
-func testEngineStorage(t *testing.T, q *testbed.QEMU, cancelIt bool) {
+func testEngineStorage(t *testing.T, q *qemulab.QEMU, cancelIt bool) {
 	src, dst := enginePair(t, q, 500e6, true, "")
 	cfg := engineConfig(t, src, dst, "unix:"+filepath.Join(dst.Dir(), "mig.sock"))
 	cfg.Storage = &blockmirror.Config{Disks: []string{"sweep0"}}
@@ -69,16 +69,16 @@ func testEngineStorage(t *testing.T, q *testbed.QEMU, cancelIt bool) {
 	exps, err := dst.QMP.QueryBlockExports(ctx)
 	require.NoError(t, err)
 	assert.Empty(t, exps, "destination exports removed")
-	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	_, err = qemulab.CheckSweep(ctx, src.QMP, dst.QMP, qemulab.SweepCheckOptions{})
 	require.NoError(t, err, "destination guest intact")
-	require.NotEmpty(t, q.Img, "qemu-img (testbed.FindQEMU) to compare the images")
+	require.NotEmpty(t, q.Img, "qemu-img (qemulab.FindQEMU) to compare the images")
 	out, err := exec.CommandContext(ctx, q.Img, "compare", "-U", "-q",
 		filepath.Join(src.Dir(), "sweep.img"), filepath.Join(dst.Dir(), "sweep.img")).CombinedOutput()
 	assert.NoError(t, err, "images differ: %s", out)
 }
 
 // assertNoMirrorLeft checks the source has no block job and no NBD node.
-func assertNoMirrorLeft(t *testing.T, ctx context.Context, src *testbed.Instance) {
+func assertNoMirrorLeft(t *testing.T, ctx context.Context, src *qemulab.Instance) {
 	t.Helper()
 	jobs, err := src.QMP.QueryBlockJobs(ctx)
 	require.NoError(t, err)
@@ -131,7 +131,7 @@ type heavyWriterCase struct {
 	strategy      strategy.Config
 }
 
-func (c heavyWriterCase) run(t *testing.T, q *testbed.QEMU, src, dst *bmVM) {
+func (c heavyWriterCase) run(t *testing.T, q *qemulab.QEMU, src, dst *bmVM) {
 	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 	defer cancel()
 	const speed = 8 << 20
@@ -234,8 +234,8 @@ func TestEngineStorageBacklogAfterReady(t *testing.T) {
 			dir := t.TempDir()
 			ram := filepath.Join(dir, "ram.bin")
 			// The file's size is the guest's (bmStartVM: 64 MiB, + 8 KiB
-			// before 9.0: testbed.RAMSize): QEMU wants it to match.
-			buf := make([]byte, q.RAMBytes(testbed.Config{MemMiB: 64}))
+			// before 9.0: qemulab.RAMSize): QEMU wants it to match.
+			buf := make([]byte, q.RAMBytes(qemulab.Config{MemMiB: 64}))
 			_, _ = rand.NewChaCha8([32]byte{1}).Read(buf)
 			require.NoError(t, os.WriteFile(ram, buf, 0o600))
 			src := bmStartVM(t, q, dir, "src", bmOpts{size: "32M", ram: ram})
@@ -258,7 +258,7 @@ func TestEngineStorageBacklogAfterReady(t *testing.T) {
 	}
 }
 
-func testBacklogAfterReady(t *testing.T, q *testbed.QEMU, src, dst *bmVM) {
+func testBacklogAfterReady(t *testing.T, q *qemulab.QEMU, src, dst *bmVM) {
 	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 	defer cancel()
 	cfg := engine.Config{

@@ -14,7 +14,7 @@ import (
 
 	"github.com/qmigrate/qmigrate/internal/guest/linux"
 	"github.com/qmigrate/qmigrate/internal/guest/linux/wire"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
@@ -31,20 +31,20 @@ func guestAssets(t *testing.T) (kernel, initrd string) {
 	return tbLinuxAssets(t)
 }
 
-// guestMemMiB is the guests' RAM (testbed.RAMSize: 8 KiB more on QEMU
+// guestMemMiB is the guests' RAM (qemulab.RAMSize: 8 KiB more on QEMU
 // before 9.0, whose TCG dirty log loses writes to a RAM block of a multiple
 // of 256 KiB: at 512 MiB the kernel of a live-migrated guest crashed on the
 // destination in 10 of 24 runs on 7.2.22, at 512 MiB + 8 KiB in none of 30).
 const guestMemMiB = 512
 
-// guestVM starts QEMU (testbed.StartT) with the Linux guest running w and
+// guestVM starts QEMU (qemulab.StartT) with the Linux guest running w and
 // logs the tail of its serial console when the test fails.
-func guestVM(t *testing.T, q *testbed.QEMU, cfg testbed.Config, kernel, initrd string, w linux.Workload) *testbed.Instance {
+func guestVM(t *testing.T, q *qemulab.QEMU, cfg qemulab.Config, kernel, initrd string, w linux.Workload) *qemulab.Instance {
 	t.Helper()
 	cfg.MemMiB = guestMemMiB
-	cfg.Guest = testbed.LinuxGuest{Kernel: kernel, Initrd: initrd, Workload: w}
+	cfg.Guest = qemulab.LinuxGuest{Kernel: kernel, Initrd: initrd, Workload: w}
 	cfg.Args = append([]string{"-no-user-config", "-no-reboot"}, cfg.Args...)
-	inst := testbed.StartT(t, q, cfg)
+	inst := qemulab.StartT(t, q, cfg)
 	t.Cleanup(func() {
 		if t.Failed() {
 			data, _ := os.ReadFile(inst.SerialPath())
@@ -55,7 +55,7 @@ func guestVM(t *testing.T, q *testbed.QEMU, cfg testbed.Config, kernel, initrd s
 }
 
 // migrate moves src to dst (started with -incoming defer) over a unix socket.
-func guestMigrate(t *testing.T, ctx context.Context, src, dst *testbed.Instance) {
+func guestMigrate(t *testing.T, ctx context.Context, src, dst *qemulab.Instance) {
 	t.Helper()
 	uri := "unix:" + filepath.Join(dst.Dir(), "migrate.sock")
 	for _, c := range []*qmp.Client{src.QMP, dst.QMP} {
@@ -94,7 +94,7 @@ func guestWaitReady(t *testing.T, ctx context.Context, s *linux.Serial, started 
 // TestMemDirtyMigrates migrates the memory dirtier between two QEMUs and requires the
 // destination's self-check to pass two full passes after the switchover.
 //
-// The RAM size is testbed.RAMSize's, off QEMU < 9.0's 256 KiB fast path that loses TCG
+// The RAM size is qemulab.RAMSize's, off QEMU < 9.0's 256 KiB fast path that loses TCG
 // writes from the dirty log (measured on 7.2.22 at 4 MiB/s: 10 of 24 destinations crashed at
 // 512 MiB, none of 20 at 512 MiB + 8 KiB; at 64 MiB/s none of 10).
 func TestMemDirtyMigrates(t *testing.T) {
@@ -103,9 +103,9 @@ func TestMemDirtyMigrates(t *testing.T) {
 	defer cancel()
 	w := linux.Workload{Mode: linux.ModeMemDirty, MemBytes: 16 << 20, RateBytes: 4 << 20}
 	started := time.Now()
-	q := testbed.RequireQEMU(t)
-	src := guestVM(t, q, testbed.Config{Name: "src"}, kernel, initrd, w)
-	dst := guestVM(t, q, testbed.Config{Name: "dst", Incoming: true}, kernel, initrd, w)
+	q := qemulab.RequireQEMU(t)
+	src := guestVM(t, q, qemulab.Config{Name: "src"}, kernel, initrd, w)
+	dst := guestVM(t, q, qemulab.Config{Name: "dst", Incoming: true}, kernel, initrd, w)
 	ss := linux.NewSerial(src.SerialPath())
 	guestWaitReady(t, ctx, ss, started)
 	_, err := ss.WaitFor(ctx, linux.Verdict(linux.KindCheck, "pass", 1))
@@ -137,10 +137,10 @@ func TestMemDirtyDetectsStalePage(t *testing.T) {
 	mem := filepath.Join(t.TempDir(), "ram")
 	w := linux.Workload{Mode: linux.ModeMemDirty, MemBytes: 64 << 20, RateBytes: 32 << 20}
 	started := time.Now()
-	q := testbed.RequireQEMU(t)
-	cfg := testbed.Config{Name: "stale", MemBackend: &testbed.MemBackend{Path: mem, Share: true}}
+	q := qemulab.RequireQEMU(t)
+	cfg := qemulab.Config{Name: "stale", MemBackend: &qemulab.MemBackend{Path: mem, Share: true}}
 	v := guestVM(t, q, cfg, kernel, initrd, w)
-	ramBytes := q.RAMBytes(testbed.Config{MemMiB: guestMemMiB}) // the backend file's size
+	ramBytes := q.RAMBytes(qemulab.Config{MemMiB: guestMemMiB}) // the backend file's size
 	s := linux.NewSerial(v.SerialPath())
 	guestWaitReady(t, ctx, s, started)
 	_, err := s.WaitFor(ctx, linux.Verdict(linux.KindCheck, "pass", 1))
@@ -190,9 +190,9 @@ func TestDiskWriteMigrates(t *testing.T) {
 	drive := []string{"-drive", "file=" + disk + ",format=raw,if=virtio,cache=none"}
 	w := linux.Workload{Mode: linux.ModeDiskWrite, RateBytes: 2 << 20, VerifyEvery: 2 * time.Second}
 	started := time.Now()
-	q := testbed.RequireQEMU(t)
-	src := guestVM(t, q, testbed.Config{Name: "src", Args: drive}, kernel, initrd, w)
-	dst := guestVM(t, q, testbed.Config{Name: "dst", Args: drive, Incoming: true}, kernel, initrd, w)
+	q := qemulab.RequireQEMU(t)
+	src := guestVM(t, q, qemulab.Config{Name: "src", Args: drive}, kernel, initrd, w)
+	dst := guestVM(t, q, qemulab.Config{Name: "dst", Args: drive, Incoming: true}, kernel, initrd, w)
 	ss := linux.NewSerial(src.SerialPath())
 	guestWaitReady(t, ctx, ss, started)
 	var seq uint64 // the last record the source reported

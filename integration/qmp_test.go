@@ -16,20 +16,20 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
 // These tests prove package qmp against a real QEMU: a paused TCG machine
-// without a guest (testbed.Config.Paused, 64 MiB).
+// without a guest (qemulab.Config.Paused, 64 MiB).
 
 // qmpQEMU starts a paused QEMU without a guest and returns its QMP client
 // (connected by the harness); more names the QMP sockets it also gets
 // (Instance.QMPSocketOf).
-func qmpQEMU(tb testing.TB, more ...string) (*qmp.Client, *testbed.Instance) {
+func qmpQEMU(tb testing.TB, more ...string) (*qmp.Client, *qemulab.Instance) {
 	tb.Helper()
-	q := testbed.RequireQEMU(tb)
-	inst := testbed.StartT(tb, q, testbed.Config{Name: "qmp", MemMiB: 64, Paused: true, QMPSockets: more})
+	q := qemulab.RequireQEMU(tb)
+	inst := qemulab.StartT(tb, q, qemulab.Config{Name: "qmp", MemMiB: 64, Paused: true, QMPSockets: more})
 	return inst.QMP, inst
 }
 

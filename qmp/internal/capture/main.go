@@ -1,6 +1,6 @@
 // Command capture records real QEMU replies for the golden decode tests of
 // package qmp. It starts at most two QEMU processes at a time through the
-// repository's QEMU harness (internal/testbed: TCG, paused 64 MiB guests),
+// repository's QEMU harness (internal/qemulab: TCG, paused 64 MiB guests),
 // drives them through the migration states it can reach and writes each
 // reply's "return" to <out>/<file>.json.
 //
@@ -9,7 +9,7 @@
 //	    -firmware ~/.cache/qmigrate/qemu-10.0/usr/share/qemu -out testdata/qmp/10.0
 //
 // Without -qemu it takes the harness's environment (QMIGRATE_QEMU,
-// QMIGRATE_QEMU_FIRMWARE; see internal/testbed).
+// QMIGRATE_QEMU_FIRMWARE; see internal/qemulab).
 //
 // States that only exist for a moment (setup, cancelling, device) are caught
 // by pipelining query-migrate right behind the command that enters them; when
@@ -33,12 +33,12 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
 type capturer struct {
-	qemu    *testbed.QEMU
+	qemu    *qemulab.QEMU
 	out     string
 	tmp     string
 	memFile string
@@ -51,7 +51,7 @@ const guestMiB = 64
 
 type vm struct {
 	name   string
-	inst   *testbed.Instance
+	inst   *qemulab.Instance
 	c      *qmp.Client
 	sub    *qmp.Subscription
 	mu     sync.Mutex
@@ -84,12 +84,12 @@ func main() {
 }
 
 func run(tmp, qemu, fw, out, only string, logf func(string, ...any)) error {
-	var q *testbed.QEMU
+	var q *qemulab.QEMU
 	var err error
 	if qemu == "" {
-		q, err = testbed.FindQEMU()
+		q, err = qemulab.FindQEMU()
 	} else {
-		q, err = testbed.NewQEMU(qemu, fw, "")
+		q, err = qemulab.NewQEMU(qemu, fw, "")
 	}
 	if err != nil {
 		return err
@@ -98,7 +98,7 @@ func run(tmp, qemu, fw, out, only string, logf func(string, ...any)) error {
 	// Guest RAM backed by a private mapping of random data, so pages are not
 	// zero and a throttled migration stays active.
 	cp.memFile = filepath.Join(tmp, "mem")
-	buf := make([]byte, q.RAMBytes(testbed.Config{MemMiB: guestMiB}))
+	buf := make([]byte, q.RAMBytes(qemulab.Config{MemMiB: guestMiB}))
 	rand.Read(buf)
 	if err := os.WriteFile(cp.memFile, buf, 0o600); err != nil {
 		return err
@@ -138,11 +138,11 @@ func run(tmp, qemu, fw, out, only string, logf func(string, ...any)) error {
 }
 
 // start starts a paused guest (a destination with incoming) with drives.
-func (cp *capturer) start(ctx context.Context, name string, incoming bool, drives ...testbed.Drive) (*vm, error) {
-	cfg := testbed.Config{Name: name, MemMiB: guestMiB, Paused: true, Incoming: incoming, Drives: drives, Logf: cp.logf}
+func (cp *capturer) start(ctx context.Context, name string, incoming bool, drives ...qemulab.Drive) (*vm, error) {
+	cfg := qemulab.Config{Name: name, MemMiB: guestMiB, Paused: true, Incoming: incoming, Drives: drives, Logf: cp.logf}
 	if !cp.zeroRAM {
 		// userfaultfd (postcopy) does not work on a private file mapping.
-		cfg.MemBackend = &testbed.MemBackend{Path: cp.memFile}
+		cfg.MemBackend = &qemulab.MemBackend{Path: cp.memFile}
 	}
 	inst, err := cp.qemu.Start(ctx, cfg)
 	if err != nil {
@@ -620,7 +620,7 @@ func (cp *capturer) mirror(ctx context.Context) error {
 		return err
 	}
 	defer os.Remove(img)
-	v, err := cp.start(ctx, "src", false, testbed.Drive{Path: img, Node: "disk0", Device: "vda"})
+	v, err := cp.start(ctx, "src", false, qemulab.Drive{Path: img, Node: "disk0", Device: "vda"})
 	if err != nil {
 		return err
 	}

@@ -1,4 +1,4 @@
-package testbed
+package qemulab
 
 import (
 	"cmp"
@@ -29,7 +29,7 @@ const (
 const SeaBIOSDir = "/usr/share/seabios"
 
 // ErrQEMUNotFound means no usable qemu-system-x86_64 was found.
-var ErrQEMUNotFound = errors.New("testbed: qemu-system-x86_64 not found")
+var ErrQEMUNotFound = errors.New("qemulab: qemu-system-x86_64 not found")
 
 // QEMU is a resolved QEMU installation.
 type QEMU struct {
@@ -186,11 +186,11 @@ func (q *QEMU) FirmwareArgs() []string {
 func (q *QEMU) Version(ctx context.Context) (qmp.Version, error) {
 	out, err := exec.CommandContext(ctx, q.Binary, "-version").Output()
 	if err != nil {
-		return qmp.Version{}, fmt.Errorf("testbed: %s -version: %w", q.Binary, err)
+		return qmp.Version{}, fmt.Errorf("qemulab: %s -version: %w", q.Binary, err)
 	}
 	v, ok := parseVersion(string(out))
 	if !ok {
-		return qmp.Version{}, fmt.Errorf("testbed: %s -version: cannot parse %q", q.Binary, out)
+		return qmp.Version{}, fmt.Errorf("qemulab: %s -version: cannot parse %q", q.Binary, out)
 	}
 	return v, nil
 }

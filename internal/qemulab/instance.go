@@ -1,4 +1,4 @@
-package testbed
+package qemulab
 
 import (
 	"context"
@@ -139,7 +139,7 @@ type ExitError struct {
 }
 
 func (e *ExitError) Error() string {
-	return fmt.Sprintf("testbed: qemu %s exited: %v; log: %s", e.Name, e.Err, e.Log)
+	return fmt.Sprintf("qemulab: qemu %s exited: %v; log: %s", e.Name, e.Err, e.Log)
 }
 
 func (e *ExitError) Unwrap() error { return e.Err }
@@ -175,7 +175,7 @@ func (q *QEMU) Start(ctx context.Context, cfg Config) (_ *Instance, err error) {
 	}
 	dir, err := os.MkdirTemp("", "qm-"+cfg.Name+"-")
 	if err != nil {
-		return nil, fmt.Errorf("testbed: start %s: %w", cfg.Name, err)
+		return nil, fmt.Errorf("qemulab: start %s: %w", cfg.Name, err)
 	}
 	defer func() {
 		if err != nil {
@@ -184,7 +184,7 @@ func (q *QEMU) Start(ctx context.Context, cfg Config) (_ *Instance, err error) {
 	}()
 	args, err := q.Args(dir, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("testbed: start %s: %w", cfg.Name, err)
+		return nil, fmt.Errorf("qemulab: start %s: %w", cfg.Name, err)
 	}
 	name := q.Binary
 	if cfg.Netns != "" {
@@ -193,7 +193,7 @@ func (q *QEMU) Start(ctx context.Context, cfg Config) (_ *Instance, err error) {
 	}
 	logFile, err := os.Create(filepath.Join(dir, "qemu.log"))
 	if err != nil {
-		return nil, fmt.Errorf("testbed: start %s: %w", cfg.Name, err)
+		return nil, fmt.Errorf("qemulab: start %s: %w", cfg.Name, err)
 	}
 	defer logFile.Close() // the child has its own descriptor
 
@@ -203,11 +203,11 @@ func (q *QEMU) Start(ctx context.Context, cfg Config) (_ *Instance, err error) {
 	cmd.Dir = dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if cfg.Logf != nil {
-		cfg.Logf("testbed: %s: %s %s", cfg.Name, name, shellJoin(args))
+		cfg.Logf("qemulab: %s: %s %s", cfg.Name, name, shellJoin(args))
 	}
 	inst := &Instance{Name: cfg.Name, cfg: cfg, dir: dir, cmd: cmd, done: make(chan struct{})}
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("testbed: start %s: %w", cfg.Name, err)
+		return nil, fmt.Errorf("qemulab: start %s: %w", cfg.Name, err)
 	}
 	inst.Started = time.Now()
 	go func() {
@@ -328,7 +328,7 @@ func (i *Instance) connect(ctx context.Context) (*qmp.Client, error) {
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return nil, fmt.Errorf("testbed: %s: waiting for QMP at %s: %w (last error: %v; log: %s)",
+			return nil, fmt.Errorf("qemulab: %s: waiting for QMP at %s: %w (last error: %v; log: %s)",
 				i.Name, sock, ctx.Err(), lastErr, i.LogTail())
 		case <-i.done:
 			t.Stop()
@@ -400,7 +400,7 @@ func (i *Instance) LogTail() string {
 // it).
 func (i *Instance) Signal(sig syscall.Signal) error {
 	if i.Exited() {
-		return fmt.Errorf("testbed: signal %s: %w", i.Name, os.ErrProcessDone)
+		return fmt.Errorf("qemulab: signal %s: %w", i.Name, os.ErrProcessDone)
 	}
 	return syscall.Kill(i.cmd.Process.Pid, sig)
 }
@@ -433,7 +433,7 @@ func (i *Instance) Close() error {
 			_ = i.QMP.Close()
 		}
 		if err := os.RemoveAll(i.dir); err != nil {
-			i.closeErr = fmt.Errorf("testbed: close %s: %w", i.Name, err)
+			i.closeErr = fmt.Errorf("qemulab: close %s: %w", i.Name, err)
 		}
 	})
 	return i.closeErr
@@ -454,7 +454,7 @@ func (i *Instance) Quit(ctx context.Context) error {
 		return nil
 	case <-ctx.Done():
 		i.Kill()
-		return fmt.Errorf("testbed: quit %s: %w", i.Name, ctx.Err())
+		return fmt.Errorf("qemulab: quit %s: %w", i.Name, ctx.Err())
 	}
 }
 

@@ -1,4 +1,4 @@
-package testbed
+package qemulab
 
 import (
 	"context"
@@ -70,7 +70,7 @@ func NewNetworkT(t TB, rate uint64) *Network {
 	}
 	t.Cleanup(func() {
 		if err := n.Close(); err != nil {
-			t.Logf("testbed: network close: %v", err)
+			t.Logf("qemulab: network close: %v", err)
 		}
 	})
 	return n
