@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -25,111 +24,35 @@ import (
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/guest/linux"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
-// bmQEMU is one QEMU build to test against.
-type bmQEMU struct {
-	name     string // "7.2", "10.0" or the env's binary
-	bin      string
-	firmware string
-	img      string
-}
-
-// version is the QEMU's major.minor from its name (zero when the name is
-// not a version).
-func (q bmQEMU) version() qmp.Version {
-	var v qmp.Version
-	if _, err := fmt.Sscanf(q.name, "%d.%d", &v.Major, &v.Minor); err != nil {
-		return qmp.Version{}
-	}
-	return v
-}
-
-// bmQEMUs lists the QEMUs to run on: QMIGRATE_QEMU when set, else
-// /usr/bin's and the testbed's cached 10.0 when present. It skips when none is
-// found and CI is unset.
-func bmQEMUs(t testing.TB) []bmQEMU {
+// bmQEMUs lists the QEMUs to run on (qemulab.FindQEMUs: QMIGRATE_QEMU when
+// set, else PATH's and the ones scripts/setup.sh unpacked). It skips when none
+// is found and CI is unset.
+func bmQEMUs(t testing.TB) []*qemulab.QEMU {
 	t.Helper()
-	var out []bmQEMU
-	if b := os.Getenv("QMIGRATE_QEMU"); b != "" {
-		img := os.Getenv("QMIGRATE_QEMU_IMG")
-		if img == "" {
-			img = "qemu-img"
-		}
-		out = append(out, bmQEMU{name: bmVersion(t, b), bin: b, firmware: os.Getenv("QMIGRATE_QEMU_FIRMWARE"), img: img})
-	} else {
-		if _, err := os.Stat("/usr/bin/qemu-system-x86_64"); err == nil {
-			out = append(out, bmQEMU{name: "7.2", bin: "/usr/bin/qemu-system-x86_64", img: "/usr/bin/qemu-img"})
-		}
-		home, _ := os.UserHomeDir()
-		cache := os.Getenv("QMIGRATE_CACHE")
-		if cache == "" {
-			cache = filepath.Join(home, ".cache", "qmigrate")
-		}
-		if env, err := bmReadEnvFile(filepath.Join(cache, "qemu-10.0.env")); err == nil && env["QMIGRATE_QEMU"] != "" {
-			if _, err := os.Stat(env["QMIGRATE_QEMU"]); err == nil {
-				out = append(out, bmQEMU{name: "10.0", bin: env["QMIGRATE_QEMU"], firmware: env["QMIGRATE_QEMU_FIRMWARE"], img: env["QMIGRATE_QEMU_IMG"]})
-			}
-		}
+	qs := qemulab.RequireQEMUs(t)
+	for _, q := range qs {
+		require.NotEmpty(t, q.Img, "qemu-img of %s", q.Binary)
 	}
-	if len(out) == 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("no QEMU found and CI is set")
-		}
-		t.Skip("no QEMU found (set QMIGRATE_QEMU)")
-	}
-	return out
+	return qs
 }
 
-// bmVersion is "major.minor" of a QEMU binary ("QEMU emulator version 7.2.22 ...").
-func bmVersion(t testing.TB, bin string) string {
-	t.Helper()
-	out, err := exec.Command(bin, "--version").Output()
-	require.NoError(t, err, "%s --version", bin)
-	f := strings.Fields(string(out))
-	for i, w := range f {
-		if w == "version" && i+1 < len(f) {
-			parts := strings.SplitN(f[i+1], ".", 3)
-			if len(parts) >= 2 {
-				return parts[0] + "." + parts[1]
-			}
-		}
-	}
-	return filepath.Base(bin)
-}
-
-func bmReadEnvFile(path string) (map[string]string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	m := map[string]string{}
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if k, v, ok := strings.Cut(sc.Text(), "="); ok {
-			m[k] = v
-		}
-	}
-	return m, sc.Err()
-}
-
-// bmVM is a QEMU process with a disk, driven over QMP.
+// bmVM is a QEMU process (qemulab.Instance) with a disk, driven over QMP.
 type bmVM struct {
 	t    testing.TB
-	q    bmQEMU
-	cmd  *exec.Cmd
+	q    *qemulab.QEMU
+	inst *qemulab.Instance
 	qmp  *qmp.Client
 	f    *qmp.Features
 	disk string // image path
-	dir  string
-	done chan struct{}
+	dir  string // the test's folder (images, migration socket)
 }
 
 type bmOpts struct {
-	incoming bool     // -incoming defer
+	incoming bool     // -incoming defer, paused (-S) after the migration
 	format   string   // raw | qcow2
 	size     string   // qemu-img size, e.g. 64M
 	readOnly string   // optional read-only second disk image
@@ -137,15 +60,26 @@ type bmOpts struct {
 	machine  string   // default q35
 	second   bool     // a second writable raw disk: node disk1 (16 MiB) on device vd1
 	netns    string   // run inside this network namespace
-	mem      int      // MiB of RAM (testbed.RAMSize), default 64
+	mem      int      // MiB of RAM (qemulab.RAMSize), default 64
+	ram      string   // a file to back the RAM with (private mapping; qemulab.MemBackend)
 	extra    []string // more QEMU arguments
 	discard  bool     // discard=unmap on the disk nodes (keeps a mirrored image sparse)
+	guest    qemulab.Guest
 }
 
-// bmStartVM creates the image (unless it exists) and starts QEMU with the disk
-// as node "disk0" on device "vd0". The process and its files are cleaned up
-// with the test.
-func bmStartVM(t testing.TB, q bmQEMU, dir, name string, o bmOpts) *bmVM {
+// bmImage creates a qemu-img image unless it exists.
+func bmImage(t testing.TB, q *qemulab.QEMU, path, format, size string) {
+	t.Helper()
+	if _, err := os.Stat(path); os.IsNotExist(err) {
+		out, err := exec.Command(q.Img, "create", "-q", "-f", format, path, size).CombinedOutput()
+		require.NoError(t, err, "%s", out)
+	}
+}
+
+// bmStartVM creates the image in dir (unless it exists) and starts QEMU
+// (qemulab.StartT) with the disk as node "disk0" on device "vd0". The process
+// and its files are cleaned up with the test.
+func bmStartVM(t testing.TB, q *qemulab.QEMU, dir, name string, o bmOpts) *bmVM {
 	t.Helper()
 	if o.format == "" {
 		o.format = "raw"
@@ -153,114 +87,49 @@ func bmStartVM(t testing.TB, q bmQEMU, dir, name string, o bmOpts) *bmVM {
 	if o.size == "" {
 		o.size = "64M"
 	}
-	img := filepath.Join(dir, name+"."+o.format)
-	if _, err := os.Stat(img); os.IsNotExist(err) && !o.noDisk {
-		out, err := exec.Command(q.img, "create", "-q", "-f", o.format, img, o.size).CombinedOutput()
-		require.NoError(t, err, "%s", out)
-	}
-	sock := filepath.Join(dir, name+".qmp")
-	_ = os.Remove(sock)
-	if o.machine == "" {
-		o.machine = "q35"
-	}
 	if o.mem == 0 {
 		o.mem = 64
 	}
-	args := []string{"-M", o.machine, "-accel", "tcg", "-cpu", "max", "-m", testbed.RAMSize(q.version(), "tcg", o.mem), "-nodefaults", "-display", "none",
-		"-qmp", "unix:" + sock + ",server=on,wait=off"}
-	if q.firmware != "" {
-		args = append(args, "-L", q.firmware, "-L", "/usr/share/seabios")
+	cfg := qemulab.Config{Name: name, Guest: o.guest, Machine: o.machine, MemMiB: o.mem, Netns: o.netns,
+		Incoming: o.incoming, Paused: o.incoming, Args: o.extra}
+	if o.ram != "" {
+		cfg.MemBackend = &qemulab.MemBackend{Path: o.ram}
 	}
+	img := filepath.Join(dir, name+"."+o.format)
 	if !o.noDisk {
-		disc := ""
-		if o.discard {
-			disc = ",discard=unmap"
-		}
-		args = append(args,
-			"-blockdev", "driver=file,filename="+img+",node-name=f0"+disc,
-			"-blockdev", "driver="+o.format+",file=f0,node-name=disk0"+disc,
-			"-device", "virtio-blk-pci,drive=disk0,id=vd0")
+		bmImage(t, q, img, o.format, o.size)
+		cfg.Drives = append(cfg.Drives, qemulab.Drive{Path: img, Format: o.format, Node: "disk0", Device: "vd0", Discard: o.discard})
 	}
 	if o.second {
 		img1 := filepath.Join(dir, name+"-1.raw")
-		if _, err := os.Stat(img1); os.IsNotExist(err) {
-			out, err := exec.Command(q.img, "create", "-q", "-f", "raw", img1, "16M").CombinedOutput()
-			require.NoError(t, err, "%s", out)
-		}
-		args = append(args,
-			"-blockdev", "driver=file,filename="+img1+",node-name=f1",
-			"-blockdev", "driver=raw,file=f1,node-name=disk1",
-			"-device", "virtio-blk-pci,drive=disk1,id=vd1")
+		bmImage(t, q, img1, "raw", "16M")
+		cfg.Drives = append(cfg.Drives, qemulab.Drive{Path: img1, Node: "disk1", Device: "vd1"})
 	}
 	if o.readOnly != "" {
-		args = append(args,
-			"-blockdev", "driver=file,filename="+o.readOnly+",node-name=rof,read-only=on",
-			"-blockdev", "driver=raw,file=rof,node-name=ro0,read-only=on",
-			"-device", "virtio-blk-pci,drive=ro0,id=vdro")
+		cfg.Drives = append(cfg.Drives, qemulab.Drive{Path: o.readOnly, Node: "ro0", Device: "vdro", ReadOnly: true})
 	}
-	args = append(args, o.extra...)
-	if o.incoming {
-		args = append(args, "-S", "-incoming", "defer")
-	}
-	cmd := exec.Command(q.bin, args...)
-	if o.netns != "" {
-		cmd = exec.Command("ip", append([]string{"netns", "exec", o.netns, q.bin}, args...)...)
-	}
-	logPath := filepath.Join(dir, name+".log")
-	logf, err := os.Create(logPath)
-	require.NoError(t, err)
-	cmd.Stdout, cmd.Stderr = logf, logf
+	inst := qemulab.StartT(t, q, cfg)
 	t.Cleanup(func() {
-		_ = logf.Close()
-		if b, _ := os.ReadFile(logPath); t.Failed() && len(b) > 0 {
-			t.Logf("%s output:\n%s", name, b)
+		if t.Failed() {
+			t.Logf("%s output:\n%s", name, inst.LogTail())
 		}
 	})
-	require.NoError(t, cmd.Start())
-	vm := &bmVM{t: t, q: q, cmd: cmd, disk: img, dir: dir, done: make(chan struct{})}
-	go func() { _ = cmd.Wait(); close(vm.done) }()
-	t.Cleanup(vm.kill)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
 	defer cancel()
-	for {
-		c, err := qmp.DialAddress(ctx, qmp.UnixAddress(sock))
-		if err == nil {
-			vm.qmp = c
-			break
-		}
-		select {
-		case <-vm.done:
-			t.Fatalf("%s exited early", name)
-		case <-ctx.Done():
-			t.Fatalf("QMP of %s: %v", name, err)
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-	f, err := vm.qmp.ProbeFeatures(ctx)
+	f, err := inst.QMP.ProbeFeatures(ctx)
 	require.NoError(t, err)
-	vm.f = f
-	return vm
+	return &bmVM{t: t, q: q, inst: inst, qmp: inst.QMP, f: f, disk: img, dir: dir}
 }
 
 // kill stops the QEMU process and waits for it.
-func (vm *bmVM) kill() {
-	if vm.qmp != nil {
-		_ = vm.qmp.Close()
-	}
-	if vm.cmd.Process != nil {
-		_ = vm.cmd.Process.Kill()
-	}
-	<-vm.done
-}
+func (vm *bmVM) kill() { _ = vm.inst.Close() }
 
-// quit asks QEMU to quit and waits for the process (images flushed).
+// quit asks QEMU to quit and waits for the process (images flushed), killing
+// it after 10 s.
 func (vm *bmVM) quit(ctx context.Context) {
-	_ = vm.qmp.Quit(ctx)
-	select {
-	case <-vm.done:
-	case <-time.After(10 * time.Second):
-		vm.kill()
-	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	_ = vm.inst.Quit(ctx)
 }
 
 func (vm *bmVM) hmp(ctx context.Context, line string) {
@@ -379,13 +248,13 @@ func bmCaps(t testing.TB, ctx context.Context, src, dst *bmVM) {
 }
 
 // bmCompare runs qemu-img compare on the two images (both QEMUs stopped).
-func bmCompare(t testing.TB, q bmQEMU, a, b string) {
+func bmCompare(t testing.TB, q *qemulab.QEMU, a, b string) {
 	t.Helper()
-	out, err := exec.Command(q.img, "compare", "-q", a, b).CombinedOutput()
+	out, err := exec.Command(q.Img, "compare", "-q", a, b).CombinedOutput()
 	require.NoError(t, err, "qemu-img compare %s %s: %s", a, b, out)
 }
 
-func bmPair(t testing.TB, q bmQEMU, o bmOpts) (src, dst *bmVM) {
+func bmPair(t testing.TB, q *qemulab.QEMU, o bmOpts) (src, dst *bmVM) {
 	t.Helper()
 	dir := t.TempDir()
 	src = bmStartVM(t, q, dir, "src", o)
@@ -396,7 +265,7 @@ func bmPair(t testing.TB, q bmQEMU, o bmOpts) (src, dst *bmVM) {
 
 func TestBlockMirror(t *testing.T) {
 	for _, q := range bmQEMUs(t) {
-		t.Run(q.name, func(t *testing.T) {
+		t.Run(q.Name(), func(t *testing.T) {
 			t.Run("migrate-raw", func(t *testing.T) { bmTestMigrate(t, q, "raw") })
 			t.Run("migrate-qcow2", func(t *testing.T) { bmTestMigrate(t, q, "qcow2") })
 			t.Run("abort-before-ready-then-retry", func(t *testing.T) { bmTestAbort(t, q, false) })
@@ -412,7 +281,7 @@ func TestBlockMirror(t *testing.T) {
 	}
 }
 
-func bmTestMigrate(t *testing.T, q bmQEMU, format string) {
+func bmTestMigrate(t *testing.T, q *qemulab.QEMU, format string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	// raw runs with a second disk: two mirrors, finished together.
@@ -491,7 +360,7 @@ func bmJob(t testing.TB, ctx context.Context, s *blockmirror.Session) string {
 	return p[0].Job
 }
 
-func bmTestAbort(t *testing.T, q bmQEMU, afterReady bool) {
+func bmTestAbort(t *testing.T, q *qemulab.QEMU, afterReady bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	src, dst := bmPair(t, q, bmOpts{size: "64M"})
@@ -531,7 +400,7 @@ func bmTestAbort(t *testing.T, q bmQEMU, afterReady bool) {
 
 // bmTestDestinationLost kills (or SIGSTOPs) the destination while a slow
 // mirror runs: the source must stay intact with nothing left behind.
-func bmTestDestinationLost(t *testing.T, q bmQEMU, freeze bool) {
+func bmTestDestinationLost(t *testing.T, q *qemulab.QEMU, freeze bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	src, dst := bmPair(t, q, bmOpts{size: "64M"})
@@ -542,8 +411,8 @@ func bmTestDestinationLost(t *testing.T, q bmQEMU, freeze bool) {
 	require.NoError(t, src.qmp.BlockJobSetSpeed(ctx, bmJob(t, ctx, s), 4<<20))
 	time.Sleep(300 * time.Millisecond)
 	if freeze {
-		require.NoError(t, dst.cmd.Process.Signal(syscall.SIGSTOP))
-		defer func() { _ = dst.cmd.Process.Signal(syscall.SIGCONT) }()
+		require.NoError(t, dst.inst.Signal(syscall.SIGSTOP))
+		defer func() { _ = dst.inst.Signal(syscall.SIGCONT) }()
 		// Unlimited speed so that in-flight NBD requests pile up against the frozen peer.
 		require.NoError(t, src.qmp.BlockJobSetSpeed(ctx, bmJob(t, ctx, s), 0))
 		wctx, wcancel := context.WithTimeout(ctx, 2*time.Second)
@@ -551,7 +420,7 @@ func bmTestDestinationLost(t *testing.T, q bmQEMU, freeze bool) {
 		wcancel()
 		require.Error(t, err)
 	} else {
-		require.NoError(t, dst.cmd.Process.Kill())
+		dst.inst.Kill()
 		err := s.WaitReady(ctx, nil)
 		require.Error(t, err)
 		t.Logf("WaitReady after the destination died: %v", err)
@@ -573,12 +442,12 @@ func bmTestDestinationLost(t *testing.T, q bmQEMU, freeze bool) {
 	bmSourceIntact(t, ctx, src, map[uint64]byte{0: 0x11}, 1<<20)
 }
 
-func bmTestPreflight(t *testing.T, q bmQEMU) {
+func bmTestPreflight(t *testing.T, q *qemulab.QEMU) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	dir := t.TempDir()
 	ro := filepath.Join(dir, "ro.raw")
-	out, err := exec.Command(q.img, "create", "-q", "-f", "raw", ro, "1M").CombinedOutput()
+	out, err := exec.Command(q.Img, "create", "-q", "-f", "raw", ro, "1M").CombinedOutput()
 	require.NoError(t, err, "%s", out)
 	src := bmStartVM(t, q, dir, "src", bmOpts{size: "64M", readOnly: ro})
 	dst := bmStartVM(t, q, dir, "dst", bmOpts{size: "32M", incoming: true, readOnly: ro})
@@ -651,7 +520,7 @@ func bmAllocated(t testing.TB, path string) uint64 {
 
 // A 4 GiB disk with 200 MiB written: only about the written data crosses.
 // The NBD connection runs over TCP loopback so ss can count its bytes.
-func bmTestSparse(t *testing.T, q bmQEMU) {
+func bmTestSparse(t *testing.T, q *qemulab.QEMU) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	src, dst := bmPair(t, q, bmOpts{size: "4G", discard: true})
@@ -669,7 +538,7 @@ func bmTestSparse(t *testing.T, q bmQEMU) {
 	took := time.Since(start)
 	wire := bmTCPReceived(t, port)
 	t.Logf("QEMU %s sparse 4 GiB, 200 MiB written: READY in %v, job len %d offset %d, NBD bytes received by the destination %.1f MiB, destination image allocated %.1f MiB",
-		q.name, took.Round(time.Millisecond), last[0].Total, last[0].Done, float64(wire)/(1<<20), float64(bmAllocated(t, dst.disk))/(1<<20))
+		q.Name(), took.Round(time.Millisecond), last[0].Total, last[0].Done, float64(wire)/(1<<20), float64(bmAllocated(t, dst.disk))/(1<<20))
 	assert.Less(t, wire, uint64(220<<20), "more than the written data crossed")
 	assert.Greater(t, wire, uint64(200<<20))
 	bmMigrate(t, ctx, s, src, dst)
@@ -677,7 +546,7 @@ func bmTestSparse(t *testing.T, q bmQEMU) {
 	dst.quit(ctx)
 	alloc := bmAllocated(t, dst.disk)
 	t.Logf("destination image allocated after migration: %.1f MiB", float64(alloc)/(1<<20))
-	if q.name == "7.2" {
+	if q.Name() == "7.2" {
 		// 10.0 fills the destination with zeroes (NBD bytes stay at the data size).
 		assert.Less(t, alloc, uint64(260<<20), "destination image no longer sparse")
 	}
@@ -713,7 +582,7 @@ func bmWriter(vm *bmVM, span uint64) (stop func() uint64) {
 // A writer that outpaces a rate-limited mirror: the mirror does not reach
 // READY in background mode; write-blocking (switched live on 8.2+, from the
 // start on 7.2) makes it converge.
-func bmTestHeavyWriter(t *testing.T, q bmQEMU) {
+func bmTestHeavyWriter(t *testing.T, q *qemulab.QEMU) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	src, dst := bmPair(t, q, bmOpts{size: "64M"})
@@ -737,7 +606,7 @@ func bmTestHeavyWriter(t *testing.T, q bmQEMU) {
 	err = s.SetWriteBlocking(ctx)
 	if !src.f.BlockJobChange {
 		require.ErrorIs(t, err, blockmirror.ErrUnsupported)
-		t.Logf("QEMU %s: %v; restarting with Config.WriteBlocking", q.name, err)
+		t.Logf("QEMU %s: %v; restarting with Config.WriteBlocking", q.Name(), err)
 		require.NoError(t, s.Abort(ctx))
 		s, err = bmStart(ctx, t, src, dst, blockmirror.Config{WriteBlocking: true, Speed: speed}, uri)
 		require.NoError(t, err)
@@ -760,7 +629,7 @@ func bmTestHeavyWriter(t *testing.T, q bmQEMU) {
 
 // CreateTargets: the destination starts without the disk; blockmirror
 // creates the image and node, the test adds the device, then migrates.
-func bmTestCreateTargets(t *testing.T, q bmQEMU) {
+func bmTestCreateTargets(t *testing.T, q *qemulab.QEMU) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
@@ -789,19 +658,19 @@ func bmTestCreateTargets(t *testing.T, q bmQEMU) {
 //	go test ./integration -run '^$' -bench BlockMirror -benchtime 3x
 func BenchmarkBlockMirror(b *testing.B) {
 	for _, q := range bmQEMUs(b) {
-		b.Run(q.name, func(b *testing.B) { bmBench(b, q) })
+		b.Run(q.Name(), func(b *testing.B) { bmBench(b, q) })
 	}
 }
 
-func bmBench(b *testing.B, q bmQEMU) {
+func bmBench(b *testing.B, q *qemulab.QEMU) {
 	const size = 1 << 30
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	dir := b.TempDir()
 	img := filepath.Join(dir, "src.raw")
-	out, err := exec.Command(q.img, "create", "-q", "-f", "raw", img, fmt.Sprint(size)).CombinedOutput()
+	out, err := exec.Command(q.Img, "create", "-q", "-f", "raw", img, fmt.Sprint(size)).CombinedOutput()
 	require.NoError(b, err, "%s", out)
-	qio := filepath.Join(filepath.Dir(q.img), "qemu-io")
+	qio := filepath.Join(filepath.Dir(q.Img), "qemu-io")
 	out, err = exec.Command(qio, "-f", "raw", "-c", fmt.Sprintf("write -P 0xa5 0 %d", size), img).CombinedOutput()
 	require.NoError(b, err, "%s", out)
 	// The source is paused (-S via incoming=false has no -S; stop it) so that
@@ -835,7 +704,7 @@ func bmBench(b *testing.B, q bmQEMU) {
 		require.NoError(b, dst.qmp.NBDServerStart(ctx, qmp.UnixAddress(sock), ""))
 		require.NoError(b, dst.qmp.BlockExportAdd(ctx, qmp.BlockExportAddArgs{ID: "bench", NodeName: "disk0", Writable: true, Name: "bench"}))
 		start := time.Now()
-		out, err := exec.Command(q.img, "convert", "-U", "-n", "-f", "raw", "-O", "raw", img, "nbd+unix:///bench?socket="+sock).CombinedOutput()
+		out, err := exec.Command(q.Img, "convert", "-U", "-n", "-f", "raw", "-O", "raw", img, "nbd+unix:///bench?socket="+sock).CombinedOutput()
 		d := time.Since(start)
 		require.NoError(b, err, "%s", out)
 		require.NoError(b, dst.qmp.BlockExportDel(ctx, "bench", ""))
@@ -872,7 +741,7 @@ func bmBench(b *testing.B, q bmQEMU) {
 	b.ReportMetric(mm, "mirror-MB/s")
 	b.ReportMetric(mc, "convert-MB/s")
 	b.ReportMetric(100*med, "median-mirror-%-of-convert")
-	b.Logf("QEMU %s, 1 GiB of data over NBD (unix), %d rounds: mirror %.0f MB/s, qemu-img convert %.0f MB/s (total %.0f%%, median round %.0f%%)", q.name, b.N, mm, mc, 100*mm/mc, 100*med)
+	b.Logf("QEMU %s, 1 GiB of data over NBD (unix), %d rounds: mirror %.0f MB/s, qemu-img convert %.0f MB/s (total %.0f%%, median round %.0f%%)", q.Name(), b.N, mm, mc, 100*mm/mc, 100*med)
 }
 
 // TestBlockMirrorLinuxGuest migrates the Linux guest while it appends its
@@ -893,30 +762,29 @@ func TestBlockMirrorLinuxGuest(t *testing.T) {
 	}
 	require.NoError(t, err)
 	for _, q := range qs {
-		t.Run(q.name+"/direct", func(t *testing.T) { bmTestLinuxGuest(t, q, kernel, initrd, false) })
-		t.Run(q.name+"/engine", func(t *testing.T) { bmTestLinuxGuest(t, q, kernel, initrd, true) })
+		t.Run(q.Name()+"/direct", func(t *testing.T) { bmTestLinuxGuest(t, q, kernel, initrd, false) })
+		t.Run(q.Name()+"/engine", func(t *testing.T) { bmTestLinuxGuest(t, q, kernel, initrd, true) })
 	}
 }
 
 // bmTestLinuxGuest drives the sequence itself (and compares the images at
 // the switchover), or with useEngine runs engine.Migrate with Storage.
-func bmTestLinuxGuest(t *testing.T, q bmQEMU, kernel, initrd string, useEngine bool) {
+func bmTestLinuxGuest(t *testing.T, q *qemulab.QEMU, kernel, initrd string, useEngine bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
 	w := linux.Workload{Mode: linux.ModeDiskWrite, RateBytes: 2 << 20, VerifyEvery: 2 * time.Second}
-	serial := func(name string) string { return filepath.Join(dir, name+".serial") }
-	opts := func(name string, incoming bool) bmOpts {
+	opts := func(incoming bool) bmOpts {
 		return bmOpts{size: "32M", mem: 256, incoming: incoming,
-			extra: append([]string{"-serial", "file:" + serial(name)}, linux.BootArgs(kernel, initrd, w)...)}
+			guest: qemulab.LinuxGuest{Kernel: kernel, Initrd: initrd, Workload: w}}
 	}
-	src := bmStartVM(t, q, dir, "src", opts("src", false))
-	ss := linux.NewSerial(serial("src"))
+	src := bmStartVM(t, q, dir, "src", opts(false))
+	ss := linux.NewSerial(src.inst.SerialPath())
 	_, err := ss.WaitFor(ctx, linux.Kind(linux.KindReady))
 	require.NoError(t, err)
 	_, err = ss.WaitFor(ctx, linux.Verdict(linux.KindDiskVerify, "records", 1))
 	require.NoError(t, err, "source guest writing and verifying its disk log")
-	dst := bmStartVM(t, q, dir, "dst", opts("dst", true))
+	dst := bmStartVM(t, q, dir, "dst", opts(true))
 	uri := "unix:" + filepath.Join(dir, "mig.sock")
 	if useEngine {
 		var disks []blockmirror.Progress
@@ -945,28 +813,28 @@ func bmTestLinuxGuest(t *testing.T, q bmQEMU, kernel, initrd string, useEngine b
 		time.Sleep(2 * time.Second) // the guest keeps writing through the READY mirror
 		bmMigrate(t, ctx, s, src, dst, func() {
 			// Both stopped: source postmigrate, destination not yet cont'ed.
-			out, err := exec.Command(q.img, "compare", "-U", "-q", src.disk, dst.disk).CombinedOutput()
+			out, err := exec.Command(q.Img, "compare", "-U", "-q", src.disk, dst.disk).CombinedOutput()
 			require.NoError(t, err, "images differ at the switchover: %s", out)
 		})
 	}
 	seq, err := ss.Latest(ctx, linux.KindDisk, "seq", 0, 200*time.Millisecond)
 	require.NoError(t, err)
 	src.quit(ctx)
-	ds := linux.NewSerial(serial("dst"))
+	ds := linux.NewSerial(dst.inst.SerialPath())
 	l, err := ds.WaitFor(ctx, linux.Verdict(linux.KindDiskVerify, "last", seq+100))
 	require.NoError(t, err, "destination disk verification")
-	t.Logf("QEMU %s: source wrote up to record %d; destination: %s", q.name, seq, l.Raw)
+	t.Logf("QEMU %s: source wrote up to record %d; destination: %s", q.Name(), seq, l.Raw)
 	dst.quit(ctx)
 }
 
 // bmTestLinkCut runs source and destination in two network namespaces with
 // the NBD connection over a shaped veth link, cuts the link mid-mirror, aborts
 // (the stuck NBD connection is yanked), restores the link and migrates.
-func bmTestLinkCut(t *testing.T, q bmQEMU) {
+func bmTestLinkCut(t *testing.T, q *qemulab.QEMU) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	n, err := testbed.NewNetwork(ctx, 8<<20)
-	if errors.Is(err, testbed.ErrNetnsUnavailable) && os.Getenv("CI") == "" {
+	n, err := qemulab.NewNetwork(ctx, 8<<20)
+	if errors.Is(err, qemulab.ErrNetnsUnavailable) && os.Getenv("CI") == "" {
 		t.Skipf("no network namespaces: %v", err)
 	}
 	require.NoError(t, err)

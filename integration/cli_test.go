@@ -19,13 +19,13 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/qmigrate/qmigrate/internal/guest/sweep"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 )
 
 // TestCLI runs the qmigrate binary against real QEMUs: it is built once, and
 // the subtests run one after another (never more than two QEMUs at a time).
 func TestCLI(t *testing.T) {
-	q := testbed.RequireQEMU(t)
+	q := qemulab.RequireQEMU(t)
 	bin := buildCLI(t)
 
 	t.Run("MigrateJSON", func(t *testing.T) { testCLIMigrateJSON(t, q, bin) })
@@ -56,14 +56,14 @@ func buildCLI(t *testing.T) string {
 // cliPair starts a source running the sweep guest and a destination waiting
 // with -incoming defer. Each gets a second QMP monitor for the CLI (a QEMU
 // monitor socket serves one client at a time; the test keeps the first).
-func cliPair(t *testing.T, q *testbed.QEMU, rate float64, incoming bool) (src, dst *testbed.Instance, srcSock, dstSock string) {
+func cliPair(t *testing.T, q *qemulab.QEMU, rate float64, incoming bool) (src, dst *qemulab.Instance, srcSock, dstSock string) {
 	t.Helper()
 	dir := shortTempDir(t)
 	srcSock, dstSock = filepath.Join(dir, "src-cli.qmp"), filepath.Join(dir, "dst-cli.qmp")
-	guest := testbed.NewSweepGuest(rate)
-	src = testbed.StartT(t, q, testbed.Config{Name: "src", Guest: guest,
+	guest := qemulab.NewSweepGuest(rate)
+	src = qemulab.StartT(t, q, qemulab.Config{Name: "src", Guest: guest,
 		Args: []string{"-qmp", "unix:" + srcSock + ",server=on,wait=off"}})
-	dst = testbed.StartT(t, q, testbed.Config{Name: "dst", Guest: guest, Incoming: incoming,
+	dst = qemulab.StartT(t, q, qemulab.Config{Name: "dst", Guest: guest, Incoming: incoming,
 		Args: []string{"-qmp", "unix:" + dstSock + ",server=on,wait=off"}})
 	// The guest is live: at least one full pass done.
 	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
@@ -122,7 +122,7 @@ func exitCode(t *testing.T, err error) int {
 	return ee.ExitCode()
 }
 
-func testCLIMigrateJSON(t *testing.T, q *testbed.QEMU, bin string) {
+func testCLIMigrateJSON(t *testing.T, q *qemulab.QEMU, bin string) {
 	src, dst, srcSock, dstSock := cliPair(t, q, 64<<20, true)
 	uri := "unix:" + filepath.Join(shortTempDir(t), "mig.sock")
 
@@ -160,14 +160,14 @@ func testCLIMigrateJSON(t *testing.T, q *testbed.QEMU, bin string) {
 
 	// The guest runs on the destination, every page intact; the source is
 	// left in postmigrate.
-	_, err := testbed.CheckSweep(t.Context(), src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	_, err := qemulab.CheckSweep(t.Context(), src.QMP, dst.QMP, qemulab.SweepCheckOptions{})
 	require.NoError(t, err)
 }
 
 // testCLITCPPortZero migrates over tcp with port 0 (the destination picks,
 // qmigrate reads the port back), multifd channels and a bandwidth with a
 // unit, all from the command line.
-func testCLITCPPortZero(t *testing.T, q *testbed.QEMU, bin string) {
+func testCLITCPPortZero(t *testing.T, q *qemulab.QEMU, bin string) {
 	src, dst, srcSock, dstSock := cliPair(t, q, 64<<20, true)
 	code, lines, _ := runCLI(t, 3*time.Minute, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst", "unix:"+dstSock,
 		"--uri", "tcp:127.0.0.1:0", "--multifd", "2", "--bandwidth", "1GiB", "--max-downtime=500ms", "--timeout", "2m")
@@ -188,13 +188,13 @@ func testCLITCPPortZero(t *testing.T, q *testbed.QEMU, bin string) {
 	require.NoError(t, src.QMP.Execute(ctx, "query-migrate-parameters", nil, &params))
 	assert.Equal(t, uint64(1<<30), params.MaxBandwidth)
 	assert.Equal(t, 2, params.MultifdChannels)
-	_, err := testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	_, err := qemulab.CheckSweep(ctx, src.QMP, dst.QMP, qemulab.SweepCheckOptions{})
 	require.NoError(t, err)
 }
 
 // testCLISignal interrupts a running migration with sig (SIGINT or SIGTERM):
 // rolled back, exit 1, a result line with status cancelled.
-func testCLISignal(t *testing.T, q *testbed.QEMU, bin string, sig syscall.Signal) {
+func testCLISignal(t *testing.T, q *qemulab.QEMU, bin string, sig syscall.Signal) {
 	src, dst, srcSock, dstSock := cliPair(t, q, 64<<20, true)
 	uri := "unix:" + filepath.Join(shortTempDir(t), "mig.sock")
 
@@ -248,14 +248,14 @@ func testCLISignal(t *testing.T, q *testbed.QEMU, bin string, sig syscall.Signal
 	st, err := src.QMP.QueryStatus(ctx)
 	require.NoError(t, err)
 	assert.Equal(t, "running", st.Status)
-	_, err = testbed.CheckSweep(ctx, nil, src.QMP, testbed.SweepCheckOptions{})
+	_, err = qemulab.CheckSweep(ctx, nil, src.QMP, qemulab.SweepCheckOptions{})
 	require.NoError(t, err)
 	_ = dst
 }
 
 // testCLICopyStorage migrates the sweep guest's boot disk too: --disk names
 // its drive, --nbd puts the NBD server on a unix socket of our choosing.
-func testCLICopyStorage(t *testing.T, q *testbed.QEMU, bin string) {
+func testCLICopyStorage(t *testing.T, q *qemulab.QEMU, bin string) {
 	src, dst, srcSock, dstSock := cliPair(t, q, 64<<20, true)
 	dir := shortTempDir(t)
 	code, lines, _ := runCLI(t, 3*time.Minute, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst", "unix:"+dstSock,
@@ -273,11 +273,11 @@ func testCLICopyStorage(t *testing.T, q *testbed.QEMU, bin string) {
 	}
 	require.NotEmpty(t, disks, "disk progress lines")
 	assert.Equal(t, true, disks[len(disks)-1]["ready"])
-	_, err := testbed.CheckSweep(t.Context(), src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	_, err := qemulab.CheckSweep(t.Context(), src.QMP, dst.QMP, qemulab.SweepCheckOptions{})
 	require.NoError(t, err)
 }
 
-func testCLINotIncoming(t *testing.T, q *testbed.QEMU, bin string) {
+func testCLINotIncoming(t *testing.T, q *qemulab.QEMU, bin string) {
 	_, _, srcSock, dstSock := cliPair(t, q, 64<<20, false)
 	uri := "unix:" + filepath.Join(shortTempDir(t), "mig.sock")
 	code, lines, _ := runCLI(t, time.Minute, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst", "unix:"+dstSock, "--uri", uri)
@@ -317,7 +317,7 @@ func testCLIDemo(t *testing.T, bin string, flags ...string) {
 // testCLITLS: credentials the destination cannot load exit 2 with QEMU's
 // reason and leave the pair as it was; the same pair then migrates over
 // x509 TLS on a unix socket (the certificate's name given).
-func testCLITLS(t *testing.T, q *testbed.QEMU, bin string) {
+func testCLITLS(t *testing.T, q *qemulab.QEMU, bin string) {
 	src, dst, srcSock, dstSock := cliPair(t, q, 64<<20, true)
 	uri := "unix:" + filepath.Join(shortTempDir(t), "mig.sock")
 	args := []string{"migrate", "--json", "--src", "unix:" + srcSock, "--dst", "unix:" + dstSock, "--uri", uri,
@@ -332,7 +332,7 @@ func testCLITLS(t *testing.T, q *testbed.QEMU, bin string) {
 	assert.Contains(t, stderr, "Unable to access credentials")
 
 	pki := filepath.Join(t.TempDir(), "pki")
-	require.NoError(t, testbed.WriteX509Creds(pki, "dst.qmigrate.test"))
+	require.NoError(t, qemulab.WriteX509Creds(pki, "dst.qmigrate.test"))
 	code, lines, stderr = runCLI(t, 3*time.Minute, bin, append(args, "--tls-x509", pki)...)
 	require.Equal(t, 0, code, "stdout: %v", lines)
 	res = lines[len(lines)-1]
@@ -341,7 +341,7 @@ func testCLITLS(t *testing.T, q *testbed.QEMU, bin string) {
 	assert.Contains(t, stderr, "with TLS (x509 certificates in "+pki+")")
 	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 	defer cancel()
-	_, err := testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	_, err := qemulab.CheckSweep(ctx, src.QMP, dst.QMP, qemulab.SweepCheckOptions{})
 	require.NoError(t, err, "destination guest intact")
 	assertNoTLSLeft(t, "source", src)
 	assertNoTLSLeft(t, "destination", dst)

@@ -10,7 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
@@ -28,15 +28,15 @@ const benchBandwidth = 100e6
 // driver, and returns the time of the call (QEMU start-up is outside it) and
 // the time from the start phase on (for the engine: without prepare's
 // checks, sets and read-backs; for the raw driver the same as the call).
-func migrateOnce(tb testing.TB, q *testbed.QEMU, useEngine bool) (total, fromStart time.Duration) {
+func migrateOnce(tb testing.TB, q *qemulab.QEMU, useEngine bool) (total, fromStart time.Duration) {
 	t := tb.(interface {
-		testbed.TB
+		qemulab.TB
 		Helper()
 	})
 	t.Helper()
-	guest := testbed.NewSweepGuest(benchRate)
-	src := testbed.StartT(t, q, testbed.Config{Name: "src", Guest: guest})
-	dst := testbed.StartT(t, q, testbed.Config{Name: "dst", Guest: guest, Incoming: true})
+	guest := qemulab.NewSweepGuest(benchRate)
+	src := qemulab.StartT(t, q, qemulab.Config{Name: "src", Guest: guest})
+	dst := qemulab.StartT(t, q, qemulab.Config{Name: "dst", Guest: guest, Incoming: true})
 	defer src.Close()
 	defer dst.Close()
 	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
@@ -66,7 +66,7 @@ func migrateOnce(tb testing.TB, q *testbed.QEMU, useEngine bool) (total, fromSta
 	} else {
 		// The minimal raw-QMP driver: events on, max-bandwidth, incoming,
 		// migrate, poll query-migrate every 50 ms until completed.
-		_, err = testbed.MigrateQMP(ctx, src.QMP, dst.QMP, testbed.MigrateOptions{URI: uri, MaxBandwidth: benchBandwidth})
+		_, err = qemulab.MigrateQMP(ctx, src.QMP, dst.QMP, qemulab.MigrateOptions{URI: uri, MaxBandwidth: benchBandwidth})
 	}
 	took := time.Since(start)
 	require.NoError(tb, err)
@@ -106,7 +106,7 @@ func migrateOnce(tb testing.TB, q *testbed.QEMU, useEngine bool) (total, fromSta
 // migrate-incoming, one for migrate, under 1 ms each). What is left of
 // prepare is its own checks, sets and read-backs: a few milliseconds.
 func BenchmarkEngineVsRaw(b *testing.B) {
-	q := testbed.RequireQEMU(b)
+	q := qemulab.RequireQEMU(b)
 	var eng, engStart, engPrep, raw []time.Duration
 	for b.Loop() {
 		b.StopTimer()

@@ -12,7 +12,7 @@ import (
 
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/guest/linux"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 )
 
 // TestEngineLinuxGuest migrates the Linux guest while it dirties a 128 MiB
@@ -20,15 +20,15 @@ import (
 // migration completes, the destination runs, and the guest's self-check
 // passes on the destination for two more passes after the switchover.
 func TestEngineLinuxGuest(t *testing.T) {
-	q := testbed.RequireQEMU(t)
+	q := qemulab.RequireQEMU(t)
 	if testing.Short() {
 		t.Skip("boots Linux; skipped with -short")
 	}
 	// QEMU before 9.0 loses TCG writes from the dirty log when a RAM block
 	// is a multiple of 256 KiB (the bitmap sync's fast path does not reset
 	// TCG's TLB): a live-migrated Linux guest's kernel then often arrives
-	// corrupt (10 of 24 on 7.2.22). The testbed gives a TCG guest there 8
-	// KiB more RAM, off that path (none of 30 since; testbed.RAMSize). On
+	// corrupt (10 of 24 on 7.2.22). qemulab gives a TCG guest there 8
+	// KiB more RAM, off that path (none of 30 since; qemulab.RAMSize). On
 	// 7.x the guest still dirties a small set slowly, as a margin; on newer
 	// QEMU a 128 MiB set at 64 MiB/s.
 	w := linux.Workload{Mode: linux.ModeMemDirty, MemBytes: 128 << 20, RateBytes: 64 << 20}
@@ -46,8 +46,8 @@ func TestEngineLinuxGuest(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 4*time.Minute)
 	defer cancel()
 	args := linux.BootArgs(kernel, initrd, w)
-	src := testbed.StartT(t, q, testbed.Config{Name: "src", MemMiB: 384, Args: args})
-	dst := testbed.StartT(t, q, testbed.Config{Name: "dst", MemMiB: 384, Args: args, Incoming: true})
+	src := qemulab.StartT(t, q, qemulab.Config{Name: "src", MemMiB: 384, Args: args})
+	dst := qemulab.StartT(t, q, qemulab.Config{Name: "dst", MemMiB: 384, Args: args, Incoming: true})
 	ss := linux.NewSerial(src.SerialPath())
 	_, err = ss.WaitFor(ctx, linux.Kind(linux.KindReady))
 	require.NoError(t, err)

@@ -12,7 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/strategy"
 )
@@ -36,7 +36,7 @@ const (
 // guest must run exactly where the Result says, with its memory intact
 // there (the sweep invariant), and the other side must not run it.
 func TestEngineCancelRace(t *testing.T) {
-	q := testbed.RequireQEMU(t)
+	q := qemulab.RequireQEMU(t)
 	var stopAt, doneAt time.Duration
 	t.Run("Calibrate", func(t *testing.T) {
 		src, dst := enginePair(t, q, raceRate, true, "")
@@ -74,7 +74,7 @@ func TestEngineCancelRace(t *testing.T) {
 // raceConfig sets the source's downtime limit and returns the engine config
 // for a race trial: the qemu policy leaves it in place and decides nothing,
 // so the completion moment depends on the guest and the link only.
-func raceConfig(t *testing.T, src, dst *testbed.Instance) engine.Config {
+func raceConfig(t *testing.T, src, dst *qemulab.Instance) engine.Config {
 	require.NoError(t, src.QMP.MigrateSetParameters(t.Context(), qmp.MigrationParameters{DowntimeLimit: qmp.Ptr[uint64](raceDowntime)}))
 	cfg := engineConfig(t, src, dst, "unix:"+filepath.Join(dst.Dir(), "mig.sock"))
 	cfg.Bandwidth = raceBandwidth
@@ -84,7 +84,7 @@ func raceConfig(t *testing.T, src, dst *testbed.Instance) engine.Config {
 
 // raceTrial runs one migration cancelled at the given moment, checks where
 // the guest is, and names the ending.
-func raceTrial(t *testing.T, q *testbed.QEMU, at time.Duration) string {
+func raceTrial(t *testing.T, q *qemulab.QEMU, at time.Duration) string {
 	src, dst := enginePair(t, q, raceRate, true, "")
 	cfg := raceConfig(t, src, dst)
 	var stopAt time.Duration
@@ -111,7 +111,7 @@ func raceTrial(t *testing.T, q *testbed.QEMU, at time.Duration) string {
 		}
 		// The source is in postmigrate, the destination runs the guest,
 		// memory intact.
-		_, cerr := testbed.CheckSweep(cctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+		_, cerr := qemulab.CheckSweep(cctx, src.QMP, dst.QMP, qemulab.SweepCheckOptions{})
 		require.NoError(t, cerr, "the guest runs intact on the destination, not on the source")
 	case engine.StatusCancelled:
 		require.ErrorIs(t, err, engine.ErrCancelled)

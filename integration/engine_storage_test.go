@@ -15,7 +15,7 @@ import (
 
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
@@ -24,12 +24,12 @@ import (
 // pre-switchover window and cleans up; on a cancel it aborts the mirror and
 // leaves nothing behind on the source.
 func TestEngineStorage(t *testing.T) {
-	q := testbed.RequireQEMU(t)
+	q := qemulab.RequireQEMU(t)
 	t.Run("Completes", func(t *testing.T) { testEngineStorage(t, q, false) })
 	t.Run("CancelRollsBack", func(t *testing.T) { testEngineStorage(t, q, true) })
 }
 
-func testEngineStorage(t *testing.T, q *testbed.QEMU, cancelIt bool) {
+func testEngineStorage(t *testing.T, q *qemulab.QEMU, cancelIt bool) {
 	src, dst := enginePair(t, q, 500e6, true, "")
 	cfg := engineConfig(t, src, dst, "unix:"+filepath.Join(dst.Dir(), "mig.sock"))
 	cfg.Storage = &blockmirror.Config{Disks: []string{"sweep0"}}
@@ -69,16 +69,16 @@ func testEngineStorage(t *testing.T, q *testbed.QEMU, cancelIt bool) {
 	exps, err := dst.QMP.QueryBlockExports(ctx)
 	require.NoError(t, err)
 	assert.Empty(t, exps, "destination exports removed")
-	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	_, err = qemulab.CheckSweep(ctx, src.QMP, dst.QMP, qemulab.SweepCheckOptions{})
 	require.NoError(t, err, "destination guest intact")
-	require.NotEmpty(t, q.Img, "qemu-img (testbed.FindQEMU) to compare the images")
+	require.NotEmpty(t, q.Img, "qemu-img (qemulab.FindQEMU) to compare the images")
 	out, err := exec.CommandContext(ctx, q.Img, "compare", "-U", "-q",
 		filepath.Join(src.Dir(), "sweep.img"), filepath.Join(dst.Dir(), "sweep.img")).CombinedOutput()
 	assert.NoError(t, err, "images differ: %s", out)
 }
 
 // assertNoMirrorLeft checks the source has no block job and no NBD node.
-func assertNoMirrorLeft(t *testing.T, ctx context.Context, src *testbed.Instance) {
+func assertNoMirrorLeft(t *testing.T, ctx context.Context, src *qemulab.Instance) {
 	t.Helper()
 	jobs, err := src.QMP.QueryBlockJobs(ctx)
 	require.NoError(t, err)
@@ -100,7 +100,7 @@ func assertNoMirrorLeft(t *testing.T, ctx context.Context, src *testbed.Instance
 // budget with the source intact and nothing left behind.
 func TestEngineStorageHeavyWriter(t *testing.T) {
 	for _, q := range bmQEMUs(t) {
-		t.Run(q.name, func(t *testing.T) {
+		t.Run(q.Name(), func(t *testing.T) {
 			t.Run("AutoSwitches", func(t *testing.T) {
 				src, dst := bmPair(t, q, bmOpts{size: "32M"})
 				heavyWriterCase{restart: !src.f.BlockJobChange}.run(t, q, src, dst)
@@ -131,7 +131,7 @@ type heavyWriterCase struct {
 	strategy      strategy.Config
 }
 
-func (c heavyWriterCase) run(t *testing.T, q bmQEMU, src, dst *bmVM) {
+func (c heavyWriterCase) run(t *testing.T, q *qemulab.QEMU, src, dst *bmVM) {
 	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 	defer cancel()
 	const speed = 8 << 20
@@ -171,7 +171,7 @@ func (c heavyWriterCase) run(t *testing.T, q bmQEMU, src, dst *bmVM) {
 		actions = append(actions, d.Action)
 	}
 	t.Logf("QEMU %s: %s in %v (READY at %v): %v; decisions %v; undone %q; undo errors %q",
-		q.name, res.Status, res.Total.Round(time.Millisecond), readyAt.Round(time.Millisecond), err, actions, res.Undone, res.UndoErrors)
+		q.Name(), res.Status, res.Total.Round(time.Millisecond), readyAt.Round(time.Millisecond), err, actions, res.Undone, res.UndoErrors)
 	if c.abort {
 		require.ErrorIs(t, err, engine.ErrAborted)
 		assert.NotContains(t, actions, strategy.MirrorWriteBlocking)
@@ -230,36 +230,35 @@ func (c heavyWriterCase) run(t *testing.T, q bmQEMU, src, dst *bmVM) {
 // mirrors are finished, so no write lands after the mirror ended.
 func TestEngineStorageBacklogAfterReady(t *testing.T) {
 	for _, q := range bmQEMUs(t) {
-		t.Run(q.name, func(t *testing.T) {
+		t.Run(q.Name(), func(t *testing.T) {
 			dir := t.TempDir()
 			ram := filepath.Join(dir, "ram.bin")
-			buf := make([]byte, testbed.RAMBytes(q.version(), "tcg", 64))
+			// The file's size is the guest's (bmStartVM: 64 MiB, + 8 KiB
+			// before 9.0: qemulab.RAMSize): QEMU wants it to match.
+			buf := make([]byte, q.RAMBytes(qemulab.Config{MemMiB: 64}))
 			_, _ = rand.NewChaCha8([32]byte{1}).Read(buf)
 			require.NoError(t, os.WriteFile(ram, buf, 0o600))
-			// The backend's size is the guest's (bmStartVM: 64 MiB, + 8 KiB
-			// before 9.0: testbed.RAMSize), and QEMU wants the file's to match.
-			mem := []string{"-object", "memory-backend-file,id=ram0,size=" + testbed.RAMSize(q.version(), "tcg", 64) + ",share=off,mem-path=" + ram}
-			src := bmStartVM(t, q, dir, "src", bmOpts{size: "32M", machine: "q35,memory-backend=ram0", extra: mem})
+			src := bmStartVM(t, q, dir, "src", bmOpts{size: "32M", ram: ram})
 			// The destination disk takes writes at 8 MiB/s (a throttle node
 			// under the device). The mirror's speed alone is not enough: on
 			// 10.0 it held the bulk copy to 8 MiB/s, yet after READY the
 			// mirror kept up with a ~700 MiB/s writer (2.2 GB in ~6 s).
 			img := filepath.Join(dir, "dst.raw")
-			out, err := exec.Command(q.img, "create", "-q", "-f", "raw", img, "32M").CombinedOutput()
+			out, err := exec.Command(q.Img, "create", "-q", "-f", "raw", img, "32M").CombinedOutput()
 			require.NoError(t, err, "%s", out)
-			dst := bmStartVM(t, q, dir, "dst", bmOpts{incoming: true, noDisk: true, machine: "q35,memory-backend=ram0", extra: append(mem,
+			dst := bmStartVM(t, q, dir, "dst", bmOpts{incoming: true, noDisk: true, ram: ram, extra: []string{
 				"-object", "throttle-group,id=tg0,x-bps-write=8388608",
-				"-blockdev", "driver=file,filename="+img+",node-name=f0",
+				"-blockdev", "driver=file,filename=" + img + ",node-name=f0",
 				"-blockdev", "driver=raw,file=f0,node-name=r0",
 				"-blockdev", "driver=throttle,throttle-group=tg0,file=r0,node-name=disk0",
-				"-device", "virtio-blk-pci,drive=disk0,id=vd0")})
+				"-device", "virtio-blk-pci,drive=disk0,id=vd0"}})
 			require.Equal(t, img, dst.disk)
 			testBacklogAfterReady(t, q, src, dst)
 		})
 	}
 }
 
-func testBacklogAfterReady(t *testing.T, q bmQEMU, src, dst *bmVM) {
+func testBacklogAfterReady(t *testing.T, q *qemulab.QEMU, src, dst *bmVM) {
 	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 	defer cancel()
 	cfg := engine.Config{
@@ -298,7 +297,7 @@ func testBacklogAfterReady(t *testing.T, q bmQEMU, src, dst *bmVM) {
 	res, err := engine.Migrate(ctx, cfg)
 	wstop()
 	t.Logf("QEMU %s: %s in %v (READY at %v), downtime %v: %v; decisions %d; undo errors %q",
-		q.name, res.Status, res.Total.Round(time.Millisecond), readyAt.Round(time.Millisecond), res.Downtime.Round(time.Millisecond),
+		q.Name(), res.Status, res.Total.Round(time.Millisecond), readyAt.Round(time.Millisecond), res.Downtime.Round(time.Millisecond),
 		err, len(res.Decisions), res.UndoErrors)
 	require.NoError(t, err)
 	var actions []strategy.Action

@@ -13,7 +13,7 @@ import (
 
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/guest/sweep"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/qmp/qmptest"
 	"github.com/qmigrate/qmigrate/strategy"
@@ -23,7 +23,7 @@ import (
 // QMIGRATE_QEMU). Subtests run one after another, never more than two QEMUs
 // at a time, each bounded to keep the suite short.
 func TestEngine(t *testing.T) {
-	q := testbed.RequireQEMU(t)
+	q := qemulab.RequireQEMU(t)
 	t.Run("Converges", func(t *testing.T) { testEngineConverges(t, q, "unix", 0) })
 	t.Run("TCPPortZeroMultifd", func(t *testing.T) { testEngineConverges(t, q, "tcp", 2) })
 	t.Run("SocketpairFD", func(t *testing.T) { testEngineConverges(t, q, "fd", 0) })
@@ -40,11 +40,11 @@ func TestEngine(t *testing.T) {
 // enginePair starts a source running the sweep guest at about rate bytes/s
 // and a destination with -incoming defer (or without, when incoming is
 // false), and waits until the guest completed a pass.
-func enginePair(t *testing.T, q *testbed.QEMU, rate float64, incoming bool, uuid string) (src, dst *testbed.Instance) {
+func enginePair(t *testing.T, q *qemulab.QEMU, rate float64, incoming bool, uuid string) (src, dst *qemulab.Instance) {
 	t.Helper()
-	guest := testbed.NewSweepGuest(rate)
-	src = testbed.StartT(t, q, testbed.Config{Name: "src", Guest: guest, UUID: uuid})
-	dst = testbed.StartT(t, q, testbed.Config{Name: "dst", Guest: guest, Incoming: incoming, UUID: uuid})
+	guest := qemulab.NewSweepGuest(rate)
+	src = qemulab.StartT(t, q, qemulab.Config{Name: "src", Guest: guest, UUID: uuid})
+	dst = qemulab.StartT(t, q, qemulab.Config{Name: "dst", Guest: guest, Incoming: incoming, UUID: uuid})
 	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 	defer cancel()
 	_, err := src.CountSerial(ctx, sweep.StartChar, sweep.PassChar, 1)
@@ -52,7 +52,7 @@ func enginePair(t *testing.T, q *testbed.QEMU, rate float64, incoming bool, uuid
 	return src, dst
 }
 
-func engineConfig(t *testing.T, src, dst *testbed.Instance, uri string) engine.Config {
+func engineConfig(t *testing.T, src, dst *qemulab.Instance, uri string) engine.Config {
 	return engine.Config{
 		Source:      engine.Endpoint{Client: src.QMP},
 		Destination: engine.Endpoint{Client: dst.QMP},
@@ -81,7 +81,7 @@ func (w tWriter) Write(p []byte) (int, error) {
 
 // sourceIntact checks that after a rollback the guest runs on the source and
 // its memory passes the sweep invariant.
-func sourceIntact(t *testing.T, src *testbed.Instance) {
+func sourceIntact(t *testing.T, src *qemulab.Instance) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -91,11 +91,11 @@ func sourceIntact(t *testing.T, src *testbed.Instance) {
 	info, err := src.QMP.QueryMigrate(ctx)
 	require.NoError(t, err)
 	assert.True(t, info.Status.Terminal(), "no migration left running on the source (%s)", info.Status)
-	_, err = testbed.CheckSweep(ctx, nil, src.QMP, testbed.SweepCheckOptions{})
+	_, err = qemulab.CheckSweep(ctx, nil, src.QMP, qemulab.SweepCheckOptions{})
 	require.NoError(t, err, "source guest intact")
 }
 
-func testEngineConverges(t *testing.T, q *testbed.QEMU, scheme string, multifd int) {
+func testEngineConverges(t *testing.T, q *qemulab.QEMU, scheme string, multifd int) {
 	uuid := ""
 	if multifd > 0 {
 		uuid = "5a3c8f00-1c2d-4e5f-8a9b-0c1d2e3f4a5b"
@@ -129,7 +129,7 @@ func testEngineConverges(t *testing.T, q *testbed.QEMU, scheme string, multifd i
 	st, err := dst.QMP.QueryStatus(ctx)
 	require.NoError(t, err)
 	assert.Equal(t, "running", st.Status)
-	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	_, err = qemulab.CheckSweep(ctx, src.QMP, dst.QMP, qemulab.SweepCheckOptions{})
 	require.NoError(t, err, "destination guest intact")
 	if scheme == "unix" {
 		_, err := os.Stat(uri[len("unix:"):])
@@ -139,7 +139,7 @@ func testEngineConverges(t *testing.T, q *testbed.QEMU, scheme string, multifd i
 
 // nonConverging is a config that cannot converge: the link is limited to
 // 20 MB/s while the guest re-dirties its 99 MiB range several times a second.
-func nonConverging(t *testing.T, src, dst *testbed.Instance) engine.Config {
+func nonConverging(t *testing.T, src, dst *qemulab.Instance) engine.Config {
 	cfg := engineConfig(t, src, dst, "unix:"+filepath.Join(dst.Dir(), "mig.sock"))
 	cfg.Bandwidth = 20e6
 	cfg.Strategy.Policy = strategy.PolicyQEMU
@@ -149,13 +149,13 @@ func nonConverging(t *testing.T, src, dst *testbed.Instance) engine.Config {
 // The guest dirties its range faster than the 40 MB/s link: the auto policy
 // must apply its levers (downtime, CPU throttle) on the real QEMU and
 // complete with the guest intact.
-func testEngineAutoThrottle(t *testing.T, q *testbed.QEMU) {
+func testEngineAutoThrottle(t *testing.T, q *qemulab.QEMU) {
 	// 4 to 15 × the link: far above (35 × on an idle host), TCG's bursts
 	// under a 99% throttle may still dirty more than a 1 s switchover
 	// takes, and auto rightly aborts.
-	src, g, rate := tunedSweep(t, q, testbed.Config{Name: "src"}, 500e6, 160e6, 600e6)
+	src, g, rate := tunedSweep(t, q, qemulab.Config{Name: "src"}, 500e6, 160e6, 600e6)
 	t.Logf("sweep guest dirties %.0f MB/s, %.1f × the 40 MB/s link", rate/1e6, rate/40e6)
-	dst := testbed.StartT(t, q, testbed.Config{Name: "dst", Guest: g, Incoming: true})
+	dst := qemulab.StartT(t, q, qemulab.Config{Name: "dst", Guest: g, Incoming: true})
 	cfg := engineConfig(t, src, dst, "unix:"+filepath.Join(dst.Dir(), "mig.sock"))
 	cfg.Bandwidth = 40e6
 	cfg.Strategy.Limits.MaxDowntime = time.Second
@@ -181,13 +181,13 @@ func testEngineAutoThrottle(t *testing.T, q *testbed.QEMU) {
 	}
 	assert.NotEmpty(t, res.Decisions, "levers were needed")
 	assert.LessOrEqual(t, res.Downtime, time.Second+200*time.Millisecond)
-	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	_, err = qemulab.CheckSweep(ctx, src.QMP, dst.QMP, qemulab.SweepCheckOptions{})
 	require.NoError(t, err, "destination guest intact")
 }
 
 // With throttling refused and postcopy permitted, the budget ends pre-copy
 // by postcopy on the real QEMU: no cancel, guest intact on the destination.
-func testEnginePostcopy(t *testing.T, q *testbed.QEMU) {
+func testEnginePostcopy(t *testing.T, q *qemulab.QEMU) {
 	src, dst := enginePair(t, q, 500e6, true, "")
 	cfg := nonConverging(t, src, dst)
 	cfg.Strategy.Policy = strategy.PolicyAuto
@@ -208,11 +208,11 @@ func testEnginePostcopy(t *testing.T, q *testbed.QEMU) {
 	assert.Contains(t, statuses, "postcopy-active")
 	require.NotEmpty(t, res.Decisions)
 	assert.Equal(t, strategy.StartPostcopy, res.Decisions[len(res.Decisions)-1].Action)
-	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	_, err = qemulab.CheckSweep(ctx, src.QMP, dst.QMP, qemulab.SweepCheckOptions{})
 	require.NoError(t, err, "destination guest intact")
 }
 
-func testEngineCancel(t *testing.T, q *testbed.QEMU) {
+func testEngineCancel(t *testing.T, q *qemulab.QEMU) {
 	src, dst := enginePair(t, q, 500e6, true, "")
 	before, err := src.QMP.QueryMigrateParameters(t.Context())
 	require.NoError(t, err)
@@ -238,7 +238,7 @@ func testEngineCancel(t *testing.T, q *testbed.QEMU) {
 	sourceIntact(t, src)
 }
 
-func testEngineDstKilled(t *testing.T, q *testbed.QEMU) {
+func testEngineDstKilled(t *testing.T, q *qemulab.QEMU) {
 	src, dst := enginePair(t, q, 500e6, true, "")
 	cfg := nonConverging(t, src, dst)
 	killed := make(chan time.Time, 1)
@@ -256,7 +256,7 @@ func testEngineDstKilled(t *testing.T, q *testbed.QEMU) {
 	sourceIntact(t, src)
 }
 
-func testEngineAbort(t *testing.T, q *testbed.QEMU) {
+func testEngineAbort(t *testing.T, q *qemulab.QEMU) {
 	src, dst := enginePair(t, q, 500e6, true, "")
 	cfg := nonConverging(t, src, dst)
 	cfg.Strategy.Limits.Budget = 3 * time.Second
@@ -268,7 +268,7 @@ func testEngineAbort(t *testing.T, q *testbed.QEMU) {
 	sourceIntact(t, src)
 }
 
-func testEngineNotIncoming(t *testing.T, q *testbed.QEMU) {
+func testEngineNotIncoming(t *testing.T, q *qemulab.QEMU) {
 	src, dst := enginePair(t, q, 50e6, false, "")
 	cfg := engineConfig(t, src, dst, "unix:"+filepath.Join(dst.Dir(), "mig.sock"))
 	res, err := engine.Migrate(t.Context(), cfg)
@@ -299,8 +299,8 @@ func testEngineWrongSocket(t *testing.T) {
 
 // A unix listener that accepts and says nothing stands in for the
 // destination's monitor: the engine gives up after ConnectTimeout.
-func testEngineSilentPeer(t *testing.T, q *testbed.QEMU) {
-	src := testbed.StartT(t, q, testbed.Config{Name: "src", Guest: testbed.NewSweepGuest(50e6)})
+func testEngineSilentPeer(t *testing.T, q *qemulab.QEMU) {
+	src := qemulab.StartT(t, q, qemulab.Config{Name: "src", Guest: qemulab.NewSweepGuest(50e6)})
 	dir, err := os.MkdirTemp("", "qm-silent-")
 	require.NoError(t, err)
 	t.Cleanup(func() { os.RemoveAll(dir) })

@@ -18,7 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
@@ -36,12 +36,12 @@ import (
 // The CLI subtest does the same through qmigrate migrate --timeout --json:
 // exit 1, the monitor named on stderr, a result line with status failed.
 func TestEngineSourceStopped(t *testing.T) {
-	q := testbed.RequireQEMU(t)
+	q := qemulab.RequireQEMU(t)
 	t.Run("Engine", func(t *testing.T) { testEngineSourceStopped(t, q) })
 	t.Run("CLI", func(t *testing.T) { testCLISourceStopped(t, q, buildCLI(t)) })
 }
 
-func testEngineSourceStopped(t *testing.T, q *testbed.QEMU) {
+func testEngineSourceStopped(t *testing.T, q *qemulab.QEMU) {
 	src, dst := enginePair(t, q, 500e6, true, "")
 	// Whatever happens, never leave a stopped QEMU behind.
 	t.Cleanup(func() { _ = syscall.Kill(src.Pid(), syscall.SIGCONT) })
@@ -97,7 +97,7 @@ func testEngineSourceStopped(t *testing.T, q *testbed.QEMU) {
 
 // waitSourceMigrationEnded polls the source's migration until it is
 // terminal.
-func waitSourceMigrationEnded(t *testing.T, src *testbed.Instance) *qmp.MigrationInfo {
+func waitSourceMigrationEnded(t *testing.T, src *qemulab.Instance) *qmp.MigrationInfo {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
 	defer cancel()
@@ -115,7 +115,7 @@ func waitSourceMigrationEnded(t *testing.T, src *testbed.Instance) *qmp.Migratio
 	}
 }
 
-func testCLISourceStopped(t *testing.T, q *testbed.QEMU, bin string) {
+func testCLISourceStopped(t *testing.T, q *qemulab.QEMU, bin string) {
 	src, dst, srcSock, dstSock := cliPair(t, q, 500e6, true)
 	t.Cleanup(func() { _ = syscall.Kill(src.Pid(), syscall.SIGCONT) })
 	uri := "unix:" + filepath.Join(shortTempDir(t), "mig.sock")

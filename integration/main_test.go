@@ -3,7 +3,7 @@
 // at most two TCG guests may run at once), skip when QEMU is absent unless CI
 // is set, and clean up every process, namespace, socket and file in
 // t.Cleanup. Pick the QEMU with QMIGRATE_QEMU and QMIGRATE_QEMU_FIRMWARE (see
-// package internal/testbed).
+// package internal/qemulab).
 package integration
 
 import (
@@ -14,7 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/qmigrate/qmigrate/internal/guest/linux"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
@@ -29,9 +29,9 @@ func tbTimeout(t *testing.T, d time.Duration) context.Context {
 
 // tbQEMU resolves QEMU (skipping without it unless CI is set) and logs its
 // version.
-func tbQEMU(t *testing.T) (*testbed.QEMU, qmp.Version) {
+func tbQEMU(t *testing.T) (*qemulab.QEMU, qmp.Version) {
 	t.Helper()
-	q := testbed.RequireQEMU(t)
+	q := qemulab.RequireQEMU(t)
 	v, err := q.Version(tbTimeout(t, 10*time.Second))
 	require.NoError(t, err)
 	t.Logf("QEMU %s (%s, firmware %q)", v, q.Binary, q.Firmware)
@@ -44,7 +44,7 @@ func tbLinuxAssets(t *testing.T) (kernel, initrd string) {
 	t.Helper()
 	kernel, initrd, err := linux.Assets(tbTimeout(t, 5*time.Minute))
 	if err != nil {
-		testbed.SkipOrFail(t, "linux guest: %v", err)
+		qemulab.SkipOrFail(t, "linux guest: %v", err)
 	}
 	return kernel, initrd
 }

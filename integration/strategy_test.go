@@ -12,7 +12,7 @@ import (
 
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/guest/sweep"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
@@ -44,7 +44,7 @@ const (
 // within the same budget.
 func TestStrategy(t *testing.T) {
 	q, _ := tbQEMU(t)
-	n := testbed.NewNetworkT(t, strategyLink)
+	n := qemulab.NewNetworkT(t, strategyLink)
 	var throttled, postcopy time.Duration
 	t.Run("AutoThrottleCompletes", func(t *testing.T) {
 		res := strategyRun(t, q, n, strategy.Config{Limits: strategy.Limits{MaxDowntime: 500 * time.Millisecond}}, true)
@@ -83,10 +83,10 @@ func TestStrategy(t *testing.T) {
 // sc, and checks the guest where it runs afterwards: on the destination when
 // want is true (the migration must complete), else on the source (it must be
 // aborted, the guest running there intact).
-func strategyRun(t *testing.T, q *testbed.QEMU, n *testbed.Network, sc strategy.Config, want bool) *engine.Result {
+func strategyRun(t *testing.T, q *qemulab.QEMU, n *qemulab.Network, sc strategy.Config, want bool) *engine.Result {
 	t.Helper()
-	src, g, rate := tunedSweep(t, q, testbed.Config{Name: "src", Netns: n.A.Netns}, strategyDirty, strategyMin*strategyLink, strategyMax*strategyLink)
-	dst := testbed.StartT(t, q, testbed.Config{Name: "dst", Guest: g, Incoming: true, Netns: n.B.Netns})
+	src, g, rate := tunedSweep(t, q, qemulab.Config{Name: "src", Netns: n.A.Netns}, strategyDirty, strategyMin*strategyLink, strategyMax*strategyLink)
+	dst := qemulab.StartT(t, q, qemulab.Config{Name: "dst", Guest: g, Incoming: true, Netns: n.B.Netns})
 	t.Logf("sweep guest dirties %.0f MB/s, %.1f × the %.0f MB/s link", rate/1e6, rate/strategyLink, strategyLink/1e6)
 	require.GreaterOrEqual(t, rate, 2*strategyLink, "premise: the guest dirties at least twice the link")
 
@@ -125,7 +125,7 @@ func strategyRun(t *testing.T, q *testbed.QEMU, n *testbed.Network, sc strategy.
 		require.NoError(t, err)
 		require.Equal(t, engine.StatusCompleted, res.Status)
 		assert.LessOrEqual(t, res.Downtime, time.Second, "downtime near the 500ms limit")
-		_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{Dir: dst.Dir(), Logf: t.Logf})
+		_, err = qemulab.CheckSweep(ctx, src.QMP, dst.QMP, qemulab.SweepCheckOptions{Dir: dst.Dir(), Logf: t.Logf})
 		require.NoError(t, err, "destination guest intact")
 		return res
 	}
@@ -135,7 +135,7 @@ func strategyRun(t *testing.T, q *testbed.QEMU, n *testbed.Network, sc strategy.
 	// The guest still runs on the source: it keeps writing passes.
 	passes, err := src.Serial()
 	require.NoError(t, err)
-	_, err = src.CountSerial(tbTimeout(t, 30*time.Second), sweep.StartChar, sweep.PassChar, testbed.CountAfter(passes, sweep.StartChar, sweep.PassChar)+1)
+	_, err = src.CountSerial(tbTimeout(t, 30*time.Second), sweep.StartChar, sweep.PassChar, qemulab.CountAfter(passes, sweep.StartChar, sweep.PassChar)+1)
 	require.NoError(t, err, "the guest advances on the source after the abort")
 	sourceIntact(t, src)
 	return res
@@ -148,12 +148,12 @@ func strategyRun(t *testing.T, q *testbed.QEMU, n *testbed.Network, sc strategy.
 // loaded one), so a guest outside is booted again with its spin
 // count scaled towards target (the rate goes about as 1/spin), up to four
 // boots; the last one is returned whatever its rate.
-func tunedSweep(t *testing.T, q *testbed.QEMU, cfg testbed.Config, target, lo, hi float64) (*testbed.Instance, testbed.SweepGuest, float64) {
+func tunedSweep(t *testing.T, q *qemulab.QEMU, cfg qemulab.Config, target, lo, hi float64) (*qemulab.Instance, qemulab.SweepGuest, float64) {
 	t.Helper()
-	g := testbed.NewSweepGuest(target)
+	g := qemulab.NewSweepGuest(target)
 	for boot := 1; ; boot++ {
 		cfg.Guest = g
-		inst := testbed.StartT(t, q, cfg)
+		inst := qemulab.StartT(t, q, cfg)
 		rate := sweepRate(t, inst)
 		if (rate >= lo && rate <= hi) || boot == 4 {
 			return inst, g, rate
@@ -168,7 +168,7 @@ func tunedSweep(t *testing.T, q *testbed.QEMU, cfg testbed.Config, target, lo, h
 
 // sweepRate measures the sweep guest's dirty rate from its serial port: the
 // time between passes (each pass dirties the 99 MiB range once).
-func sweepRate(t *testing.T, src *testbed.Instance) float64 {
+func sweepRate(t *testing.T, src *qemulab.Instance) float64 {
 	t.Helper()
 	ctx := tbTimeout(t, 30*time.Second)
 	_, err := src.CountSerial(ctx, sweep.StartChar, sweep.PassChar, 1)

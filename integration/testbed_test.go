@@ -18,7 +18,7 @@ import (
 
 	"github.com/qmigrate/qmigrate/internal/guest/linux"
 	"github.com/qmigrate/qmigrate/internal/guest/sweep"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
@@ -41,17 +41,17 @@ func TestTestbed(t *testing.T) {
 		err := q.ProbeKVMSweep(t.Context())
 		t.Logf("KVM probe with the sweep guest (%v): %v", time.Since(start).Round(time.Millisecond), err)
 		if err != nil {
-			require.ErrorIs(t, err, testbed.ErrAccelUnusable)
+			require.ErrorIs(t, err, qemulab.ErrAccelUnusable)
 		}
 	})
 }
 
 // startSweepSource starts a source running g and waits for its 'A' (the
 // sweep started); it logs the boot time.
-func startSweepSource(t *testing.T, q *testbed.QEMU, g testbed.SweepGuest, cfg testbed.Config) *testbed.Instance {
+func startSweepSource(t *testing.T, q *qemulab.QEMU, g qemulab.SweepGuest, cfg qemulab.Config) *qemulab.Instance {
 	t.Helper()
 	cfg.Name, cfg.Guest = "src", g
-	src := testbed.StartT(t, q, cfg)
+	src := qemulab.StartT(t, q, cfg)
 	_, err := src.WaitSerial(tbTimeout(t, 30*time.Second), func(b []byte) (bool, error) {
 		return bytes.IndexByte(b, sweep.StartChar) >= 0, nil
 	})
@@ -60,16 +60,16 @@ func startSweepSource(t *testing.T, q *testbed.QEMU, g testbed.SweepGuest, cfg t
 	return src
 }
 
-func testTestbedSweepPrecopy(t *testing.T, q *testbed.QEMU, v qmp.Version) {
-	g := testbed.NewSweepGuest(100e6)
-	src := startSweepSource(t, q, g, testbed.Config{})
+func testTestbedSweepPrecopy(t *testing.T, q *qemulab.QEMU, v qmp.Version) {
+	g := qemulab.NewSweepGuest(100e6)
+	src := startSweepSource(t, q, g, qemulab.Config{})
 	n, err := src.CountSerial(tbTimeout(t, 30*time.Second), sweep.StartChar, sweep.PassChar, 1)
 	require.NoError(t, err)
 	t.Logf("QEMU %s: sweep boot to first full pass: %v", v, time.Since(src.Started).Round(time.Millisecond))
 	require.GreaterOrEqual(t, n, 1)
 
-	dst := testbed.StartT(t, q, testbed.Config{Name: "dst", Guest: g, Incoming: true})
-	info, err := testbed.Migrate(tbTimeout(t, 2*time.Minute), src, dst, testbed.MigrateOptions{})
+	dst := qemulab.StartT(t, q, qemulab.Config{Name: "dst", Guest: g, Incoming: true})
+	info, err := qemulab.Migrate(tbTimeout(t, 2*time.Minute), src, dst, qemulab.MigrateOptions{})
 	tbLogMigration(t, "sweep pre-copy over unix", info)
 	require.NoError(t, err)
 
@@ -81,7 +81,7 @@ func testTestbedSweepPrecopy(t *testing.T, q *testbed.QEMU, v qmp.Version) {
 	require.NoError(t, err)
 	assert.Empty(t, strings.Trim(string(serial), string(rune(sweep.PassChar))), "destination serial holds only 'B's")
 
-	rep, err := testbed.CheckSweep(tbTimeout(t, time.Minute), src.QMP, dst.QMP, testbed.SweepCheckOptions{Dir: dst.Dir(), Logf: t.Logf})
+	rep, err := qemulab.CheckSweep(tbTimeout(t, time.Minute), src.QMP, dst.QMP, qemulab.SweepCheckOptions{Dir: dst.Dir(), Logf: t.Logf})
 	require.NoError(t, err)
 	t.Logf("destination intact: value %#02x, edge at page %d, guest seen running after %v", rep.Value, rep.Edge, rep.RunningAfter.Round(time.Millisecond))
 }
@@ -90,18 +90,18 @@ func testTestbedSweepPrecopy(t *testing.T, q *testbed.QEMU, v qmp.Version) {
 // dumped in the middle of a slow migration holds pages from several passes
 // and must fail; the same destination passes once the migration completes;
 // and one page altered in the final dump is named as the first bad page.
-func testTestbedSweepNegative(t *testing.T, q *testbed.QEMU) {
-	g := testbed.NewSweepGuest(300e6)
-	src := startSweepSource(t, q, g, testbed.Config{})
+func testTestbedSweepNegative(t *testing.T, q *qemulab.QEMU) {
+	g := qemulab.NewSweepGuest(300e6)
+	src := startSweepSource(t, q, g, qemulab.Config{})
 	// Two full passes: every swept page holds 2 or more, so a page the
 	// destination has not received yet (still 0) can never pass as the edge.
 	_, err := src.CountSerial(tbTimeout(t, time.Minute), sweep.StartChar, sweep.PassChar, 2)
 	require.NoError(t, err)
-	dst := testbed.StartT(t, q, testbed.Config{Name: "dst", Guest: g, Incoming: true})
+	dst := qemulab.StartT(t, q, qemulab.Config{Name: "dst", Guest: g, Incoming: true})
 
 	ctx := tbTimeout(t, 2*time.Minute)
-	opts := testbed.MigrateOptions{URI: "unix:" + dst.Dir() + "/migrate.sock", MaxBandwidth: 30e6}
-	require.NoError(t, testbed.StartMigration(ctx, src.QMP, dst.QMP, opts))
+	opts := qemulab.MigrateOptions{URI: "unix:" + dst.Dir() + "/migrate.sock", MaxBandwidth: 30e6}
+	require.NoError(t, qemulab.StartMigration(ctx, src.QMP, dst.QMP, opts))
 	// Wait until about half the swept range went over.
 	for {
 		info, err := src.QMP.QueryMigrate(ctx)
@@ -119,7 +119,7 @@ func testTestbedSweepNegative(t *testing.T, q *testbed.QEMU) {
 	st, err := dst.QMP.QueryStatus(ctx)
 	require.NoError(t, err)
 	require.Equal(t, "inmigrate", st.Status)
-	mem, err := testbed.DumpSweep(ctx, dst.QMP, dst.Dir()+"/midway.mem")
+	mem, err := qemulab.DumpSweep(ctx, dst.QMP, dst.Dir()+"/midway.mem")
 	require.NoError(t, err)
 	bad, err := sweep.Check(mem)
 	var be *sweep.BadPagesError
@@ -129,17 +129,17 @@ func testTestbedSweepNegative(t *testing.T, q *testbed.QEMU) {
 	// Let it finish (pause the source so that it converges whatever the
 	// load): the same destination is then consistent.
 	require.NoError(t, src.QMP.Stop(ctx))
-	require.NoError(t, src.QMP.MigrateSetParameters(ctx, qmp.MigrationParameters{MaxBandwidth: qmp.Ptr(uint64(testbed.DefaultMaxBandwidth))}))
-	info, err := testbed.WaitMigration(ctx, src.QMP, opts)
+	require.NoError(t, src.QMP.MigrateSetParameters(ctx, qmp.MigrationParameters{MaxBandwidth: qmp.Ptr(uint64(qemulab.DefaultMaxBandwidth))}))
+	info, err := qemulab.WaitMigration(ctx, src.QMP, opts)
 	tbLogMigration(t, "sweep pre-copy (throttled, then source paused and released)", info)
 	require.NoError(t, err)
-	_, err = testbed.WaitIncoming(ctx, dst.QMP)
+	_, err = qemulab.WaitIncoming(ctx, dst.QMP)
 	require.NoError(t, err)
 	require.NoError(t, dst.QMP.Cont(ctx))
 
 	// One stale page, far from the sweep's edge, planted in the final dump.
 	planted := -1
-	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{
+	_, err = qemulab.CheckSweep(ctx, src.QMP, dst.QMP, qemulab.SweepCheckOptions{
 		Dir: dst.Dir(),
 		Corrupt: func(mem []byte) {
 			edge := 0
@@ -156,37 +156,37 @@ func testTestbedSweepNegative(t *testing.T, q *testbed.QEMU) {
 			mem[planted*sweep.PageSize] -= 2 // two passes old
 		},
 	})
-	var ie *testbed.IntegrityError
+	var ie *qemulab.IntegrityError
 	require.ErrorAs(t, err, &ie)
 	require.ErrorAs(t, err, &be)
 	assert.Equal(t, planted, be.Page, "the planted page is the first bad page")
 	t.Logf("planted stale page %d detected: %v", planted, err)
 
 	// Without the plant, the (stopped) destination is intact.
-	mem, err = testbed.DumpSweep(ctx, dst.QMP, dst.Dir()+"/final.mem")
+	mem, err = qemulab.DumpSweep(ctx, dst.QMP, dst.Dir()+"/final.mem")
 	require.NoError(t, err)
 	_, err = sweep.Check(mem)
 	require.NoError(t, err)
 }
 
-func testTestbedLinuxPrecopy(t *testing.T, q *testbed.QEMU, v qmp.Version) {
+func testTestbedLinuxPrecopy(t *testing.T, q *qemulab.QEMU, v qmp.Version) {
 	kernel, initrd := tbLinuxAssets(t)
 	mem, rate := uint64(64<<20), uint64(32<<20)
 	if !v.AtLeast(8, 0) {
 		// QEMU before 9.0 loses TCG writes from the dirty log when a RAM
-		// block is a multiple of 256 KiB (fixed in 9.0); the testbed's 8 KiB
-		// over whole MiB before 9.0 (testbed.RAMSize) keeps the guest off that path. On 7.2
+		// block is a multiple of 256 KiB (fixed in 9.0); qemulab's 8 KiB
+		// over whole MiB before 9.0 (qemulab.RAMSize) keeps the guest off that path. On 7.2
 		// the Linux guest still dirties slowly (a 4 s pass) as a margin, on
 		// 10.0 at full rate.
 		mem, rate = 16<<20, 4<<20
 	}
-	g := testbed.LinuxGuest{Kernel: kernel, Initrd: initrd, Workload: linux.Workload{
+	g := qemulab.LinuxGuest{Kernel: kernel, Initrd: initrd, Workload: linux.Workload{
 		Mode: linux.ModeMemDirty, MemBytes: mem, RateBytes: rate,
 	}}
-	cfg := testbed.Config{Guest: g, MemMiB: 192}
+	cfg := qemulab.Config{Guest: g, MemMiB: 192}
 	cfg.Name = "src"
-	src := testbed.StartT(t, q, cfg)
-	ready, err := testbed.WaitLinuxReady(tbTimeout(t, 2*time.Minute), src)
+	src := qemulab.StartT(t, q, cfg)
+	ready, err := qemulab.WaitLinuxReady(tbTimeout(t, 2*time.Minute), src)
 	require.NoError(t, err)
 	t.Logf("QEMU %s: Linux guest READY %v after QEMU started (%s)", v, time.Since(src.Started).Round(time.Millisecond), ready.Raw)
 	// Let it run one verified pass before migrating.
@@ -200,17 +200,17 @@ func testTestbedLinuxPrecopy(t *testing.T, q *testbed.QEMU, v qmp.Version) {
 	require.NoError(t, err)
 
 	cfg.Name, cfg.Incoming = "dst", true
-	dst := testbed.StartT(t, q, cfg)
-	info, err := testbed.Migrate(tbTimeout(t, 2*time.Minute), src, dst, testbed.MigrateOptions{})
+	dst := qemulab.StartT(t, q, cfg)
+	info, err := qemulab.Migrate(tbTimeout(t, 2*time.Minute), src, dst, qemulab.MigrateOptions{})
 	tbLogMigration(t, "linux memdirty pre-copy over unix", info)
 	require.NoError(t, err)
 	st, err := src.QMP.QueryStatus(t.Context())
 	require.NoError(t, err)
 	require.Equal(t, "postmigrate", st.Status)
-	srcPass, err := testbed.LinuxPass(src)
+	srcPass, err := qemulab.LinuxPass(src)
 	require.NoError(t, err)
 
-	l, err := testbed.CheckLinux(tbTimeout(t, time.Minute), dst, srcPass)
+	l, err := qemulab.CheckLinux(tbTimeout(t, time.Minute), dst, srcPass)
 	require.NoError(t, err)
 	t.Logf("destination guest verified a full pass after migration (source was at pass %d): %s", srcPass, l.Raw)
 }
@@ -218,17 +218,17 @@ func testTestbedLinuxPrecopy(t *testing.T, q *testbed.QEMU, v qmp.Version) {
 // testTestbedLinuxDisk migrates the Linux disk writer with its disk on
 // storage both QEMUs share: the destination's periodic verification must
 // find every record the source wrote.
-func testTestbedLinuxDisk(t *testing.T, q *testbed.QEMU) {
+func testTestbedLinuxDisk(t *testing.T, q *qemulab.QEMU) {
 	kernel, initrd := tbLinuxAssets(t)
 	disk := filepath.Join(t.TempDir(), "disk.raw")
 	require.NoError(t, os.WriteFile(disk, nil, 0o644))
 	require.NoError(t, os.Truncate(disk, 32<<20))
-	g := testbed.LinuxGuest{Kernel: kernel, Initrd: initrd, Disk: disk, Workload: linux.Workload{
+	g := qemulab.LinuxGuest{Kernel: kernel, Initrd: initrd, Disk: disk, Workload: linux.Workload{
 		Mode: linux.ModeDiskWrite, RateBytes: 1 << 20, VerifyEvery: 2 * time.Second,
 	}}
-	cfg := testbed.Config{Name: "src", Guest: g, MemMiB: 192}
-	src := testbed.StartT(t, q, cfg)
-	_, err := testbed.WaitLinuxReady(tbTimeout(t, 2*time.Minute), src)
+	cfg := qemulab.Config{Name: "src", Guest: g, MemMiB: 192}
+	src := qemulab.StartT(t, q, cfg)
+	_, err := qemulab.WaitLinuxReady(tbTimeout(t, 2*time.Minute), src)
 	require.NoError(t, err)
 	_, err = src.WaitSerialLine(tbTimeout(t, time.Minute), func(s string) (bool, error) {
 		l, ok := linux.ParseLine(s)
@@ -240,13 +240,13 @@ func testTestbedLinuxDisk(t *testing.T, q *testbed.QEMU) {
 	require.NoError(t, err, "a verification before the migration")
 
 	cfg.Name, cfg.Incoming = "dst", true
-	dst := testbed.StartT(t, q, cfg)
-	info, err := testbed.Migrate(tbTimeout(t, 2*time.Minute), src, dst, testbed.MigrateOptions{})
+	dst := qemulab.StartT(t, q, cfg)
+	info, err := qemulab.Migrate(tbTimeout(t, 2*time.Minute), src, dst, qemulab.MigrateOptions{})
 	tbLogMigration(t, "linux diskwrite pre-copy over unix, shared disk", info)
 	require.NoError(t, err)
-	seq, err := testbed.LinuxDiskSeq(src)
+	seq, err := qemulab.LinuxDiskSeq(src)
 	require.NoError(t, err)
-	l, err := testbed.CheckLinuxDisk(tbTimeout(t, time.Minute), dst, seq)
+	l, err := qemulab.CheckLinuxDisk(tbTimeout(t, time.Minute), dst, seq)
 	require.NoError(t, err)
 	t.Logf("destination verified the disk log past the source's last reported record %d: %s", seq, l.Raw)
 
@@ -257,8 +257,8 @@ func testTestbedLinuxDisk(t *testing.T, q *testbed.QEMU) {
 	_, err = f.WriteAt(make([]byte, 16<<20-4096), 4096)
 	require.NoError(t, err)
 	require.NoError(t, f.Close())
-	_, err = testbed.CheckLinuxDisk(tbTimeout(t, time.Minute), dst, math.MaxUint64)
-	require.ErrorIs(t, err, testbed.ErrGuestFailed, "a wiped log must fail the guest's verification")
+	_, err = qemulab.CheckLinuxDisk(tbTimeout(t, time.Minute), dst, math.MaxUint64)
+	require.ErrorIs(t, err, qemulab.ErrGuestFailed, "a wiped log must fail the guest's verification")
 	t.Logf("wiped log detected: %v", err)
 }
 
@@ -266,36 +266,36 @@ func testTestbedLinuxDisk(t *testing.T, q *testbed.QEMU) {
 // The source completes one pass (so that every swept page holds data, not
 // zeros) and is then paused: a migration moves the ~104 MB of swept pages
 // exactly once.
-func twoHostPair(t *testing.T, q *testbed.QEMU, n *testbed.Network) (src, dst *testbed.Instance) {
+func twoHostPair(t *testing.T, q *qemulab.QEMU, n *qemulab.Network) (src, dst *qemulab.Instance) {
 	t.Helper()
-	g := testbed.NewSweepGuest(200e6)
-	src = startSweepSource(t, q, g, testbed.Config{Netns: n.A.Netns})
+	g := qemulab.NewSweepGuest(200e6)
+	src = startSweepSource(t, q, g, qemulab.Config{Netns: n.A.Netns})
 	_, err := src.CountSerial(tbTimeout(t, 30*time.Second), sweep.StartChar, sweep.PassChar, 1)
 	require.NoError(t, err)
 	require.NoError(t, src.QMP.Stop(t.Context()))
-	dst = testbed.StartT(t, q, testbed.Config{Name: "dst", Guest: g, Incoming: true, Netns: n.B.Netns})
+	dst = qemulab.StartT(t, q, qemulab.Config{Name: "dst", Guest: g, Incoming: true, Netns: n.B.Netns})
 	return src, dst
 }
 
 // contAndCheck resumes the destination of a paused source's migration and
 // runs the sweep check.
-func contAndCheck(t *testing.T, src, dst *testbed.Instance) {
+func contAndCheck(t *testing.T, src, dst *qemulab.Instance) {
 	t.Helper()
 	ctx := tbTimeout(t, time.Minute)
-	_, err := testbed.WaitIncoming(ctx, dst.QMP)
+	_, err := qemulab.WaitIncoming(ctx, dst.QMP)
 	require.NoError(t, err)
 	require.NoError(t, dst.QMP.Cont(ctx))
-	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{Dir: dst.Dir(), Logf: t.Logf})
+	_, err = qemulab.CheckSweep(ctx, src.QMP, dst.QMP, qemulab.SweepCheckOptions{Dir: dst.Dir(), Logf: t.Logf})
 	require.NoError(t, err)
 }
 
-func twoHostURI(n *testbed.Network) string { return "tcp:" + n.B.Addr + ":4444" }
+func twoHostURI(n *qemulab.Network) string { return "tcp:" + n.B.Addr + ":4444" }
 
 // testTestbedTwoHost migrates a slowly dirtying sweep guest across the veth
 // link shaped to 20 MB/s: the average rate must be within 20 % of it.
-func testTestbedTwoHost(t *testing.T, q *testbed.QEMU) {
+func testTestbedTwoHost(t *testing.T, q *qemulab.QEMU) {
 	const rate = 20e6
-	n := testbed.NewNetworkT(t, rate)
+	n := qemulab.NewNetworkT(t, rate)
 	src, dst := twoHostPair(t, q, n)
 
 	// The figure asserted is the average (bytes over total time). The
@@ -307,7 +307,7 @@ func testTestbedTwoHost(t *testing.T, q *testbed.QEMU) {
 		bytes uint64
 	}
 	var from, to sample
-	opts := testbed.MigrateOptions{URI: twoHostURI(n), Progress: func(i *qmp.MigrationInfo) {
+	opts := qemulab.MigrateOptions{URI: twoHostURI(n), Progress: func(i *qmp.MigrationInfo) {
 		if i.Status != qmp.StatusActive || i.RAM == nil {
 			return
 		}
@@ -317,7 +317,7 @@ func testTestbedTwoHost(t *testing.T, q *testbed.QEMU) {
 		}
 		to = s
 	}}
-	info, err := testbed.Migrate(tbTimeout(t, 2*time.Minute), src, dst, opts)
+	info, err := qemulab.Migrate(tbTimeout(t, 2*time.Minute), src, dst, opts)
 	tbLogMigration(t, fmt.Sprintf("sweep pre-copy %s -> %s over tbf %.0f MB/s", n.A.Addr, n.B.Addr, rate/1e6), info)
 	require.NoError(t, err)
 	avg := float64(info.RAM.Transferred) / info.TotalTime.Seconds()
@@ -333,12 +333,12 @@ func testTestbedTwoHost(t *testing.T, q *testbed.QEMU) {
 // testTestbedLinkCut cuts the link in the middle of a migration: nothing
 // moves while it is down, and the migration completes intact once it is
 // restored.
-func testTestbedLinkCut(t *testing.T, q *testbed.QEMU) {
-	n := testbed.NewNetworkT(t, 20e6)
+func testTestbedLinkCut(t *testing.T, q *qemulab.QEMU) {
+	n := qemulab.NewNetworkT(t, 20e6)
 	src, dst := twoHostPair(t, q, n)
 	ctx := tbTimeout(t, 2*time.Minute)
-	opts := testbed.MigrateOptions{URI: twoHostURI(n)}
-	require.NoError(t, testbed.StartMigration(ctx, src.QMP, dst.QMP, opts))
+	opts := qemulab.MigrateOptions{URI: twoHostURI(n)}
+	require.NoError(t, qemulab.StartMigration(ctx, src.QMP, dst.QMP, opts))
 	transferred := func() uint64 {
 		info, err := src.QMP.QueryMigrate(ctx)
 		require.NoError(t, err)
@@ -364,7 +364,7 @@ func testTestbedLinkCut(t *testing.T, q *testbed.QEMU) {
 	assert.Less(t, during, uint64(1e6), "nothing crosses a cut link")
 	require.NoError(t, n.Restore(ctx))
 
-	info, err := testbed.WaitMigration(ctx, src.QMP, opts)
+	info, err := qemulab.WaitMigration(ctx, src.QMP, opts)
 	tbLogMigration(t, "sweep pre-copy with a 1.5 s link cut", info)
 	require.NoError(t, err)
 	contAndCheck(t, src, dst)
@@ -393,7 +393,7 @@ func TestTestbedSweepCalibration(t *testing.T) {
 	}
 	q, v := tbQEMU(t)
 	for _, spin := range []uint32{0, 100, 1000, 10000} {
-		inst := testbed.StartT(t, q, testbed.Config{Name: "cal", Guest: testbed.SweepGuest{Spin: spin}})
+		inst := qemulab.StartT(t, q, qemulab.Config{Name: "cal", Guest: qemulab.SweepGuest{Spin: spin}})
 		_, err := inst.CountSerial(tbTimeout(t, time.Minute), sweep.StartChar, sweep.PassChar, 1)
 		require.NoError(t, err)
 		b0, err := inst.Serial()
@@ -403,7 +403,7 @@ func TestTestbedSweepCalibration(t *testing.T) {
 		b1, err := inst.Serial()
 		require.NoError(t, err)
 		el := time.Since(t0).Seconds()
-		passes := float64(testbed.CountAfter(b1, sweep.StartChar, sweep.PassChar)-testbed.CountAfter(b0, sweep.StartChar, sweep.PassChar)) / el
+		passes := float64(qemulab.CountAfter(b1, sweep.StartChar, sweep.PassChar)-qemulab.CountAfter(b0, sweep.StartChar, sweep.PassChar)) / el
 		rate := passes * sweep.Pages * sweep.PageSize
 		t.Logf("QEMU %s spin=%d: %.2f passes/s = %.3g B/s (model %.3g B/s)", v, spin, passes, rate, sweep.RateForSpin(spin))
 		require.NoError(t, inst.Close())

@@ -14,7 +14,7 @@ import (
 
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/transport"
 )
@@ -25,7 +25,7 @@ import (
 // never start (credentials a QEMU cannot load), each leaving the guest
 // intact where it runs and no credentials object behind on either QEMU.
 func TestTLS(t *testing.T) {
-	q := testbed.RequireQEMU(t)
+	q := qemulab.RequireQEMU(t)
 	t.Run("X509OverTCP", func(t *testing.T) { testTLSX509TCP(t, q) })
 	t.Run("PSKOverUnixMultifd", func(t *testing.T) { testTLSPSK(t, q) })
 	t.Run("StorageOverTLS", func(t *testing.T) { testTLSStorage(t, q) })
@@ -37,7 +37,7 @@ func TestTLS(t *testing.T) {
 	t.Run("OtherCA", func(t *testing.T) {
 		testTLSHandshakeFails(t, q, "", func(dir string) *transport.TLS {
 			other := filepath.Join(t.TempDir(), "other")
-			require.NoError(t, testbed.WriteX509Creds(other, "127.0.0.1"))
+			require.NoError(t, qemulab.WriteX509Creds(other, "127.0.0.1"))
 			return &transport.TLS{SourceDir: dir, DestinationDir: other}
 		})
 	})
@@ -52,7 +52,7 @@ func TestTLS(t *testing.T) {
 
 // addAuthz creates on inst an authz-list that allows only the client
 // certificates whose distinguished name matches glob.
-func addAuthz(t *testing.T, inst *testbed.Instance, glob string) {
+func addAuthz(t *testing.T, inst *qemulab.Instance, glob string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel()
@@ -65,12 +65,12 @@ func addAuthz(t *testing.T, inst *testbed.Instance, glob string) {
 // The destination's authorization object allows the source's client
 // certificate (by its common name): the migration completes, and the
 // destination's tls-authz is put back.
-func testTLSAuthzAllows(t *testing.T, q *testbed.QEMU) {
+func testTLSAuthzAllows(t *testing.T, q *qemulab.QEMU) {
 	dir := x509Dir(t, "127.0.0.1")
-	var dstInst *testbed.Instance
-	migrateTLS(t, q, "", func(_, dst *testbed.Instance, cfg *engine.Config) {
+	var dstInst *qemulab.Instance
+	migrateTLS(t, q, "", func(_, dst *qemulab.Instance, cfg *engine.Config) {
 		dstInst = dst
-		addAuthz(t, dst, "*CN="+testbed.X509ClientCN+"*")
+		addAuthz(t, dst, "*CN="+qemulab.X509ClientCN+"*")
 		cfg.URI = "tcp:127.0.0.1:0"
 		cfg.TLS = &transport.TLS{Dir: dir, Authz: "qmigrate-test-authz"}
 	})
@@ -85,7 +85,7 @@ func testTLSAuthzAllows(t *testing.T, q *testbed.QEMU) {
 func x509Dir(t *testing.T, hosts ...string) string {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "pki")
-	require.NoError(t, testbed.WriteX509Creds(dir, hosts...))
+	require.NoError(t, qemulab.WriteX509Creds(dir, hosts...))
 	return dir
 }
 
@@ -96,14 +96,14 @@ type tlsSeen struct {
 	types [2]string
 }
 
-func (s *tlsSeen) observe(t *testing.T, src, dst *testbed.Instance) func(engine.Event) {
+func (s *tlsSeen) observe(t *testing.T, src, dst *qemulab.Instance) func(engine.Event) {
 	return func(ev engine.Event) {
 		if ev.Kind != engine.EventPhase || ev.Phase != engine.PhaseConverge {
 			return
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		for i, inst := range []*testbed.Instance{src, dst} {
+		for i, inst := range []*qemulab.Instance{src, dst} {
 			p, err := inst.QMP.QueryMigrateParameters(ctx)
 			if assert.NoError(t, err) && p.TLSCreds != nil {
 				s.creds[i] = *p.TLSCreds
@@ -122,7 +122,7 @@ type qomProperty struct {
 	Type string `json:"type"`
 }
 
-func qomObjects(t *testing.T, ctx context.Context, inst *testbed.Instance) []qomProperty {
+func qomObjects(t *testing.T, ctx context.Context, inst *qemulab.Instance) []qomProperty {
 	t.Helper()
 	var props []qomProperty
 	require.NoError(t, inst.QMP.Execute(ctx, "qom-list", map[string]string{"path": "/objects"}, &props))
@@ -131,7 +131,7 @@ func qomObjects(t *testing.T, ctx context.Context, inst *testbed.Instance) []qom
 
 // assertNoTLSLeft checks a live QEMU holds no credentials object of
 // qmigrate's and has tls-creds empty again.
-func assertNoTLSLeft(t *testing.T, side string, inst *testbed.Instance) {
+func assertNoTLSLeft(t *testing.T, side string, inst *qemulab.Instance) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -147,7 +147,7 @@ func assertNoTLSLeft(t *testing.T, side string, inst *testbed.Instance) {
 // migrateTLS runs one migration of a converging sweep guest with cfg
 // adjusted by adjust, and checks it completed over TLS with the guest intact
 // on the destination and nothing left on either side.
-func migrateTLS(t *testing.T, q *testbed.QEMU, uuid string, adjust func(src, dst *testbed.Instance, cfg *engine.Config)) *engine.Result {
+func migrateTLS(t *testing.T, q *qemulab.QEMU, uuid string, adjust func(src, dst *qemulab.Instance, cfg *engine.Config)) *engine.Result {
 	t.Helper()
 	src, dst := enginePair(t, q, 50e6, true, uuid)
 	cfg := engineConfig(t, src, dst, "unix:"+filepath.Join(dst.Dir(), "mig.sock"))
@@ -166,25 +166,25 @@ func migrateTLS(t *testing.T, q *testbed.QEMU, uuid string, adjust func(src, dst
 	}
 	want := "tls-creds-" + string(kind)
 	assert.Equal(t, [2]string{want, want}, seen.types, "both sides migrated with credentials objects (tls-creds %v)", seen.creds)
-	_, err = testbed.CheckSweep(ctx, src.QMP, dst.QMP, testbed.SweepCheckOptions{})
+	_, err = qemulab.CheckSweep(ctx, src.QMP, dst.QMP, qemulab.SweepCheckOptions{})
 	require.NoError(t, err, "destination guest intact")
 	assertNoTLSLeft(t, "source", src)
 	assertNoTLSLeft(t, "destination", dst)
 	return res
 }
 
-func testTLSX509TCP(t *testing.T, q *testbed.QEMU) {
+func testTLSX509TCP(t *testing.T, q *qemulab.QEMU) {
 	dir := x509Dir(t, "127.0.0.1")
-	migrateTLS(t, q, "", func(_, _ *testbed.Instance, cfg *engine.Config) {
+	migrateTLS(t, q, "", func(_, _ *qemulab.Instance, cfg *engine.Config) {
 		cfg.URI = "tcp:127.0.0.1:0" // the certificate's IP: no host name to give
 		cfg.TLS = &transport.TLS{Kind: transport.TLSX509, Dir: dir}
 	})
 }
 
-func testTLSPSK(t *testing.T, q *testbed.QEMU) {
+func testTLSPSK(t *testing.T, q *qemulab.QEMU) {
 	dir := filepath.Join(t.TempDir(), "psk")
-	require.NoError(t, testbed.WritePSKCreds(dir, "mig"))
-	migrateTLS(t, q, "5a3c8f00-1c2d-4e5f-8a9b-0c1d2e3f4a5b", func(_, _ *testbed.Instance, cfg *engine.Config) {
+	require.NoError(t, qemulab.WritePSKCreds(dir, "mig"))
+	migrateTLS(t, q, "5a3c8f00-1c2d-4e5f-8a9b-0c1d2e3f4a5b", func(_, _ *qemulab.Instance, cfg *engine.Config) {
 		cfg.MultifdChannels = 2
 		cfg.TLS = &transport.TLS{Kind: transport.TLSPSK, Dir: dir, Username: "mig"}
 	})
@@ -193,10 +193,10 @@ func testTLSPSK(t *testing.T, q *testbed.QEMU) {
 // The boot disk is mirrored over an NBD connection under the same
 // credentials (x509 over unix sockets, with a host name): the destination's
 // copy, zeroed first, ends up identical to the source's.
-func testTLSStorage(t *testing.T, q *testbed.QEMU) {
+func testTLSStorage(t *testing.T, q *qemulab.QEMU) {
 	dir := x509Dir(t, "dst.qmigrate.test")
 	var srcImg, dstImg string
-	migrateTLS(t, q, "", func(src, dst *testbed.Instance, cfg *engine.Config) {
+	migrateTLS(t, q, "", func(src, dst *qemulab.Instance, cfg *engine.Config) {
 		srcImg, dstImg = filepath.Join(src.Dir(), "sweep.img"), filepath.Join(dst.Dir(), "sweep.img")
 		st, err := os.Stat(dstImg)
 		require.NoError(t, err)
@@ -204,7 +204,7 @@ func testTLSStorage(t *testing.T, q *testbed.QEMU) {
 		cfg.Storage = &blockmirror.Config{Disks: []string{"sweep0"}}
 		cfg.TLS = &transport.TLS{Dir: dir, Hostname: "dst.qmigrate.test"}
 	})
-	require.NotEmpty(t, q.Img, "qemu-img (testbed.FindQEMU) to compare the images")
+	require.NotEmpty(t, q.Img, "qemu-img (qemulab.FindQEMU) to compare the images")
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, q.Img, "compare", "-U", "-q", srcImg, dstImg).CombinedOutput()
@@ -214,7 +214,7 @@ func testTLSStorage(t *testing.T, q *testbed.QEMU) {
 // A handshake that fails is a failed migration: QEMU's reason in the
 // error, the guest still running intact on the source, the credentials
 // gone from the source (and from the destination, where it is still up).
-func testTLSHandshakeFails(t *testing.T, q *testbed.QEMU, reason string, tls func(dir string) *transport.TLS, authz ...string) {
+func testTLSHandshakeFails(t *testing.T, q *qemulab.QEMU, reason string, tls func(dir string) *transport.TLS, authz ...string) {
 	src, dst := enginePair(t, q, 50e6, true, "")
 	for _, glob := range authz {
 		addAuthz(t, dst, glob)
@@ -242,7 +242,7 @@ func testTLSHandshakeFails(t *testing.T, q *testbed.QEMU, reason string, tls fun
 
 // Credentials a QEMU cannot load are bad input found in prepare: QEMU's
 // text names the missing file, and nothing is left changed.
-func testTLSMissing(t *testing.T, q *testbed.QEMU) {
+func testTLSMissing(t *testing.T, q *qemulab.QEMU) {
 	src, dst := enginePair(t, q, 50e6, true, "")
 	cfg := engineConfig(t, src, dst, "tcp:127.0.0.1:0")
 	missing := filepath.Join(t.TempDir(), "no-such-pki")
@@ -263,7 +263,7 @@ func testTLSMissing(t *testing.T, q *testbed.QEMU) {
 	info, err := src.QMP.QueryMigrate(ctx)
 	require.NoError(t, err)
 	assert.Equal(t, qmp.StatusNone, info.Status, "no migration was started")
-	_, err = testbed.CheckSweep(ctx, nil, src.QMP, testbed.SweepCheckOptions{})
+	_, err = qemulab.CheckSweep(ctx, nil, src.QMP, qemulab.SweepCheckOptions{})
 	require.NoError(t, err, "source guest intact")
 	assertNoTLSLeft(t, "source", src)
 	assertNoTLSLeft(t, "destination", dst)

@@ -14,7 +14,7 @@
 //	go run ./cmd/qmbench -quick -scenarios 2x     # a smoke run
 //
 // It needs root (network namespaces) and QEMU (QMIGRATE_QEMU and
-// QMIGRATE_QEMU_FIRMWARE pick the version, see internal/testbed). It runs at
+// QMIGRATE_QEMU_FIRMWARE pick the version, see internal/qemulab). It runs at
 // most two QEMU processes at a time and removes its namespaces and QEMUs on
 // every exit path (also on SIGINT).
 package main
@@ -34,7 +34,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
@@ -60,7 +60,7 @@ func main() {
 	flag.Float64Var(&o.rateMB, "rate", 32, "link rate in MB/s (tbf, each direction)")
 	flag.DurationVar(&o.budget, "budget", 60*time.Second, "budget of every migration (the presets' clocks scale with it)")
 	flag.DurationVar(&o.maxDowntime, "max-downtime", defaultMaxDowntime, "downtime ceiling of every migration")
-	flag.IntVar(&o.memMiB, "mem", testbed.DefaultMemMiB, "guest RAM in MiB")
+	flag.IntVar(&o.memMiB, "mem", qemulab.DefaultMemMiB, "guest RAM in MiB")
 	flag.BoolVar(&o.quick, "quick", false, "smoke run: 30 s budget, one calibration round, short baselines")
 	flag.BoolVar(&o.verbose, "v", false, "log QEMU command lines")
 	flag.StringVar(&o.jsonOut, "json", "", "also write every run's raw results (samples, decisions) to this JSON file")
@@ -117,7 +117,7 @@ func run(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
-	q, err := testbed.FindQEMU()
+	q, err := qemulab.FindQEMU()
 	if err != nil {
 		return err
 	}
@@ -137,7 +137,7 @@ func run(ctx context.Context, o options) error {
 	if o.quick {
 		r.budget, r.warmup, r.base, rounds = 30*time.Second, 4*time.Second, 1500*time.Millisecond, 1
 	}
-	net, err := testbed.NewNetwork(ctx, uint64(rate))
+	net, err := qemulab.NewNetwork(ctx, uint64(rate))
 	if err != nil {
 		return err
 	}

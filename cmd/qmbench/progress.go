@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/qmigrate/qmigrate/internal/guest/sweep"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
@@ -93,13 +93,13 @@ func guestProgress(ctx context.Context, c *qmp.Client, est int) (float64, time.T
 
 // serialPasses counts the 'B's a guest wrote on inst's serial port (after
 // the start mark 'A' when sawStart, i.e. on the QEMU that booted it).
-func serialPasses(inst *testbed.Instance, sawStart bool) int {
+func serialPasses(inst *qemulab.Instance, sawStart bool) int {
 	b, err := inst.Serial()
 	if err != nil {
 		return 0
 	}
 	if sawStart {
-		return testbed.CountAfter(b, sweep.StartChar, sweep.PassChar)
+		return qemulab.CountAfter(b, sweep.StartChar, sweep.PassChar)
 	}
-	return testbed.CountAfter(b, 0, sweep.PassChar)
+	return qemulab.CountAfter(b, 0, sweep.PassChar)
 }

@@ -13,7 +13,7 @@ import (
 
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/guest/sweep"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
@@ -84,8 +84,8 @@ func (r *runResult) speed() float64 {
 
 // runner runs single migrations on one two-host network.
 type runner struct {
-	q                   *testbed.QEMU
-	net                 *testbed.Network
+	q                   *qemulab.QEMU
+	net                 *qemulab.Network
 	memMiB              int
 	budget, maxDowntime time.Duration
 	warmup              time.Duration // how long a freshly booted guest runs before the baseline (at most)
@@ -99,9 +99,9 @@ type runner struct {
 
 // pair boots a source running the sweep guest with spin in host A and a
 // destination waiting for it in host B.
-func (r *runner) pair(ctx context.Context, spin uint32) (src, dst *testbed.Instance, err error) {
-	g := testbed.SweepGuest{Spin: spin}
-	cfg := testbed.Config{Name: "src", Guest: g, MemMiB: r.memMiB, Netns: r.net.A.Netns, Args: debugThreads("src")}
+func (r *runner) pair(ctx context.Context, spin uint32) (src, dst *qemulab.Instance, err error) {
+	g := qemulab.SweepGuest{Spin: spin}
+	cfg := qemulab.Config{Name: "src", Guest: g, MemMiB: r.memMiB, Netns: r.net.A.Netns, Args: debugThreads("src")}
 	if r.verbose {
 		cfg.Logf = r.logf
 	}
@@ -120,7 +120,7 @@ func (r *runner) pair(ctx context.Context, spin uint32) (src, dst *testbed.Insta
 
 // warm waits until the guest has made one pass (so its pages hold data, not
 // zeros) or r.warmup passed, whichever comes first.
-func (r *runner) warm(ctx context.Context, src *testbed.Instance) error {
+func (r *runner) warm(ctx context.Context, src *qemulab.Instance) error {
 	wctx, cancel := context.WithTimeout(ctx, r.warmup)
 	defer cancel()
 	_, err := src.CountSerial(wctx, sweep.StartChar, sweep.PassChar, 1)
@@ -142,7 +142,7 @@ type mark struct {
 // takeMark reads the guest's position on the QEMU it runs on (on) and the
 // runqueue wait of every given QEMU's vCPUs. moved says the guest was
 // migrated from src to on (its passes are then counted on both serials).
-func (r *runner) takeMark(ctx context.Context, on, src *testbed.Instance, moved bool, all ...*testbed.Instance) (mark, error) {
+func (r *runner) takeMark(ctx context.Context, on, src *qemulab.Instance, moved bool, all ...*qemulab.Instance) (mark, error) {
 	est := serialPasses(on, true)
 	if moved {
 		est = serialPasses(src, true) + serialPasses(on, false)
@@ -191,7 +191,7 @@ func wallRate(a, b mark) float64 {
 
 // measure returns the rate over window (rateBetween), the wall-clock rate,
 // and the mark at its end.
-func (r *runner) measure(ctx context.Context, window time.Duration, on, src *testbed.Instance, moved bool, all ...*testbed.Instance) (rate, wall float64, end mark, err error) {
+func (r *runner) measure(ctx context.Context, window time.Duration, on, src *qemulab.Instance, moved bool, all ...*qemulab.Instance) (rate, wall float64, end mark, err error) {
 	a, err := r.takeMark(ctx, on, src, moved, all...)
 	if err != nil {
 		return 0, 0, mark{}, err
@@ -260,8 +260,8 @@ func (r *runner) calibrate(ctx context.Context, target float64, rounds int) (uin
 	var got float64
 	bestSpin, best := spin, math.NaN()
 	for i := range rounds {
-		g := testbed.SweepGuest{Spin: spin}
-		src, err := r.q.Start(ctx, testbed.Config{Name: "cal", Guest: g, MemMiB: r.memMiB, Args: debugThreads("cal")})
+		g := qemulab.SweepGuest{Spin: spin}
+		src, err := r.q.Start(ctx, qemulab.Config{Name: "cal", Guest: g, MemMiB: r.memMiB, Args: debugThreads("cal")})
 		if err != nil {
 			return 0, 0, err
 		}
@@ -306,7 +306,7 @@ func (r *runner) calibrate(ctx context.Context, target float64, rounds int) (uin
 }
 
 // debugThreads names QEMU's threads ("CPU 0/TCG"), for vcpuWait; QEMU
-// merges it into the testbed's own -name.
+// merges it into the qemulab's own -name.
 func debugThreads(name string) []string { return []string{"-name", name + ",debug-threads=on"} }
 
 // run migrates a fresh sweep guest with spin under policy and the profile's
@@ -433,11 +433,11 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 	if moved {
 		// An idle guest's memory does not change, so its running state is
 		// taken from its status instead of two differing dumps.
-		opts := testbed.SweepCheckOptions{Dir: dst.Dir(), SkipRunning: sc.Ratio == 0}
+		opts := qemulab.SweepCheckOptions{Dir: dst.Dir(), SkipRunning: sc.Ratio == 0}
 		if st, err := dst.QMP.QueryStatus(cctx); err != nil || st.Status != "running" {
 			cerr = fmt.Errorf("destination not running after the migration (%v, %v)", st, err)
 		} else {
-			_, cerr = testbed.CheckSweep(cctx, src.QMP, dst.QMP, opts)
+			_, cerr = qemulab.CheckSweep(cctx, src.QMP, dst.QMP, opts)
 		}
 	} else {
 		st, err := src.QMP.QueryStatus(cctx)
@@ -447,7 +447,7 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 		case st.Status != "running":
 			cerr = fmt.Errorf("source is %s, not running", st.Status)
 		default:
-			_, cerr = testbed.CheckSweep(cctx, nil, src.QMP, testbed.SweepCheckOptions{Dir: src.Dir(), SkipRunning: sc.Ratio == 0})
+			_, cerr = qemulab.CheckSweep(cctx, nil, src.QMP, qemulab.SweepCheckOptions{Dir: src.Dir(), SkipRunning: sc.Ratio == 0})
 		}
 	}
 	res.Intact = cerr == nil
@@ -466,7 +466,7 @@ const guestEvery = time.Second
 // own at the first sample it cannot take (the source paused for the
 // switchover or postcopy, or gone): the rate in postcopy is not sampled,
 // as reading the destination's memory then would fault pages in.
-func (r *runner) sampleGuest(ctx context.Context, src, dst *testbed.Instance, from mark, start time.Time, out *[]guestSample) (stop func()) {
+func (r *runner) sampleGuest(ctx context.Context, src, dst *qemulab.Instance, from mark, start time.Time, out *[]guestSample) (stop func()) {
 	sctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {
@@ -501,7 +501,7 @@ func (r *runner) sampleGuest(ctx context.Context, src, dst *testbed.Instance, fr
 // readHostLoad reads the 1-minute load average (into Load1Before) and
 // counts the QEMU processes other than the given ones; a figure it cannot
 // read is left at -1.
-func readHostLoad(own ...*testbed.Instance) hostLoad {
+func readHostLoad(own ...*qemulab.Instance) hostLoad {
 	h := hostLoad{Load1Before: -1, OtherQEMUs: -1}
 	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
 		if f := strings.Fields(string(b)); len(f) > 0 {

@@ -14,7 +14,7 @@ import (
 	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/guest/sweep"
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/transport"
 )
@@ -32,7 +32,7 @@ type demoOptions struct {
 // demoTLSHost is the host name the demo's throwaway certificate carries.
 const demoTLSHost = "qmigrate-demo.test"
 
-// demoDisk is the drive id of the sweep guest's boot disk (testbed.SweepGuest).
+// demoDisk is the drive id of the sweep guest's boot disk (qemulab.SweepGuest).
 const demoDisk = "sweep0"
 
 // defaultDemoDirtyRate converges quickly on an unlimited local link and
@@ -112,11 +112,11 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return d.run(ctx)
 }
 
-// findQEMU resolves QEMU: --qemu, else the testbed's environment contract
+// findQEMU resolves QEMU: --qemu, else the QEMU lab's environment contract (package qemulab)
 // ($QMIGRATE_QEMU, else qemu-system-x86_64 on PATH; $QMIGRATE_QEMU_FIRMWARE).
-func (o *demoOptions) findQEMU() (*testbed.QEMU, error) {
+func (o *demoOptions) findQEMU() (*qemulab.QEMU, error) {
 	if o.qemu == "" {
-		q, err := testbed.FindQEMU()
+		q, err := qemulab.FindQEMU()
 		if err != nil {
 			return nil, &inputError{flag: "QEMU", address: "qemu-system-x86_64",
 				err: fmt.Errorf("not found (install qemu-system-x86, or give --qemu PATH): %w", err)}
@@ -127,10 +127,10 @@ func (o *demoOptions) findQEMU() (*testbed.QEMU, error) {
 	if err != nil {
 		return nil, &inputError{flag: "--qemu", address: o.qemu, err: err}
 	}
-	q := &testbed.QEMU{Binary: path, Firmware: os.Getenv(testbed.EnvQEMUFirmware)}
+	q := &qemulab.QEMU{Binary: path, Firmware: os.Getenv(qemulab.EnvQEMUFirmware)}
 	if q.Firmware != "" {
 		if st, err := os.Stat(q.Firmware); err != nil || !st.IsDir() {
-			return nil, &inputError{flag: testbed.EnvQEMUFirmware, address: q.Firmware, err: errors.New("not a folder")}
+			return nil, &inputError{flag: qemulab.EnvQEMUFirmware, address: q.Firmware, err: errors.New("not a folder")}
 		}
 	}
 	return q, nil
@@ -139,11 +139,11 @@ func (o *demoOptions) findQEMU() (*testbed.QEMU, error) {
 // demo is one run of the demo.
 type demo struct {
 	opts           *demoOptions
-	qemu           *testbed.QEMU
+	qemu           *qemulab.QEMU
 	spin           uint32
 	stdout, stderr io.Writer
 	r              renderer
-	src, dst       *testbed.Instance
+	src, dst       *qemulab.Instance
 	tlsDir         string // the throwaway certificates (--tls), removed by cleanup
 }
 
@@ -191,7 +191,7 @@ func (d *demo) run(ctx context.Context) (code int) {
 	defer cancel()
 	verdict := &demoVerdict{}
 	if result.Status == engine.StatusCompleted {
-		rep, verr := testbed.CheckSweep(vctx, d.src.QMP, d.dst.QMP, testbed.SweepCheckOptions{})
+		rep, verr := qemulab.CheckSweep(vctx, d.src.QMP, d.dst.QMP, qemulab.SweepCheckOptions{})
 		if verr != nil {
 			verdict.Text = "NOT VERIFIED on the destination: " + verr.Error()
 			result.Status = engine.StatusFailed
@@ -202,7 +202,7 @@ func (d *demo) run(ctx context.Context) (code int) {
 				sweep.Pages, rep.Value)
 		}
 	} else {
-		_, verr := testbed.CheckSweep(vctx, nil, d.src.QMP, testbed.SweepCheckOptions{})
+		_, verr := qemulab.CheckSweep(vctx, nil, d.src.QMP, qemulab.SweepCheckOptions{})
 		if verr != nil {
 			verdict.Text = "the guest on the source is NOT intact: " + verr.Error()
 		} else {
@@ -225,14 +225,14 @@ func (d *demo) startQEMUs(ctx context.Context) error {
 	if d.opts.verbose {
 		logf = func(format string, args ...any) { fmt.Fprintf(d.stderr, format+"\n", args...) }
 	}
-	guest := testbed.SweepGuest{Spin: d.spin} // its boot disk is drive demoDisk
+	guest := qemulab.SweepGuest{Spin: d.spin} // its boot disk is drive demoDisk
 	qctx := context.WithoutCancel(ctx)
 	var err error
-	d.src, err = d.qemu.Start(qctx, testbed.Config{Name: "demo-src", Guest: guest, Logf: logf})
+	d.src, err = d.qemu.Start(qctx, qemulab.Config{Name: "demo-src", Guest: guest, Logf: logf})
 	if err != nil {
 		return err
 	}
-	d.dst, err = d.qemu.Start(qctx, testbed.Config{Name: "demo-dst", Guest: guest, Incoming: true, Logf: logf})
+	d.dst, err = d.qemu.Start(qctx, qemulab.Config{Name: "demo-dst", Guest: guest, Incoming: true, Logf: logf})
 	if err != nil {
 		return err
 	}
@@ -285,7 +285,7 @@ func (d *demo) makeCerts() error {
 		return err
 	}
 	d.tlsDir = dir
-	if err := testbed.WriteX509Creds(dir, demoTLSHost); err != nil {
+	if err := qemulab.WriteX509Creds(dir, demoTLSHost); err != nil {
 		return err
 	}
 	d.say("TLS: certificates for %s from a throwaway CA in %s", demoTLSHost, dir)
@@ -298,7 +298,7 @@ func (d *demo) cleanup() {
 	if d.tlsDir != "" {
 		defer os.RemoveAll(d.tlsDir)
 	}
-	for _, q := range []*testbed.Instance{d.src, d.dst} {
+	for _, q := range []*qemulab.Instance{d.src, d.dst} {
 		if q == nil {
 			continue
 		}

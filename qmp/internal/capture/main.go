@@ -1,11 +1,15 @@
 // Command capture records real QEMU replies for the golden decode tests of
-// package qmp. It starts at most two QEMU processes at a time (TCG, paused
-// 64 MiB guests), drives them through the migration states it can reach and
-// writes each reply's "return" to <out>/<file>.json.
+// package qmp. It starts at most two QEMU processes at a time through the
+// repository's QEMU harness (internal/qemulab: TCG, paused 64 MiB guests),
+// drives them through the migration states it can reach and writes each
+// reply's "return" to <out>/<file>.json.
 //
 //	go run ./qmp/internal/capture -qemu /usr/bin/qemu-system-x86_64 -out testdata/qmp/7.2
 //	go run ./qmp/internal/capture -qemu ~/.cache/qmigrate/qemu-10.0/usr/bin/qemu-system-x86_64 \
 //	    -firmware ~/.cache/qmigrate/qemu-10.0/usr/share/qemu -out testdata/qmp/10.0
+//
+// Without -qemu it takes the harness's environment (QMIGRATE_QEMU,
+// QMIGRATE_QEMU_FIRMWARE; see internal/qemulab).
 //
 // States that only exist for a moment (setup, cancelling, device) are caught
 // by pipelining query-migrate right behind the command that enters them; when
@@ -23,41 +27,43 @@ import (
 	"log"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
 type capturer struct {
-	qemu     string
-	firmware []string
-	out      string
-	tmp      string
-	memFile  string
-	zeroRAM  bool
+	qemu    *qemulab.QEMU
+	out     string
+	tmp     string
+	memFile string
+	zeroRAM bool
+	logf    func(format string, args ...any) // the harness's command lines (-v)
 }
+
+// guestMiB is the guests' RAM.
+const guestMiB = 64
 
 type vm struct {
 	name   string
-	cmd    *exec.Cmd
+	inst   *qemulab.Instance
 	c      *qmp.Client
-	sock   string
 	sub    *qmp.Subscription
 	mu     sync.Mutex
 	events []json.RawMessage
-	done   chan struct{}
 }
 
 func main() {
-	qemu := flag.String("qemu", "qemu-system-x86_64", "QEMU binary")
-	fw := flag.String("firmware", "", "extra -L folder (the QEMU's own share/qemu)")
+	qemu := flag.String("qemu", "", "QEMU binary (default: $QMIGRATE_QEMU, else qemu-system-x86_64 on PATH)")
+	fw := flag.String("firmware", "", "-L folder (the QEMU's own share/qemu; default with -qemu: none, else $QMIGRATE_QEMU_FIRMWARE)")
 	out := flag.String("out", "", "output folder, e.g. testdata/qmp/7.2")
 	only := flag.String("only", "", "run only this scenario")
+	verbose := flag.Bool("v", false, "log the QEMU command lines")
 	flag.Parse()
 	if *out == "" {
 		log.Fatal("-out is required")
@@ -66,22 +72,33 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	if err := run(tmp, *qemu, *fw, *out, *only); err != nil {
+	var logf func(string, ...any)
+	if *verbose {
+		logf = log.Printf
+	}
+	if err := run(tmp, *qemu, *fw, *out, *only, logf); err != nil {
 		os.RemoveAll(tmp)
 		log.Fatal(err)
 	}
 	os.RemoveAll(tmp)
 }
 
-func run(tmp, qemu, fw, out, only string) error {
-	cp := &capturer{qemu: qemu, out: out, tmp: tmp}
-	if fw != "" {
-		cp.firmware = []string{fw, "/usr/share/seabios"}
+func run(tmp, qemu, fw, out, only string, logf func(string, ...any)) error {
+	var q *qemulab.QEMU
+	var err error
+	if qemu == "" {
+		q, err = qemulab.FindQEMU()
+	} else {
+		q, err = qemulab.NewQEMU(qemu, fw, "")
 	}
+	if err != nil {
+		return err
+	}
+	cp := &capturer{qemu: q, out: out, tmp: tmp, logf: logf}
 	// Guest RAM backed by a private mapping of random data, so pages are not
 	// zero and a throttled migration stays active.
 	cp.memFile = filepath.Join(tmp, "mem")
-	buf := make([]byte, 64<<20)
+	buf := make([]byte, q.RAMBytes(qemulab.Config{MemMiB: guestMiB}))
 	rand.Read(buf)
 	if err := os.WriteFile(cp.memFile, buf, 0o600); err != nil {
 		return err
@@ -120,44 +137,18 @@ func run(tmp, qemu, fw, out, only string) error {
 	return nil
 }
 
-func (cp *capturer) start(ctx context.Context, name string, extra ...string) (*vm, error) {
-	sock := filepath.Join(cp.tmp, name+".qmp")
-	args := []string{"-accel", "tcg", "-cpu", "max", "-m", "64", "-nodefaults", "-display", "none", "-S",
-		"-qmp", "unix:" + sock + ",server=on,wait=off"}
-	if cp.zeroRAM {
+// start starts a paused guest (a destination with incoming) with drives.
+func (cp *capturer) start(ctx context.Context, name string, incoming bool, drives ...qemulab.Drive) (*vm, error) {
+	cfg := qemulab.Config{Name: name, MemMiB: guestMiB, Paused: true, Incoming: incoming, Drives: drives, Logf: cp.logf}
+	if !cp.zeroRAM {
 		// userfaultfd (postcopy) does not work on a private file mapping.
-		args = append(args, "-M", "q35")
-	} else {
-		args = append(args, "-M", "q35,memory-backend=mem0",
-			"-object", "memory-backend-file,id=mem0,size=64M,share=off,mem-path="+cp.memFile)
+		cfg.MemBackend = &qemulab.MemBackend{Path: cp.memFile}
 	}
-	for _, l := range cp.firmware {
-		args = append(args, "-L", l)
-	}
-	args = append(args, extra...)
-	cmd := exec.Command(cp.qemu, args...)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
+	inst, err := cp.qemu.Start(ctx, cfg)
+	if err != nil {
 		return nil, err
 	}
-	v := &vm{name: name, cmd: cmd, sock: sock, done: make(chan struct{})}
-	go func() { cmd.Wait(); close(v.done) }()
-	for {
-		c, err := qmp.Dial(ctx, "unix", sock)
-		if err == nil {
-			v.c = c
-			break
-		}
-		select {
-		case <-v.done:
-			return nil, fmt.Errorf("%s exited: %s", name, stderr.String())
-		case <-ctx.Done():
-			v.kill()
-			return nil, ctx.Err()
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
+	v := &vm{name: name, inst: inst, c: inst.QMP}
 	v.sub = v.c.Subscribe(qmp.EventFilter{Buffer: 4096})
 	go func() {
 		for ev := range v.sub.C {
@@ -170,14 +161,8 @@ func (cp *capturer) start(ctx context.Context, name string, extra ...string) (*v
 	return v, nil
 }
 
-func (v *vm) kill() {
-	if v.c != nil {
-		v.c.Close()
-	}
-	v.cmd.Process.Kill()
-	<-v.done
-	os.Remove(v.sock)
-}
+// kill stops QEMU and removes its files.
+func (v *vm) kill() { v.inst.Close() }
 
 // waitEvent waits for an event whose name and (optional) status match.
 func (v *vm) waitStatus(ctx context.Context, want ...qmp.MigrationStatus) (qmp.MigrationStatus, error) {
@@ -288,7 +273,7 @@ func pipelined(ctx context.Context, v *vm, cmd string, args any) (json.RawMessag
 }
 
 func (cp *capturer) basic(ctx context.Context) error {
-	v, err := cp.start(ctx, "src")
+	v, err := cp.start(ctx, "src", false)
 	if err != nil {
 		return err
 	}
@@ -310,11 +295,11 @@ func (cp *capturer) basic(ctx context.Context) error {
 }
 
 func (cp *capturer) pair(ctx context.Context, srcCaps, dstCaps map[string]bool) (src, dst *vm, uri string, err error) {
-	src, err = cp.start(ctx, "src")
+	src, err = cp.start(ctx, "src", false)
 	if err != nil {
 		return nil, nil, "", err
 	}
-	dst, err = cp.start(ctx, "dst", "-incoming", "defer")
+	dst, err = cp.start(ctx, "dst", true)
 	if err != nil {
 		src.kill()
 		return nil, nil, "", err
@@ -444,7 +429,7 @@ func (cp *capturer) cancel(ctx context.Context) error {
 }
 
 func (cp *capturer) failed(ctx context.Context) error {
-	src, err := cp.start(ctx, "src")
+	src, err := cp.start(ctx, "src", false)
 	if err != nil {
 		return err
 	}
@@ -635,10 +620,7 @@ func (cp *capturer) mirror(ctx context.Context) error {
 		return err
 	}
 	defer os.Remove(img)
-	v, err := cp.start(ctx, "src",
-		"-blockdev", "driver=file,node-name=disk0-file,filename="+img,
-		"-blockdev", "driver=raw,node-name=disk0,file=disk0-file",
-		"-device", "virtio-blk-pci,drive=disk0,id=vda")
+	v, err := cp.start(ctx, "src", false, qemulab.Drive{Path: img, Node: "disk0", Device: "vda"})
 	if err != nil {
 		return err
 	}
@@ -728,7 +710,7 @@ func (cp *capturer) setup(ctx context.Context) error {
 		}
 		fillers = append(fillers, c)
 	}
-	src, err := cp.start(ctx, "src")
+	src, err := cp.start(ctx, "src", false)
 	if err != nil {
 		return err
 	}
@@ -750,7 +732,7 @@ func (cp *capturer) setup(ctx context.Context) error {
 // dstFail makes a destination that survives its failure (exit-on-error
 // false, 9.1+) fail on a stream of garbage.
 func (cp *capturer) dstFail(ctx context.Context) error {
-	dst, err := cp.start(ctx, "dst", "-incoming", "defer")
+	dst, err := cp.start(ctx, "dst", true)
 	if err != nil {
 		return err
 	}
@@ -820,7 +802,7 @@ func (cp *capturer) argForms(ctx context.Context) error {
 		{"errors/migrate-incoming-exit-on-error", map[string]any{"uri": "unix:" + sock, "exit-on-error": true}},
 		{"errors/migrate-incoming-unexpected", map[string]any{"uri": "unix:" + sock, "no-such-argument": true}},
 	} {
-		dst, err := cp.start(ctx, "dst", "-incoming", "defer")
+		dst, err := cp.start(ctx, "dst", true)
 		if err != nil {
 			return err
 		}
@@ -831,7 +813,7 @@ func (cp *capturer) argForms(ctx context.Context) error {
 			return err
 		}
 	}
-	src, err := cp.start(ctx, "src")
+	src, err := cp.start(ctx, "src", false)
 	if err != nil {
 		return err
 	}

@@ -1,4 +1,4 @@
-package testbed
+package qemulab
 
 import (
 	"context"
@@ -37,11 +37,11 @@ type MigrationError struct {
 }
 
 func (e *MigrationError) Error() string {
-	return fmt.Sprintf("testbed: migration ended %s: %s", e.Status, e.Desc)
+	return fmt.Sprintf("qemulab: migration ended %s: %s", e.Status, e.Desc)
 }
 
 // Migrate runs a plain pre-copy from src to dst (an Instance started with
-// Incoming) and waits for it to end. It is the testbed's own minimal driver
+// Incoming) and waits for it to end. It is the lab's own minimal driver
 // for self-tests, not the engine.
 func Migrate(ctx context.Context, src, dst *Instance, opts MigrateOptions) (*qmp.MigrationInfo, error) {
 	if opts.URI == "" {
@@ -62,7 +62,7 @@ func MigrateQMP(ctx context.Context, src, dst *qmp.Client, opts MigrateOptions) 
 // on dst and migrate on src, and returns without waiting.
 func StartMigration(ctx context.Context, src, dst *qmp.Client, opts MigrateOptions) error {
 	if opts.URI == "" {
-		return fmt.Errorf("testbed: migrate: no URI")
+		return fmt.Errorf("qemulab: migrate: no URI")
 	}
 	if opts.IncomingURI == "" {
 		opts.IncomingURI = opts.URI
@@ -76,17 +76,17 @@ func StartMigration(ctx context.Context, src, dst *qmp.Client, opts MigrateOptio
 	}
 	for _, c := range []*qmp.Client{src, dst} {
 		if err := c.MigrateSetCapabilities(ctx, caps); err != nil {
-			return fmt.Errorf("testbed: migrate: %w", err)
+			return fmt.Errorf("qemulab: migrate: %w", err)
 		}
 	}
 	if err := src.MigrateSetParameters(ctx, qmp.MigrationParameters{MaxBandwidth: qmp.Ptr(opts.MaxBandwidth)}); err != nil {
-		return fmt.Errorf("testbed: migrate: %w", err)
+		return fmt.Errorf("qemulab: migrate: %w", err)
 	}
 	if err := dst.MigrateIncoming(ctx, qmp.MigrateIncomingArgs{URI: opts.IncomingURI}); err != nil {
-		return fmt.Errorf("testbed: migrate: %w", err)
+		return fmt.Errorf("qemulab: migrate: %w", err)
 	}
 	if err := src.Migrate(ctx, qmp.MigrateArgs{URI: opts.URI}); err != nil {
-		return fmt.Errorf("testbed: migrate: %w", err)
+		return fmt.Errorf("qemulab: migrate: %w", err)
 	}
 	return nil
 }
@@ -103,7 +103,7 @@ func WaitMigration(ctx context.Context, src *qmp.Client, opts MigrateOptions) (*
 	for {
 		info, err := src.QueryMigrate(ctx)
 		if err != nil {
-			return nil, fmt.Errorf("testbed: migrate: %w", err)
+			return nil, fmt.Errorf("qemulab: migrate: %w", err)
 		}
 		if opts.Progress != nil {
 			opts.Progress(info)
@@ -116,7 +116,7 @@ func WaitMigration(ctx context.Context, src *qmp.Client, opts MigrateOptions) (*
 		}
 		select {
 		case <-ctx.Done():
-			return info, fmt.Errorf("testbed: migrate: waiting in status %s: %w", info.Status, ctx.Err())
+			return info, fmt.Errorf("qemulab: migrate: waiting in status %s: %w", info.Status, ctx.Err())
 		case <-t.C:
 		}
 	}

@@ -1,130 +1,47 @@
-package qmp_test
+package integration
 
 import (
 	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
-	"os/exec"
-	"path/filepath"
-	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
-// qemuBinary finds QEMU: $QMIGRATE_QEMU, else qemu-system-x86_64 on PATH.
-// $QMIGRATE_QEMU_FIRMWARE is its -L folder (may be empty). Without QEMU the
-// test is skipped, unless $CI is set: then it fails.
-func qemuBinary(tb testing.TB) (bin string, firmware []string) {
+// These tests prove package qmp against a real QEMU: a paused TCG machine
+// without a guest (qemulab.Config.Paused, 64 MiB).
+
+// qmpQEMU starts a paused QEMU without a guest and returns its QMP client
+// (connected by the harness); more names the QMP sockets it also gets
+// (Instance.QMPSocketOf).
+func qmpQEMU(tb testing.TB, more ...string) (*qmp.Client, *qemulab.Instance) {
 	tb.Helper()
-	bin = os.Getenv("QMIGRATE_QEMU")
-	if bin == "" {
-		bin = "qemu-system-x86_64"
-	}
-	path, err := exec.LookPath(bin)
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			tb.Fatalf("QEMU not found (%v); CI needs it", err)
-		}
-		tb.Skipf("QEMU not found: %v", err)
-	}
-	if fw := os.Getenv("QMIGRATE_QEMU_FIRMWARE"); fw != "" {
-		firmware = []string{"-L", fw, "-L", "/usr/share/seabios"}
-	}
-	return path, firmware
+	q := qemulab.RequireQEMU(tb)
+	inst := qemulab.StartT(tb, q, qemulab.Config{Name: "qmp", MemMiB: 64, Paused: true, QMPSockets: more})
+	return inst.QMP, inst
 }
 
-// startQEMU starts a paused TCG guest with one QMP unix socket per name and
-// returns the socket paths. The process and sockets are removed when the test
-// ends.
-func startQEMU(tb testing.TB, monitors ...string) []string {
-	tb.Helper()
-	bin, fw := qemuBinary(tb)
-	if len(monitors) == 0 {
-		monitors = []string{"qmp"}
-	}
-	dir := tb.TempDir()
-	args := append([]string{"-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "64",
-		"-nodefaults", "-display", "none", "-S"}, fw...)
-	var socks []string
-	for _, m := range monitors {
-		p := filepath.Join(dir, m+".sock")
-		socks = append(socks, p)
-		args = append(args, "-qmp", "unix:"+p+",server=on,wait=off")
-	}
-	cmd := exec.Command(bin, args...)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	require.NoError(tb, cmd.Start())
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exited) }()
-	tb.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-exited
-		for _, s := range socks {
-			_ = os.Remove(s)
-		}
-	})
-	deadline := time.Now().Add(30 * time.Second)
-	for _, s := range socks {
-		for {
-			if _, err := os.Stat(s); err == nil {
-				break
-			}
-			select {
-			case <-exited:
-				tb.Fatalf("QEMU exited: %s", stderr.String())
-			case <-time.After(10 * time.Millisecond):
-			}
-			if time.Now().After(deadline) {
-				tb.Fatalf("QEMU socket %s did not appear", s)
-			}
-		}
-	}
-	return socks
-}
-
-// dialQEMU connects to a QMP socket of startQEMU's. QEMU creates the socket
-// file when it binds it and listens a moment later: a connect in between is
-// refused, so a refusal is retried until the deadline.
-func dialQEMU(tb testing.TB, sock string, opts ...qmp.Option) *qmp.Client {
-	tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	for {
-		c, err := qmp.Dial(ctx, "unix", sock, opts...)
-		if err == nil {
-			tb.Cleanup(func() { c.Close() })
-			return c
-		}
-		if !errors.Is(err, syscall.ECONNREFUSED) || ctx.Err() != nil {
-			require.NoError(tb, err)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
-func ctxT(t *testing.T) context.Context {
+func qmpCtx(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	t.Cleanup(cancel)
 	return ctx
 }
 
 func TestQEMUHandshake(t *testing.T) {
-	c := dialQEMU(t, startQEMU(t)[0])
-	ctx := ctxT(t)
+	c, _ := qmpQEMU(t)
+	ctx := qmpCtx(t)
 	assert.True(t, c.OOB(), "QEMU offers oob on a unix QMP socket")
 	assert.Contains(t, c.GreetingCapabilities(), "oob")
 	v, err := c.QueryVersion(ctx)
@@ -139,8 +56,8 @@ func TestQEMUHandshake(t *testing.T) {
 }
 
 func TestQEMULargeSchemaReply(t *testing.T) {
-	c := dialQEMU(t, startQEMU(t)[0])
-	ctx := ctxT(t)
+	c, _ := qmpQEMU(t)
+	ctx := qmpCtx(t)
 	var raw json.RawMessage
 	require.NoError(t, c.Execute(ctx, "query-qmp-schema", nil, &raw))
 	assert.Greater(t, len(raw), 150_000, "one reply line far beyond 64 KiB")
@@ -155,8 +72,8 @@ func TestQEMULargeSchemaReply(t *testing.T) {
 }
 
 func TestQEMUStopContEvents(t *testing.T) {
-	c := dialQEMU(t, startQEMU(t)[0])
-	ctx := ctxT(t)
+	c, _ := qmpQEMU(t)
+	ctx := qmpCtx(t)
 	sub := c.SubscribeNames("STOP", "RESUME")
 	defer sub.Close()
 	next := func() qmp.Event {
@@ -183,8 +100,8 @@ func TestQEMUStopContEvents(t *testing.T) {
 }
 
 func TestQEMUFDPassing(t *testing.T) {
-	c := dialQEMU(t, startQEMU(t)[0])
-	ctx := ctxT(t)
+	c, _ := qmpQEMU(t)
+	ctx := qmpCtx(t)
 	r, w, err := os.Pipe()
 	require.NoError(t, err)
 	defer r.Close()
@@ -222,8 +139,8 @@ func TestQEMUFDPassing(t *testing.T) {
 }
 
 func TestQEMUErrorClasses(t *testing.T) {
-	c := dialQEMU(t, startQEMU(t)[0])
-	ctx := ctxT(t)
+	c, _ := qmpQEMU(t)
+	ctx := qmpCtx(t)
 	err := c.Execute(ctx, "no-such-command", nil, nil)
 	assert.True(t, qmp.IsCommandNotFound(err))
 	assert.ErrorIs(t, err, &qmp.Error{Class: "CommandNotFound", Command: "no-such-command"})
@@ -239,8 +156,8 @@ func TestQEMUErrorClasses(t *testing.T) {
 }
 
 func TestQEMUConcurrentCommands(t *testing.T) {
-	c := dialQEMU(t, startQEMU(t)[0])
-	ctx := ctxT(t)
+	c, _ := qmpQEMU(t)
+	ctx := qmpCtx(t)
 	var wg sync.WaitGroup
 	for i := range 32 {
 		wg.Go(func() {
@@ -261,8 +178,8 @@ func TestQEMUConcurrentCommands(t *testing.T) {
 }
 
 func TestQEMUQuit(t *testing.T) {
-	c := dialQEMU(t, startQEMU(t)[0])
-	ctx := ctxT(t)
+	c, _ := qmpQEMU(t)
+	ctx := qmpCtx(t)
 	require.NoError(t, c.Quit(ctx))
 	select {
 	case <-c.Done():
@@ -320,9 +237,8 @@ func (rc *rawConn) queryStatus() error {
 // in one loop (Interleaved), which reports the ratio client/raw and is the
 // fair figure on a busy machine.
 func BenchmarkQueryStatus(b *testing.B) {
-	socks := startQEMU(b, "client", "raw")
-	c := dialQEMU(b, socks[0])
-	rc := dialRaw(b, socks[1])
+	c, inst := qmpQEMU(b, "raw")
+	rc := dialRaw(b, inst.QMPSocketOf("raw"))
 	ctx := context.Background()
 	b.Run("Client", func(b *testing.B) {
 		b.ReportAllocs()
@@ -362,8 +278,8 @@ func BenchmarkQueryStatus(b *testing.B) {
 
 // exec-oob reaches QEMU and its reply is matched by id like any other.
 func TestQEMUExecOOB(t *testing.T) {
-	c := dialQEMU(t, startQEMU(t)[0])
-	ctx := ctxT(t)
+	c, _ := qmpQEMU(t)
+	ctx := qmpCtx(t)
 	require.True(t, c.OOB())
 	err := c.MigratePause(ctx) // out of band; no postcopy is running
 	var qe *qmp.Error

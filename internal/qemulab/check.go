@@ -1,4 +1,4 @@
-package testbed
+package qemulab
 
 import (
 	"bytes"
@@ -24,7 +24,7 @@ type IntegrityError struct {
 }
 
 func (e *IntegrityError) Error() string {
-	return fmt.Sprintf("testbed: %s guest integrity: %s: %v", e.Guest, e.Step, e.Err)
+	return fmt.Sprintf("qemulab: %s guest integrity: %s: %v", e.Guest, e.Step, e.Err)
 }
 
 func (e *IntegrityError) Unwrap() error { return e.Err }
@@ -156,12 +156,12 @@ func waitSweepRunning(ctx context.Context, dst *qmp.Client, dir string, timeout 
 			edi, err := sweepCursor(ctx, dst)
 			switch {
 			case err != nil:
-				logf("testbed: check sweep: %v; falling back to memory dumps", err)
+				logf("qemulab: check sweep: %v; falling back to memory dumps", err)
 				useDumps = true
 			case firstEDI == 0:
 				firstEDI = edi
 			case edi != firstEDI:
-				logf("testbed: check sweep: destination sweep pointer moved %#x -> %#x", firstEDI, edi)
+				logf("qemulab: check sweep: destination sweep pointer moved %#x -> %#x", firstEDI, edi)
 				return time.Since(start), nil
 			}
 		}
@@ -171,7 +171,7 @@ func waitSweepRunning(ctx context.Context, dst *qmp.Client, dir string, timeout 
 			if err != nil {
 				return 0, err
 			}
-			logf("testbed: check sweep: running destination dumped in %v", time.Since(t0).Round(time.Millisecond))
+			logf("qemulab: check sweep: running destination dumped in %v", time.Since(t0).Round(time.Millisecond))
 			fb := sweep.FirstBytes(mem)
 			if first == nil {
 				first = fb
@@ -222,14 +222,14 @@ func parseCursor(out string) (uint32, error) {
 func DumpSweep(ctx context.Context, c *qmp.Client, path string) ([]byte, error) {
 	defer os.Remove(path)
 	if err := c.Pmemsave(ctx, sweep.RangeStart, sweep.RangeSize, path); err != nil {
-		return nil, fmt.Errorf("testbed: dump sweep range: %w", err)
+		return nil, fmt.Errorf("qemulab: dump sweep range: %w", err)
 	}
 	mem, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("testbed: dump sweep range: %w", err)
+		return nil, fmt.Errorf("qemulab: dump sweep range: %w", err)
 	}
 	if len(mem) != sweep.RangeSize {
-		return nil, fmt.Errorf("testbed: dump sweep range: %d bytes, want %d", len(mem), sweep.RangeSize)
+		return nil, fmt.Errorf("qemulab: dump sweep range: %d bytes, want %d", len(mem), sweep.RangeSize)
 	}
 	return mem, nil
 }

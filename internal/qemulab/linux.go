@@ -1,4 +1,4 @@
-package testbed
+package qemulab
 
 import (
 	"context"

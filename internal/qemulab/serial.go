@@ -1,4 +1,4 @@
-package testbed
+package qemulab
 
 import (
 	"bytes"
@@ -14,13 +14,13 @@ import (
 const SerialPoll = 20 * time.Millisecond
 
 // ErrSerialTimeout wraps the context error when a serial wait ends unmatched.
-var ErrSerialTimeout = errors.New("testbed: serial output did not match")
+var ErrSerialTimeout = errors.New("qemulab: serial output did not match")
 
 // Serial returns everything the guest has written to COM1 so far.
 func (i *Instance) Serial() ([]byte, error) {
 	b, err := os.ReadFile(i.SerialPath())
 	if err != nil {
-		return nil, fmt.Errorf("testbed: %s serial: %w", i.Name, err)
+		return nil, fmt.Errorf("qemulab: %s serial: %w", i.Name, err)
 	}
 	return b, nil
 }
@@ -37,7 +37,7 @@ func (i *Instance) WaitSerial(ctx context.Context, match func(serial []byte) (do
 		var err error
 		buf, off, err = appendFrom(i.SerialPath(), buf, off)
 		if err != nil {
-			return buf, fmt.Errorf("testbed: %s serial: %w", i.Name, err)
+			return buf, fmt.Errorf("qemulab: %s serial: %w", i.Name, err)
 		}
 		done, err := match(buf)
 		if err != nil {

@@ -1,11 +1,14 @@
-package testbed
+package qemulab
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -19,13 +22,14 @@ const (
 	EnvQEMUFirmware = "QMIGRATE_QEMU_FIRMWARE"
 	EnvQEMUImg      = "QMIGRATE_QEMU_IMG"
 	EnvCI           = "CI"
+	EnvCache        = "QMIGRATE_CACHE"
 )
 
 // SeaBIOSDir is added after QMIGRATE_QEMU_FIRMWARE as a firmware search path.
 const SeaBIOSDir = "/usr/share/seabios"
 
 // ErrQEMUNotFound means no usable qemu-system-x86_64 was found.
-var ErrQEMUNotFound = errors.New("testbed: qemu-system-x86_64 not found")
+var ErrQEMUNotFound = errors.New("qemulab: qemu-system-x86_64 not found")
 
 // QEMU is a resolved QEMU installation.
 type QEMU struct {
@@ -42,14 +46,25 @@ type QEMU struct {
 // qemu-system-x86_64 on PATH; $QMIGRATE_QEMU_FIRMWARE; $QMIGRATE_QEMU_IMG or
 // qemu-img on PATH. Errors wrap ErrQEMUNotFound.
 func FindQEMU() (*QEMU, error) {
-	q := &QEMU{Firmware: os.Getenv(EnvQEMUFirmware)}
-	bin := os.Getenv(EnvQEMU)
+	q, err := NewQEMU(os.Getenv(EnvQEMU), os.Getenv(EnvQEMUFirmware), os.Getenv(EnvQEMUImg))
+	if err != nil {
+		return nil, fmt.Errorf("%w (%s=%q)", err, EnvQEMU, os.Getenv(EnvQEMU))
+	}
+	return q, nil
+}
+
+// NewQEMU resolves a chosen QEMU: bin (qemu-system-x86_64 on PATH when
+// empty), its firmware folder (may be empty) and img (qemu-img on PATH when
+// empty; Img stays empty when none is found). It reads the binary's version
+// once (Ver). Errors wrap ErrQEMUNotFound.
+func NewQEMU(bin, firmware, img string) (*QEMU, error) {
+	q := &QEMU{Firmware: firmware}
 	if bin == "" {
 		bin = "qemu-system-x86_64"
 	}
 	p, err := exec.LookPath(bin)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %s=%q: %w", ErrQEMUNotFound, EnvQEMU, os.Getenv(EnvQEMU), err)
+		return nil, fmt.Errorf("%w: %w", ErrQEMUNotFound, err)
 	}
 	q.Binary = p
 	vctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -57,10 +72,9 @@ func FindQEMU() (*QEMU, error) {
 	cancel()
 	if q.Firmware != "" {
 		if st, err := os.Stat(q.Firmware); err != nil || !st.IsDir() {
-			return nil, fmt.Errorf("%w: %s=%q is not a folder", ErrQEMUNotFound, EnvQEMUFirmware, q.Firmware)
+			return nil, fmt.Errorf("%w: firmware %q is not a folder", ErrQEMUNotFound, q.Firmware)
 		}
 	}
-	img := os.Getenv(EnvQEMUImg)
 	if img == "" {
 		img = "qemu-img"
 	}
@@ -68,6 +82,95 @@ func FindQEMU() (*QEMU, error) {
 		q.Img = p
 	}
 	return q, nil
+}
+
+// FindQEMUs lists the QEMUs to run a test on: the one FindQEMU resolves when
+// $QMIGRATE_QEMU is set; else qemu-system-x86_64 on PATH and every QEMU that
+// scripts/setup.sh described in $QMIGRATE_CACHE/qemu-*.env (default cache
+// ~/.cache/qmigrate), in version order, one per version. It returns
+// ErrQEMUNotFound when there is none.
+func FindQEMUs() ([]*QEMU, error) {
+	if os.Getenv(EnvQEMU) != "" {
+		q, err := FindQEMU()
+		if err != nil {
+			return nil, err
+		}
+		return []*QEMU{q}, nil
+	}
+	var out []*QEMU
+	add := func(q *QEMU) {
+		for _, o := range out {
+			if o.Binary == q.Binary || (o.ver != (qmp.Version{}) && o.ver == q.ver) {
+				return
+			}
+		}
+		out = append(out, q)
+	}
+	if q, err := NewQEMU("", "", ""); err == nil {
+		add(q)
+	}
+	files, _ := filepath.Glob(filepath.Join(CacheDir(), "qemu-*.env"))
+	for _, f := range files {
+		env, err := readEnvFile(f)
+		if err != nil || env[EnvQEMU] == "" {
+			continue
+		}
+		if q, err := NewQEMU(env[EnvQEMU], env[EnvQEMUFirmware], env[EnvQEMUImg]); err == nil {
+			add(q)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%w: none on PATH nor in %s", ErrQEMUNotFound, CacheDir())
+	}
+	slices.SortStableFunc(out, func(a, b *QEMU) int {
+		return cmp.Or(cmp.Compare(a.ver.Major, b.ver.Major), cmp.Compare(a.ver.Minor, b.ver.Minor), cmp.Compare(a.ver.Micro, b.ver.Micro))
+	})
+	return out, nil
+}
+
+// CacheDir is the folder scripts/setup.sh fills: $QMIGRATE_CACHE, default
+// ~/.cache/qmigrate.
+func CacheDir() string {
+	if d := os.Getenv(EnvCache); d != "" {
+		return d
+	}
+	home, _ := os.UserHomeDir()
+	return filepath.Join(home, ".cache", "qmigrate")
+}
+
+// readEnvFile reads KEY=VALUE lines (scripts/setup.sh's env files).
+func readEnvFile(path string) (map[string]string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	m := map[string]string{}
+	for _, line := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(strings.TrimSpace(line), "="); ok && !strings.HasPrefix(k, "#") {
+			m[k] = v
+		}
+	}
+	return m, nil
+}
+
+// Ver is the binary's version as NewQEMU read it, without running it again;
+// zero when unknown (a QEMU that did not say, or a QEMU value built by hand).
+func (q *QEMU) Ver() qmp.Version { return q.ver }
+
+// Name is the version's "major.minor" ("7.2", "10.0"), or the binary's file
+// name when the version is unknown: a name for subtests.
+func (q *QEMU) Name() string {
+	if q.ver == (qmp.Version{}) {
+		return filepath.Base(q.Binary)
+	}
+	return fmt.Sprintf("%d.%d", q.ver.Major, q.ver.Minor)
+}
+
+// RAMBytes is the size of the guest RAM cfg asks for (MemMiB, Accel or
+// their defaults) on this QEMU: the size a file behind a MemBackend must
+// have (see RAMSize).
+func (q *QEMU) RAMBytes(cfg Config) int64 {
+	return RAMBytes(q.ver, cmp.Or(cfg.Accel, DefaultAccel), cmp.Or(cfg.MemMiB, DefaultMemMiB))
 }
 
 // FirmwareArgs are the -L arguments for this installation (none when
@@ -83,11 +186,11 @@ func (q *QEMU) FirmwareArgs() []string {
 func (q *QEMU) Version(ctx context.Context) (qmp.Version, error) {
 	out, err := exec.CommandContext(ctx, q.Binary, "-version").Output()
 	if err != nil {
-		return qmp.Version{}, fmt.Errorf("testbed: %s -version: %w", q.Binary, err)
+		return qmp.Version{}, fmt.Errorf("qemulab: %s -version: %w", q.Binary, err)
 	}
 	v, ok := parseVersion(string(out))
 	if !ok {
-		return qmp.Version{}, fmt.Errorf("testbed: %s -version: cannot parse %q", q.Binary, out)
+		return qmp.Version{}, fmt.Errorf("qemulab: %s -version: cannot parse %q", q.Binary, out)
 	}
 	return v, nil
 }

@@ -1,4 +1,4 @@
-package testbed
+package qemulab
 
 import (
 	"context"
@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/stretchr/testify/assert"
@@ -94,6 +95,90 @@ func TestArgs(t *testing.T) {
 	assert.NotContains(t, line, "-incoming")
 }
 
+func TestArgsOptions(t *testing.T) {
+	dir := t.TempDir()
+	q := &QEMU{Binary: "qemu-system-x86_64", ver: qmp.Version{Major: 7, Minor: 2}}
+	cfg := Config{Name: "bm", MemMiB: 64, Paused: true, Incoming: true,
+		MemBackend: &MemBackend{Path: "/tmp/ram", Share: true},
+		Drives: []Drive{
+			{Path: "/img/a.qcow2", Format: "qcow2", Node: "disk0", Device: "vd0", Discard: true},
+			{Path: "/img/ro.raw", Node: "ro0", ReadOnly: true},
+		},
+		QMPSockets: []string{"cli"},
+		Args:       []string{"-no-reboot"},
+	}
+	args, err := q.Args(dir, cfg)
+	require.NoError(t, err)
+	line := strings.Join(args, " ")
+	for _, want := range []string{
+		"-M q35,memory-backend=ram0", "-m 65544K",
+		"-object memory-backend-file,id=ram0,size=65544K,share=on,mem-path=/tmp/ram",
+		"-qmp unix:" + filepath.Join(dir, "cli.qmp.sock") + ",server=on,wait=off",
+		"-S", "-incoming defer",
+		"-blockdev driver=file,filename=/img/a.qcow2,node-name=disk0-file,discard=unmap " +
+			"-blockdev driver=qcow2,file=disk0-file,node-name=disk0,discard=unmap " +
+			"-device virtio-blk-pci,drive=disk0,id=vd0",
+		"-blockdev driver=file,filename=/img/ro.raw,node-name=ro0-file,read-only=on " +
+			"-blockdev driver=raw,file=ro0-file,node-name=ro0,read-only=on",
+	} {
+		assert.Contains(t, line, want)
+	}
+	assert.Equal(t, "-no-reboot", args[len(args)-1])
+	assert.Equal(t, int64(64<<20+8<<10), q.RAMBytes(cfg), "the backend file's size")
+	assert.Equal(t, (&Instance{dir: dir}).QMPSocketOf("cli"), filepath.Join(dir, "cli.qmp.sock"))
+
+	cfg = Config{MemBackend: &MemBackend{}}
+	q.ver = qmp.Version{Major: 10}
+	args, err = q.Args(dir, cfg)
+	require.NoError(t, err)
+	line = strings.Join(args, " ")
+	assert.Contains(t, line, "-object memory-backend-ram,id=ram0,size=153600K")
+	assert.NotContains(t, line, " -S")
+	assert.Equal(t, int64(150<<20), q.RAMBytes(cfg))
+}
+
+func TestFindQEMUs(t *testing.T) {
+	path := t.TempDir()
+	sys := filepath.Join(path, "qemu-system-x86_64")
+	require.NoError(t, os.WriteFile(sys, []byte("#!/bin/sh\necho 'QEMU emulator version 7.2.22 (Debian)'\n"), 0o755))
+	newer := fakeQEMU(t, "echo 'QEMU emulator version 10.0.2'")
+	cache, fw := t.TempDir(), t.TempDir()
+	write := func(name, body string) {
+		require.NoError(t, os.WriteFile(filepath.Join(cache, name), []byte(body), 0o644))
+	}
+	write("qemu-10.0.env", "QMIGRATE_QEMU="+newer+"\nQMIGRATE_QEMU_FIRMWARE="+fw+"\n")
+	write("qemu-7.2.env", "QMIGRATE_QEMU="+sys+"\n")                         // the same binary as PATH's
+	write("qemu-9.0.env", "QMIGRATE_QEMU=/nonexistent/qemu-system-x86_64\n") // not there: left out
+	t.Setenv("PATH", path)
+	t.Setenv(EnvCache, cache)
+	t.Setenv(EnvQEMU, "")
+	t.Setenv(EnvQEMUFirmware, "")
+	t.Setenv(EnvQEMUImg, "")
+
+	qs, err := FindQEMUs()
+	require.NoError(t, err)
+	require.Len(t, qs, 2)
+	assert.Equal(t, "7.2", qs[0].Name())
+	assert.Equal(t, sys, qs[0].Binary)
+	assert.Equal(t, "10.0", qs[1].Name())
+	assert.Equal(t, qmp.Version{Major: 10, Micro: 2}, qs[1].Ver())
+	assert.Equal(t, fw, qs[1].Firmware)
+
+	t.Setenv(EnvQEMU, newer) // the environment picks one
+	qs, err = FindQEMUs()
+	require.NoError(t, err)
+	require.Len(t, qs, 1)
+	assert.Equal(t, newer, qs[0].Binary)
+
+	t.Setenv(EnvQEMU, "")
+	t.Setenv("PATH", t.TempDir())
+	t.Setenv(EnvCache, t.TempDir())
+	_, err = FindQEMUs()
+	require.ErrorIs(t, err, ErrQEMUNotFound)
+
+	assert.Equal(t, "qemu-kvm", (&QEMU{Binary: "/usr/libexec/qemu-kvm"}).Name(), "unknown version")
+}
+
 func TestStartQEMUExits(t *testing.T) {
 	q := &QEMU{Binary: fakeQEMU(t, "echo 'qemu: bad option' >&2; exit 1")}
 	_, err := q.Start(context.Background(), Config{Name: "bad"})
@@ -114,22 +199,17 @@ func TestStartNoQMPTimesOutAndCleansUp(t *testing.T) {
 	assert.Empty(t, matches, "the private folder is removed")
 }
 
+// The context ends once the process is being started (Logf runs just
+// before the fork): Start kills it and returns instead of waiting a minute
+// for QMP.
 func TestStartKilledWithContext(t *testing.T) {
-	q := &QEMU{Binary: fakeQEMU(t, "exec sleep 60")}
+	marker := filepath.Join(t.TempDir(), "pid")
+	q := &QEMU{Binary: fakeQEMU(t, "echo $$ > "+marker+"; exec sleep 60")}
 	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 1)
-	go func() {
-		_, err := q.Start(ctx, Config{Name: "cancel", ConnectTimeout: time.Minute})
-		errc <- err
-	}()
-	time.Sleep(100 * time.Millisecond)
-	cancel()
-	select {
-	case err := <-errc:
-		require.Error(t, err)
-	case <-time.After(10 * time.Second):
-		t.Fatal("Start did not return after its context ended")
-	}
+	start := time.Now()
+	_, err := q.Start(ctx, Config{Name: "cancel", ConnectTimeout: time.Minute, Logf: func(string, ...any) { cancel() }})
+	require.ErrorIs(t, err, context.Canceled)
+	assert.Less(t, time.Since(start), 30*time.Second, "Start returned without waiting for the connect timeout")
 }
 
 // fakeInstance is an Instance with a serial file and no process.
@@ -147,27 +227,53 @@ func appendSerial(t *testing.T, i *Instance, s string) {
 	require.NoError(t, f.Close())
 }
 
-func TestWaitSerial(t *testing.T) {
-	i := fakeInstance(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	go func() {
-		time.Sleep(50 * time.Millisecond)
-		appendSerial(t, i, "SeaBIOS banner\r\nBooting from Hard Disk..A")
-		time.Sleep(50 * time.Millisecond)
-		appendSerial(t, i, "BB")
-		time.Sleep(50 * time.Millisecond)
-		appendSerial(t, i, "B")
-	}()
-	n, err := i.CountSerial(ctx, sweep.StartChar, sweep.PassChar, 3)
-	require.NoError(t, err)
-	assert.Equal(t, 3, n, "the B in SeaBIOS is not counted")
+// waiting runs f in a goroutine of the synctest bubble and returns once f
+// is blocked (waiting for the serial file) or done; done reports whether f
+// returned.
+func waiting(f func()) (done func() bool) {
+	ch := make(chan struct{})
+	go func() { f(); close(ch) }()
+	synctest.Wait()
+	return func() bool {
+		select {
+		case <-ch:
+			return true
+		default:
+			return false
+		}
+	}
+}
 
-	short, cancel2 := context.WithTimeout(context.Background(), 100*time.Millisecond)
-	defer cancel2()
-	_, err = i.CountSerial(short, sweep.StartChar, sweep.PassChar, 10)
-	require.ErrorIs(t, err, ErrSerialTimeout)
-	require.ErrorIs(t, err, context.DeadlineExceeded)
+// The serial waits run in a synctest bubble: a wait polls the file on a
+// ticker of the bubble's clock, so "it has not matched yet" is checked when
+// every goroutine is blocked, and each append is seen at the next poll.
+func TestWaitSerial(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		i := fakeInstance(t)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		var n int
+		var err error
+		done := waiting(func() { n, err = i.CountSerial(ctx, sweep.StartChar, sweep.PassChar, 3) })
+		for _, chunk := range []string{"SeaBIOS banner\r\nBooting from Hard Disk..A", "BB"} {
+			appendSerial(t, i, chunk)
+			time.Sleep(SerialPoll)
+			synctest.Wait()
+			require.False(t, done(), "matched before the third pass after A (the B in SeaBIOS is not counted)")
+		}
+		appendSerial(t, i, "B")
+		time.Sleep(SerialPoll)
+		synctest.Wait()
+		require.True(t, done())
+		require.NoError(t, err)
+		assert.Equal(t, 3, n)
+
+		short, cancel2 := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		defer cancel2()
+		_, err = i.CountSerial(short, sweep.StartChar, sweep.PassChar, 10)
+		require.ErrorIs(t, err, ErrSerialTimeout)
+		require.ErrorIs(t, err, context.DeadlineExceeded)
+	})
 }
 
 func TestWaitSerialProcessExit(t *testing.T) {
@@ -189,17 +295,24 @@ func TestCheckLinux(t *testing.T) {
 	defer cancel()
 
 	t.Run("needs a pass that started after the migration", func(t *testing.T) {
-		i := fakeInstance(t)
-		appendSerial(t, i, "ssed line from the source\n"+
-			"QMIGRATE CHECK OK pass=5 failed_passes=0\n"+ // the pass in flight at switchover
-			"QMIGRATE PROGRESS pass=6 pages=1 rate=1 uptime=1\n")
-		go func() {
-			time.Sleep(50 * time.Millisecond)
+		synctest.Test(t, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			i := fakeInstance(t)
+			appendSerial(t, i, "ssed line from the source\n"+
+				"QMIGRATE CHECK OK pass=5 failed_passes=0\n"+ // the pass in flight at switchover
+				"QMIGRATE PROGRESS pass=6 pages=1 rate=1 uptime=1\n")
+			var l linux.Line
+			var err error
+			done := waiting(func() { l, err = CheckLinux(ctx, i, 3) })
+			require.False(t, done(), "pass 5 was in flight at the switchover: it proves nothing")
 			appendSerial(t, i, "QMIGRATE CHECK OK pass=6 failed_passes=0\n")
-		}()
-		l, err := CheckLinux(ctx, i, 3)
-		require.NoError(t, err)
-		assert.Equal(t, "QMIGRATE CHECK OK pass=6 failed_passes=0", l.Raw)
+			time.Sleep(SerialPoll)
+			synctest.Wait()
+			require.True(t, done())
+			require.NoError(t, err)
+			assert.Equal(t, "QMIGRATE CHECK OK pass=6 failed_passes=0", l.Raw)
+		})
 	})
 	t.Run("minPass", func(t *testing.T) {
 		i := fakeInstance(t)
@@ -236,30 +349,34 @@ func TestCheckLinux(t *testing.T) {
 }
 
 func TestCheckLinuxDisk(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	src := fakeInstance(t)
-	appendSerial(t, src, "QMIGRATE DISK seq=100 synced=90\nQMIGRATE DISKVERIFY OK records=100 last=100\nQMIGRATE DISK seq=250 synced=250\n")
-	seq, err := LinuxDiskSeq(src)
-	require.NoError(t, err)
-	assert.Equal(t, uint64(250), seq)
+	synctest.Test(t, func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		src := fakeInstance(t)
+		appendSerial(t, src, "QMIGRATE DISK seq=100 synced=90\nQMIGRATE DISKVERIFY OK records=100 last=100\nQMIGRATE DISK seq=250 synced=250\n")
+		seq, err := LinuxDiskSeq(src)
+		require.NoError(t, err)
+		assert.Equal(t, uint64(250), seq)
 
-	dst := fakeInstance(t)
-	appendSerial(t, dst, "QMIGRATE DISK seq=300 synced=300\nQMIGRATE DISKVERIFY OK records=200 last=240\n")
-	go func() {
-		time.Sleep(50 * time.Millisecond)
+		dst := fakeInstance(t)
+		appendSerial(t, dst, "QMIGRATE DISK seq=300 synced=300\nQMIGRATE DISKVERIFY OK records=200 last=240\n")
+		var l linux.Line
+		done := waiting(func() { l, err = CheckLinuxDisk(ctx, dst, seq) })
+		require.False(t, done(), "a verification up to record 240 does not cover the source's 250")
 		appendSerial(t, dst, "QMIGRATE DISKVERIFY OK records=300 last=310\n")
-	}()
-	l, err := CheckLinuxDisk(ctx, dst, seq)
-	require.NoError(t, err)
-	assert.Equal(t, "QMIGRATE DISKVERIFY OK records=300 last=310", l.Raw)
+		time.Sleep(SerialPoll)
+		synctest.Wait()
+		require.True(t, done())
+		require.NoError(t, err)
+		assert.Equal(t, "QMIGRATE DISKVERIFY OK records=300 last=310", l.Raw)
 
-	bad := fakeInstance(t)
-	appendSerial(t, bad, "QMIGRATE DISKVERIFY FAIL seq=17 slot=16 reason=stale got=1\n")
-	_, err = CheckLinuxDisk(ctx, bad, 1)
-	var ie *IntegrityError
-	require.ErrorAs(t, err, &ie)
-	require.ErrorIs(t, err, ErrGuestFailed)
+		bad := fakeInstance(t)
+		appendSerial(t, bad, "QMIGRATE DISKVERIFY FAIL seq=17 slot=16 reason=stale got=1\n")
+		_, err = CheckLinuxDisk(ctx, bad, 1)
+		var ie *IntegrityError
+		require.ErrorAs(t, err, &ie)
+		require.ErrorIs(t, err, ErrGuestFailed)
+	})
 }
 
 func TestParseCursor(t *testing.T) {

@@ -1,4 +1,4 @@
-package testbed
+package qemulab
 
 import (
 	"crypto"
@@ -57,13 +57,13 @@ const x509Validity = 30 * 24 * time.Hour
 // At least one host is required.
 func WriteX509Creds(dir string, hosts ...string) error {
 	if len(hosts) == 0 {
-		return errors.New("testbed: x509 creds: no hosts")
+		return errors.New("qemulab: x509 creds: no hosts")
 	}
 	var dnsNames []string
 	var ips []net.IP
 	for _, h := range hosts {
 		if h == "" {
-			return errors.New("testbed: x509 creds: empty host")
+			return errors.New("qemulab: x509 creds: empty host")
 		}
 		if ip := net.ParseIP(strings.TrimSuffix(strings.TrimPrefix(h, "["), "]")); ip != nil {
 			ips = append(ips, ip)
@@ -72,14 +72,14 @@ func WriteX509Creds(dir string, hosts ...string) error {
 		}
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("testbed: x509 creds: %w", err)
+		return fmt.Errorf("qemulab: x509 creds: %w", err)
 	}
 	now := time.Now()
 	notBefore, notAfter := now.Add(-time.Hour), now.Add(x509Validity)
 
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return fmt.Errorf("testbed: x509 creds: %w", err)
+		return fmt.Errorf("qemulab: x509 creds: %w", err)
 	}
 	caTmpl := &x509.Certificate{
 		Subject:               pkix.Name{CommonName: "qmigrate test CA", Organization: []string{"qmigrate"}},
@@ -91,7 +91,7 @@ func WriteX509Creds(dir string, hosts ...string) error {
 	}
 	caDER, caCert, err := signCert(caTmpl, nil, caKey.Public(), caKey)
 	if err != nil {
-		return fmt.Errorf("testbed: x509 creds: CA: %w", err)
+		return fmt.Errorf("qemulab: x509 creds: CA: %w", err)
 	}
 	if err := writePEM(filepath.Join(dir, X509CACertFile), "CERTIFICATE", caDER, 0o644); err != nil {
 		return err
@@ -115,7 +115,7 @@ func WriteX509Creds(dir string, hosts ...string) error {
 	for _, l := range leaves {
 		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 		if err != nil {
-			return fmt.Errorf("testbed: x509 creds: %w", err)
+			return fmt.Errorf("qemulab: x509 creds: %w", err)
 		}
 		l.tmpl.NotBefore, l.tmpl.NotAfter = notBefore, notAfter
 		l.tmpl.BasicConstraintsValid = true // CA:false
@@ -123,11 +123,11 @@ func WriteX509Creds(dir string, hosts ...string) error {
 		l.tmpl.KeyUsage = x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment
 		der, _, err := signCert(l.tmpl, caCert, key.Public(), caKey)
 		if err != nil {
-			return fmt.Errorf("testbed: x509 creds: %s: %w", l.certFile, err)
+			return fmt.Errorf("qemulab: x509 creds: %s: %w", l.certFile, err)
 		}
 		keyDER, err := x509.MarshalECPrivateKey(key)
 		if err != nil {
-			return fmt.Errorf("testbed: x509 creds: %s: %w", l.keyFile, err)
+			return fmt.Errorf("qemulab: x509 creds: %s: %w", l.keyFile, err)
 		}
 		if err := writePEM(filepath.Join(dir, l.keyFile), "EC PRIVATE KEY", keyDER, 0o600); err != nil {
 			return err
@@ -169,14 +169,14 @@ func signCert(tmpl, parent *x509.Certificate, pub crypto.PublicKey, signer crypt
 // client endpoint defaults to "qemu".
 func WritePSKCreds(dir, username string) error {
 	if username == "" || strings.ContainsAny(username, ":\r\n") {
-		return fmt.Errorf("testbed: psk creds: invalid username %q", username)
+		return fmt.Errorf("qemulab: psk creds: invalid username %q", username)
 	}
 	key := make([]byte, 32)
 	if _, err := rand.Read(key); err != nil {
-		return fmt.Errorf("testbed: psk creds: %w", err)
+		return fmt.Errorf("qemulab: psk creds: %w", err)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("testbed: psk creds: %w", err)
+		return fmt.Errorf("qemulab: psk creds: %w", err)
 	}
 	line := username + ":" + hex.EncodeToString(key) + "\n"
 	return writeFileMode(filepath.Join(dir, PSKFile), []byte(line), 0o600)
@@ -190,18 +190,18 @@ func writePEM(path, blockType string, der []byte, mode os.FileMode) error {
 func writeFileMode(path string, data []byte, mode os.FileMode) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
 	if err != nil {
-		return fmt.Errorf("testbed: %w", err)
+		return fmt.Errorf("qemulab: %w", err)
 	}
 	if err := f.Chmod(mode); err != nil {
 		f.Close()
-		return fmt.Errorf("testbed: %w", err)
+		return fmt.Errorf("qemulab: %w", err)
 	}
 	if _, err := f.Write(data); err != nil {
 		f.Close()
-		return fmt.Errorf("testbed: write %s: %w", path, err)
+		return fmt.Errorf("qemulab: write %s: %w", path, err)
 	}
 	if err := f.Close(); err != nil {
-		return fmt.Errorf("testbed: write %s: %w", path, err)
+		return fmt.Errorf("qemulab: write %s: %w", path, err)
 	}
 	return nil
 }

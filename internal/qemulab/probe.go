@@ -1,4 +1,4 @@
-package testbed
+package qemulab
 
 import (
 	"bytes"
@@ -13,7 +13,7 @@ import (
 
 // ErrAccelUnusable means a probe found that an accelerator does not run a
 // guest here (for example KVM without vmx, where Linux hangs at boot).
-var ErrAccelUnusable = errors.New("testbed: accelerator unusable for this guest")
+var ErrAccelUnusable = errors.New("qemulab: accelerator unusable for this guest")
 
 // ProbeAccel starts cfg (whose Accel and CPU name what to probe, e.g. "kvm"
 // and "host"), waits up to timeout for ready to succeed, and always stops the

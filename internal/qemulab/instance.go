@@ -1,4 +1,4 @@
-package testbed
+package qemulab
 
 import (
 	"context"
@@ -43,15 +43,91 @@ type Config struct {
 	Accel    string // DefaultAccel when empty ("kvm" only where a probe proved it works)
 	CPU      string // DefaultCPU when empty
 	Incoming bool   // start with -incoming defer (a destination)
+	Paused   bool   // start with -S: the guest runs after "cont" (with Incoming: stays paused after the migration)
 	UUID     string // -uuid when set
 	Netns    string // run inside this network namespace (ip netns exec)
-	Args     []string
+	// MemBackend, when set, backs the guest RAM with a memory backend of
+	// the guest's size (QEMU.RAMBytes).
+	MemBackend *MemBackend
+	// Drives are disk images on -blockdev nodes, after the guest's media.
+	Drives []Drive
+	// QMPSockets names more QMP monitors, each a unix socket in Dir
+	// (Instance.QMPSocketOf) that the harness does not connect to: for a
+	// second client, such as the CLI under test while the test watches.
+	QMPSockets []string
+	// Args are more QEMU arguments, last on the command line (-object,
+	// -blockdev, -device... the options above do not cover).
+	Args []string
 	// ConnectTimeout bounds the wait for QMP (DefaultConnectTimeout when 0).
 	ConnectTimeout time.Duration
 	// QMPOptions are passed to qmp.Dial.
 	QMPOptions []qmp.Option
 	// Logf, when set, receives the command line and life-cycle notes.
 	Logf func(format string, args ...any)
+}
+
+// MemBackendID is the id of the memory backend object of Config.MemBackend
+// (a RAM block name the source and destination of a migration share).
+const MemBackendID = "ram0"
+
+// MemBackend backs the guest RAM (-object memory-backend-*,
+// -machine memory-backend=MemBackendID).
+type MemBackend struct {
+	// Path is the file of memory-backend-file (QEMU creates it when
+	// missing; an existing file must have QEMU.RAMBytes). Empty means
+	// memory-backend-ram.
+	Path string
+	// Share maps the file shared (share=on): guest writes reach it and
+	// writes to it reach the guest. Otherwise the mapping is private.
+	Share bool
+}
+
+func (m *MemBackend) args(size string) []string {
+	if m.Path == "" {
+		return []string{"-object", "memory-backend-ram,id=" + MemBackendID + ",size=" + size}
+	}
+	share := "off"
+	if m.Share {
+		share = "on"
+	}
+	return []string{"-object", "memory-backend-file,id=" + MemBackendID + ",size=" + size + ",share=" + share + ",mem-path=" + m.Path}
+}
+
+// Drive is a disk image on two -blockdev nodes (a file node under a format
+// node), optionally with a virtio-blk-pci device.
+type Drive struct {
+	Path   string // the image file
+	Format string // "raw" when empty, "qcow2"...
+	// Node is the format node's name (the device's drive); the file node
+	// below it is Node+"-file".
+	Node     string
+	Device   string // id of a virtio-blk-pci device on Node; no device when empty
+	ReadOnly bool   // read-only=on on both nodes
+	Discard  bool   // discard=unmap on both nodes (keeps a mirrored image sparse)
+}
+
+// Args are the drive's -blockdev and -device arguments.
+func (d Drive) Args() []string {
+	format := d.Format
+	if format == "" {
+		format = "raw"
+	}
+	opts := ""
+	if d.ReadOnly {
+		opts += ",read-only=on"
+	}
+	if d.Discard {
+		opts += ",discard=unmap"
+	}
+	file := d.Node + "-file"
+	args := []string{
+		"-blockdev", "driver=file,filename=" + d.Path + ",node-name=" + file + opts,
+		"-blockdev", "driver=" + format + ",file=" + file + ",node-name=" + d.Node + opts,
+	}
+	if d.Device != "" {
+		args = append(args, "-device", "virtio-blk-pci,drive="+d.Node+",id="+d.Device)
+	}
+	return args
 }
 
 // ExitError reports a QEMU process that exited on its own; Log is the tail of
@@ -63,7 +139,7 @@ type ExitError struct {
 }
 
 func (e *ExitError) Error() string {
-	return fmt.Sprintf("testbed: qemu %s exited: %v; log: %s", e.Name, e.Err, e.Log)
+	return fmt.Sprintf("qemulab: qemu %s exited: %v; log: %s", e.Name, e.Err, e.Log)
 }
 
 func (e *ExitError) Unwrap() error { return e.Err }
@@ -99,7 +175,7 @@ func (q *QEMU) Start(ctx context.Context, cfg Config) (_ *Instance, err error) {
 	}
 	dir, err := os.MkdirTemp("", "qm-"+cfg.Name+"-")
 	if err != nil {
-		return nil, fmt.Errorf("testbed: start %s: %w", cfg.Name, err)
+		return nil, fmt.Errorf("qemulab: start %s: %w", cfg.Name, err)
 	}
 	defer func() {
 		if err != nil {
@@ -108,7 +184,7 @@ func (q *QEMU) Start(ctx context.Context, cfg Config) (_ *Instance, err error) {
 	}()
 	args, err := q.Args(dir, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("testbed: start %s: %w", cfg.Name, err)
+		return nil, fmt.Errorf("qemulab: start %s: %w", cfg.Name, err)
 	}
 	name := q.Binary
 	if cfg.Netns != "" {
@@ -117,7 +193,7 @@ func (q *QEMU) Start(ctx context.Context, cfg Config) (_ *Instance, err error) {
 	}
 	logFile, err := os.Create(filepath.Join(dir, "qemu.log"))
 	if err != nil {
-		return nil, fmt.Errorf("testbed: start %s: %w", cfg.Name, err)
+		return nil, fmt.Errorf("qemulab: start %s: %w", cfg.Name, err)
 	}
 	defer logFile.Close() // the child has its own descriptor
 
@@ -127,11 +203,11 @@ func (q *QEMU) Start(ctx context.Context, cfg Config) (_ *Instance, err error) {
 	cmd.Dir = dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if cfg.Logf != nil {
-		cfg.Logf("testbed: %s: %s %s", cfg.Name, name, shellJoin(args))
+		cfg.Logf("qemulab: %s: %s %s", cfg.Name, name, shellJoin(args))
 	}
 	inst := &Instance{Name: cfg.Name, cfg: cfg, dir: dir, cmd: cmd, done: make(chan struct{})}
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("testbed: start %s: %w", cfg.Name, err)
+		return nil, fmt.Errorf("qemulab: start %s: %w", cfg.Name, err)
 	}
 	inst.Started = time.Now()
 	go func() {
@@ -182,17 +258,30 @@ func (q *QEMU) Args(dir string, cfg Config) ([]string, error) {
 	if cpu == "" {
 		cpu = DefaultCPU
 	}
+	size := RAMSize(q.ver, accel, mem)
+	if cfg.MemBackend != nil {
+		machine += ",memory-backend=" + MemBackendID
+	}
 	args := q.FirmwareArgs()
 	args = append(args,
 		"-name", cfg.Name,
 		"-accel", accel,
 		"-M", machine,
 		"-cpu", cpu,
-		"-m", RAMSize(q.ver, accel, mem),
+		"-m", size,
 		"-nographic", "-nodefaults",
 		"-serial", "file:"+filepath.Join(dir, "serial.log"),
 		"-qmp", "unix:"+filepath.Join(dir, "qmp.sock")+",server=on,wait=off",
 	)
+	for _, name := range cfg.QMPSockets {
+		args = append(args, "-qmp", "unix:"+qmpSocketOf(dir, name)+",server=on,wait=off")
+	}
+	if cfg.MemBackend != nil {
+		args = append(args, cfg.MemBackend.args(size)...)
+	}
+	if cfg.Paused {
+		args = append(args, "-S")
+	}
 	if cfg.UUID != "" {
 		args = append(args, "-uuid", cfg.UUID)
 	}
@@ -205,6 +294,9 @@ func (q *QEMU) Args(dir string, cfg Config) ([]string, error) {
 			return nil, fmt.Errorf("guest %s: %w", cfg.Guest, err)
 		}
 		args = append(args, ga...)
+	}
+	for _, d := range cfg.Drives {
+		args = append(args, d.Args()...)
 	}
 	return append(args, cfg.Args...), nil
 }
@@ -236,7 +328,7 @@ func (i *Instance) connect(ctx context.Context) (*qmp.Client, error) {
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return nil, fmt.Errorf("testbed: %s: waiting for QMP at %s: %w (last error: %v; log: %s)",
+			return nil, fmt.Errorf("qemulab: %s: waiting for QMP at %s: %w (last error: %v; log: %s)",
 				i.Name, sock, ctx.Err(), lastErr, i.LogTail())
 		case <-i.done:
 			t.Stop()
@@ -257,6 +349,11 @@ func (i *Instance) Dir() string { return i.dir }
 
 // QMPSocket is the path of the QMP unix socket.
 func (i *Instance) QMPSocket() string { return filepath.Join(i.dir, "qmp.sock") }
+
+// QMPSocketOf is the path of the extra QMP socket name (Config.QMPSockets).
+func (i *Instance) QMPSocketOf(name string) string { return qmpSocketOf(i.dir, name) }
+
+func qmpSocketOf(dir, name string) string { return filepath.Join(dir, name+".qmp.sock") }
 
 // SerialPath is the file COM1 is written to.
 func (i *Instance) SerialPath() string { return filepath.Join(i.dir, "serial.log") }
@@ -299,6 +396,15 @@ func (i *Instance) LogTail() string {
 	return string(b)
 }
 
+// Signal sends sig to the QEMU process (SIGSTOP freezes it, SIGCONT thaws
+// it).
+func (i *Instance) Signal(sig syscall.Signal) error {
+	if i.Exited() {
+		return fmt.Errorf("qemulab: signal %s: %w", i.Name, os.ErrProcessDone)
+	}
+	return syscall.Kill(i.cmd.Process.Pid, sig)
+}
+
 func (i *Instance) killGroup() {
 	// Setpgid made the process a group leader; ip netns exec execs QEMU in
 	// place, so the group holds QEMU and nothing else of ours.
@@ -327,7 +433,7 @@ func (i *Instance) Close() error {
 			_ = i.QMP.Close()
 		}
 		if err := os.RemoveAll(i.dir); err != nil {
-			i.closeErr = fmt.Errorf("testbed: close %s: %w", i.Name, err)
+			i.closeErr = fmt.Errorf("qemulab: close %s: %w", i.Name, err)
 		}
 	})
 	return i.closeErr
@@ -348,7 +454,7 @@ func (i *Instance) Quit(ctx context.Context) error {
 		return nil
 	case <-ctx.Done():
 		i.Kill()
-		return fmt.Errorf("testbed: quit %s: %w", i.Name, ctx.Err())
+		return fmt.Errorf("qemulab: quit %s: %w", i.Name, ctx.Err())
 	}
 }
 

@@ -1,4 +1,4 @@
-package testbed
+package qemulab
 
 import (
 	"bytes"
@@ -24,7 +24,7 @@ const (
 
 // ErrNetnsUnavailable means network namespaces cannot be created here (not
 // root, no ip(8), no veth). Tests skip on it unless CI is set.
-var ErrNetnsUnavailable = errors.New("testbed: network namespaces unavailable")
+var ErrNetnsUnavailable = errors.New("qemulab: network namespaces unavailable")
 
 // Host is one end of a Network: a namespace with one veth device.
 type Host struct {
@@ -48,7 +48,7 @@ type CommandError struct {
 }
 
 func (e *CommandError) Error() string {
-	return fmt.Sprintf("testbed: %s: %v: %s", strings.Join(e.Args, " "), e.Err, strings.TrimSpace(e.Output))
+	return fmt.Sprintf("qemulab: %s: %v: %s", strings.Join(e.Args, " "), e.Err, strings.TrimSpace(e.Output))
 }
 
 func (e *CommandError) Unwrap() error { return e.Err }
@@ -70,7 +70,7 @@ func run(ctx context.Context, args ...string) error {
 func NewNetwork(ctx context.Context, rate uint64) (_ *Network, err error) {
 	var rnd [4]byte
 	if _, err := rand.Read(rnd[:]); err != nil {
-		return nil, fmt.Errorf("testbed: network: %w", err)
+		return nil, fmt.Errorf("qemulab: network: %w", err)
 	}
 	id := hex.EncodeToString(rnd[:])
 	n := &Network{

@@ -1,4 +1,4 @@
-package testbed
+package qemulab
 
 import (
 	"context"
@@ -70,8 +70,19 @@ func NewNetworkT(t TB, rate uint64) *Network {
 	}
 	t.Cleanup(func() {
 		if err := n.Close(); err != nil {
-			t.Logf("testbed: network close: %v", err)
+			t.Logf("qemulab: network close: %v", err)
 		}
 	})
 	return n
+}
+
+// RequireQEMUs lists the QEMUs to run a test on (FindQEMUs); when there is
+// none the test is skipped (failed under CI).
+func RequireQEMUs(t TB) []*QEMU {
+	t.Helper()
+	qs, err := FindQEMUs()
+	if err != nil {
+		SkipOrFail(t, "%v", err)
+	}
+	return qs
 }
