@@ -66,9 +66,6 @@ func groupVCPUs(byCPU map[int]string, total int) []string {
 				names[i] = strconv.Itoa(n)
 			}
 			who = "vCPU " + strings.Join(names, ", ")
-			if total == 1 {
-				who = "the vCPU"
-			}
 		}
 		out = append(out, who+": "+text)
 	}
