@@ -80,6 +80,8 @@ func (c *comparison) cpuModel() (Status, string) {
 	if len(pairs) == 0 {
 		return Warn, "no vCPU to compare"
 	}
+	total := len(pairs)
+	pairs = pairs[:1] // the model is read on the first vCPU (readVCPUs)
 	diffs := map[int]string{}
 	for _, p := range pairs {
 		s, d := c.src.vcpus[p[0]].scalars, c.dst.vcpus[p[1]].scalars
@@ -116,7 +118,7 @@ func (c *comparison) cpuModel() (Status, string) {
 	if v, ok := s["model-id"]; ok {
 		desc += fmt.Sprintf(" (%s)", scalarString(v))
 	}
-	return Pass, fmt.Sprintf("%s, the same on %s", strings.TrimSpace(desc), vcpus(len(pairs)))
+	return Pass, fmt.Sprintf("%s on %s", strings.TrimSpace(desc), vcpus(total))
 }
 
 // wordDiff is the difference of one feature word.

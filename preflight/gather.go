@@ -76,7 +76,7 @@ var cpuScalars = []string{"type", "vendor", "family", "model", "stepping", "mode
 
 // vcpuInfo is what the CPU object of one vCPU says.
 type vcpuInfo struct {
-	scalars map[string]json.RawMessage // missing: the property does not exist
+	scalars map[string]json.RawMessage // missing: the property does not exist (or not read: vCPUs after the first)
 	words   []featureWord
 	wordErr error
 }
@@ -293,8 +293,8 @@ func (f *facts) err(op string) error {
 	return f.errs[op]
 }
 
-// readVCPUs reads the CPUID-relevant properties of every vCPU's CPU object,
-// all in flight at once.
+// readVCPUs reads the CPUID feature words of every vCPU's CPU object and
+// the model properties of the first one, all in flight at once.
 func (f *facts) readVCPUs(ctx context.Context, fatal *error, mu *sync.Mutex) {
 	f.vcpus = make([]vcpuInfo, len(f.cpus))
 	var wg sync.WaitGroup
@@ -311,6 +311,13 @@ func (f *facts) readVCPUs(ctx context.Context, fatal *error, mu *sync.Mutex) {
 				v.wordErr = err
 			}
 		})
+		if i > 0 {
+			// QEMU gives every vCPU the -cpu model (a hotplugged one must
+			// be of the same type): the model is read on the first vCPU,
+			// the feature words on each. Each qom-get costs a main-loop
+			// turn of QEMU (~0.3 ms measured on 10.0 under TCG).
+			continue
+		}
 		for _, p := range cpuScalars {
 			wg.Go(func() {
 				var raw json.RawMessage
