@@ -94,8 +94,8 @@ source QEMU can migrate live to the destination QEMU (started with
 
 Checks: run-state, machine-type (with the -machine to start the destination
 with when an alias such as "pc" resolved differently), ram-size, cpu-model
-(type, vendor, family, model, stepping, model-id, CPUID levels, for every
-vCPU), cpu-features (every CPUID feature word of every vCPU; differences named
+(type, vendor, family, model, stepping, model-id, CPUID levels),
+cpu-features (every CPUID feature word of every vCPU; differences named
 feature by feature), vcpu-topology (count, sockets/cores/threads, hotpluggable
 slots), devices (ids and types), pci-addresses, block-devices (every disk on
 the destination with the same size), migration-blockers (QEMU's own reasons),
