@@ -263,9 +263,10 @@ func (c *comparison) nameFeatures(srcPath, dstPath string) (string, error) {
 	for _, e := range []struct {
 		err  error
 		side string
-	}{{serr, c.src.side}, {derr, c.dst.side}} {
+		path string
+	}{{serr, c.src.side, srcPath}, {derr, c.dst.side, dstPath}} {
 		if e.err != nil && !isQMPError(e.err) {
-			return "", &SideError{Side: e.side, Op: "qom-get " + srcPath, Err: e.err}
+			return "", &SideError{Side: e.side, Op: "qom-get " + e.path, Err: e.err}
 		}
 		if e.err != nil {
 			return "", nil
