@@ -4,6 +4,7 @@
 // Usage:
 //
 //	qmigrate migrate --src ADDR --dst ADDR --uri URI [flags]
+//	qmigrate check --src ADDR --dst ADDR [flags]
 //	qmigrate demo [flags]
 //	qmigrate version
 //	qmigrate help [COMMAND]
@@ -15,6 +16,11 @@
 // terminal, plain log lines otherwise, or one JSON object per line with
 // --json (the last one the result); "qmigrate migrate --help" documents every
 // flag, the JSON lines and the exit statuses.
+//
+// "qmigrate check" runs every preflight check (package preflight) on the two
+// QEMUs without changing anything, prints a table (or JSON lines with
+// --json) and exits 0 when the migration can run, 1 when it cannot (every
+// reason listed), 2 on bad usage.
 //
 // "qmigrate demo" starts two local QEMUs itself (qemu-system-x86_64, TCG)
 // with a small guest embedded in the binary, migrates it, checks the guest's
@@ -111,6 +117,10 @@ Usage:
   qmigrate migrate --src ADDR --dst ADDR --uri URI [flags]
                                migrate the guest of the source QEMU to a
                                destination QEMU started with -incoming defer
+  qmigrate check --src ADDR --dst ADDR [flags]
+                               check, changing nothing, whether the migration
+                               can run; list every reason why not (exit 0 it
+                               can, 1 it cannot, 2 bad usage)
   qmigrate demo [flags]        start two local QEMUs with a small embedded guest,
                                migrate it live and verify it on the destination
   qmigrate version             print the version
@@ -133,6 +143,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	switch cmd, rest := args[0], args[1:]; cmd {
 	case "migrate":
 		return runMigrate(ctx, rest, stdout, stderr)
+	case "check":
+		return runCheck(ctx, rest, stdout, stderr)
 	case "demo":
 		return runDemo(ctx, rest, stdout, stderr)
 	case "version", "-version", "--version":
@@ -149,7 +161,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		if len(rest) == 1 {
 			switch rest[0] {
-			case "migrate", "demo":
+			case "migrate", "check", "demo":
 				return run(ctx, []string{rest[0], "--help"}, stdout, stderr)
 			case "help", "version":
 			default:
