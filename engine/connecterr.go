@@ -50,9 +50,9 @@ const (
 	PathStaleSocket PathKind = "stale socket" // a socket no process listens on (its QEMU exited)
 )
 
-// pathKind looks at what is at a unix address's path after connecting to it
+// PathKindOf looks at what is at a unix address's path after connecting to it
 // failed with err.
-func pathKind(a qmp.Address, err error) PathKind {
+func PathKindOf(a qmp.Address, err error) PathKind {
 	if a.Network != qmp.Unix {
 		return PathUnknown
 	}

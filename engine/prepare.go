@@ -156,7 +156,7 @@ func (r *run) connect(ctx context.Context, side Side, ep Endpoint) (*qmp.Client,
 		case cctx.Err() != nil:
 			ce.Timeout = timeout
 		default:
-			ce.Path = pathKind(ep.Address, err)
+			ce.Path = PathKindOf(ep.Address, err)
 		}
 		return nil, r.badInput(CheckConnect, side, "connect", ce)
 	}

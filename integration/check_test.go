@@ -13,14 +13,14 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/qmigrate/qmigrate/internal/testbed"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/preflight"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
 // checkPair starts an idle source (no guest: SeaBIOS finds nothing to boot)
 // and a destination waiting with -incoming defer, one after the other.
-func checkPair(t *testing.T, sq, dq *testbed.QEMU, src, dst testbed.Config) (*testbed.Instance, *testbed.Instance) {
+func checkPair(t *testing.T, sq, dq *qemulab.QEMU, src, dst qemulab.Config) (*qemulab.Instance, *qemulab.Instance) {
 	t.Helper()
 	src.Name, dst.Name = "src", "dst"
 	dst.Incoming = true
@@ -31,8 +31,8 @@ func checkPair(t *testing.T, sq, dq *testbed.QEMU, src, dst testbed.Config) (*te
 		dst.Machine = "pc"
 	}
 	src.MemMiB, dst.MemMiB = 64, 64
-	s := testbed.StartT(t, sq, src)
-	d := testbed.StartT(t, dq, dst)
+	s := qemulab.StartT(t, sq, src)
+	d := qemulab.StartT(t, dq, dst)
 	return s, d
 }
 
@@ -53,7 +53,7 @@ func runState(t *testing.T, c *qmp.Client) string {
 	return st.Status + " " + strings.Join(on, ",")
 }
 
-func runCheck(t *testing.T, s, d *testbed.Instance, opts preflight.Options) *preflight.Report {
+func runCheck(t *testing.T, s, d *qemulab.Instance, opts preflight.Options) *preflight.Report {
 	t.Helper()
 	before := [2]string{runState(t, s.QMP), runState(t, d.QMP)}
 	rep, err := preflight.Run(tbTimeout(t, 30*time.Second), s.QMP, d.QMP, opts)
@@ -88,7 +88,7 @@ func TestCheck(t *testing.T) {
 
 	t.Run("Passes", func(t *testing.T) {
 		args := []string{"-smp", "2", "-device", "virtio-net-pci,id=net0", "-device", "virtio-rng-pci"}
-		s, d := checkPair(t, q, q, testbed.Config{Args: args}, testbed.Config{Args: args})
+		s, d := checkPair(t, q, q, qemulab.Config{Args: args}, qemulab.Config{Args: args})
 		rep := runCheck(t, s, d, preflight.Options{Postcopy: preflight.PostcopyAllowed, DestinationPID: d.Pid()})
 		assert.True(t, rep.OK(), "%v", rep.Failed())
 		assert.True(t, rep.Postcopy)
@@ -100,21 +100,21 @@ func TestCheck(t *testing.T) {
 		measureCheck(t, s.QMP, d.QMP)
 	})
 	t.Run("CPUFlags", func(t *testing.T) {
-		s, d := checkPair(t, q, q, testbed.Config{CPU: "max"}, testbed.Config{CPU: "max,-popcnt,-sse4.2"})
+		s, d := checkPair(t, q, q, qemulab.Config{CPU: "max"}, qemulab.Config{CPU: "max,-popcnt,-sse4.2"})
 		rep := runCheck(t, s, d, preflight.Options{})
 		assert.Equal(t, []preflight.Name{preflight.CPUFeatures}, failed(rep))
 		assert.Contains(t, detail(t, rep, preflight.CPUFeatures), "destination lacks popcnt, sse4.2;")
 	})
 	t.Run("MissingDevice", func(t *testing.T) {
-		s, d := checkPair(t, q, q, testbed.Config{Args: []string{"-device", "virtio-rng-pci,id=rng0", "-device", "virtio-net-pci,id=net0"}},
-			testbed.Config{Args: []string{"-device", "virtio-net-pci,id=net0"}})
+		s, d := checkPair(t, q, q, qemulab.Config{Args: []string{"-device", "virtio-rng-pci,id=rng0", "-device", "virtio-net-pci,id=net0"}},
+			qemulab.Config{Args: []string{"-device", "virtio-net-pci,id=net0"}})
 		rep := runCheck(t, s, d, preflight.Options{})
 		assert.Equal(t, []preflight.Name{preflight.Devices, preflight.PCIAddresses}, failed(rep))
 		assert.Equal(t, "device rng0 (virtio-rng-pci) is missing on the destination", detail(t, rep, preflight.Devices))
 		assert.Contains(t, detail(t, rep, preflight.PCIAddresses), "net0 sits at 00:03.0 on the source, 00:02.0 on the destination")
 	})
 	t.Run("VCPUCount", func(t *testing.T) {
-		s, d := checkPair(t, q, q, testbed.Config{Args: []string{"-smp", "2"}}, testbed.Config{Args: []string{"-smp", "1"}})
+		s, d := checkPair(t, q, q, qemulab.Config{Args: []string{"-smp", "2"}}, qemulab.Config{Args: []string{"-smp", "1"}})
 		rep := runCheck(t, s, d, preflight.Options{})
 		assert.Contains(t, failed(rep), preflight.VCPUTopology)
 		assert.Contains(t, detail(t, rep, preflight.VCPUTopology), "the source has 2 vCPUs, the destination 1")
@@ -126,7 +126,7 @@ func TestCheck(t *testing.T) {
 		}
 	})
 	t.Run("MigrationBlocker", func(t *testing.T) {
-		s, d := checkPair(t, q, q, testbed.Config{Args: ivshmem}, testbed.Config{Args: ivshmem})
+		s, d := checkPair(t, q, q, qemulab.Config{Args: ivshmem}, qemulab.Config{Args: ivshmem})
 		rep := runCheck(t, s, d, preflight.Options{})
 		assert.Equal(t, []preflight.Name{preflight.MigrationBlockers}, failed(rep))
 		assert.Contains(t, detail(t, rep, preflight.MigrationBlockers), "device 'ivshmem'")
@@ -139,14 +139,14 @@ func TestCheck(t *testing.T) {
 			require.NoError(t, os.Truncate(p, size))
 			return []string{"-drive", "file=" + p + ",format=raw,if=none,id=drive0", "-device", "virtio-blk-pci,drive=drive0,id=vblk0"}
 		}
-		s, d := checkPair(t, q, q, testbed.Config{Args: disk("a.raw", 8<<20)}, testbed.Config{Args: disk("b.raw", 16<<20)})
+		s, d := checkPair(t, q, q, qemulab.Config{Args: disk("a.raw", 8<<20)}, qemulab.Config{Args: disk("b.raw", 16<<20)})
 		rep := runCheck(t, s, d, preflight.Options{Storage: &preflight.Storage{}})
 		assert.Equal(t, []preflight.Name{preflight.BlockDevices}, failed(rep))
 		assert.Equal(t, "disk drive0 has 8 MiB on the source, 16 MiB on the destination", detail(t, rep, preflight.BlockDevices))
 	})
 	t.Run("MachineType", func(t *testing.T) {
 		older := "pc-i440fx-7.1"
-		s, d := checkPair(t, q, q, testbed.Config{}, testbed.Config{Machine: older})
+		s, d := checkPair(t, q, q, qemulab.Config{}, qemulab.Config{Machine: older})
 		rep := runCheck(t, s, d, preflight.Options{})
 		assert.Contains(t, failed(rep), preflight.MachineType)
 		want := fmt.Sprintf("pc-i440fx-%d.%d", v.Major, v.Minor)
@@ -157,14 +157,14 @@ func TestCheck(t *testing.T) {
 	// ways.
 	t.Run("Upgrade", func(t *testing.T) {
 		q72, q10 := cachedQEMU(t, "7.2"), cachedQEMU(t, "10.0")
-		s, d := checkPair(t, q72, q10, testbed.Config{CPU: "max"}, testbed.Config{CPU: "max"})
+		s, d := checkPair(t, q72, q10, qemulab.Config{CPU: "max"}, qemulab.Config{CPU: "max"})
 		rep := runCheck(t, s, d, preflight.Options{})
 		assert.Equal(t, []preflight.Name{preflight.MachineType, preflight.CPUModel, preflight.CPUFeatures}, failed(rep))
 		assert.Contains(t, detail(t, rep, preflight.MachineType), `"pc" resolved to pc-i440fx-7.2 on the source and pc-i440fx-10.0 on the destination): start the destination with -machine pc-i440fx-7.2`)
 		s.Close()
 		d.Close()
-		for _, dir := range [][2]*testbed.QEMU{{q72, q10}, {q10, q72}} {
-			pinned := testbed.Config{Machine: "pc-i440fx-7.2", CPU: "qemu64"}
+		for _, dir := range [][2]*qemulab.QEMU{{q72, q10}, {q10, q72}} {
+			pinned := qemulab.Config{Machine: "pc-i440fx-7.2", CPU: "qemu64"}
 			s, d := checkPair(t, dir[0], dir[1], pinned, pinned)
 			rep := runCheck(t, s, d, preflight.Options{})
 			assert.True(t, rep.OK(), "%v", rep.Failed())
@@ -176,7 +176,7 @@ func TestCheck(t *testing.T) {
 
 // cachedQEMU reads $QMIGRATE_CACHE/qemu-VERSION.env (scripts/setup.sh); the
 // test is skipped (failed under CI) without it.
-func cachedQEMU(t *testing.T, version string) *testbed.QEMU {
+func cachedQEMU(t *testing.T, version string) *qemulab.QEMU {
 	t.Helper()
 	cache := os.Getenv("QMIGRATE_CACHE")
 	if cache == "" {
@@ -185,15 +185,15 @@ func cachedQEMU(t *testing.T, version string) *testbed.QEMU {
 	}
 	b, err := os.ReadFile(filepath.Join(cache, "qemu-"+version+".env"))
 	if err != nil {
-		testbed.SkipOrFail(t, "QEMU %s: %v (run scripts/setup.sh)", version, err)
+		qemulab.SkipOrFail(t, "QEMU %s: %v (run scripts/setup.sh)", version, err)
 	}
-	q := &testbed.QEMU{}
+	q := &qemulab.QEMU{}
 	for line := range strings.SplitSeq(string(b), "\n") {
 		k, val, _ := strings.Cut(line, "=")
 		switch k {
-		case testbed.EnvQEMU:
+		case qemulab.EnvQEMU:
 			q.Binary = val
-		case testbed.EnvQEMUFirmware:
+		case qemulab.EnvQEMUFirmware:
 			q.Firmware = val
 		}
 	}

@@ -9,7 +9,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
 	"strings"
 	"sync"
 	"text/tabwriter"
@@ -53,13 +52,15 @@ func (o *checkOptions) flagSet() *flag.FlagSet {
 }
 
 func (o *checkOptions) check() error {
-	if err := checkAddress("--src", o.src); err != nil {
+	src, err := checkAddress("--src", o.src)
+	if err != nil {
 		return err
 	}
-	if err := checkAddress("--dst", o.dst); err != nil {
+	dst, err := checkAddress("--dst", o.dst)
+	if err != nil {
 		return err
 	}
-	if sameSocket(o.src, o.dst) {
+	if qmp.SameSocket(src, dst) {
 		return fmt.Errorf("--src and --dst are the same socket (%q, %q)", o.src, o.dst)
 	}
 	if o.connectTimeout == 0 {
@@ -292,47 +293,49 @@ func printReport(w io.Writer, rep *preflight.Report) {
 	fmt.Fprintln(w, "the migration can run")
 }
 
-// dialPeer connects to one QMP socket like dial does and, for a unix
-// socket, also returns the process at its other end (the QEMU, 0 when
-// unknown), for the userfaultfd check.
+// dialPeer connects to one QMP socket and, for a unix socket, also
+// returns the process at its other end (the QEMU, 0 when unknown), for the
+// userfaultfd check. A failure says what is wrong as migrate does.
 func dialPeer(ctx context.Context, flagName, address string, bound connectBound, log *slog.Logger) (*qmp.Client, int, error) {
-	network, path, err := qmp.ParseAddress(address)
-	if err != nil || network != "unix" {
-		c, err := dial(ctx, flagName, address, bound, log)
-		return c, 0, err
+	a, err := qmp.ParseAddress(address) // check() parsed it
+	if err != nil {
+		return nil, 0, &inputError{flag: flagName, address: address, err: err}
 	}
 	dctx, cancel := context.WithTimeout(ctx, bound.timeout)
 	defer cancel()
+	side := engine.SideSource
+	if flagName == "--dst" {
+		side = engine.SideDestination
+	}
 	var opts []qmp.Option
 	if log != nil {
-		opts = append(opts, qmp.WithLogger(log.With("side", strings.TrimPrefix(flagName, "--"))))
+		opts = append(opts, qmp.WithLogger(log.With("side", string(side))))
 	}
-	var d net.Dialer
-	conn, err := d.DialContext(dctx, "unix", path)
-	pid := 0
 	var c *qmp.Client
-	if err == nil {
-		if p, perr := preflight.PeerPID(conn); perr == nil {
-			pid = p
+	pid := 0
+	if a.Network == qmp.Unix {
+		var d net.Dialer
+		var conn net.Conn
+		if conn, err = d.DialContext(dctx, "unix", a.Path); err == nil {
+			if p, perr := preflight.PeerPID(conn); perr == nil {
+				pid = p
+			}
+			c, err = qmp.NewClient(dctx, conn, opts...)
 		}
-		c, err = qmp.NewClient(dctx, conn, opts...)
+	} else {
+		c, err = qmp.DialAddress(dctx, a, opts...)
 	}
 	if err == nil {
 		return c, pid, nil
 	}
-	if ctx.Err() != nil {
-		return nil, 0, fmt.Errorf("%s %s: %w: %w", flagName, address, engine.ErrCancelled, ctx.Err())
+	ce := &engine.ConnectError{Side: side, Address: a, Err: err}
+	switch {
+	case ctx.Err() != nil:
+		ce.Err = ctx.Err()
+	case dctx.Err() != nil:
+		ce.Timeout = bound.timeout
+	default:
+		ce.Path = engine.PathKindOf(a, err)
 	}
-	if dctx.Err() != nil {
-		err = fmt.Errorf("no QMP answer within %s (%s): is it a QEMU monitor socket, with no other client connected to it? (%w)",
-			bound.timeout, bound.flag, err)
-	} else {
-		var se *os.SyscallError
-		if errors.As(err, &se) {
-			err = fmt.Errorf("cannot connect: %w%s", se.Err, unixHint(address, se.Err))
-		} else {
-			err = fmt.Errorf("cannot connect: %w", err)
-		}
-	}
-	return nil, 0, &inputError{flag: flagName, address: address, err: err}
+	return nil, 0, connectMessage(ce, ctx.Err() != nil, flagName, address, bound)
 }

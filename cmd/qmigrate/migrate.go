@@ -557,30 +557,36 @@ func (o *migrateOptions) connectFailure(err error, bound connectBound) error {
 		if ce.Side == engine.SideDestination {
 			flagName, address = "--dst", o.dst
 		}
-		if errors.Is(ee, engine.ErrCancelled) {
-			errs = append(errs, fmt.Errorf("%s %s: %w: %w", flagName, address, engine.ErrCancelled, ce.Err))
-			continue
-		}
-		var why error
-		var se *os.SyscallError
-		switch {
-		case ce.Timeout > 0:
-			// A QEMU monitor serves one client at a time and leaves the
-			// next one connected but ungreeted: the usual cause besides a
-			// socket that is not a monitor at all.
-			why = fmt.Errorf("no QMP answer within %s (%s): is it a QEMU monitor socket, with no other client connected to it? (%w)",
-				bound.timeout, bound.flag, ce.Err)
-		case errors.As(ce.Err, &se):
-			// The innermost cause says it best: "no such file or
-			// directory", "connection refused"; the rest repeats the
-			// address.
-			why = fmt.Errorf("cannot connect: %w%s", se.Err, pathHint(ce.Path))
-		default:
-			why = fmt.Errorf("cannot connect: %w", ce.Err)
-		}
-		errs = append(errs, &inputError{flag: flagName, address: address, err: why})
+		errs = append(errs, connectMessage(ce, errors.Is(ee, engine.ErrCancelled), flagName, address, bound))
 	}
 	return errors.Join(errs...)
+}
+
+// connectMessage says what is wrong with a QMP address that could not be
+// connected to, naming the flag and the address as given: an input error
+// (exit 2), or the cancel that cut connecting short.
+func connectMessage(ce *engine.ConnectError, cancelled bool, flagName, address string, bound connectBound) error {
+	if cancelled {
+		return fmt.Errorf("%s %s: %w: %w", flagName, address, engine.ErrCancelled, ce.Err)
+	}
+	var why error
+	var se *os.SyscallError
+	switch {
+	case ce.Timeout > 0:
+		// A QEMU monitor serves one client at a time and leaves the
+		// next one connected but ungreeted: the usual cause besides a
+		// socket that is not a monitor at all.
+		why = fmt.Errorf("no QMP answer within %s (%s): is it a QEMU monitor socket, with no other client connected to it? (%w)",
+			bound.timeout, bound.flag, ce.Err)
+	case errors.As(ce.Err, &se):
+		// The innermost cause says it best: "no such file or
+		// directory", "connection refused"; the rest repeats the
+		// address.
+		why = fmt.Errorf("cannot connect: %w%s", se.Err, pathHint(ce.Path))
+	default:
+		why = fmt.Errorf("cannot connect: %w", ce.Err)
+	}
+	return &inputError{flag: flagName, address: address, err: why}
 }
 
 // engineErrors are the engine's *Errors in err: one, or one per side when
