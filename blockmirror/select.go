@@ -181,7 +181,7 @@ func (s *Session) plan(ctx context.Context) error {
 			srcFile:  in.File,
 			sync:     "full",
 			job:      s.jobPrefix() + strconv.Itoa(i),
-			nbdNode:  fmt.Sprintf("qmnbd-%s-%d", s.token, i),
+			nbdNode:  fmt.Sprintf("qmigrate-nbd-%s-%d", s.token, i),
 			exportID: fmt.Sprintf("qmigrate-export-%s-%d", s.token, i),
 			export:   "qmigrate-" + randomHex(16),
 			copyMode: copyMode,

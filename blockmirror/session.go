@@ -166,7 +166,7 @@ func (s *Session) startServer(ctx context.Context) error {
 // adds it as a node named d.dstNode.
 func (s *Session) createTarget(ctx context.Context, d *disk) error {
 	path := s.targetPath(d)
-	fileNode := fmt.Sprintf("qmfile-%s-%s", s.token, randomHex(2))
+	fileNode := fmt.Sprintf("qmigrate-file-%s-%s", s.token, randomHex(2))
 	if err := s.runCreateJob(ctx, d, map[string]any{"driver": "file", "filename": path, "size": d.size}); err != nil {
 		return err
 	}

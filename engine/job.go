@@ -22,7 +22,7 @@ type Job struct {
 	r      *run
 	cancel context.CancelFunc
 	reqs   chan request
-	start  chan struct{} // closed once the migration runs (or the job ended)
+	start  chan struct{} // closed once the migration runs
 	done   chan struct{} // closed once the Result is final
 
 	mu    sync.Mutex
@@ -86,17 +86,25 @@ func (e *StageError) Unwrap() error { return ErrNotNow }
 // Abort. A manager whose jobs outlive the request that started them passes
 // context.WithoutCancel(ctx).
 func Start(ctx context.Context, cfg Config) (*Job, error) {
-	j := launch(ctx, cfg)
+	return startWith(ctx, cfg, (*run).execute)
+}
+
+// startWith launches body (execute, or adopt) and waits until the
+// migration runs or the job ended.
+func startWith(ctx context.Context, cfg Config, body func(*run, context.Context) error) (*Job, error) {
+	j := launch(ctx, cfg, body)
 	select {
 	case <-j.start:
+		return j, nil
 	case <-j.done:
 	}
 	select {
-	case <-j.done:
-		if j.res.Err != nil {
-			return nil, j.res.Err
-		}
+	case <-j.start: // it ran, and ended already: the Job has its Result
+		return j, nil
 	default:
+	}
+	if j.res.Err != nil {
+		return nil, j.res.Err
 	}
 	return j, nil
 }
@@ -109,13 +117,14 @@ func Start(ctx context.Context, cfg Config) (*Job, error) {
 // wrapping ErrInvalidConfig, without touching either QEMU, and the observer
 // gets only the result event.
 func Migrate(ctx context.Context, cfg Config) (*Result, error) {
-	j := launch(ctx, cfg)
+	j := launch(ctx, cfg, (*run).execute)
 	<-j.done
 	return j.res, j.res.Err
 }
 
-// launch validates cfg and runs the migration on a goroutine of its own.
-func launch(ctx context.Context, cfg Config) *Job {
+// launch validates cfg and runs body (the migration) on a goroutine of its
+// own.
+func launch(ctx context.Context, cfg Config, body func(*run, context.Context) error) *Job {
 	t0 := time.Now()
 	j := &Job{reqs: make(chan request), start: make(chan struct{}), done: make(chan struct{}), subs: map[*Subscription]struct{}{}}
 	err := cfg.Validate()
@@ -134,7 +143,6 @@ func launch(ctx context.Context, cfg Config) *Job {
 		}
 		j.res = res
 		j.prog = Progress{Phase: PhasePrepare, Stage: stageEnded.String(), Elapsed: res.Total, Result: res}
-		close(j.start)
 		close(j.done)
 		return j
 	}
@@ -161,7 +169,7 @@ func launch(ctx context.Context, cfg Config) *Job {
 	j.cancel = cancel
 	go func() {
 		defer cancel()
-		err := r.execute(jctx)
+		err := body(r, jctx)
 		r.finish(err)
 		j.mu.Lock()
 		j.res = r.res
@@ -171,11 +179,6 @@ func launch(ctx context.Context, cfg Config) *Job {
 		}
 		j.subs = nil
 		j.mu.Unlock()
-		select {
-		case <-j.start:
-		default:
-			close(j.start)
-		}
 		close(j.done)
 	}()
 	return j

@@ -20,6 +20,8 @@ type run struct {
 	job   *Job
 	cfg   Config
 	token string // this migration's id: the suffix of what it creates on the QEMUs (journal.go)
+	// adoptedBandwidth is the source's max-bandwidth Adopt found.
+	adoptedBandwidth *uint64
 	log   *slog.Logger
 	t0    time.Time
 	res   *Result
@@ -99,7 +101,11 @@ func (r *run) execute(ctx context.Context) error {
 
 // running tells Start that the migration runs: it returns the Job.
 func (r *run) running(context.Context) error {
-	close(r.job.start)
+	select {
+	case <-r.job.start:
+	default:
+		close(r.job.start)
+	}
 	return nil
 }
 

@@ -33,22 +33,7 @@ type sideInfo struct {
 // parameters), and the argument forms of migrate-incoming and migrate are
 // found out by trying them in the start phase.
 func (r *run) prepare(ctx context.Context) error {
-	var (
-		derr error
-		wg   sync.WaitGroup
-	)
-	wg.Go(func() { r.dst, derr = r.connect(ctx, SideDestination, r.cfg.Destination) })
-	var err error
-	r.src, err = r.connect(ctx, SideSource, r.cfg.Source)
-	wg.Wait()
-	for _, p := range []struct {
-		c  *qmp.Client
-		ep Endpoint
-	}{{r.src, r.cfg.Source}, {r.dst, r.cfg.Destination}} {
-		if p.c != nil && p.ep.Client == nil {
-			r.owned = append(r.owned, p.c)
-		}
-	}
+	err, derr := r.connectBoth(ctx)
 	if err != nil && derr != nil {
 		return errors.Join(err, derr) // each side's ConnectError
 	}
@@ -58,6 +43,7 @@ func (r *run) prepare(ctx context.Context) error {
 	if derr != nil {
 		return derr
 	}
+	var wg sync.WaitGroup
 	// The two sides are inspected concurrently; inspect only reads run
 	// state.
 	var si, di *sideInfo
@@ -129,6 +115,24 @@ func (r *run) answerTimeout() time.Duration {
 		d = min(d, max(b-r.elapsed(), time.Millisecond))
 	}
 	return d
+}
+
+// connectBoth connects to both QEMUs at once and returns each side's
+// error; the clients it dialled are closed with the run.
+func (r *run) connectBoth(ctx context.Context) (srcErr, dstErr error) {
+	var wg sync.WaitGroup
+	wg.Go(func() { r.dst, dstErr = r.connect(ctx, SideDestination, r.cfg.Destination) })
+	r.src, srcErr = r.connect(ctx, SideSource, r.cfg.Source)
+	wg.Wait()
+	for _, p := range []struct {
+		c  *qmp.Client
+		ep Endpoint
+	}{{r.src, r.cfg.Source}, {r.dst, r.cfg.Destination}} {
+		if p.c != nil && p.ep.Client == nil {
+			r.owned = append(r.owned, p.c)
+		}
+	}
+	return srcErr, dstErr
 }
 
 // connect dials an endpoint (or takes the caller's client), bounded by

@@ -36,6 +36,27 @@ func (r *run) start(ctx context.Context) error {
 	if err := r.migrateIncoming(ctx); err != nil {
 		return r.callErr(ctx, SideDestination, "migrate-incoming", err)
 	}
+	r.pushSocketUndo()
+	ch, err := ask(r, ctx, SideDestination, "read listening port", func(c context.Context) (transport.Channel, error) {
+		return resolvePort(c, r.dst, r.ch)
+	})
+	if err != nil {
+		return r.callErr(ctx, SideDestination, "read listening port", err)
+	}
+	r.migCh = ch
+	r.pushMigrationUndo()
+	if err := r.migrate(ctx, ch); err != nil {
+		return r.callErr(ctx, SideSource, "migrate", err)
+	}
+	if r.stage == stageStart { // (a STOP seen while migrate waited for its answer moved it on)
+		r.enter(stagePrecopy)
+	}
+	return nil
+}
+
+// pushSocketUndo pushes the removal of a unix migration socket the
+// destination listened on.
+func (r *run) pushSocketUndo() {
 	if r.ch.Scheme == transport.Unix {
 		r.pushUndo("", "destination: remove migration socket", func(ctx context.Context) (string, error) {
 			// After a cancel the destination exits (exit-on-error); give it
@@ -62,26 +83,16 @@ func (r *run) start(ctx context.Context) error {
 			return "destination: removed migration socket " + r.ch.Path, nil
 		})
 	}
-	ch, err := ask(r, ctx, SideDestination, "read listening port", func(c context.Context) (transport.Channel, error) {
-		return resolvePort(c, r.dst, r.ch)
-	})
-	if err != nil {
-		return r.callErr(ctx, SideDestination, "read listening port", err)
-	}
-	r.migCh = ch
-	// The source must end up running again after any rollback; then the
-	// migration must be cancelled first (undo runs in reverse).
+}
+
+// pushMigrationUndo pushes what undoes a started migration: the source
+// must end up running again after any rollback; then the migration must be
+// cancelled first (undo runs in reverse).
+func (r *run) pushMigrationUndo() {
 	r.pushUndo(SideSource, "source: resume guest", r.undoResumeSource)
 	// Not skipped when the source stopped answering: it then cuts the
 	// stream from the destination's side.
 	r.pushUndo("", "source: cancel migration", r.undoCancel)
-	if err := r.migrate(ctx, ch); err != nil {
-		return r.callErr(ctx, SideSource, "migrate", err)
-	}
-	if r.stage == stageStart { // (a STOP seen while migrate waited for its answer moved it on)
-		r.enter(stagePrecopy)
-	}
-	return nil
 }
 
 // migrateIncoming runs migrate-incoming in the destination's form, newest

@@ -161,7 +161,7 @@ func bmAssertNothingLeft(t testing.TB, ctx context.Context, src, dst *bmVM) {
 	require.NoError(t, err)
 	for _, n := range nodes {
 		assert.NotEqual(t, "nbd", n.Driver, "source NBD node %s left", n.NodeName)
-		assert.False(t, strings.HasPrefix(n.NodeName, "qmnbd"), "source node %s left", n.NodeName)
+		assert.False(t, strings.HasPrefix(n.NodeName, "qmigrate-nbd"), "source node %s left", n.NodeName)
 	}
 	if dst != nil {
 		exps, err := dst.qmp.QueryBlockExports(ctx)

@@ -410,3 +410,11 @@ func (q *QEMU) FailCreate(msg string) {
 		q.block.createErr = msg
 	}
 }
+
+// installNoBlock answers the block layer's queries of a QEMU without
+// Options.Disk(s): nothing there (as a real QEMU without disks would).
+func (q *QEMU) installNoBlock() {
+	for _, cmd := range []string{"query-block", "query-block-jobs", "query-named-block-nodes", "query-block-exports", "query-jobs"} {
+		q.handle(cmd, func(json.RawMessage) (any, error) { return []any{}, nil })
+	}
+}

@@ -224,6 +224,8 @@ func New(opt Options) *Pair {
 		q.installMigration()
 		if q.block != nil {
 			q.installBlock()
+		} else {
+			q.installNoBlock()
 		}
 	}
 	if opt.DstNotDeferred {

@@ -547,3 +547,15 @@ func truncate(b []byte) string {
 	}
 	return string(b)
 }
+
+// Closed returns a Client for a QEMU that cannot be reached (cause says
+// why): every command fails with ErrClosed, Done is closed, subscriptions
+// are closed at once. For code that holds a client per QEMU whatever
+// happened to the QEMU (the engine adopting a migration whose destination
+// already exited).
+func Closed(cause error) *Client {
+	c := &Client{subs: map[*Subscription]struct{}{}, pending: map[uint64]chan response{}, done: make(chan struct{}), log: slog.New(slog.DiscardHandler)}
+	c.err = fmt.Errorf("%w: %w", ErrClosed, cause)
+	close(c.done)
+	return c
+}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -831,4 +832,21 @@ func TestStressConcurrentUse(t *testing.T) {
 	close(stop)
 	wg.Wait()
 	assert.ErrorIs(t, c.Err(), qmp.ErrClosed)
+}
+
+func TestClosedClient(t *testing.T) {
+	cause := errors.New("nothing listens")
+	c := qmp.Closed(cause)
+	require.ErrorIs(t, c.Err(), qmp.ErrClosed)
+	require.ErrorIs(t, c.Err(), cause)
+	_, err := c.QueryStatus(context.Background())
+	require.ErrorIs(t, err, qmp.ErrClosed)
+	select {
+	case <-c.Done():
+	default:
+		t.Fatal("Done not closed")
+	}
+	_, ok := <-c.SubscribeNames("STOP").C
+	require.False(t, ok)
+	require.NoError(t, c.Close())
 }
