@@ -22,13 +22,13 @@ type run struct {
 	token string // this migration's id: the suffix of what it creates on the QEMUs (journal.go)
 	// adoptedBandwidth is the source's max-bandwidth Adopt found.
 	adoptedBandwidth *uint64
-	log   *slog.Logger
-	t0    time.Time
-	res   *Result
-	phase Phase
-	m     *strategy.Machine
-	setup strategy.Setup
-	dirty dirtyMeter // the guest's dirty rate (Setup.MeasureDirtyRate)
+	log              *slog.Logger
+	t0               time.Time
+	res              *Result
+	phase            Phase
+	m                *strategy.Machine
+	setup            strategy.Setup
+	dirty            dirtyMeter // the guest's dirty rate (Setup.MeasureDirtyRate)
 
 	ch    transport.Channel // as configured
 	migCh transport.Channel // what the source connects to (port resolved)
