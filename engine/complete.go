@@ -15,6 +15,13 @@ const completeTimeout = 60 * time.Second
 
 // complete waits for the destination to finish its incoming migration, cleans
 // up storage, resumes the destination if needed and measures the downtime.
+// The source completed: a cancel now would leave the guest paused nowhere,
+// so this phase finishes whatever the caller's context, bounded by
+// completeTimeout. Result.Downtime is the larger of QEMU's own "downtime"
+// (the source's query-migrate after completion) and the wall time from the
+// source's STOP event to the destination's RESUME (QEMU's event timestamps;
+// the engine's cont when it resumed the destination): with a pause of the
+// source, the whole stop-and-copy the guest saw.
 func (r *run) complete(ctx context.Context) error {
 	r.enter(stageComplete)
 	// The source completed: the guest's state is on the destination. A

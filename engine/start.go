@@ -55,7 +55,12 @@ func (r *run) start(ctx context.Context) error {
 }
 
 // pushSocketUndo pushes the removal of a unix migration socket the
-// destination listened on.
+// destination listened on. A destination whose incoming migration failed
+// exits (exit-on-error, sent as true, QEMU's default, where the destination
+// takes it), leaving the socket file behind; one whose migration never
+// connected stays in inmigrate with its listener (not reusable, left to its
+// owner), and its socket is left to it. The engine holds no listener of its
+// own.
 func (r *run) pushSocketUndo() {
 	if r.ch.Scheme == transport.Unix {
 		r.pushUndo("", "destination: remove migration socket", func(ctx context.Context) (string, error) {
