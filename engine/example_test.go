@@ -45,3 +45,37 @@ func Example() {
 	// completed downtime within 300ms: true
 	// destination running source postmigrate
 }
+
+// A manager's use of the job API: start, watch, steer, wait. The README's
+// "Embedding" section shows this function's body (TestReadmeExample keeps
+// them the same).
+func ExampleStart() {
+	vms := qemutest.New(qemutest.Options{RAM: 8 << 20, Throughput: 1 << 30, DirtyRate: 32 << 20})
+	defer vms.Close()
+	src, dst, _ := vms.Clients(context.Background())
+	defer src.Close()
+	defer dst.Close()
+
+	job, err := engine.Start(context.Background(), engine.Config{
+		Source:      engine.Endpoint{Client: src}, // or Address: qmp.UnixAddress("/run/vm1-src.qmp")
+		Destination: engine.Endpoint{Client: dst},
+		URI:         "tcp:127.0.0.1:0",
+		Bandwidth:   4 << 20, // bytes/s: too little for this guest
+	})
+	if err != nil {
+		fmt.Println("not started:", err)
+		return
+	}
+	events := job.Subscribe()
+	for ev := range events.C {
+		if ev.Kind == engine.EventStats && ev.Stats.Iteration >= 2 {
+			_ = job.SetBandwidth(0) // lift the cap: unlimited
+			break
+		}
+	}
+	events.Close()
+	res, err := job.Wait(context.Background())
+	fmt.Println(res.Status, err, job.Progress().Limits.Bandwidth == engine.UnlimitedBandwidth)
+	// Output:
+	// completed <nil> true
+}

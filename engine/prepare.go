@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -493,7 +494,7 @@ func (r *run) pushCapsUndo(side Side) {
 		if err := r.do(ctx, side, "migrate-set-capabilities", func(ctx context.Context) error { return c.MigrateSetCapabilities(ctx, restore) }); err != nil {
 			return "", err
 		}
-		return fmt.Sprintf("%s: capabilities restored %v", side, restore), nil
+		return fmt.Sprintf("%s: capabilities restored: %s", side, capWords(restore)), nil
 	})
 }
 
@@ -673,4 +674,17 @@ func (r *run) startStorage(ctx context.Context) error {
 		return "storage: mirrors aborted, NBD nodes, exports and server removed", nil
 	})
 	return nil
+}
+
+// capWords says capabilities in words, sorted: "auto-converge off, events on".
+func capWords(caps map[string]bool) string {
+	var out []string
+	for _, name := range slices.Sorted(maps.Keys(caps)) {
+		state := "off"
+		if caps[name] {
+			state = "on"
+		}
+		out = append(out, name+" "+state)
+	}
+	return strings.Join(out, ", ")
 }
