@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -19,6 +20,14 @@ import (
 type Endpoint struct {
 	Address qmp.Address // a QMP monitor's socket (qmp.ParseAddress reads "unix:/path", "tcp:host:port")
 	Client  *qmp.Client // a connected client the caller keeps ownership of
+	// TLS makes the engine speak TLS to the monitor at Address (QEMU's
+	// -chardev socket,...,tls-creds=ID; qmp.LoadTLSDir reads a client's
+	// credentials in QEMU's layout).
+	TLS *tls.Config
+	// InsecureTCP permits plain tcp to a monitor that is not on this host
+	// (not loopback). Without it Validate refuses that: plain QMP hands the
+	// VM, and through it its host's files, to whoever reaches the port.
+	InsecureTCP bool
 }
 
 // Config is one migration. The zero value of every optional field is

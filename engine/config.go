@@ -51,6 +51,10 @@ func (c Config) Validate() error {
 		if err := e.ep.Address.Dialable(); err != nil {
 			return bad(e.name+".Address", "%v", err)
 		}
+		if e.ep.TLS == nil && !e.ep.InsecureTCP && !e.ep.Address.Loopback() {
+			return bad(e.name+".Address", "plain tcp QMP to %s, which is not this host: whoever reaches the port controls the VM; set %s.TLS (QEMU's monitor with tls-creds), or %s.InsecureTCP to accept that",
+				e.ep.Address, e.name, e.name)
+		}
 	}
 	if c.Source.Client == nil && c.Destination.Client == nil && qmp.SameSocket(c.Source.Address, c.Destination.Address) {
 		return bad("Destination.Address", "same QMP socket as the source (%s)", c.Source.Address)

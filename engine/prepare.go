@@ -151,7 +151,11 @@ func (r *run) connect(ctx context.Context, side Side, ep Endpoint) (*qmp.Client,
 	cctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	r.log.Debug("connecting", "side", side, "address", ep.Address)
-	c, err := qmp.DialAddress(cctx, ep.Address, qmp.WithLogger(r.log.With("side", string(side))))
+	opts := []qmp.Option{qmp.WithLogger(r.log.With("side", string(side)))}
+	if ep.TLS != nil {
+		opts = append(opts, qmp.WithTLS(ep.TLS))
+	}
+	c, err := qmp.DialAddress(cctx, ep.Address, opts...)
 	if err != nil {
 		ce := &ConnectError{Side: side, Address: ep.Address, Err: err}
 		switch {

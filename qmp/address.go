@@ -171,3 +171,18 @@ func SameSocket(a, b Address) bool {
 	fb, errB := os.Stat(b.Path)
 	return errA == nil && errB == nil && os.SameFile(fa, fb)
 }
+
+// Loopback reports whether a reaches only this host: a unix socket, or a
+// tcp address on localhost or a loopback IP. QMP over plain tcp to any
+// other address hands the VM (and its host's files) to whoever reaches the
+// port: use TLS there (WithTLS).
+func (a Address) Loopback() bool {
+	if a.Network == Unix {
+		return true
+	}
+	if a.Host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(a.Host)
+	return ip != nil && ip.IsLoopback()
+}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -40,6 +42,7 @@ type Option func(*options)
 type options struct {
 	logger      *slog.Logger
 	eventBuffer int
+	tls         *tls.Config // WithTLS
 }
 
 // WithLogger sets the logger that receives the wire transcript at debug level
@@ -76,6 +79,9 @@ type Client struct {
 	err     error // set once when the connection dies
 	done    chan struct{}
 	closing atomic.Bool
+	// byteRecords: write one byte per TLS record (QEMU < 10.0 over TLS,
+	// see NewClient).
+	byteRecords bool
 }
 
 type response struct {
@@ -124,8 +130,26 @@ func Dial(ctx context.Context, network, addr string, opts ...Option) (*Client, e
 	if err != nil {
 		return nil, fmt.Errorf("qmp: dial %s %s: %w", network, addr, err)
 	}
+	var o options
+	for _, f := range opts {
+		f(&o)
+	}
+	if o.tls != nil {
+		host := addr
+		if h, _, err := net.SplitHostPort(addr); err == nil {
+			host = h
+		}
+		if conn, err = tlsClient(ctx, conn, o.tls, host); err != nil {
+			return nil, fmt.Errorf("qmp: %s %s: %w", network, addr, err)
+		}
+	}
 	c, err := NewClient(ctx, conn, opts...)
 	if err != nil {
+		if o.tls != nil && ctx.Err() == nil && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
+			// TLS 1.3: the monitor checks our certificate after our side
+			// of the handshake ended, and closes on a refusal.
+			err = fmt.Errorf("%w: the monitor closed the connection after the handshake: it refused our client certificate (none, or not signed by its CA)? (%w)", ErrTLS, err)
+		}
 		return nil, fmt.Errorf("qmp: %s %s: %w", network, addr, err)
 	}
 	return c, nil
@@ -192,6 +216,14 @@ func NewClient(ctx context.Context, conn net.Conn, opts ...Option) (*Client, err
 		if cp == "oob" {
 			c.oob = true
 		}
+	}
+	if _, ok := conn.(*tls.Conn); ok && !c.version.AtLeast(10, 0) {
+		// QEMU 7.2 (measured; 10.0 is fixed, the versions between are
+		// not known) reads a monitor's input one byte per wake-up, and a
+		// TLS record's remaining bytes, already decrypted, wake nothing:
+		// a command sits unread until more data arrives. One byte per
+		// record makes every byte a wake-up.
+		c.byteRecords = true
 	}
 	go c.readLoop(r)
 	var args any
@@ -346,9 +378,14 @@ func (c *Client) write(ctx context.Context, buf []byte, fd int) error {
 		})
 	}
 	var err error
-	if fd >= 0 {
+	switch {
+	case fd >= 0:
 		err = c.writeWithFD(buf, fd)
-	} else {
+	case c.byteRecords:
+		for i := 0; i < len(buf) && err == nil; i++ {
+			_, err = c.conn.Write(buf[i : i+1])
+		}
+	default:
 		_, err = c.conn.Write(buf)
 	}
 	if stop != nil && !stop() {

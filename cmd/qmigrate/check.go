@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -29,6 +30,8 @@ type checkOptions struct {
 	timeout        duration
 	jsonOut        bool
 	verbose        bool
+	qmp            qmpOptions
+	srcEP, dstEP   engine.Endpoint // check() builds them
 }
 
 const defaultCheckTimeout = 30 * time.Second
@@ -45,6 +48,7 @@ func (o *checkOptions) flagSet() *flag.FlagSet {
 	fs.Var(&o.disks, "disk", "the disk of block `NODE` is copied (repeatable, or comma-separated); the others must be on shared storage")
 	fs.Var(&o.connectTimeout, "connect-timeout", "bound on connecting to each QMP socket, a `duration`")
 	fs.Var(&o.timeout, "timeout", "bound on the whole check, a `duration`")
+	o.qmp.register(fs)
 	fs.BoolVar(&o.jsonOut, "json", false, "write one JSON object per line on stdout (see JSON OUTPUT below); human messages go to stderr")
 	fs.BoolVar(&o.verbose, "v", false, "")
 	fs.BoolVar(&o.verbose, "verbose", false, "write debug logs (every QMP step) to stderr")
@@ -58,6 +62,12 @@ func (o *checkOptions) check() error {
 	}
 	dst, err := checkAddress("--dst", o.dst)
 	if err != nil {
+		return err
+	}
+	if o.srcEP, err = o.qmp.endpoint("--src", o.src, src); err != nil {
+		return err
+	}
+	if o.dstEP, err = o.qmp.endpoint("--dst", o.dst, dst); err != nil {
 		return err
 	}
 	if qmp.SameSocket(src, dst) {
@@ -84,7 +94,7 @@ func (o *checkOptions) options() preflight.Options {
 }
 
 func checkFlagOrder() []string {
-	return []string{"src", "dst", "allow-postcopy", "copy-storage", "disk", "connect-timeout", "timeout", "json", "verbose"}
+	return []string{"src", "dst", "allow-postcopy", "copy-storage", "disk", "connect-timeout", "timeout", "qmp-tls-x509", "insecure-qmp", "json", "verbose"}
 }
 
 const checkUsage = `Usage: qmigrate check --src ADDR --dst ADDR [--allow-postcopy] [--copy-storage|--disk NODE] [--json]
@@ -196,8 +206,8 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		srcErr, dstErr error
 		wg             sync.WaitGroup
 	)
-	wg.Go(func() { src, _, srcErr = dialPeer(ctx, "--src", o.src, bound, log) })
-	wg.Go(func() { dst, dstPID, dstErr = dialPeer(ctx, "--dst", o.dst, bound, log) })
+	wg.Go(func() { src, _, srcErr = dialPeer(ctx, "--src", o.src, o.srcEP.TLS, bound, log) })
+	wg.Go(func() { dst, dstPID, dstErr = dialPeer(ctx, "--dst", o.dst, o.dstEP.TLS, bound, log) })
 	wg.Wait()
 	for _, c := range []*qmp.Client{src, dst} {
 		if c != nil {
@@ -296,7 +306,7 @@ func printReport(w io.Writer, rep *preflight.Report) {
 // dialPeer connects to one QMP socket and, for a unix socket, also
 // returns the process at its other end (the QEMU, 0 when unknown), for the
 // userfaultfd check. A failure says what is wrong as migrate does.
-func dialPeer(ctx context.Context, flagName, address string, bound connectBound, log *slog.Logger) (*qmp.Client, int, error) {
+func dialPeer(ctx context.Context, flagName, address string, tlsCfg *tls.Config, bound connectBound, log *slog.Logger) (*qmp.Client, int, error) {
 	a, err := qmp.ParseAddress(address) // check() parsed it
 	if err != nil {
 		return nil, 0, &inputError{flag: flagName, address: address, err: err}
@@ -311,9 +321,12 @@ func dialPeer(ctx context.Context, flagName, address string, bound connectBound,
 	if log != nil {
 		opts = append(opts, qmp.WithLogger(log.With("side", string(side))))
 	}
+	if tlsCfg != nil {
+		opts = append(opts, qmp.WithTLS(tlsCfg))
+	}
 	var c *qmp.Client
 	pid := 0
-	if a.Network == qmp.Unix {
+	if a.Network == qmp.Unix && tlsCfg == nil {
 		var d net.Dialer
 		var conn net.Conn
 		if conn, err = d.DialContext(dctx, "unix", a.Path); err == nil {

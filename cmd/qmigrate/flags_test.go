@@ -117,9 +117,11 @@ func TestMigrateConfigFromFlags(t *testing.T) {
 		"--max-downtime=500ms", "--bandwidth", "1GiB", "--timeout", "5m", "--progress-timeout=30s",
 		"--policy", "nova", "--allow-postcopy", "--allow-pause", "--no-auto-converge", "--multifd", "4",
 		"--disk", "disk0", "--disk=disk1", "--nbd", "tcp:10.0.0.2:10809", "--connect-timeout", "3s", "--unresponsive-timeout=1m", "-v",
+		"--insecure-qmp",
 	}))
 	cfg, err := o.config()
 	require.NoError(t, err)
+	assert.True(t, cfg.Destination.InsecureTCP)
 	assert.Equal(t, "unix:/run/src.qmp", cfg.Source.Address.String())
 	assert.Equal(t, "tcp:10.0.0.2:4000", cfg.Destination.Address.String())
 	assert.Equal(t, "tcp:10.0.0.2:0", cfg.URI)
@@ -425,6 +427,32 @@ func TestTLSFlagErrorsExit2(t *testing.T) {
 			assert.Equal(t, exitUsage, code)
 			assert.Empty(t, stdout)
 			assert.Contains(t, stderr, tc.want)
+		})
+	}
+}
+
+// Plain tcp QMP to another host is refused without --insecure-qmp, naming
+// the flag; --qmp-tls-x509 loads the client credentials (a missing folder
+// is bad input naming the flag).
+func TestQMPOverTCPNeedsTLSOrInsecure(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		want []string
+	}{
+		{"plain remote", []string{"migrate", "--src", "tcp:198.18.0.1:4444", "--dst", "unix:/b", "--uri", "unix:/c"},
+			[]string{"--src tcp:198.18.0.1:4444", "--qmp-tls-x509", "--insecure-qmp"}},
+		{"credentials missing", []string{"migrate", "--src", "tcp:198.18.0.1:4444", "--dst", "unix:/b", "--uri", "unix:/c", "--qmp-tls-x509", "/nonexistent/qmp-tls"},
+			[]string{"--qmp-tls-x509", "/nonexistent/qmp-tls", "ca-cert.pem"}},
+		{"relative folder", []string{"migrate", "--src", "tcp:198.18.0.1:4444", "--dst", "unix:/b", "--uri", "unix:/c", "--qmp-tls-x509", "tls"},
+			[]string{"--qmp-tls-x509", "absolute"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, _, stderr := runCLI(t, tc.args...)
+			assert.Equal(t, 2, code)
+			for _, w := range tc.want {
+				assert.Contains(t, stderr, w)
+			}
 		})
 	}
 }

@@ -115,6 +115,7 @@ type migrateOptions struct {
 	nbd           string
 	writeBlocking bool
 	tls           tlsOptions
+	qmp           qmpOptions
 	metricsAddr   string
 }
 
@@ -130,6 +131,7 @@ func (o *migrateOptions) flagSet() *flag.FlagSet {
 	fs.StringVar(&o.nbd, "nbd", "", "`ADDR` of the NBD server the destination starts for the disks: unix:/path or tcp:host:port (default: derived from --uri)")
 	fs.BoolVar(&o.writeBlocking, "write-blocking", false, "start the disk mirrors in write-blocking mode: guest writes complete only once they reached the destination, so the disks converge under any write load, at the price of write latency (on QEMU 8.2+ the auto policy switches a mirror that does not converge by itself; needs --copy-storage or --disk)")
 	o.tls.register(fs)
+	o.qmp.register(fs)
 	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve Prometheus metrics of the migration on http://`ADDR`/metrics while it runs: host:port, or :port for every address (port 0 picks a free one, said on the output); the series are labelled name=<the --src address>")
 	return fs
 }
@@ -157,9 +159,17 @@ func (o *migrateOptions) config() (engine.Config, error) {
 	if err := o.limitOptions.check(); err != nil {
 		return engine.Config{}, err
 	}
+	sep, err := o.qmp.endpoint("--src", o.src, src)
+	if err != nil {
+		return engine.Config{}, err
+	}
+	dep, err := o.qmp.endpoint("--dst", o.dst, dst)
+	if err != nil {
+		return engine.Config{}, err
+	}
 	cfg := engine.Config{
-		Source:              engine.Endpoint{Address: src},
-		Destination:         engine.Endpoint{Address: dst},
+		Source:              sep,
+		Destination:         dep,
 		URI:                 o.uri,
 		MultifdChannels:     int(o.multifd),
 		Bandwidth:           uint64(o.bandwidth),
@@ -340,7 +350,7 @@ func migrateFlagOrder() []string {
 	return []string{
 		"src", "dst", "uri", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
 		"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "copy-storage", "disk", "nbd",
-		"write-blocking", "tls-x509", "tls-psk", "tls-psk-user", "tls-hostname", "tls-authz",
+		"write-blocking", "tls-x509", "tls-psk", "tls-psk-user", "tls-hostname", "tls-authz", "qmp-tls-x509", "insecure-qmp",
 		"connect-timeout", "unresponsive-timeout", "metrics-addr", "json", "verbose",
 	}
 }
