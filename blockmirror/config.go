@@ -15,14 +15,24 @@ import (
 // (the QEMUs, TLS credentials, logging) is in Start's Env.
 type Config struct {
 	// Disks are the block nodes to mirror, by node name, device name or qdev
-	// id/path. Empty selects every writable disk that is not in Shared.
+	// id/path. Empty selects every writable disk with a medium that is not
+	// in Shared. Read-only and shared disks are never mirrored: naming one
+	// here is a preflight error.
+	//
+	// Each disk needs on the destination a writable node of the same
+	// virtual size, found by the same qdev or device name (its root node) or
+	// else the same node name (see CreateTargets). Source and destination
+	// may not use the same image file when the NBD address shows both QEMUs
+	// on one host (a unix socket or loopback).
 	Disks []string
 	// NBDAddress is where the destination's NBD server listens: an absolute
 	// unix socket path, or a tcp host and port (qmp.ParseAddress reads
 	// "unix:/path" and "tcp:host:port"). The zero Address derives it from
-	// the migration channel: for tcp the same host and a free port next to
-	// the migration port, for unix a socket beside the migration socket. An
-	// fd: migration needs it set.
+	// the migration channel (Env.Migration): for tcp the same host and the
+	// next free port after the migration port (49152 when that is 0 or too
+	// close to 65535), for
+	// unix a socket beside the migration socket. An fd: migration has no
+	// address to derive from and needs it set.
 	NBDAddress qmp.Address
 	// CreateTargets creates missing destination images over QMP
 	// (blockdev-create, same format and virtual size as the source) and adds

@@ -37,7 +37,11 @@ var jobEvents = []string{"BLOCK_JOB_READY", "BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLE
 
 // Session is a set of mirrors from one source to one destination QEMU,
 // created by Start and ended by Finish+Cleanup or by Abort. Its methods are
-// safe for concurrent use; they serialise.
+// safe for concurrent use; they serialise on a mutex, which a WaitReady or
+// Finish in progress holds: cancel its context before calling Abort from
+// another goroutine. None starts a goroutine, and contexts bound every
+// wait. Job state comes from query-block-jobs, the BLOCK_JOB_* events only
+// waking the waits; a job that vanishes without an event is a failure.
 type Session struct {
 	src, dst   *qmp.Client
 	srcF, dstF *qmp.Features
@@ -58,8 +62,18 @@ type Session struct {
 }
 
 // Start checks the disks, exports them on the destination and starts one
-// mirror per disk on the source, as cfg asks, between the QEMUs of env. See
-// the package documentation.
+// mirror per disk on the source, as cfg asks, between the QEMUs of env. Call
+// it before migrate-incoming and migrate.
+//
+// It runs the preflight first (Config.Validate, the disk selection and the
+// destination nodes; errors wrap ErrPreflight and nothing has been changed).
+// Then, on the destination, nbd-server-start (a derived tcp port is moved on
+// while it is taken) and one writable block-export-add per disk under an
+// unguessable export name (128 bits from crypto/rand); on the source, one
+// NBD client node (blockdev-add driver=nbd) and one blockdev-mirror per disk:
+// sync=full, or top when the destination node already has a backing chain
+// of the same depth and base name. If a step fails, Start undoes what it did
+// before it returns, under a fresh 30 s bound even when ctx has ended.
 func Start(ctx context.Context, cfg Config, env Env) (*Session, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -626,9 +640,11 @@ func (s *Session) Finish(ctx context.Context) error {
 	return nil
 }
 
-// Cleanup removes the NBD client nodes on the source, then the exports and
-// the NBD server on the destination. Call it after Finish and switchover,
-// before cont on the destination. It tries every step and returns all errors.
+// Cleanup removes the NBD client nodes on the source, then the exports
+// (waiting until they are gone) and the NBD server on the destination. Call
+// it after Finish and switchover, before cont on the destination (the
+// destination's capability late-block-activate keeps it from activating its
+// images earlier). It tries every step and returns all errors.
 func (s *Session) Cleanup(ctx context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -655,8 +671,11 @@ func (s *Session) Cleanup(ctx context.Context) error {
 // mirrors are force-cancelled (concluded ones dismissed) and waited for, the
 // source NBD nodes deleted, then on the destination (when its QMP connection
 // is alive) the exports, the NBD server and any image nodes CreateTargets
-// added. The source disks stay in use. Abort is idempotent: a step that fails
-// is retried by the next call.
+// added. A mirror stuck on a destination that no longer answers has its NBD
+// connection yanked after a few seconds. The source disks are never
+// detached, so the guest keeps running on them. Abort is idempotent: a step
+// that fails is retried by the next call; a Start afterwards begins from
+// scratch.
 func (s *Session) Abort(ctx context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -149,6 +149,8 @@ func TestAdoptFailedCleansUp(t *testing.T) {
 		res, err := j.Wait(t.Context())
 		require.ErrorIs(t, err, engine.ErrMigrationFailed)
 		assert.Equal(t, engine.StatusFailed, res.Status)
+		// QEMU's error-desc, carried through in the message: the engine
+		// keeps no typed copy of it.
 		assert.Contains(t, err.Error(), "something broke")
 		assert.Equal(t, "running", p.SrcRunState())
 		assert.Empty(t, p.Objects(qemutest.Source))

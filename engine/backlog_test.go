@@ -66,6 +66,8 @@ func TestStorageBacklogAfterReadySwitches(t *testing.T) {
 		require.Equal(t, []strategy.Action{strategy.MirrorWriteBlocking}, actionsOf(res))
 		d := res.Decisions[0]
 		t.Logf("READY at %v; %v: %s", rec.readyAt, d.At, d.Reason)
+		// The Reason is the strategy's arithmetic in words, for logs: it
+		// has no typed cause to check instead.
 		assert.Contains(t, d.Reason, "RAM phase")
 		assert.Contains(t, d.Reason, "disk backlog")
 		assert.GreaterOrEqual(t, d.At, rec.readyAt+3*time.Second, "one MirrorWindow of the RAM phase measured")

@@ -68,7 +68,7 @@ func TestGuestDirtyRateMeasured(t *testing.T) {
 					}
 				}
 				require.NotNil(t, throttle, "auto throttled")
-				assert.Contains(t, throttle.Decision.Reason, tc.reason)
+				assert.Contains(t, throttle.Decision.Reason, tc.reason) // words only: the Reason has no typed cause
 				assert.Equal(t, tc.throttle, throttle.Decision.Throttle.Max, throttle.Decision.Reason)
 			})
 		})

@@ -56,8 +56,6 @@ func TestSourceStopsAnsweringWithinBudget(t *testing.T) {
 		assert.NotErrorIs(t, err, engine.ErrUnresponsive)
 		assert.NotErrorIs(t, err, engine.ErrBadInput)
 		engineErr(t, err, engine.PhaseConverge, engine.SideSource, "query-migrate")
-		assert.Contains(t, err.Error(), "budget 3s exhausted at 3.2s")
-		assert.Contains(t, err.Error(), "the source QEMU's monitor did not answer query-migrate within the budget")
 		assert.Equal(t, engine.StatusFailed, res.Status)
 		assert.False(t, res.StateUnknown, "the guest stays on the source")
 		// Aborted at budget + poll interval, then one 2s probe of the
@@ -65,12 +63,17 @@ func TestSourceStopsAnsweringWithinBudget(t *testing.T) {
 		assert.Equal(t, 5200*time.Millisecond, res.Total.Round(100*time.Millisecond))
 		assert.Contains(t, rec.phases(), engine.PhaseRollback)
 
-		undoErrs := strings.Join(res.UndoErrors, "\n")
-		assert.Contains(t, undoErrs, "source: cancel migration: engine: rollback source: query-migrate: QEMU monitor stopped answering: the source QEMU's monitor did not answer query-migrate within 2s")
-		assert.Contains(t, undoErrs, "migrate_cancel not sent")
-		assert.Contains(t, undoErrs, "source: resume guest: ")
-		assert.Contains(t, undoErrs, "source: restore parameters: ")
-		assert.Contains(t, undoErrs, "source: restore capabilities: ")
+		for _, name := range []string{"source: cancel migration", "source: resume guest", "source: restore parameters", "source: restore capabilities"} {
+			s := rollbackStep(t, res, name)
+			assert.ErrorIs(t, s.Err, engine.ErrUnresponsive, name)
+			assert.Empty(t, s.Did, name)
+		}
+		var ee *engine.Error
+		require.ErrorAs(t, rollbackStep(t, res, "source: cancel migration").Err, &ee)
+		assert.Equal(t, engine.PhaseRollback, ee.Phase)
+		assert.Equal(t, "query-migrate", ee.Op, "the probe of the source before migrate_cancel")
+		// The yank is a note for the person reading the Result (Undone),
+		// not a RollbackStep: its text is what there is to check.
 		assert.Contains(t, strings.Join(res.Undone, "\n"), "destination: yank migration")
 		assert.Empty(t, p.Src.CallsOf("migrate_cancel"))
 		assert.Len(t, p.Dst.CallsOf("yank"), 1)
@@ -109,14 +112,13 @@ func TestSourceStopsAnsweringNoBudget(t *testing.T) {
 				assert.ErrorIs(t, err, engine.ErrUnresponsive)
 				assert.NotErrorIs(t, err, engine.ErrAborted)
 				engineErr(t, err, engine.PhaseConverge, engine.SideSource, "query-migrate")
-				assert.Contains(t, err.Error(), "the source QEMU's monitor did not answer query-migrate within "+tc.want.String())
-				assert.NotContains(t, err.Error(), "state is unknown", "before the switchover: rolled back")
+				assert.False(t, res.StateUnknown, "before the switchover: rolled back")
 				assert.Equal(t, engine.StatusFailed, res.Status)
 				// The poll in flight after the freeze waits the limit, the
 				// rollback probes the source once (2s).
 				assert.InDelta(t, frozenAt+tc.want+2*time.Second, res.Total, float64(300*time.Millisecond))
-				assert.Contains(t, strings.Join(res.Undone, "\n"), "destination: yank migration")
-				assert.Contains(t, strings.Join(res.UndoErrors, "\n"), "source: resume guest: ")
+				assert.Len(t, p.Dst.CallsOf("yank"), 1, "the stream is cut on the destination")
+				assert.ErrorIs(t, rollbackStep(t, res, "source: resume guest").Err, engine.ErrUnresponsive)
 				p.Thaw(qemutest.Source)
 				time.Sleep(time.Second)
 				assert.Equal(t, qmp.StatusFailed, p.Status())
@@ -212,7 +214,9 @@ func TestDestinationStopsAnswering(t *testing.T) {
 		assert.Equal(t, qmp.StatusCancelled, p.Status())
 		assert.Equal(t, "running", p.SrcRunState())
 		assert.Equal(t, before, p.Caps(qemutest.Source), "source capabilities restored")
-		assert.Contains(t, res.Undone[0], "migrate_cancel")
+		cancelStep := rollbackStep(t, res, "source: cancel migration")
+		assert.NoError(t, cancelStep.Err)
+		assert.NotEmpty(t, cancelStep.Did, "migrate_cancel sent")
 		assert.Empty(t, res.UndoErrors, "nothing else was needed from the destination")
 		assert.False(t, p.DstGone())
 		p.Thaw(qemutest.Destination)
@@ -227,10 +231,9 @@ func TestDestinationNeverAnswersMigrateIncoming(t *testing.T) {
 		budget time.Duration
 		want   error
 		took   time.Duration
-		text   string
 	}{
-		"limit":  {want: engine.ErrUnresponsive, took: 4 * time.Second, text: "did not answer migrate-incoming within 4s"},
-		"budget": {budget: time.Second, want: engine.ErrAborted, took: 1200 * time.Millisecond, text: "budget 1s exhausted"},
+		"limit":  {want: engine.ErrUnresponsive, took: 4 * time.Second},
+		"budget": {budget: time.Second, want: engine.ErrAborted, took: 1200 * time.Millisecond},
 	} {
 		t.Run(name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
@@ -244,8 +247,6 @@ func TestDestinationNeverAnswersMigrateIncoming(t *testing.T) {
 				t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
 				assert.ErrorIs(t, err, tc.want)
 				engineErr(t, err, engine.PhaseStart, engine.SideDestination, "migrate-incoming")
-				assert.Contains(t, err.Error(), tc.text)
-				assert.Contains(t, err.Error(), "destination QEMU's monitor did not answer migrate-incoming")
 				assert.Equal(t, tc.took, res.Total.Round(100*time.Millisecond))
 				assert.Empty(t, p.Src.CallsOf("migrate"))
 				assert.Equal(t, before, p.Caps(qemutest.Source), "source capabilities restored")
@@ -332,9 +333,11 @@ func TestSourceStopsAnsweringInStopAndCopy(t *testing.T) {
 		t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
 		assert.ErrorIs(t, err, engine.ErrUnresponsive)
 		engineErr(t, err, engine.PhaseSwitchover, engine.SideSource, "query-migrate")
-		assert.Contains(t, err.Error(), "state is unknown")
 		assert.Equal(t, engine.StatusFailed, res.Status)
 		assert.True(t, res.StateUnknown)
+		assert.Empty(t, res.Rollback, "nothing rolled back")
+		// Never skipped silently: the note for the person reading the
+		// Result is the contract here.
 		assert.Contains(t, strings.Join(res.UndoErrors, "\n"), "rollback not attempted")
 		assert.Empty(t, res.Undone)
 		assert.Empty(t, p.Src.CallsOf("migrate_cancel"))
@@ -385,11 +388,12 @@ func TestDestinationStopsAnsweringAfterSourceCompleted(t *testing.T) {
 		t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
 		assert.ErrorIs(t, err, engine.ErrUnresponsive)
 		engineErr(t, err, engine.PhaseComplete, engine.SideDestination, "query-migrate")
-		assert.Contains(t, err.Error(), "state is unknown")
 		assert.Equal(t, engine.StatusFailed, res.Status)
 		assert.True(t, res.StateUnknown)
 		// The limit, then one 2s probe of the destination.
 		assert.InDelta(t, completeAt+7*time.Second, res.Total, float64(300*time.Millisecond))
+		// A note for the person reading the Result (no RollbackStep): its
+		// text is the contract.
 		assert.Contains(t, strings.Join(res.UndoErrors, "\n"), "the source is not resumed")
 		assert.Empty(t, p.Src.CallsOf("cont"))
 		assert.Equal(t, "postmigrate", p.SrcRunState())

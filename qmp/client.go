@@ -59,8 +59,13 @@ func WithEventBuffer(n int) Option {
 }
 
 // Client is a QMP connection. It is safe for concurrent use: several commands
-// may be in flight at once, each matched to its reply by id. One goroutine reads
-// the connection; events are fanned out to subscriptions without ever blocking it.
+// may be in flight at once, each matched to its reply by id, and replies may
+// come in any order. One goroutine reads the connection (lines of any length:
+// the query-qmp-schema reply is about 200 KB, replies of many megabytes work)
+// and routes each message in wire order: replies to their caller, events to
+// subscriptions, without ever blocking on a subscriber. A Client lives until
+// Close or until the connection dies, whichever comes first; Done is closed
+// then and Err says why. It is not reused after that: dial again.
 type Client struct {
 	conn    net.Conn
 	unix    *net.UnixConn // non-nil when fd passing is possible
@@ -166,7 +171,11 @@ func DialAddress(ctx context.Context, a Address, opts ...Option) (*Client, error
 }
 
 // NewClient runs the QMP handshake over an existing connection and returns a
-// ready client. The client owns conn from then on. ctx bounds the handshake.
+// ready client: it reads QEMU's greeting, checks it, keeps the version and
+// negotiates capabilities, enabling out-of-band execution ("oob") when QEMU
+// offers it. The client owns conn from then on. ctx bounds the whole
+// handshake: a QEMU that never greets fails the call when ctx ends, and conn
+// is closed.
 func NewClient(ctx context.Context, conn net.Conn, opts ...Option) (*Client, error) {
 	o := options{eventBuffer: 256}
 	for _, f := range opts {
@@ -250,7 +259,8 @@ func (c *Client) OOB() bool { return c.oob }
 func (c *Client) Done() <-chan struct{} { return c.done }
 
 // Err returns nil while the connection is alive, and afterwards the reason it
-// ended; it always wraps ErrClosed.
+// ended: it always wraps ErrClosed, and the cause (io.EOF, a *ProtocolError
+// for garbage on the wire, the write that failed, ...).
 func (c *Client) Err() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -264,9 +274,15 @@ func (c *Client) Close() error {
 	return nil
 }
 
-// Execute sends command with args (nil for none) and decodes the reply's
-// "return" into result (nil to discard). A QMP error reply is returned as *Error.
-// If ctx ends first the call returns ctx.Err() and the late reply is dropped.
+// Execute sends command with args (nil for none) under a fresh "id" and
+// decodes the reply's "return" into result (nil to discard). A QMP error
+// reply is returned as *Error; any other failure (context ended, connection
+// gone, undecodable reply) is a *CommandError wrapping the cause, and when
+// the connection dies every waiting call fails at once wrapping ErrClosed.
+// ctx covers the wait: if it ends first the call returns ctx.Err() and the
+// late reply is dropped by id; the connection stays usable. Only a write
+// that cannot finish before ctx ends closes the connection, since a
+// half-written command would corrupt the stream.
 func (c *Client) Execute(ctx context.Context, command string, args, result any) error {
 	return c.execute(ctx, "execute", command, args, result, -1)
 }
@@ -282,8 +298,10 @@ func (c *Client) ExecuteOOB(ctx context.Context, command string, args, result an
 }
 
 // ExecuteWithFile is Execute that also passes fd to QEMU with SCM_RIGHTS on the
-// same write, as getfd and add-fd need. It works only on unix socket connections.
-// The caller keeps ownership of fd (QEMU receives a duplicate).
+// same write, as getfd and add-fd need. It works only on unix socket
+// connections (others fail with ErrNoFDPassing). The caller keeps ownership
+// of fd and closes its copy; QEMU holds a duplicate until closefd, remove-fd,
+// or until a command such as migrate "fd:name" consumes it.
 func (c *Client) ExecuteWithFile(ctx context.Context, command string, args, result any, fd int) error {
 	if c.unix == nil {
 		return &CommandError{Command: command, Err: ErrNoFDPassing}

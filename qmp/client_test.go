@@ -699,25 +699,30 @@ func (h *hookConn) Write(b []byte) (int, error) {
 
 // A context that ends right after the command was written, before the client
 // stops watching it, must not leave a write deadline behind that would kill
-// the next command.
+// the next command. context.AfterFunc runs the client's deadline setter in a
+// goroutine of its own; inside the bubble synctest.Wait returns only once that
+// goroutine is done, so a stray deadline has landed before the next command
+// whenever there is one.
 func TestCancelJustAfterWriteKeepsConnection(t *testing.T) {
-	s := qmptest.NewServer()
-	defer s.Close()
-	s.Handle("query-status", qmptest.Return(map[string]any{"status": "running", "running": true}))
-	hc := &hookConn{Conn: s.Conn()}
-	c, err := qmp.NewClient(t.Context(), hc)
-	require.NoError(t, err)
-	defer c.Close()
+	synctest.Test(t, func(t *testing.T) {
+		s := qmptest.NewServer()
+		defer s.Close()
+		s.Handle("query-status", qmptest.Return(map[string]any{"status": "running", "running": true}))
+		hc := &hookConn{Conn: s.Conn()}
+		c, err := qmp.NewClient(t.Context(), hc)
+		require.NoError(t, err)
+		defer c.Close()
 
-	ctx := &lateCancelCtx{Context: t.Context(), done: make(chan struct{})}
-	hc.afterWrite = ctx.cancel
-	_, _ = c.QueryStatus(ctx) // may return the reply or context.Canceled
-	hc.afterWrite = nil
-	require.True(t, ctx.fired)
-	time.Sleep(10 * time.Millisecond) // let a stray deadline land, if any
-	_, err = c.QueryStatus(t.Context())
-	require.NoError(t, err)
-	assert.NoError(t, c.Err())
+		ctx := &lateCancelCtx{Context: t.Context(), done: make(chan struct{})}
+		hc.afterWrite = ctx.cancel
+		_, _ = c.QueryStatus(ctx) // may return the reply or context.Canceled
+		hc.afterWrite = nil
+		require.True(t, ctx.fired)
+		synctest.Wait() // every goroutine blocked: the AfterFunc has run
+		_, err = c.QueryStatus(t.Context())
+		require.NoError(t, err)
+		assert.NoError(t, c.Err())
+	})
 }
 
 func TestDialTCP(t *testing.T) {

@@ -1,91 +1,59 @@
-// Package qmp is qmigrate's own client for the QEMU Machine Protocol (QMP).
+// Package qmp is qmigrate's own client for the QEMU Machine Protocol (QMP):
+// one connection to one QEMU monitor, its commands as typed Go calls, its
+// events as subscriptions.
 //
 // # Lifecycle
 //
-// Dial (or DialAddress with an Address, or NewClient over a net.Conn you already have) reads
-// QEMU's greeting, checks it, keeps the version and negotiates capabilities,
-// enabling out-of-band execution ("oob") when QEMU offers it. The context
-// bounds the whole handshake: a QEMU that never greets fails the call when the
-// context ends, and the connection is closed. A returned Client is ready;
-// it lives until Close, or until the connection dies, whichever comes first.
-// Done is closed at that moment and Err says why. A Client is not reused
-// after that: dial again.
+// Dial, DialAddress (with an Address) or NewClient (over a net.Conn you
+// already have) runs the handshake and returns a ready Client. It lives until
+// Close or until the connection dies; then Done is closed, Err says why, and
+// every waiting call fails wrapping ErrClosed. Dial again for a new one.
+// Closed gives a Client for a QEMU that cannot be reached.
 //
 // # Contracts
 //
-// One reader goroutine per connection reads lines of any length (the
-// query-qmp-schema reply is about 200 KB; replies of many megabytes work)
-// and routes each message: replies to their caller, events to subscriptions.
+//   - Concurrency: a Client is safe for concurrent use; commands may be in
+//     flight together and replies come in any order. A context bounds only
+//     its call's wait (see Client.Execute).
+//   - Events: Subscribe before sending the command that causes the event and
+//     none is missed; fan-out never blocks the reader (a full subscription
+//     drops and counts). Events are wake-ups, queries are the truth.
+//   - Wire types never fail on what a newer QEMU adds: unknown statuses,
+//     capabilities and fields decode as they are or are ignored. Sizes are
+//     bytes, rates bytes per second. The times QEMU reports in MigrationInfo
+//     are time.Duration; MigrationParameters keep QEMU's units
+//     (DowntimeLimit is milliseconds: DowntimeLimitDuration, MillisOf).
+//   - Errors are typed, never matched by text: *Error is QEMU's error reply
+//     (class, description verbatim, command; errors.Is against a partial
+//     *Error, IsCommandNotFound, IsUnexpectedArgument, IsMissingArgument),
+//     *CommandError a failure that is not a reply, *ProtocolError garbage on
+//     the wire, ErrClosed a connection gone.
+//   - Features are probed, never inferred from version numbers: ask exactly
+//     (QueryMigrateCapabilities, QueryMigrateParameters, or a command tried
+//     in its newest form and retried on IsUnexpectedArgument), or read the
+//     schema once (ProbeFeatures, costly for QEMU).
+//   - The package keeps no package-level mutable state. WithLogger gets the
+//     wire transcript at debug level, secrets redacted.
 //
-// Commands: Execute sends a command with a fresh "id" and waits for the
-// reply carrying that id. It is safe for concurrent use; any number of
-// commands may be in flight at once and replies may come in any order. The
-// context covers only the wait: when it ends, Execute returns the context's
-// error, and the reply that comes later is dropped by id. The connection
-// stays usable. (A write that cannot finish before the context ends closes
-// the connection, since a half-written command would corrupt the stream.)
-// ExecuteOOB sends "exec-oob" for the commands QEMU allows out of band
-// (migrate-pause, migrate-recover); the typed helpers use it when oob was
-// negotiated.
+// # Where things are
 //
-// Typed helpers carry the QMP command's name (QueryMigrate, BlockdevMirror,
-// MigrateSetCapabilities, ...). Their wire types never fail on values a newer
-// QEMU adds: unknown statuses, capabilities and fields decode as they are or
-// are ignored. Sizes are bytes and rates bytes per second. The times QEMU
-// reports (MigrationInfo's total, expected and actual downtime, ...) are
-// time.Duration, converted from its milliseconds; MigrationParameters, read
-// and sent back as they are, keep QEMU's units: DowntimeLimit is
-// milliseconds (DowntimeLimitDuration and MillisOf convert).
+//   - client.go: Dial, NewClient, Client, Execute, ExecuteOOB,
+//     ExecuteWithFile, options, the reader goroutine.
+//   - address.go: Address (unix path or tcp host and port), ParseAddress,
+//     SameSocket.
+//   - errors.go: Error, CommandError, ProtocolError, the sentinels.
+//   - events.go: Event, EventFilter, ForDevice, Subscription.
+//   - migration.go: query-migrate, migrate, migrate-incoming, capabilities,
+//     parameters, postcopy, dirty-rate measurement.
+//   - block.go: block devices and nodes, blockdev-mirror and block jobs, NBD
+//     server and block exports.
+//   - commands.go: run state, version, uuid, schema, file descriptors
+//     (Getfd, AddFd), objects, human-monitor-command.
+//   - features.go: Features, ProbeFeatures, FeaturesFromSchema.
+//   - qom.go: qom-list and qom-get.
+//   - log.go: the wire transcript and its redaction.
 //
-// Addresses: an Address is a unix socket path or a tcp host and port, parsed
-// once from "unix:/path" or "tcp:host:port" by ParseAddress and passed on as
-// a value (a QMP monitor for DialAddress, a migration channel in transport,
-// an NBD server in blockmirror). SameSocket says whether two addresses name
-// the same socket (a monitor serves one client at a time).
-//
-// Events: Subscribe (or SubscribeNames) registers a filter by event name and
-// optionally by a predicate such as ForDevice (block jobs, job status,
-// exports). Subscribe before sending the command that causes the event, and no
-// event is missed: the reader delivers events and replies in wire order. Fan-out
-// never blocks the reader: each subscription has a bounded buffer, and an event
-// that does not fit is dropped and counted (Subscription.Dropped). Poll
-// QueryMigrate or QueryBlockJobs for the truth; events are wake-ups. Every
-// subscription's channel is closed when the connection ends.
-//
-// Errors: an error reply from QEMU is a *Error that keeps QMP's error class
-// (GenericError, CommandNotFound, DeviceNotActive, ...), QEMU's description
-// verbatim and the command name; match it with errors.As, with errors.Is
-// against a partial *Error (errors.Is(err, &qmp.Error{Class: "CommandNotFound"})),
-// or with IsCommandNotFound. Failures that are not replies (context ended,
-// connection gone, undecodable reply) are *CommandError wrapping the cause.
-// When the connection dies every waiting call fails at once with an error
-// wrapping ErrClosed and the cause (io.EOF, a *ProtocolError for garbage on
-// the wire, ...). Errors are never matched by their text.
-//
-// File descriptors: over a unix socket, ExecuteWithFile, Getfd and AddFd pass
-// a descriptor with SCM_RIGHTS in the same write as the command. The caller
-// keeps its own copy and closes it; QEMU holds a duplicate until closefd,
-// remove-fd, or until a command such as migrate "fd:name" consumes it. Other
-// connections fail with ErrNoFDPassing.
-//
-// Feature probe: ProbeFeatures reads query-qmp-schema and reports which
-// migration capabilities, parameters and statuses the QEMU in front of you
-// has, whether migrate takes "channels", whether migrate-incoming takes
-// "exit-on-error" and whether block-job-change exists. Choose commands from
-// it, never from version numbers. FeaturesFromSchema does the same for a
-// schema you already have. The schema is expensive for QEMU to produce
-// (tens of ms of its main loop); where a few facts suffice, ask for them
-// exactly instead: QueryMigrateCapabilities lists every capability,
-// QueryMigrateParameters every parameter, and an argument QEMU does not
-// know is refused before the command runs, with an error that
-// IsUnexpectedArgument (or, for a mandatory argument left out,
-// IsMissingArgument) recognises, so a command can be tried in its newest
-// form and retried in an older one.
-//
-// Logging: WithLogger receives the wire transcript at debug level, with the
-// values of secret-bearing keys (password, secret, data, key, iv, ...)
-// redacted. A nil logger discards.
-//
-// The client keeps no package-level mutable state. For tests, package
-// qmp/qmptest provides a fake QEMU that drives the real client over net.Pipe.
+// A new QMP command goes, as a typed method named after it, in the file of
+// its family. Package qmp/qmptest is a fake QEMU that drives the real
+// client over net.Pipe, for tests.
 package qmp

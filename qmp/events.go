@@ -67,7 +67,10 @@ type Subscription struct {
 }
 
 // Subscribe starts a subscription. Subscribe before issuing the command that
-// causes the events, so none is missed.
+// causes the events, and none is missed: the reader delivers events and
+// replies in wire order. Events are wake-ups: poll QueryMigrate or
+// QueryBlockJobs for the truth, since an event that does not fit the buffer
+// is dropped (Subscription.Dropped).
 func (c *Client) Subscribe(f EventFilter) *Subscription {
 	n := f.Buffer
 	if n <= 0 {

@@ -252,7 +252,9 @@ func (m *Machine) Step(s Sample) Decision {
 
 // Applied reports the outcome of the last non-wait decision: err != nil means
 // it failed to apply. A failed lever is not tried again; a failed finishing
-// lever (postcopy, pause) lets the policy and the budget act again.
+// lever (postcopy, pause) lets the policy and the budget act again. Without
+// a failure the Machine assumes a decision took effect when Step returned
+// it.
 func (m *Machine) Applied(d Decision, err error) {
 	if m.done || d.Action == Wait {
 		return

@@ -11,12 +11,24 @@ type Action string
 
 // The actions a Machine can decide.
 const (
-	Wait          Action = "wait"
-	SetDowntime   Action = "set-downtime"   // Decision.DowntimeLimit
-	SetThrottle   Action = "set-throttle"   // Decision.Throttle (auto-converge parameters)
+	Wait Action = "wait"
+	// SetDowntime: migrate-set-parameters downtime-limit =
+	// Decision.DowntimeLimit (never above Limits.MaxDowntime).
+	SetDowntime Action = "set-downtime"
+	// SetThrottle: migrate-set-parameters cpu-throttle-initial, -increment,
+	// max-cpu-throttle, cpu-throttle-tailslow, and throttle-trigger-threshold
+	// when non-zero, from Decision.Throttle. The values are always within
+	// QEMU's ranges (initial and increment 1..99, initial ≤ max ≤ 99). QEMU
+	// applies a throttle only at its next auto-converge trigger; the Machine
+	// watches Sample.ThrottlePercent for it.
+	SetThrottle   Action = "set-throttle"
 	StartPostcopy Action = "start-postcopy" // migrate-start-postcopy
-	PauseSource   Action = "pause"          // stop the source vCPUs: stop-and-copy finish
-	Abort         Action = "abort"          // migrate_cancel + rollback; the guest stays on the source
+	// PauseSource: stop on the source; the migration then finishes as
+	// stop-and-copy, and later samples carry SourcePaused.
+	PauseSource Action = "pause"
+	// Abort: migrate_cancel and roll back; the guest keeps running on the
+	// source. Done is true from then on.
+	Abort Action = "abort"
 	// MirrorWriteBlocking switches the disk mirrors to write-blocking copy
 	// mode (block-job-change): guest writes then complete only once they
 	// reached the destination, so a mirror converges under any write load.
@@ -66,6 +78,15 @@ type Sample struct {
 // Storage describes the disk migration of a Machine's migration. The engine
 // passes it to SetStorage before it calls Setup; without it the Machine
 // assumes no disks are mirrored.
+//
+// While the engine waits for the mirrors to be READY, before RAM migration
+// starts (the mirror phase), it Steps samples with Mirroring set (see
+// Sample.Mirroring); after that, the usual query-migrate samples, which
+// still carry the storage fields. Elapsed counts from the start of the whole
+// migration, so the budget includes the time spent mirroring. In the mirror
+// phase a Decision is only Wait, MirrorWriteBlocking or Abort, and the
+// budget's finishing decision is always Abort (there is no RAM migration to
+// finish).
 type Storage struct {
 	Disks     bool // disks are mirrored (a storage migration)
 	CanSwitch bool // the source can switch running mirrors to write-blocking (block-job-change, QEMU 8.2+)
@@ -192,7 +213,10 @@ const DefaultMaxDowntime = 300 * time.Millisecond
 // QEMUMaxDowntime is the largest downtime-limit QEMU accepts (2000 s).
 const QEMUMaxDowntime = 2000 * time.Second
 
-// Setup is what the engine must configure before it starts the migration.
+// Setup is what the engine must configure before it starts the migration:
+// migrate-set-parameters downtime-limit (when non-zero) and the throttle
+// parameters (when non-nil); the auto-converge capability when AutoConverge;
+// postcopy-ram, on both sides, when Postcopy. It already obeys the Limits.
 type Setup struct {
 	DowntimeLimit time.Duration // to set before migrate starts (0 = leave QEMU's)
 	AutoConverge  bool          // enable the auto-converge capability up front (policy may throttle AND user permits)

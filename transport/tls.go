@@ -91,7 +91,11 @@ func (t TLS) SourceFolder() string      { return orStr(t.SourceDir, t.Dir) }
 func (t TLS) DestinationFolder() string { return orStr(t.DestinationDir, t.Dir) }
 
 // Validate checks the configuration for a migration over ch without
-// touching any QEMU. Errors wrap ErrBadTLS and name the field.
+// touching any QEMU, and refuses what cannot work: an unknown Kind, no
+// folder or a relative one (each QEMU would resolve it in its own working
+// directory), x509 over a unix: or fd: channel without the Hostname the
+// destination's certificate carries, a Username with x509, a Hostname with
+// psk. Errors wrap ErrBadTLS and name the field.
 func (t TLS) Validate(ch Channel) error {
 	bad := func(field, format string, args ...any) error {
 		return fmt.Errorf("transport: TLS.%s: %s: %w", field, fmt.Sprintf(format, args...), ErrBadTLS)

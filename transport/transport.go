@@ -15,7 +15,7 @@ import (
 var (
 	// ErrUnsupportedScheme: the URI's scheme is not one qmigrate drives
 	// (exec:, rdma:, file:, vsock:, anything unknown).
-	ErrUnsupportedScheme = errors.New("unsupported migration URI scheme (want unix:/path or tcp:host:port)")
+	ErrUnsupportedScheme = errors.New("unsupported migration URI scheme (want unix:/path, tcp:host:port or fd:)")
 	// ErrBadURI: the URI is malformed.
 	ErrBadURI = errors.New("malformed migration URI")
 	// ErrUUIDMismatch: multifd with different -uuid on the two QEMUs.
@@ -67,10 +67,12 @@ type Channel struct {
 }
 
 // Parse reads "unix:/path" (an absolute path that fits in a socket
-// address), "tcp:host:port" ("tcp:[::1]:4444" for IPv6) or
-// "fd:" (a socketpair the engine makes; "fd:NAME" for a descriptor passed by
-// someone else is refused). Every other scheme, exec: included, is refused
-// with ErrUnsupportedScheme. Every error is a *URIError.
+// address), "tcp:host:port" ("tcp:[::1]:4444" for IPv6; port 0 lets the
+// destination choose, see WithPort) or "fd:" (a socketpair the engine makes;
+// "fd:NAME" for a descriptor passed by someone else is refused). Every other
+// scheme, exec: included, is refused with ErrUnsupportedScheme: qmigrate
+// never asks QEMU to run a command. Every error is a *URIError. A Unix or TCP
+// Channel embeds the qmp.Address it was parsed into.
 func Parse(uri string) (Channel, error) {
 	scheme, rest, ok := strings.Cut(uri, ":")
 	if !ok || scheme == "" {
@@ -269,8 +271,9 @@ func Socketpair() (dst, src int, err error) {
 	return fds[0], fds[1], nil
 }
 
-// Multifd are the capability and parameter a multifd channel count needs on
-// both sides; nil/0 when n is 0.
+// Multifd is the multifd-channels parameter a multifd migration sets on both
+// sides (the caller turns the multifd capability on); Channels 0 is no
+// multifd.
 type Multifd struct {
 	Channels int
 }
@@ -282,10 +285,12 @@ func (m Multifd) Parameters(p *qmp.MigrationParameters) {
 	}
 }
 
-// CheckUUIDs enforces the multifd uuid rule: every multifd channel carries
-// the source's -uuid and the destination rejects it when it differs from its
-// own, so both sides must have the same uuid or none at all. srcUUID and
-// dstUUID are qmp.Client.QueryUUID results.
+// CheckUUIDs enforces the multifd uuid rule (qemu-protocol.md §3): every
+// multifd channel carries the source's -uuid and the destination drops a
+// channel whose uuid differs from its own, so both sides must have the same
+// uuid or none at all. srcUUID and dstUUID are what the caller read with
+// qmp.Client.QueryUUID; the error, before anything starts, wraps
+// ErrUUIDMismatch.
 func CheckUUIDs(srcUUID, dstUUID string) error {
 	if srcUUID == dstUUID {
 		return nil

@@ -191,5 +191,5 @@ func ExampleParse() {
 	// Output:
 	// tcp fd00::2 0 true
 	// tcp:[fd00::2]:0
-	// transport: "exec:nc dst 4444": scheme "exec": unsupported migration URI scheme (want unix:/path or tcp:host:port)
+	// transport: "exec:nc dst 4444": scheme "exec": unsupported migration URI scheme (want unix:/path, tcp:host:port or fd:)
 }

@@ -100,8 +100,10 @@ type Server struct {
 }
 
 // NewServer returns a server that greets with a QEMU version and "oob"
-// offered and handles qmp_capabilities itself. Connect with Conn, Client or
-// ListenUnix; register commands with Handle; Close it when done.
+// offered and handles qmp_capabilities itself: as in QEMU, every other
+// command before it, and a second qmp_capabilities, get CommandNotFound.
+// Connect with Conn, Client or ListenUnix; register commands with Handle;
+// Close it when done.
 func NewServer(opts ...Option) *Server {
 	s := &Server{
 		version:  [3]int{10, 0, 0},
