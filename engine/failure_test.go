@@ -390,13 +390,13 @@ func TestPauseSourceFinishes(t *testing.T) {
 // Decisions are applied to QEMU: every SetDowntime lands in downtime-limit,
 // capped at the user's maximum. The guest dirties more than the link, so
 // without throttling only a downtime limit of RAM / link (150 MiB at
-// 200 MiB/s: 750 ms) converges; auto asks for that with its 25 % margin
-// (940 ms), held at the 800 ms maximum, and QEMU converges at once.
+// 200 MiB/s: 750 ms) converges; auto asks for that with its margin, held
+// within the 900 ms maximum, and QEMU converges at once.
 func TestDecisionsApplied(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		p, cfg := pair(t, qemutest.Options{Throughput: 200 << 20, DirtyRate: 250 << 20})
 		cfg.Strategy.Policy = strategy.PolicyAuto
-		cfg.Strategy.Limits.MaxDowntime = 800 * time.Millisecond
+		cfg.Strategy.Limits.MaxDowntime = 900 * time.Millisecond
 		cfg.Strategy.Limits.NoThrottle = true
 		var rec recorder
 		cfg.Observer = rec.observe
@@ -412,7 +412,8 @@ func TestDecisionsApplied(t *testing.T) {
 			}
 		}
 		require.Positive(t, n, "auto raised the downtime")
-		assert.Equal(t, 800*time.Millisecond, last, "held at the maximum")
+		assert.GreaterOrEqual(t, last, 750*time.Millisecond, "enough for the whole RAM")
+		assert.LessOrEqual(t, last, 900*time.Millisecond, "within the maximum")
 		assert.Equal(t, uint64(last.Milliseconds()), p.Param(qemutest.Source, "downtime-limit"))
 		assert.InDelta(t, 750*time.Millisecond, res.Downtime, float64(20*time.Millisecond), "the whole RAM in the stop-and-copy")
 	})
