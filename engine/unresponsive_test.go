@@ -272,8 +272,10 @@ func TestSlowMonitorInStopAndCopy(t *testing.T) {
 		inFlight := tc.inFlight
 		t.Run(name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				// A first pass of 1.5s, then 300ms of stop-and-copy (status
-				// device) from 1.5s; polls at 1.41s (active) and 1.51s (device).
+				// The first pass leaves 30 MiB (300ms at 100 MiB/s) at 1.2s;
+				// the syncs bring back what the guest dirtied (24, 4.8, 1 MiB)
+				// until one leaves at most 30 MiB, at 1.51s: 300ms of
+				// stop-and-copy (status device) from there.
 				p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 20 << 20})
 				cfg.Strategy.Policy = strategy.PolicyQEMU
 				cfg.Strategy.Limits.Budget = tc.budget

@@ -17,9 +17,12 @@
 //     arguments of each version's schema (7.2, 8.2, 9.1, 10.0 differ) and
 //     QEMU's own refusals, query-migrate, cancel, pause-before-switchover,
 //     postcopy, yank, and the MIGRATION events (migration.go);
-//   - a RAM model of pre-copy passes against a link of given throughput
-//     and a guest of given dirty rate, with auto-converge throttling,
-//     downtime-limit, max-bandwidth, and calc-dirty-rate (ram.go);
+//   - the RAM migration against a link of given throughput and a guest of
+//     given dirty rate: bitmap syncs as QEMU does them (at the
+//     downtime-limit threshold, every 5 s with auto-converge), the dirty
+//     rate measured over 1 s periods, auto-converge throttling,
+//     max-bandwidth, postcopy, and calc-dirty-rate (ram.go, on the model
+//     qmigrate's strategy tests use too);
 //   - with disks, the block layer: named nodes, NBD server and exports,
 //     mirror jobs that copy against a guest write rate, blockdev-create
 //     jobs (block.go).

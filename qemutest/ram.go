@@ -4,30 +4,35 @@ import (
 	"encoding/json"
 	"time"
 
+	"github.com/qmigrate/qmigrate/internal/rammodel"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
-// The RAM model. From migrate on, a goroutine steps it every Options.Tick
-// on the real clock (or testing/synctest's virtual one) until the
-// migration ends:
+// The RAM migration. From migrate on, a goroutine steps it every
+// Options.Tick on the real clock (or testing/synctest's virtual one) until
+// the migration ends, skipping the steps while the source is frozen:
 //
 //   - setup: fails with Options.FailWith, a TLS mismatch, or a destination
 //     that does not listen at the migrate address (it then exits); else
-//     active, first pass.
-//   - active: the link sends Throughput bytes/s (capped by max-bandwidth)
-//     of the pass; the running source dirties DirtyRate bytes/s, lowered
-//     by the throttle, up to the whole RAM. At the end of a pass the
-//     dirtied bytes make the next pass (MIGRATION_PASS); when they fit in
-//     downtime-limit at the link's rate the source stops (STOP) and goes to
+//     active, pass 1.
+//   - active: internal/rammodel's pre-copy, the model strategy's end-to-end
+//     tests run on too, against a link of Throughput bytes/s (capped by
+//     max-bandwidth; 0 while the destination is frozen) and a guest
+//     dirtying DirtyRate bytes/s of the whole RAM while the source runs.
+//     Each bitmap sync is a MIGRATION_PASS: when what is left drops to
+//     downtime-limit at the link's rate (or empties), and with
+//     auto-converge every 5 s. dirty-pages-rate is measured over ≥ 1 s
+//     periods, and auto-converge throttles at the second period dirtying
+//     more than throttle-trigger-threshold % of what was sent. A sync
+//     that leaves at most the threshold stops the source (STOP) for the
 //     pre-switchover (with pause-before-switchover, until migrate-continue)
-//     or device. With auto-converge, from the second pass, a dirty rate
-//     above throttle-trigger-threshold % of the link throttles the vCPUs:
-//     cpu-throttle-initial, then +increment up to max-cpu-throttle.
+//     or device, whose final sync is one more pass.
 //   - device, postcopy-active: the rest is sent; completed (the source in
 //     postmigrate, downtime measured from the stop) and the destination
 //     completes its incoming migration, or the Options.LateCancel and
 //     DstFailsLoad endings.
-//   - migrate-start-postcopy: the source stops, the destination runs.
+//   - migrate-start-postcopy: at the next step the source stops, one more
+//     pass, the destination runs.
 //   - cancelling: cancelled, the source resumed if it was running, the
 //     destination exits; a destination gone (KillDst) fails the migration.
 //
@@ -35,14 +40,10 @@ import (
 
 // ramModel is the state of the RAM migration (Pair.mu).
 type ramModel struct {
-	iter          uint64
-	passLeft      float64 // bytes left in this pass
-	dirtyNext     float64 // bytes dirtied since the pass started
-	sent          float64
+	m             *rammodel.Model // from the end of setup
 	started       time.Time
 	stopAt        time.Time
 	downtime      time.Duration
-	throttle      int
 	runningAtStop bool
 	stop, done    chan struct{} // the stepping goroutine's
 
@@ -72,8 +73,7 @@ func (p *Pair) DirtyRateCalcs() []json.RawMessage {
 func (p *Pair) startRAM() {
 	r := &p.ram
 	r.started = time.Now()
-	r.iter, r.sent, r.dirtyNext, r.throttle = 0, 0, 0, 0
-	r.passLeft = float64(p.opt.RAM)
+	r.m = nil
 	r.stopAt = time.Time{}
 	r.stop, r.done = make(chan struct{}), make(chan struct{})
 	go p.runRAM(r.stop, r.done)
@@ -105,7 +105,7 @@ func (p *Pair) runRAM(stop, done chan struct{}) {
 			continue // a stopped source does nothing
 		}
 		p.mu.Lock()
-		end := p.step(p.opt.Tick.Seconds())
+		end := p.step(p.opt.Tick)
 		p.mu.Unlock()
 		if end {
 			return
@@ -128,12 +128,29 @@ func (p *Pair) rate() float64 {
 	return r
 }
 
-// dirty is the rate the guest dirties RAM at now.
-func (p *Pair) dirty() float64 {
-	if p.Src.run != "running" {
-		return 0
+// env is the world around the migration thread now: the link, and the
+// guest's dirty rate while its vCPUs run.
+func (p *Pair) env() rammodel.Env {
+	e := rammodel.Env{Link: p.rate()}
+	if p.Src.run == "running" {
+		e.Dirty = p.opt.DirtyRate
 	}
-	return p.opt.DirtyRate * float64(100-p.ram.throttle) / 100
+	return e
+}
+
+// params are the source's migration parameters as the model reads them.
+func (p *Pair) params() rammodel.Params {
+	src := p.Src
+	return rammodel.Params{
+		DowntimeLimit: time.Duration(src.param("downtime-limit")) * time.Millisecond,
+		AutoConverge:  src.caps["auto-converge"],
+		Throttle: rammodel.Throttle{
+			Initial:          int(src.param("cpu-throttle-initial")),
+			Increment:        int(src.param("cpu-throttle-increment")),
+			Max:              int(src.param("max-cpu-throttle")),
+			TriggerThreshold: int(src.param("throttle-trigger-threshold")),
+		},
+	}
 }
 
 // srcInfo is the source's query-migrate.
@@ -144,18 +161,22 @@ func (p *Pair) srcInfo() map[string]any {
 		return out
 	}
 	out["status"] = status
-	rem := uint64(r.passLeft)
+	m := r.m
+	if m == nil { // setup: nothing sent, no pass yet
+		m = &rammodel.Model{Remaining: float64(p.opt.RAM)}
+	}
+	rem := uint64(m.Remaining)
 	out["ram"] = map[string]any{
-		"transferred": uint64(r.sent), "remaining": rem, "total": p.opt.RAM,
-		"dirty-pages-rate": uint64(p.dirty() / 4096), "page-size": 4096,
-		"mbps": p.rate() * 8 / 1e6, "dirty-sync-count": r.iter,
+		"transferred": uint64(m.Sent), "remaining": rem, "total": p.opt.RAM,
+		"dirty-pages-rate": uint64(m.DirtyRate / 4096), "page-size": 4096,
+		"mbps": p.rate() * 8 / 1e6, "dirty-sync-count": m.Iteration,
 	}
 	out["total-time"] = time.Since(r.started).Milliseconds()
 	if status == qmp.StatusActive && p.rate() > 0 {
-		out["expected-downtime"] = int64(float64(rem) / p.rate() * 1000)
+		out["expected-downtime"] = m.ExpectedDowntime(p.rate()).Milliseconds()
 	}
-	if r.throttle > 0 {
-		out["cpu-throttle-percentage"] = r.throttle
+	if m.Throttle > 0 {
+		out["cpu-throttle-percentage"] = m.Throttle
 	}
 	if status == qmp.StatusCompleted {
 		out["downtime"] = r.downtime.Milliseconds()
@@ -166,11 +187,10 @@ func (p *Pair) srcInfo() map[string]any {
 	return out
 }
 
-// pass starts a new pass (a dirty bitmap sync).
+// pass is a dirty bitmap sync's MIGRATION_PASS.
 func (p *Pair) pass() {
-	p.ram.iter++
 	if p.Src.caps["events"] {
-		p.Src.Emit("MIGRATION_PASS", map[string]any{"pass": p.ram.iter})
+		p.Src.Emit("MIGRATION_PASS", map[string]any{"pass": p.ram.m.Iteration})
 	}
 }
 
@@ -201,8 +221,8 @@ func (p *Pair) fail(desc string) bool {
 	return true
 }
 
-// step advances the model by dt seconds; true ends the migration.
-func (p *Pair) step(dt float64) bool {
+// step advances the migration by dt; true ends it.
+func (p *Pair) step(dt time.Duration) bool {
 	src, m := p.Src, &p.mig
 	switch m.status {
 	case qmp.StatusCancelling:
@@ -226,7 +246,7 @@ func (p *Pair) step(dt float64) bool {
 	switch {
 	case m.status == qmp.StatusPreSwitchover:
 		if m.continued {
-			p.setStatus(qmp.StatusDevice)
+			p.device()
 		}
 		return false
 	case m.status == qmp.StatusDevice || m.status.Postcopy():
@@ -248,20 +268,25 @@ func (p *Pair) stepSetup() bool {
 		p.dstExit()
 		return p.fail(m.errDesc)
 	}
+	p.ram.m = rammodel.New(p.opt.RAM, 0, p.params())
 	p.setStatus(qmp.StatusActive)
 	p.setDstStatus(qmp.StatusActive)
 	p.pass()
 	return false
 }
 
+// device is the stop-and-copy (status device) with its final sync.
+func (p *Pair) device() {
+	p.setStatus(qmp.StatusDevice)
+	p.ram.m.FinalSync()
+	p.pass()
+}
+
 // stepFinal sends the rest with the source stopped (device) or the
 // destination running (postcopy), then ends the migration.
-func (p *Pair) stepFinal(dt float64) bool {
+func (p *Pair) stepFinal(dt time.Duration) bool {
 	src, r, m := p.Src, &p.ram, &p.mig
-	send := p.rate() * dt
-	r.sent += min(send, r.passLeft)
-	r.passLeft = max(0, r.passLeft-send)
-	if r.passLeft > 0 {
+	if r.m.Step(dt, p.env()) != rammodel.Finished {
 		return false
 	}
 	if !m.status.Postcopy() {
@@ -269,7 +294,6 @@ func (p *Pair) stepFinal(dt float64) bool {
 	} else {
 		r.downtime = 0
 	}
-	p.pass()
 	if m.lateCancel && p.opt.LateCancel != LateCancelCompletes {
 		p.setStatus(qmp.StatusCancelled)
 		if p.opt.LateCancel == LateCancelResumes && r.runningAtStop {
@@ -295,46 +319,32 @@ func (p *Pair) stepFinal(dt float64) bool {
 	return true
 }
 
-// stepActive is one step of the pre-copy passes.
-func (p *Pair) stepActive(dt float64) bool {
-	src, r, m := p.Src, &p.ram, &p.mig
+// stepActive is one step of the pre-copy.
+func (p *Pair) stepActive(dt time.Duration) bool {
+	r, m := &p.ram, &p.mig
 	if m.wantPost {
 		m.wantPost = false
+		r.m.RequestPostcopy()
+	}
+	r.m.Params = p.params()
+	switch r.m.Step(dt, p.env()) {
+	case rammodel.Synced:
+		p.pass()
+	case rammodel.Converged:
+		p.pass()
 		p.switchover()
-		r.passLeft += r.dirtyNext
-		r.dirtyNext = 0
+		if p.Src.caps["pause-before-switchover"] {
+			p.setStatus(qmp.StatusPreSwitchover)
+			return false
+		}
+		p.device()
+	case rammodel.PostcopyStarted:
+		p.switchover()
+		p.pass()
 		p.setStatus(qmp.StatusPostcopyActive)
 		p.setDstStatus(qmp.StatusPostcopyActive)
 		p.Dst.run = "running"
 		p.Dst.Emit("RESUME", nil)
-		return false
-	}
-	send := p.rate() * dt
-	r.sent += min(send, r.passLeft)
-	r.passLeft = max(0, r.passLeft-send)
-	r.dirtyNext = min(r.dirtyNext+p.dirty()*dt, float64(p.opt.RAM))
-	if r.passLeft > 0 || p.rate() == 0 {
-		return false
-	}
-	// End of pass: sync the dirty bitmap.
-	r.passLeft, r.dirtyNext = r.dirtyNext, 0
-	p.pass()
-	limit := time.Duration(src.param("downtime-limit")) * time.Millisecond
-	if time.Duration(r.passLeft/p.rate()*float64(time.Second)) <= limit || r.passLeft == 0 {
-		p.switchover()
-		if src.caps["pause-before-switchover"] {
-			p.setStatus(qmp.StatusPreSwitchover)
-			return false
-		}
-		p.setStatus(qmp.StatusDevice)
-		return false
-	}
-	if src.caps["auto-converge"] && r.iter >= 2 && p.dirty() > p.rate()*float64(src.param("throttle-trigger-threshold"))/100 {
-		if r.throttle == 0 {
-			r.throttle = int(src.param("cpu-throttle-initial"))
-		} else {
-			r.throttle = min(r.throttle+int(src.param("cpu-throttle-increment")), int(src.param("max-cpu-throttle")))
-		}
 	}
 	return false
 }

@@ -1,29 +1,16 @@
-// Package ramsim is a toy model of a QEMU pre-copy migration, used to run the
-// strategy policies end to end without QEMU: in tests, and in benchmarks that
-// want a deterministic baseline next to the measured numbers.
+// Package ramsim runs the strategy policies end to end without QEMU, on the
+// RAM-migration model the fake QEMU steps too (internal/rammodel): in
+// tests, and in benchmarks that want a deterministic baseline next to the
+// measured numbers.
 //
-// The model, per 5 ms tick:
-//
-//   - The link sends Link bytes/s of the dirty bitmap (RemainingBytes).
-//   - The guest dirties DirtyRate bytes/s of distinct pages, scaled by
-//     (1 - throttle%), zero while paused; the set dirtied since the last
-//     bitmap sync is capped at the working set (a sweep over WorkingSet).
-//   - When the bitmap drops to threshold = Link × downtime-limit (or empties)
-//     QEMU syncs: the dirtied set joins the bitmap, dirty-sync-count grows,
-//     and if the bitmap is then below the threshold the migration completes
-//     with downtime = bitmap/Link. With auto-converge on, a sync is also
-//     forced every 5 s (QEMU ≥ 9.2).
-//   - At a sync at least 1 s after the previous rate update, the dirty rate is
-//     measured (distinct pages dirtied in the period / period) and
-//     auto-converge checks dirtied > threshold% of sent: the second time it
-//     throttles, first at cpu-throttle-initial, then +increment up to
-//     max-cpu-throttle.
-//   - Postcopy (when requested and postcopy-ram was enabled) stops the
-//     source for 20 ms, then the destination runs at min(1, Link/DirtyRate)
-//     of its speed while the rest is pulled at Link.
-//
-// The Machine gets a Sample every PollInterval and at every sync (the
-// MIGRATION_PASS event), and its decisions apply at once.
+// Run steps the model every 5 ms with a fixed link and dirty rate, gives
+// the Machine a Sample every PollInterval and at every sync (the
+// MIGRATION_PASS event), and applies its decisions at once. Around the
+// model it adds what QEMU's run state does: the stop-and-copy after
+// convergence takes Remaining/Link (its time is skipped, not stepped),
+// PauseSource stops the guest's dirtying, and postcopy stops the source
+// for 20 ms, then the destination runs at min(1, Link/DirtyRate) of its
+// speed while the rest is pulled at Link.
 package ramsim
 
 import (
@@ -32,6 +19,7 @@ import (
 	"math"
 	"time"
 
+	"github.com/qmigrate/qmigrate/internal/rammodel"
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
@@ -76,42 +64,24 @@ func (r Result) String() string {
 
 const (
 	tick          = 5 * time.Millisecond
-	forcedSync    = 5 * time.Second
-	rateWindow    = time.Second
 	postcopyPause = 20 * time.Millisecond
 	qemuDowntime  = 300 * time.Millisecond
 )
 
+// qemu is the model with the run state around it.
 type qemu struct {
 	sc Scenario
-	ws float64
+	m  *rammodel.Model
 
-	// parameters and capabilities
-	autoConverge, postcopyRAM bool
-	measure                   bool // Setup.MeasureDirtyRate: the engine's calc-dirty-rate at the start
-	downtimeLimit             time.Duration
-	thr                       strategy.Throttle
+	postcopyRAM bool
+	measure     bool // Setup.MeasureDirtyRate: the engine's calc-dirty-rate at the start
 
-	// state
 	now           time.Duration
 	status        string
-	iteration     uint64
-	remaining     float64 // dirty bitmap, bytes
-	dirtyLog      float64 // distinct bytes dirtied since the last sync
-	sent          float64
-	throttle      int
-	highCount     int
-	lastSync      time.Duration
-	lastRate      time.Duration
-	dirtyPeriod   float64
-	sentAtRate    float64
-	dirtyRate     float64 // last measured
-	lastDirty     float64 // dirtied set at the last sync (expected-downtime)
 	paused        bool
 	pausedAt      time.Duration
 	postcopy      bool
 	postAt        time.Duration
-	wantPost      bool
 	runTime       float64 // ∫ guest speed dt, seconds
 	finalDowntime time.Duration
 }
@@ -131,17 +101,13 @@ func Run(sc Scenario, cfg strategy.Config) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
-	q := &qemu{sc: sc, ws: float64(sc.RAM), status: "active", iteration: 1,
-		remaining: float64(sc.RAM), downtimeLimit: qemuDowntime,
-		thr: strategy.Throttle{Initial: 20, Increment: 10, Max: 99, TriggerThreshold: 50}}
-	if sc.WorkingSet > 0 && sc.WorkingSet < sc.RAM {
-		q.ws = float64(sc.WorkingSet)
-	}
 	setup := m.Setup()
-	q.autoConverge, q.postcopyRAM, q.measure = setup.AutoConverge, setup.Postcopy, setup.MeasureDirtyRate
+	params := rammodel.Params{DowntimeLimit: qemuDowntime, AutoConverge: setup.AutoConverge, Throttle: rammodel.DefaultThrottle}
 	if setup.DowntimeLimit > 0 {
-		q.downtimeLimit = setup.DowntimeLimit
+		params.DowntimeLimit = setup.DowntimeLimit
 	}
+	q := &qemu{sc: sc, m: rammodel.New(sc.RAM, sc.WorkingSet, params), status: "active",
+		postcopyRAM: setup.Postcopy, measure: setup.MeasureDirtyRate}
 	if setup.Throttle != nil {
 		if err := q.setThrottle(*setup.Throttle); err != nil {
 			return Result{}, fmt.Errorf("ramsim: setup throttle: %w", err)
@@ -158,7 +124,7 @@ func Run(sc Scenario, cfg strategy.Config) (Result, error) {
 				nextPoll += sc.PollInterval
 			}
 			s := q.sample()
-			res.Trace = append(res.Trace, Point{Elapsed: q.now, Remaining: s.RemainingBytes, Throttle: q.throttle})
+			res.Trace = append(res.Trace, Point{Elapsed: q.now, Remaining: s.RemainingBytes, Throttle: q.m.Throttle})
 			d := m.Step(s)
 			if d.Action != strategy.Wait {
 				res.Decisions = append(res.Decisions, d)
@@ -179,7 +145,7 @@ func Run(sc Scenario, cfg strategy.Config) (Result, error) {
 		}
 	}
 	res.Total = q.now
-	res.Bytes = uint64(q.sent)
+	res.Bytes = uint64(q.m.Sent)
 	if q.now > 0 {
 		res.Slowdown = math.Max(0, 1-q.runTime/q.now.Seconds())
 		res.GuestLost = max(0, q.now-time.Duration(q.runTime*float64(time.Second)))
@@ -209,23 +175,23 @@ func (q *qemu) sample() strategy.Sample {
 	s := strategy.Sample{
 		Elapsed:          q.now,
 		Status:           q.status,
-		Iteration:        q.iteration,
-		RemainingBytes:   uint64(q.remaining),
-		TransferredBytes: uint64(q.sent),
+		Iteration:        q.m.Iteration,
+		RemainingBytes:   uint64(q.m.Remaining),
+		TransferredBytes: uint64(q.m.Sent),
 		TotalBytes:       q.sc.RAM,
-		DirtyRate:        q.dirtyRate,
-		ThrottlePercent:  q.throttle,
-		DowntimeLimit:    q.downtimeLimit,
+		DirtyRate:        q.m.DirtyRate,
+		ThrottlePercent:  q.m.Throttle,
+		DowntimeLimit:    q.m.Params.DowntimeLimit,
 		SourcePaused:     q.paused,
 	}
 	if q.measure && q.now >= measurePeriod {
 		// calc-dirty-rate over the first 200 ms, unthrottled: distinct
 		// pages, so at most the working set per period.
-		s.GuestDirtyRate = math.Min(q.sc.DirtyRate, q.ws/measurePeriod.Seconds())
+		s.GuestDirtyRate = math.Min(q.sc.DirtyRate, q.m.WorkingSet()/measurePeriod.Seconds())
 	}
 	if q.status != "completed" {
 		s.Throughput = q.sc.Link
-		s.ExpectedDowntime = time.Duration(q.lastDirty / q.sc.Link * float64(time.Second))
+		s.ExpectedDowntime = q.m.ExpectedDowntime(q.sc.Link)
 	}
 	return s
 }
@@ -241,10 +207,10 @@ func (q *qemu) setThrottle(t strategy.Throttle) error {
 	case t.TriggerThreshold < 0 || t.TriggerThreshold > 100:
 		return errors.New("throttle_trigger_threshold must be in 1..100")
 	}
-	thr := q.thr.TriggerThreshold
-	q.thr = t
-	if t.TriggerThreshold == 0 {
-		q.thr.TriggerThreshold = thr
+	thr := &q.m.Params.Throttle
+	thr.Initial, thr.Increment, thr.Max = t.Initial, t.Increment, t.Max
+	if t.TriggerThreshold != 0 {
+		thr.TriggerThreshold = t.TriggerThreshold
 	}
 	return nil
 }
@@ -255,14 +221,14 @@ func (q *qemu) apply(d strategy.Decision) error {
 		if d.DowntimeLimit < 0 || d.DowntimeLimit > strategy.QEMUMaxDowntime {
 			return errors.New("downtime_limit out of range")
 		}
-		q.downtimeLimit = d.DowntimeLimit
+		q.m.Params.DowntimeLimit = d.DowntimeLimit
 	case strategy.SetThrottle:
 		return q.setThrottle(d.Throttle)
 	case strategy.StartPostcopy:
 		if !q.postcopyRAM {
 			return errors.New("postcopy-ram not enabled before the start")
 		}
-		q.wantPost = true
+		q.m.RequestPostcopy()
 	case strategy.PauseSource:
 		if !q.paused {
 			q.paused, q.pausedAt = true, q.now
@@ -287,89 +253,41 @@ func (q *qemu) speed() float64 {
 	case q.paused:
 		return 0
 	}
-	return 1 - float64(q.throttle)/100
+	return 1 - float64(q.m.Throttle)/100
 }
 
 // advance moves one tick; it reports whether a bitmap sync happened.
 func (q *qemu) advance() bool {
 	q.now += tick
-	dt := tick.Seconds()
-	q.runTime += q.speed() * dt
-	send := q.sc.Link * dt
-	if q.postcopy {
-		if q.now >= q.postAt+postcopyPause {
-			q.remaining = math.Max(0, q.remaining-send)
-			q.sent += send
-			if q.remaining == 0 {
-				q.status = "completed"
-				q.throttle = 0
-			}
-		}
-		return false
-	}
+	q.runTime += q.speed() * tick.Seconds()
+	env := rammodel.Env{Link: q.sc.Link}
 	if !q.paused {
-		q.dirtyLog = math.Min(q.ws, q.dirtyLog+q.sc.DirtyRate*(1-float64(q.throttle)/100)*dt)
+		env.Dirty = q.sc.DirtyRate
 	}
-	sendNow := math.Min(send, q.remaining)
-	q.remaining -= sendNow
-	q.sent += sendNow
-	threshold := q.sc.Link * q.downtimeLimit.Seconds()
-	if q.wantPost {
-		// must_precopy is ~0 for RAM: postcopy starts at once.
-		q.remaining += q.dirtyLog
-		q.dirtyLog = 0
-		q.postcopy, q.postAt, q.status = true, q.now, "postcopy-active"
-		q.finalDowntime = postcopyPause
-		q.throttle = 0
-		return false
+	if q.postcopy && q.now < q.postAt+postcopyPause {
+		env.Link = 0 // the switch: nothing moves yet
 	}
-	forced := q.autoConverge && q.now-q.lastSync >= forcedSync
-	if q.remaining > threshold && q.remaining > 0 && !forced {
-		return false
-	}
-	q.sync()
-	if q.remaining <= threshold {
-		dt := time.Duration(q.remaining / q.sc.Link * float64(time.Second))
-		q.sent += q.remaining
-		q.remaining = 0
+	switch q.m.Step(tick, env) {
+	case rammodel.Synced:
+		return true
+	case rammodel.Converged:
+		// Stop-and-copy: the rest goes at Link with the guest stopped.
+		q.m.FinalSync()
+		dt := q.m.Drain(q.sc.Link)
 		q.status = "completed"
-		q.throttle = 0
 		q.finalDowntime = dt
 		if q.paused {
 			q.finalDowntime = q.now - q.pausedAt + dt
 		}
 		q.now += dt
+		return true
+	case rammodel.PostcopyStarted:
+		q.postcopy, q.postAt, q.status = true, q.now, "postcopy-active"
+		q.finalDowntime = postcopyPause
+	case rammodel.Finished:
+		q.status = "completed"
 	}
-	return true
-}
-
-func (q *qemu) sync() {
-	q.remaining = math.Min(float64(q.sc.RAM), q.remaining+q.dirtyLog)
-	q.lastDirty = q.dirtyLog
-	q.dirtyPeriod += q.dirtyLog
-	q.dirtyLog = 0
-	q.iteration++
-	q.lastSync = q.now
-	if q.now-q.lastRate < rateWindow {
-		return
-	}
-	// migration_trigger_throttle, then migration_update_rates.
-	xfer := q.sent - q.sentAtRate
-	if q.autoConverge && q.dirtyPeriod > xfer*float64(q.thr.TriggerThreshold)/100 {
-		q.highCount++
-		if q.highCount >= 2 {
-			q.highCount = 0
-			if q.throttle == 0 {
-				q.throttle = q.thr.Initial
-			} else {
-				q.throttle = min(q.throttle+q.thr.Increment, q.thr.Max)
-			}
-		}
-	}
-	q.dirtyRate = q.dirtyPeriod / (q.now - q.lastRate).Seconds()
-	q.dirtyPeriod = 0
-	q.sentAtRate = q.sent
-	q.lastRate = q.now
+	return false
 }
 
 // Standard returns the benchmark scenarios for a guest of ram bytes over a
