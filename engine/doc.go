@@ -12,10 +12,14 @@
 //     Budget when that ends sooner); check the destination waits
 //     in run state "inmigrate" with no incoming migration started
 //     (-incoming defer), the source runs (a paused source is accepted: the
-//     destination is then left paused), both have the same RAM size
-//     (query-memory-size-summary) and machine type (qom-get /machine type;
-//     skipped when a QEMU does not answer it), the same -uuid when multifd
-//     is on; check every needed capability exists (query-migrate-capabilities
+//     destination is then left paused), the same -uuid when multifd is on;
+//     then package preflight compares the two QEMUs (queries only: machine
+//     type with the -machine hint, RAM size, the guest-visible CPU of every
+//     vCPU, vCPU topology, devices and PCI addresses, disks, migration
+//     blockers, postcopy's prerequisites when postcopy is permitted) and
+//     every failed check comes at once, CheckPreflight wrapping a
+//     *preflight.Error; a device that forbids postcopy turns postcopy off
+//     with a warning; check every needed capability exists (query-migrate-capabilities
 //     lists those a QEMU has; query-migrate-parameters tells which
 //     parameters it has). These queries are in flight together, both sides
 //     at once. Any failure so far wraps ErrBadInput: nothing has changed on

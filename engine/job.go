@@ -171,12 +171,14 @@ func launch(ctx context.Context, cfg Config) *Job {
 		}
 		j.subs = nil
 		j.mu.Unlock()
+		// done before start: Start, woken by start, must find done closed
+		// when the migration ended before it ran (a prepare failure).
+		close(j.done)
 		select {
 		case <-j.start:
 		default:
 			close(j.start)
 		}
-		close(j.done)
 	}()
 	return j
 }
