@@ -44,6 +44,7 @@ func TestPreflightPassesOnDefaultPairs(t *testing.T) {
 		"default":               {},
 		"7.2 to 10.0 pinned":    {Version: [3]int{7, 2, 22}, DstVersion: [3]int{10, 0, 2}, Machine: "pc-i440fx-7.2"},
 		"10.0 to 7.2 pinned":    {Version: [3]int{10, 0, 2}, DstVersion: [3]int{7, 2, 22}},
+		"7.2 to 10.0, 2 vCPUs":  {Version: [3]int{7, 2, 22}, DstVersion: [3]int{10, 0, 2}, VCPUs: 2},
 		"max, 4 vCPUs, a disk":  {CPU: "max", VCPUs: 4, Disk: 1 << 20},
 		"hotpluggable slots":    {VCPUs: 2, MaxVCPUs: 4},
 		"no device":             {Devices: []qemutest.Device{}},

@@ -96,10 +96,9 @@ type Options struct {
 	// (nil: DefaultDevices; a disk's virtio-blk-pci device is added by its
 	// qdev id). Blockers are the source's migration blockers
 	// (query-migrate's blocked-reasons; migrate then fails with the first).
-	// As real QEMU from 9.x, a side of version 9.0 or later with more than
-	// one vCPU slot has ht and cmp-legacy in its feature words (7.2 sets
-	// them only when the guest runs CPUID): such a 7.2/10.0 pair fails
-	// preflight's cpu-features as a real one does.
+	// As real QEMU 10.0, a side of version 9.0 or later with more than one
+	// vCPU slot has ht and cmp-legacy in its feature words (7.2 sets them
+	// only when the guest runs CPUID; preflight knows).
 	CPU         string
 	DstCPU      string // = CPU
 	VCPUs       int
