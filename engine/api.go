@@ -264,12 +264,30 @@ const (
 	CheckConnect  Check = "connect"   // no QMP connection: wrong address, nothing listening, no greeting, client closed
 	CheckInspect  Check = "inspect"   // a QEMU refused, or did not answer, a query prepare reads it with
 	CheckRunState Check = "run-state" // a QEMU in the wrong run state, or already migrating or listening
-	CheckRAM      Check = "ram"       // the two sides' RAM sizes differ
-	CheckMachine  Check = "machine"   // the two sides' machine types differ
 	CheckMultifd  Check = "multifd"   // multifd cannot work between these two (their -uuid differ)
 	CheckFeatures Check = "features"  // a capability or command the migration needs is missing
 	CheckStorage  Check = "storage"   // the disks cannot be migrated as asked (storage preflight)
 	CheckTLS      Check = "tls"       // a QEMU cannot load the TLS credentials
+	// CheckPreflight: one or more checks of package preflight failed (the
+	// guest-visible CPU, vCPU topology, devices and PCI addresses, disks,
+	// migration blockers, RAM size, machine type): the Error wraps a
+	// *preflight.Error (errors.As) whose Checks name every failed check
+	// (preflight.MachineType, preflight.CPUFeatures, ...) and whose message
+	// gives one line per check. Also a QEMU that preflight could not read
+	// (a *preflight.SideError).
+	CheckPreflight Check = "preflight"
+)
+
+// Checks that prepare no longer returns: preflight's ram-size and
+// machine-type report these differences, with the others, under
+// CheckPreflight (errors.As the error to a *preflight.Error and look for
+// preflight.RAMSize or preflight.MachineType in its Checks).
+const (
+	// Deprecated: a RAM size mismatch is CheckPreflight with preflight.RAMSize.
+	CheckRAM Check = "ram"
+	// Deprecated: a machine type mismatch is CheckPreflight with
+	// preflight.MachineType.
+	CheckMachine Check = "machine"
 )
 
 // CheckOf returns the check that refused a migration (Error.Check), or ""
@@ -301,9 +319,10 @@ var (
 	// ErrBadInput is wrapped by every failure that happens before anything
 	// changed on either QEMU: bad config, cannot connect (no such socket,
 	// refused, not QMP, no answer within ConnectTimeout), destination not
-	// waiting in inmigrate with -incoming defer, source not running, RAM size
-	// or machine type mismatch, uuid mismatch with multifd, a missing
-	// capability, blockmirror.ErrPreflight.
+	// waiting in inmigrate with -incoming defer, source not running, a failed
+	// preflight check (RAM size, machine type, CPU, devices, disks,
+	// blockers: every one at once, CheckPreflight), uuid mismatch with
+	// multifd, a missing capability, blockmirror.ErrPreflight.
 	ErrBadInput = errors.New("bad input")
 
 	// ErrCancelled is Result.Err (wrapped) when the caller's context ended;

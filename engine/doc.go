@@ -20,7 +20,9 @@
 // transition table and what each stage permits); the Phase events are the
 // coarse view of it:
 //
-//	prepare    connect, check both sides, write the journal, TLS objects, disk mirrors, capabilities and parameters
+//	prepare    connect, check both sides (run states, then package preflight: machine, RAM, CPU, devices,
+//	           disks, blockers; every failure at once), write the journal, TLS objects, disk mirrors,
+//	           capabilities and parameters
 //	start      mirrors READY, migrate-incoming, migrate
 //	converge   poll query-migrate; the strategy decides (downtime, throttle, postcopy, pause, abort)
 //	switchover the stop-and-copy, pre-switchover (mirrors finished), or postcopy

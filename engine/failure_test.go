@@ -111,8 +111,8 @@ func TestPrepareBadInput(t *testing.T) {
 		"destination running":      {opt: qemutest.Options{DstRunState: "running"}, side: engine.SideDestination, want: engine.CheckRunState, op: "check run state"},
 		"destination not deferred": {opt: qemutest.Options{DstNotDeferred: true}, side: engine.SideDestination, want: engine.CheckRunState, op: "check incoming migration"},
 		"source postmigrate":       {opt: qemutest.Options{SrcRunState: "postmigrate"}, side: engine.SideSource, want: engine.CheckRunState, op: "check run state"},
-		"RAM size":                 {opt: qemutest.Options{DstRAM: 256 << 20}, side: engine.SideDestination, want: engine.CheckRAM, op: "compare RAM size"},
-		"machine type":             {opt: qemutest.Options{DstMachine: "pc-i440fx-10.0"}, side: engine.SideDestination, want: engine.CheckMachine, op: "compare machine type"},
+		"RAM size":                 {opt: qemutest.Options{DstRAM: 256 << 20}, side: engine.SideDestination, want: engine.CheckPreflight, op: "preflight"},
+		"machine type":             {opt: qemutest.Options{DstMachine: "pc-i440fx-10.0"}, side: engine.SideDestination, want: engine.CheckPreflight, op: "preflight"},
 		"multifd uuid": {opt: qemutest.Options{SrcUUID: "11111111-1111-1111-1111-111111111111"}, multifd: 4,
 			side: engine.SideDestination, want: engine.CheckMultifd, op: "compare uuid for multifd"},
 	} {

@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/qmigrate/qmigrate/engine"
+	"github.com/qmigrate/qmigrate/preflight"
 	"github.com/qmigrate/qmigrate/qemutest"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/strategy"
@@ -231,18 +232,27 @@ func TestTypedOutcomes(t *testing.T) {
 	t.Run("checks", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			for _, tc := range []struct {
-				opt  qemutest.Options
-				want engine.Check
+				opt       qemutest.Options
+				want      engine.Check
+				preflight []preflight.Name // the failed checks of a CheckPreflight
 			}{
-				{qemutest.Options{DstRAM: 64 << 20}, engine.CheckRAM},
-				{qemutest.Options{DstMachine: "pc-i440fx-7.2"}, engine.CheckMachine},
-				{qemutest.Options{DstRunState: "running"}, engine.CheckRunState},
-				{qemutest.Options{SrcRunState: "shutdown"}, engine.CheckRunState},
+				// RAM size and machine type were CheckRAM and CheckMachine
+				// before preflight: now every difference comes at once
+				// (the i440fx machine also has other PCI functions).
+				{qemutest.Options{DstRAM: 64 << 20}, engine.CheckPreflight, []preflight.Name{preflight.RAMSize}},
+				{qemutest.Options{DstMachine: "pc-i440fx-7.2"}, engine.CheckPreflight, []preflight.Name{preflight.MachineType, preflight.PCIAddresses}},
+				{qemutest.Options{DstRunState: "running"}, engine.CheckRunState, nil},
+				{qemutest.Options{SrcRunState: "shutdown"}, engine.CheckRunState, nil},
 			} {
 				_, cfg := pair(t, tc.opt)
 				_, err := engine.Migrate(t.Context(), cfg)
 				require.ErrorIs(t, err, engine.ErrBadInput)
 				assert.Equal(t, tc.want, engine.CheckOf(err), "%v", err)
+				var pe *preflight.Error
+				if tc.preflight != nil && assert.ErrorAs(t, err, &pe) {
+					assert.ErrorIs(t, err, preflight.ErrFailed)
+					assert.Equal(t, tc.preflight, pe.Checks())
+				}
 			}
 			_, cfg := pair(t, qemutest.Options{})
 			cfg.Source = engine.Endpoint{Address: qmp.UnixAddress("/nonexistent/qmigrate-test.qmp")}

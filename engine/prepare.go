@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/qmigrate/qmigrate/blockmirror"
+	"github.com/qmigrate/qmigrate/preflight"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/strategy"
 	"github.com/qmigrate/qmigrate/transport"
@@ -60,6 +61,10 @@ func (r *run) prepare(ctx context.Context) error {
 	if err := r.check(si, di); err != nil {
 		return err
 	}
+	rep, err := r.preflight(ctx)
+	if err != nil {
+		return err
+	}
 	r.srcForm, r.dstForm = transport.Newest(), transport.Newest()
 	if st := r.cfg.Storage; st != nil {
 		r.srcF, r.dstF = si.feat, di.feat
@@ -74,6 +79,12 @@ func (r *run) prepare(ctx context.Context) error {
 	// Postcopy permitted: its capability is on whatever the policy, so
 	// that the caller can start it through the job (StartPostcopy).
 	r.setup.Postcopy = r.setup.Postcopy || r.cfg.Strategy.Limits.AllowPostcopy
+	if r.setup.Postcopy && r.cfg.Strategy.Limits.AllowPostcopy && !rep.Postcopy {
+		// A device forbids postcopy (VFIO) or a QEMU cannot take it: the
+		// postcopy-* results say which. The migration runs without it.
+		r.log.Warn("postcopy not enabled", "reason", postcopyReason(rep))
+		r.setup.Postcopy = false
+	}
 	if r.setup.Postcopy && r.cfg.MultifdChannels > 0 &&
 		!(r.src.Version().AtLeast(10, 1) && r.dst.Version().AtLeast(10, 1)) {
 		// 8.1-10.0 refuse multifd with postcopy-ram; 7.2 accepts it and
@@ -264,7 +275,9 @@ func isQMPError(err error) bool {
 	return errors.As(err, &qe)
 }
 
-// check compares the two sides. Nothing has changed yet: every failure is bad input.
+// check verifies the run states (and multifd's uuids), which make the
+// comparison of preflight meaningful. Nothing has changed yet: every
+// failure is bad input.
 func (r *run) check(si, di *sideInfo) error {
 	if di.status != "inmigrate" {
 		return r.badInput(CheckRunState, SideDestination, "check run state",
@@ -286,20 +299,85 @@ func (r *run) check(si, di *sideInfo) error {
 		return r.badInput(CheckRunState, SideSource, "check migration state",
 			fmt.Errorf("source already has a migration in status %q", s))
 	}
-	if si.memory != 0 && di.memory != 0 && si.memory != di.memory {
-		return r.badInput(CheckRAM, SideDestination, "compare RAM size",
-			fmt.Errorf("source has %d bytes of RAM, destination %d", si.memory, di.memory))
-	}
-	if si.machine != "" && di.machine != "" && si.machine != di.machine {
-		return r.badInput(CheckMachine, SideDestination, "compare machine type",
-			fmt.Errorf("source machine type %q, destination %q", si.machine, di.machine))
-	}
+	// RAM size and machine type are preflight's (ram-size, machine-type),
+	// with every other difference at once.
 	if r.cfg.MultifdChannels > 0 {
 		if err := transport.CheckUUIDs(si.uuid, di.uuid); err != nil {
 			return r.badInput(CheckMultifd, SideDestination, "compare uuid for multifd", err)
 		}
 	}
 	return nil
+}
+
+// preflight runs every check of package preflight on both QEMUs (queries
+// only) after check, before anything changes. Every failed check comes at
+// once, as bad input with CheckPreflight wrapping a *preflight.Error (its
+// Checks name them); a QEMU that cannot be read at all is bad input too
+// (*preflight.SideError), the caller's ctx ending ErrCancelled.
+func (r *run) preflight(ctx context.Context) (*preflight.Report, error) {
+	opts := preflight.Options{
+		// check did the run states.
+		Skip: []preflight.Name{preflight.RunState},
+	}
+	if r.cfg.Strategy.Limits.AllowPostcopy {
+		opts.Postcopy = preflight.PostcopyAllowed
+	}
+	if st := r.cfg.Storage; st != nil {
+		opts.Storage = &preflight.Storage{Disks: st.Disks, Shared: st.Shared}
+	}
+	timeout := r.answerTimeout()
+	qctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	start := time.Now()
+	rep, err := preflight.Run(qctx, r.src, r.dst, opts)
+	r.log.Debug("preflight done", "took", time.Since(start), "err", err)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, r.cancelled(ctx, "preflight")
+		}
+		var se *preflight.SideError
+		side := Side("")
+		if errors.As(err, &se) {
+			side = Side(se.Side) // "source" / "destination", the engine's Side values
+		}
+		if qctx.Err() != nil {
+			err = fmt.Errorf("no answer within %v: %w", timeout.Round(time.Millisecond), err)
+		}
+		return nil, r.badInput(CheckPreflight, side, "preflight", err)
+	}
+	for _, res := range rep.Results {
+		if res.Status == preflight.Warn {
+			r.log.Warn("preflight", "check", res.Check, "detail", res.Detail)
+		}
+	}
+	if err := rep.Err(); err != nil {
+		return nil, r.badInput(CheckPreflight, failedSide(rep), "preflight", err)
+	}
+	return rep, nil
+}
+
+// failedSide is the side a failed preflight asks to change: the source for
+// its migration blockers alone, else the destination (each difference is
+// worded as what the destination must match).
+func failedSide(rep *preflight.Report) Side {
+	for _, f := range rep.Failed() {
+		if f.Check != preflight.MigrationBlockers {
+			return SideDestination
+		}
+	}
+	return SideSource
+}
+
+// postcopyReason is what turned postcopy off: the details of the postcopy
+// checks that did not pass.
+func postcopyReason(rep *preflight.Report) string {
+	var why []string
+	for _, n := range []preflight.Name{preflight.PostcopyDevices, preflight.PostcopyUserfaultfd} {
+		if res, ok := rep.Result(n); ok && res.Status != preflight.Pass {
+			why = append(why, string(n)+": "+res.Detail)
+		}
+	}
+	return strings.Join(why, "; ")
 }
 
 // wantCaps are the capabilities the engine manages, with the state it wants

@@ -176,7 +176,7 @@ func (c *comparison) cpuFeatures() (Status, string, error) {
 			}
 		}
 		nwords = max(nwords, len(sv.words))
-		if dd := diffWords(sv.words, dv.words); len(dd) > 0 {
+		if dd := diffWords(c.src.topologyBits(sv.words), c.dst.topologyBits(dv.words)); len(dd) > 0 {
 			if differ == nil {
 				first, firstPix = dd, p
 			}
@@ -211,6 +211,54 @@ func (c *comparison) cpuFeatures() (Status, string, error) {
 		detail += ": " + bitList(first)
 	}
 	return Fail, detail, nil
+}
+
+// topologyBits returns words with the CPUID bits that follow from the vCPU
+// topology set as the guest sees them: ht (CPUID.1H:EDX bit 28) with more
+// than one core or thread per socket, and cmp-legacy (CPUID.80000001H:ECX
+// bit 1) too on a vendor other than Intel. QEMU 7.2 sets them when the
+// guest runs CPUID, so its feature-words lack them; QEMU 10.0 puts them
+// into the feature words (x86_cpu_expand_features): the same guest-visible
+// CPU, which a 2-vCPU 7.2 to 10.0 pair showed as "destination adds
+// cmp-legacy, ht" before. The topology itself is vcpu-topology's check.
+func (f *facts) topologyBits(words []featureWord) []featureWord {
+	if !f.multiThreadSocket() {
+		return words
+	}
+	intel := f.intel()
+	out := slices.Clone(words)
+	for i, w := range out {
+		switch {
+		case w.EAX == 1 && w.Register == "EDX":
+			out[i].Features |= 1 << 28
+		case w.EAX == 0x80000001 && w.Register == "ECX" && !intel:
+			out[i].Features |= 1 << 1
+		}
+	}
+	return out
+}
+
+// multiThreadSocket reports more than one core or thread per socket.
+func (f *facts) multiThreadSocket() bool { return f.smp["cores"]*max(f.smp["threads"], 1) > 1 }
+
+func (f *facts) intel() bool {
+	return len(f.vcpus) > 0 && scalarString(f.vcpus[0].scalars["vendor"]) == "GenuineIntel"
+}
+
+// topologyProps sets the boolean properties of topologyBits' features as
+// the guest sees them.
+func (f *facts) topologyProps(props map[string]bool) {
+	if !f.multiThreadSocket() {
+		return
+	}
+	for name := range props {
+		switch strings.ReplaceAll(name, "_", "-") { // QEMU also lists cmp_legacy
+		case "ht":
+			props[name] = true
+		case "cmp-legacy":
+			props[name] = props[name] || !f.intel()
+		}
+	}
 }
 
 // bitList names differing bits by position, when the features have no name.
@@ -272,6 +320,8 @@ func (c *comparison) nameFeatures(srcPath, dstPath string) (string, error) {
 			return "", nil
 		}
 	}
+	c.src.topologyProps(sp)
+	c.dst.topologyProps(dp)
 	var lacks, adds, onlySrc, onlyDst []string
 	for _, name := range sortedKeys(sp) {
 		dv, ok := dp[name]

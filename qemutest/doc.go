@@ -25,7 +25,17 @@
 //     qmigrate's strategy tests use too);
 //   - with disks, the block layer: named nodes, NBD server and exports,
 //     mirror jobs that copy against a guest write rate, blockdev-create
-//     jobs (block.go).
+//     jobs (block.go); without, an empty query-block;
+//   - the guest-visible machine that package preflight compares
+//     (machine.go): the machine type and query-machines with the "pc" and
+//     "q35" aliases of each version, the vCPUs (query-cpus-fast,
+//     query-hotpluggable-cpus, qom-get /machine smp) and their CPU objects
+//     (qom-list, the model properties, feature-words and one boolean
+//     property per named feature, as real QEMU 7.2 and 10.0 gave them for
+//     qemu64 and max), the devices (qom-list /machine/peripheral and
+//     peripheral-anon, query-pci) and migration blockers
+//     (blocked-reasons). A default pair, and a pair of two versions with
+//     the default machine, passes every preflight check.
 //
 // It models what a migration manager relies on, not QEMU: no guest runs,
 // no byte crosses a socket, the migration address is only compared with
@@ -46,7 +56,11 @@
 //
 // # Faults
 //
-// Options choose the versions, a failure at setup (FailWith), how a late
+// Options choose the versions and the machine each side presents (Machine,
+// CPU with feature flags, VCPUs, MaxVCPUs, Devices, Blockers, and their Dst
+// counterparts: different CPU features, vCPU count, a missing or moved
+// device, a blocker, an alias resolved differently), a failure at setup
+// (FailWith), how a late
 // cancel ends (LateCancel), a destination that fails loading
 // (DstFailsLoad), refused objects (RefuseObject). At run time: KillDst (the
 // destination exits), Freeze and Thaw (a QEMU stopped by SIGSTOP),

@@ -12,7 +12,9 @@ import (
 // The migration's commands and statuses: migrate (source) and
 // migrate-incoming (destination) with the arguments of the simulated
 // version's schema, refused otherwise with QEMU's own error (qmptest.Args);
-// query-migrate on both sides; migrate_cancel, migrate-continue,
+// query-migrate on both sides (the source's with Options.Blockers as
+// blocked-reasons, and migrate refused for them; a VFIO device fails the
+// migration in setup when postcopy-ram is on); migrate_cancel, migrate-continue,
 // migrate-start-postcopy; yank of the destination's migration instance; the
 // MIGRATION events. The RAM model that moves the migration on is in ram.go.
 
@@ -90,6 +92,9 @@ func (p *Pair) migrate(args json.RawMessage) (any, error) {
 	if p.active() {
 		return nil, errGeneric("There's a migration process in progress")
 	}
+	if len(p.opt.Blockers) > 0 {
+		return nil, errGeneric(p.opt.Blockers[0]) // QEMU gives the first blocker's own text
+	}
 	var a qmp.MigrateArgs
 	if err := json.Unmarshal(args, &a); err != nil {
 		return nil, err
@@ -103,6 +108,9 @@ func (p *Pair) migrate(args json.RawMessage) (any, error) {
 	ok := m.listening && !m.dstDead && len(m.sockAddr) > 0 && sameAddr(m.sockAddr[0], sa)
 	if !ok {
 		m.errDesc = "Failed to connect to '" + addrString(sa) + "': Connection refused"
+	}
+	if addr := src.hw.vfio(); addr != "" && src.caps["postcopy-ram"] {
+		m.errDesc = addr + ": VFIO migration is not supported with postcopy migration"
 	}
 	if mf := src.caps["multifd"]; mf != p.Dst.caps["multifd"] ||
 		(mf && p.opt.SrcUUID != p.opt.DstUUID) {

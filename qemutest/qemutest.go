@@ -84,6 +84,30 @@ type Options struct {
 	DstDisks      []qmp.BlockInfo
 	MirrorRate    float64 // bytes/s a mirror copies (100 MiB/s; a lower blockdev-mirror speed lowers it); MirrorManual
 	DiskWriteRate float64 // bytes/s the running guest dirties the disk, 0
+	// The guest-visible machine (machine.go), what package preflight
+	// compares. Machine and DstMachine take QEMU's aliases "pc" and "q35",
+	// resolved to each side's version (pc-i440fx-7.2 on 7.2,
+	// pc-i440fx-10.0 on 10.0); the default is pc-q35 of the older side's
+	// version, pinned alike on both sides. CPU is the -cpu value: "qemu64"
+	// (default) or "max", each with the feature words real QEMU gave it,
+	// followed by feature flags as QEMU takes them ("qemu64,+avx2,-sse4.1").
+	// VCPUs is -smp (1), MaxVCPUs its maxcpus (= VCPUs; the slots above
+	// VCPUs are empty hotpluggable ones). Devices are the -device list
+	// (nil: DefaultDevices; a disk's virtio-blk-pci device is added by its
+	// qdev id). Blockers are the source's migration blockers
+	// (query-migrate's blocked-reasons; migrate then fails with the first).
+	// As real QEMU 10.0, a side of version 9.0 or later with more than one
+	// vCPU slot has ht and cmp-legacy in its feature words (7.2 sets them
+	// only when the guest runs CPUID; preflight knows).
+	CPU         string
+	DstCPU      string // = CPU
+	VCPUs       int
+	DstVCPUs    int // = VCPUs
+	MaxVCPUs    int
+	DstMaxVCPUs int      // = MaxVCPUs
+	Devices     []Device // nil: DefaultDevices()
+	DstDevices  []Device // nil: = Devices
+	Blockers    []string
 	// Serial makes each monitor run its in-band commands one at a time,
 	// as QEMU does (qmptest.WithSerial). By default every command runs in
 	// its own goroutine.
@@ -125,10 +149,39 @@ func (o *Options) defaults() {
 		o.DstRAM = o.RAM
 	}
 	if o.Machine == "" {
-		o.Machine = "pc-q35-10.0"
+		older := o.Version
+		if o.DstVersion[0] < older[0] || o.DstVersion[0] == older[0] && o.DstVersion[1] < older[1] {
+			older = o.DstVersion
+		}
+		o.Machine = "pc-q35-" + verName(older)
 	}
 	if o.DstMachine == "" {
 		o.DstMachine = o.Machine
+	}
+	if o.CPU == "" {
+		o.CPU = "qemu64"
+	}
+	if o.DstCPU == "" {
+		o.DstCPU = o.CPU
+	}
+	if o.VCPUs == 0 {
+		o.VCPUs = 1
+	}
+	if o.DstVCPUs == 0 {
+		o.DstVCPUs = o.VCPUs
+	}
+	if o.MaxVCPUs == 0 {
+		o.MaxVCPUs = o.VCPUs
+	}
+	if o.DstMaxVCPUs == 0 {
+		o.DstMaxVCPUs = max(o.MaxVCPUs, o.DstVCPUs)
+	}
+	o.MaxVCPUs = max(o.MaxVCPUs, o.VCPUs)
+	if o.Devices == nil {
+		o.Devices = DefaultDevices()
+	}
+	if o.DstDevices == nil {
+		o.DstDevices = o.Devices
 	}
 	if o.Throughput == 0 {
 		o.Throughput = 1 << 30
@@ -185,9 +238,11 @@ type QEMU struct {
 	objects map[string]map[string]any // object-add arguments by id
 	stops   int
 	block   *blockLayer // nil without disks
+	hw      *hardware   // the guest-visible machine, fixed at New
 }
 
-// New starts a fake pair. Close it when done.
+// New starts a fake pair. Close it when done. It panics on a CPU model or
+// feature the fake does not model (a mistake of the test).
 func New(opt Options) *Pair {
 	opt.defaults()
 	p := &Pair{opt: opt}
@@ -211,6 +266,11 @@ func New(opt Options) *Pair {
 			}
 			q.block = newBlockLayer(disks)
 		}
+		hw, err := newHardware(&opt, side, v, diskDevices(sideDisks(opt, side)))
+		if err != nil {
+			panic(err)
+		}
+		q.hw = hw
 		if side == Source {
 			p.Src, q.run = q, opt.SrcRunState
 		} else {
@@ -227,6 +287,7 @@ func New(opt Options) *Pair {
 		} else {
 			q.installNoBlock()
 		}
+		q.installMachine()
 	}
 	if opt.DstNotDeferred {
 		p.mig.listening = true

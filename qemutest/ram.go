@@ -156,6 +156,9 @@ func (p *Pair) params() rammodel.Params {
 // srcInfo is the source's query-migrate.
 func (p *Pair) srcInfo() map[string]any {
 	out := map[string]any{}
+	if len(p.opt.Blockers) > 0 {
+		out["blocked-reasons"] = p.opt.Blockers
+	}
 	r, status := &p.ram, p.mig.status
 	if status == qmp.StatusNone {
 		return out

@@ -8,14 +8,19 @@ import (
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
-// Run state and identity: query-status, stop, cont, the machine type
-// (qom-get), the UUID, the RAM size, and a query-qmp-schema that
-// qmp.FeaturesFromSchema reads as the simulated version's.
+// Run state and identity: query-status, stop, cont, qom-get and qom-list
+// (objects here, the machine's QOM tree in machine.go), the UUID, the RAM
+// size, and a query-qmp-schema that qmp.FeaturesFromSchema reads as the
+// simulated version's.
 
 func (q *QEMU) installRunState() {
 	p, isSrc := q.p, q.side == Source
 	q.handle("query-status", func(json.RawMessage) (any, error) {
-		return map[string]any{"running": q.run == "running", "singlestep": false, "status": q.run}, nil
+		st := map[string]any{"running": q.run == "running", "status": q.run}
+		if v := q.p.version(q.side); v[0] < 9 {
+			st["singlestep"] = false // 7.2 has it, 10.0 no more
+		}
+		return st, nil
 	})
 	q.handle("query-qmp-schema", func(json.RawMessage) (any, error) { return q.schema(), nil })
 	q.handle("query-memory-size-summary", func(json.RawMessage) (any, error) {
@@ -41,10 +46,7 @@ func (q *QEMU) installRunState() {
 			}
 			return v, nil
 		}
-		if isSrc {
-			return p.opt.Machine, nil
-		}
-		return p.opt.DstMachine, nil
+		return q.qomGet(a.Path, a.Property)
 	})
 	q.handle("qom-list", func(args json.RawMessage) (any, error) {
 		var a struct{ Path string }
@@ -52,7 +54,7 @@ func (q *QEMU) installRunState() {
 			return nil, err
 		}
 		if a.Path != "/objects" {
-			return nil, errGeneric("qemutest: qom-list models /objects only")
+			return q.qomList(a.Path)
 		}
 		out := []map[string]string{{"name": "type", "type": "string"}}
 		for id, o := range q.objects {
@@ -139,6 +141,10 @@ func (q *QEMU) schema() []map[string]any {
 		"migrate-continue", "migrate-start-postcopy", "stop", "cont", "query-uuid", "qom-get", "qom-list", "query-memory-size-summary",
 		"object-add", "object-del"}
 	cmds = append(cmds, q.blockCommands()...)
+	cmds = append(cmds, machineCommands()...)
+	if q.block == nil {
+		cmds = append(cmds, "query-block")
+	}
 	out := []map[string]any{
 		{"name": "migrate-set-capabilities", "meta-type": "command", "arg-type": "0", "ret-type": "1"},
 		{"name": "0", "meta-type": "object", "members": []map[string]any{{"name": "capabilities", "type": "[2]"}}},
