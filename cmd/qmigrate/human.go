@@ -174,6 +174,20 @@ func describeStats(s *engine.Stats) string {
 	return b.String()
 }
 
+// describeLimits is the line for a change of the limits in force.
+func describeLimits(l *engine.Limits) string {
+	bw := "unlimited"
+	if l.Bandwidth > 0 && l.Bandwidth < engine.UnlimitedBandwidth {
+		bw = formatRate(float64(l.Bandwidth))
+	}
+	budget := "none"
+	if l.Budget > 0 {
+		budget = formatDuration(l.Budget)
+	}
+	return fmt.Sprintf("limits now: bandwidth %s, max downtime %s, budget %s, downtime limit %s",
+		bw, formatDuration(maxDowntimeOf(l)), budget, formatDuration(l.DowntimeLimit))
+}
+
 func describeDisk(p *blockmirror.Progress) string {
 	state := "mirroring"
 	if p.Ready {

@@ -87,6 +87,16 @@ type jsonDisk struct {
 	Ready      bool   `json:"ready"`
 }
 
+// jsonLimits is a change of the limits in force (engine.EventLimits).
+type jsonLimits struct {
+	Type            string `json:"type"`
+	ElapsedMS       int64  `json:"elapsed_ms"`
+	BandwidthBPS    uint64 `json:"bandwidth_bps"` // 0: unlimited
+	MaxDowntimeMS   int64  `json:"max_downtime_ms"`
+	BudgetMS        int64  `json:"budget_ms"` // 0: none
+	DowntimeLimitMS int64  `json:"downtime_limit_ms"`
+}
+
 // jsonResultDecision is one entry of the result's "decisions".
 type jsonResultDecision struct {
 	Action          string        `json:"action"`
@@ -184,8 +194,27 @@ func jsonEvent(ev engine.Event) any {
 		p := ev.Disk
 		return jsonDisk{Type: "disk", Node: p.Node, Job: p.Job, DoneBytes: p.Done, TotalBytes: p.Total,
 			RateBPS: rate(p.Rate), Ready: p.Ready}
+	case engine.EventLimits:
+		if ev.Limits == nil {
+			return nil
+		}
+		l := ev.Limits
+		bw := l.Bandwidth
+		if bw >= engine.UnlimitedBandwidth {
+			bw = 0
+		}
+		return jsonLimits{Type: "limits", ElapsedMS: ms(ev.Elapsed), BandwidthBPS: bw, MaxDowntimeMS: ms(maxDowntimeOf(l)),
+			BudgetMS: ms(l.Budget), DowntimeLimitMS: ms(l.DowntimeLimit)}
 	}
 	return nil
+}
+
+// maxDowntimeOf is the maximum downtime in force (0 means the default).
+func maxDowntimeOf(l *engine.Limits) time.Duration {
+	if l.MaxDowntime == 0 {
+		return defaultMaxDowntime
+	}
+	return l.MaxDowntime
 }
 
 // jsonResultOf builds the result line. r is never nil (see resultOf).

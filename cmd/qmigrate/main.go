@@ -4,6 +4,8 @@
 // Usage:
 //
 //	qmigrate migrate --src ADDR --dst ADDR --uri URI [flags]
+//	qmigrate adopt --src ADDR --dst ADDR --uri URI [flags]
+//	qmigrate status --src ADDR [--dst ADDR] [--json]
 //	qmigrate check --src ADDR --dst ADDR [flags]
 //	qmigrate demo [flags]
 //	qmigrate version
@@ -16,6 +18,14 @@
 // terminal, plain log lines otherwise, or one JSON object per line with
 // --json (the last one the result); "qmigrate migrate --help" documents every
 // flag, the JSON lines and the exit statuses.
+//
+// "qmigrate adopt" takes over a migration another qmigrate process left in
+// flight between the two QEMUs (engine.Adopt) and brings it to an end, with
+// migrate's flags, output and exit statuses (2 when there is nothing to
+// adopt). "qmigrate status" shows, read-only, each QEMU's run state,
+// migration status and statistics, and the leftovers qmigrate recognises as
+// its own; it exits 0 once it read them, 2 on bad usage or an unreachable
+// QEMU.
 //
 // "qmigrate check" runs every preflight check (package preflight) on the two
 // QEMUs without changing anything, prints a table (or JSON lines with
@@ -117,6 +127,13 @@ Usage:
   qmigrate migrate --src ADDR --dst ADDR --uri URI [flags]
                                migrate the guest of the source QEMU to a
                                destination QEMU started with -incoming defer
+  qmigrate adopt --src ADDR --dst ADDR --uri URI [flags]
+                               take over a migration another qmigrate process
+                               left in flight (killed, crashed, upgraded) and
+                               bring it to an end (exit 2: nothing to adopt)
+  qmigrate status --src ADDR [--dst ADDR] [--json]
+                               show, changing nothing, what each QEMU is doing:
+                               run state, migration, what qmigrate left on it
   qmigrate check --src ADDR --dst ADDR [flags]
                                check, changing nothing, whether the migration
                                can run; list every reason why not (exit 0 it
@@ -143,6 +160,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	switch cmd, rest := args[0], args[1:]; cmd {
 	case "migrate":
 		return runMigrate(ctx, rest, stdout, stderr)
+	case "adopt":
+		return runAdopt(ctx, rest, stdout, stderr)
+	case "status":
+		return runStatus(ctx, rest, stdout, stderr)
 	case "check":
 		return runCheck(ctx, rest, stdout, stderr)
 	case "demo":
@@ -161,7 +182,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		if len(rest) == 1 {
 			switch rest[0] {
-			case "migrate", "check", "demo":
+			case "migrate", "adopt", "status", "check", "demo":
 				return run(ctx, []string{rest[0], "--help"}, stdout, stderr)
 			case "help", "version":
 			default:

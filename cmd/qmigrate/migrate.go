@@ -251,6 +251,11 @@ JSON OUTPUT (--json)
         "remedy" is what would have finished the migration; "error" says why
         applying it failed
     {"type":"disk","node","job","done_bytes","total_bytes","rate_bps","ready"}
+    {"type":"limits","elapsed_ms","bandwidth_bps","max_downtime_ms","budget_ms",
+     "downtime_limit_ms"}
+        the limits in force changed mid-flight (through engine.Job's
+        SetBandwidth, SetMaxDowntime, SetBudget); bandwidth_bps 0 is
+        unlimited, budget_ms 0 none
   The last line is always the result, whatever happened, even for bad usage
   or an address that cannot be reached (then status is "failed"):
     {"type":"result","status","total_ms","downtime_ms"[,"max_downtime_ms",
@@ -370,32 +375,58 @@ func usageFailure(stdout, stderr io.Writer, cmd string, jsonOut bool, err error)
 }
 
 func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	return runMigration(ctx, migrateCommand, args, stdout, stderr)
+}
+
+// migrationCommand is what sets migrate and adopt apart: they share the
+// flags, the output, the JSON lines and the exit statuses.
+type migrationCommand struct {
+	name             string
+	usage, usageTail string
+	// opening is the first message, once both QEMUs are connected.
+	opening func(o *migrateOptions, cfg engine.Config) string
+	// run runs the migration to its end.
+	run func(ctx context.Context, cfg engine.Config) (*engine.Result, error)
+}
+
+var migrateCommand = migrationCommand{
+	name: "migrate", usage: migrateUsage, usageTail: migrateUsageTail,
+	opening: func(o *migrateOptions, cfg engine.Config) string {
+		return fmt.Sprintf("migrating %s -> %s over %s%s (policy %s, max downtime %s, bandwidth %s)", o.src, o.dst, o.uri,
+			o.tls.describe(), cfg.Strategy.Policy, formatDuration(cfg.Strategy.Limits.MaxDowntime), o.bandwidth.rate())
+	},
+	run: engine.Migrate,
+}
+
+// runMigration runs migrate or adopt.
+func runMigration(ctx context.Context, c migrationCommand, args []string, stdout, stderr io.Writer) int {
 	var o migrateOptions
 	fs := o.flagSet()
+	fs.Init("qmigrate "+c.name, flag.ContinueOnError)
 	if err := parseFlags(fs, args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			fmt.Fprint(stdout, migrateUsage)
+			fmt.Fprint(stdout, c.usage)
 			printFlags(stdout, fs, migrateFlagOrder())
-			fmt.Fprint(stdout, migrateUsageTail)
+			fmt.Fprint(stdout, c.usageTail)
 			return exitOK
 		}
-		return usageFailure(stdout, stderr, "migrate", wantsJSON(args), err)
+		return usageFailure(stdout, stderr, c.name, wantsJSON(args), err)
 	}
 	cfg, err := o.config()
 	if err != nil {
-		return usageFailure(stdout, stderr, "migrate", o.jsonOut, &usageError{msg: err.Error()})
+		return usageFailure(stdout, stderr, c.name, o.jsonOut, &usageError{msg: err.Error()})
 	}
 	log := o.logger(stderr)
 	cfg.Logger = log
 	r := newRenderer(o.jsonOut, o.verbose, stdout, stderr)
 	if err := cfg.Validate(); err != nil {
-		return usageFailure(stdout, stderr, "migrate", o.jsonOut, err)
+		return usageFailure(stdout, stderr, c.name, o.jsonOut, err)
 	}
 	var observe func(engine.Event) // the metrics', with --metrics-addr
 	if o.metricsAddr != "" {
 		ms, err := serveMetrics(o.metricsAddr)
 		if err != nil {
-			return usageFailure(stdout, stderr, "migrate", o.jsonOut, err)
+			return usageFailure(stdout, stderr, c.name, o.jsonOut, err)
 		}
 		defer ms.close()
 		observe = ms.collector.Observe(o.src)
@@ -418,9 +449,8 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) in
 			observe(ev)
 		}
 	}
-	g.Message(fmt.Sprintf("migrating %s -> %s over %s%s (policy %s, max downtime %s, bandwidth %s)", o.src, o.dst, o.uri,
-		o.tls.describe(), cfg.Strategy.Policy, formatDuration(cfg.Strategy.Limits.MaxDowntime), o.bandwidth.rate()))
-	res, err := engine.Migrate(ctx, cfg)
+	g.Message(c.opening(&o, cfg))
+	res, err := c.run(ctx, cfg)
 	if cerr := o.connectFailure(err, bound); cerr != nil {
 		cres := resultOf(nil, cerr)
 		cres.Total = res.Total
@@ -633,9 +663,9 @@ func pathHint(k engine.PathKind) string {
 
 // connectGate holds back what is shown (the opening message, the prepare
 // phase) until the engine connected to both QEMUs: the first event after
-// the prepare phase's, or a result that is not a failure to connect. A
-// migration that cannot connect shows nothing but its error, as one that
-// never started.
+// the prepare phase's, or a result that is not a failure to connect (nor
+// adopt's refusal of a pair with nothing to adopt). A migration that cannot
+// connect shows nothing but its error, as one that never started.
 type connectGate struct {
 	r    renderer
 	held []func()
@@ -650,7 +680,7 @@ func (g *connectGate) Event(ev engine.Event) {
 	case ev.Kind == engine.EventPhase && ev.Phase == engine.PhasePrepare:
 		g.hold(func() { g.r.Event(ev) })
 		return
-	case ev.Kind == engine.EventResult && ev.Result != nil && isConnectFailure(ev.Result.Err):
+	case ev.Kind == engine.EventResult && ev.Result != nil && (isConnectFailure(ev.Result.Err) || isAdoptRefusal(ev.Result.Err)):
 		g.held = nil
 		return
 	default:
@@ -673,6 +703,12 @@ func (g *connectGate) flush() {
 		f()
 	}
 	g.held = nil
+}
+
+// isAdoptRefusal reports whether err is Adopt refusing a pair it has
+// nothing to do on: it changed nothing, so nothing is shown but the error.
+func isAdoptRefusal(err error) bool {
+	return errors.Is(err, engine.ErrNothingToAdopt) || errors.Is(err, engine.ErrNotOurs)
 }
 
 // isConnectFailure reports whether err is the engine failing to connect.

@@ -61,6 +61,8 @@ func sampleRun() ([]engine.Event, *engine.Result) {
 		stats(1200*time.Millisecond, "active", 1, 20<<20, 130<<20, 0, 104857600, 0, 0),
 		stats(1400*time.Millisecond, "active", 1, 40<<20, 110<<20, 0, 104857600.6, 0, 0),
 		{Kind: engine.EventDecision, Elapsed: 2100 * time.Millisecond, Decision: &setDowntime},
+		{Kind: engine.EventLimits, Elapsed: 3000 * time.Millisecond, Limits: &engine.Limits{Bandwidth: 1 << 30,
+			MaxDowntime: 800 * time.Millisecond, Budget: 2 * time.Minute, DowntimeLimit: 500 * time.Millisecond}},
 		stats(3300*time.Millisecond, "active", 3, 180<<20, 60<<20, 325058560, 209715200, 290*time.Millisecond, 0),
 		{Kind: engine.EventDecision, Elapsed: 4200 * time.Millisecond, Decision: &throttle, DecisionErr: errors.New("qmp: migrate-set-parameters: Parameter 'cpu-throttle-initial' expects an integer (GenericError)")},
 		stats(4400*time.Millisecond, "active", 4, 230<<20, 10<<20, 52428800, 209715200, 50*time.Millisecond, 40),
@@ -73,6 +75,21 @@ func sampleRun() ([]engine.Event, *engine.Result) {
 		TransferredBytes: 240 << 20, Decisions: []strategy.Decision{setDowntime, throttle}}
 	events = append(events, engine.Event{Kind: engine.EventResult, Elapsed: 4712 * time.Millisecond, Result: res})
 	return events, res
+}
+
+// A limit changed mid-flight (engine.EventLimits) is a "limits" line with
+// every field; an unlimited bandwidth and the default maximum downtime are
+// written as the help says (0, 300).
+func TestJSONLimitsLine(t *testing.T) {
+	var out bytes.Buffer
+	r := newJSONRenderer(&out)
+	r.Event(engine.Event{Kind: engine.EventLimits, Elapsed: 1500 * time.Millisecond,
+		Limits: &engine.Limits{Bandwidth: engine.UnlimitedBandwidth, DowntimeLimit: 100 * time.Millisecond}})
+	r.Event(engine.Event{Kind: engine.EventLimits}) // no Limits: no line
+	var m map[string]any
+	require.NoError(t, json.Unmarshal(out.Bytes(), &m), out.String())
+	assert.Equal(t, map[string]any{"type": "limits", "elapsed_ms": 1500.0, "bandwidth_bps": 0.0, "max_downtime_ms": 300.0,
+		"budget_ms": 0.0, "downtime_limit_ms": 100.0}, m)
 }
 
 func failedResult() *engine.Result {
@@ -205,11 +222,12 @@ func TestTermRendererDraws(t *testing.T) {
 			assert.Regexp(t, `^(prepare|start|converge|switchover|complete) `, l)
 		}
 	}
-	require.Len(t, above, 4, got)
+	require.Len(t, above, 5, got)
 	assert.Equal(t, "migrating a -> b", above[0])
 	assert.Contains(t, above[1], "disk disk0 (qmigrate-mirror-disk0)")
 	assert.Contains(t, above[2], "downtime limit 500ms")
-	assert.Contains(t, above[3], "decision set-throttle")
+	assert.Contains(t, above[3], "limits now: bandwidth 1.00 GiB/s, max downtime 800ms, budget 2m0s")
+	assert.Contains(t, above[4], "decision set-throttle")
 	assert.Positive(t, live, "the live line was drawn at least once")
 
 	// Nothing started: no live line and no summary (the error on stderr

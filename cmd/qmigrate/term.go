@@ -292,6 +292,10 @@ func (s *liveState) apply(ev engine.Event) (above string) {
 			s.decisions++
 			above = formatElapsed(ev.Elapsed) + " " + describeDecision(*ev.Decision, ev.DecisionErr, false)
 		}
+	case engine.EventLimits:
+		if ev.Limits != nil {
+			above = formatElapsed(ev.Elapsed) + " " + describeLimits(ev.Limits)
+		}
 	case engine.EventDisk:
 		if p := ev.Disk; p != nil {
 			s.disk = p
@@ -422,6 +426,10 @@ func (r *plainRenderer) Event(ev engine.Event) {
 	case engine.EventDecision:
 		if ev.Decision != nil {
 			fmt.Fprintf(r.w, "%s %s\n", at, describeDecision(*ev.Decision, ev.DecisionErr, r.verbose))
+		}
+	case engine.EventLimits:
+		if ev.Limits != nil {
+			fmt.Fprintf(r.w, "%s %s\n", at, describeLimits(ev.Limits))
 		}
 	case engine.EventDisk:
 		p := ev.Disk
