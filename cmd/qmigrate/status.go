@@ -20,6 +20,7 @@ type statusOptions struct {
 	src, dst       string
 	connectTimeout duration
 	jsonOut        bool
+	qmp            qmpOptions
 }
 
 func (o *statusOptions) flagSet() *flag.FlagSet {
@@ -30,6 +31,7 @@ func (o *statusOptions) flagSet() *flag.FlagSet {
 	fs.StringVar(&o.dst, "dst", "", "QMP socket `ADDR` of the destination QEMU: unix:/path or tcp:host:port (optional)")
 	fs.Var(&o.connectTimeout, "connect-timeout", "bound on connecting to each QMP socket and on every answer, a `duration`")
 	fs.BoolVar(&o.jsonOut, "json", false, "write one JSON object per line on stdout (see JSON OUTPUT below)")
+	o.qmp.register(fs)
 	return fs
 }
 
@@ -210,7 +212,7 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	if err := parseFlags(fs, args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fmt.Fprint(stdout, statusUsage)
-			printFlags(stdout, fs, []string{"src", "dst", "connect-timeout", "json"})
+			printFlags(stdout, fs, []string{"src", "dst", "connect-timeout", "qmp-tls-x509", "insecure-qmp", "json"})
 			fmt.Fprint(stdout, statusUsageTail)
 			return exitOK
 		}
@@ -221,7 +223,9 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	if err != nil {
 		return fail(o.jsonOut, &usageError{msg: err.Error()})
 	}
-	cfg.Source = engine.Endpoint{Address: src}
+	if cfg.Source, err = o.qmp.endpoint("--src", o.src, src); err != nil {
+		return fail(o.jsonOut, &usageError{msg: err.Error()})
+	}
 	if o.dst != "" {
 		dst, err := checkAddress("--dst", o.dst)
 		if err != nil {
@@ -230,7 +234,9 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		if qmp.SameSocket(src, dst) {
 			return fail(o.jsonOut, &usageError{msg: fmt.Sprintf("--src and --dst are the same socket (%q, %q)", o.src, o.dst)})
 		}
-		cfg.Destination = engine.Endpoint{Address: dst}
+		if cfg.Destination, err = o.qmp.endpoint("--dst", o.dst, dst); err != nil {
+			return fail(o.jsonOut, &usageError{msg: err.Error()})
+		}
 	}
 	if o.connectTimeout == 0 {
 		return fail(o.jsonOut, &usageError{msg: "--connect-timeout must be more than 0"})
