@@ -380,3 +380,77 @@ func TestPlanErrors(t *testing.T) {
 		assert.Equal(t, c.field, pe.Field, err.Error())
 	}
 }
+
+// A guest lost in postcopy (its destination died) is never retried, even
+// with retries left and a fresh destination at hand, and its Result comes
+// first.
+func TestUnknownStateNotRetriedReportedFirst(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ok := newVM(t, "ok", "h1", "h2", qemutest.Options{RAM: 64 << 20})
+		lost := newVM(t, "lost", "h1", "h2", qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20, PostcopyRate: 10 << 20})
+		lost.m.Config.Strategy.Limits.Budget = 3 * time.Second
+		lost.m.Config.Strategy.Limits.AllowPostcopy = true
+		var once sync.Once
+		asked := 0
+		rep, err := fleet.Run(t.Context(), fleet.Plan{
+			Migrations: migrations([]*vm{ok, lost}),
+			Retries:    3,
+			NewDestination: func(context.Context, fleet.Migration, int) (fleet.Target, error) {
+				asked++
+				return fleet.Target{}, fmt.Errorf("not expected")
+			},
+			Observer: func(ev fleet.Event) {
+				if ev.Name == "lost" && ev.Kind == fleet.EventEngine && ev.Engine.Kind == engine.EventStats &&
+					ev.Engine.Stats.Status == string(qmp.StatusPostcopyActive) {
+					once.Do(func() { go lost.pair.KillDst() })
+				}
+			},
+		})
+		require.NoError(t, err)
+		assert.Zero(t, asked, "no retry of a lost guest")
+		r := rep.Results[0]
+		assert.Equal(t, "lost", r.Name)
+		assert.Equal(t, fleet.Unknown, r.Outcome)
+		assert.ErrorIs(t, r.Err, engine.ErrPostcopyFailed)
+		assert.Equal(t, 1, r.Attempts)
+		assert.Equal(t, fleet.Completed, rep.Results[1].Outcome)
+		assert.Equal(t, 1, rep.Summary.Unknown)
+		assert.Equal(t, 1, rep.Summary.Completed)
+	})
+}
+
+// The in-process limiter takes every slot or none, and gives it back once.
+func TestLocalLimiter(t *testing.T) {
+	l := fleet.NewLimiter(fleet.Limits{MaxParallel: 3, MaxPerSource: 2, MaxPerDestination: 2})
+	ctx := t.Context()
+	r1, err := l.TryAcquire(ctx, fleet.Slot{Name: "1", Source: "a", Destination: "x"})
+	require.NoError(t, err)
+	require.NotNil(t, r1)
+	r2, _ := l.TryAcquire(ctx, fleet.Slot{Name: "2", Source: "a", Destination: "y"})
+	require.NotNil(t, r2)
+	r3, _ := l.TryAcquire(ctx, fleet.Slot{Name: "3", Source: "a", Destination: "z"})
+	assert.Nil(t, r3, "source a full")
+	r4, _ := l.TryAcquire(ctx, fleet.Slot{Name: "4", Source: "b", Destination: "x"})
+	require.NotNil(t, r4)
+	r5, _ := l.TryAcquire(ctx, fleet.Slot{Name: "5", Source: "c", Destination: "z"})
+	assert.Nil(t, r5, "3 in flight")
+	assert.Equal(t, 3, l.InFlight())
+	freed := l.Freed()
+	r1()
+	r1() // twice: once
+	select {
+	case <-freed:
+	default:
+		t.Fatal("Freed not signalled")
+	}
+	assert.Equal(t, 2, l.InFlight())
+	r6, _ := l.TryAcquire(ctx, fleet.Slot{Name: "6", Source: "b", Destination: "x"})
+	require.NotNil(t, r6, "room again in flight, from b and to x")
+	r7, _ := l.TryAcquire(ctx, fleet.Slot{Name: "7", Source: "c", Destination: "x"})
+	assert.Nil(t, r7, "destination x full")
+	r2()
+	r8, _ := l.TryAcquire(ctx, fleet.Slot{Name: "8", Source: "c", Destination: "x"})
+	assert.Nil(t, r8, "destination x still full")
+	r9, _ := l.TryAcquire(ctx, fleet.Slot{Name: "9", Source: "a", Destination: "y"})
+	assert.NotNil(t, r9)
+}
