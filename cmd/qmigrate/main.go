@@ -4,6 +4,7 @@
 // Usage:
 //
 //	qmigrate migrate --src ADDR --dst ADDR --uri URI [flags]
+//	qmigrate evacuate --plan FILE [flags]
 //	qmigrate demo [flags]
 //	qmigrate version
 //	qmigrate help [COMMAND]
@@ -111,13 +112,17 @@ Usage:
   qmigrate migrate --src ADDR --dst ADDR --uri URI [flags]
                                migrate the guest of the source QEMU to a
                                destination QEMU started with -incoming defer
+  qmigrate evacuate --plan FILE [flags]
+                               run the migrations of a plan at once under shared
+                               limits (in flight, per host, bandwidth per host)
   qmigrate demo [flags]        start two local QEMUs with a small embedded guest,
                                migrate it live and verify it on the destination
   qmigrate version             print the version
   qmigrate help [COMMAND]      show help (same as COMMAND --help)
 
 Exit status: 0 completed (the guest runs on the destination), 1 failed, aborted
-or cancelled (the guest runs on the source), 2 bad usage or bad input.
+or cancelled (the guest runs on the source), 2 bad usage or bad input; evacuate
+also 3: some guest's state is unknown or lost.
 
 Run 'qmigrate COMMAND --help' for the flags of a command. Without a command,
 qmigrate prints this on stderr and exits 2.
@@ -135,6 +140,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return runMigrate(ctx, rest, stdout, stderr)
 	case "demo":
 		return runDemo(ctx, rest, stdout, stderr)
+	case "evacuate":
+		return runEvacuate(ctx, rest, stdout, stderr)
 	case "version", "-version", "--version":
 		if len(rest) > 0 {
 			fmt.Fprintf(stderr, "qmigrate version: unexpected argument %q\n", rest[0])
@@ -149,7 +156,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		if len(rest) == 1 {
 			switch rest[0] {
-			case "migrate", "demo":
+			case "migrate", "demo", "evacuate":
 				return run(ctx, []string{rest[0], "--help"}, stdout, stderr)
 			case "help", "version":
 			default:
