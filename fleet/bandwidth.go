@@ -10,17 +10,18 @@ import (
 )
 
 // hostBudget shares one source host's bandwidth budget among the
-// migrations running from it. Its lock is held through an admission
-// (lowering the others, then starting the new migration with its share)
-// and through a re-split, so the shares change one step at a time: the
-// ones that go down first (each SetBandwidth returns once the source QEMU
-// has the new value), then the ones that go up. The sum of what the
-// sources were told never exceeds the budget.
+// migrations running from it. Shares change one step at a time, under its
+// lock: the ones that go down first (each SetBandwidth returns once the
+// source QEMU has the new value), then the ones that go up, so the sum of
+// what the sources were told never exceeds the budget. A migration that is
+// starting (engine.Start has not returned: it may be mirroring its disks)
+// keeps the share it started with until it runs, counted in the sum; the
+// lock is not held meanwhile.
 type hostBudget struct {
 	mu      sync.Mutex
 	budget  uint64
 	members map[*item]*share
-	left    chan struct{} // closed when a member leaves
+	changed chan struct{} // closed when a member leaves or starts running
 }
 
 // share is one migration's part of a host's budget.
@@ -32,13 +33,13 @@ type share struct {
 }
 
 func newHostBudget(budget uint64) *hostBudget {
-	return &hostBudget{budget: budget, members: map[*item]*share{}, left: make(chan struct{})}
+	return &hostBudget{budget: budget, members: map[*item]*share{}, changed: make(chan struct{})}
 }
 
-// admit adds it to the host and returns its share, with the lock held:
-// started must follow. When the others' shares cannot be lowered enough to
-// leave it any (a source that refused the change), it waits for one of
-// them to leave.
+// admit adds it to the host and returns its share; started must follow.
+// When the others' shares cannot be lowered enough to leave it any (one
+// still starting, or a source that refused the change), it waits for one
+// of them to leave or to run.
 func (h *hostBudget) admit(ctx context.Context, it *item, cap uint64) (uint64, error) {
 	for {
 		h.mu.Lock()
@@ -55,30 +56,35 @@ func (h *hostBudget) admit(ctx context.Context, it *item, cap uint64) (uint64, e
 		if used < h.budget {
 			me.alloc = min(targets[it], h.budget-used)
 			if me.alloc > 0 {
+				h.mu.Unlock()
 				return me.alloc, nil
 			}
 		}
 		delete(h.members, it)
-		left := h.left
+		changed := h.changed
 		h.mu.Unlock()
 		select {
-		case <-left:
+		case <-changed:
 		case <-ctx.Done():
 			return 0, ctx.Err()
 		}
 	}
 }
 
-// started records the job admit's member got (nil when it did not start:
-// it leaves, and the others get its share) and releases the lock.
-func (h *hostBudget) started(it *item, job *engine.Job) {
+// started records the job admit's member got, or its leaving when it did
+// not start (job nil), and splits the budget again.
+func (h *hostBudget) started(it *item, job *engine.Job, resplit bool) {
+	h.mu.Lock()
 	defer h.mu.Unlock()
 	if job == nil {
 		h.remove(it)
-		h.resplit()
-		return
+	} else if s := h.members[it]; s != nil {
+		s.job = job
+		h.signal()
 	}
-	h.members[it].job = job
+	if resplit {
+		h.resplit()
+	}
 }
 
 // leave removes a member whose job ended; with resplit the others get
@@ -97,8 +103,12 @@ func (h *hostBudget) remove(it *item) {
 		return
 	}
 	delete(h.members, it)
-	close(h.left)
-	h.left = make(chan struct{})
+	h.signal()
+}
+
+func (h *hostBudget) signal() {
+	close(h.changed)
+	h.changed = make(chan struct{})
 }
 
 func (h *hostBudget) resplit() {
@@ -147,21 +157,51 @@ func (h *hostBudget) split() map[*item]uint64 {
 // lower sets every running member above its target to the target, all at
 // once, and returns when each source QEMU has it (or refused it).
 func (h *hostBudget) lower(targets map[*item]uint64) {
-	h.each(targets, func(s *share, t uint64) bool { return t < s.alloc })
-}
-
-// raise sets every running member below its target to the target.
-func (h *hostBudget) raise(targets map[*item]uint64) {
-	h.each(targets, func(s *share, t uint64) bool { return t > s.alloc })
-}
-
-func (h *hostBudget) each(targets map[*item]uint64, want func(*share, uint64) bool) {
-	var wg sync.WaitGroup
+	set := map[*share]uint64{}
 	for it, s := range h.members {
+		if t, ok := targets[it]; ok && s.job != nil && !s.gone && t > 0 && t < s.alloc {
+			set[s] = t
+		}
+	}
+	h.apply(set)
+}
+
+// raise sets every running member below its target to the target, as far
+// as the budget allows: a member still starting may hold more than its
+// target until it runs, and that is not handed out twice.
+func (h *hostBudget) raise(targets map[*item]uint64) {
+	var used uint64
+	for _, s := range h.members {
+		used += s.alloc
+	}
+	free := uint64(0)
+	if used < h.budget {
+		free = h.budget - used
+	}
+	set := map[*share]uint64{}
+	its := make([]*item, 0, len(h.members))
+	for it := range h.members {
+		its = append(its, it)
+	}
+	slices.SortFunc(its, func(a, b *item) int { return a.idx - b.idx })
+	for _, it := range its {
+		s := h.members[it]
 		t, ok := targets[it]
-		if s.job == nil || s.gone || !ok || t == 0 || !want(s, t) {
+		if !ok || s.job == nil || s.gone || t <= s.alloc || free == 0 {
 			continue
 		}
+		n := min(t, s.alloc+free)
+		free -= n - s.alloc
+		set[s] = n
+	}
+	h.apply(set)
+}
+
+// apply sets the members' bandwidth, all at once, and returns when each
+// source QEMU has it (or refused it).
+func (h *hostBudget) apply(set map[*share]uint64) {
+	var wg sync.WaitGroup
+	for s, t := range set {
 		wg.Go(func() {
 			err := s.job.SetBandwidth(t)
 			switch {

@@ -208,7 +208,7 @@ func (f *fleet) attempt(ctx context.Context, it *item, release func()) {
 		SourceHost: it.m.SourceHost, DestinationHost: it.m.DestinationHost})
 	job, err := engine.Start(ctx, cfg)
 	if hb != nil {
-		hb.started(it, job)
+		hb.started(it, job, ctx.Err() == nil)
 	}
 	if job != nil {
 		var res engine.Result

@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/fleet"
 	"github.com/qmigrate/qmigrate/qemutest"
@@ -453,4 +454,28 @@ func TestLocalLimiter(t *testing.T) {
 	assert.Nil(t, r8, "destination x still full")
 	r9, _ := l.TryAcquire(ctx, fleet.Slot{Name: "9", Source: "a", Destination: "y"})
 	assert.NotNil(t, r9)
+}
+
+// A migration still starting (mirroring its disk inside engine.Start)
+// keeps the share it started with; when a neighbour ends, the others are
+// raised only as far as the budget allows with that share counted, never
+// to a sum above the budget. Once it runs, it is split like the others.
+func TestBandwidthStartingShareCounted(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		lim := fleet.Limits{HostBandwidth: map[string]uint64{"h": 64 << 20}}
+		a := newVM(t, "a", "h", "x", qemutest.Options{RAM: 32 << 20})
+		s := newVM(t, "s", "h", "x", qemutest.Options{RAM: 32 << 20, Disk: 64 << 20, MirrorRate: 16 << 20})
+		s.m.Config.Storage = &blockmirror.Config{}
+		d := newVM(t, "d", "h", "x", qemutest.Options{RAM: 256 << 20})
+		e := newVM(t, "e", "h", "x", qemutest.Options{RAM: 256 << 20})
+		vms := []*vm{a, s, d, e}
+		w := newWatcher(t, lim, vms)
+		ctx, stop := context.WithCancel(t.Context())
+		go w.sample(ctx)
+		rep, err := fleet.Run(t.Context(), fleet.Plan{Migrations: migrations(vms), Limits: lim, Observer: w.observe})
+		stop()
+		require.NoError(t, err)
+		assert.Equal(t, 4, rep.Summary.Completed, "%+v", rep.Results)
+		assert.Positive(t, w.raises)
+	})
 }
