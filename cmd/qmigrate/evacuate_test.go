@@ -1,11 +1,14 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -231,4 +234,51 @@ func TestFleetExitCode(t *testing.T) {
 	code, unknown := fleetExitCode(rep)
 	assert.Equal(t, exitUnknown, code)
 	assert.Equal(t, []string{"c"}, unknown)
+}
+
+// cancelOn is stdout that cancels the command once a line contains want.
+type cancelOn struct {
+	mu     sync.Mutex
+	buf    bytes.Buffer
+	want   string
+	cancel context.CancelFunc
+}
+
+func (w *cancelOn) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if bytes.Contains(p, []byte(w.want)) {
+		w.cancel()
+	}
+	return w.buf.Write(p)
+}
+
+// Cancelled (SIGINT) mid-fleet: the running migration rolls back, the
+// queued ones never start, every guest is on its source; exit 1.
+func TestEvacuateCancelled(t *testing.T) {
+	path, pairs := fakeGuests(t, 3, "limits: {max_parallel: 1}", func(int) qemutest.Options {
+		return qemutest.Options{RAM: 256 << 20, Throughput: 32 << 20}
+	})
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	out := &cancelOn{want: `"phase":"converge"`, cancel: cancel}
+	var errb bytes.Buffer
+	code := run(ctx, []string{"evacuate", "--plan", path, "--json"}, out, &errb)
+	assert.Equal(t, exitFailed, code, errb.String())
+	lines := jsonLines(t, out.buf.String())
+	outcomes := map[string]string{}
+	for _, l := range lines {
+		if l["type"] == "result" {
+			outcomes[l["name"].(string)] = l["outcome"].(string)
+		}
+	}
+	assert.Equal(t, map[string]string{"vm0": "rolled-back", "vm1": "not-started", "vm2": "not-started"}, outcomes)
+	last := lines[len(lines)-1]
+	assert.Equal(t, "fleet", last["type"])
+	assert.EqualValues(t, 1, last["rolled_back"])
+	assert.EqualValues(t, 2, last["not_started"])
+	for i, p := range pairs {
+		assert.Equal(t, "running", p.SrcRunState(), "vm%d", i)
+		assert.NotEqual(t, "running", p.DstRunState(), "vm%d", i)
+	}
 }
