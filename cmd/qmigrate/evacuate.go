@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 
@@ -237,17 +238,8 @@ func budgetText(m map[string]uint64) string {
 	for h, bw := range m {
 		parts = append(parts, h+" "+formatBytes(bw)+"/s")
 	}
-	return ", bandwidth " + strings.Join(sortedStrings(parts), ", ")
-}
-
-func sortedStrings(s []string) []string {
-	out := append([]string(nil), s...)
-	for i := 1; i < len(out); i++ {
-		for j := i; j > 0 && out[j] < out[j-1]; j-- {
-			out[j], out[j-1] = out[j-1], out[j]
-		}
-	}
-	return out
+	slices.Sort(parts)
+	return ", bandwidth " + strings.Join(parts, ", ")
 }
 
 // fleetDisplay shows a fleet as it runs. The fleet serialises the events.

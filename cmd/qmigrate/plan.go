@@ -205,7 +205,7 @@ func yamlKeys(t reflect.Type) []string {
 	return keys
 }
 
-// planOptions builds the fleet plan from a plan file, the settings of the
+// buildPlan builds the fleet plan from a plan file, the settings of the
 // command line (cli: migrate flags, as given) and the limits' flags.
 // Precedence, lowest first: the plan's defaults, the command line, the
 // migration's own keys.
