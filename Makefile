@@ -29,10 +29,13 @@ vet:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$out" ]; then echo "gofmt wants to rewrite: $$out"; exit 1; fi
 	$(GO) vet ./...
+	cd fleet/etcdlimit && $(GO) vet ./...
 
-# Unit tests (fakes, no QEMU) with the race detector.
+# Unit tests (fakes, no QEMU) with the race detector; fleet/etcdlimit is a
+# module of its own, tested against a real etcd it starts (setup installs it).
 unit:
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /integration)
+	cd fleet/etcdlimit && $(GO) test -race -count=1 ./...
 
 integration: integration-7.2 integration-10.0
 

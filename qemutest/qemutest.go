@@ -407,6 +407,37 @@ func (p *Pair) KillDst() {
 	p.Dst.CloseConns()
 }
 
+// RestartDst starts the destination QEMU again, as a manager retrying a
+// failed migration on a fresh destination does: the old one's connections
+// close (if it had not exited already) and a new one waits as a new
+// process would (Options.DstRunState, QEMU's default capabilities and
+// parameters, no objects, its disks as at New), on the same monitor:
+// connect to it again with Dst.Client or its unix socket. Call it once the
+// source's migration has ended (failed or cancelled).
+func (p *Pair) RestartDst() {
+	p.Dst.CloseConns()
+	p.fmu.Lock()
+	if ch := p.frozen[Destination]; ch != nil {
+		close(ch)
+		p.frozen[Destination] = nil
+	}
+	p.fmu.Unlock()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.dstExitPending = false
+	m := &p.mig
+	m.dstDead, m.listening, m.sockAddr, m.dstStatus = false, false, nil, qmp.StatusNone
+	m.dstHeld, m.continued, m.wantPost, m.lateCancel, m.errDesc = false, false, false, false, ""
+	q := p.Dst
+	q.run, q.params, q.objects, q.stops = p.opt.DstRunState, defaultParams(), map[string]map[string]any{}, 0
+	for c := range q.caps {
+		q.caps[c] = false
+	}
+	if q.block != nil {
+		q.block = newBlockLayer(p.opt.DstDisks)
+	}
+}
+
 // DstGone reports whether the destination QEMU exited.
 func (p *Pair) DstGone() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.mig.dstDead }
 

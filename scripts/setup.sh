@@ -7,7 +7,8 @@
 #   - QEMU 10.0 from bookworm-backports, unpacked (dpkg -x) into $CACHE/qemu-10.0, NOT installed
 #   - Debian's cloud kernel (vmlinuz + the virtio modules the Linux guest needs) in $CACHE/kernel
 #   - gcc/binutils (boot-sector guest) and iproute2 (two-host network)
-#   - the Go modules of this repository (go mod download)
+#   - etcd (Debian's etcd-server) for fleet/etcdlimit's tests
+#   - the Go modules of this repository and of fleet/etcdlimit (go mod download)
 # and writes these env files (KEY=VALUE lines, no quoting, safe to `source` or parse):
 #   $CACHE/qemu-7.2.env   $CACHE/qemu-10.0.env   QMIGRATE_QEMU, QMIGRATE_QEMU_FIRMWARE, QMIGRATE_QEMU_IMG
 #   $CACHE/kernel.env                            QMIGRATE_KERNEL, QMIGRATE_KMOD_DIR
@@ -84,6 +85,9 @@ apt_install "qemu-system-x86_64 qemu-img" qemu-system-x86 qemu-utils
 apt_install "gcc as ld objcopy" gcc binutils libc6-dev
 apt_install "ip tc" iproute2
 apt_install "xz" xz-utils
+# etcd for fleet/etcdlimit's tests (each test starts its own server on loopback;
+# the package's service is not needed).
+apt_install "etcd" etcd-server
 
 # ---------------------------------------------------------------- QEMU 7.2 (installed)
 write_env() { # file, then KEY=VALUE lines
@@ -199,6 +203,7 @@ else
 	die "go is not on PATH"
 fi
 (cd "$REPO" && run "$GO" mod download)
+(cd "$REPO/fleet/etcdlimit" && run "$GO" mod download)
 
 END=$(date +%s%N)
 if [[ "$DRY" != 1 ]]; then

@@ -7,6 +7,7 @@
 //	qmigrate adopt --src ADDR --dst ADDR --uri URI [flags]
 //	qmigrate status --src ADDR [--dst ADDR] [--json]
 //	qmigrate check --src ADDR --dst ADDR [flags]
+//	qmigrate evacuate --plan FILE [flags]
 //	qmigrate demo [flags]
 //	qmigrate version
 //	qmigrate help [COMMAND]
@@ -138,13 +139,17 @@ Usage:
                                check, changing nothing, whether the migration
                                can run; list every reason why not (exit 0 it
                                can, 1 it cannot, 2 bad usage)
+  qmigrate evacuate --plan FILE [flags]
+                               run the migrations of a plan at once under shared
+                               limits (in flight, per host, bandwidth per host)
   qmigrate demo [flags]        start two local QEMUs with a small embedded guest,
                                migrate it live and verify it on the destination
   qmigrate version             print the version
   qmigrate help [COMMAND]      show help (same as COMMAND --help)
 
 Exit status: 0 completed (the guest runs on the destination), 1 failed, aborted
-or cancelled (the guest runs on the source), 2 bad usage or bad input.
+or cancelled (the guest runs on the source), 2 bad usage or bad input; evacuate
+also 3: some guest's state is unknown or lost.
 
 Run 'qmigrate COMMAND --help' for the flags of a command. Without a command,
 qmigrate prints this on stderr and exits 2.
@@ -168,6 +173,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return runCheck(ctx, rest, stdout, stderr)
 	case "demo":
 		return runDemo(ctx, rest, stdout, stderr)
+	case "evacuate":
+		return runEvacuate(ctx, rest, stdout, stderr)
 	case "version", "-version", "--version":
 		if len(rest) > 0 {
 			fmt.Fprintf(stderr, "qmigrate version: unexpected argument %q\n", rest[0])
@@ -182,7 +189,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		if len(rest) == 1 {
 			switch rest[0] {
-			case "migrate", "adopt", "status", "check", "demo":
+			case "migrate", "adopt", "status", "check", "demo", "evacuate":
 				return run(ctx, []string{rest[0], "--help"}, stdout, stderr)
 			case "help", "version":
 			default:
