@@ -2,6 +2,8 @@ package engine
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"time"
 
 	"github.com/qmigrate/qmigrate/qmp"
@@ -46,12 +48,7 @@ func (r *run) startDirtyRate(ctx context.Context) error {
 	calc := func(args qmp.CalcDirtyRateArgs) error {
 		return r.do(ctx, SideSource, "calc-dirty-rate", func(c context.Context) error { return r.src.CalcDirtyRate(c, args) })
 	}
-	args := qmp.CalcDirtyRateArgs{CalcTime: dirtyRatePeriodMS, CalcTimeUnit: "millisecond", SamplePages: dirtyRateSamplePages}
-	err := calc(args)
-	if qmp.IsUnexpectedArgument(err, "calc-time-unit") {
-		args = qmp.CalcDirtyRateArgs{CalcTime: 1, SamplePages: dirtyRateSamplePages}
-		err = calc(args)
-	}
+	args, err := startCalc(calc, dirtyRatePeriodMS*time.Millisecond)
 	if isUnanswered(err) {
 		return err
 	}
@@ -60,10 +57,7 @@ func (r *run) startDirtyRate(ctx context.Context) error {
 		return nil
 	}
 	r.log.Debug("calc-dirty-rate started", "calc-time", args.CalcTime, "unit", args.CalcTimeUnit)
-	period := time.Duration(args.CalcTime) * time.Second
-	if args.CalcTimeUnit == "millisecond" {
-		period = time.Duration(args.CalcTime) * time.Millisecond
-	}
+	period := calcPeriod(args)
 	r.dirty.measuring, r.dirty.deadline, r.dirty.period = true, time.Now().Add(period+dirtyRateGrace), period
 	return nil
 }
@@ -93,4 +87,82 @@ func (r *run) pollDirtyRate(ctx context.Context) error {
 		r.log.Debug("calc-dirty-rate: no result in time", "status", d.Status)
 	}
 	return nil
+}
+
+// startCalc starts calc-dirty-rate over period (page sampling, the engine's
+// sample count): in milliseconds where QEMU takes them (8.2+), else in whole
+// seconds (at least 1). It returns the arguments QEMU accepted.
+func startCalc(calc func(qmp.CalcDirtyRateArgs) error, period time.Duration) (qmp.CalcDirtyRateArgs, error) {
+	args := qmp.CalcDirtyRateArgs{CalcTime: max(period.Milliseconds(), 1), CalcTimeUnit: "millisecond", SamplePages: dirtyRateSamplePages}
+	err := calc(args)
+	if qmp.IsUnexpectedArgument(err, "calc-time-unit") {
+		args = qmp.CalcDirtyRateArgs{CalcTime: max(int64((period+time.Second-1)/time.Second), 1), SamplePages: dirtyRateSamplePages}
+		err = calc(args)
+	}
+	return args, err
+}
+
+// calcPeriod is the period calc-dirty-rate measures over with args.
+func calcPeriod(args qmp.CalcDirtyRateArgs) time.Duration {
+	if args.CalcTimeUnit == "millisecond" {
+		return time.Duration(args.CalcTime) * time.Millisecond
+	}
+	return time.Duration(args.CalcTime) * time.Second
+}
+
+// ErrNoDirtyRate: the source QEMU gave no dirty-rate measurement (it lacks
+// calc-dirty-rate, refused it, or did not report within the grace).
+var ErrNoDirtyRate = errors.New("engine: no guest dirty-rate measurement")
+
+// DirtyRate is one measurement of the guest's own dirty rate.
+type DirtyRate struct {
+	Rate   float64       // bytes/s: distinct sampled pages written over Period
+	Period time.Duration // what QEMU measured over (7.2 rounds up to whole seconds)
+}
+
+// MeasureDirtyRate measures the guest's dirty rate on c (a source QEMU)
+// as the engine does during a migration (calc-dirty-rate, page sampling),
+// over period, or the next whole second where QEMU takes only seconds
+// (before 8.2). It is read-only for the guest: QEMU hashes sampled pages
+// in a thread of its own and leaves nothing configured. It polls
+// query-dirty-rate every poll (100 ms when 0) until the result, at most
+// the period and dirtyRateGrace. A QEMU that gives none is ErrNoDirtyRate
+// (wrapping its error when it refused).
+func MeasureDirtyRate(ctx context.Context, c *qmp.Client, period, poll time.Duration) (DirtyRate, error) {
+	if poll <= 0 {
+		poll = 100 * time.Millisecond
+	}
+	args, err := startCalc(func(a qmp.CalcDirtyRateArgs) error { return c.CalcDirtyRate(ctx, a) }, period)
+	if err != nil {
+		if ctx.Err() != nil {
+			return DirtyRate{}, err
+		}
+		return DirtyRate{}, fmt.Errorf("%w: calc-dirty-rate: %w", ErrNoDirtyRate, err)
+	}
+	p := calcPeriod(args)
+	deadline := time.NewTimer(p + dirtyRateGrace)
+	defer deadline.Stop()
+	tick := time.NewTicker(poll)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return DirtyRate{}, ctx.Err()
+		case <-deadline.C:
+			return DirtyRate{}, fmt.Errorf("%w: no result within %v", ErrNoDirtyRate, p+dirtyRateGrace)
+		case <-tick.C:
+		}
+		d, err := c.QueryDirtyRate(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return DirtyRate{}, err
+			}
+			return DirtyRate{}, fmt.Errorf("%w: query-dirty-rate: %w", ErrNoDirtyRate, err)
+		}
+		// The measurement asked for: an earlier one's result stays until
+		// this one starts measuring.
+		if rate, ok := d.Measured(); ok && d.CalcTime == args.CalcTime {
+			return DirtyRate{Rate: rate, Period: p}, nil
+		}
+	}
 }

@@ -17,7 +17,9 @@ import (
 
 // replayPair serves a capture of testdata/qmp/preflight (what real QEMUs
 // answered to preflight) on two unix sockets, and returns their addresses.
-func replayPair(t *testing.T, scenario string) (src, dst string) {
+// extra handlers, when given, are added to the source (they override the
+// capture's).
+func replayPair(t *testing.T, scenario string, extra ...map[string]qmptest.HandlerFunc) (src, dst string) {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join("..", "..", "testdata", "qmp", "preflight", scenario+".json"))
 	require.NoError(t, err)
@@ -65,6 +67,13 @@ func replayPair(t *testing.T, scenario string) (src, dst string) {
 				}
 				return r.Return, nil
 			})
+		}
+		if name == "src" {
+			for _, hs := range extra {
+				for cmd, h := range hs {
+					srv.Handle(cmd, h)
+				}
+			}
 		}
 		path := filepath.Join(dir, name+".qmp")
 		require.NoError(t, srv.ListenUnix(path))
