@@ -164,9 +164,11 @@ func runEvacuate(ctx context.Context, args []string, stdout, stderr io.Writer) i
 	var d fleetDisplay
 	if o.jsonOut {
 		d = newFleetJSON(stdout)
+	} else if _, ok := terminalWidth(stdout); ok && !o.verbose {
+		// One live line per running migration and a fleet line (mpb);
+		// with -v the debug logs would be written into them.
+		d = newFleetTerm(stdout, 0, len(plan.Migrations))
 	} else {
-		// On a terminal too, plain lines for now: the live multi-line
-		// display will be another fleetDisplay.
 		d = &fleetPlain{w: stdout}
 	}
 	log := (&limitOptions{verbose: o.verbose}).logger(stderr)
@@ -298,9 +300,12 @@ func outcomeText(r *fleet.Result) string {
 	return "state unknown or lost: check both QEMUs"
 }
 
-func (d *fleetPlain) Report(rep *fleet.Report) {
+func (d *fleetPlain) Report(rep *fleet.Report) { fmt.Fprintln(d.w, fleetSummary(rep)) }
+
+// fleetSummary is the last line of an evacuation, in words.
+func fleetSummary(rep *fleet.Report) string {
 	s := rep.Summary
-	fmt.Fprintf(d.w, "fleet: %d completed, %d rolled back, %d failed, %d unknown, %d not started in %s; %s transferred, downtime total %s, longest %s\n",
+	return fmt.Sprintf("fleet: %d completed, %d rolled back, %d failed, %d unknown, %d not started in %s; %s transferred, downtime total %s, longest %s",
 		s.Completed, s.RolledBack, s.Failed, s.Unknown, s.NotStarted, formatDuration(s.Total), formatBytes(s.Bytes),
 		formatDuration(s.Downtime), formatDuration(s.MaxDowntime))
 }
