@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -92,7 +93,7 @@ func RemoveLeftovers(ctx context.Context, src, dst *qmp.Client, l Leftovers) ([]
 		did = append(did, "source: mirror job "+id+" cancelled")
 	}
 	if len(l.Jobs) > 0 {
-		if err := waitJobsGone(ctx, src, l.Jobs); err != nil {
+		if err := waitGone(ctx, "source mirror jobs", jobIDs(src), l.Jobs, nil); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -127,20 +128,20 @@ func isMissing(err error) bool {
 	return errors.As(err, &qe)
 }
 
-func waitJobsGone(ctx context.Context, src *qmp.Client, ids []string) error {
+// waitGone polls list every 20 ms (and at every event on wake, when not
+// nil) until none of ids is in it.
+func waitGone(ctx context.Context, what string, list func(context.Context) ([]string, error), ids []string, wake <-chan qmp.Event) error {
 	t := time.NewTicker(20 * time.Millisecond)
 	defer t.Stop()
 	for {
-		jobs, err := src.QueryBlockJobs(ctx)
+		now, err := list(ctx)
 		if err != nil {
-			return fmt.Errorf("blockmirror: source query-block-jobs: %w", err)
+			return fmt.Errorf("blockmirror: %s: %w", what, err)
 		}
 		left := 0
-		for _, j := range jobs {
-			for _, id := range ids {
-				if j.Device == id {
-					left++
-				}
+		for _, id := range now {
+			if slices.Contains(ids, id) {
+				left++
 			}
 		}
 		if left == 0 {
@@ -148,8 +149,33 @@ func waitJobsGone(ctx context.Context, src *qmp.Client, ids []string) error {
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("blockmirror: %d mirror jobs still there: %w", left, ctx.Err())
+			return fmt.Errorf("blockmirror: %d %s still there: %w", left, what, ctx.Err())
+		case <-wake:
 		case <-t.C:
 		}
+	}
+}
+
+// jobIDs lists the ids of c's block jobs.
+func jobIDs(c *qmp.Client) func(context.Context) ([]string, error) {
+	return func(ctx context.Context) ([]string, error) {
+		jobs, err := c.QueryBlockJobs(ctx)
+		ids := make([]string, 0, len(jobs))
+		for _, j := range jobs {
+			ids = append(ids, j.Device)
+		}
+		return ids, err
+	}
+}
+
+// exportIDs lists the ids of c's block exports.
+func exportIDs(c *qmp.Client) func(context.Context) ([]string, error) {
+	return func(ctx context.Context) ([]string, error) {
+		exps, err := c.QueryBlockExports(ctx)
+		ids := make([]string, 0, len(exps))
+		for _, e := range exps {
+			ids = append(ids, e.ID)
+		}
+		return ids, err
 	}
 }

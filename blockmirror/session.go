@@ -886,34 +886,13 @@ func (s *Session) delExports(ctx context.Context, mode string) error {
 	}
 	// Deletion is asynchronous (BLOCK_EXPORT_DELETED); query-block-exports is
 	// the truth.
-	t := time.NewTicker(50 * time.Millisecond)
-	defer t.Stop()
-	for {
-		exps, err := s.dst.QueryBlockExports(ctx)
-		if err != nil {
-			return fmt.Errorf("blockmirror: destination query-block-exports: %w", err)
-		}
-		left := 0
-		for _, e := range exps {
-			for _, id := range ids {
-				if e.ID == id {
-					left++
-				}
-			}
-		}
-		if left == 0 {
-			for _, d := range s.disks {
-				d.exported = false
-			}
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("blockmirror: waiting for BLOCK_EXPORT_DELETED: %w", ctx.Err())
-		case <-sub.C:
-		case <-t.C:
-		}
+	if err := waitGone(ctx, "destination exports", exportIDs(s.dst), ids, sub.C); err != nil {
+		return err
 	}
+	for _, d := range s.disks {
+		d.exported = false
+	}
+	return nil
 }
 
 func exportMissing(ctx context.Context, c *qmp.Client, id string) bool {

@@ -248,18 +248,27 @@ func (j *Job) ForceComplete() error { return j.call(request{op: "ForceComplete"}
 // Refused (ErrNotNow) once postcopy began or the source completed: the
 // migration then finishes.
 func (j *Job) Abort() error {
-	j.mu.Lock()
-	st := j.stage
-	j.mu.Unlock()
+	if err := j.refuse("Abort", stage.cancellable); err != nil {
+		return err
+	}
+	j.cancel()
+	return nil
+}
+
+// refuse says why op cannot be done now: the job ended, or its stage does
+// not permit it.
+func (j *Job) refuse(op string, permits func(stage) bool) error {
 	select {
 	case <-j.done:
 		return ErrJobEnded
 	default:
 	}
-	if !st.cancellable() {
-		return &StageError{Op: "Abort", Stage: st.String()}
+	j.mu.Lock()
+	st := j.stage
+	j.mu.Unlock()
+	if !permits(st) {
+		return &StageError{Op: op, Stage: st.String()}
 	}
-	j.cancel()
 	return nil
 }
 
@@ -272,16 +281,8 @@ type request struct {
 }
 
 func (j *Job) call(q request) error {
-	j.mu.Lock()
-	st := j.stage
-	j.mu.Unlock()
-	select {
-	case <-j.done:
-		return ErrJobEnded
-	default:
-	}
-	if !q.possibleIn(st) {
-		return &StageError{Op: q.op, Stage: st.String()}
+	if err := j.refuse(q.op, q.possibleIn); err != nil {
+		return err
 	}
 	q.reply = make(chan error, 1)
 	select {
