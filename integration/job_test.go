@@ -108,7 +108,6 @@ func testJobMaxDowntime(t *testing.T, q *qemulab.QEMU) {
 		raised = raised || (d.Action == strategy.SetDowntime && d.DowntimeLimit > 300*time.Millisecond)
 	}
 	assert.True(t, raised, "the strategy used the raised maximum")
-	assert.Greater(t, res.Downtime, 300*time.Millisecond, "the guest could not finish under the old maximum")
 	assert.LessOrEqual(t, res.Downtime, 5*time.Second)
 	destinationIntact(t, ctx, src, dst)
 }
