@@ -362,10 +362,10 @@ func (r *run) steer(ctx context.Context, q request) (err, fatal error) {
 		if !r.setup.Postcopy {
 			return fmt.Errorf("%w: StartPostcopy: postcopy-ram was not enabled (Strategy.Limits.AllowPostcopy, and QEMUs that support it with this channel)", ErrNotPermitted), nil
 		}
-		d := strategy.Decision{Action: strategy.StartPostcopy, Reason: "asked for through the job (StartPostcopy)", At: r.elapsed()}
+		d := strategy.Decision{Action: strategy.StartPostcopy, Summary: "postcopy: asked for by the manager", Reason: "asked for through the job (StartPostcopy)", At: r.elapsed()}
 		return r.applied(ctx, d, r.apply(ctx, d))
 	case "ForceComplete":
-		d := strategy.Decision{Action: strategy.PauseSource, Reason: "asked for through the job (ForceComplete)", At: r.elapsed()}
+		d := strategy.Decision{Action: strategy.PauseSource, Summary: "pause the source for a stop-and-copy: asked for by the manager", Reason: "asked for through the job (ForceComplete)", At: r.elapsed()}
 		return r.applied(ctx, d, r.pauseSource(ctx))
 	}
 	l := r.limits()
