@@ -415,6 +415,7 @@ func changedParams(now, was *qmp.MigrationParameters) qmp.MigrationParameters {
 		return orEmpty(w)
 	}
 	out.MaxBandwidth = pick(now.MaxBandwidth, was.MaxBandwidth)
+	out.MaxPostcopyBandwidth = pick(now.MaxPostcopyBandwidth, was.MaxPostcopyBandwidth)
 	out.DowntimeLimit = pick(now.DowntimeLimit, was.DowntimeLimit)
 	out.CPUThrottleInitial = pickInt(now.CPUThrottleInitial, was.CPUThrottleInitial)
 	out.CPUThrottleIncrement = pickInt(now.CPUThrottleIncrement, was.CPUThrottleIncrement)
@@ -437,7 +438,7 @@ func changedParams(now, was *qmp.MigrationParameters) qmp.MigrationParameters {
 func (r *run) adoptLimits(ctx context.Context) error {
 	var p qmp.MigrationParameters
 	if bw := r.cfg.bandwidth(); r.adoptedBandwidth == nil || *r.adoptedBandwidth != bw {
-		p.MaxBandwidth = qmp.Ptr(bw)
+		p = paramsBandwidth(bw)
 	}
 	if d := r.capDowntime(r.downtimeLimit); r.downtimeLimit > d {
 		p.DowntimeLimit = qmp.Ptr(qmp.MillisOf(d))

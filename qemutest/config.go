@@ -21,7 +21,7 @@ func capNames() []string {
 // defaultParams are QEMU's defaults for the parameters the fake knows.
 func defaultParams() map[string]any {
 	return map[string]any{
-		"max-bandwidth": uint64(134217728), "downtime-limit": uint64(300), "multifd-channels": 2,
+		"max-bandwidth": uint64(134217728), "max-postcopy-bandwidth": uint64(0), "downtime-limit": uint64(300), "multifd-channels": 2,
 		"cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "max-cpu-throttle": 99,
 		"throttle-trigger-threshold": 50, "cpu-throttle-tailslow": false,
 		"tls-creds": "", "tls-hostname": "", "tls-authz": "",

@@ -118,11 +118,13 @@ func (p *Pair) rate() float64 {
 	if p.isFrozen(Destination) {
 		return 0 // a stopped destination reads nothing
 	}
-	r := p.opt.Throughput
+	r, limit := p.opt.Throughput, "max-bandwidth"
 	if p.mig.status.Postcopy() {
-		r = p.opt.PostcopyRate
+		// QEMU switches the rate limit to max-postcopy-bandwidth (0:
+		// unlimited) when postcopy starts.
+		r, limit = p.opt.PostcopyRate, "max-postcopy-bandwidth"
 	}
-	if bw := float64(p.Src.param("max-bandwidth")); bw > 0 && bw < r {
+	if bw := float64(p.Src.param(limit)); bw > 0 && bw < r {
 		r = bw
 	}
 	return r
