@@ -43,6 +43,14 @@ func (r *run) start(ctx context.Context) error {
 	if err != nil {
 		return r.callErr(ctx, SideDestination, "read listening port", err)
 	}
+	r.listen = ch
+	if r.cfg.Listen != "" {
+		// The source connects elsewhere (NAT, a proxy): to URI, its port 0
+		// meaning the one the destination listens on.
+		if ch, err = r.uri.WithPort(&qmp.MigrationInfo{SocketAddress: []qmp.SocketAddress{ch.SocketAddress()}}); err != nil {
+			return r.errorf(SideDestination, "read listening port", err)
+		}
+	}
 	r.migCh = ch
 	r.pushMigrationUndo()
 	if err := r.migrate(ctx, ch); err != nil {
