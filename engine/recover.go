@@ -257,6 +257,18 @@ func (r *run) recoverOnce(ctx context.Context) (ok bool, detail string, err erro
 		refused = err
 		r.log.Debug("migrate-recover refused", "err", err)
 	}
+	if r.listen.NeedsPort() && refused == nil {
+		// Adopted without the port the migration used: QEMU picked one.
+		ch, err := ask(r, ctx, SideDestination, "read listening port", func(c context.Context) (transport.Channel, error) {
+			return resolvePort(c, r.dst, r.listen)
+		})
+		if err != nil {
+			return false, "", r.postcopyCallErr(ctx, SideDestination, "read listening port", err)
+		}
+		if err := r.listensAt(ch); err != nil {
+			return false, "", r.errorf(SideDestination, "read listening port", err)
+		}
+	}
 	args := r.migCh.MigrateArgs(r.srcForm)
 	args.Resume = true
 	r.log.Info("migrate resume", "uri", r.migCh.String())

@@ -382,3 +382,45 @@ func TestListenValidate(t *testing.T) {
 	cfg.Listen = "tcp:"
 	assert.ErrorIs(t, cfg.Validate(), engine.ErrInvalidConfig)
 }
+
+// A postcopy-paused migration left by a process that died is recovered by
+// Adopt, and completes.
+func TestAdoptRecoversPostcopyPaused(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := slowPostcopy(t, qemutest.Options{})
+		src, dst, err := p.Clients(context.Background())
+		require.NoError(t, err)
+		first := cfg
+		first.Source, first.Destination = engine.Endpoint{Client: src}, engine.Endpoint{Client: dst}
+		j, err := engine.Start(context.Background(), first)
+		require.NoError(t, err)
+		for p.Status() != qmp.StatusPostcopyActive {
+			time.Sleep(100 * time.Millisecond)
+		}
+		src.Close() // the first process dies
+		dst.Close()
+		<-j.Done()
+		p.LinkReset() // and the link breaks while nobody watches
+		for p.Status() != qmp.StatusPostcopyPaused {
+			time.Sleep(100 * time.Millisecond)
+		}
+		src2, dst2, err := p.Clients(context.Background())
+		require.NoError(t, err)
+		defer src2.Close()
+		defer dst2.Close()
+		cfg.Source, cfg.Destination = engine.Endpoint{Client: src2}, engine.Endpoint{Client: dst2}
+		var rec recorder
+		cfg.Observer = rec.observe
+		j, err = engine.Adopt(t.Context(), cfg)
+		require.NoError(t, err)
+		res, err := j.Wait(t.Context())
+		require.NoError(t, err)
+		assert.Equal(t, engine.StatusCompleted, res.Status)
+		assert.Equal(t, 1, res.Recoveries)
+		assert.Equal(t, "running", p.DstRunState())
+		require.Len(t, p.RecoverAddresses(), 1)
+		assert.Equal(t, "45678", p.RecoverAddresses()[0].Port, "the port the migration used, read from the destination")
+		noCancelNoResume(t, p)
+		noLeftovers(t, p)
+	})
+}
