@@ -47,7 +47,7 @@ func (r *run) start(ctx context.Context) error {
 		return r.errorf(SideDestination, "read listening port", err)
 	}
 	r.pushMigrationUndo()
-	if err := r.migrate(ctx, ch); err != nil {
+	if err := r.migrate(ctx, r.migCh); err != nil {
 		return r.callErr(ctx, SideSource, "migrate", err)
 	}
 	if r.stage == stageStart { // (a STOP seen while migrate waited for its answer moved it on)
