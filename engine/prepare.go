@@ -303,6 +303,8 @@ func (r *run) check(si, di *sideInfo) error {
 func (r *run) wantCaps() (src, dst map[string]bool) {
 	storage := r.cfg.Storage != nil
 	multifd := r.cfg.MultifdChannels > 0
+	preempt := r.postcopyPreempt()
+	defer func() { src["postcopy-preempt"], dst["postcopy-preempt"] = preempt, preempt }()
 	src = map[string]bool{
 		"events":                  true,
 		"auto-converge":           r.setup.AutoConverge,

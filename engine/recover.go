@@ -48,6 +48,14 @@ const (
 	recoveryBackoffMax = 5 * time.Second
 )
 
+// postcopyPreempt reports whether postcopy-preempt is wanted: postcopy
+// permitted, both QEMUs 8.0 or newer (7.2's preempt channel speaks another
+// protocol), and no multifd.
+func (r *run) postcopyPreempt() bool {
+	return r.setup.Postcopy && r.cfg.MultifdChannels == 0 &&
+		r.src.Version().AtLeast(8, 0) && r.dst.Version().AtLeast(8, 0)
+}
+
 // postcopyWatch is what the engine watches of postcopy's link.
 type postcopyWatch struct {
 	lastBytes uint64    // the source's ram.transferred at the last move

@@ -424,3 +424,38 @@ func TestAdoptRecoversPostcopyPaused(t *testing.T) {
 		noLeftovers(t, p)
 	})
 }
+
+// postcopy-preempt is on with postcopy where both QEMUs are 8.0 or newer,
+// off with 7.2 on either side; recovery works with it.
+func TestPostcopyPreempt(t *testing.T) {
+	for name, tc := range map[string]struct {
+		src, dst [3]int
+		want     bool
+	}{
+		"10.0-10.0": {[3]int{10, 0, 2}, [3]int{10, 0, 2}, true},
+		"8.2-10.0":  {[3]int{8, 2, 0}, [3]int{10, 0, 2}, true},
+		"7.2-10.0":  {[3]int{7, 2, 22}, [3]int{10, 0, 2}, false},
+		"7.2-7.2":   {[3]int{7, 2, 22}, [3]int{7, 2, 22}, false},
+	} {
+		t.Run(name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				p, cfg := slowPostcopy(t, qemutest.Options{Version: tc.src, DstVersion: tc.dst})
+				s := &script{after: time.Second, faults: []func(){p.LinkReset}}
+				cfg.Observer = s.observe
+				res, err := engine.Migrate(t.Context(), cfg)
+				require.NoError(t, err)
+				assert.Equal(t, 1, res.Recoveries)
+				assert.Equal(t, tc.want, p.Caps(qemutest.Source)["postcopy-preempt"])
+				assert.Equal(t, tc.want, p.Caps(qemutest.Destination)["postcopy-preempt"])
+			})
+		})
+	}
+	t.Run("not without postcopy", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			p, cfg := pair(t, qemutest.Options{})
+			_, err := engine.Migrate(t.Context(), cfg)
+			require.NoError(t, err)
+			assert.False(t, p.Caps(qemutest.Source)["postcopy-preempt"])
+		})
+	})
+}

@@ -56,6 +56,16 @@ func (q *QEMU) setCapabilities(args json.RawMessage) (any, error) {
 			return nil, errGeneric(fmt.Sprintf("Parameter 'capability' does not accept value '%s'", c.Capability))
 		}
 	}
+	want := map[string]bool{}
+	for k, v := range q.caps {
+		want[k] = v
+	}
+	for _, c := range a.Capabilities {
+		want[c.Capability] = c.State
+	}
+	if want["postcopy-preempt"] && !want["postcopy-ram"] {
+		return nil, errGeneric("Postcopy preempt requires postcopy-ram")
+	}
 	for _, c := range a.Capabilities {
 		q.caps[c.Capability] = c.State
 	}
