@@ -135,9 +135,18 @@ func (r *run) recoverPostcopy(ctx context.Context, why string) error {
 	backoff := recoveryBackoffMin
 	last := why
 	for attempt := 1; ; attempt++ {
-		done, err := r.pauseBoth(ctx)
+		done, err := r.pauseBoth(ctx, attempt > 1)
 		if err != nil {
 			return r.gaveUp(attempt-1, err, lostAt)
+		}
+		if done && attempt > 1 {
+			// The last attempt succeeded late (a handshake held up by the
+			// link, or a source that could not be paused meanwhile).
+			r.res.Recoveries++
+			r.enter(stagePostcopy)
+			r.drainEvents()
+			r.emitRecovery(Recovery{Step: RecoveryRecovered, Attempt: attempt - 1}, lostAt)
+			return nil
 		}
 		if done {
 			return nil // the source completed: converge finishes
@@ -195,8 +204,8 @@ func (r *run) gaveUp(attempt int, err error, lostAt time.Time) error {
 // black hole, which QEMU does not notice for minutes), then waits until
 // both are paused, for at most the stall timeout (a side that cannot be
 // paused yet makes the attempt fail, and the next one tries again). done:
-// the source completed.
-func (r *run) pauseBoth(ctx context.Context) (done bool, err error) {
+// the source completed, or (after an attempt, late) both run postcopy again.
+func (r *run) pauseBoth(ctx context.Context, afterAttempt bool) (done bool, err error) {
 	limit := time.Now().Add(r.cfg.postcopyStall())
 	sent := map[Side]bool{}
 	for {
@@ -205,6 +214,9 @@ func (r *run) pauseBoth(ctx context.Context) (done bool, err error) {
 			return false, err
 		}
 		if src == qmp.StatusCompleted {
+			return true, nil
+		}
+		if afterAttempt && src == qmp.StatusPostcopyActive && (dst == qmp.StatusPostcopyActive || dst == qmp.StatusCompleted) {
 			return true, nil
 		}
 		// A destination in postcopy-recover-setup only listens (an earlier
