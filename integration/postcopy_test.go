@@ -390,4 +390,3 @@ func abort(c net.Conn) {
 	}
 	_ = c.Close()
 }
-
