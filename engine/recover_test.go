@@ -459,3 +459,45 @@ func TestPostcopyPreempt(t *testing.T) {
 		})
 	})
 }
+
+// The same link faults in pre-copy end as before: rolled back with the
+// guest running on the source, or completed after a short flap.
+func TestPrecopyLinkFaults(t *testing.T) {
+	run := func(t *testing.T, fault func(p *qemutest.Pair)) (*qemutest.Pair, *engine.Result, error) {
+		p, cfg := pair(t, qemutest.Options{Throughput: 20 << 20, DirtyRate: 1 << 20})
+		cfg.Strategy.Limits.ProgressTimeout = 5 * time.Second
+		time.AfterFunc(2*time.Second, func() { fault(p) })
+		res, err := engine.Migrate(t.Context(), cfg)
+		return p, res, err
+	}
+	t.Run("reset", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			p, res, err := run(t, func(p *qemutest.Pair) { p.LinkReset() })
+			require.ErrorIs(t, err, engine.ErrMigrationFailed)
+			assert.Equal(t, engine.StatusFailed, res.Status)
+			assert.Equal(t, "running", p.SrcRunState(), "the guest runs on the source")
+			assert.Empty(t, res.UndoErrors)
+			assert.Empty(t, res.Lost)
+		})
+	})
+	t.Run("black hole", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			p, res, err := run(t, func(p *qemutest.Pair) { p.LinkBlackHole(true) })
+			require.ErrorIs(t, err, engine.ErrAborted, "the progress timeout")
+			assert.Equal(t, "running", p.SrcRunState(), "the guest runs on the source")
+			assert.Less(t, res.Total, 10*time.Second)
+			assert.Empty(t, res.Lost)
+		})
+	})
+	t.Run("flap", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			p, res, err := run(t, func(p *qemutest.Pair) {
+				p.LinkBlackHole(true)
+				time.AfterFunc(2*time.Second, func() { p.LinkBlackHole(false) })
+			})
+			require.NoError(t, err)
+			assert.Equal(t, engine.StatusCompleted, res.Status)
+			assert.Equal(t, "running", p.DstRunState())
+		})
+	})
+}

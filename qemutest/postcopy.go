@@ -177,12 +177,10 @@ func (p *Pair) resume(sa qmp.SocketAddress) (any, error) {
 // recovering states; handled says step has nothing more to do.
 func (p *Pair) stepPostcopyFault() (handled bool) {
 	m, pc := &p.mig, &p.pc
-	if pc.reset {
+	if pc.reset && m.status.Postcopy() {
 		pc.reset = false
-		if m.status.Postcopy() {
-			p.pausePostcopy(true, true)
-			return true
-		}
+		p.pausePostcopy(true, true)
+		return true
 	}
 	switch m.status {
 	case qmp.StatusPostcopyPaused:
