@@ -28,11 +28,11 @@ import (
 // postcopy ends with the typed error that names what is lost, within
 // seconds, the other QEMU left alive.
 func TestPostcopyFaults(t *testing.T) {
-	q := qemulab.RequireQEMU(t)
-	t.Run("LinkReset", func(t *testing.T) { testPostcopyLinkFault(t, q, "reset", 1) })
-	t.Run("LinkBlackHole", func(t *testing.T) { testPostcopyLinkFault(t, q, "blackhole", 1) })
-	t.Run("LostTwice", func(t *testing.T) { testPostcopyLinkFault(t, q, "reset", 2) })
-	t.Run("LostDuringHandshake", func(t *testing.T) { testPostcopyLinkFault(t, q, "handshake", 1) })
+	q, v := tbQEMU(t)
+	t.Run("LinkReset", func(t *testing.T) { testPostcopyLinkFault(t, q, v, "reset", 1) })
+	t.Run("LinkBlackHole", func(t *testing.T) { testPostcopyLinkFault(t, q, v, "blackhole", 1) })
+	t.Run("LostTwice", func(t *testing.T) { testPostcopyLinkFault(t, q, v, "reset", 2) })
+	t.Run("LostDuringHandshake", func(t *testing.T) { testPostcopyLinkFault(t, q, v, "handshake", 1) })
 	t.Run("DestinationKilled", func(t *testing.T) { testPostcopyKilled(t, q, engine.SideDestination) })
 	t.Run("SourceKilled", func(t *testing.T) { testPostcopyKilled(t, q, engine.SideSource) })
 	t.Run("CLIGuestLost", func(t *testing.T) { testPostcopyCLIGuestLost(t, q) })
@@ -99,7 +99,12 @@ func postcopyConfig(t *testing.T, src, dst *qemulab.Instance, p *linkProxy) engi
 	return cfg
 }
 
-func testPostcopyLinkFault(t *testing.T, q *qemulab.QEMU, fault string, losses int) {
+// QEMU 7.2 cannot always recover (measured, qemu-protocol.md): a resume
+// whose connection fails may leave its source in postcopy-recover for good
+// (7.2's migrate-pause works only in postcopy-active), and a handshake cut
+// half-way may crash its destination. There the test accepts the typed
+// ending that says so, both QEMUs left as they were.
+func testPostcopyLinkFault(t *testing.T, q *qemulab.QEMU, v qmp.Version, fault string, losses int) {
 	src, dst := enginePair(t, q, 500e6, true, "")
 	p := newLinkProxy(t)
 	cfg := postcopyConfig(t, src, dst, p)
@@ -159,7 +164,17 @@ func testPostcopyLinkFault(t *testing.T, q *qemulab.QEMU, fault string, losses i
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
 	res, err := engine.Migrate(ctx, cfg)
+	if err != nil && !v.AtLeast(8, 0) && (errors.Is(err, engine.ErrRecoveryFailed) || errors.Is(err, engine.ErrGuestLost)) {
+		t.Logf("QEMU %s could not recover (%s, %d attempts, steps %v): %v", v, res.Lost, res.RecoveryAttempts, steps, err)
+		info, qerr := src.QMP.QueryMigrate(ctx)
+		require.NoError(t, qerr, "the source is left alive")
+		assert.True(t, info.Status.Postcopy(), "the source is left in postcopy (%s)", info.Status)
+		return
+	}
 	require.NoError(t, err)
+	caps, err := src.QMP.QueryMigrateCapabilities(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, v.AtLeast(8, 0), caps["postcopy-preempt"], "postcopy-preempt from 8.0 on")
 	t.Logf("completed in %v: %d recoveries in %d attempts, guest stalled %v; steps %v", res.Total, res.Recoveries, res.RecoveryAttempts, res.PostcopyStall, steps)
 	assert.Equal(t, losses, res.Recoveries)
 	if fault == "handshake" {
