@@ -92,7 +92,12 @@
 //     the engine never sends migrate_cancel in postcopy; a cancel of the
 //     caller's context is then ignored and the migration finishes (the guest
 //     already runs on the destination), and a failure is reported wrapping
-//     ErrPostcopyFailed. Likewise the complete phase, entered once the source
+//     ErrPostcopyFailed. A lost link in postcopy is recovered
+//     (recover.go: migrate-pause, migrate-recover, migrate resume, retried
+//     within Config.RecoveryTimeout, each step an EventRecovery); a QEMU
+//     gone in postcopy ends with ErrGuestLost or ErrPagesLost
+//     (Result.Lost), both QEMUs left as they are; docs/faults.md has the
+//     whole fault matrix. Likewise the complete phase, entered once the source
 //     completed, finishes (bounded by 60 s) whatever the caller's context.
 //     When a cancel or abort loses the race with QEMU's completion (the
 //     source reports completed after migrate_cancel), the rollback stops and
