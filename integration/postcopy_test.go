@@ -367,12 +367,39 @@ func (p *linkProxy) handle(c net.Conn) {
 		abort(up)
 		return
 	}
+	// A connection held by a black hole whose client gave up meanwhile
+	// (a source paused by migrate-pause shuts its socket down) would never
+	// have reached the destination on a real link (its SYN was dropped):
+	// drop it instead of connecting it late.
+	var early []byte
+	buf := make([]byte, 64<<10)
+	for {
+		_ = c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+		n, err := c.Read(buf)
+		early = append(early, buf[:n]...)
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			break
+		}
+		if err != nil {
+			abort(c)
+			return
+		}
+	}
+	_ = c.SetReadDeadline(time.Time{})
 	up, err := net.Dial("tcp", p.target)
 	if err != nil {
 		abort(c)
 		return
 	}
 	p.track(up)
+	if len(early) > 0 {
+		if _, err := up.Write(early); err != nil {
+			abort(c)
+			abort(up)
+			return
+		}
+	}
 	go p.pipe(up, c)
 	p.pipe(c, up)
 }
