@@ -26,8 +26,8 @@ var (
 	ErrAbandoned = errors.New("migration abandoned before it was under way")
 	// ErrPostcopyPaused: the migration is in postcopy-paused (the link
 	// broke in postcopy): the guest runs on the destination with part of
-	// its memory still on the source. Adopt leaves both QEMUs as they are;
-	// recovering needs migrate-recover and migrate with resume.
+	// its memory still on the source. No longer returned: Adopt recovers
+	// such a migration (recover.go); kept for callers that match it.
 	ErrPostcopyPaused = errors.New("postcopy paused: the guest runs on the destination and waits for pages the source holds; recovery needed")
 )
 
@@ -49,9 +49,11 @@ const CheckAdopt Check = "adopt"
 //     the strategy, the budget counted from QEMU's total-time; with disk
 //     mirrors (which Adopt cannot finish: their session died with the
 //     first process) it is rolled back instead (ErrAbandoned);
-//   - postcopy-active and the other postcopy states but postcopy-paused:
-//     seen through to the end;
-//   - postcopy-paused: ErrPostcopyPaused, nothing touched;
+//   - postcopy-active and the other postcopy states: seen through to the
+//     end; a postcopy-paused one (its link lost, maybe while nobody
+//     watched) is recovered first (recover.go), at the address the
+//     destination reports it listened on (Config.Listen or URI, their
+//     port 0 resolved from the destination's query-migrate);
 //   - completed: finished on the destination (cont where the guest ran
 //     before), leftovers removed;
 //   - failed or cancelled, or no migration yet with qmigrate's journal:
@@ -140,11 +142,16 @@ func (r *run) takeOver(ctx context.Context) ([]func(context.Context) error, erro
 		return []func(context.Context) error{func(context.Context) error { return err }}
 	}
 	switch {
-	case status == qmp.StatusPostcopyPaused:
-		r.adoptAt(stagePostcopy)
-		return nil, r.errorf(SideSource, "adopt", fmt.Errorf("%w (source %s, destination %s)", ErrPostcopyPaused, f.srcRun, orNone(qmp.MigrationStatus(f.dstRun))))
 	case status.Postcopy():
 		r.adoptAt(stagePostcopy)
+		r.dstAt = dstRan // the guest ran there
+		if f.dstMig != nil {
+			if ch, err := r.ch.WithPort(f.dstMig); err == nil {
+				if err := r.listensAt(ch); err != nil {
+					r.log.Debug("adopt: source address", "err", err)
+				}
+			}
+		}
 		return []func(context.Context) error{r.converge, r.complete}, nil
 	case status == qmp.StatusCompleted:
 		r.adoptAt(stageSourceDone)
@@ -415,6 +422,7 @@ func changedParams(now, was *qmp.MigrationParameters) qmp.MigrationParameters {
 		return orEmpty(w)
 	}
 	out.MaxBandwidth = pick(now.MaxBandwidth, was.MaxBandwidth)
+	out.MaxPostcopyBandwidth = pick(now.MaxPostcopyBandwidth, was.MaxPostcopyBandwidth)
 	out.DowntimeLimit = pick(now.DowntimeLimit, was.DowntimeLimit)
 	out.CPUThrottleInitial = pickInt(now.CPUThrottleInitial, was.CPUThrottleInitial)
 	out.CPUThrottleIncrement = pickInt(now.CPUThrottleIncrement, was.CPUThrottleIncrement)
@@ -437,7 +445,7 @@ func changedParams(now, was *qmp.MigrationParameters) qmp.MigrationParameters {
 func (r *run) adoptLimits(ctx context.Context) error {
 	var p qmp.MigrationParameters
 	if bw := r.cfg.bandwidth(); r.adoptedBandwidth == nil || *r.adoptedBandwidth != bw {
-		p.MaxBandwidth = qmp.Ptr(bw)
+		p = paramsBandwidth(bw)
 	}
 	if d := r.capDowntime(r.downtimeLimit); r.downtimeLimit > d {
 		p.DowntimeLimit = qmp.Ptr(qmp.MillisOf(d))

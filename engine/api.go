@@ -41,6 +41,30 @@ type Config struct {
 	// are refused.
 	URI string
 
+	// Listen, when set, is where the destination listens (migrate-incoming,
+	// and migrate-recover in a postcopy recovery), when it differs from
+	// where the source connects (URI): "tcp:0.0.0.0:4444" or
+	// "tcp:[::]:4444" behind a host address, NAT or a proxy. Same scheme
+	// as URI; "" listens at URI. A URI with port 0 takes the port the
+	// destination listens on.
+	Listen string
+
+	// RecoveryTimeout bounds the recovery of a postcopy whose link was
+	// lost (recover.go): attempts are retried with backoff until the
+	// migration runs again, or this long after the loss (each loss has its
+	// own). 0 = DefaultRecoveryTimeout (5 minutes: the alternative is
+	// losing the guest). Negative: no recovery, the migration ends with
+	// ErrRecoveryFailed at the first loss, both QEMUs left paused.
+	RecoveryTimeout time.Duration
+
+	// PostcopyStallTimeout is how long a postcopy may move no byte while
+	// pages remain before the engine takes its link for lost (a link that
+	// drops packets without a reset: QEMU waits on TCP for minutes) and
+	// pauses the sides still waiting (migrate-pause) to recover it; it
+	// also bounds each recovery attempt's handshake. 0 =
+	// DefaultPostcopyStallTimeout (5s).
+	PostcopyStallTimeout time.Duration
+
 	// MultifdChannels > 0 enables multifd with that many channels on both
 	// sides; 0 means no multifd. Both QEMUs must then have the same -uuid (or
 	// none), which prepare checks.
@@ -137,6 +161,9 @@ const (
 	EventDisk     EventKind = "disk"
 	EventResult   EventKind = "result"
 	EventLimits   EventKind = "limits" // a limit changed through the Job (SetBandwidth, SetMaxDowntime, SetBudget)
+	// EventRecovery: postcopy's link was lost, or a recovery attempt
+	// started or ended (Event.Recovery).
+	EventRecovery EventKind = "recovery"
 )
 
 // Event is one observation of a running migration. Exactly the member named
@@ -152,6 +179,29 @@ type Event struct {
 	Disk        *blockmirror.Progress // Kind == EventDisk
 	Result      *Result               // Kind == EventResult
 	Limits      *Limits               // Kind == EventLimits: the limits now in force
+	Recovery    *Recovery             // Kind == EventRecovery
+}
+
+// RecoveryStep says what an EventRecovery reports.
+type RecoveryStep string
+
+// Recovery steps, in the order a recovery goes through them.
+const (
+	RecoveryLinkLost  RecoveryStep = "link-lost" // postcopy's link broke (Detail: how it was seen); the sides are being paused
+	RecoveryAttempt   RecoveryStep = "attempt"   // an attempt starts: migrate-recover, migrate resume
+	RecoveryFailed    RecoveryStep = "failed"    // the attempt failed (Detail: why); another follows after Backoff
+	RecoveryRecovered RecoveryStep = "recovered" // postcopy runs again (Stalled: how long the guest waited)
+	RecoveryGaveUp    RecoveryStep = "gave-up"   // no recovery possible (a QEMU gone) or the budget spent
+)
+
+// Recovery is one step of a postcopy recovery (EventRecovery).
+type Recovery struct {
+	Step    RecoveryStep
+	Loss    int           // which loss of the link in this migration (1 for the first)
+	Attempt int           // the attempt for this loss (1 for the first; 0 with link-lost)
+	Detail  string        // how the loss was seen, or why an attempt failed
+	Stalled time.Duration // since the loss: the guest waits for the pages it lacks
+	Backoff time.Duration // failed: the wait before the next attempt
 }
 
 // Stats is one sample of the source's query-migrate.
@@ -214,9 +264,41 @@ type Result struct {
 	// having failed half-way; UndoErrors says what is known. Check both
 	// QEMUs. When false, the guest runs where Status says.
 	StateUnknown bool
+	// Recoveries counts the postcopy recoveries that succeeded (each
+	// loss of the link that was recovered), RecoveryAttempts the attempts.
+	Recoveries       int
+	RecoveryAttempts int
+	// PostcopyStall is the total time postcopy's link was lost (from each
+	// loss seen to postcopy running again, or to the end): the guest ran
+	// on the destination but waited on every page it still lacked.
+	PostcopyStall time.Duration
+	// Lost says, for a postcopy that could not be finished, where the
+	// guest stands: GuestLost, PagesLost or PostcopyPaused; "" otherwise.
+	Lost LostState
 	// Err is the error Migrate returned (nil iff completed).
 	Err error
 }
+
+// LostState is where the guest stands after a postcopy that could not be
+// finished (Result.Lost).
+type LostState string
+
+// Lost states.
+const (
+	// GuestLost: the destination QEMU went away in postcopy. The guest ran
+	// there: it is lost. The source holds a stale copy, paused, which is
+	// never resumed (its memory diverged from the guest's).
+	GuestLost LostState = "guest_lost"
+	// PagesLost: the source QEMU went away in postcopy. The destination
+	// holds the guest, running but stalled on every page it had not
+	// received yet: those pages are lost.
+	PagesLost LostState = "pages_lost"
+	// PostcopyPaused: the recovery did not succeed within
+	// Config.RecoveryTimeout. Both QEMUs are alive in postcopy-paused: the
+	// destination holds the guest (stalled), the source its missing
+	// pages; a later recovery (qmigrate adopt) may still finish it.
+	PostcopyPaused LostState = "postcopy_paused"
+)
 
 // Result statuses.
 const (
@@ -366,4 +448,22 @@ var (
 	// ErrPostcopyFailed: a failure after postcopy started. There is no
 	// rollback from postcopy; the guest state lives on both sides.
 	ErrPostcopyFailed = errors.New("failure during postcopy: no rollback possible")
+
+	// ErrGuestLost: the destination QEMU went away in postcopy: the guest,
+	// which ran there, is lost; the source keeps a stale, paused copy that
+	// is never resumed. With ErrPostcopyFailed and ErrDestinationGone;
+	// Result.Lost is GuestLost.
+	ErrGuestLost = errors.New("guest lost: the destination QEMU, where the guest ran in postcopy, went away; the source holds only a stale copy, left paused")
+
+	// ErrPagesLost: the source QEMU went away in postcopy: the guest's
+	// pages not yet on the destination are lost; the destination holds
+	// the guest, stalled on them. With ErrPostcopyFailed and
+	// ErrSourceGone; Result.Lost is PagesLost.
+	ErrPagesLost = errors.New("guest's missing pages lost: the source QEMU went away in postcopy; the destination holds the guest, stalled on the pages it had not received")
+
+	// ErrRecoveryFailed: postcopy's link was lost and no recovery
+	// succeeded within Config.RecoveryTimeout. Both QEMUs are alive, left
+	// in postcopy-paused: the destination holds the guest, the source its
+	// missing pages. With ErrPostcopyFailed; Result.Lost is PostcopyPaused.
+	ErrRecoveryFailed = errors.New("postcopy recovery failed: both QEMUs left in postcopy-paused, the destination holding the guest and the source its missing pages")
 )

@@ -18,6 +18,10 @@ const (
 	// UnlimitedBandwidth is the max-bandwidth set when Config.Bandwidth is 0:
 	// 64 GiB/s, far above any link, accepted by QEMU 7.2 to 10.x.
 	UnlimitedBandwidth uint64 = 64 << 30
+	// DefaultRecoveryTimeout is Config.RecoveryTimeout's default.
+	DefaultRecoveryTimeout = 5 * time.Minute
+	// DefaultPostcopyStallTimeout is Config.PostcopyStallTimeout's default.
+	DefaultPostcopyStallTimeout = 5 * time.Second
 	// MaxMultifdChannels is QEMU's limit for multifd-channels.
 	MaxMultifdChannels = 255
 	// undoTimeout bounds the whole rollback (it runs with a context of its
@@ -84,6 +88,18 @@ func (c Config) Validate() error {
 				ErrInvalidConfig, c.Storage.NBDAddress, transport.ErrBadTLS)
 		}
 	}
+	if c.Listen != "" {
+		lc, err := transport.Parse(c.Listen)
+		if err != nil {
+			return bad("Listen", "%v", err)
+		}
+		if lc.Scheme != ch.Scheme || lc.Scheme == transport.FD {
+			return bad("Listen", "%s: want the same scheme as URI %s (unix or tcp)", c.Listen, c.URI)
+		}
+	}
+	if c.PostcopyStallTimeout < 0 {
+		return bad("PostcopyStallTimeout", "negative (%v)", c.PostcopyStallTimeout)
+	}
 	if c.PollInterval < 0 {
 		return bad("PollInterval", "negative (%v)", c.PollInterval)
 	}
@@ -126,6 +142,20 @@ func (c Config) unresponsiveTimeout() time.Duration {
 		return DefaultUnresponsiveTimeout
 	}
 	return c.UnresponsiveTimeout
+}
+
+func (c Config) recoveryTimeout() time.Duration {
+	if c.RecoveryTimeout == 0 {
+		return DefaultRecoveryTimeout
+	}
+	return c.RecoveryTimeout
+}
+
+func (c Config) postcopyStall() time.Duration {
+	if c.PostcopyStallTimeout == 0 {
+		return DefaultPostcopyStallTimeout
+	}
+	return c.PostcopyStallTimeout
 }
 
 func (c Config) bandwidth() uint64 {

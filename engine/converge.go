@@ -26,6 +26,9 @@ func (r *run) converge(ctx context.Context) error {
 	for {
 		info, err := ask(r, ctx, SideSource, "query-migrate", r.src.QueryMigrate)
 		if err != nil {
+			if r.stage.postcopy() {
+				return r.postcopyCallErr(ctx, SideSource, "query-migrate", err)
+			}
 			if r.dst.Err() != nil && ctx.Err() == nil {
 				return r.dstGone("query-migrate")
 			}
@@ -71,7 +74,23 @@ func (r *run) converge(ctx context.Context) error {
 		case s == qmp.StatusCancelled || s == qmp.StatusCancelling:
 			return r.errorf(SideSource, "migrate", fmt.Errorf("%w: cancelled outside the engine (status %s)", ErrMigrationFailed, s))
 		case s.Postcopy():
-			r.enter(stagePostcopy)
+			if !r.stage.postcopy() {
+				r.enter(stagePostcopy)
+			}
+			why, err := r.postcopyLost(ctx, info)
+			if err != nil {
+				return err
+			}
+			if why != "" {
+				if err := r.recoverPostcopy(ctx, why); err != nil {
+					return err
+				}
+				if ctx.Err() != nil {
+					r.log.Warn("cancel ignored: postcopy started, the migration must finish", "err", ctx.Err())
+					ctx = context.WithoutCancel(ctx)
+				}
+				continue // poll again at once
+			}
 		case s == qmp.StatusPreSwitchover && r.stage < stageSwitchover:
 			if err := r.switchOver(ctx); err != nil {
 				return err
@@ -120,11 +139,14 @@ func (r *run) converge(ctx context.Context) error {
 				r.log.Warn("cancel ignored: postcopy started, the migration must finish", "err", ctx.Err())
 				ctx = context.WithoutCancel(ctx)
 			case <-r.dst.Done():
-				if r.stage == stagePostcopy {
-					return r.errorf(SideDestination, "monitor", fmt.Errorf("%w during postcopy: %w", ErrDestinationGone, r.dst.Err()))
+				if r.stage.postcopy() {
+					return r.lostSide()
 				}
 				return r.dstGone("monitor")
 			case <-r.src.Done():
+				if r.stage.postcopy() {
+					return r.lostSide()
+				}
 				return r.errorf(SideSource, "monitor", fmt.Errorf("%w: %w", ErrSourceGone, r.src.Err()))
 			case ev, ok := <-srcEv:
 				if !ok {
@@ -143,6 +165,10 @@ func (r *run) converge(ctx context.Context) error {
 					continue
 				}
 				r.event(SideDestination, ev)
+				r.dstEvent(ev)
+				if r.pc.dstPaused {
+					break wait
+				}
 			case q := <-r.job.reqs:
 				if err := r.serve(ctx, q); err != nil {
 					return err

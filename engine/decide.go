@@ -127,8 +127,21 @@ func (r *run) setSourceParams(ctx context.Context, what string, p qmp.MigrationP
 	return r.do(ctx, SideSource, "migrate-set-parameters", func(c context.Context) error { return r.src.MigrateSetParameters(c, p) })
 }
 
+// paramsBandwidth is the user's bandwidth limit as QEMU's parameters: the
+// same value as max-bandwidth (pre-copy) and max-postcopy-bandwidth
+// (postcopy's background stream, whose default 0 is unlimited), so that
+// the limit holds once postcopy starts too.
 func paramsBandwidth(bps uint64) qmp.MigrationParameters {
-	return qmp.MigrationParameters{MaxBandwidth: qmp.Ptr(bps)}
+	return qmp.MigrationParameters{MaxBandwidth: qmp.Ptr(bps), MaxPostcopyBandwidth: qmp.Ptr(postcopyBandwidth(bps))}
+}
+
+// postcopyBandwidth is max-postcopy-bandwidth for a max-bandwidth of bps:
+// QEMU's 0 (unlimited) for UnlimitedBandwidth, bps otherwise.
+func postcopyBandwidth(bps uint64) uint64 {
+	if bps >= UnlimitedBandwidth {
+		return 0
+	}
+	return bps
 }
 
 func paramsDowntime(d time.Duration) qmp.MigrationParameters {

@@ -35,7 +35,12 @@
 //     runs on the source, and what the migration changed on either QEMU is
 //     set back or removed (Result.Undone, Result.Rollback). From the
 //     switchover on the engine finishes rather than aborts; once postcopy
-//     began there is no way back and a cancel is ignored.
+//     began there is no way back and a cancel is ignored. A link lost in
+//     postcopy is recovered (recover.go: migrate-pause, migrate-recover,
+//     migrate with resume, retried within Config.RecoveryTimeout, each step
+//     an EventRecovery); a QEMU gone in postcopy ends with ErrGuestLost or
+//     ErrPagesLost (Result.Lost), both QEMUs left as they are.
+//     docs/faults.md has the whole fault matrix.
 //   - The guest runs exactly where the Result says: on the destination when
 //     "completed", on the source otherwise, except when Result.StateUnknown
 //     is set or the error wraps ErrPostcopyFailed.
@@ -90,6 +95,7 @@
 //	switchover.go pre-switchover: mirrors finished, migrate-continue
 //	complete.go   the end on the destination, the downtime measured
 //	rollback.go   the undo steps of a started migration, a late cancel, the rescue
+//	recover.go    postcopy that survives link loss: detection, pause, recovery
 //	adopt.go      Adopt: reading both QEMUs, rebuilding the undo stack
 //	bounds.go     how long each command may wait
 //	dirtyrate.go  the guest's own dirty rate (calc-dirty-rate)

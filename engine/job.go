@@ -35,7 +35,7 @@ type Job struct {
 // Progress is a consistent snapshot of a job.
 type Progress struct {
 	Phase     Phase
-	Stage     string        // finer than Phase: prepare, mirror, start, precopy, paused, stopcopy, switchover, postcopy, sourcedone, complete, rollback, rescue, ended
+	Stage     string        // finer than Phase: prepare, mirror, start, precopy, paused, stopcopy, switchover, postcopy, postcopy-paused, recovering, sourcedone, complete, rollback, rescue, ended
 	Elapsed   time.Duration // since Start
 	Stats     *Stats        // the latest poll; nil before the first
 	Limits    Limits        // the limits in force
@@ -147,13 +147,19 @@ func launch(ctx context.Context, cfg Config, body func(*run, context.Context) er
 		return j
 	}
 	ch, _ := transport.Parse(cfg.URI) // Validate checked it
+	uri := ch
+	if cfg.Listen != "" {
+		ch, _ = transport.Parse(cfg.Listen) // the destination listens there
+	}
 	r := &run{
 		cfg:    cfg,
 		log:    cfg.logger(),
 		t0:     t0,
 		res:    &Result{},
 		ch:     ch,
-		migCh:  ch,
+		migCh:  uri,
+		uri:    uri,
+		listen: ch,
 		m:      m,
 		phase:  PhasePrepare,
 		stage:  stagePrepare,

@@ -30,8 +30,11 @@ type run struct {
 	setup            strategy.Setup
 	dirty            dirtyMeter // the guest's dirty rate (Setup.MeasureDirtyRate)
 
-	ch    transport.Channel // as configured
-	migCh transport.Channel // what the source connects to (port resolved)
+	ch     transport.Channel // where the destination listens, as configured (Config.Listen, or URI)
+	uri    transport.Channel // where the source connects, as configured (Config.URI)
+	listen transport.Channel // where the destination listens (port resolved): migrate-recover's too
+	migCh  transport.Channel // what the source connects to (port resolved)
+	pc     postcopyWatch     // postcopy's link and its recoveries (recover.go)
 
 	src, dst   *qmp.Client
 	srcF, dstF *qmp.Features // the schemas' summaries: storage migrations only, nil otherwise
@@ -113,8 +116,14 @@ func (r *run) running(context.Context) error {
 // when the migration turned out to have completed).
 func (r *run) fail(ctx context.Context, err error) error {
 	r.log.Debug("migration failed", "stage", r.stage, "err", err)
-	if r.stage == stagePostcopy {
+	if r.stage.postcopy() {
 		switch started := r.lastInfo != nil && r.lastInfo.Status.Postcopy(); {
+		case r.res.Lost == GuestLost:
+			r.res.UndoErrors = append(r.res.UndoErrors, "rollback impossible: the destination QEMU went away in postcopy: the guest is lost; the source's stale copy is left paused (never resumed)")
+		case r.res.Lost == PagesLost:
+			r.res.UndoErrors = append(r.res.UndoErrors, "rollback impossible: the source QEMU went away in postcopy: the pages the destination had not received are lost; the destination holds the guest, stalled, left as it is")
+		case r.res.Lost == PostcopyPaused:
+			r.res.UndoErrors = append(r.res.UndoErrors, "rollback impossible: postcopy paused and not recovered: both QEMUs left in postcopy-paused (the destination holds the guest, the source its missing pages); qmigrate adopt may recover it")
 		case !isUnanswered(err):
 			r.res.UndoErrors = append(r.res.UndoErrors, "rollback impossible: postcopy started, the guest runs on the destination")
 		case started:
@@ -123,6 +132,9 @@ func (r *run) fail(ctx context.Context, err error) error {
 		default:
 			r.res.StateUnknown = true
 			r.res.UndoErrors = append(r.res.UndoErrors, "rollback impossible: postcopy was asked for and may have started when a monitor stopped answering: the migration's state is unknown, check both QEMUs")
+		}
+		if errors.Is(err, ErrPostcopyFailed) {
+			return err
 		}
 		return fmt.Errorf("%w: %w", ErrPostcopyFailed, err)
 	}

@@ -386,6 +386,8 @@ func postcopyReason(rep *preflight.Report) string {
 func (r *run) wantCaps() (src, dst map[string]bool) {
 	storage := r.cfg.Storage != nil
 	multifd := r.cfg.MultifdChannels > 0
+	preempt := r.postcopyPreempt()
+	defer func() { src["postcopy-preempt"], dst["postcopy-preempt"] = preempt, preempt }()
 	src = map[string]bool{
 		"events":                  true,
 		"auto-converge":           r.setup.AutoConverge,
@@ -437,7 +439,8 @@ type sideConfig struct {
 func (r *run) configure(ctx context.Context, si, di *sideInfo, srcCaps, dstCaps map[string]bool) error {
 	r.prevSP = si.params
 	var sp qmp.MigrationParameters
-	sp.MaxBandwidth = qmp.Ptr(r.cfg.bandwidth())
+	bw := paramsBandwidth(r.cfg.bandwidth())
+	sp.MaxBandwidth, sp.MaxPostcopyBandwidth = bw.MaxBandwidth, bw.MaxPostcopyBandwidth
 	if d := r.setup.DowntimeLimit; d > 0 {
 		sp.DowntimeLimit = qmp.Ptr(qmp.MillisOf(r.capDowntime(d)))
 	}
@@ -604,6 +607,9 @@ func restoreParams(p qmp.MigrationParameters, prev *qmp.MigrationParameters) qmp
 		return out
 	}
 	out.MaxBandwidth = prev.MaxBandwidth
+	if p.MaxPostcopyBandwidth != nil {
+		out.MaxPostcopyBandwidth = prev.MaxPostcopyBandwidth
+	}
 	out.DowntimeLimit = prev.DowntimeLimit
 	out.CPUThrottleInitial = prev.CPUThrottleInitial
 	out.CPUThrottleIncrement = prev.CPUThrottleIncrement
@@ -628,6 +634,7 @@ func restoreParams(p qmp.MigrationParameters, prev *qmp.MigrationParameters) qmp
 func paramsMatch(want qmp.MigrationParameters, got *qmp.MigrationParameters) error {
 	return errors.Join(
 		paramReads("max-bandwidth", want.MaxBandwidth, got.MaxBandwidth),
+		paramReads("max-postcopy-bandwidth", want.MaxPostcopyBandwidth, got.MaxPostcopyBandwidth),
 		paramReads("downtime-limit", want.DowntimeLimit, got.DowntimeLimit),
 		paramReads("multifd-channels", want.MultifdChannels, got.MultifdChannels),
 		paramReads("cpu-throttle-initial", want.CPUThrottleInitial, got.CPUThrottleInitial),
@@ -660,6 +667,9 @@ func paramString(p qmp.MigrationParameters) string {
 	add := func(name string, v any) { s += fmt.Sprintf(" %s=%v", name, v) }
 	if p.MaxBandwidth != nil {
 		add("max-bandwidth", *p.MaxBandwidth)
+	}
+	if p.MaxPostcopyBandwidth != nil {
+		add("max-postcopy-bandwidth", *p.MaxPostcopyBandwidth)
 	}
 	if p.DowntimeLimit != nil {
 		add("downtime-limit", *p.DowntimeLimit)

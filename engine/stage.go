@@ -21,28 +21,33 @@ import "fmt"
 // that the migration completed after all (complete); a failure after the
 // source completed goes to rescue, which rolls back (resuming the source)
 // when the guest never ran on the destination. Any stage may end (ended).
+// Postcopy has a loop of its own (recover.go), never rolled back:
+// postcopy ─▶ postcopy-paused (the link was lost) ─▶ recovering ─▶ postcopy,
+// or back to postcopy-paused for the next attempt.
 type stage uint8
 
 const (
-	stagePrepare    stage = iota // reading and configuring both QEMUs; the undo stack grows
-	stageMirror                  // disk mirrors copying, waiting for every mirror to be READY
-	stageStart                   // migrate-incoming on the destination, then migrate on the source
-	stagePrecopy                 // RAM pre-copy running: the strategy steers
-	stagePaused                  // the engine stopped the source (stop-and-copy forced); QEMU finishes
-	stageStopCopy                // QEMU stopped the source for its stop-and-copy (STOP, device, pre-switchover)
-	stageSwitchover              // pre-switchover handled: mirrors finished, migrate-continue sent
-	stagePostcopy                // postcopy asked for or running: the guest runs on the destination; no way back
-	stageSourceDone              // the source completed: the point of no return
-	stageComplete                // finishing on the destination (wait for it, cont, clean up)
-	stageRollback                // the undo stack runs
-	stageRescue                  // failed after the source completed: resume the source if the guest never left it
-	stageEnded                   // the Result is final
+	stagePrepare        stage = iota // reading and configuring both QEMUs; the undo stack grows
+	stageMirror                      // disk mirrors copying, waiting for every mirror to be READY
+	stageStart                       // migrate-incoming on the destination, then migrate on the source
+	stagePrecopy                     // RAM pre-copy running: the strategy steers
+	stagePaused                      // the engine stopped the source (stop-and-copy forced); QEMU finishes
+	stageStopCopy                    // QEMU stopped the source for its stop-and-copy (STOP, device, pre-switchover)
+	stageSwitchover                  // pre-switchover handled: mirrors finished, migrate-continue sent
+	stagePostcopy                    // postcopy asked for or running: the guest runs on the destination; no way back
+	stagePostcopyPaused              // postcopy's link lost: both sides in (or being put in) postcopy-paused (recover.go)
+	stageRecovering                  // a recovery attempt: migrate-recover on the destination, migrate resume on the source
+	stageSourceDone                  // the source completed: the point of no return
+	stageComplete                    // finishing on the destination (wait for it, cont, clean up)
+	stageRollback                    // the undo stack runs
+	stageRescue                      // failed after the source completed: resume the source if the guest never left it
+	stageEnded                       // the Result is final
 	numStages
 )
 
 var stageNames = [numStages]string{
 	"prepare", "mirror", "start", "precopy", "paused", "stopcopy", "switchover",
-	"postcopy", "sourcedone", "complete", "rollback", "rescue", "ended",
+	"postcopy", "postcopy-paused", "recovering", "sourcedone", "complete", "rollback", "rescue", "ended",
 }
 
 func (s stage) String() string {
@@ -64,11 +69,15 @@ var next = [numStages][]stage{
 	stagePaused:     {stageSwitchover, stagePostcopy, stageSourceDone, stageRollback},
 	stageStopCopy:   {stageSwitchover, stagePostcopy, stageSourceDone, stageRollback},
 	stageSwitchover: {stagePostcopy, stageSourceDone, stageRollback},
-	stagePostcopy:   {stageSourceDone},
-	stageSourceDone: {stageComplete, stageRescue},
-	stageComplete:   {stageRescue},
-	stageRollback:   {stageComplete},
-	stageRescue:     {stageRollback},
+	stagePostcopy:   {stagePostcopyPaused, stageSourceDone},
+	// A lost link pauses postcopy; each recovery attempt either brings it
+	// back (postcopy) or falls back to paused for the next one.
+	stagePostcopyPaused: {stageRecovering, stagePostcopy, stageSourceDone},
+	stageRecovering:     {stagePostcopy, stagePostcopyPaused, stageSourceDone},
+	stageSourceDone:     {stageComplete, stageRescue},
+	stageComplete:       {stageRescue},
+	stageRollback:       {stageComplete},
+	stageRescue:         {stageRollback},
 }
 
 // phase is the Phase a stage reports to the observer; "" keeps the one
@@ -81,7 +90,7 @@ func (s stage) phase() Phase {
 		return PhaseStart
 	case stagePrecopy:
 		return PhaseConverge
-	case stagePaused, stageStopCopy, stageSwitchover, stagePostcopy, stageSourceDone:
+	case stagePaused, stageStopCopy, stageSwitchover, stagePostcopy, stagePostcopyPaused, stageRecovering, stageSourceDone:
 		return PhaseSwitchover
 	case stageComplete:
 		return PhaseComplete
@@ -117,6 +126,12 @@ func (s stage) rollsBack() bool { return s < stagePostcopy }
 // rollback). In postcopy a cancel is ignored and the migration finishes;
 // once the source completed the engine finishes regardless.
 func (s stage) cancellable() bool { return s.rollsBack() }
+
+// postcopy: postcopy was asked for or runs, its link possibly lost and
+// being recovered: the guest's state is split between the two QEMUs.
+func (s stage) postcopy() bool {
+	return s == stagePostcopy || s == stagePostcopyPaused || s == stageRecovering
+}
 
 // sourceCompleted: the source's migration completed; the guest's state is
 // on the destination.

@@ -43,14 +43,33 @@ func (r *run) start(ctx context.Context) error {
 	if err != nil {
 		return r.callErr(ctx, SideDestination, "read listening port", err)
 	}
-	r.migCh = ch
+	if err := r.listensAt(ch); err != nil {
+		return r.errorf(SideDestination, "read listening port", err)
+	}
 	r.pushMigrationUndo()
-	if err := r.migrate(ctx, ch); err != nil {
+	if err := r.migrate(ctx, r.migCh); err != nil {
 		return r.callErr(ctx, SideSource, "migrate", err)
 	}
 	if r.stage == stageStart { // (a STOP seen while migrate waited for its answer moved it on)
 		r.enter(stagePrecopy)
 	}
+	return nil
+}
+
+// listensAt records where the destination listens (ch, its port
+// resolved) and so where the source connects: the same channel, or URI
+// when Config.Listen differs (NAT, a proxy), its port 0 meaning the one
+// the destination listens on.
+func (r *run) listensAt(ch transport.Channel) error {
+	r.listen, r.migCh = ch, ch
+	if r.cfg.Listen == "" {
+		return nil
+	}
+	uri, err := r.uri.WithPort(&qmp.MigrationInfo{SocketAddress: []qmp.SocketAddress{ch.SocketAddress()}})
+	if err != nil {
+		return err
+	}
+	r.migCh = uri
 	return nil
 }
 

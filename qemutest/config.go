@@ -21,7 +21,7 @@ func capNames() []string {
 // defaultParams are QEMU's defaults for the parameters the fake knows.
 func defaultParams() map[string]any {
 	return map[string]any{
-		"max-bandwidth": uint64(134217728), "downtime-limit": uint64(300), "multifd-channels": 2,
+		"max-bandwidth": uint64(134217728), "max-postcopy-bandwidth": uint64(0), "downtime-limit": uint64(300), "multifd-channels": 2,
 		"cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "max-cpu-throttle": 99,
 		"throttle-trigger-threshold": 50, "cpu-throttle-tailslow": false,
 		"tls-creds": "", "tls-hostname": "", "tls-authz": "",
@@ -55,6 +55,16 @@ func (q *QEMU) setCapabilities(args json.RawMessage) (any, error) {
 		if _, ok := q.caps[c.Capability]; !ok {
 			return nil, errGeneric(fmt.Sprintf("Parameter 'capability' does not accept value '%s'", c.Capability))
 		}
+	}
+	want := map[string]bool{}
+	for k, v := range q.caps {
+		want[k] = v
+	}
+	for _, c := range a.Capabilities {
+		want[c.Capability] = c.State
+	}
+	if want["postcopy-preempt"] && !want["postcopy-ram"] {
+		return nil, errGeneric("Postcopy preempt requires postcopy-ram")
 	}
 	for _, c := range a.Capabilities {
 		q.caps[c.Capability] = c.State

@@ -89,7 +89,11 @@ func (p *Pair) migrate(args json.RawMessage) (any, error) {
 	if src.run == "postmigrate" {
 		return nil, errGeneric("Can't migrate the vm that was paused due to previous migration")
 	}
-	if p.active() {
+	var resume struct {
+		Resume bool `json:"resume"`
+	}
+	_ = json.Unmarshal(args, &resume)
+	if p.active() && !resume.Resume {
 		return nil, errGeneric("There's a migration process in progress")
 	}
 	if len(p.opt.Blockers) > 0 {
@@ -102,6 +106,9 @@ func (p *Pair) migrate(args json.RawMessage) (any, error) {
 	sa, err := parseChannel(a.URI, a.Channels)
 	if err != nil {
 		return nil, err
+	}
+	if a.Resume {
+		return p.resume(sa)
 	}
 	p.setStatus(qmp.StatusSetup)
 	m := &p.mig

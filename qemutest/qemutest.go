@@ -219,6 +219,7 @@ type Pair struct {
 	mu  sync.Mutex // guards the model: everything below and each QEMU's state
 	mig migration
 	ram ramModel
+	pc  postcopyFaults
 
 	fmu            sync.Mutex
 	frozen         [2]chan struct{} // non-nil while a side is frozen; closed by Thaw
@@ -282,6 +283,7 @@ func New(opt Options) *Pair {
 		q.installConfig()
 		q.installObjects()
 		q.installMigration()
+		q.installPostcopy()
 		if q.block != nil {
 			q.installBlock()
 		} else {

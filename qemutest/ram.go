@@ -115,14 +115,16 @@ func (p *Pair) runRAM(stop, done chan struct{}) {
 
 // rate is the link's throughput now.
 func (p *Pair) rate() float64 {
-	if p.isFrozen(Destination) {
-		return 0 // a stopped destination reads nothing
+	if p.isFrozen(Destination) || p.pc.blackHole {
+		return 0 // a stopped destination reads nothing; a black hole passes nothing
 	}
-	r := p.opt.Throughput
+	r, limit := p.opt.Throughput, "max-bandwidth"
 	if p.mig.status.Postcopy() {
-		r = p.opt.PostcopyRate
+		// QEMU switches the rate limit to max-postcopy-bandwidth (0:
+		// unlimited) when postcopy starts.
+		r, limit = p.opt.PostcopyRate, "max-postcopy-bandwidth"
 	}
-	if bw := float64(p.Src.param("max-bandwidth")); bw > 0 && bw < r {
+	if bw := float64(p.Src.param(limit)); bw > 0 && bw < r {
 		r = bw
 	}
 	return r
@@ -243,8 +245,24 @@ func (p *Pair) step(dt time.Duration) bool {
 	case qmp.StatusSetup:
 		return p.stepSetup()
 	}
+	if m.status.Terminal() || p.pc.srcDead {
+		return true
+	}
+	if p.stepPostcopyFault() {
+		return false
+	}
+	if m.dstDead && m.status.Postcopy() {
+		// QEMU pauses postcopy on a stream error, whatever its cause.
+		p.pausePostcopy(true, false)
+		return false
+	}
 	if m.dstDead {
 		return p.fail("Unable to write to socket: Broken pipe")
+	}
+	if p.pc.reset {
+		p.pc.reset = false
+		p.dstExit()
+		return p.fail("Unable to write to socket: Connection reset by peer")
 	}
 	switch {
 	case m.status == qmp.StatusPreSwitchover:

@@ -138,7 +138,7 @@ func (q *QEMU) schema() []map[string]any {
 	}
 	cmds := []string{"query-status", "query-migrate", "migrate-set-capabilities", "migrate-set-parameters",
 		"query-migrate-capabilities", "query-migrate-parameters", "migrate", "migrate-incoming", "migrate_cancel",
-		"migrate-continue", "migrate-start-postcopy", "stop", "cont", "query-uuid", "qom-get", "qom-list", "query-memory-size-summary",
+		"migrate-continue", "migrate-start-postcopy", "migrate-pause", "migrate-recover", "stop", "cont", "query-uuid", "qom-get", "qom-list", "query-memory-size-summary",
 		"object-add", "object-del"}
 	cmds = append(cmds, q.blockCommands()...)
 	cmds = append(cmds, machineCommands()...)

@@ -212,6 +212,9 @@ func summary(r *engine.Result, demo *demoVerdict) []string {
 	case engine.StatusCompleted:
 		lines = append(lines, fmt.Sprintf("completed in %s: downtime %s, %s transferred, %d decision%s; the guest runs on the destination",
 			formatDuration(r.Total), formatDuration(r.Downtime), formatBytes(r.TransferredBytes), len(r.Decisions), plural))
+		if r.Recoveries > 0 {
+			lines = append(lines, fmt.Sprintf("postcopy's link was lost and recovered %d time(s); the guest stalled %s in all", r.Recoveries, formatDuration(r.PostcopyStall)))
+		}
 	default:
 		// The error itself goes to stderr (see finish).
 		lines = append(lines, fmt.Sprintf("%s after %s", r.Status, formatDuration(r.Total)))
@@ -224,6 +227,12 @@ func summary(r *engine.Result, demo *demoVerdict) []string {
 		switch {
 		case r.StateUnknown:
 			lines = append(lines, "where the guest runs is unknown: check both QEMUs")
+		case r.Lost == engine.GuestLost:
+			lines = append(lines, "GUEST LOST: the destination QEMU went away in postcopy; the source's stale copy is left paused (never resume it)")
+		case r.Lost == engine.PagesLost:
+			lines = append(lines, "GUEST'S MISSING PAGES LOST: the source QEMU went away in postcopy; the destination holds the guest, stalled on them")
+		case r.Lost == engine.PostcopyPaused:
+			lines = append(lines, "postcopy paused, not recovered: both QEMUs left in postcopy-paused (the destination holds the guest, the source its missing pages); qmigrate adopt can retry the recovery")
 		case errors.Is(r.Err, engine.ErrPostcopyFailed):
 			lines = append(lines, "the failure came during postcopy: the guest's state is split between source and destination")
 		case !isBadInput(r.Err):

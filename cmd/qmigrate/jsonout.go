@@ -77,6 +77,18 @@ type jsonDecision struct {
 	Error           string        `json:"error,omitempty"`
 }
 
+// jsonRecovery is a step of a postcopy recovery.
+type jsonRecovery struct {
+	Type      string `json:"type"` // "recovery"
+	ElapsedMS int64  `json:"elapsed_ms"`
+	Step      string `json:"step"` // link-lost, attempt, failed, recovered, gave-up
+	Loss      int    `json:"loss"`
+	Attempt   int    `json:"attempt"`
+	Detail    string `json:"detail,omitempty"`
+	StalledMS int64  `json:"stalled_ms"`
+	BackoffMS int64  `json:"backoff_ms,omitempty"`
+}
+
 type jsonDisk struct {
 	Type       string `json:"type"`
 	Node       string `json:"node"`
@@ -124,6 +136,14 @@ type jsonResult struct {
 	UndoErrors       []string             `json:"undo_errors"`
 	// Only when the engine could not tell where the guest runs.
 	StateUnknown bool `json:"state_unknown,omitempty"`
+	// Only for a postcopy that could not be finished: "guest_lost" (the
+	// destination QEMU went away), "pages_lost" (the source QEMU went
+	// away), "postcopy_paused" (not recovered in time, both left paused).
+	State string `json:"state,omitempty"`
+	// Postcopy recoveries after a lost link, and how long the guest
+	// stalled for them.
+	Recoveries      int   `json:"recoveries,omitempty"`
+	PostcopyStallMS int64 `json:"postcopy_stall_ms,omitempty"`
 	// Demo only: what the check of the guest on the destination found.
 	Verified *bool  `json:"verified,omitempty"`
 	Verdict  string `json:"verdict,omitempty"`
@@ -205,6 +225,13 @@ func jsonEvent(ev engine.Event) any {
 		}
 		return jsonLimits{Type: "limits", ElapsedMS: ms(ev.Elapsed), BandwidthBPS: bw, MaxDowntimeMS: ms(maxDowntimeOf(l)),
 			BudgetMS: ms(l.Budget), DowntimeLimitMS: ms(l.DowntimeLimit)}
+	case engine.EventRecovery:
+		if ev.Recovery == nil {
+			return nil
+		}
+		rc := ev.Recovery
+		return jsonRecovery{Type: "recovery", ElapsedMS: ms(ev.Elapsed), Step: string(rc.Step), Loss: rc.Loss,
+			Attempt: rc.Attempt, Detail: rc.Detail, StalledMS: ms(rc.Stalled), BackoffMS: ms(rc.Backoff)}
 	}
 	return nil
 }
@@ -226,6 +253,9 @@ func jsonResultOf(r *engine.Result) jsonResult {
 		Undone:           append(make([]string, 0, len(r.Undone)), r.Undone...),
 		UndoErrors:       append(make([]string, 0, len(r.UndoErrors)), r.UndoErrors...),
 		StateUnknown:     r.StateUnknown,
+		State:            string(r.Lost),
+		Recoveries:       r.Recoveries,
+		PostcopyStallMS:  ms(r.PostcopyStall),
 	}
 	for _, d := range r.Decisions {
 		dl, th := decisionDetails(d)

@@ -22,6 +22,7 @@ import (
 	"github.com/qmigrate/qmigrate/metrics"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/strategy"
+	"github.com/qmigrate/qmigrate/transport"
 )
 
 // limitOptions are the flags that shape a migration, shared by migrate and
@@ -110,6 +111,7 @@ func (o *limitOptions) logger(stderr io.Writer) *slog.Logger {
 type migrateOptions struct {
 	limitOptions
 	src, dst, uri string
+	listen        string
 	copyStorage   bool
 	disks         stringList
 	nbd           string
@@ -125,6 +127,7 @@ func (o *migrateOptions) flagSet() *flag.FlagSet {
 	fs.StringVar(&o.src, "src", "", "QMP socket `ADDR` of the source QEMU: unix:/path or tcp:host:port (required)")
 	fs.StringVar(&o.dst, "dst", "", "QMP socket `ADDR` of the destination QEMU, started with -incoming defer: unix:/path or tcp:host:port (required)")
 	fs.StringVar(&o.uri, "uri", "", "`URI` where the destination listens for the migration stream: unix:/path (absolute) or tcp:host:port (port 0 lets QEMU pick) (required)")
+	fs.StringVar(&o.listen, "listen", "", "`URI` where the destination binds, when it differs from where the source connects (--uri): tcp:0.0.0.0:4444 or tcp:[::]:4444 behind a host address, NAT or a proxy; a postcopy recovery listens there too (default: --uri)")
 	o.limitOptions.register(fs)
 	fs.BoolVar(&o.copyStorage, "copy-storage", false, "also migrate the disks (all writable, non-shared ones) over NBD, for hosts that do not share storage")
 	fs.Var(&o.disks, "disk", "migrate the disk of block `NODE` (repeatable, or comma-separated); implies --copy-storage for just those nodes")
@@ -150,6 +153,12 @@ func (o *migrateOptions) config() (engine.Config, error) {
 	if err != nil {
 		return engine.Config{}, err
 	}
+	if o.listen != "" {
+		lc, err := transport.Parse(o.listen)
+		if err != nil || lc.Scheme != ch.Scheme || lc.Scheme == transport.FD {
+			return engine.Config{}, fmt.Errorf("--listen %q: want a %s: URI like --uri's", o.listen, ch.Scheme)
+		}
+	}
 	if qmp.SameSocket(src, dst) {
 		if o.src == o.dst {
 			return engine.Config{}, fmt.Errorf("--src and --dst are the same socket %q", o.src)
@@ -171,6 +180,7 @@ func (o *migrateOptions) config() (engine.Config, error) {
 		Source:              sep,
 		Destination:         dep,
 		URI:                 o.uri,
+		Listen:              o.listen,
 		MultifdChannels:     int(o.multifd),
 		Bandwidth:           uint64(o.bandwidth),
 		Strategy:            o.limitOptions.strategy(),
@@ -256,6 +266,10 @@ JSON OUTPUT (--json)
         the limits in force changed mid-flight (through engine.Job's
         SetBandwidth, SetMaxDowntime, SetBudget); bandwidth_bps 0 is
         unlimited, budget_ms 0 none
+    {"type":"recovery","elapsed_ms","step","loss","attempt"[,"detail"],
+     "stalled_ms"[,"backoff_ms"]}
+        postcopy's link was lost (step link-lost) and is being recovered:
+        attempt, failed (retried after backoff_ms), recovered, or gave-up
   The last line is always the result, whatever happened, even for bad usage
   or an address that cannot be reached (then status is "failed"):
     {"type":"result","status","total_ms","downtime_ms"[,"max_downtime_ms",
@@ -268,7 +282,14 @@ JSON OUTPUT (--json)
         status is not completed; undone lists the rollback steps that ran,
         undo_errors those that failed; "state_unknown":true is added when
         qmigrate could not tell where the guest runs (a QEMU stopped
-        answering after the switchover began: check both QEMUs)
+        answering after the switchover began: check both QEMUs);
+        "state" is added for a postcopy that could not be finished:
+        "guest_lost" (the destination QEMU went away: the guest is lost, the
+        source's stale copy left paused), "pages_lost" (the source QEMU went
+        away: the destination holds the guest, stalled on the pages it
+        lacks), "postcopy_paused" (not recovered in time: both QEMUs left
+        paused, qmigrate adopt can retry); "recoveries" and
+        "postcopy_stall_ms" when postcopy's link was lost and recovered
 
 EXIT STATUS
   0  completed: the guest runs on the destination
@@ -353,7 +374,7 @@ func wrap(s string, width int, indent string) string {
 // migrateFlagOrder lists the flags in the order the help shows them.
 func migrateFlagOrder() []string {
 	return []string{
-		"src", "dst", "uri", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
+		"src", "dst", "uri", "listen", "max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
 		"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "copy-storage", "disk", "nbd",
 		"write-blocking", "tls-x509", "tls-psk", "tls-psk-user", "tls-hostname", "tls-authz", "qmp-tls-x509", "insecure-qmp",
 		"connect-timeout", "unresponsive-timeout", "metrics-addr", "json", "verbose",

@@ -1,0 +1,452 @@
+package engine
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/qmigrate/qmigrate/qmp"
+	"github.com/qmigrate/qmigrate/transport"
+)
+
+// Postcopy's link lost, and its recovery.
+//
+// In postcopy the guest runs on the destination while the pages it has
+// not received yet are only on the source: neither side can be given up,
+// and the migration is never cancelled nor rolled back. A link that breaks
+// shows in one of two ways:
+//
+//   - a reset (or a QEMU that notices the broken stream): the sides go to
+//     postcopy-paused by themselves; the source's status or the
+//     destination's MIGRATION event says so;
+//   - a black hole (packets dropped, no reset): QEMU waits on TCP for
+//     minutes while nothing moves. After Config.PostcopyStallTimeout with
+//     no byte transferred and pages remaining, the engine sends
+//     migrate-pause (out of band where the monitor negotiated it) to each
+//     side still in postcopy-active or postcopy-recover.
+//
+// Once both sides are paused, each attempt asks the destination to listen
+// again (migrate-recover, at Config.Listen or URI with the port the
+// migration used, TLS parameters still in force) and the source to resume
+// (migrate with resume, to the address it migrated to). Both go back to
+// postcopy-active, or fall back to postcopy-paused when the attempt fails
+// (the link dropping again, a handshake cut half-way, nobody listening);
+// attempts are retried with backoff until Config.RecoveryTimeout after the
+// loss. Each loss, attempt and outcome is an EventRecovery.
+//
+// Recovery is impossible when a QEMU went away: the destination (the guest
+// ran there: lost, ErrGuestLost) or the source (the pages it alone held:
+// lost, ErrPagesLost). The engine then ends at once with that error and
+// leaves the other QEMU as it is (the source is never resumed once the
+// destination ran: their memories diverged).
+
+// Backoff between recovery attempts.
+const (
+	recoveryBackoffMin = 250 * time.Millisecond
+	recoveryBackoffMax = 5 * time.Second
+)
+
+// postcopyPreempt reports whether postcopy-preempt is wanted: postcopy
+// permitted, both QEMUs 8.0 or newer (7.2's preempt channel speaks another
+// protocol), and no multifd.
+func (r *run) postcopyPreempt() bool {
+	return r.setup.Postcopy && r.cfg.MultifdChannels == 0 &&
+		r.src.Version().AtLeast(8, 0) && r.dst.Version().AtLeast(8, 0)
+}
+
+// postcopyWatch is what the engine watches of postcopy's link.
+type postcopyWatch struct {
+	lastBytes uint64    // the source's ram.transferred at the last move
+	lastMove  time.Time // when it last grew (or postcopy started or recovered)
+	dstPaused bool      // the destination's MIGRATION event said postcopy-paused
+	losses    int       // losses of the link in this migration
+}
+
+// dstEvent notes a destination MIGRATION event that reports postcopy
+// paused: converge then checks the link.
+func (r *run) dstEvent(ev qmp.Event) {
+	if ev.Name != "MIGRATION" || !r.stage.postcopy() {
+		return
+	}
+	var d struct {
+		Status qmp.MigrationStatus `json:"status"`
+	}
+	if json.Unmarshal(ev.Data, &d) == nil && d.Status == qmp.StatusPostcopyPaused {
+		r.pc.dstPaused = true
+	}
+}
+
+// postcopyLost looks at a poll of the source in postcopy and returns how
+// the link was seen lost ("" while it works).
+func (r *run) postcopyLost(ctx context.Context, info *qmp.MigrationInfo) (string, error) {
+	w := &r.pc
+	now := time.Now()
+	if w.lastMove.IsZero() {
+		w.lastMove = now
+	}
+	switch info.Status {
+	case qmp.StatusPostcopyPaused, qmp.StatusPostcopyRecover, qmp.StatusPostcopyRecoverSetup:
+		return "the source reports " + string(info.Status), nil
+	}
+	if w.dstPaused {
+		w.dstPaused = false
+		dm, err := ask(r, ctx, SideDestination, "query-migrate", r.dst.QueryMigrate)
+		if err != nil {
+			return "", r.postcopyCallErr(ctx, SideDestination, "query-migrate", err)
+		}
+		if dm.Status == qmp.StatusPostcopyPaused {
+			return "the destination reports postcopy-paused", nil
+		}
+	}
+	if info.Status != qmp.StatusPostcopyActive || info.RAM == nil {
+		return "", nil
+	}
+	if info.RAM.Transferred > w.lastBytes || info.RAM.Remaining == 0 {
+		w.lastBytes, w.lastMove = info.RAM.Transferred, now
+		return "", nil
+	}
+	if d := now.Sub(w.lastMove); d >= r.cfg.postcopyStall() {
+		return fmt.Sprintf("nothing transferred for %v with %d bytes remaining", d.Round(time.Millisecond), info.RAM.Remaining), nil
+	}
+	return "", nil
+}
+
+// recoverPostcopy sees a lost link through to postcopy running again (nil),
+// or ends with why it cannot: ErrGuestLost, ErrPagesLost, ErrRecoveryFailed
+// (or an unanswered command). A cancel of ctx is ignored, as everywhere in
+// postcopy.
+func (r *run) recoverPostcopy(ctx context.Context, why string) error {
+	ctx = context.WithoutCancel(ctx)
+	w := &r.pc
+	w.losses++
+	lostAt := time.Now()
+	r.enter(stagePostcopyPaused)
+	r.log.Warn("postcopy link lost: recovering", "why", why, "loss", w.losses)
+	r.emitRecovery(Recovery{Step: RecoveryLinkLost, Detail: why}, lostAt)
+	defer func() {
+		r.res.PostcopyStall += time.Since(lostAt)
+		w.dstPaused = false
+		w.lastMove = time.Now()
+	}()
+	budget := r.cfg.recoveryTimeout()
+	deadline := lostAt.Add(budget)
+	backoff := recoveryBackoffMin
+	last := why
+	for attempt := 1; ; attempt++ {
+		done, err := r.pauseBoth(ctx, attempt > 1)
+		if err != nil {
+			return r.gaveUp(attempt-1, err, lostAt)
+		}
+		if done && attempt > 1 {
+			// The last attempt succeeded late (a handshake held up by the
+			// link, or a source that could not be paused meanwhile).
+			r.res.Recoveries++
+			r.enter(stagePostcopy)
+			r.drainEvents()
+			r.emitRecovery(Recovery{Step: RecoveryRecovered, Attempt: attempt - 1}, lostAt)
+			return nil
+		}
+		if done {
+			return nil // the source completed: converge finishes
+		}
+		if r.listen.Scheme == transport.FD {
+			return r.gaveUp(attempt-1, r.errorf("", "recover", fmt.Errorf("%w: %w: an fd: channel cannot be opened again", ErrPostcopyFailed, ErrRecoveryFailed)), lostAt)
+		}
+		if budget < 0 || !time.Now().Before(deadline) {
+			return r.gaveUp(attempt-1, r.errorf("", "recover", fmt.Errorf("%w: %w: no recovery within %v (the last: %s)", ErrPostcopyFailed, ErrRecoveryFailed, max(budget, 0), last)), lostAt)
+		}
+		r.enter(stageRecovering)
+		r.res.RecoveryAttempts++
+		r.emitRecovery(Recovery{Step: RecoveryAttempt, Attempt: attempt}, lostAt)
+		ok, detail, err := r.recoverOnce(ctx)
+		if err != nil {
+			return r.gaveUp(attempt, err, lostAt)
+		}
+		if ok {
+			r.res.Recoveries++
+			r.enter(stagePostcopy)
+			r.drainEvents()
+			r.emitRecovery(Recovery{Step: RecoveryRecovered, Attempt: attempt}, lostAt)
+			r.log.Info("postcopy recovered", "loss", w.losses, "attempt", attempt, "stalled", time.Since(lostAt))
+			return nil
+		}
+		last = detail
+		r.enter(stagePostcopyPaused)
+		wait := max(min(backoff, time.Until(deadline)), 0)
+		r.log.Warn("postcopy recovery attempt failed", "attempt", attempt, "why", detail, "next in", wait)
+		r.emitRecovery(Recovery{Step: RecoveryFailed, Attempt: attempt, Detail: detail, Backoff: wait}, lostAt)
+		if _, err := r.watchFor(ctx, wait); err != nil {
+			return r.gaveUp(attempt, err, lostAt)
+		}
+		backoff = min(backoff*2, recoveryBackoffMax)
+	}
+}
+
+func (r *run) emitRecovery(rc Recovery, lostAt time.Time) {
+	rc.Loss = r.pc.losses
+	rc.Stalled = time.Since(lostAt)
+	r.emit(Event{Kind: EventRecovery, Recovery: &rc})
+}
+
+// gaveUp reports the end of a recovery that cannot succeed.
+func (r *run) gaveUp(attempt int, err error, lostAt time.Time) error {
+	if errors.Is(err, ErrRecoveryFailed) {
+		r.res.Lost = PostcopyPaused
+	}
+	r.emitRecovery(Recovery{Step: RecoveryGaveUp, Attempt: attempt, Detail: err.Error()}, lostAt)
+	return err
+}
+
+// pauseBoth brings both sides to postcopy-paused: migrate-pause to each
+// side still in postcopy-active or postcopy-recover (the link may be a
+// black hole, which QEMU does not notice for minutes), then waits until
+// both are paused, for at most the stall timeout (a side that cannot be
+// paused yet makes the attempt fail, and the next one tries again). done:
+// the source completed, or (after an attempt, late) both run postcopy again.
+func (r *run) pauseBoth(ctx context.Context, afterAttempt bool) (done bool, err error) {
+	limit := time.Now().Add(r.cfg.postcopyStall())
+	sent := map[Side]bool{}
+	for {
+		src, dst, err := r.postcopyStatus(ctx)
+		if err != nil {
+			return false, err
+		}
+		if src == qmp.StatusCompleted {
+			return true, nil
+		}
+		if afterAttempt && src == qmp.StatusPostcopyActive && (dst == qmp.StatusPostcopyActive || dst == qmp.StatusCompleted) {
+			return true, nil
+		}
+		// A destination in postcopy-recover-setup only listens (an earlier
+		// attempt's migrate-recover): nothing to pause there.
+		dstReady := dst == qmp.StatusPostcopyPaused || dst == qmp.StatusPostcopyRecoverSetup
+		if src == qmp.StatusPostcopyPaused && dstReady {
+			return false, nil
+		}
+		for _, s := range []struct {
+			side Side
+			st   qmp.MigrationStatus
+			c    *qmp.Client
+		}{{SideSource, src, r.src}, {SideDestination, dst, r.dst}} {
+			switch s.st {
+			case qmp.StatusPostcopyActive, qmp.StatusPostcopyRecover:
+			case qmp.StatusPostcopyRecoverSetup:
+				if s.side == SideDestination {
+					continue
+				}
+			default:
+				continue
+			}
+			if sent[s.side] {
+				continue
+			}
+			sent[s.side] = true
+			r.log.Info("migrate-pause", "side", s.side, "status", s.st)
+			if err := r.do(ctx, s.side, "migrate-pause", s.c.MigratePause); err != nil {
+				if !isQMPError(err) {
+					return false, r.postcopyCallErr(ctx, s.side, "migrate-pause", err)
+				}
+				r.log.Debug("migrate-pause refused", "side", s.side, "err", err)
+			}
+		}
+		if !time.Now().Before(limit) {
+			r.log.Debug("not both paused", "source", src, "destination", dst)
+			return false, nil
+		}
+		if _, err := r.watchFor(ctx, r.recoveryPoll()); err != nil {
+			return false, err
+		}
+	}
+}
+
+// recoverOnce is one attempt: the destination listens again, the source
+// resumes, and the attempt waits for both to run postcopy again (ok), or
+// for it to fail (detail says why).
+func (r *run) recoverOnce(ctx context.Context) (ok bool, detail string, err error) {
+	uri := r.listen.String()
+	r.log.Info("migrate-recover", "uri", uri)
+	var refused error
+	if err := r.do(ctx, SideDestination, "migrate-recover", func(c context.Context) error { return r.dst.MigrateRecover(c, uri) }); err != nil {
+		if !isQMPError(err) {
+			return false, "", r.postcopyCallErr(ctx, SideDestination, "migrate-recover", err)
+		}
+		// It may listen already since an earlier attempt (QEMU refuses a
+		// second migrate-recover then): the resume tells.
+		refused = err
+		r.log.Debug("migrate-recover refused", "err", err)
+	}
+	if r.listen.NeedsPort() && refused == nil {
+		// Adopted without the port the migration used: QEMU picked one.
+		ch, err := ask(r, ctx, SideDestination, "read listening port", func(c context.Context) (transport.Channel, error) {
+			return resolvePort(c, r.dst, r.listen)
+		})
+		if err != nil {
+			return false, "", r.postcopyCallErr(ctx, SideDestination, "read listening port", err)
+		}
+		if err := r.listensAt(ch); err != nil {
+			return false, "", r.errorf(SideDestination, "read listening port", err)
+		}
+	}
+	args := r.migCh.MigrateArgs(r.srcForm)
+	args.Resume = true
+	r.log.Info("migrate resume", "uri", r.migCh.String())
+	if err := r.do(ctx, SideSource, "migrate", func(c context.Context) error { return r.src.Migrate(c, args) }); err != nil {
+		if !isQMPError(err) {
+			return false, "", r.postcopyCallErr(ctx, SideSource, "migrate", err)
+		}
+		d := "the source refused to resume: " + err.Error()
+		if refused != nil {
+			d += "; the destination refused migrate-recover: " + refused.Error()
+		}
+		return false, d, nil
+	}
+	limit := time.Now().Add(r.cfg.postcopyStall())
+	left := false // the source left postcopy-paused: a fall back to it is a failure
+	for {
+		src, dst, err := r.postcopyStatus(ctx)
+		if err != nil {
+			return false, "", err
+		}
+		switch {
+		case src == qmp.StatusCompleted:
+			return true, "", nil
+		case src == qmp.StatusPostcopyActive && (dst == qmp.StatusPostcopyActive || dst == qmp.StatusCompleted):
+			return true, "", nil
+		case src == qmp.StatusPostcopyPaused && left:
+			return false, "the link broke again during the handshake: " + r.srcErrorDesc(ctx), nil
+		case src != qmp.StatusPostcopyPaused:
+			left = true
+		}
+		if !time.Now().Before(limit) {
+			return false, fmt.Sprintf("not recovered within %v (source %s, destination %s)", r.cfg.postcopyStall(), src, dst), nil
+		}
+		moved, err := r.watchFor(ctx, r.recoveryPoll())
+		if err != nil {
+			return false, "", err
+		}
+		left = left || moved
+	}
+}
+
+// srcErrorDesc is the source's error-desc, for a failed attempt's detail.
+func (r *run) srcErrorDesc(ctx context.Context) string {
+	info, err := ask(r, ctx, SideSource, "query-migrate", r.src.QueryMigrate)
+	if err != nil || info.ErrorDesc == "" {
+		return "source back in postcopy-paused"
+	}
+	return info.ErrorDesc
+}
+
+// postcopyStatus reads both sides' migration status.
+func (r *run) postcopyStatus(ctx context.Context) (src, dst qmp.MigrationStatus, err error) {
+	if err := r.lostSide(); err != nil {
+		return "", "", err
+	}
+	info, err := ask(r, ctx, SideSource, "query-migrate", r.src.QueryMigrate)
+	if err != nil {
+		return "", "", r.postcopyCallErr(ctx, SideSource, "query-migrate", err)
+	}
+	r.lastInfo = info
+	dm, err := ask(r, ctx, SideDestination, "query-migrate", r.dst.QueryMigrate)
+	if err != nil {
+		return "", "", r.postcopyCallErr(ctx, SideDestination, "query-migrate", err)
+	}
+	return info.Status, dm.Status, nil
+}
+
+func (r *run) recoveryPoll() time.Duration { return min(r.cfg.pollInterval(), 100*time.Millisecond) }
+
+// watchFor waits d, or less when a side's MIGRATION event arrives; moved
+// says the source reported a status other than postcopy-paused meanwhile.
+// A QEMU that goes away ends it with the error that says what is lost.
+func (r *run) watchFor(ctx context.Context, d time.Duration) (moved bool, err error) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	var srcEv, dstEv <-chan qmp.Event
+	if r.srcSub != nil {
+		srcEv = r.srcSub.C
+	}
+	if r.dstSub != nil {
+		dstEv = r.dstSub.C
+	}
+	for {
+		select {
+		case <-r.dst.Done():
+			return moved, r.lostSide()
+		case <-r.src.Done():
+			return moved, r.lostSide()
+		case ev, ok := <-srcEv:
+			if !ok {
+				srcEv = nil
+				continue
+			}
+			r.event(SideSource, ev)
+			if st := migrationStatus(ev); st != "" && st != qmp.StatusPostcopyPaused {
+				moved = true
+			}
+			if ev.Name == "MIGRATION" {
+				return moved, nil
+			}
+		case ev, ok := <-dstEv:
+			if !ok {
+				dstEv = nil
+				continue
+			}
+			r.event(SideDestination, ev)
+		case q := <-r.job.reqs:
+			if err := r.serve(ctx, q); err != nil {
+				return moved, err
+			}
+		case <-t.C:
+			return moved, nil
+		}
+	}
+}
+
+func migrationStatus(ev qmp.Event) qmp.MigrationStatus {
+	if ev.Name != "MIGRATION" {
+		return ""
+	}
+	var d struct {
+		Status qmp.MigrationStatus `json:"status"`
+	}
+	_ = json.Unmarshal(ev.Data, &d)
+	return d.Status
+}
+
+// lostSide is the error for a QEMU gone in postcopy (nil while both are
+// there): the destination first (the guest ran there).
+func (r *run) lostSide() error {
+	switch {
+	case r.dst.Err() != nil:
+		r.res.Lost = GuestLost
+		return r.errorf(SideDestination, "postcopy", fmt.Errorf("%w: %w: %w: %w", ErrPostcopyFailed, ErrGuestLost, ErrDestinationGone, r.dst.Err()))
+	case r.src.Err() != nil:
+		r.res.Lost = PagesLost
+		return r.errorf(SideSource, "postcopy", fmt.Errorf("%w: %w: %w: %w", ErrPostcopyFailed, ErrPagesLost, ErrSourceGone, r.src.Err()))
+	}
+	return nil
+}
+
+// postcopyCallErr classifies a failed command in postcopy: a QEMU gone
+// (its monitor closed, maybe a moment after the command failed) is what is
+// lost; anything else as callErr.
+func (r *run) postcopyCallErr(ctx context.Context, side Side, op string, err error) error {
+	if isUnanswered(err) {
+		return err
+	}
+	if lerr := r.lostSide(); lerr != nil {
+		return lerr
+	}
+	c := r.client(side)
+	grace := time.NewTimer(500 * time.Millisecond)
+	defer grace.Stop()
+	select {
+	case <-c.Done():
+		return r.lostSide()
+	case <-grace.C:
+	}
+	return r.callErr(ctx, side, op, err)
+}

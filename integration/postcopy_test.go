@@ -1,0 +1,475 @@
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"os/exec"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/qmigrate/qmigrate/engine"
+	"github.com/qmigrate/qmigrate/internal/qemulab"
+	"github.com/qmigrate/qmigrate/qmp"
+	"github.com/qmigrate/qmigrate/strategy"
+)
+
+// TestPostcopyFaults breaks postcopy's link on real QEMUs, through a TCP
+// proxy the test controls between the source (which connects to the
+// proxy, --uri) and the destination (which listens elsewhere, --listen):
+// a reset, a black hole, two losses, a loss during the recovery handshake
+// each recover and complete with the guest intact; a QEMU killed in
+// postcopy ends with the typed error that names what is lost, within
+// seconds, the other QEMU left alive.
+func TestPostcopyFaults(t *testing.T) {
+	q, v := tbQEMU(t)
+	t.Run("LinkReset", func(t *testing.T) { testPostcopyLinkFault(t, q, v, "reset", 1) })
+	t.Run("LinkBlackHole", func(t *testing.T) { testPostcopyLinkFault(t, q, v, "blackhole", 1) })
+	t.Run("LostTwice", func(t *testing.T) { testPostcopyLinkFault(t, q, v, "reset", 2) })
+	t.Run("LostDuringHandshake", func(t *testing.T) { testPostcopyLinkFault(t, q, v, "handshake", 1) })
+	t.Run("DestinationKilled", func(t *testing.T) { testPostcopyKilled(t, q, engine.SideDestination) })
+	t.Run("SourceKilled", func(t *testing.T) { testPostcopyKilled(t, q, engine.SideSource) })
+	t.Run("CLIGuestLost", func(t *testing.T) { testPostcopyCLIGuestLost(t, q) })
+	t.Run("PostcopyBandwidth", func(t *testing.T) { testPostcopyBandwidth(t, q) })
+}
+
+// The user's bandwidth limit holds in postcopy: with a guest that touches
+// little memory (few page requests), the postcopy phase's bytes/s stay
+// at the limit.
+func testPostcopyBandwidth(t *testing.T, q *qemulab.QEMU) {
+	src, dst := enginePair(t, q, 1e6, true, "")
+	cfg := engineConfig(t, src, dst, "tcp:127.0.0.1:0")
+	cfg.Bandwidth = postcopyBandwidth
+	cfg.Strategy.Limits.AllowPostcopy = true
+	var mu sync.Mutex
+	var first, last *engine.Event
+	cfg.Observer = func(e engine.Event) {
+		if e.Kind != engine.EventStats || e.Stats.Status != string(qmp.StatusPostcopyActive) {
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		ev := e
+		if first == nil {
+			first = &ev
+		}
+		last = &ev
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	j, err := engine.Start(ctx, cfg)
+	require.NoError(t, err)
+	require.NoError(t, j.StartPostcopy())
+	res, err := j.Wait(ctx)
+	require.NoError(t, err)
+	mu.Lock()
+	defer mu.Unlock()
+	require.NotNil(t, first, "postcopy seen")
+	require.NotSame(t, first, last)
+	rate := float64(last.Stats.TransferredBytes-first.Stats.TransferredBytes) / (last.Elapsed - first.Elapsed).Seconds()
+	t.Logf("postcopy phase: %.2f MiB/s over %v with --bandwidth %d MiB/s; total %v", rate/(1<<20), last.Elapsed-first.Elapsed, postcopyBandwidth>>20, res.Total)
+	assert.Less(t, rate, 1.25*postcopyBandwidth, "the limit holds in postcopy")
+	assert.Greater(t, rate, 0.5*postcopyBandwidth)
+	_, err = qemulab.CheckSweep(ctx, src.QMP, dst.QMP, qemulab.SweepCheckOptions{})
+	require.NoError(t, err, "destination guest intact")
+}
+
+// postcopyBandwidth keeps postcopy going for several seconds (the sweep
+// guest's 150 MiB at 8 MiB/s), long enough to break its link.
+const postcopyBandwidth = 8 << 20
+
+// postcopyConfig is a migration that goes to postcopy after 2s (it cannot
+// converge: the guest dirties far faster than the link), through proxy.
+func postcopyConfig(t *testing.T, src, dst *qemulab.Instance, p *linkProxy) engine.Config {
+	cfg := engineConfig(t, src, dst, "tcp:"+p.Addr())
+	cfg.Listen = "tcp:" + p.target
+	cfg.Bandwidth = postcopyBandwidth
+	cfg.Strategy.Policy = strategy.PolicyAuto
+	cfg.Strategy.Limits.NoThrottle = true
+	cfg.Strategy.Limits.AllowPostcopy = true
+	cfg.Strategy.Limits.Budget = 2 * time.Second
+	cfg.PostcopyStallTimeout = 3 * time.Second
+	cfg.RecoveryTimeout = 60 * time.Second
+	return cfg
+}
+
+// QEMU 7.2 cannot always recover (measured, qemu-protocol.md): a resume
+// whose connection fails may leave its source in postcopy-recover for good
+// (7.2's migrate-pause works only in postcopy-active), and a handshake cut
+// half-way may crash its destination. There the test accepts the typed
+// ending that says so, both QEMUs left as they were.
+func testPostcopyLinkFault(t *testing.T, q *qemulab.QEMU, v qmp.Version, fault string, losses int) {
+	src, dst := enginePair(t, q, 500e6, true, "")
+	p := newLinkProxy(t)
+	cfg := postcopyConfig(t, src, dst, p)
+	var mu sync.Mutex
+	var steps []string
+	var postcopyAt time.Duration
+	var pcFirst, pcLast *engine.Event
+	lossesLeft := losses
+	injected := 0
+	breakLink := func() {
+		mu.Lock()
+		injected++
+		mu.Unlock()
+		switch fault {
+		case "blackhole":
+			p.BlackHole(true)
+			time.AfterFunc(8*time.Second, func() { p.BlackHole(false) })
+		default:
+			p.Reset()
+		}
+	}
+	var handshakeBroken bool
+	cfg.Observer = func(e engine.Event) {
+		mu.Lock()
+		defer mu.Unlock()
+		switch e.Kind {
+		case engine.EventStats:
+			if e.Stats.Status != string(qmp.StatusPostcopyActive) {
+				return
+			}
+			ev := e
+			if pcFirst == nil {
+				pcFirst = &ev
+				postcopyAt = e.Elapsed
+			}
+			if injected == 0 {
+				pcLast = &ev // the postcopy rate before any fault
+			}
+			if lossesLeft > 0 && e.Elapsed-postcopyAt > 1500*time.Millisecond {
+				lossesLeft--
+				go breakLink()
+				postcopyAt = 1 << 62 // re-armed on recovery
+			}
+		case engine.EventRecovery:
+			steps = append(steps, string(e.Recovery.Step))
+			t.Logf("recovery: %s loss %d attempt %d stalled %v %s", e.Recovery.Step, e.Recovery.Loss, e.Recovery.Attempt, e.Recovery.Stalled, e.Recovery.Detail)
+			switch {
+			case fault == "handshake" && e.Recovery.Step == engine.RecoveryAttempt && !handshakeBroken:
+				// The link drops again as the source reconnects.
+				handshakeBroken = true
+				go p.ResetNextConnection()
+			case e.Recovery.Step == engine.RecoveryRecovered:
+				postcopyAt = e.Elapsed
+			}
+		}
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	res, err := engine.Migrate(ctx, cfg)
+	if err != nil && !v.AtLeast(8, 0) && (errors.Is(err, engine.ErrRecoveryFailed) || errors.Is(err, engine.ErrGuestLost)) {
+		t.Logf("QEMU %s could not recover (%s, %d attempts, steps %v): %v", v, res.Lost, res.RecoveryAttempts, steps, err)
+		info, qerr := src.QMP.QueryMigrate(ctx)
+		require.NoError(t, qerr, "the source is left alive")
+		assert.True(t, info.Status.Postcopy(), "the source is left in postcopy (%s)", info.Status)
+		return
+	}
+	require.NoError(t, err)
+	caps, err := src.QMP.QueryMigrateCapabilities(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, v.AtLeast(8, 0), caps["postcopy-preempt"], "postcopy-preempt from 8.0 on")
+	t.Logf("completed in %v: %d recoveries in %d attempts, guest stalled %v; steps %v", res.Total, res.Recoveries, res.RecoveryAttempts, res.PostcopyStall, steps)
+	assert.Equal(t, losses, res.Recoveries)
+	if fault == "handshake" {
+		assert.Greater(t, res.RecoveryAttempts, 1, "the first attempt was cut")
+		assert.Contains(t, steps, string(engine.RecoveryFailed))
+	}
+	assert.Positive(t, res.PostcopyStall)
+	if pcFirst != nil && pcLast != nil && pcLast != pcFirst {
+		rate := float64(pcLast.Stats.TransferredBytes-pcFirst.Stats.TransferredBytes) / (pcLast.Elapsed - pcFirst.Elapsed).Seconds()
+		// The running guest's page requests (it sweeps 500 MB/s) come on
+		// top of the rate-limited background stream: see PostcopyBandwidth.
+		t.Logf("postcopy phase: %.1f MiB/s with max-postcopy-bandwidth %d MiB/s", rate/(1<<20), postcopyBandwidth>>20)
+	}
+	st, err := dst.QMP.QueryStatus(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, "running", st.Status)
+	si, err := src.QMP.QueryStatus(ctx)
+	require.NoError(t, err)
+	assert.NotEqual(t, "running", si.Status, "the source never resumed")
+	_, err = qemulab.CheckSweep(ctx, src.QMP, dst.QMP, qemulab.SweepCheckOptions{})
+	require.NoError(t, err, "destination guest intact")
+}
+
+func testPostcopyKilled(t *testing.T, q *qemulab.QEMU, side engine.Side) {
+	src, dst := enginePair(t, q, 500e6, true, "")
+	p := newLinkProxy(t)
+	cfg := postcopyConfig(t, src, dst, p)
+	killed := make(chan time.Time, 1)
+	var once sync.Once
+	cfg.Observer = func(e engine.Event) {
+		if e.Kind == engine.EventStats && e.Stats.Status == string(qmp.StatusPostcopyActive) {
+			once.Do(func() {
+				time.AfterFunc(time.Second, func() {
+					killed <- time.Now()
+					if side == engine.SideDestination {
+						dst.Kill()
+					} else {
+						src.Kill()
+					}
+				})
+			})
+		}
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	res, err := engine.Migrate(ctx, cfg)
+	require.Error(t, err)
+	took := time.Since(<-killed)
+	t.Logf("ended %v after the kill: %v (lost %q)", took, err, res.Lost)
+	assert.Less(t, took, 5*time.Second, "within seconds")
+	var ee *engine.Error
+	require.ErrorAs(t, err, &ee)
+	assert.Equal(t, side, ee.Side)
+	assert.ErrorIs(t, err, engine.ErrPostcopyFailed)
+	other := src
+	if side == engine.SideDestination {
+		assert.ErrorIs(t, err, engine.ErrGuestLost)
+		assert.Equal(t, engine.GuestLost, res.Lost)
+	} else {
+		assert.ErrorIs(t, err, engine.ErrPagesLost)
+		assert.Equal(t, engine.PagesLost, res.Lost)
+		other = dst
+	}
+	// The other QEMU is alive and left as it is.
+	assert.False(t, other.Exited(), "qmigrate kills nothing")
+	info, err := other.QMP.QueryMigrate(ctx)
+	require.NoError(t, err)
+	t.Logf("the surviving %s: migration %s", map[bool]string{true: "source", false: "destination"}[other == src], info.Status)
+	assert.True(t, info.Status.Postcopy(), "left in postcopy (%s)", info.Status)
+	if other == src {
+		st, err := src.QMP.QueryStatus(ctx)
+		require.NoError(t, err)
+		assert.NotEqual(t, "running", st.Status, "the source is never resumed")
+	}
+}
+
+// The CLI: a destination killed in postcopy is exit 1 with
+// "state":"guest_lost" in the result line.
+func testPostcopyCLIGuestLost(t *testing.T, q *qemulab.QEMU) {
+	bin := buildCLI(t)
+	src, dst, srcSock, dstSock := cliPair(t, q, 500e6, true)
+	p := newLinkProxy(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, "migrate", "--json", "--src", "unix:"+srcSock, "--dst", "unix:"+dstSock,
+		"--uri", "tcp:"+p.Addr(), "--listen", "tcp:"+p.target, "--bandwidth", "8MiB",
+		"--allow-postcopy", "--no-auto-converge", "--timeout", "2s")
+	out, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	var last map[string]any
+	var killedAt time.Time
+	dec := json.NewDecoder(out)
+	for {
+		var m map[string]any
+		if err := dec.Decode(&m); err != nil {
+			require.ErrorIs(t, err, io.EOF)
+			break
+		}
+		if m["type"] == "stats" && m["status"] == "postcopy-active" && killedAt.IsZero() {
+			killedAt = time.Now()
+			dst.Kill()
+		}
+		last = m
+	}
+	err = cmd.Wait()
+	var ee *exec.ExitError
+	require.True(t, errors.As(err, &ee), "exit status: %v", err)
+	assert.Equal(t, 1, ee.ExitCode())
+	require.False(t, killedAt.IsZero(), "postcopy seen")
+	assert.Less(t, time.Since(killedAt), 10*time.Second)
+	require.NotNil(t, last)
+	assert.Equal(t, "result", last["type"])
+	assert.Equal(t, "guest_lost", last["state"])
+	assert.Contains(t, last["error"], "guest lost")
+	assert.False(t, src.Exited(), "qmigrate kills nothing")
+}
+
+// linkProxy is a TCP proxy between the source and the destination's
+// listener that the test breaks: Reset (both QEMUs see a connection reset),
+// BlackHole (nothing passes, no error: connections stall, new ones hang).
+type linkProxy struct {
+	ln     net.Listener
+	target string // host:port the destination listens on
+
+	mu        sync.Mutex
+	conns     map[net.Conn]bool
+	hole      chan struct{} // non-nil while black-holed; closed when it ends
+	resetNext bool
+}
+
+func newLinkProxy(t *testing.T) *linkProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	// A free port for the destination to listen on.
+	tl, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	target := tl.Addr().String()
+	require.NoError(t, tl.Close())
+	p := &linkProxy{ln: ln, target: target, conns: map[net.Conn]bool{}}
+	go p.serve()
+	t.Cleanup(func() {
+		ln.Close()
+		p.BlackHole(false)
+		p.Reset()
+	})
+	return p
+}
+
+func (p *linkProxy) Addr() string { return p.ln.Addr().String() }
+
+func (p *linkProxy) serve() {
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		go p.handle(c)
+	}
+}
+
+func (p *linkProxy) track(c net.Conn) {
+	p.mu.Lock()
+	p.conns[c] = true
+	p.mu.Unlock()
+}
+
+func (p *linkProxy) handle(c net.Conn) {
+	p.track(c)
+	p.gate()
+	p.mu.Lock()
+	reset := p.resetNext
+	p.resetNext = false
+	p.mu.Unlock()
+	if reset {
+		// The link drops again during the recovery handshake: once the
+		// first bytes crossed.
+		up, err := net.Dial("tcp", p.target)
+		if err != nil {
+			abort(c)
+			return
+		}
+		p.track(up)
+		buf := make([]byte, 64)
+		if n, err := c.Read(buf); err == nil {
+			_, _ = up.Write(buf[:n])
+		}
+		abort(c)
+		abort(up)
+		return
+	}
+	// A connection held by a black hole whose client gave up meanwhile
+	// (a source paused by migrate-pause shuts its socket down) would never
+	// have reached the destination on a real link (its SYN was dropped):
+	// drop it instead of connecting it late.
+	var early []byte
+	buf := make([]byte, 64<<10)
+	for {
+		_ = c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+		n, err := c.Read(buf)
+		early = append(early, buf[:n]...)
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			break
+		}
+		if err != nil {
+			abort(c)
+			return
+		}
+	}
+	_ = c.SetReadDeadline(time.Time{})
+	up, err := net.Dial("tcp", p.target)
+	if err != nil {
+		abort(c)
+		return
+	}
+	p.track(up)
+	if len(early) > 0 {
+		if _, err := up.Write(early); err != nil {
+			abort(c)
+			abort(up)
+			return
+		}
+	}
+	go p.pipe(up, c)
+	p.pipe(c, up)
+}
+
+// pipe copies from a to b, holding the bytes while the link is a black
+// hole; an end or an error closes both.
+func (p *linkProxy) pipe(a, b net.Conn) {
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := a.Read(buf)
+		if n > 0 {
+			p.gate()
+			if _, werr := b.Write(buf[:n]); werr != nil {
+				break
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
+	a.Close()
+	b.Close()
+}
+
+// gate waits while the link is a black hole.
+func (p *linkProxy) gate() {
+	p.mu.Lock()
+	h := p.hole
+	p.mu.Unlock()
+	if h != nil {
+		<-h
+	}
+}
+
+// Reset resets every connection through the proxy (RST to both ends).
+func (p *linkProxy) Reset() {
+	p.mu.Lock()
+	conns := p.conns
+	p.conns = map[net.Conn]bool{}
+	p.mu.Unlock()
+	for c := range conns {
+		abort(c)
+	}
+}
+
+// ResetNextConnection resets the next connection once it carried its
+// first bytes (a recovery's handshake).
+func (p *linkProxy) ResetNextConnection() {
+	p.mu.Lock()
+	p.resetNext = true
+	p.mu.Unlock()
+}
+
+// BlackHole stops (on) or restarts every byte through the proxy.
+func (p *linkProxy) BlackHole(on bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch {
+	case on && p.hole == nil:
+		p.hole = make(chan struct{})
+	case !on && p.hole != nil:
+		close(p.hole)
+		p.hole = nil
+	}
+}
+
+// abort closes c with a reset (SO_LINGER 0).
+func abort(c net.Conn) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0)
+	}
+	_ = c.Close()
+}

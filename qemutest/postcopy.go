@@ -1,0 +1,225 @@
+package qemutest
+
+import (
+	"encoding/json"
+	"fmt"
+
+	"github.com/qmigrate/qmigrate/qmp"
+)
+
+// Postcopy's link faults and recovery, as QEMU 7.2 to 10.x behave:
+//
+//   - LinkReset: the migration stream's connection is reset. In
+//     postcopy-active (or a recovery in progress) both sides go to
+//     postcopy-paused by themselves; in pre-copy the migration fails and
+//     the destination exits.
+//   - LinkBlackHole: packets are dropped without a reset: nothing moves
+//     and nothing changes state (QEMU waits on TCP) until migrate-pause
+//     on each side still waiting; a recovery's connection hangs too.
+//   - migrate-pause (both sides): postcopy-active or postcopy-recover(-setup)
+//     to postcopy-paused; on a working link the other side follows.
+//   - migrate-recover URI (destination, postcopy-paused): it listens again
+//     (port 0: Port+1), postcopy-recover-setup from 9.1; a second one
+//     while it listens is refused.
+//   - migrate resume=true (source, postcopy-paused): postcopy-recover-setup
+//     (9.1+), postcopy-recover, then postcopy-active on both sides when the
+//     destination listens at that address and the link works; back to
+//     postcopy-paused otherwise, or when BreakRecoveries says so.
+//   - KillSrc: the source exits; a destination in postcopy goes to
+//     postcopy-paused (its guest keeps running, stalled on missing pages).
+//     KillDst in postcopy leaves the source in postcopy-paused.
+
+// postcopyFaults is the link and recovery state (Pair.mu).
+type postcopyFaults struct {
+	reset        bool                // LinkReset pending for the next step
+	blackHole    bool                // LinkBlackHole on
+	srcDead      bool                // KillSrc
+	recoverAddr  *qmp.SocketAddress  // migrate-recover's listener, until a source connects
+	resumeAddr   qmp.SocketAddress   // where the source resumes to
+	resumeTicks  int                 // steps the resume handshake has been going
+	breakNext    int                 // recoveries still to break (BreakRecoveries)
+	recoveries   int                 // recoveries that completed
+	pauses       [2]int              // migrate-pause received, by side
+	recoverCalls []qmp.SocketAddress // migrate-recover's addresses
+}
+
+// LinkReset resets the migration stream's connection.
+func (p *Pair) LinkReset() { p.mu.Lock(); p.pc.reset = true; p.mu.Unlock() }
+
+// LinkBlackHole drops every packet of the migration link (on) or stops
+// dropping them (off).
+func (p *Pair) LinkBlackHole(on bool) { p.mu.Lock(); p.pc.blackHole = on; p.mu.Unlock() }
+
+// BreakRecoveries makes the next n recovery handshakes fail half-way (in
+// postcopy-recover): both sides fall back to postcopy-paused.
+func (p *Pair) BreakRecoveries(n int) { p.mu.Lock(); p.pc.breakNext = n; p.mu.Unlock() }
+
+// Recoveries counts the postcopy recoveries that completed.
+func (p *Pair) Recoveries() int { p.mu.Lock(); defer p.mu.Unlock(); return p.pc.recoveries }
+
+// Pauses counts the migrate-pause commands side received.
+func (p *Pair) Pauses(s Side) int { p.mu.Lock(); defer p.mu.Unlock(); return p.pc.pauses[s] }
+
+// RecoverAddresses returns the addresses of every migrate-recover received.
+func (p *Pair) RecoverAddresses() []qmp.SocketAddress {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]qmp.SocketAddress(nil), p.pc.recoverCalls...)
+}
+
+// KillSrc makes the source QEMU exit: its connections close.
+func (p *Pair) KillSrc() {
+	p.mu.Lock()
+	p.pc.srcDead = true
+	if p.mig.dstStatus.Postcopy() && p.mig.dstStatus != qmp.StatusPostcopyPaused {
+		p.pc.recoverAddr = nil
+		p.setDstStatus(qmp.StatusPostcopyPaused)
+	}
+	p.mu.Unlock()
+	p.Src.CloseConns()
+}
+
+// SrcGone reports whether the source QEMU exited (KillSrc).
+func (p *Pair) SrcGone() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.pc.srcDead }
+
+// hasRecoverSetup: postcopy-recover-setup exists from 9.1.
+func hasRecoverSetup(v [3]int) bool { return hasExitOnError(v) }
+
+func (q *QEMU) installPostcopy() {
+	q.handle("migrate-pause", q.migratePause)
+	if q.side == Destination {
+		q.handle("migrate-recover", q.p.migrateRecover)
+	}
+}
+
+func (q *QEMU) migratePause(json.RawMessage) (any, error) {
+	p := q.p
+	st := p.mig.status
+	if q.side == Destination {
+		st = p.mig.dstStatus
+	}
+	switch st {
+	case qmp.StatusPostcopyActive, qmp.StatusPostcopyRecover, qmp.StatusPostcopyRecoverSetup:
+	default:
+		return nil, errGeneric("migrate-pause is currently only supported during postcopy-active or postcopy-recover state")
+	}
+	p.pc.pauses[q.side]++
+	if q.side == Source {
+		p.pausePostcopy(true, !p.pc.blackHole)
+	} else {
+		p.pausePostcopy(!p.pc.blackHole, true)
+	}
+	return nil, nil
+}
+
+// pausePostcopy puts the sides named to postcopy-paused (those in a
+// postcopy state other than paused).
+func (p *Pair) pausePostcopy(src, dst bool) {
+	m := &p.mig
+	if src && m.status.Postcopy() && m.status != qmp.StatusPostcopyPaused {
+		p.pc.resumeTicks = 0
+		p.setStatus(qmp.StatusPostcopyPaused)
+	}
+	if dst && !m.dstDead && m.dstStatus.Postcopy() && m.dstStatus != qmp.StatusPostcopyPaused {
+		p.setDstStatus(qmp.StatusPostcopyPaused)
+	}
+	if dst {
+		p.pc.recoverAddr = nil
+	}
+}
+
+func (p *Pair) migrateRecover(args json.RawMessage) (any, error) {
+	var a struct {
+		URI string `json:"uri"`
+	}
+	if err := json.Unmarshal(args, &a); err != nil {
+		return nil, err
+	}
+	m := &p.mig
+	if m.dstStatus != qmp.StatusPostcopyPaused {
+		return nil, errGeneric("Migrate recover can only be run when postcopy is paused.")
+	}
+	if p.pc.recoverAddr != nil {
+		return nil, errGeneric("Migrate recovery is triggered already")
+	}
+	sa, err := parseChannel(a.URI, nil)
+	if err != nil {
+		return nil, err
+	}
+	if sa.Type == "inet" && sa.Port == "0" {
+		sa.Port = fmt.Sprint(Port + 1)
+	}
+	p.pc.recoverCalls = append(p.pc.recoverCalls, sa)
+	p.pc.recoverAddr = &sa
+	m.sockAddr = []qmp.SocketAddress{sa}
+	if hasRecoverSetup(p.opt.DstVersion) {
+		p.setDstStatus(qmp.StatusPostcopyRecoverSetup)
+	}
+	return nil, nil
+}
+
+// resume is migrate with resume=true.
+func (p *Pair) resume(sa qmp.SocketAddress) (any, error) {
+	if p.mig.status != qmp.StatusPostcopyPaused {
+		return nil, errGeneric("Cannot resume if there is no paused migration")
+	}
+	p.pc.resumeAddr = sa
+	p.pc.resumeTicks = 0
+	if hasRecoverSetup(p.opt.Version) {
+		p.setStatus(qmp.StatusPostcopyRecoverSetup)
+	} else {
+		p.setStatus(qmp.StatusPostcopyRecover)
+	}
+	return nil, nil
+}
+
+// stepPostcopyFault handles a pending reset and the paused and
+// recovering states; handled says step has nothing more to do.
+func (p *Pair) stepPostcopyFault() (handled bool) {
+	m, pc := &p.mig, &p.pc
+	if pc.reset && m.status.Postcopy() {
+		pc.reset = false
+		p.pausePostcopy(true, true)
+		return true
+	}
+	switch m.status {
+	case qmp.StatusPostcopyPaused:
+		return true
+	case qmp.StatusPostcopyRecoverSetup, qmp.StatusPostcopyRecover:
+		p.stepResume()
+		return true
+	}
+	return false
+}
+
+// stepResume is one step of the source's resume handshake.
+func (p *Pair) stepResume() {
+	m, pc := &p.mig, &p.pc
+	if pc.blackHole {
+		return // connecting, or waiting for the handshake's answer
+	}
+	if pc.recoverAddr == nil || m.dstDead || !sameAddr(*pc.recoverAddr, pc.resumeAddr) {
+		m.errDesc = "Failed to connect to '" + addrString(pc.resumeAddr) + "': Connection refused"
+		p.setStatus(qmp.StatusPostcopyPaused)
+		return
+	}
+	pc.resumeTicks++
+	switch pc.resumeTicks {
+	case 1:
+		if m.status != qmp.StatusPostcopyRecover {
+			p.setStatus(qmp.StatusPostcopyRecover)
+		}
+		p.setDstStatus(qmp.StatusPostcopyRecover)
+		return
+	}
+	pc.recoverAddr = nil
+	if pc.breakNext > 0 {
+		pc.breakNext--
+		p.pausePostcopy(true, true)
+		return
+	}
+	pc.resumeTicks = 0
+	pc.recoveries++
+	p.setStatus(qmp.StatusPostcopyActive)
+	p.setDstStatus(qmp.StatusPostcopyActive)
+}
