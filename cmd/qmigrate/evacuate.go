@@ -24,6 +24,7 @@ type evacuateOptions struct {
 	plan                                         string
 	maxParallel, maxPerSource, maxPerDestination int
 	jsonOut, verbose                             bool
+	metricsAddr                                  string
 	settings                                     []string // the migrate flags given, as given
 }
 
@@ -35,6 +36,7 @@ func (o *evacuateOptions) flagSet() *flag.FlagSet {
 	fs.IntVar(&o.maxPerSource, "max-per-source", -1, "at most `N` migrations out of each source host (overrides limits.max_per_source; 0: no limit)")
 	fs.IntVar(&o.maxPerDestination, "max-per-destination", -1, "at most `N` migrations into each destination host (overrides limits.max_per_destination; 0: no limit)")
 	registerMigrationFlags(fs, &o.settings)
+	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve Prometheus metrics of every migration on http://`ADDR`/metrics while the evacuation runs (each labelled name=<the migration's name>): host:port, or :port (port 0 picks a free one, said on stderr)")
 	fs.BoolVar(&o.jsonOut, "json", false, "write one JSON object per line on stdout (see JSON OUTPUT in qmigrate evacuate --help); human messages go to stderr")
 	fs.BoolVar(&o.verbose, "v", false, "")
 	fs.BoolVar(&o.verbose, "verbose", false, "write debug logs (every QMP step of every migration) to stderr")
@@ -176,6 +178,15 @@ func runEvacuate(ctx context.Context, args []string, stdout, stderr io.Writer) i
 		plan.Migrations[i].Config.Logger = log
 	}
 	plan.Observer = d.Event
+	if o.metricsAddr != "" {
+		ms, err := serveMetrics(o.metricsAddr)
+		if err != nil {
+			return evacuateUsageFailure(stderr, err)
+		}
+		defer ms.close()
+		fmt.Fprintf(stderr, "serving metrics on http://%s/metrics\n", ms.addr())
+		plan.Observer = metricsObserver(ms, d.Event)
+	}
 	lim := plan.Limits
 	fmt.Fprintf(stderr, "qmigrate: evacuating %d guests (in flight %s, per source %s, per destination %s%s)\n",
 		len(plan.Migrations), limitText(lim.MaxParallel), limitText(lim.MaxPerSource), limitText(lim.MaxPerDestination), budgetText(lim.HostBandwidth))
@@ -406,4 +417,24 @@ func (d *fleetJSON) Report(rep *fleet.Report) {
 		}
 	}
 	_ = d.enc.Encode(f)
+}
+
+// metricsObserver feeds every migration's engine events to the metrics,
+// labelled with the migration's name, then to next.
+func metricsObserver(ms *metricsServer, next func(fleet.Event)) func(fleet.Event) {
+	var mu sync.Mutex
+	observers := map[string]func(engine.Event){}
+	return func(ev fleet.Event) {
+		if ev.Kind == fleet.EventEngine {
+			mu.Lock()
+			obs := observers[ev.Name]
+			if obs == nil {
+				obs = ms.collector.Observe(ev.Name)
+				observers[ev.Name] = obs
+			}
+			mu.Unlock()
+			obs(ev.Engine)
+		}
+		next(ev)
+	}
 }

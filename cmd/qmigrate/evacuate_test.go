@@ -311,3 +311,30 @@ func TestEvacuatePlanQMPOverTCP(t *testing.T) {
 	require.NoError(t, err)
 	assert.True(t, p.Migrations[0].Config.Source.InsecureTCP)
 }
+
+// --metrics-addr serves the fleet's metrics while it runs, each migration
+// labelled with its name; a bad address is bad usage naming the flag.
+func TestEvacuateMetrics(t *testing.T) {
+	code, _, stderr := runCLI(t, "evacuate", "--plan", "/nonexistent.yaml", "--metrics-addr", "nonsense")
+	assert.Equal(t, 2, code)
+	path, _ := fakeGuests(t, 2, "", func(int) qemutest.Options {
+		return qemutest.Options{RAM: 16 << 20, Throughput: 1 << 30}
+	})
+	code, _, stderr = runCLI(t, "evacuate", "--plan", path, "--metrics-addr", "nonsense")
+	assert.Equal(t, 2, code)
+	assert.Contains(t, stderr, "--metrics-addr")
+	code, _, stderr = runCLI(t, "evacuate", "--plan", path, "--json", "--metrics-addr", "127.0.0.1:0")
+	require.Equal(t, exitOK, code, stderr)
+	assert.Contains(t, stderr, "serving metrics on http://127.0.0.1:")
+}
+
+// A plan's migration may name where its destination binds (listen).
+func TestEvacuatePlanListen(t *testing.T) {
+	pf, err := readPlan([]byte(`migrations:
+  - {name: vm1, source_host: a, destination_host: b, src: 'unix:/s', dst: 'unix:/d', uri: 'tcp:198.18.0.2:4444', listen: 'tcp:0.0.0.0:4444'}
+`))
+	require.NoError(t, err)
+	p, err := buildPlan(pf, nil)
+	require.NoError(t, err)
+	assert.Equal(t, "tcp:0.0.0.0:4444", p.Migrations[0].Config.Listen)
+}

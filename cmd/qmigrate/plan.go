@@ -69,6 +69,7 @@ type planMigration struct {
 	Src             string `yaml:"src"`
 	Dst             string `yaml:"dst"`
 	URI             string `yaml:"uri"`
+	Listen          string `yaml:"listen"` // where the destination binds, when not where the source connects (--listen)
 	Priority        int    `yaml:"priority"`
 	planSettings    `yaml:",inline"`
 }
@@ -278,7 +279,11 @@ func buildPlan(pf *planFile, cli []string) (fleet.Plan, error) {
 		if err := fs.Parse(cli); err != nil {
 			return p, &usageError{msg: dashDash(err.Error())}
 		}
-		own := append([]string{"--src=" + pm.Src, "--dst=" + pm.Dst, "--uri=" + pm.URI}, pm.planSettings.args()...)
+		own := []string{"--src=" + pm.Src, "--dst=" + pm.Dst, "--uri=" + pm.URI}
+		if pm.Listen != "" {
+			own = append(own, "--listen="+pm.Listen)
+		}
+		own = append(own, pm.planSettings.args()...)
 		if err := fs.Parse(own); err != nil {
 			return p, settingError(where, err)
 		}
@@ -390,7 +395,9 @@ func registerMigrationFlags(fs *flag.FlagSet, out *[]string) {
 	tfs := tmpl.flagSet()
 	tfs.VisitAll(func(f *flag.Flag) {
 		switch f.Name {
-		case "src", "dst", "uri", "json", "v", "verbose":
+		case "src", "dst", "uri", "listen", "json", "v", "verbose", "metrics-addr":
+			// Per migration in the plan (src, dst, uri, listen), or the
+			// evacuation's own (--json, -v, --metrics-addr).
 			return
 		}
 		r := recorded{Value: f.Value, name: f.Name, out: out}
