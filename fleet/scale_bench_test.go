@@ -79,7 +79,8 @@ func scalePairs(b *testing.B, n int) (clients [][2]*qmp.Client, closeAll func())
 // usage is the process's resources at one moment.
 type usage struct {
 	cpu        time.Duration // user + system
-	heap, rss  uint64
+	heap, rss  uint64        // HeapInuse (live objects and garbage not yet collected), VmRSS
+	alloc      uint64        // HeapAlloc
 	goroutines int
 }
 
@@ -91,6 +92,7 @@ func now() usage {
 	return usage{
 		cpu:        time.Duration(ru.Utime.Nano() + ru.Stime.Nano()),
 		heap:       ms.HeapInuse,
+		alloc:      ms.HeapAlloc,
 		rss:        rss(),
 		goroutines: runtime.NumGoroutine(),
 	}
@@ -115,6 +117,7 @@ func rss() uint64 {
 type peak struct {
 	mu      sync.Mutex
 	samples []usage
+	live    uint64 // HeapAlloc right after a GC at the fourth sample: the live heap
 }
 
 func (pk *peak) sample(stop <-chan struct{}, running func() bool) {
@@ -131,6 +134,10 @@ func (pk *peak) sample(stop <-chan struct{}, running func() bool) {
 		}
 		u := now()
 		pk.mu.Lock()
+		if len(pk.samples) == 3 {
+			runtime.GC()
+			pk.live = now().alloc
+		}
 		pk.samples = append(pk.samples, u)
 		pk.mu.Unlock()
 	}
@@ -154,6 +161,7 @@ type scaleRun struct {
 	heap, rss          float64 // bytes per running migration, median of the samples
 	goroutines         float64 // per running migration, median
 	heapMax, rssMax    float64 // the highest sample
+	live               float64 // live heap per running migration (after a GC)
 	goroutinesMax      float64
 	samples, completed int
 }
@@ -172,6 +180,7 @@ func measure(b *testing.B, n int, run func(running *atomic.Int64) (migSeconds fl
 	<-done
 	require.NotEmpty(b, pk.samples, "no sample with all %d migrations running", n)
 	r := scaleRun{cpu: after.cpu - before.cpu, migSeconds: migSeconds, samples: len(pk.samples), completed: completed}
+	r.live = (float64(pk.live) - float64(before.alloc)) / float64(n)
 	r.heap, r.heapMax = stat(pk.samples, func(u usage) float64 { return (float64(u.heap) - float64(before.heap)) / float64(n) })
 	r.rss, r.rssMax = stat(pk.samples, func(u usage) float64 { return (float64(u.rss) - float64(before.rss)) / float64(n) })
 	r.goroutines, r.goroutinesMax = stat(pk.samples, func(u usage) float64 {
@@ -268,8 +277,10 @@ func viaFleet(b *testing.B, clients [][2]*qmp.Client) scaleRun {
 // jobs) against fake pairs, and the same N fake pairs migrated by a bare
 // driver; it reports the fleet's figures with the bare run's subtracted:
 // CPU (in % of a core) per second of migration, and heap, RSS and
-// goroutines per running migration (the median of the samples taken while
-// all N ran, and the highest).
+// goroutines per running migration: the live heap after a GC once all N
+// run, and HeapInuse (garbage not yet collected included), RSS and
+// goroutines as the median of the samples taken while all N ran and the
+// highest.
 func BenchmarkScale(b *testing.B) {
 	n := scaleN(b)
 	for b.Loop() {
@@ -293,6 +304,7 @@ func BenchmarkScale(b *testing.B) {
 		b.ReportMetric(100*fleetCore, "%core/mig-total")
 		b.ReportMetric(100*baseCore, "%core/mig-fakes")
 		b.ReportMetric(100*(fleetCore-baseCore), "%core/mig")
+		b.ReportMetric((fl.live-base.live)/(1<<10), "KiB-live-heap/mig")
 		b.ReportMetric((fl.heap-base.heap)/(1<<10), "KiB-heap/mig")
 		b.ReportMetric((fl.rss-base.rss)/(1<<10), "KiB-RSS/mig")
 		b.ReportMetric(fl.goroutines-base.goroutines, "goroutines/mig")
@@ -304,8 +316,8 @@ func BenchmarkScale(b *testing.B) {
 			name string
 			r    scaleRun
 		}{{"fleet", fl}, {"bare", base}} {
-			b.Logf("n=%d %s: cpu %v over %.0f migration-seconds; per running migration (median/highest of %d samples): heap %+.0f/%+.0f KiB, rss %+.0f/%+.0f KiB, goroutines %+.1f/%+.1f",
-				n, r.name, r.r.cpu, r.r.migSeconds, r.r.samples, r.r.heap/1024, r.r.heapMax/1024, r.r.rss/1024, r.r.rssMax/1024, r.r.goroutines, r.r.goroutinesMax)
+			b.Logf("n=%d %s: cpu %v over %.0f migration-seconds; per running migration: live heap %+.0f KiB (after a GC), median/highest of %d samples: heap in use %+.0f/%+.0f KiB, rss %+.0f/%+.0f KiB, goroutines %+.1f/%+.1f",
+				n, r.name, r.r.cpu, r.r.migSeconds, r.r.live/1024, r.r.samples, r.r.heap/1024, r.r.heapMax/1024, r.r.rss/1024, r.r.rssMax/1024, r.r.goroutines, r.r.goroutinesMax)
 		}
 	}
 }
