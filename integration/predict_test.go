@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -25,7 +26,9 @@ func predictState(t *testing.T, inst *qemulab.Instance) string {
 	t.Helper()
 	p, err := inst.QMP.QueryMigrateParameters(tbTimeout(t, 10*time.Second))
 	require.NoError(t, err)
-	return runState(t, inst.QMP) + fmt.Sprintf(" %+v", *p)
+	b, err := json.Marshal(p) // the values, not the pointers' addresses
+	require.NoError(t, err)
+	return runState(t, inst.QMP) + " " + string(b)
 }
 
 // predictCLI runs "qmigrate check --predict --json" on a pair and returns
