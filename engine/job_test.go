@@ -87,12 +87,14 @@ func TestJobMaxDowntimeRaised(t *testing.T) {
 // Lowering the maximum below the limit in force lowers the limit at once.
 func TestJobMaxDowntimeLowered(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 200 << 20})
+		// 150 MiB all dirty over 10 MiB/s: 15 s, far above the 2 s limit
+		// the qemu policy sets (the user's maximum).
+		p, cfg := pair(t, qemutest.Options{Throughput: 10 << 20, DirtyRate: 200 << 20})
 		cfg.Strategy = strategy.Config{Policy: strategy.PolicyQEMU, Limits: strategy.Limits{NoThrottle: true, MaxDowntime: 2 * time.Second}}
 		j, err := engine.Start(t.Context(), cfg)
 		require.NoError(t, err)
 		waitStats(t, j, 2)
-		assert.Equal(t, uint64(300), p.Param(qemutest.Source, "downtime-limit"))
+		assert.Equal(t, uint64(2000), p.Param(qemutest.Source, "downtime-limit"))
 		require.NoError(t, j.SetMaxDowntime(100*time.Millisecond))
 		assert.Equal(t, uint64(100), p.Param(qemutest.Source, "downtime-limit"))
 		assert.Equal(t, 100*time.Millisecond, j.Progress().Limits.DowntimeLimit)

@@ -13,7 +13,6 @@ import (
 
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/internal/qemulab"
-	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
@@ -71,14 +70,16 @@ func TestEngineCancelRace(t *testing.T) {
 	t.Logf("endings of %d trials: %v", raceTrials, endings)
 }
 
-// raceConfig sets the source's downtime limit and returns the engine config
-// for a race trial: the qemu policy leaves it in place and decides nothing,
-// so the completion moment depends on the guest and the link only.
+// raceConfig is the engine config of a race trial: the qemu policy sets the
+// downtime limit to the maximum (1 s) and decides nothing, so the
+// completion moment depends on the guest and the link only. (Before every
+// policy set the limit explicitly, this test set it on the source itself
+// and the policy left it; the policy now overwrites any such value.)
 func raceConfig(t *testing.T, src, dst *qemulab.Instance) engine.Config {
-	require.NoError(t, src.QMP.MigrateSetParameters(t.Context(), qmp.MigrationParameters{DowntimeLimit: qmp.Ptr[uint64](raceDowntime)}))
 	cfg := engineConfig(t, src, dst, "unix:"+filepath.Join(dst.Dir(), "mig.sock"))
 	cfg.Bandwidth = raceBandwidth
 	cfg.Strategy.Policy = strategy.PolicyQEMU
+	cfg.Strategy.Limits.MaxDowntime = raceDowntime * time.Millisecond
 	return cfg
 }
 

@@ -67,6 +67,7 @@ func TestSetup(t *testing.T) {
 			strategy.Setup{DowntimeLimit: 50 * ms}},
 		{"qemu writes QEMU's defaults", strategy.Config{Policy: "qemu"}, strategy.Setup{DowntimeLimit: 300 * ms}},
 		{"qemu under a 200 ms maximum", strategy.Config{Policy: "qemu", Limits: strategy.Limits{MaxDowntime: 200 * ms}}, strategy.Setup{DowntimeLimit: 200 * ms}},
+		{"qemu takes the user's maximum", strategy.Config{Policy: "qemu", Limits: strategy.Limits{MaxDowntime: time.Second}}, strategy.Setup{DowntimeLimit: time.Second}},
 		{"kubevirt", strategy.Config{Policy: "kubevirt", Limits: strategy.Limits{AllowPostcopy: true}}, strategy.Setup{DowntimeLimit: 300 * ms, Postcopy: true}},
 		{"nova starts its ramp at 50 ms", strategy.Config{Policy: "nova"}, strategy.Setup{DowntimeLimit: 50 * ms}},
 		{"kubevirt with allowAutoConverge", strategy.Config{Policy: "kubevirt", KubeVirt: strategy.KubeVirtConfig{AllowAutoConverge: true}},

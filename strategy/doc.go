@@ -70,8 +70,9 @@
 //
 // The presets reproduce their anchors (notes/policies.md):
 //
-//   - qemu: QEMU alone. No lever, never aborts unless the user sets a
-//     Budget or a ProgressTimeout.
+//   - qemu: QEMU alone. Its downtime limit is the user's maximum (300 ms
+//     when none), no lever, never aborts unless the user sets a Budget or a
+//     ProgressTimeout.
 //   - kubevirt: KubeVirt's legacy monitor. Abort after 150 s without
 //     RemainingBytes going down; past a completion budget of 150 s per
 //     decimal GB of RAM and storage, postcopy, else pause (and double the

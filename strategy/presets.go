@@ -59,13 +59,15 @@ func (p *progress) storageStalled(now, timeout time.Duration) (string, bool) {
 // ---------------------------------------------------------------- qemu
 
 // qemuPolicy is QEMU alone: no lever, never an abort unless the user set a
-// budget or a progress timeout.
+// budget or a progress timeout. Its downtime limit is the user's maximum
+// (QEMU's own 300 ms when none is given): what a QEMU user sets before
+// migrate.
 type qemuPolicy struct {
 	m    *Machine
 	prog progress
 }
 
-func (p *qemuPolicy) setup() Setup { return Setup{} }
+func (p *qemuPolicy) setup() Setup { return Setup{DowntimeLimit: p.m.lim.maxDowntime()} }
 
 func (p *qemuPolicy) step(s Sample, now time.Duration) Decision {
 	p.prog.observe(s, now)
