@@ -123,39 +123,22 @@ func (c Config) Validate() error {
 	return nil
 }
 
-func (c Config) pollInterval() time.Duration {
-	if c.PollInterval == 0 {
-		return DefaultPollInterval
-	}
-	return c.PollInterval
-}
+func (c Config) pollInterval() time.Duration { return orDefault(c.PollInterval, DefaultPollInterval) }
 
 func (c Config) connectTimeout() time.Duration {
-	if c.ConnectTimeout == 0 {
-		return DefaultConnectTimeout
-	}
-	return c.ConnectTimeout
+	return orDefault(c.ConnectTimeout, DefaultConnectTimeout)
 }
 
 func (c Config) unresponsiveTimeout() time.Duration {
-	if c.UnresponsiveTimeout == 0 {
-		return DefaultUnresponsiveTimeout
-	}
-	return c.UnresponsiveTimeout
+	return orDefault(c.UnresponsiveTimeout, DefaultUnresponsiveTimeout)
 }
 
 func (c Config) recoveryTimeout() time.Duration {
-	if c.RecoveryTimeout == 0 {
-		return DefaultRecoveryTimeout
-	}
-	return c.RecoveryTimeout
+	return orDefault(c.RecoveryTimeout, DefaultRecoveryTimeout)
 }
 
 func (c Config) postcopyStall() time.Duration {
-	if c.PostcopyStallTimeout == 0 {
-		return DefaultPostcopyStallTimeout
-	}
-	return c.PostcopyStallTimeout
+	return orDefault(c.PostcopyStallTimeout, DefaultPostcopyStallTimeout)
 }
 
 func (c Config) bandwidth() uint64 {
@@ -170,4 +153,14 @@ func (c Config) logger() *slog.Logger {
 		return slog.New(slog.DiscardHandler)
 	}
 	return c.Logger
+}
+
+// orDefault is v, or d when v is the zero value (a Config field left
+// unset).
+func orDefault[T comparable](v, d T) T {
+	var zero T
+	if v == zero {
+		return d
+	}
+	return v
 }
