@@ -161,8 +161,23 @@ func MeasureDirtyRate(ctx context.Context, c *qmp.Client, period, poll time.Dura
 		}
 		// The measurement asked for: an earlier one's result stays until
 		// this one starts measuring.
-		if rate, ok := d.Measured(); ok && d.CalcTime == args.CalcTime {
+		if rate, ok := d.Measured(); ok && reportsPeriod(d, args) {
 			return DirtyRate{Rate: rate, Period: p}, nil
 		}
 	}
+}
+
+// reportsPeriod reports whether d is a result of the measurement args asked
+// for: its calc-time, in the unit QEMU reports it in, is the period asked
+// for (QEMU 10.0 reports a 200 ms measurement as 0 seconds: measured on
+// 10.0.2, which a comparison of the raw numbers never matched).
+func reportsPeriod(d *qmp.DirtyRateInfo, args qmp.CalcDirtyRateArgs) bool {
+	if d.CalcTimeUnit == "" && d.CalcTime == args.CalcTime {
+		return true // the number asked for, in the unit asked in
+	}
+	unit := time.Second
+	if d.CalcTimeUnit == "millisecond" {
+		unit = time.Millisecond
+	}
+	return time.Duration(d.CalcTime)*unit == calcPeriod(args).Truncate(unit)
 }

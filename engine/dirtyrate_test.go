@@ -101,3 +101,23 @@ func TestGuestDirtyRateNotMeasured(t *testing.T) {
 		}
 	})
 }
+
+// A result matches the measurement asked for in the unit QEMU reports it:
+// 10.0 reports 200 ms in whole seconds.
+func TestReportsPeriod(t *testing.T) {
+	ms200 := qmp.CalcDirtyRateArgs{CalcTime: 200, CalcTimeUnit: "millisecond"}
+	s1 := qmp.CalcDirtyRateArgs{CalcTime: 1}
+	for _, tc := range []struct {
+		d    qmp.DirtyRateInfo
+		args qmp.CalcDirtyRateArgs
+		want bool
+	}{
+		{qmp.DirtyRateInfo{CalcTime: 0, CalcTimeUnit: "second"}, ms200, true}, // 10.0.2
+		{qmp.DirtyRateInfo{CalcTime: 200, CalcTimeUnit: "millisecond"}, ms200, true},
+		{qmp.DirtyRateInfo{CalcTime: 1}, s1, true},                          // 7.2: no unit
+		{qmp.DirtyRateInfo{CalcTime: 0, CalcTimeUnit: "second"}, s1, false}, // the earlier 200 ms result
+		{qmp.DirtyRateInfo{CalcTime: 1, CalcTimeUnit: "second"}, ms200, false},
+	} {
+		assert.Equal(t, tc.want, engine.ReportsPeriodForTest(&tc.d, tc.args), "%+v %+v", tc.d, tc.args)
+	}
+}

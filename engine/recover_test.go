@@ -128,7 +128,7 @@ func TestRecoverBlackHole(t *testing.T) {
 		assert.Equal(t, engine.StatusCompleted, res.Status)
 		assert.Equal(t, 1, res.Recoveries)
 		assert.Greater(t, res.RecoveryAttempts, 1, "attempts fail while the link is down")
-		assert.GreaterOrEqual(t, res.PostcopyStall, 18*time.Second)
+		assert.GreaterOrEqual(t, res.PostcopyStall, 15*time.Second, "the hole lasts 20 s, the stall is noticed after 2 s without progress")
 		assert.Less(t, res.PostcopyStall, 30*time.Second)
 		assert.GreaterOrEqual(t, p.Pauses(qemutest.Source), 1, "paused, and again for each resume the black hole swallowed")
 		assert.Equal(t, 1, p.Pauses(qemutest.Destination))

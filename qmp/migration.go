@@ -343,6 +343,10 @@ type DirtyRateInfo struct {
 	// DirtyRateMiB is the estimate in MiB/s, present once measured.
 	DirtyRateMiB *int64 `json:"dirty-rate,omitempty"`
 	CalcTime     int64  `json:"calc-time"`
+	// CalcTimeUnit is CalcTime's unit, "second" or "millisecond" (8.2+;
+	// absent before: seconds). QEMU 10.0 reports a millisecond request
+	// in whole seconds (200 ms reads 0 "second").
+	CalcTimeUnit string `json:"calc-time-unit,omitempty"`
 	SamplePages  int64  `json:"sample-pages"`
 	Mode         string `json:"mode"`
 }

@@ -1,0 +1,4 @@
+package engine
+
+// ReportsPeriodForTest exposes reportsPeriod to the external tests.
+var ReportsPeriodForTest = reportsPeriod
