@@ -75,6 +75,13 @@ func (r *run) complete(ctx context.Context) error {
 	}
 	r.finishTLS(ctx)
 	r.finishJournal(ctx)
+	// QEMU sets the migration's status to completed a moment before the
+	// source's run state leaves finish-migrate for postmigrate: the Result
+	// says completed once the source is there (bounded; measured on 7.2.22,
+	// where an integrity check right after the call found finish-migrate).
+	if st, err := r.sourceRunState(ctx); err != nil || st == "finish-migrate" {
+		r.log.Debug("source still finishing the migration", "runstate", st, "err", err)
+	}
 	if r.ch.Scheme == transport.Unix {
 		if err := transport.RemoveSocket(r.ch); err != nil {
 			r.log.Debug("remove migration socket", "err", err)
