@@ -34,16 +34,9 @@ func migrateOnce(tb testing.TB, q *qemulab.QEMU, useEngine bool) (total, fromSta
 		Helper()
 	})
 	t.Helper()
-	guest := qemulab.NewSweepGuest(benchRate)
-	src := qemulab.StartT(t, q, qemulab.Config{Name: "src", Guest: guest})
-	dst := qemulab.StartT(t, q, qemulab.Config{Name: "dst", Guest: guest, Incoming: true})
-	defer src.Close()
-	defer dst.Close()
-	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
-	defer cancel()
-	_, err := src.CountSerial(ctx, 'A', 'B', 1)
-	require.NoError(tb, err)
+	src, dst, ctx := benchPair(tb, q)
 	uri := "unix:" + filepath.Join(dst.Dir(), "mig.sock")
+	var err error
 	start := time.Now()
 	var prepare time.Duration
 	if useEngine {
@@ -144,4 +137,20 @@ func median(d []time.Duration) time.Duration {
 		return s[len(s)/2]
 	}
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// benchPair starts a source with the sweep guest at benchRate (one pass
+// done) and a destination waiting for it, both closed with t, and a
+// context bounding the migration.
+func benchPair(t testing.TB, q *qemulab.QEMU) (src, dst *qemulab.Instance, ctx context.Context) {
+	t.Helper()
+	guest := qemulab.NewSweepGuest(benchRate)
+	src = qemulab.StartT(t, q, qemulab.Config{Name: "src", Guest: guest})
+	dst = qemulab.StartT(t, q, qemulab.Config{Name: "dst", Guest: guest, Incoming: true})
+	t.Cleanup(func() { src.Close(); dst.Close() })
+	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
+	t.Cleanup(cancel)
+	_, err := src.CountSerial(ctx, 'A', 'B', 1)
+	require.NoError(t, err)
+	return src, dst, ctx
 }

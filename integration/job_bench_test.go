@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"context"
 	"path/filepath"
 	"testing"
 	"time"
@@ -19,15 +18,8 @@ import (
 // time of the call (QEMU start-up outside it).
 func migrateJobOnce(b *testing.B, q *qemulab.QEMU, useJob bool) time.Duration {
 	b.Helper()
-	guest := qemulab.NewSweepGuest(benchRate)
-	src := qemulab.StartT(b, q, qemulab.Config{Name: "src", Guest: guest})
-	dst := qemulab.StartT(b, q, qemulab.Config{Name: "dst", Guest: guest, Incoming: true})
-	defer src.Close()
-	defer dst.Close()
-	ctx, cancel := context.WithTimeout(b.Context(), 120*time.Second)
-	defer cancel()
-	_, err := src.CountSerial(ctx, 'A', 'B', 1)
-	require.NoError(b, err)
+	src, dst, ctx := benchPair(b, q)
+	var err error
 	cfg := engine.Config{
 		Source:      engine.Endpoint{Client: src.QMP},
 		Destination: engine.Endpoint{Client: dst.QMP},
