@@ -110,13 +110,16 @@ SIGNALS
 `
 
 func evacuateFlagOrder() []string {
-	return []string{
-		"plan", "max-parallel", "max-per-source", "max-per-destination",
-		"max-downtime", "bandwidth", "timeout", "progress-timeout", "policy",
-		"allow-postcopy", "allow-pause", "no-auto-converge", "multifd", "copy-storage", "disk", "nbd",
-		"write-blocking", "tls-x509", "tls-psk", "tls-psk-user", "tls-hostname", "tls-authz",
-		"connect-timeout", "unresponsive-timeout", "json", "verbose",
+	order := []string{"plan", "max-parallel", "max-per-source", "max-per-destination"}
+	for _, f := range migrateFlagOrder() {
+		switch f {
+		case "src", "dst", "uri", "listen", "metrics-addr", "json", "verbose":
+			// per migration in the plan, or placed below
+		default:
+			order = append(order, f)
+		}
 	}
+	return append(order, "metrics-addr", "json", "verbose")
 }
 
 func runEvacuate(ctx context.Context, args []string, stdout, stderr io.Writer) int {

@@ -363,6 +363,8 @@ func TestHelpListsEveryFlag(t *testing.T) {
 	}{
 		{(&migrateOptions{}).flagSet(), migrateFlagOrder()},
 		{(&demoOptions{}).flagSet(), demoFlagOrder()},
+		{(&evacuateOptions{}).flagSet(), evacuateFlagOrder()},
+		{(&checkOptions{}).flagSet(), checkFlagOrder()},
 	} {
 		tc.fs.VisitAll(func(f *flag.Flag) {
 			if f.Name != "v" {
