@@ -142,10 +142,7 @@ func (r *run) recoverPostcopy(ctx context.Context, why string) error {
 		if done && attempt > 1 {
 			// The last attempt succeeded late (a handshake held up by the
 			// link, or a source that could not be paused meanwhile).
-			r.res.Recoveries++
-			r.enter(stagePostcopy)
-			r.drainEvents()
-			r.emitRecovery(Recovery{Step: RecoveryRecovered, Attempt: attempt - 1}, lostAt)
+			r.recovered(attempt-1, lostAt)
 			return nil
 		}
 		if done {
@@ -165,11 +162,7 @@ func (r *run) recoverPostcopy(ctx context.Context, why string) error {
 			return r.gaveUp(attempt, err, lostAt)
 		}
 		if ok {
-			r.res.Recoveries++
-			r.enter(stagePostcopy)
-			r.drainEvents()
-			r.emitRecovery(Recovery{Step: RecoveryRecovered, Attempt: attempt}, lostAt)
-			r.log.Info("postcopy recovered", "loss", w.losses, "attempt", attempt, "stalled", time.Since(lostAt))
+			r.recovered(attempt, lostAt)
 			return nil
 		}
 		last = detail
@@ -182,6 +175,16 @@ func (r *run) recoverPostcopy(ctx context.Context, why string) error {
 		}
 		backoff = min(backoff*2, recoveryBackoffMax)
 	}
+}
+
+// recovered counts a recovery that worked (at attempt) and goes back to
+// postcopy.
+func (r *run) recovered(attempt int, lostAt time.Time) {
+	r.res.Recoveries++
+	r.enter(stagePostcopy)
+	r.drainEvents()
+	r.emitRecovery(Recovery{Step: RecoveryRecovered, Attempt: attempt}, lostAt)
+	r.log.Info("postcopy recovered", "loss", r.pc.losses, "attempt", attempt, "stalled", time.Since(lostAt))
 }
 
 func (r *run) emitRecovery(rc Recovery, lostAt time.Time) {
