@@ -24,11 +24,6 @@ var (
 	// was under way (in prepare, or with its mirrors still copying); Adopt
 	// rolled it back.
 	ErrAbandoned = errors.New("migration abandoned before it was under way")
-	// ErrPostcopyPaused: the migration is in postcopy-paused (the link
-	// broke in postcopy): the guest runs on the destination with part of
-	// its memory still on the source. No longer returned: Adopt recovers
-	// such a migration (recover.go); kept for callers that match it.
-	ErrPostcopyPaused = errors.New("postcopy paused: the guest runs on the destination and waits for pages the source holds; recovery needed")
 )
 
 // CheckAdopt is Error.Check of Adopt's refusals (ErrNothingToAdopt,
@@ -87,15 +82,14 @@ func (r *run) adopt(ctx context.Context) error {
 
 // found is what Adopt reads of both QEMUs.
 type found struct {
-	srcRun, dstRun     string
-	srcMig, dstMig     *qmp.MigrationInfo
-	srcCaps, dstCaps   map[string]bool
-	srcPar, dstPar     *qmp.MigrationParameters
-	srcObjs, dstObjs   []string
-	srcJour, dstJour   *journal
-	storage            blockmirror.Leftovers
-	dstGone            bool
-	srcTLSObj, dstTLSO bool
+	srcRun, dstRun   string
+	srcMig, dstMig   *qmp.MigrationInfo
+	srcCaps, dstCaps map[string]bool
+	srcPar, dstPar   *qmp.MigrationParameters
+	srcObjs, dstObjs []string
+	srcJour, dstJour *journal
+	storage          blockmirror.Leftovers
+	dstGone          bool
 }
 
 // takeOver connects, reads both sides, rebuilds the run's state and undo
