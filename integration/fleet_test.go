@@ -66,13 +66,20 @@ func (v *fleetVM) startDst(t *testing.T, q *qemulab.QEMU, port int, on qemulab.H
 
 // fleetWatch checks the limits at every event of the fleet, from the
 // event stream: in flight in all and per source host, and the sum of the
-// bandwidth in force per source host.
+// bandwidth in force per source host among the migrations still sending
+// RAM. A migration stops sending when its source completed (a stats event
+// with status completed comes before the engine's stage says so) or it
+// rolls back: from then on the fleet may hand its share to the others
+// (the share's SetBandwidth is refused: fleet's hostBudget.apply) while
+// it still holds its slot until its result.
 type fleetWatch struct {
-	t      *testing.T
+	t      assert.TestingT
+	log    func(format string, args ...any)
 	lim    fleet.Limits
 	host   map[string]string // name: source host
 	mu     sync.Mutex
 	flight map[string]bool
+	done   map[string]bool // in flight, no longer sending RAM
 	bw     map[string]uint64
 	maxIn  int
 	maxSrc map[string]int
@@ -82,8 +89,9 @@ type fleetWatch struct {
 	onEv   func(fleet.Event)
 }
 
-func newFleetWatch(t *testing.T, lim fleet.Limits, vms []*fleetVM) *fleetWatch {
-	w := &fleetWatch{t: t, lim: lim, host: map[string]string{}, flight: map[string]bool{}, bw: map[string]uint64{}, maxSrc: map[string]int{}}
+func newFleetWatch(t *testing.T, at assert.TestingT, lim fleet.Limits, vms []*fleetVM) *fleetWatch {
+	w := &fleetWatch{t: at, log: t.Logf, lim: lim, host: map[string]string{}, flight: map[string]bool{}, done: map[string]bool{},
+		bw: map[string]uint64{}, maxSrc: map[string]int{}}
 	for _, v := range vms {
 		w.host[v.name] = v.from.Netns
 	}
@@ -95,12 +103,13 @@ func (w *fleetWatch) observe(ev fleet.Event) {
 	switch ev.Kind {
 	case fleet.EventStart:
 		w.flight[ev.Name] = true
+		delete(w.done, ev.Name)
 		w.bw[ev.Name] = ev.Bandwidth
-		w.t.Logf("fleet: %s attempt %d starts %s -> %s at %.1f MiB/s", ev.Name, ev.Attempt, ev.SourceHost, ev.DestinationHost, float64(ev.Bandwidth)/(1<<20))
+		w.log("fleet: %s attempt %d starts %s -> %s at %.1f MiB/s", ev.Name, ev.Attempt, ev.SourceHost, ev.DestinationHost, float64(ev.Bandwidth)/(1<<20))
 	case fleet.EventRetry:
-		w.t.Logf("fleet: %s retried: %v", ev.Name, ev.Err)
+		w.log("fleet: %s retried: %v", ev.Name, ev.Err)
 	case fleet.EventEnd:
-		w.t.Logf("fleet: %s %s after %d attempt(s), %v, downtime %v", ev.Name, ev.Result.Outcome, ev.Result.Attempts, ev.Result.Time.Round(time.Millisecond), ev.Result.Downtime)
+		w.log("fleet: %s %s after %d attempt(s), %v, downtime %v", ev.Name, ev.Result.Outcome, ev.Result.Attempts, ev.Result.Time.Round(time.Millisecond), ev.Result.Downtime)
 	case fleet.EventEngine:
 		switch ev.Engine.Kind {
 		case engine.EventLimits:
@@ -108,10 +117,19 @@ func (w *fleetWatch) observe(ev fleet.Event) {
 				w.raises++
 			}
 			w.bw[ev.Name] = ev.Engine.Limits.Bandwidth
+		case engine.EventStats:
+			if st := qmp.MigrationStatus(ev.Engine.Stats.Status); st.Terminal() || st == qmp.StatusCancelling {
+				w.done[ev.Name] = true
+			}
+		case engine.EventPhase:
+			if ev.Engine.Phase == engine.PhaseComplete || ev.Engine.Phase == engine.PhaseRollback {
+				w.done[ev.Name] = true
+			}
 		case engine.EventDecision:
-			w.t.Logf("fleet: %s: %s", ev.Name, ev.Engine.Decision.Summary)
+			w.log("fleet: %s: %s", ev.Name, ev.Engine.Decision.Summary)
 		case engine.EventResult:
 			delete(w.flight, ev.Name)
+			delete(w.done, ev.Name)
 			delete(w.bw, ev.Name)
 		}
 	}
@@ -128,7 +146,9 @@ func (w *fleetWatch) check() {
 	sum := map[string]uint64{}
 	for name := range w.flight {
 		src[w.host[name]]++
-		sum[w.host[name]] += w.bw[name]
+		if !w.done[name] {
+			sum[w.host[name]] += w.bw[name]
+		}
 	}
 	w.maxIn = max(w.maxIn, len(w.flight))
 	assert.LessOrEqual(w.t, len(w.flight), w.lim.MaxParallel, "in flight")
@@ -149,7 +169,7 @@ func (w *fleetWatch) check() {
 // with the smaller of its two readings: that sum is at most the true sum
 // at any instant between the rounds. It returns the number of checks and
 // the highest sum seen per host.
-func sampleBandwidth(ctx context.Context, t *testing.T, vms []*fleetVM, budget uint64) (checks int, highest map[string]uint64) {
+func sampleBandwidth(ctx context.Context, t assert.TestingT, vms []*fleetVM, budget uint64) (checks int, highest map[string]uint64) {
 	highest = map[string]uint64{}
 	type reading struct {
 		migrating bool
@@ -206,6 +226,7 @@ func sampleBandwidth(ctx context.Context, t *testing.T, vms []*fleetVM, budget u
 // new one, every guest is verified; then a fleet back is cancelled
 // mid-way and every guest runs, intact, on exactly one side.
 func TestFleet(t *testing.T) {
+	at := newFailures(t)
 	q, _ := tbQEMU(t)
 	n := qemulab.NewNetworkT(t, fleetLink)
 	start := time.Now()
@@ -226,14 +247,14 @@ func TestFleet(t *testing.T) {
 			Netns: v.from.Netns, QMPSockets: []string{"watch"}})
 		var err error
 		v.watch, err = qmp.Dial(tbTimeout(t, 30*time.Second), "unix", v.src.QMPSocketOf("watch"))
-		require.NoError(t, err)
+		require.NoError(at, err)
 		t.Cleanup(func() { v.watch.Close() })
 		vms[i] = v
 	}
 	for _, v := range vms {
 		// The sweep started: pages not yet swept are a valid run of 0s.
 		_, err := v.src.CountSerial(tbTimeout(t, 60*time.Second), 0, sweep.StartChar, 1)
-		require.NoError(t, err, v.name)
+		require.NoError(at, err, v.name)
 	}
 
 	lim := fleet.Limits{MaxParallel: 3, MaxPerSource: 2,
@@ -261,7 +282,7 @@ func TestFleet(t *testing.T) {
 	// vm2 (busy, from A) loses its destination once 16 MiB have crossed.
 	victim := byName["vm2"]
 	var killOnce sync.Once
-	w := newFleetWatch(t, lim, vms)
+	w := newFleetWatch(t, at, lim, vms)
 	w.onEv = func(ev fleet.Event) {
 		if ev.Name == victim.name && ev.Kind == fleet.EventEngine && ev.Engine.Kind == engine.EventStats &&
 			ev.Engine.Stats.TransferredBytes > 16<<20 {
@@ -280,31 +301,31 @@ func TestFleet(t *testing.T) {
 	var highest map[string]uint64
 	go func() {
 		defer close(sampled)
-		checks, highest = sampleBandwidth(sctx, t, vms, fleetBudget)
+		checks, highest = sampleBandwidth(sctx, at, vms, fleetBudget)
 	}()
 	rep, err := fleet.Run(tbTimeout(t, 4*time.Minute), plan)
 	stopSampling()
 	<-sampled
-	require.NoError(t, err)
+	require.NoError(at, err)
 	t.Logf("fleet: %+v; %d bandwidth checks on the QEMUs, highest sums %v", rep.Summary, checks, highest)
 
 	for _, r := range rep.Results {
-		assert.Equal(t, fleet.Completed, r.Outcome, "%s: %v", r.Name, r.Err)
+		assert.Equal(at, fleet.Completed, r.Outcome, "%s: %v", r.Name, r.Err)
 	}
-	require.Equal(t, fleetGuests, rep.Summary.Completed)
+	require.Equal(at, fleetGuests, rep.Summary.Completed)
 	var vr fleet.Result
 	for _, r := range rep.Results {
 		if r.Name == victim.name {
 			vr = r
 		}
 	}
-	assert.Equal(t, 2, vr.Attempts, "the victim is retried once, on a new destination")
-	assert.Equal(t, 1, rep.Summary.Retries)
-	assert.True(t, victim.dsts[0].Exited(), "the first destination was killed")
-	assert.Equal(t, lim.MaxParallel, w.maxIn, "the fleet filled its slots")
-	assert.Equal(t, lim.MaxPerSource, w.maxSrc[n.A.Netns])
-	assert.Positive(t, w.raises, "a share raised when another migration of its host ended")
-	assert.Positive(t, checks, "the QEMUs' max-bandwidth was sampled")
+	assert.Equal(at, 2, vr.Attempts, "the victim is retried once, on a new destination")
+	assert.Equal(at, 1, rep.Summary.Retries)
+	assert.True(at, victim.dsts[0].Exited(), "the first destination was killed")
+	assert.Equal(at, lim.MaxParallel, w.maxIn, "the fleet filled its slots")
+	assert.Equal(at, lim.MaxPerSource, w.maxSrc[n.A.Netns])
+	assert.Positive(at, w.raises, "a share raised when another migration of its host ended")
+	assert.Positive(at, checks, "the QEMUs' max-bandwidth was sampled")
 	levers := 0
 	for _, r := range rep.Results {
 		if byName[r.Name].busy && len(r.Engine.Decisions) > 0 {
@@ -312,27 +333,58 @@ func TestFleet(t *testing.T) {
 		}
 	}
 	t.Logf("fleet: %d busy guest(s) needed a decision of the strategy", levers)
-	assert.Positive(t, levers, "the busy guests dirty faster than their share: a lever is needed")
+	assert.Positive(at, levers, "the busy guests dirty faster than their share: a lever is needed")
 
 	ctx := tbTimeout(t, 3*time.Minute)
 	for _, v := range vms {
 		d := v.currentDst()
 		_, err := qemulab.CheckSweep(ctx, v.src.QMP, d.QMP, qemulab.SweepCheckOptions{})
-		require.NoError(t, err, v.name)
+		require.NoError(at, err, v.name)
 		// CheckSweep leaves the guest stopped; it runs again for the
 		// fleet back.
-		require.NoError(t, d.QMP.Cont(ctx), v.name)
+		require.NoError(at, d.QMP.Cont(ctx), v.name)
 	}
 	t.Logf("fleet: the 8 guests verified after %v", time.Since(start).Round(time.Second))
 
-	testFleetCancel(t, q, vms)
+	testFleetCancel(t, at, q, vms)
 	t.Logf("fleet: done in %v", time.Since(start).Round(time.Second))
 }
+
+// failures passes testify's failures on to t and says them again when the
+// test ends: this test logs much, and a failure in the middle of its
+// output is easily missed in a log's tail.
+type failures struct {
+	t    *testing.T
+	mu   sync.Mutex
+	msgs []string
+}
+
+func newFailures(t *testing.T) *failures {
+	f := &failures{t: t}
+	t.Cleanup(func() {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		for i, m := range f.msgs {
+			t.Logf("failure %d of %d, again: %s", i+1, len(f.msgs), m)
+		}
+	})
+	return f
+}
+
+func (f *failures) Errorf(format string, args ...any) {
+	f.mu.Lock()
+	f.msgs = append(f.msgs, fmt.Sprintf(format, args...))
+	f.mu.Unlock()
+	f.t.Errorf(format, args...)
+}
+
+// FailNow is require's: only from the test's goroutine.
+func (f *failures) FailNow() { f.t.FailNow() }
 
 // testFleetCancel moves the guests back (from their destinations to new
 // QEMUs on their first hosts) and cancels the fleet when the first one
 // completes: every guest then runs, intact, on exactly one side.
-func testFleetCancel(t *testing.T, q *qemulab.QEMU, vms []*fleetVM) {
+func testFleetCancel(t *testing.T, at *failures, q *qemulab.QEMU, vms []*fleetVM) {
 	type back struct {
 		v        *fleetVM
 		src, dst *qemulab.Instance
@@ -344,7 +396,7 @@ func testFleetCancel(t *testing.T, q *qemulab.QEMU, vms []*fleetVM) {
 	for _, v := range vms {
 		// The old sources are spent (postmigrate): free the machine.
 		v.watch.Close()
-		require.NoError(t, v.src.Close())
+		require.NoError(at, v.src.Close())
 		b := &back{v: v, src: v.currentDst()}
 		var uri string
 		b.dst, uri = v.startDst(t, q, v.port+300, v.from)
@@ -369,12 +421,12 @@ func testFleetCancel(t *testing.T, q *qemulab.QEMU, vms []*fleetVM) {
 		}
 	}
 	rep, err := fleet.Run(ctx, plan)
-	require.NoError(t, err)
+	require.NoError(at, err)
 	t.Logf("fleet back: %+v", rep.Summary)
-	assert.Zero(t, rep.Summary.Unknown)
-	assert.Positive(t, rep.Summary.Completed)
-	assert.Positive(t, rep.Summary.NotStarted, "cancelled mid-fleet")
-	assert.Equal(t, fleetGuests, rep.Summary.Completed+rep.Summary.RolledBack+rep.Summary.NotStarted)
+	assert.Zero(at, rep.Summary.Unknown)
+	assert.Positive(at, rep.Summary.Completed)
+	assert.Positive(at, rep.Summary.NotStarted, "cancelled mid-fleet")
+	assert.Equal(at, fleetGuests, rep.Summary.Completed+rep.Summary.RolledBack+rep.Summary.NotStarted)
 
 	check := tbTimeout(t, 3*time.Minute)
 	for _, r := range rep.Results {
@@ -385,18 +437,18 @@ func testFleetCancel(t *testing.T, q *qemulab.QEMU, vms []*fleetVM) {
 		}
 		// Exactly one side runs the guest.
 		st, err := on.QMP.QueryStatus(check)
-		require.NoError(t, err, r.Name)
-		assert.Equal(t, "running", st.Status, "%s (%s): the side that holds the guest", r.Name, r.Outcome)
+		require.NoError(at, err, r.Name)
+		assert.Equal(at, "running", st.Status, "%s (%s): the side that holds the guest", r.Name, r.Outcome)
 		if !off.Exited() {
 			st, err := off.QMP.QueryStatus(check)
-			require.NoError(t, err, r.Name)
-			assert.NotEqual(t, "running", st.Status, "%s (%s): the other side", r.Name, r.Outcome)
+			require.NoError(at, err, r.Name)
+			assert.NotEqual(at, "running", st.Status, "%s (%s): the other side", r.Name, r.Outcome)
 		}
 		var src *qmp.Client
 		if r.Outcome == fleet.Completed {
 			src = b.src.QMP
 		}
 		_, err = qemulab.CheckSweep(check, src, on.QMP, qemulab.SweepCheckOptions{})
-		require.NoError(t, err, "%s (%s)", r.Name, r.Outcome)
+		require.NoError(at, err, "%s (%s)", r.Name, r.Outcome)
 	}
 }
