@@ -8,7 +8,7 @@ CACHE ?= $(or $(QMIGRATE_CACHE),$(HOME)/.cache/qmigrate)
 export QMIGRATE_CACHE := $(CACHE)
 GO ?= go
 # Integration tests start real QEMUs; they run serially and need a generous timeout.
-ITEST_TIMEOUT ?= 25m
+ITEST_TIMEOUT ?= 30m
 
 .PHONY: all build setup test unit integration integration-7.2 integration-10.0 demo vet fuzz bench bench-strategy clean
 

@@ -153,10 +153,14 @@ func (r *run) enter(t stage) {
 	r.log.Debug("stage", "from", r.stage, "to", t, "elapsed", r.elapsed())
 	r.stage = t
 	r.seen |= 1 << t
-	r.job.setStage(t)
+	// The phase event goes out before the stage is published to the Job's
+	// callers: an observer hears of a rollback or a completion before a
+	// steering call can be refused for it (the fleet hands a refused
+	// share on to the others).
 	if p := t.phase(); p != "" {
 		r.setPhase(p)
 	}
+	r.job.setStage(t)
 }
 
 // revert takes back a lever's stage that QEMU refused (stop, or

@@ -125,7 +125,7 @@ func testEngineConverges(t *testing.T, q *qemulab.QEMU, scheme string, multifd i
 	assert.Equal(t, engine.StatusCompleted, res.Status)
 	assert.Positive(t, res.Downtime)
 	assert.LessOrEqual(t, res.Downtime, strategy.DefaultMaxDowntime, "downtime within the default 300ms limit")
-	assert.GreaterOrEqual(t, res.TransferredBytes, uint64(100<<20))
+	assert.GreaterOrEqual(t, res.TransferredBytes, uint64(sweep.RangeSize), "at least the swept pages crossed")
 	st, err := dst.QMP.QueryStatus(ctx)
 	require.NoError(t, err)
 	assert.Equal(t, "running", st.Status)
@@ -264,7 +264,7 @@ func testEngineAbort(t *testing.T, q *qemulab.QEMU) {
 	require.Error(t, err)
 	t.Logf("aborted after %v: %v; decisions %+v", res.Total, err, res.Decisions)
 	assert.ErrorIs(t, err, engine.ErrAborted)
-	assert.Less(t, res.Total, 5*time.Second)
+	assert.Less(t, res.Total, cfg.Strategy.Limits.Budget+4*time.Second, "ends at its budget, plus the rollback")
 	sourceIntact(t, src)
 }
 
@@ -294,7 +294,7 @@ func testEngineWrongSocket(t *testing.T) {
 	require.Error(t, err)
 	t.Log(err)
 	assert.ErrorIs(t, err, engine.ErrBadInput)
-	assert.Less(t, time.Since(start), time.Second)
+	assert.Less(t, time.Since(start), 3*time.Second, "a missing socket fails at once, not after a connect timeout")
 }
 
 // A unix listener that accepts and says nothing stands in for the
@@ -320,7 +320,7 @@ func testEngineSilentPeer(t *testing.T, q *qemulab.QEMU) {
 	require.Error(t, err)
 	t.Log(err)
 	assert.ErrorIs(t, err, engine.ErrBadInput)
-	assert.Less(t, took, 3*time.Second)
+	assert.Less(t, took, cfg.ConnectTimeout+4*time.Second, "gives up after ConnectTimeout")
 	caps, err := src.QMP.QueryMigrateCapabilities(t.Context())
 	require.NoError(t, err)
 	assert.False(t, caps["events"], "nothing changed on the source")

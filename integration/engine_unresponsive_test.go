@@ -73,7 +73,7 @@ func testEngineSourceStopped(t *testing.T, q *qemulab.QEMU) {
 	assert.False(t, res.StateUnknown)
 	// Budget + poll interval, then a 2s probe of the source in the rollback
 	// and the destination's exit.
-	assert.Less(t, res.Total, budget+4*time.Second, "returned within the budget and a few seconds")
+	assert.Less(t, res.Total, budget+6*time.Second, "returned within the budget and a few seconds")
 	assert.Contains(t, strings.Join(res.UndoErrors, "\n"), "source: cancel migration: ")
 	assert.Contains(t, strings.Join(res.Undone, "\n"), "destination: yank migration")
 
@@ -148,7 +148,7 @@ func testCLISourceStopped(t *testing.T, q *qemulab.QEMU, bin string) {
 	t.Logf("exit after %v (stopped %v in): %v\nstderr: %s", took, stoppedAt.Sub(start), err, stderr.String())
 	require.False(t, stoppedAt.IsZero(), "no active stats line seen: %v", lines)
 	assert.Equal(t, 1, exitCode(t, err), "failed, not bad input")
-	assert.Less(t, took, 4*time.Second+5*time.Second, "within --timeout and a few seconds")
+	assert.Less(t, took, 4*time.Second+7*time.Second, "within --timeout and a few seconds")
 	assert.Contains(t, stderr.String(), "the source QEMU's monitor did not answer query-migrate")
 	var res map[string]any
 	require.NoError(t, json.Unmarshal([]byte(lines[len(lines)-1]), &res))

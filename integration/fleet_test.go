@@ -27,7 +27,7 @@ const (
 	fleetMemMiB = 104      // the sweep covers [1 MiB, 100 MiB)
 	fleetLink   = 64 << 20 // tbf, each direction
 	fleetBudget = 48 << 20 // per source host
-	fleetBusy   = 60e6     // dirty rate of the busy guests (TCG, before contention)
+	fleetBusy   = 120e6    // dirty rate of the busy guests (TCG, before contention: 8 guests on the cores slow them to about half)
 	fleetLight  = 4e6
 )
 
@@ -259,7 +259,8 @@ func TestFleet(t *testing.T) {
 
 	lim := fleet.Limits{MaxParallel: 3, MaxPerSource: 2,
 		HostBandwidth: map[string]uint64{n.A.Netns: fleetBudget, n.B.Netns: fleetBudget}}
-	plan := fleet.Plan{Limits: lim, Retries: 1}
+	held := &countingLimiter{Limiter: fleet.NewLimiter(lim), maxSrc: map[string]int{}, src: map[string]int{}}
+	plan := fleet.Plan{Limits: lim, Retries: 1, Limiter: held}
 	byName := map[string]*fleetVM{}
 	for _, v := range vms {
 		byName[v.name] = v
@@ -322,8 +323,12 @@ func TestFleet(t *testing.T) {
 	assert.Equal(at, 2, vr.Attempts, "the victim is retried once, on a new destination")
 	assert.Equal(at, 1, rep.Summary.Retries)
 	assert.True(at, victim.dsts[0].Exited(), "the first destination was killed")
-	assert.Equal(at, lim.MaxParallel, w.maxIn, "the fleet filled its slots")
-	assert.Equal(at, lim.MaxPerSource, w.maxSrc[n.A.Netns])
+	// The slots held, not the events' view (a light guest may finish
+	// before the next migration's start event): the first dispatch takes
+	// all of them.
+	t.Logf("fleet: at most %d migrations started at once by the events, %d slots held", w.maxIn, held.max)
+	assert.Equal(at, lim.MaxParallel, held.max, "the fleet filled its slots")
+	assert.Equal(at, lim.MaxPerSource, held.maxSrc[n.A.Netns])
 	assert.Positive(at, w.raises, "a share raised when another migration of its host ended")
 	assert.Positive(at, checks, "the QEMUs' max-bandwidth was sampled")
 	levers := 0
@@ -348,6 +353,38 @@ func TestFleet(t *testing.T) {
 
 	testFleetCancel(t, at, q, vms)
 	t.Logf("fleet: done in %v", time.Since(start).Round(time.Second))
+}
+
+// countingLimiter records the most slots held at once, in all and per
+// source host.
+type countingLimiter struct {
+	fleet.Limiter
+	mu          sync.Mutex
+	n, max      int
+	src, maxSrc map[string]int
+}
+
+func (c *countingLimiter) TryAcquire(ctx context.Context, s fleet.Slot) (func(), error) {
+	release, err := c.Limiter.TryAcquire(ctx, s)
+	if release == nil || err != nil {
+		return release, err
+	}
+	c.mu.Lock()
+	c.n++
+	c.src[s.Source]++
+	c.max = max(c.max, c.n)
+	c.maxSrc[s.Source] = max(c.maxSrc[s.Source], c.src[s.Source])
+	c.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			c.mu.Lock()
+			c.n--
+			c.src[s.Source]--
+			c.mu.Unlock()
+			release()
+		})
+	}, nil
 }
 
 // failures passes testify's failures on to t and says them again when the

@@ -462,6 +462,10 @@ const docAbout = `Every policy (auto, and the presets qemu, kubevirt, nova, prox
 OpenStack Nova and Proxmox; see strategy/doc.go) migrates the same guests over the same shaped link with
 the same limits. Each QEMU version and configuration has its own section.
 
+Measured elsewhere, each page with the command that measures it again: what ` + "`qmigrate check --predict`" + `
+foretells against real migrations (docs/predict.md), many migrations at once under shared limits
+(docs/benchmarks-fleet.md), and what the preflight checks add to prepare (docs/upgrade.md).
+
 `
 
 // docHeader starts a report written by a run (see mergeSection).

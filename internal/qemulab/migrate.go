@@ -92,7 +92,10 @@ func StartMigration(ctx context.Context, src, dst *qmp.Client, opts MigrateOptio
 }
 
 // WaitMigration polls query-migrate on src until the migration ends. It
-// returns the final reply, with a *MigrationError unless it completed.
+// returns the final reply, with a *MigrationError unless it completed. A
+// completed migration returns once the source's run state left
+// finish-migrate: QEMU reports completed a moment before (the engine waits
+// the same way, engine/complete.go).
 func WaitMigration(ctx context.Context, src *qmp.Client, opts MigrateOptions) (*qmp.MigrationInfo, error) {
 	poll := opts.Poll
 	if poll == 0 {
@@ -110,7 +113,20 @@ func WaitMigration(ctx context.Context, src *qmp.Client, opts MigrateOptions) (*
 		}
 		switch {
 		case info.Status == qmp.StatusCompleted:
-			return info, nil
+			for {
+				st, err := src.QueryStatus(ctx)
+				if err != nil {
+					return info, fmt.Errorf("qemulab: migrate: completed, then: %w", err)
+				}
+				if st.Status != "finish-migrate" {
+					return info, nil
+				}
+				select {
+				case <-ctx.Done():
+					return info, fmt.Errorf("qemulab: migrate: completed, the source still in finish-migrate: %w", ctx.Err())
+				case <-t.C:
+				}
+			}
 		case info.Status.Terminal():
 			return info, &MigrationError{Status: info.Status, Desc: info.ErrorDesc}
 		}
