@@ -159,9 +159,12 @@ func testPostcopyLinkFault(t *testing.T, q *qemulab.QEMU, v qmp.Version, fault s
 			t.Logf("recovery: %s loss %d attempt %d stalled %v %s", e.Recovery.Step, e.Recovery.Loss, e.Recovery.Attempt, e.Recovery.Stalled, e.Recovery.Detail)
 			switch {
 			case fault == "handshake" && e.Recovery.Step == engine.RecoveryAttempt && !handshakeBroken:
-				// The link drops again as the source reconnects.
+				// The link drops again as the source reconnects: armed
+				// here, before the observer returns and the engine resumes
+				// the source (ResetNextConnection only takes the proxy's
+				// lock).
 				handshakeBroken = true
-				go p.ResetNextConnection()
+				p.ResetNextConnection()
 			case e.Recovery.Step == engine.RecoveryRecovered:
 				postcopyAt = e.Elapsed
 			}
