@@ -116,14 +116,15 @@ func testPostcopyLinkFault(t *testing.T, q *qemulab.QEMU, v qmp.Version, fault s
 	cfg := postcopyConfig(t, src, dst, p)
 	var mu sync.Mutex
 	var steps []string
-	var postcopyAt time.Duration
 	var pcFirst, pcLast *engine.Event
-	lossesLeft := losses
-	injected := 0
+	// Loss k of losses is injected once postcopy moved k/(losses+1) of the
+	// RAM that remained when it started: by progress, not by time, so that
+	// every loss comes while postcopy still runs whatever the machine's
+	// speed (it lasts ~5 s on 10.0 here, less on a faster machine).
+	var pcStart uint64 // RemainingBytes at the first postcopy sample
+	armed := true      // the link runs: the next loss may be injected
+	injected, lost := 0, 0
 	breakLink := func() {
-		mu.Lock()
-		injected++
-		mu.Unlock()
 		switch fault {
 		case "blackhole":
 			p.BlackHole(true)
@@ -144,18 +145,23 @@ func testPostcopyLinkFault(t *testing.T, q *qemulab.QEMU, v qmp.Version, fault s
 			ev := e
 			if pcFirst == nil {
 				pcFirst = &ev
-				postcopyAt = e.Elapsed
+				pcStart = e.Stats.RemainingBytes
 			}
 			if injected == 0 {
 				pcLast = &ev // the postcopy rate before any fault
 			}
-			if lossesLeft > 0 && e.Elapsed-postcopyAt > 1500*time.Millisecond {
-				lossesLeft--
+			left := pcStart / uint64(losses+1) * uint64(losses-injected)
+			if armed && injected < losses && e.Stats.RemainingBytes <= left {
+				injected++
+				armed = false // re-armed on recovery
+				t.Logf("loss %d injected with %d of %d bytes left", injected, e.Stats.RemainingBytes, pcStart)
 				go breakLink()
-				postcopyAt = 1 << 62 // re-armed on recovery
 			}
 		case engine.EventRecovery:
 			steps = append(steps, string(e.Recovery.Step))
+			if e.Recovery.Step == engine.RecoveryLinkLost {
+				lost = e.Recovery.Loss
+			}
 			t.Logf("recovery: %s loss %d attempt %d stalled %v %s", e.Recovery.Step, e.Recovery.Loss, e.Recovery.Attempt, e.Recovery.Stalled, e.Recovery.Detail)
 			switch {
 			case fault == "handshake" && e.Recovery.Step == engine.RecoveryAttempt && !handshakeBroken:
@@ -166,13 +172,15 @@ func testPostcopyLinkFault(t *testing.T, q *qemulab.QEMU, v qmp.Version, fault s
 				handshakeBroken = true
 				p.ResetNextConnection()
 			case e.Recovery.Step == engine.RecoveryRecovered:
-				postcopyAt = e.Elapsed
+				armed = true
 			}
 		}
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
 	res, err := engine.Migrate(ctx, cfg)
+	mu.Lock()
+	defer mu.Unlock()
 	if err != nil && !v.AtLeast(8, 0) && (errors.Is(err, engine.ErrRecoveryFailed) || errors.Is(err, engine.ErrGuestLost)) {
 		t.Logf("QEMU %s could not recover (%s, %d attempts, steps %v): %v", v, res.Lost, res.RecoveryAttempts, steps, err)
 		info, qerr := src.QMP.QueryMigrate(ctx)
@@ -185,7 +193,9 @@ func testPostcopyLinkFault(t *testing.T, q *qemulab.QEMU, v qmp.Version, fault s
 	require.NoError(t, err)
 	assert.Equal(t, v.AtLeast(8, 0), caps["postcopy-preempt"], "postcopy-preempt from 8.0 on")
 	t.Logf("completed in %v: %d recoveries in %d attempts, guest stalled %v; steps %v", res.Total, res.Recoveries, res.RecoveryAttempts, res.PostcopyStall, steps)
-	assert.Equal(t, losses, res.Recoveries)
+	require.Equal(t, losses, injected, "every loss injected while postcopy ran (%d bytes left as it started)", pcStart)
+	assert.Equal(t, injected, lost, "the engine saw every loss injected")
+	assert.Equal(t, injected, res.Recoveries, "every loss recovered")
 	if fault == "handshake" {
 		assert.Greater(t, res.RecoveryAttempts, 1, "the first attempt was cut")
 		assert.Contains(t, steps, string(engine.RecoveryFailed))
