@@ -221,27 +221,43 @@ func testPostcopyKilled(t *testing.T, q *qemulab.QEMU, side engine.Side) {
 	src, dst := enginePair(t, q, 500e6, true, "")
 	p := newLinkProxy(t)
 	cfg := postcopyConfig(t, src, dst, p)
+	// The kill comes on the first postcopy sample that shows pages moved
+	// since postcopy started (both QEMUs run it) while most of them are
+	// still to move (a kill then cannot miss postcopy, whatever the
+	// machine's speed).
 	killed := make(chan time.Time, 1)
-	var once sync.Once
+	var start uint64 // RemainingBytes at the first postcopy sample; 0 before it
+	done := false
 	cfg.Observer = func(e engine.Event) {
-		if e.Kind == engine.EventStats && e.Stats.Status == string(qmp.StatusPostcopyActive) {
-			once.Do(func() {
-				time.AfterFunc(time.Second, func() {
-					killed <- time.Now()
-					if side == engine.SideDestination {
-						dst.Kill()
-					} else {
-						src.Kill()
-					}
-				})
-			})
+		if done || e.Kind != engine.EventStats || e.Stats.Status != string(qmp.StatusPostcopyActive) {
+			return
+		}
+		left := e.Stats.RemainingBytes
+		switch {
+		case start == 0:
+			start = max(left, 1)
+		case left < start && left >= start/4:
+			done = true
+			t.Logf("killing the %s with %d of %d bytes left", side, left, start)
+			killed <- time.Now()
+			if side == engine.SideDestination {
+				go dst.Kill()
+			} else {
+				go src.Kill()
+			}
 		}
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
 	res, err := engine.Migrate(ctx, cfg)
+	var killedAt time.Time
+	select {
+	case killedAt = <-killed:
+	default:
+		require.FailNow(t, "no kill: no postcopy sample with pages moved and a quarter left", "Migrate: %v", err)
+	}
 	require.Error(t, err)
-	took := time.Since(<-killed)
+	took := time.Since(killedAt)
 	t.Logf("ended %v after the kill: %v (lost %q)", took, err, res.Lost)
 	assert.Less(t, took, 5*time.Second, "within seconds")
 	var ee *engine.Error
