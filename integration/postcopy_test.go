@@ -72,9 +72,15 @@ func testPostcopyBandwidth(t *testing.T, q *qemulab.QEMU) {
 	defer mu.Unlock()
 	require.NotNil(t, first, "postcopy seen")
 	require.NotSame(t, first, last)
-	rate := float64(last.Stats.TransferredBytes-first.Stats.TransferredBytes) / (last.Elapsed - first.Elapsed).Seconds()
-	t.Logf("postcopy phase: %.2f MiB/s over %v with --bandwidth %d MiB/s; total %v", rate/(1<<20), last.Elapsed-first.Elapsed, postcopyBandwidth>>20, res.Total)
-	assert.Less(t, rate, 1.25*postcopyBandwidth, "the limit holds in postcopy")
+	// The rate over the whole phase (~99 MiB at 8 MiB/s: ~12 s), at least
+	// 2 s of it: a short span would read a burst (socket buffers, a late
+	// poll) as the rate. The margin, 1.5x, is for those at its ends and a
+	// machine of another speed (measured 1.08x here).
+	span := last.Elapsed - first.Elapsed
+	require.GreaterOrEqual(t, span, 2*time.Second, "postcopy samples at least 2 s apart")
+	rate := float64(last.Stats.TransferredBytes-first.Stats.TransferredBytes) / span.Seconds()
+	t.Logf("postcopy phase: %.2f MiB/s over %v with --bandwidth %d MiB/s; total %v", rate/(1<<20), span, postcopyBandwidth>>20, res.Total)
+	assert.Less(t, rate, 1.5*postcopyBandwidth, "the limit holds in postcopy")
 	assert.Greater(t, rate, 0.5*postcopyBandwidth)
 	_, err = qemulab.CheckSweep(ctx, src.QMP, dst.QMP, qemulab.SweepCheckOptions{})
 	require.NoError(t, err, "destination guest intact")
