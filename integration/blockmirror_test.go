@@ -369,12 +369,17 @@ func bmTestAbort(t *testing.T, q *qemulab.QEMU, afterReady bool) {
 	uri := "unix:" + filepath.Join(src.dir, "mig.sock")
 	cfg := blockmirror.Config{}
 
-	s, err := bmStart(ctx, t, src, dst, cfg, uri)
+	first := cfg
+	if !afterReady {
+		// Slow from its start (1 MiB/s for 32 MiB): a set-speed sent once
+		// it runs at unlimited speed may find the mirror READY already.
+		first.Speed = 1 << 20
+	}
+	s, err := bmStart(ctx, t, src, dst, first, uri)
 	require.NoError(t, err)
 	if afterReady {
 		require.NoError(t, s.WaitReady(ctx, nil))
 	} else {
-		require.NoError(t, src.qmp.BlockJobSetSpeed(ctx, bmJob(t, ctx, s), 1<<20))
 		p, err := s.Progress(ctx)
 		require.NoError(t, err)
 		require.False(t, p[0].Ready, "mirror READY already: %+v", p)
@@ -406,9 +411,11 @@ func bmTestDestinationLost(t *testing.T, q *qemulab.QEMU, freeze bool) {
 	src, dst := bmPair(t, q, bmOpts{size: "64M"})
 	bmCaps(t, ctx, src, dst)
 	src.write(ctx, 0x11, 0, 32<<20)
-	s, err := bmStart(ctx, t, src, dst, blockmirror.Config{}, "unix:"+filepath.Join(src.dir, "mig.sock"))
+	// 4 MiB/s from its start: a set-speed sent once it runs at unlimited
+	// speed may find the 32 MiB mirror READY already, and then nothing
+	// fails.
+	s, err := bmStart(ctx, t, src, dst, blockmirror.Config{Speed: 4 << 20}, "unix:"+filepath.Join(src.dir, "mig.sock"))
 	require.NoError(t, err)
-	require.NoError(t, src.qmp.BlockJobSetSpeed(ctx, bmJob(t, ctx, s), 4<<20))
 	time.Sleep(300 * time.Millisecond)
 	if freeze {
 		require.NoError(t, dst.inst.Signal(syscall.SIGSTOP))
