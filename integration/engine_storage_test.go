@@ -181,7 +181,9 @@ func (c heavyWriterCase) run(t *testing.T, q *qemulab.QEMU, src, dst *bmVM) {
 	if c.abort {
 		require.ErrorIs(t, err, engine.ErrAborted)
 		assert.NotContains(t, actions, strategy.MirrorWriteBlocking)
-		assert.LessOrEqual(t, res.Total, c.strategy.Limits.Budget+2*time.Second, "aborted within the budget")
+		// The budget's safety net plus the rollback (mirrors cancelled
+		// under a writer, on a machine half as fast): 4 s of grace.
+		assert.LessOrEqual(t, res.Total, c.strategy.Limits.Budget+4*time.Second, "aborted within the budget")
 		assert.Empty(t, res.UndoErrors)
 		assert.Contains(t, strings.Join(res.Undone, "\n"), "mirrors aborted")
 		assert.Equal(t, "running", src.status(ctx), "guest runs on the source")
