@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -295,10 +294,12 @@ func bmTestMigrate(t *testing.T, q *qemulab.QEMU, format string) {
 
 	cfg := blockmirror.Config{}
 	// raw: NBD address derived from a unix migration URI; qcow2: from a tcp
-	// one (the next port after the migration port).
+	// one (the next port after the migration port; blockmirror moves on
+	// to the following ones while nbd-server-start finds it taken). The
+	// migration itself runs over unix (bmMigrate).
 	uri := "unix:" + filepath.Join(src.dir, "mig.sock")
 	if format == "qcow2" {
-		uri = fmt.Sprintf("tcp:127.0.0.1:%d", bmFreePort(t))
+		uri = fmt.Sprintf("tcp:127.0.0.1:%d", freePort(t))
 	}
 	s, err := bmStart(ctx, t, src, dst, cfg, uri)
 	require.NoError(t, err)
@@ -492,15 +493,6 @@ func bmTestPreflight(t *testing.T, q *qemulab.QEMU) {
 	bmAssertNothingLeft(t, ctx, src, dst2)
 }
 
-// bmFreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func bmFreePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // bmTCPReceived is bytes_received of the established TCP connections whose
 // local port is port (ss -ti), i.e. what a server on that port has read.
 func bmTCPReceived(t testing.TB, port int) uint64 {
@@ -536,7 +528,7 @@ func bmTestSparse(t *testing.T, q *qemulab.QEMU) {
 	for i := uint64(0); i < 4; i++ {
 		src.write(ctx, byte(0x61+i), i*(1<<30)+(7<<20), chunk)
 	}
-	port := bmFreePort(t)
+	port := freePort(t)
 	start := time.Now()
 	s, err := bmStart(ctx, t, src, dst, blockmirror.Config{NBDAddress: qmp.TCPAddress("127.0.0.1", strconv.Itoa(port))}, "unix:"+filepath.Join(src.dir, "mig.sock"))
 	require.NoError(t, err)

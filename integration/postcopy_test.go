@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os/exec"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -351,11 +352,9 @@ func newLinkProxy(t *testing.T) *linkProxy {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	// A free port for the destination to listen on.
-	tl, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	target := tl.Addr().String()
-	require.NoError(t, tl.Close())
+	// A free port for the destination to listen on (bound by QEMU later:
+	// freePort never hands it out twice).
+	target := net.JoinHostPort("127.0.0.1", strconv.Itoa(freePort(t)))
 	p := &linkProxy{ln: ln, target: target, conns: map[net.Conn]bool{}}
 	go p.serve()
 	t.Cleanup(func() {
