@@ -124,12 +124,13 @@ func testPostcopyLinkFault(t *testing.T, q *qemulab.QEMU, v qmp.Version, fault s
 	var mu sync.Mutex
 	var steps []string
 	var pcFirst, pcLast *engine.Event
-	// Loss k of losses is injected once postcopy moved k/(losses+1) of the
-	// RAM that remained when it started: by progress, not by time, so that
-	// every loss comes while postcopy still runs whatever the machine's
-	// speed (it lasts ~5 s on 10.0 here, less on a faster machine).
-	var pcStart uint64 // RemainingBytes at the first postcopy sample
-	armed := true      // the link runs: the next loss may be injected
+	// A loss is injected once postcopy moved a share of the RAM that
+	// remained as it started or last recovered (1/(n+1) with n losses to
+	// come: the losses spread evenly over it): by progress, not by time,
+	// so that every loss comes while postcopy still runs whatever the
+	// machine's speed (it lasts ~5 s on 10.0 here, less on a faster one).
+	var from uint64 // RemainingBytes as postcopy (re)started; 0 until seen
+	armed := true   // the link runs: the next loss may be injected
 	injected, lost := 0, 0
 	breakLink := func() {
 		switch fault {
@@ -152,16 +153,21 @@ func testPostcopyLinkFault(t *testing.T, q *qemulab.QEMU, v qmp.Version, fault s
 			ev := e
 			if pcFirst == nil {
 				pcFirst = &ev
-				pcStart = e.Stats.RemainingBytes
 			}
 			if injected == 0 {
 				pcLast = &ev // the postcopy rate before any fault
 			}
-			left := pcStart / uint64(losses+1) * uint64(losses-injected)
-			if armed && injected < losses && e.Stats.RemainingBytes <= left {
+			if !armed || injected == losses {
+				return
+			}
+			left := e.Stats.RemainingBytes
+			if from == 0 {
+				from = max(left, 1)
+			}
+			if n := uint64(losses - injected); left <= from/(n+1)*n {
 				injected++
-				armed = false // re-armed on recovery
-				t.Logf("loss %d injected with %d of %d bytes left", injected, e.Stats.RemainingBytes, pcStart)
+				t.Logf("loss %d injected with %d of %d bytes left", injected, left, from)
+				armed, from = false, 0 // re-armed on recovery
 				go breakLink()
 			}
 		case engine.EventRecovery:
@@ -200,7 +206,7 @@ func testPostcopyLinkFault(t *testing.T, q *qemulab.QEMU, v qmp.Version, fault s
 	require.NoError(t, err)
 	assert.Equal(t, v.AtLeast(8, 0), caps["postcopy-preempt"], "postcopy-preempt from 8.0 on")
 	t.Logf("completed in %v: %d recoveries in %d attempts, guest stalled %v; steps %v", res.Total, res.Recoveries, res.RecoveryAttempts, res.PostcopyStall, steps)
-	require.Equal(t, losses, injected, "every loss injected while postcopy ran (%d bytes left as it started)", pcStart)
+	require.Equal(t, losses, injected, "every loss injected while postcopy ran")
 	assert.Equal(t, injected, lost, "the engine saw every loss injected")
 	assert.Equal(t, injected, res.Recoveries, "every loss recovered")
 	if fault == "handshake" {
