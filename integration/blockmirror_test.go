@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -295,10 +294,12 @@ func bmTestMigrate(t *testing.T, q *qemulab.QEMU, format string) {
 
 	cfg := blockmirror.Config{}
 	// raw: NBD address derived from a unix migration URI; qcow2: from a tcp
-	// one (the next port after the migration port).
+	// one (the next port after the migration port; blockmirror moves on
+	// to the following ones while nbd-server-start finds it taken). The
+	// migration itself runs over unix (bmMigrate).
 	uri := "unix:" + filepath.Join(src.dir, "mig.sock")
 	if format == "qcow2" {
-		uri = fmt.Sprintf("tcp:127.0.0.1:%d", bmFreePort(t))
+		uri = fmt.Sprintf("tcp:127.0.0.1:%d", freePort(t))
 	}
 	s, err := bmStart(ctx, t, src, dst, cfg, uri)
 	require.NoError(t, err)
@@ -369,12 +370,17 @@ func bmTestAbort(t *testing.T, q *qemulab.QEMU, afterReady bool) {
 	uri := "unix:" + filepath.Join(src.dir, "mig.sock")
 	cfg := blockmirror.Config{}
 
-	s, err := bmStart(ctx, t, src, dst, cfg, uri)
+	first := cfg
+	if !afterReady {
+		// Slow from its start (1 MiB/s for 32 MiB): a set-speed sent once
+		// it runs at unlimited speed may find the mirror READY already.
+		first.Speed = 1 << 20
+	}
+	s, err := bmStart(ctx, t, src, dst, first, uri)
 	require.NoError(t, err)
 	if afterReady {
 		require.NoError(t, s.WaitReady(ctx, nil))
 	} else {
-		require.NoError(t, src.qmp.BlockJobSetSpeed(ctx, bmJob(t, ctx, s), 1<<20))
 		p, err := s.Progress(ctx)
 		require.NoError(t, err)
 		require.False(t, p[0].Ready, "mirror READY already: %+v", p)
@@ -406,9 +412,11 @@ func bmTestDestinationLost(t *testing.T, q *qemulab.QEMU, freeze bool) {
 	src, dst := bmPair(t, q, bmOpts{size: "64M"})
 	bmCaps(t, ctx, src, dst)
 	src.write(ctx, 0x11, 0, 32<<20)
-	s, err := bmStart(ctx, t, src, dst, blockmirror.Config{}, "unix:"+filepath.Join(src.dir, "mig.sock"))
+	// 4 MiB/s from its start: a set-speed sent once it runs at unlimited
+	// speed may find the 32 MiB mirror READY already, and then nothing
+	// fails.
+	s, err := bmStart(ctx, t, src, dst, blockmirror.Config{Speed: 4 << 20}, "unix:"+filepath.Join(src.dir, "mig.sock"))
 	require.NoError(t, err)
-	require.NoError(t, src.qmp.BlockJobSetSpeed(ctx, bmJob(t, ctx, s), 4<<20))
 	time.Sleep(300 * time.Millisecond)
 	if freeze {
 		require.NoError(t, dst.inst.Signal(syscall.SIGSTOP))
@@ -485,15 +493,6 @@ func bmTestPreflight(t *testing.T, q *qemulab.QEMU) {
 	bmAssertNothingLeft(t, ctx, src, dst2)
 }
 
-// bmFreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func bmFreePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // bmTCPReceived is bytes_received of the established TCP connections whose
 // local port is port (ss -ti), i.e. what a server on that port has read.
 func bmTCPReceived(t testing.TB, port int) uint64 {
@@ -529,7 +528,7 @@ func bmTestSparse(t *testing.T, q *qemulab.QEMU) {
 	for i := uint64(0); i < 4; i++ {
 		src.write(ctx, byte(0x61+i), i*(1<<30)+(7<<20), chunk)
 	}
-	port := bmFreePort(t)
+	port := freePort(t)
 	start := time.Now()
 	s, err := bmStart(ctx, t, src, dst, blockmirror.Config{NBDAddress: qmp.TCPAddress("127.0.0.1", strconv.Itoa(port))}, "unix:"+filepath.Join(src.dir, "mig.sock"))
 	require.NoError(t, err)

@@ -7,6 +7,7 @@ import (
 	"net"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -19,13 +20,40 @@ import (
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
-// freePort is a tcp port on 127.0.0.1 nobody listens on (a moment ago).
-func freePort(t *testing.T) int {
+// freePorts returns n distinct tcp ports on 127.0.0.1 that nobody listened
+// on a moment ago and that no earlier call in this test process returned.
+// The ports are picked before something binds them later (a QEMU): the n
+// listeners stay open until all n are picked (closed one at a time, the
+// kernel may hand the same port out twice), and a port handed out before
+// is skipped (its QEMU may still bind it, or already did).
+func freePorts(t testing.TB, n int) []int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	var ports []int
+	for tries := 0; len(ports) < n; tries++ {
+		require.Less(t, tries, 100, "no free port on 127.0.0.1")
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		require.NoError(t, err)
+		defer ln.Close()
+		p := ln.Addr().(*net.TCPAddr).Port
+		if !portsGiven[p] {
+			portsGiven[p] = true
+			ports = append(ports, p)
+		}
+	}
+	return ports
+}
+
+var (
+	portsMu    sync.Mutex
+	portsGiven = map[int]bool{} // every port freePorts returned
+)
+
+// freePort is one port of freePorts.
+func freePort(t testing.TB) int {
+	t.Helper()
+	return freePorts(t, 1)[0]
 }
 
 // tlsMonitorArgs give a QEMU a second QMP monitor on 127.0.0.1:port that
@@ -48,7 +76,8 @@ func TestQMPOverTLS(t *testing.T) {
 	creds, other := t.TempDir(), t.TempDir()
 	require.NoError(t, qemulab.WriteX509Creds(creds, "127.0.0.1"))
 	require.NoError(t, qemulab.WriteX509Creds(other, "127.0.0.1"))
-	sp, dp := freePort(t), freePort(t)
+	ports := freePorts(t, 2)
+	sp, dp := ports[0], ports[1]
 	guest := qemulab.NewSweepGuest(20e6)
 	src := qemulab.StartT(t, q, qemulab.Config{Name: "src", Guest: guest, Args: tlsMonitorArgs(creds, sp)})
 	dst := qemulab.StartT(t, q, qemulab.Config{Name: "dst", Guest: guest, Incoming: true, Args: tlsMonitorArgs(creds, dp)})
