@@ -11,7 +11,7 @@ import (
 // fits its bandwidth estimate × downtime-limit, but the downtime it then
 // measures also holds what its estimate leaves out: stopping the vCPUs, the
 // final bitmap sync and what the guest dirtied since the last one, the device
-// state, the destination's load. On the benchmark's runs (docs/results) that
+// state, the destination's load. On the benchmark's first runs (docs/results/wave1) that
 // excess does not grow with the limit: runs at 100 ms, 300 ms and 500 ms
 // limits overshoot alike (tens of milliseconds), so it is a duration to keep
 // free below the user's maximum, not a share of it. auto therefore sets its
@@ -57,7 +57,7 @@ func LearnHeadroom(cs []Completion, quantile float64) (time.Duration, int) {
 const headroomQuantile = 0.95
 
 // learned is the headroom learned from the benchmark's raw runs
-// (docs/results/*.json: every pre-copy completion, the limit in force from the
+// (docs/results/wave1/*.json, the runs made before auto kept it: every pre-copy completion, the limit in force from the
 // last set-downtime decision or the policy's setup) with LearnHeadroom at
 // headroomQuantile. TestLearnedHeadroomMatchesResults recomputes it from
 // those files.

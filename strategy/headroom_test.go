@@ -15,7 +15,7 @@ import (
 	"github.com/qmigrate/qmigrate/strategy"
 )
 
-// benchRun is the part of a docs/results run the headroom is learned from.
+// benchRun is the part of a docs/results/wave1 run the headroom is learned from.
 type benchRun struct {
 	Scenario, Profile, Policy, Status string
 	Downtime                          time.Duration
@@ -42,7 +42,7 @@ var setupLimit = map[string]time.Duration{"auto": 100 * ms, "qemu": 300 * ms, "k
 // decision's, else the policy's setup limit.
 func loadCompletions(t *testing.T) []completion {
 	t.Helper()
-	files, err := filepath.Glob("../docs/results/*.json")
+	files, err := filepath.Glob("../docs/results/wave1/*.json")
 	require.NoError(t, err)
 	require.NotEmpty(t, files)
 	maxRe := regexp.MustCompile(`-max-downtime (\d+)ms`)
@@ -79,11 +79,11 @@ func loadCompletions(t *testing.T) []completion {
 }
 
 // TestLearnedHeadroomMatchesResults: the headroom auto keeps per QEMU
-// version is what LearnHeadroom finds in docs/results, and it would have kept
+// version is what LearnHeadroom finds in docs/results/wave1, and it would have kept
 // every run that exceeded the user's maximum within it.
 func TestLearnedHeadroomMatchesResults(t *testing.T) {
 	all := loadCompletions(t)
-	require.Len(t, all, 207, "every pre-copy completion in docs/results")
+	require.Len(t, all, 207, "every pre-copy completion in docs/results/wave1")
 	byVersion := map[string][]strategy.Completion{}
 	for _, c := range all {
 		byVersion[c.version] = append(byVersion[c.version], c.Completion)
