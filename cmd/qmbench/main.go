@@ -43,6 +43,7 @@ type options struct {
 	scenarios, policies string
 	profiles, jsonOut   string
 	render              string
+	baseline            string // -baseline: earlier runs auto is compared with
 	rateMB              float64
 	budget, maxDowntime time.Duration
 	memMiB              int
@@ -64,6 +65,7 @@ func main() {
 	flag.BoolVar(&o.quick, "quick", false, "smoke run: 30 s budget, one calibration round, short baselines")
 	flag.BoolVar(&o.verbose, "v", false, "log QEMU command lines")
 	flag.StringVar(&o.jsonOut, "json", "", "also write every run's raw results (samples, decisions) to this JSON file")
+	flag.StringVar(&o.baseline, "baseline", "", "with -render: -json files of earlier runs (comma-separated) that the Findings compare auto's runs with, section by section")
 	flag.StringVar(&o.render, "render", "", "run nothing: rewrite the whole report (its Findings computed from the runs) and the plots from -json files (comma-separated; one section per QEMU version and configuration; a scenario, profile and policy found in several files of a section is taken from the first)")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -255,6 +257,9 @@ const (
 // renderCommand is the command line that re-renders what o renders.
 func renderCommand(o options) string {
 	cmd := "go run ./cmd/qmbench -render " + o.render
+	if o.baseline != "" {
+		cmd += " -baseline " + o.baseline
+	}
 	if o.out != defaultOut {
 		cmd += " -out " + o.out
 	}
@@ -285,6 +290,13 @@ func render(o options) error {
 	var b strings.Builder
 	b.WriteString(docHeaderFor(renderCommand(o)))
 	b.WriteString(findings(groups))
+	if o.baseline != "" {
+		base, err := loadGroups(strings.Split(o.baseline, ","))
+		if err != nil {
+			return fmt.Errorf("-baseline: %w", err)
+		}
+		b.WriteString(baselineFindings(groups, base))
+	}
 	for _, rp := range groups {
 		rp.PlotsRel = plotsRel(o) // where this render writes them, not where the run did
 		scs, profs := rp.scenarios()

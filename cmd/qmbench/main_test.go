@@ -282,7 +282,11 @@ func TestCommittedReportReproduces(t *testing.T) {
 	}
 	require.NotEmpty(t, cmd, "the report's first lines give the command that re-renders it")
 	args := strings.Fields(strings.TrimPrefix(cmd, "go run ./cmd/qmbench "))
-	require.Len(t, args, 2, "only -render FILES: the default -out and -plots")
+	require.True(t, len(args) == 2 || len(args) == 4 && args[2] == "-baseline", "only -render FILES [-baseline FILES]: the default -out and -plots: %q", args)
+	o := options{render: args[1], out: defaultOut, plots: defaultPlots, noPlots: true}
+	if len(args) == 4 {
+		o.baseline = args[3]
+	}
 
 	// Render as that command would in a checkout: docs/results read from
 	// this one, the report and plots written to a copy of its layout.
@@ -292,7 +296,7 @@ func TestCommittedReportReproduces(t *testing.T) {
 	t.Chdir(dir)
 	// The plots take a minute under -race: drawn by TestPlots, here only
 	// their links are checked against the committed ones.
-	require.NoError(t, run(t.Context(), options{render: args[1], out: defaultOut, plots: defaultPlots, noPlots: true}))
+	require.NoError(t, run(t.Context(), o))
 	got, err := os.ReadFile(defaultOut)
 	require.NoError(t, err)
 	if string(got) != string(want) {
