@@ -1,0 +1,193 @@
+package engine_test
+
+import (
+	"context"
+	"encoding/json"
+	"sync/atomic"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/qmigrate/qmigrate/engine"
+	"github.com/qmigrate/qmigrate/qemutest"
+	"github.com/qmigrate/qmigrate/qmp"
+	"github.com/qmigrate/qmigrate/qmp/qmptest"
+)
+
+// Cells of docs/faults.md not covered elsewhere.
+
+// isResume reports whether a migrate command's arguments ask to resume.
+func isResume(args json.RawMessage) bool {
+	var a struct {
+		Resume bool `json:"resume"`
+	}
+	_ = json.Unmarshal(args, &a)
+	return a.Resume
+}
+
+// dieAtResume starts a postcopy migration with clients of its own whose
+// process "dies" (both connections close, as after a SIGKILL) at its first
+// migrate resume: before the source got it (reached false) or just after
+// (reached true). beforeResume runs first, in the source's handler. It
+// returns once that process ended, with a config for the adopting process.
+func dieAtResume(t *testing.T, p *qemutest.Pair, cfg engine.Config, reached bool, beforeResume func()) engine.Config {
+	t.Helper()
+	src, dst, err := p.Clients(context.Background())
+	require.NoError(t, err)
+	var died atomic.Bool
+	migrate := p.Src.Handler("migrate")
+	p.Src.Handle("migrate", func(args json.RawMessage) (any, error) {
+		if !isResume(args) || died.Swap(true) {
+			return migrate(args)
+		}
+		if beforeResume != nil {
+			beforeResume()
+		}
+		if reached {
+			_, err := migrate(args)
+			require.NoError(t, err)
+		}
+		dst.Close()
+		return nil, qmptest.ErrCloseConn
+	})
+	first := cfg
+	first.Source, first.Destination = engine.Endpoint{Client: src}, engine.Endpoint{Client: dst}
+	var broke bool
+	first.Observer = func(e engine.Event) {
+		// Some way into postcopy the link breaks; the first process
+		// recovers.
+		if !broke && e.Kind == engine.EventStats && e.Stats.Status == "postcopy-active" && e.Stats.RemainingBytes < 120<<20 {
+			broke = true
+			p.LinkReset()
+		}
+	}
+	j, err := engine.Start(context.Background(), first)
+	require.NoError(t, err)
+	<-j.Done()
+	require.True(t, died.Load(), "the first process died at its resume")
+	src.Close()
+	src2, dst2, err := p.Clients(context.Background())
+	require.NoError(t, err)
+	t.Cleanup(func() { src2.Close(); dst2.Close() })
+	cfg.Source, cfg.Destination = engine.Endpoint{Client: src2}, engine.Endpoint{Client: dst2}
+	return cfg
+}
+
+// resumes counts the migrate commands with resume the source received.
+func resumes(t *testing.T, p *qemutest.Pair) int {
+	t.Helper()
+	n := 0
+	for _, c := range p.Src.CallsOf("migrate") {
+		if isResume(c.Args) {
+			n++
+		}
+	}
+	return n
+}
+
+// postcopy recovery x manager killed: the process recovering a lost link
+// died after migrate-recover, before its migrate resume reached the source
+// (the source postcopy-paused, the destination listening: in
+// postcopy-recover-setup from 9.1, still postcopy-paused on 7.2). Adopt
+// sees the recovery through: the destination's second migrate-recover is
+// refused (it listens already), the source resumes to where it listens,
+// and the migration completes; never cancelled, the source never resumed.
+func TestAdoptRecoveryAfterMigrateRecover(t *testing.T) {
+	for _, v := range [][3]int{{7, 2, 22}, {10, 0, 2}} {
+		t.Run(qmp.Version{Major: v[0], Minor: v[1], Micro: v[2]}.String(), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				p, cfg := slowPostcopy(t, qemutest.Options{Version: v})
+				cfg = dieAtResume(t, p, cfg, false, nil)
+				require.Equal(t, qmp.StatusPostcopyPaused, p.Status())
+				require.Len(t, p.RecoverAddresses(), 1, "the first process's migrate-recover")
+				if v[0] >= 10 {
+					require.Equal(t, qmp.StatusPostcopyRecoverSetup, p.DstStatus())
+				} else {
+					require.Equal(t, qmp.StatusPostcopyPaused, p.DstStatus())
+				}
+
+				var rec recorder
+				cfg.Observer = rec.observe
+				j, err := engine.Adopt(t.Context(), cfg)
+				require.NoError(t, err)
+				res, err := j.Wait(t.Context())
+				require.NoError(t, err)
+				assert.Equal(t, engine.StatusCompleted, res.Status)
+				assert.Equal(t, 1, res.Recoveries)
+				assert.Equal(t, 1, p.Recoveries())
+				// The dead process's (the monitor got it, the model did
+				// not) and the adopting process's.
+				assert.Equal(t, 2, resumes(t, p))
+				assert.Len(t, p.Dst.CallsOf("migrate-recover"), 2)
+				assert.Len(t, p.RecoverAddresses(), 1, "the second one refused: the destination listened already")
+				assert.Zero(t, p.Pauses(qemutest.Source)+p.Pauses(qemutest.Destination), "nothing to pause")
+				assert.Equal(t, "running", p.DstRunState())
+				assert.Equal(t, "postmigrate", p.SrcRunState())
+				noCancelNoResume(t, p)
+				noLeftovers(t, p)
+			})
+		})
+	}
+}
+
+// postcopy recovery x manager killed, the resume sent: the process died
+// just after its migrate resume reached the source, while the link was a
+// black hole (the handshake hangs: both sides in postcopy-recover-setup).
+// Adopt pauses the hanging source and retries until the link works again,
+// then completes. If the link never comes back it ends, at its recovery
+// budget, with ErrRecoveryFailed (Lost postcopy_paused), both QEMUs left
+// in postcopy-paused.
+func TestAdoptRecoveryAfterResume(t *testing.T) {
+	t.Run("link back", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			p, cfg := slowPostcopy(t, qemutest.Options{})
+			cfg.PostcopyStallTimeout = 2 * time.Second
+			cfg = dieAtResume(t, p, cfg, true, func() { p.LinkBlackHole(true) })
+			require.Equal(t, qmp.StatusPostcopyRecoverSetup, p.Status(), "the handshake hangs")
+			require.Equal(t, qmp.StatusPostcopyRecoverSetup, p.DstStatus())
+			time.AfterFunc(10*time.Second, func() { p.LinkBlackHole(false) })
+
+			s := &script{}
+			cfg.Observer = s.rec.observe
+			j, err := engine.Adopt(t.Context(), cfg)
+			require.NoError(t, err)
+			res, err := j.Wait(t.Context())
+			require.NoError(t, err)
+			assert.Equal(t, engine.StatusCompleted, res.Status)
+			assert.Equal(t, 1, res.Recoveries)
+			assert.Equal(t, 1, p.Recoveries())
+			assert.GreaterOrEqual(t, p.Pauses(qemutest.Source), 1, "the hanging resume was paused")
+			assert.Equal(t, engine.RecoveryRecovered, s.steps()[len(s.steps())-1])
+			assert.Equal(t, "running", p.DstRunState())
+			noCancelNoResume(t, p)
+			noLeftovers(t, p)
+		})
+	})
+	t.Run("link gone", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			p, cfg := slowPostcopy(t, qemutest.Options{})
+			cfg.PostcopyStallTimeout = 2 * time.Second
+			cfg.RecoveryTimeout = 30 * time.Second
+			cfg = dieAtResume(t, p, cfg, true, func() { p.LinkBlackHole(true) })
+			start := time.Now()
+			j, err := engine.Adopt(t.Context(), cfg)
+			require.NoError(t, err)
+			res, err := j.Wait(t.Context())
+			require.ErrorIs(t, err, engine.ErrRecoveryFailed)
+			assert.ErrorIs(t, err, engine.ErrPostcopyFailed)
+			assert.NotErrorIs(t, err, engine.ErrGuestLost)
+			assert.Equal(t, engine.PostcopyPaused, res.Lost)
+			assert.Equal(t, engine.StatusFailed, res.Status)
+			assert.Zero(t, res.Recoveries)
+			assert.Less(t, time.Since(start), 40*time.Second, "the recovery budget, not more")
+			assert.Equal(t, qmp.StatusPostcopyPaused, p.Status())
+			assert.Equal(t, "running", p.DstRunState(), "the guest stays on the destination")
+			assert.False(t, p.DstGone())
+			assert.False(t, p.SrcGone())
+			noCancelNoResume(t, p)
+		})
+	})
+}
