@@ -136,8 +136,8 @@ func TestAdoptRecoveryAfterMigrateRecover(t *testing.T) {
 // postcopy recovery x manager killed, the resume sent: the process died
 // just after its migrate resume reached the source, while the link was a
 // black hole (the handshake hangs: both sides in postcopy-recover-setup).
-// Adopt pauses the hanging source and retries until the link works again,
-// then completes. If the link never comes back it ends, at its recovery
+// Adopt gives the handshake the time of an attempt, then pauses the
+// hanging source and retries until the link works again, and completes. If the link never comes back it ends, at its recovery
 // budget, with ErrRecoveryFailed (Lost postcopy_paused), both QEMUs left
 // in postcopy-paused.
 func TestAdoptRecoveryAfterResume(t *testing.T) {
@@ -161,6 +161,34 @@ func TestAdoptRecoveryAfterResume(t *testing.T) {
 			assert.Equal(t, 1, p.Recoveries())
 			assert.GreaterOrEqual(t, p.Pauses(qemutest.Source), 1, "the hanging resume was paused")
 			assert.Equal(t, engine.RecoveryRecovered, s.steps()[len(s.steps())-1])
+			assert.Equal(t, "running", p.DstRunState())
+			noCancelNoResume(t, p)
+			noLeftovers(t, p)
+		})
+	})
+	t.Run("handshake under way", func(t *testing.T) {
+		// The link works: Adopt finds the handshake under way (both
+		// sides in postcopy-recover-setup) and waits for it rather than
+		// pause it (cutting a handshake crashed 7.2's destination on
+		// real QEMU).
+		synctest.Test(t, func(t *testing.T) {
+			p, cfg := slowPostcopy(t, qemutest.Options{})
+			cfg = dieAtResume(t, p, cfg, true, nil)
+			require.Equal(t, qmp.StatusPostcopyRecoverSetup, p.Status())
+			s := &script{}
+			cfg.Observer = s.rec.observe
+			j, err := engine.Adopt(t.Context(), cfg)
+			require.NoError(t, err)
+			res, err := j.Wait(t.Context())
+			require.NoError(t, err)
+			assert.Equal(t, engine.StatusCompleted, res.Status)
+			assert.Equal(t, 1, res.Recoveries, "the dead process's, seen through")
+			assert.Zero(t, res.RecoveryAttempts, "none of its own")
+			assert.Equal(t, 1, p.Recoveries())
+			assert.Zero(t, p.Pauses(qemutest.Source)+p.Pauses(qemutest.Destination), "the handshake was not cut")
+			assert.Len(t, p.Dst.CallsOf("migrate-recover"), 1, "the dead process's only")
+			assert.Equal(t, 1, resumes(t, p), "the dead process's only")
+			assert.Equal(t, []engine.RecoveryStep{engine.RecoveryLinkLost, engine.RecoveryRecovered}, s.steps())
 			assert.Equal(t, "running", p.DstRunState())
 			noCancelNoResume(t, p)
 			noLeftovers(t, p)
