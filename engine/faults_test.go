@@ -219,3 +219,128 @@ func TestAdoptRecoveryAfterResume(t *testing.T) {
 		})
 	})
 }
+
+// postcopy recovery x kill dst: the destination QEMU dies while the engine
+// recovers a lost link (attempts failing in a black hole, or just after
+// its migrate-recover): the guest is lost. A typed error at once naming
+// the destination, not a spent recovery budget; the source is left in
+// postcopy, never resumed nor cancelled.
+func TestRecoverDestinationKilledDuringRecovery(t *testing.T) {
+	for name, kill := range map[string]func(p *qemutest.Pair) func(){
+		"between attempts": func(p *qemutest.Pair) func() {
+			return func() {
+				p.LinkBlackHole(true)
+				time.AfterFunc(5*time.Second, p.KillDst)
+			}
+		},
+		"listening": func(p *qemutest.Pair) func() {
+			recover := p.Dst.Handler("migrate-recover")
+			p.Dst.Handle("migrate-recover", func(args json.RawMessage) (any, error) {
+				res, err := recover(args)
+				p.KillDst()
+				return res, err
+			})
+			return p.LinkReset
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				p, cfg := slowPostcopy(t, qemutest.Options{})
+				cfg.PostcopyStallTimeout = time.Second
+				s := &script{after: time.Second, faults: []func(){kill(p)}}
+				cfg.Observer = s.observe
+				res, err := engine.Migrate(t.Context(), cfg)
+				require.ErrorIs(t, err, engine.ErrGuestLost)
+				assert.ErrorIs(t, err, engine.ErrPostcopyFailed)
+				assert.ErrorIs(t, err, engine.ErrDestinationGone)
+				assert.NotErrorIs(t, err, engine.ErrRecoveryFailed)
+				var ee *engine.Error
+				require.ErrorAs(t, err, &ee)
+				assert.Equal(t, engine.SideDestination, ee.Side)
+				assert.Equal(t, engine.GuestLost, res.Lost)
+				assert.Equal(t, engine.StatusFailed, res.Status)
+				assert.Less(t, res.Total, 15*time.Second, "within seconds of the kill")
+				assert.Positive(t, res.RecoveryAttempts, "killed during the recovery")
+				assert.True(t, p.Status().Postcopy(), "the source is left as it is (%s)", p.Status())
+				assert.False(t, p.SrcGone())
+				assert.NotEqual(t, "running", p.SrcRunState())
+				steps := s.steps()
+				assert.Equal(t, engine.RecoveryGaveUp, steps[len(steps)-1])
+				noCancelNoResume(t, p)
+			})
+		})
+	}
+}
+
+// postcopy x stop dst: the destination QEMU stopped (SIGSTOP) in
+// postcopy-active. Nothing moves (it reads nothing), so the engine sees the
+// link stalled after PostcopyStallTimeout; its query of the destination
+// then goes unanswered: ErrUnresponsive naming the destination after
+// UnresponsiveTimeout, the state unknown, nothing cancelled, cut or paused
+// (the source is left in postcopy-active), no recovery attempted.
+func TestDestinationStopsAnsweringInPostcopy(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := slowPostcopy(t, qemutest.Options{})
+		cfg.PostcopyStallTimeout = 2 * time.Second
+		cfg.UnresponsiveTimeout = 5 * time.Second
+		var frozenAt time.Time
+		s := &script{after: time.Second, faults: []func(){func() { frozenAt = time.Now(); p.Freeze(qemutest.Destination) }}}
+		cfg.Observer = s.observe
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.Error(t, err)
+		t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
+		assert.ErrorIs(t, err, engine.ErrUnresponsive)
+		assert.ErrorIs(t, err, engine.ErrPostcopyFailed)
+		assert.NotErrorIs(t, err, engine.ErrGuestLost)
+		engineErr(t, err, engine.PhaseSwitchover, engine.SideDestination, "query-migrate")
+		assert.Equal(t, engine.StatusFailed, res.Status)
+		assert.True(t, res.StateUnknown)
+		assert.Empty(t, res.Undone)
+		// The stall's detection (2 s, at the poll), then the limit.
+		assert.InDelta(t, 7*time.Second, time.Since(frozenAt), float64(time.Second))
+		assert.Zero(t, res.RecoveryAttempts)
+		assert.Equal(t, qmp.StatusPostcopyActive, p.Status(), "the source is left as it is")
+		assert.Zero(t, p.Pauses(qemutest.Source))
+		assert.Empty(t, p.Dst.CallsOf("yank"))
+		noCancelNoResume(t, p)
+		p.Thaw(qemutest.Destination)
+	})
+}
+
+// postcopy recovery x stop dst: the destination QEMU stopped (SIGSTOP) as
+// the engine starts a recovery attempt: its migrate-recover goes
+// unanswered. ErrUnresponsive naming the destination and the command after
+// UnresponsiveTimeout, the state unknown, nothing cancelled; the source is
+// left in postcopy-paused.
+func TestDestinationStopsAnsweringInRecovery(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := slowPostcopy(t, qemutest.Options{})
+		cfg.UnresponsiveTimeout = 5 * time.Second
+		var frozenAt time.Time
+		first := true
+		cfg.Observer = func(e engine.Event) {
+			if first && e.Kind == engine.EventStats && e.Stats.Status == "postcopy-active" {
+				first = false
+				time.AfterFunc(time.Second, p.LinkReset)
+			}
+			if e.Kind == engine.EventRecovery && e.Recovery.Step == engine.RecoveryAttempt && frozenAt.IsZero() {
+				frozenAt = time.Now()
+				p.Freeze(qemutest.Destination)
+			}
+		}
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.Error(t, err)
+		t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
+		assert.ErrorIs(t, err, engine.ErrUnresponsive)
+		assert.ErrorIs(t, err, engine.ErrPostcopyFailed)
+		engineErr(t, err, engine.PhaseSwitchover, engine.SideDestination, "migrate-recover")
+		assert.Equal(t, engine.StatusFailed, res.Status)
+		assert.True(t, res.StateUnknown)
+		assert.Empty(t, res.Undone)
+		assert.InDelta(t, 5*time.Second, time.Since(frozenAt), float64(500*time.Millisecond))
+		assert.Equal(t, qmp.StatusPostcopyPaused, p.Status(), "the source is left as it is")
+		assert.Zero(t, resumes(t, p), "no resume towards a destination that does not listen")
+		noCancelNoResume(t, p)
+		p.Thaw(qemutest.Destination)
+	})
+}
