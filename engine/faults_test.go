@@ -3,6 +3,8 @@ package engine_test
 import (
 	"context"
 	"encoding/json"
+	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
@@ -343,4 +345,85 @@ func TestDestinationStopsAnsweringInRecovery(t *testing.T) {
 		noCancelNoResume(t, p)
 		p.Thaw(qemutest.Destination)
 	})
+}
+
+// setup x kill dst / kill src: a QEMU dies as it gets a command of prepare
+// or start (its monitor closes without answering). The migration fails
+// with a typed error naming that side, and the survivor is left as it was
+// found: capabilities and parameters restored, qmigrate's objects (the
+// journal) removed, a source's guest running.
+func TestSetupQEMUKilled(t *testing.T) {
+	setup := []string{"migrate-set-capabilities", "migrate-set-parameters"} // sent together
+	for name, tc := range map[string]struct {
+		side  qemutest.Side
+		cmd   string
+		phase engine.Phase
+		ops   []string // the command the error names (its start)
+	}{
+		"dst at object-add":               {qemutest.Destination, "object-add", engine.PhasePrepare, []string{"object-add qmigrate-journal-"}},
+		"dst at migrate-set-capabilities": {qemutest.Destination, "migrate-set-capabilities", engine.PhasePrepare, setup},
+		"dst at migrate-incoming":         {qemutest.Destination, "migrate-incoming", engine.PhaseStart, []string{"migrate-incoming"}},
+		"src at object-add":               {qemutest.Source, "object-add", engine.PhasePrepare, []string{"object-add qmigrate-journal-"}},
+		"src at migrate-set-parameters":   {qemutest.Source, "migrate-set-parameters", engine.PhasePrepare, setup},
+		"src at migrate":                  {qemutest.Source, "migrate", engine.PhaseStart, []string{"migrate"}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				p, cfg := pair(t, qemutest.Options{})
+				survivor := qemutest.Source
+				if tc.side == qemutest.Source {
+					survivor = qemutest.Destination
+				}
+				caps := p.Caps(survivor)
+				params := map[string]any{}
+				for _, n := range []string{"max-bandwidth", "downtime-limit", "max-postcopy-bandwidth"} {
+					params[n] = p.Param(survivor, n)
+				}
+				q := p.QEMU(tc.side)
+				q.Handle(tc.cmd, func(json.RawMessage) (any, error) {
+					if tc.side == qemutest.Source {
+						p.KillSrc()
+					} else {
+						p.KillDst()
+					}
+					return nil, qmptest.ErrCloseConn
+				})
+				res, err := engine.Migrate(t.Context(), cfg)
+				require.Error(t, err)
+				t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
+				assert.Equal(t, engine.StatusFailed, res.Status)
+				assert.NotErrorIs(t, err, engine.ErrBadInput)
+				assert.ErrorIs(t, err, qmp.ErrClosed)
+				want, side := engine.ErrDestinationGone, engine.SideDestination
+				if tc.side == qemutest.Source {
+					want, side = engine.ErrSourceGone, engine.SideSource
+				}
+				assert.ErrorIs(t, err, want)
+				var ee *engine.Error
+				require.ErrorAs(t, err, &ee)
+				assert.Equal(t, side, ee.Side)
+				assert.Equal(t, tc.phase, ee.Phase)
+				assert.True(t, slices.ContainsFunc(tc.ops, func(op string) bool { return strings.HasPrefix(ee.Op, op) }), "op %q", ee.Op)
+
+				assert.Empty(t, p.Objects(survivor), "nothing of qmigrate's left on the survivor")
+				if survivor == qemutest.Source {
+					assert.Equal(t, "running", p.SrcRunState())
+					assert.Empty(t, p.Src.CallsOf("migrate"), "no migration towards a dead destination")
+				} else {
+					assert.Equal(t, "inmigrate", p.DstRunState())
+				}
+				if tc.cmd == "migrate" {
+					// The destination listens since migrate-incoming: not
+					// reusable (a second migrate-incoming is refused), it
+					// is left as it is, its settings too, for the operator.
+					assert.Equal(t, qmp.StatusSetup, p.DstStatus())
+					return
+				}
+				assert.Equal(t, caps, p.Caps(survivor), "the survivor's capabilities restored")
+				for n, v := range params {
+					assert.Equal(t, v, p.Param(survivor, n), n)
+				}
+			})
+		})
+	}
 }
