@@ -17,6 +17,7 @@ import (
 	"github.com/qmigrate/qmigrate/qemutest"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/qmp/qmptest"
+	"github.com/qmigrate/qmigrate/strategy"
 )
 
 // Cells of docs/faults.md not covered elsewhere.
@@ -426,4 +427,65 @@ func TestSetupQEMUKilled(t *testing.T) {
 			})
 		})
 	}
+}
+
+// stopAndCopy is a pair whose migration converges at about 1.5 s into a
+// 300 ms stop-and-copy (status device; TestSlowMonitorInStopAndCopy
+// describes the figures), with fault injected as the engine enters its
+// switchover phase (the source stopped).
+func stopAndCopy(t *testing.T, fault func(p *qemutest.Pair)) (*qemutest.Pair, *engine.Result, error) {
+	p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 20 << 20})
+	cfg.Strategy.Policy = strategy.PolicyQEMU
+	var rec recorder
+	cfg.Observer = func(e engine.Event) {
+		rec.observe(e)
+		if e.Kind == engine.EventPhase && e.Phase == engine.PhaseSwitchover {
+			require.Equal(t, qmp.StatusDevice, p.Status(), "the fault lands in the stop-and-copy")
+			fault(p)
+		}
+	}
+	res, err := engine.Migrate(t.Context(), cfg)
+	require.Contains(t, rec.phases(), engine.PhaseSwitchover)
+	t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
+	return p, res, err
+}
+
+// pre-switchover x kill src: the source QEMU dies in the stop-and-copy.
+// The guest died with it (the destination had not the whole stream: its
+// load fails and it exits). ErrSourceGone naming the source, at once.
+func TestStopAndCopySourceKilled(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, res, err := stopAndCopy(t, func(p *qemutest.Pair) { p.KillSrc() })
+		require.ErrorIs(t, err, engine.ErrSourceGone)
+		var ee *engine.Error
+		require.ErrorAs(t, err, &ee)
+		assert.Equal(t, engine.SideSource, ee.Side)
+		assert.Equal(t, engine.StatusFailed, res.Status)
+		assert.Less(t, res.Total, 3*time.Second, "at once")
+		assert.True(t, p.DstGone(), "the destination's load failed")
+		assert.Empty(t, p.Dst.CallsOf("cont"), "the destination's partial guest never started")
+	})
+}
+
+// pre-switchover x link reset: the stream is cut in the stop-and-copy.
+// QEMU fails the migration and resumes the guest on the source (it ran
+// before the switchover); the destination exits. Rolled back: the guest
+// runs on the source, its settings restored.
+func TestStopAndCopyLinkReset(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, res, err := stopAndCopy(t, func(p *qemutest.Pair) { p.LinkReset() })
+		require.ErrorIs(t, err, engine.ErrMigrationFailed)
+		// The destination exited on the cut stream: the error says so.
+		assert.ErrorIs(t, err, engine.ErrDestinationGone)
+		var ee *engine.Error
+		require.ErrorAs(t, err, &ee)
+		assert.Equal(t, engine.SideDestination, ee.Side)
+		assert.Equal(t, engine.StatusFailed, res.Status)
+		assert.Equal(t, qmp.StatusFailed, p.Status())
+		assert.Equal(t, "running", p.SrcRunState(), "the guest runs on the source")
+		assert.True(t, p.DstGone())
+		assert.Empty(t, p.Dst.CallsOf("cont"))
+		assert.Empty(t, res.UndoErrors)
+		assert.Empty(t, p.Objects(qemutest.Source))
+	})
 }
