@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/engine"
 	"github.com/qmigrate/qmigrate/qemutest"
 	"github.com/qmigrate/qmigrate/qmp"
@@ -487,5 +488,42 @@ func TestStopAndCopyLinkReset(t *testing.T) {
 		assert.Empty(t, p.Dst.CallsOf("cont"))
 		assert.Empty(t, res.UndoErrors)
 		assert.Empty(t, p.Objects(qemutest.Source))
+	})
+}
+
+// mirror x kill src: the source QEMU dies while its disk mirrors copy
+// (before RAM migrates). ErrSourceGone naming the source, at once; the
+// destination, which only served the mirrors' NBD exports, is cleaned up:
+// exports, NBD server and target nodes removed, its settings restored and
+// its journal removed.
+func TestMirrorSourceKilled(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, heavyWriter([3]int{10, 0, 2}))
+		cfg.Storage = &blockmirror.Config{}
+		dstCaps := p.Caps(qemutest.Destination)
+		var killedAt time.Time
+		cfg.Observer = func(e engine.Event) {
+			if e.Kind == engine.EventPhase && e.Phase == engine.PhaseStart { // the mirrors start
+				time.AfterFunc(time.Second, func() { killedAt = time.Now(); p.KillSrc() })
+			}
+		}
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.Error(t, err)
+		t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
+		require.False(t, killedAt.IsZero())
+		assert.ErrorIs(t, err, engine.ErrSourceGone)
+		assert.ErrorIs(t, err, blockmirror.ErrSourceGone)
+		engineErr(t, err, engine.PhaseStart, engine.SideSource, "wait for mirrors")
+		assert.Equal(t, engine.StatusFailed, res.Status)
+		assert.Less(t, time.Since(killedAt), 3*time.Second, "at once")
+		assert.Empty(t, p.Dst.CallsOf("migrate-incoming"), "RAM never started")
+		nodes, jobs, exports, server := p.Dst.BlockLeft()
+		assert.Zero(t, nodes, "destination: target nodes left")
+		assert.Zero(t, jobs)
+		assert.Zero(t, exports, "destination: exports left")
+		assert.False(t, server, "destination: NBD server left")
+		assert.Empty(t, p.Objects(qemutest.Destination))
+		assert.Equal(t, dstCaps, p.Caps(qemutest.Destination))
+		assert.False(t, p.DstGone())
 	})
 }
