@@ -434,9 +434,12 @@ func TestSetupQEMUKilled(t *testing.T) {
 // 300 ms stop-and-copy (status device; TestSlowMonitorInStopAndCopy
 // describes the figures), with fault injected as the engine enters its
 // switchover phase (the source stopped).
-func stopAndCopy(t *testing.T, fault func(p *qemutest.Pair)) (*qemutest.Pair, *engine.Result, error) {
+func stopAndCopy(t *testing.T, fault func(p *qemutest.Pair), opts ...func(*engine.Config)) (*qemutest.Pair, *engine.Result, error) {
 	p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 20 << 20})
 	cfg.Strategy.Policy = strategy.PolicyQEMU
+	for _, o := range opts {
+		o(&cfg)
+	}
 	var rec recorder
 	cfg.Observer = func(e engine.Event) {
 		rec.observe(e)
@@ -526,4 +529,51 @@ func TestMirrorSourceKilled(t *testing.T) {
 		assert.Equal(t, dstCaps, p.Caps(qemutest.Destination))
 		assert.False(t, p.DstGone())
 	})
+}
+
+// pre-switchover x stop dst / link black hole: the destination stops
+// reading in the stop-and-copy (SIGSTOP, or a link that drops every
+// packet). QEMU's migration thread then blocks writing the device state
+// with the big lock held, so the source's monitor stops answering too
+// (modelled by freezing the source as well). The engine ends after
+// UnresponsiveTimeout with ErrUnresponsive, the state unknown, nothing
+// rolled back nor cut (the guest is paused on the source, its state maybe
+// on the destination); once the destination reads again the migration
+// completes, the destination left paused for the operator.
+func TestStopAndCopyStalls(t *testing.T) {
+	for name, tc := range map[string]struct{ fault, heal func(p *qemutest.Pair) }{
+		"stop dst": {
+			func(p *qemutest.Pair) { p.Freeze(qemutest.Destination); p.Freeze(qemutest.Source) },
+			func(p *qemutest.Pair) { p.Thaw(qemutest.Destination); p.Thaw(qemutest.Source) },
+		},
+		"black hole": {
+			func(p *qemutest.Pair) { p.LinkBlackHole(true); p.Freeze(qemutest.Source) },
+			func(p *qemutest.Pair) { p.LinkBlackHole(false); p.Thaw(qemutest.Source) },
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				var faultAt time.Time
+				p, res, err := stopAndCopy(t, func(p *qemutest.Pair) { faultAt = time.Now(); tc.fault(p) }, func(cfg *engine.Config) {
+					cfg.UnresponsiveTimeout = 5 * time.Second
+				})
+				require.Error(t, err)
+				assert.ErrorIs(t, err, engine.ErrUnresponsive)
+				engineErr(t, err, engine.PhaseSwitchover, engine.SideSource, "query-migrate")
+				assert.Equal(t, engine.StatusFailed, res.Status)
+				assert.True(t, res.StateUnknown)
+				assert.Empty(t, res.Rollback, "nothing rolled back")
+				assert.InDelta(t, 5*time.Second, time.Since(faultAt), float64(time.Second))
+				assert.Empty(t, p.Src.CallsOf("migrate_cancel"))
+				assert.Empty(t, p.Dst.CallsOf("yank"))
+				assert.Empty(t, p.Src.CallsOf("cont"))
+
+				tc.heal(p)
+				time.Sleep(2 * time.Second)
+				assert.Equal(t, qmp.StatusCompleted, p.Status())
+				assert.Equal(t, "postmigrate", p.SrcRunState())
+				assert.Equal(t, "paused", p.DstRunState(), "left for the operator (-S)")
+			})
+		})
+	}
 }
