@@ -577,3 +577,75 @@ func TestStopAndCopyStalls(t *testing.T) {
 		})
 	}
 }
+
+// postcopy x manager killed, the link working: the process dies in
+// postcopy-active; Adopt sees postcopy through to completion (no recovery
+// needed, nothing paused), the destination running the guest, leftovers
+// removed.
+func TestAdoptPostcopyActiveCompletes(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := slowPostcopy(t, qemutest.Options{})
+		src, dst, err := p.Clients(context.Background())
+		require.NoError(t, err)
+		first := cfg
+		first.Source, first.Destination = engine.Endpoint{Client: src}, engine.Endpoint{Client: dst}
+		j, err := engine.Start(context.Background(), first)
+		require.NoError(t, err)
+		for p.Status() != qmp.StatusPostcopyActive {
+			time.Sleep(100 * time.Millisecond)
+		}
+		time.Sleep(time.Second)
+		src.Close() // the first process dies
+		dst.Close()
+		<-j.Done()
+		require.Equal(t, qmp.StatusPostcopyActive, p.Status())
+		src2, dst2, err := p.Clients(context.Background())
+		require.NoError(t, err)
+		defer src2.Close()
+		defer dst2.Close()
+		cfg.Source, cfg.Destination = engine.Endpoint{Client: src2}, engine.Endpoint{Client: dst2}
+		j, err = engine.Adopt(t.Context(), cfg)
+		require.NoError(t, err)
+		res, err := j.Wait(t.Context())
+		require.NoError(t, err)
+		assert.Equal(t, engine.StatusCompleted, res.Status)
+		assert.Zero(t, res.Recoveries)
+		assert.Zero(t, p.Pauses(qemutest.Source)+p.Pauses(qemutest.Destination))
+		assert.Equal(t, "running", p.DstRunState())
+		assert.Equal(t, "postmigrate", p.SrcRunState())
+		noCancelNoResume(t, p)
+		noLeftovers(t, p)
+	})
+}
+
+// mirror x kill dst: the destination QEMU dies while the disk mirrors
+// copy. ErrDestinationGone naming the destination, at once; the source's
+// mirrors cancelled and its settings restored, its guest running there.
+func TestMirrorDestinationKilled(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, heavyWriter([3]int{10, 0, 2}))
+		cfg.Storage = &blockmirror.Config{}
+		srcCaps := p.Caps(qemutest.Source)
+		var killedAt time.Time
+		cfg.Observer = func(e engine.Event) {
+			if e.Kind == engine.EventPhase && e.Phase == engine.PhaseStart { // the mirrors start
+				time.AfterFunc(time.Second, func() { killedAt = time.Now(); p.KillDst() })
+			}
+		}
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.Error(t, err)
+		t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
+		require.False(t, killedAt.IsZero())
+		assert.ErrorIs(t, err, engine.ErrDestinationGone)
+		engineErr(t, err, engine.PhaseStart, engine.SideDestination, "wait for mirrors")
+		assert.Equal(t, engine.StatusFailed, res.Status)
+		assert.Less(t, time.Since(killedAt), 3*time.Second, "at once")
+		assert.Empty(t, p.Src.CallsOf("migrate"), "RAM never started")
+		nodes, jobs, _, _ := p.Src.BlockLeft()
+		assert.Zero(t, nodes, "source: nodes left")
+		assert.Zero(t, jobs, "source: mirror jobs left")
+		assert.Empty(t, p.Objects(qemutest.Source))
+		assert.Equal(t, srcCaps, p.Caps(qemutest.Source))
+		assert.Equal(t, "running", p.SrcRunState())
+	})
+}
