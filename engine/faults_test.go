@@ -649,3 +649,25 @@ func TestMirrorDestinationKilled(t *testing.T) {
 		assert.Equal(t, "running", p.SrcRunState())
 	})
 }
+
+// pre-switchover x link flap: the link drops every packet for 2 s of the
+// stop-and-copy (the source's monitor held meanwhile, as in
+// TestStopAndCopyStalls), then works again: the engine waits for the
+// held monitor (within UnresponsiveTimeout) and the migration completes,
+// its downtime longer by the flap, and the Result says the maximum broke.
+func TestStopAndCopyFlap(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, res, err := stopAndCopy(t, func(p *qemutest.Pair) {
+			p.LinkBlackHole(true)
+			p.Freeze(qemutest.Source)
+			time.AfterFunc(2*time.Second, func() { p.LinkBlackHole(false); p.Thaw(qemutest.Source) })
+		}, func(cfg *engine.Config) { cfg.UnresponsiveTimeout = 5 * time.Second })
+		require.NoError(t, err)
+		assert.Equal(t, engine.StatusCompleted, res.Status)
+		assert.Greater(t, res.Downtime, 2*time.Second, "the flap is downtime: the guest is stopped on the source")
+		assert.False(t, res.DowntimeHeld)
+		assert.Equal(t, "running", p.DstRunState())
+		assert.Empty(t, p.Src.CallsOf("migrate_cancel"))
+		assert.Empty(t, p.Src.CallsOf("cont"))
+	})
+}
