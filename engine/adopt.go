@@ -48,7 +48,10 @@ const CheckAdopt Check = "adopt"
 //     end; a postcopy-paused one (its link lost, maybe while nobody
 //     watched) is recovered first (recover.go), at the address the
 //     destination reports it listened on (Config.Listen or URI, their
-//     port 0 resolved from the destination's query-migrate);
+//     port 0 resolved from the destination's query-migrate); a recovery
+//     the first process left under way (the source in
+//     postcopy-recover(-setup)) is given an attempt's time
+//     (PostcopyStallTimeout) to finish before it is paused and retried;
 //   - completed: finished on the destination (cont where the guest ran
 //     before), leftovers removed;
 //   - failed or cancelled, or no migration yet with qmigrate's journal:

@@ -198,7 +198,7 @@ const (
 type Recovery struct {
 	Step    RecoveryStep
 	Loss    int           // which loss of the link in this migration (1 for the first)
-	Attempt int           // the attempt for this loss (1 for the first; 0 with link-lost)
+	Attempt int           // the attempt for this loss (1 for the first; 0 with link-lost, and for a handshake Adopt found under way)
 	Detail  string        // how the loss was seen, or why an attempt failed
 	Stalled time.Duration // since the loss: the guest waits for the pages it lacks
 	Backoff time.Duration // failed: the wait before the next attempt

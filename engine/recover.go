@@ -62,6 +62,10 @@ type postcopyWatch struct {
 	lastMove  time.Time // when it last grew (or postcopy started or recovered)
 	dstPaused bool      // the destination's MIGRATION event said postcopy-paused
 	losses    int       // losses of the link in this migration
+	// inFlight: the source was found in a resume handshake the engine did
+	// not start (Adopt, after a process that died recovering): it is
+	// given the time of an attempt before anything is paused.
+	inFlight bool
 }
 
 // dstEvent notes a destination MIGRATION event that reports postcopy
@@ -87,7 +91,10 @@ func (r *run) postcopyLost(ctx context.Context, info *qmp.MigrationInfo) (string
 		w.lastMove = now
 	}
 	switch info.Status {
-	case qmp.StatusPostcopyPaused, qmp.StatusPostcopyRecover, qmp.StatusPostcopyRecoverSetup:
+	case qmp.StatusPostcopyRecover, qmp.StatusPostcopyRecoverSetup:
+		w.inFlight = true
+		return "the source reports " + string(info.Status), nil
+	case qmp.StatusPostcopyPaused:
 		return "the source reports " + string(info.Status), nil
 	}
 	if w.dstPaused {
@@ -134,12 +141,28 @@ func (r *run) recoverPostcopy(ctx context.Context, why string) error {
 	deadline := lostAt.Add(budget)
 	backoff := recoveryBackoffMin
 	last := why
+	inFlight := w.inFlight
+	if inFlight {
+		// A handshake already under way (a migrate resume the engine did
+		// not send): pausing it would cut a recovery that may work, so
+		// it is waited for as an attempt of the engine's is (attempt 0).
+		w.inFlight = false
+		ok, detail, err := r.awaitResume(ctx, true)
+		if err != nil {
+			return r.gaveUp(0, err, lostAt)
+		}
+		if ok {
+			r.recovered(0, lostAt)
+			return nil
+		}
+		last = detail
+	}
 	for attempt := 1; ; attempt++ {
-		done, err := r.pauseBoth(ctx, attempt > 1)
+		done, err := r.pauseBoth(ctx, attempt > 1 || inFlight)
 		if err != nil {
 			return r.gaveUp(attempt-1, err, lostAt)
 		}
-		if done && attempt > 1 {
+		if done && (attempt > 1 || inFlight) {
 			// The last attempt succeeded late (a handshake held up by the
 			// link, or a source that could not be paused meanwhile).
 			r.recovered(attempt-1, lostAt)
@@ -305,8 +328,14 @@ func (r *run) recoverOnce(ctx context.Context) (ok bool, detail string, err erro
 		}
 		return false, d, nil
 	}
+	return r.awaitResume(ctx, false)
+}
+
+// awaitResume waits, for at most the stall timeout, for a resume handshake
+// to bring both sides back to postcopy (ok) or to fail (detail says why).
+// left: the source is known to have left postcopy-paused already.
+func (r *run) awaitResume(ctx context.Context, left bool) (ok bool, detail string, err error) {
 	limit := time.Now().Add(r.cfg.postcopyStall())
-	left := false // the source left postcopy-paused: a fall back to it is a failure
 	for {
 		src, dst, err := r.postcopyStatus(ctx)
 		if err != nil {

@@ -26,8 +26,9 @@ import (
 //     destination listens at that address and the link works; back to
 //     postcopy-paused otherwise, or when BreakRecoveries says so.
 //   - KillSrc: the source exits; a destination in postcopy goes to
-//     postcopy-paused (its guest keeps running, stalled on missing pages).
-//     KillDst in postcopy leaves the source in postcopy-paused.
+//     postcopy-paused (its guest keeps running, stalled on missing pages),
+//     one loading a pre-copy stream exits. KillDst in postcopy leaves the
+//     source in postcopy-paused.
 
 // postcopyFaults is the link and recovery state (Pair.mu).
 type postcopyFaults struct {
@@ -67,13 +68,20 @@ func (p *Pair) RecoverAddresses() []qmp.SocketAddress {
 	return append([]qmp.SocketAddress(nil), p.pc.recoverCalls...)
 }
 
-// KillSrc makes the source QEMU exit: its connections close.
+// KillSrc makes the source QEMU exit: its connections close. A
+// destination in postcopy goes to postcopy-paused; one loading a pre-copy
+// stream (status active) fails at its end and exits (exit-on-error), as
+// after LinkReset; one still waiting for the source to connect keeps
+// listening.
 func (p *Pair) KillSrc() {
 	p.mu.Lock()
 	p.pc.srcDead = true
-	if p.mig.dstStatus.Postcopy() && p.mig.dstStatus != qmp.StatusPostcopyPaused {
+	switch {
+	case p.mig.dstStatus.Postcopy() && p.mig.dstStatus != qmp.StatusPostcopyPaused:
 		p.pc.recoverAddr = nil
 		p.setDstStatus(qmp.StatusPostcopyPaused)
+	case p.mig.dstStatus == qmp.StatusActive:
+		p.dstExit()
 	}
 	p.mu.Unlock()
 	p.Src.CloseConns()
