@@ -156,7 +156,8 @@ func run(ctx context.Context, o options) error {
 	rp := &report{
 		Version: version, Command: "go run ./cmd/qmbench " + strings.Join(os.Args[1:], " "), Date: time.Now(),
 		Rate: rate, Budget: r.budget, MaxDowntime: o.maxDowntime, MemMiB: o.memMiB, Calib: map[string]float64{},
-		Host: fmt.Sprintf("%d cores, %s/%s", runtime.NumCPU(), runtime.GOOS, runtime.GOARCH),
+		RAMKiB: q.RAMBytes(qemulab.Config{MemMiB: o.memMiB}) >> 10,
+		Host:   fmt.Sprintf("%d cores, %s/%s", runtime.NumCPU(), runtime.GOOS, runtime.GOARCH),
 	}
 	rp.PlotsRel = plotsRel(o)
 	for _, sc := range scs {

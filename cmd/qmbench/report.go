@@ -256,10 +256,14 @@ type report struct {
 	// before -max-downtime: defaultMaxDowntime).
 	MaxDowntime time.Duration `json:",omitempty"`
 	MemMiB      int
-	Calib       map[string]float64 // scenario → calibrated dirty rate
-	Runs        []*runResult
-	PlotsRel    string // plots folder relative to the Markdown file
-	Host        string // the host's cores and OS (its load is per run: runResult.Host)
+	// RAMKiB is the guest RAM QEMU was given (-m): qemulab adds 8 KiB to
+	// a TCG guest on QEMU before 9.0 (0 in files written before it was
+	// recorded).
+	RAMKiB   int64              `json:",omitempty"`
+	Calib    map[string]float64 // scenario → calibrated dirty rate
+	Runs     []*runResult
+	PlotsRel string // plots folder relative to the Markdown file
+	Host     string // the host's cores and OS (its load is per run: runResult.Host)
 	// Files are the -json files a render read into this section, and All
 	// every run in them (Runs leaves out those an earlier file replaced).
 	Files []sourceFile `json:"-"`
