@@ -55,8 +55,22 @@ func TestPostcopyTwoHost(t *testing.T) {
 	}
 	th := &twoHost{parent: t, q: q, v: v, n: n, guest: qemulab.LinuxGuest{Kernel: kernel, Initrd: initrd, Workload: w}}
 	t.Run("PrecopyLinkReset", th.precopyReset)
-	t.Run("LinkReset", func(t *testing.T) { th.postcopyFault(t, "reset") })
-	t.Run("LinkBlackHole", func(t *testing.T) { th.postcopyFault(t, "blackhole") })
+	t.Run("LinkReset", func(t *testing.T) { th.postcopyFault(t, "reset", false) })
+	t.Run("LinkBlackHole", func(t *testing.T) { th.postcopyFault(t, "blackhole", false) })
+	t.Run("LinkResetBeforeGuestRuns", func(t *testing.T) {
+		// A known failure, opt-in until the engine handles it
+		// (docs/faults.md): the link reset at the first postcopy sample
+		// that moved pages, before the destination finished loading the
+		// device state. Its main loop then waits on a page and its
+		// monitor answers no in-band command: the engine's query-migrate
+		// there times out after UnresponsiveTimeout and the migration
+		// ends "state unknown" instead of recovering (measured: 7.2.22 in
+		// 1 run of 1, 10.0.2 in 1 of 2; the other recovered).
+		if os.Getenv("QMIGRATE_TWOHOST_EARLY") == "" {
+			t.Skip("known failure (docs/faults.md): set QMIGRATE_TWOHOST_EARLY=1 to run it")
+		}
+		th.postcopyFault(t, "reset", true)
+	})
 }
 
 const (
@@ -270,9 +284,11 @@ func (th *twoHost) precopyReset(t *testing.T) {
 //     once the engine took it for lost, after PostcopyStallTimeout with
 //     no byte moved.
 //
-// QEMU 7.2 cannot always recover (docs/faults.md): see the ending it is
-// allowed below.
-func (th *twoHost) postcopyFault(t *testing.T, fault string) {
+// With early the fault comes at once, before the guest ran on the
+// destination. Both versions must recover: unlike through the proxy
+// (TestPostcopyFaults), no ending of 7.2's is excused here, none having
+// been seen.
+func (th *twoHost) postcopyFault(t *testing.T, fault string, early bool) {
 	src, from := th.source(t)
 	to := th.other(from)
 	port := th.nextPort()
@@ -283,12 +299,10 @@ func (th *twoHost) postcopyFault(t *testing.T, fault string) {
 	// longer than that on any machine).
 	cfg.Strategy.Limits.Budget = 2 * time.Second
 	cfg.PostcopyStallTimeout = 2 * time.Second
-	cfg.RecoveryTimeout = time.Minute
-	if !th.v.AtLeast(8, 0) {
-		// 7.2 can stick in postcopy-recover for good: the test accepts
-		// that typed ending and waits less for it.
-		cfg.RecoveryTimeout = 20 * time.Second
-	}
+	// Recoveries take well under a second here (the link is up when an
+	// attempt starts): a recovery stuck in postcopy-recover, as 7.2's can
+	// be through the proxy (docs/faults.md), fails the test in 20 s.
+	cfg.RecoveryTimeout = 20 * time.Second
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
 
@@ -322,7 +336,7 @@ func (th *twoHost) postcopyFault(t *testing.T, fault string) {
 			// destination still loads the device state, is not recovered
 			// (docs/faults.md: its main loop waits on a page, its monitor
 			// answers no in-band command).
-			if injected || e.Stats.TransferredBytes <= pcFirst.Stats.TransferredBytes || !guestPrinted(dst) {
+			if injected || e.Stats.TransferredBytes <= pcFirst.Stats.TransferredBytes || (!early && !guestPrinted(dst)) {
 				return
 			}
 			injected, atFault = true, &ev
@@ -357,9 +371,10 @@ func (th *twoHost) postcopyFault(t *testing.T, fault string) {
 				// sides: the link comes back as the first attempt starts
 				// (before the observer returns, a few ms: the engine then
 				// asks the destination to listen and the source to
-				// resume). An attempt while it is down fails at connect
-				// (no route), which 7.2's source does not survive: it
-				// stays in postcopy-recover (docs/faults.md).
+				// resume). An attempt while it is down would fail at
+				// connect (no route): on 7.2 a resume whose connection
+				// fails can leave the source in postcopy-recover for good
+				// (docs/faults.md), which this test does not measure.
 				restored = true
 				mu.Unlock()
 				<-injectDone
@@ -391,15 +406,7 @@ func (th *twoHost) postcopyFault(t *testing.T, fault string) {
 	defer mu.Unlock()
 	require.True(t, injected, "the %s was injected in postcopy (Migrate: %v)", fault, err)
 	require.NoError(t, injectErr)
-	if err != nil && !th.v.AtLeast(8, 0) && errors.Is(err, engine.ErrRecoveryFailed) {
-		info, qerr := src.QMP.QueryMigrate(ctx)
-		require.NoError(t, qerr, "the source is left alive")
-		t.Logf("QEMU %s could not recover (%s, %d attempts, steps %v, source %s): %v", th.v, res.Lost, res.RecoveryAttempts, steps, info.Status, err)
-		assert.True(t, info.Status.Postcopy(), "the source is left in postcopy (%s)", info.Status)
-		th.at = nil // the guest is stuck on the destination: the next subtest boots another
-		return
-	}
-	require.NoError(t, err)
+	require.NoError(t, err, "steps %v, lost %q", steps, res.Lost)
 	th.at, th.host = dst, to
 	t.Logf("completed in %v: %d recoveries in %d attempts, guest stalled %v (PostcopyStall); steps %v",
 		res.Total.Round(time.Millisecond), res.Recoveries, res.RecoveryAttempts, res.PostcopyStall, steps)
