@@ -96,6 +96,11 @@ func baselineFindings(groups, base []*report) string {
 		w(".")
 	}
 	w(" Pre-copy completions over the ceiling: %s in the baseline, %s now.\n\n", pct(overBase, preBase), pct(overNow, preNow))
+	for _, bp := range base {
+		if c := bp.tcgCaveat(); c != "" {
+			w("**Caveat, baseline QEMU %s**: %s.\n\n", bp.sectionID(), c)
+		}
+	}
 	return b.String()
 }
 
