@@ -494,41 +494,59 @@ func TestStopAndCopyLinkReset(t *testing.T) {
 	})
 }
 
-// mirror x kill src: the source QEMU dies while its disk mirrors copy
-// (before RAM migrates). ErrSourceGone naming the source, at once; the
-// destination, which only served the mirrors' NBD exports, is cleaned up:
-// exports, NBD server and target nodes removed, its settings restored and
-// its journal removed.
-func TestMirrorSourceKilled(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, heavyWriter([3]int{10, 0, 2}))
-		cfg.Storage = &blockmirror.Config{}
-		dstCaps := p.Caps(qemutest.Destination)
-		var killedAt time.Time
-		cfg.Observer = func(e engine.Event) {
-			if e.Kind == engine.EventPhase && e.Phase == engine.PhaseStart { // the mirrors start
-				time.AfterFunc(time.Second, func() { killedAt = time.Now(); p.KillSrc() })
-			}
-		}
-		res, err := engine.Migrate(t.Context(), cfg)
-		require.Error(t, err)
-		t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
-		require.False(t, killedAt.IsZero())
-		assert.ErrorIs(t, err, engine.ErrSourceGone)
-		assert.ErrorIs(t, err, blockmirror.ErrSourceGone)
-		engineErr(t, err, engine.PhaseStart, engine.SideSource, "wait for mirrors")
-		assert.Equal(t, engine.StatusFailed, res.Status)
-		assert.Less(t, time.Since(killedAt), 3*time.Second, "at once")
-		assert.Empty(t, p.Dst.CallsOf("migrate-incoming"), "RAM never started")
-		nodes, jobs, exports, server := p.Dst.BlockLeft()
-		assert.Zero(t, nodes, "destination: target nodes left")
-		assert.Zero(t, jobs)
-		assert.Zero(t, exports, "destination: exports left")
-		assert.False(t, server, "destination: NBD server left")
-		assert.Empty(t, p.Objects(qemutest.Destination))
-		assert.Equal(t, dstCaps, p.Caps(qemutest.Destination))
-		assert.False(t, p.DstGone())
-	})
+// mirror x kill src / kill dst: a QEMU dies while the disk mirrors copy
+// (before RAM migrates): the error wraps ErrSourceGone or
+// ErrDestinationGone and names that side, at once, and the survivor is
+// cleaned up. A surviving destination, which only served the mirrors' NBD
+// exports: exports, NBD server and target nodes removed, settings restored,
+// journal removed. A surviving source: its mirrors cancelled, settings
+// restored, its guest running.
+func TestMirrorQEMUKilled(t *testing.T) {
+	for _, side := range []engine.Side{engine.SideSource, engine.SideDestination} {
+		t.Run(string(side), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				p, cfg := pair(t, heavyWriter([3]int{10, 0, 2}))
+				cfg.Storage = &blockmirror.Config{}
+				survivor, kill, gone := qemutest.Destination, p.KillSrc, engine.ErrSourceGone
+				if side == engine.SideDestination {
+					survivor, kill, gone = qemutest.Source, p.KillDst, engine.ErrDestinationGone
+				}
+				caps := p.Caps(survivor)
+				var killedAt time.Time
+				cfg.Observer = func(e engine.Event) {
+					if e.Kind == engine.EventPhase && e.Phase == engine.PhaseStart { // the mirrors start
+						time.AfterFunc(time.Second, func() { killedAt = time.Now(); kill() })
+					}
+				}
+				res, err := engine.Migrate(t.Context(), cfg)
+				require.Error(t, err)
+				t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
+				require.False(t, killedAt.IsZero())
+				assert.ErrorIs(t, err, gone)
+				engineErr(t, err, engine.PhaseStart, side, "wait for mirrors")
+				assert.Equal(t, engine.StatusFailed, res.Status)
+				assert.Less(t, time.Since(killedAt), 3*time.Second, "at once")
+				assert.Empty(t, p.Objects(survivor))
+				assert.Equal(t, caps, p.Caps(survivor))
+				if side == engine.SideSource {
+					assert.ErrorIs(t, err, blockmirror.ErrSourceGone)
+					assert.Empty(t, p.Dst.CallsOf("migrate-incoming"), "RAM never started")
+					nodes, jobs, exports, server := p.Dst.BlockLeft()
+					assert.Zero(t, nodes, "destination: target nodes left")
+					assert.Zero(t, jobs)
+					assert.Zero(t, exports, "destination: exports left")
+					assert.False(t, server, "destination: NBD server left")
+					assert.False(t, p.DstGone())
+					return
+				}
+				assert.Empty(t, p.Src.CallsOf("migrate"), "RAM never started")
+				nodes, jobs, _, _ := p.Src.BlockLeft()
+				assert.Zero(t, nodes, "source: nodes left")
+				assert.Zero(t, jobs, "source: mirror jobs left")
+				assert.Equal(t, "running", p.SrcRunState())
+			})
+		})
+	}
 }
 
 // pre-switchover x stop dst / link black hole: the destination stops
@@ -615,38 +633,6 @@ func TestAdoptPostcopyActiveCompletes(t *testing.T) {
 		assert.Equal(t, "postmigrate", p.SrcRunState())
 		noCancelNoResume(t, p)
 		noLeftovers(t, p)
-	})
-}
-
-// mirror x kill dst: the destination QEMU dies while the disk mirrors
-// copy. ErrDestinationGone naming the destination, at once; the source's
-// mirrors cancelled and its settings restored, its guest running there.
-func TestMirrorDestinationKilled(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, heavyWriter([3]int{10, 0, 2}))
-		cfg.Storage = &blockmirror.Config{}
-		srcCaps := p.Caps(qemutest.Source)
-		var killedAt time.Time
-		cfg.Observer = func(e engine.Event) {
-			if e.Kind == engine.EventPhase && e.Phase == engine.PhaseStart { // the mirrors start
-				time.AfterFunc(time.Second, func() { killedAt = time.Now(); p.KillDst() })
-			}
-		}
-		res, err := engine.Migrate(t.Context(), cfg)
-		require.Error(t, err)
-		t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
-		require.False(t, killedAt.IsZero())
-		assert.ErrorIs(t, err, engine.ErrDestinationGone)
-		engineErr(t, err, engine.PhaseStart, engine.SideDestination, "wait for mirrors")
-		assert.Equal(t, engine.StatusFailed, res.Status)
-		assert.Less(t, time.Since(killedAt), 3*time.Second, "at once")
-		assert.Empty(t, p.Src.CallsOf("migrate"), "RAM never started")
-		nodes, jobs, _, _ := p.Src.BlockLeft()
-		assert.Zero(t, nodes, "source: nodes left")
-		assert.Zero(t, jobs, "source: mirror jobs left")
-		assert.Empty(t, p.Objects(qemutest.Source))
-		assert.Equal(t, srcCaps, p.Caps(qemutest.Source))
-		assert.Equal(t, "running", p.SrcRunState())
 	})
 }
 
