@@ -87,6 +87,7 @@ func TestPredictAccuracy(t *testing.T) {
 		rate       float64 // bytes/s, 0 = idle (no guest)
 		lo, hi     float64 // accepted measured rate, × the link
 		pred, meas string
+		out        PredictRow
 	}
 	rows := []*row{{name: "idle"}, {name: "converging", rate: 0.5 * predictLink, lo: 0.3, hi: 0.7},
 		{name: "2x", rate: 2 * predictLink, lo: 1.5, hi: 3}, {name: "10x", rate: 10 * predictLink, lo: 6, hi: 15}}
@@ -136,11 +137,50 @@ func TestPredictAccuracy(t *testing.T) {
 			}
 			r.pred = fmt.Sprintf("%s %v%% %.1fs", pred["lever"], pred["throttle_pct"], pred["time_ms"].(float64)/1000)
 			r.meas = fmt.Sprintf("%s %d%% %.1fs (downtime %v)", lever, throttle, res.Total.Seconds(), res.Downtime.Round(time.Millisecond))
+			r.out = PredictRow{Guest: r.name, SweepBps: sweepMeasured, MeasuredBps: pred["measured_bps"].(float64),
+				WorkingSet: uint64(pred["working_set_bytes"].(float64)),
+				PredLever:  fmt.Sprint(pred["lever"]), PredThrottle: int(pred["throttle_pct"].(float64)),
+				PredTime: time.Duration(pred["time_ms"].(float64)) * time.Millisecond, PredConverges: pred["converges"] == true,
+				Lever: lever, Throttle: throttle, Status: res.Status, Time: res.Total, Downtime: res.Downtime}
 			t.Logf("QEMU %s %s: sweep %.0f MB/s, calc-dirty-rate %.0f MB/s, working set %.0f MiB; predicted %s; measured %s",
 				v, r.name, sweepMeasured/1e6, pred["measured_bps"].(float64)/1e6, pred["working_set_bytes"].(float64)/(1<<20), r.pred, r.meas)
 		})
 	}
+	doc := PredictResults{Version: v.String(), Date: time.Now().UTC(), Link: predictLink,
+		Command: "QMIGRATE_PREDICT_ACCURACY=1 QMIGRATE_PREDICT_JSON=FILE go test -v -count=1 -p 1 -run TestPredictAccuracy ./integration/"}
 	for _, r := range rows {
 		t.Logf("| %s | %s | %s | %s |", v, r.name, r.pred, r.meas)
+		doc.Rows = append(doc.Rows, r.out)
 	}
+	if out := os.Getenv("QMIGRATE_PREDICT_JSON"); out != "" && !t.Failed() {
+		b, err := json.MarshalIndent(doc, "", "  ")
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(out, append(b, '\n'), 0o644))
+		t.Logf("wrote %s", out)
+	}
+}
+
+// PredictResults is what TestPredictAccuracy writes to QMIGRATE_PREDICT_JSON:
+// check --predict's verdict beside the migration that followed, per guest
+// (qmbench -predict renders it into docs/benchmarks.md).
+type PredictResults struct {
+	Version, Command string
+	Date             time.Time
+	Link             float64 // the tbf link, bytes/s
+	Rows             []PredictRow
+}
+
+// PredictRow is one guest: the prediction, then the migration.
+type PredictRow struct {
+	Guest                 string
+	SweepBps, MeasuredBps float64 // the sweep's own rate; calc-dirty-rate's
+	WorkingSet            uint64
+	PredLever             string
+	PredThrottle          int
+	PredTime              time.Duration
+	PredConverges         bool
+	Lever                 string // the strongest lever of the migration's decisions
+	Throttle              int
+	Status                string
+	Time, Downtime        time.Duration
 }

@@ -44,6 +44,7 @@ type options struct {
 	profiles, jsonOut   string
 	render              string
 	baseline            string // -baseline: earlier runs auto is compared with
+	predict             string // -predict: TestPredictAccuracy's results
 	rateMB              float64
 	budget, maxDowntime time.Duration
 	memMiB              int
@@ -66,6 +67,7 @@ func main() {
 	flag.BoolVar(&o.verbose, "v", false, "log QEMU command lines")
 	flag.StringVar(&o.jsonOut, "json", "", "also write every run's raw results (samples, decisions) to this JSON file")
 	flag.StringVar(&o.baseline, "baseline", "", "with -render: -json files of earlier runs (comma-separated) that the Findings compare auto's runs with, section by section")
+	flag.StringVar(&o.predict, "predict", "", "with -render: TestPredictAccuracy's JSON files (comma-separated), rendered as check --predict against real migrations")
 	flag.StringVar(&o.render, "render", "", "run nothing: rewrite the whole report (its Findings computed from the runs) and the plots from -json files (comma-separated; one section per QEMU version and configuration; a scenario, profile and policy found in several files of a section is taken from the first)")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -261,6 +263,9 @@ func renderCommand(o options) string {
 	if o.baseline != "" {
 		cmd += " -baseline " + o.baseline
 	}
+	if o.predict != "" {
+		cmd += " -predict " + o.predict
+	}
 	if o.out != defaultOut {
 		cmd += " -out " + o.out
 	}
@@ -297,6 +302,13 @@ func render(o options) error {
 			return fmt.Errorf("-baseline: %w", err)
 		}
 		b.WriteString(baselineFindings(groups, base))
+	}
+	if o.predict != "" {
+		s, err := predictFindings(strings.Split(o.predict, ","))
+		if err != nil {
+			return fmt.Errorf("-predict: %w", err)
+		}
+		b.WriteString(s)
 	}
 	for _, rp := range groups {
 		rp.PlotsRel = plotsRel(o) // where this render writes them, not where the run did

@@ -282,10 +282,19 @@ func TestCommittedReportReproduces(t *testing.T) {
 	}
 	require.NotEmpty(t, cmd, "the report's first lines give the command that re-renders it")
 	args := strings.Fields(strings.TrimPrefix(cmd, "go run ./cmd/qmbench "))
-	require.True(t, len(args) == 2 || len(args) == 4 && args[2] == "-baseline", "only -render FILES [-baseline FILES]: the default -out and -plots: %q", args)
-	o := options{render: args[1], out: defaultOut, plots: defaultPlots, noPlots: true}
-	if len(args) == 4 {
-		o.baseline = args[3]
+	require.True(t, len(args)%2 == 0 && args[0] == "-render", "-render FILES [-baseline FILES] [-predict FILES]: the default -out and -plots: %q", args)
+	o := options{out: defaultOut, plots: defaultPlots, noPlots: true}
+	for i := 0; i < len(args); i += 2 {
+		switch args[i] {
+		case "-render":
+			o.render = args[i+1]
+		case "-baseline":
+			o.baseline = args[i+1]
+		case "-predict":
+			o.predict = args[i+1]
+		default:
+			t.Fatalf("the report's command has %s: only -render, -baseline and -predict", args[i])
+		}
 	}
 
 	// Render as that command would in a checkout: docs/results read from
