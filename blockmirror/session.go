@@ -724,20 +724,7 @@ func (s *Session) cancelJobs(ctx context.Context) error {
 	yanked := false
 	for {
 		s.drain()
-		// A force-cancelled mirror drains its in-flight NBD requests in
-		// QEMU's main loop: against a destination that hangs, the source's
-		// monitor answers nothing in-band until they fail. A query left
-		// unanswered for yankAfter is that case: yank (out of band) shuts
-		// the NBD sockets down, the requests fail, and the query is asked
-		// again.
-		qctx, qcancel := context.WithTimeout(ctx, yankAfter)
-		jobs, err := s.src.QueryBlockJobs(qctx)
-		qcancel()
-		if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) && !yanked && len(asked) > 0 {
-			yanked = true
-			s.yank(ctx)
-			continue
-		}
+		jobs, err := s.src.QueryBlockJobs(ctx)
 		if err != nil {
 			return fmt.Errorf("blockmirror: query-block-jobs: %w", err)
 		}
@@ -766,16 +753,7 @@ func (s *Session) cancelJobs(ctx context.Context) error {
 				_ = s.src.JobCancel(ctx, d.job)
 			case !asked[d.job]:
 				asked[d.job] = true
-				cctx, ccancel := context.WithTimeout(ctx, yankAfter)
-				err := s.src.BlockJobCancel(cctx, d.job, true)
-				ccancel()
-				if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) && !yanked {
-					// The cancel itself waits in the main loop (see above).
-					yanked = true
-					s.yank(ctx)
-					continue
-				}
-				if err != nil && !isGone(err) {
+				if err := s.src.BlockJobCancel(ctx, d.job, true); err != nil && !isGone(err) {
 					return fmt.Errorf("blockmirror: block-job-cancel %s: %w", d.job, err)
 				}
 				s.log.Debug("mirror force-cancelled", "disk", d.name, "job", d.job)
@@ -824,16 +802,8 @@ func (s *Session) yank(ctx context.Context) {
 	if len(inst) == 0 {
 		return
 	}
-	// Out of band where the monitor offers it: the main loop may be the
-	// one waiting for the NBD requests (yank allows oob since QEMU 6.0).
-	args := map[string]any{"instances": inst}
-	var err error
-	if s.src.OOB() {
-		err = s.src.ExecuteOOB(ctx, "yank", args, nil)
-	} else {
-		err = s.src.Execute(ctx, "yank", args, nil)
-	}
-	s.log.Warn("mirrors stuck after cancel: yanked their NBD connections", "nodes", len(inst), "oob", s.src.OOB(), "err", err)
+	err := s.src.Execute(ctx, "yank", map[string]any{"instances": inst}, nil)
+	s.log.Warn("mirrors stuck after cancel: yanked their NBD connections", "nodes", len(inst), "err", err)
 }
 
 // isGone reports whether a QMP error says the object does not exist (any

@@ -412,11 +412,23 @@ func bmTestDestinationLost(t *testing.T, q *qemulab.QEMU, freeze bool) {
 	src, dst := bmPair(t, q, bmOpts{size: "64M"})
 	bmCaps(t, ctx, src, dst)
 	src.write(ctx, 0x11, 0, 32<<20)
-	// 4 MiB/s from its start: a set-speed sent once it runs at unlimited
-	// speed may find the 32 MiB mirror READY already, and then nothing
-	// fails.
-	s, err := bmStart(ctx, t, src, dst, blockmirror.Config{Speed: 4 << 20}, "unix:"+filepath.Join(src.dir, "mig.sock"))
+	// Killed: 4 MiB/s from its start (a set-speed sent once it runs at
+	// unlimited speed may find the 32 MiB mirror READY already, and then
+	// nothing fails). Frozen: started at unlimited speed and slowed once it
+	// runs, so that little is in flight at the freeze. Found by the CI
+	// rehearsal of the slow start: a destination frozen while the mirror
+	// has NBD requests in flight leaves the source's monitor answering no
+	// in-band command, and Abort cannot clean the source up (docs/faults.md;
+	// not solved: an out-of-band yank was tried and did not get through).
+	var cfg blockmirror.Config
+	if !freeze {
+		cfg.Speed = 4 << 20
+	}
+	s, err := bmStart(ctx, t, src, dst, cfg, "unix:"+filepath.Join(src.dir, "mig.sock"))
 	require.NoError(t, err)
+	if freeze {
+		require.NoError(t, src.qmp.BlockJobSetSpeed(ctx, bmJob(t, ctx, s), 4<<20))
+	}
 	time.Sleep(300 * time.Millisecond)
 	if freeze {
 		require.NoError(t, dst.inst.Signal(syscall.SIGSTOP))
