@@ -90,6 +90,8 @@ func predictFindings(names []string) (string, error) {
 				te = fmt.Sprintf("%+.0f %%", 100*e)
 				if r.SweepBps > 0 {
 					errs = append(errs, e)
+				} else {
+					te = "upper bound (idle)"
 				}
 			}
 			w("| %s | %s | %.0f / %.0f MB/s | %s | %s | %s | %s |\n", d.Version, r.Guest, r.SweepBps/1e6, r.MeasuredBps/1e6, pred, meas, verdict, te)
