@@ -186,6 +186,17 @@ func testPostcopyLinkFault(t *testing.T, q *qemulab.QEMU, v qmp.Version, fault s
 				p.ResetNextConnection()
 			case e.Recovery.Step == engine.RecoveryRecovered:
 				armed = true
+				if injected > 0 && injected < losses {
+					// The next loss at once: after a recovery 10.0 may move
+					// the rest faster than the stats show it (the CI
+					// rehearsal's LostTwice completed before a second
+					// threshold was seen), and a loss right after a recovery
+					// is a loss all the same.
+					injected++
+					t.Logf("loss %d injected right after the recovery", injected)
+					armed, from = false, 0
+					go breakLink()
+				}
 			}
 		}
 	}
