@@ -198,8 +198,17 @@ func orUnknown(s string) string {
 	return s
 }
 
-// dstGone is the error for a destination that died mid-migration.
+// dstGone is the error for a destination that died mid-migration. A
+// source that goes away with it (within a moment) is the cause: a
+// destination whose stream was cut by the source's death exits too.
 func (r *run) dstGone(op string) error {
+	grace := time.NewTimer(500 * time.Millisecond)
+	defer grace.Stop()
+	select {
+	case <-r.src.Done():
+		return r.errorf(SideSource, op, fmt.Errorf("%w: %w: %w (the destination exited with it)", ErrMigrationFailed, ErrSourceGone, r.src.Err()))
+	case <-grace.C:
+	}
 	cause := r.dst.Err()
 	if cause == nil {
 		cause = qmp.ErrClosed
