@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/qmigrate/qmigrate/qmp"
@@ -66,6 +67,12 @@ type postcopyWatch struct {
 	// not start (Adopt, after a process that died recovering): it is
 	// given the time of an attempt before anything is paused.
 	inFlight bool
+	// stuckRecover: the source refused migrate-pause in postcopy-recover
+	// (QEMU before 8.2 pauses only postcopy-active): a resume handshake
+	// under way there is the only one there can be, so it is waited for,
+	// and the destination is not paused under it (that cut it for good in
+	// the 7.2 CI run's black hole: the source hung in postcopy-recover).
+	stuckRecover bool
 }
 
 // dstEvent notes a destination MIGRATION event that reports postcopy
@@ -159,6 +166,16 @@ func (r *run) recoverPostcopy(ctx context.Context, why string) error {
 	}
 	for attempt := 1; ; attempt++ {
 		done, err := r.pauseBoth(ctx, attempt > 1 || inFlight)
+		for err == nil && !done && r.handshakeHeld() {
+			// A source that cannot be paused in postcopy-recover: its
+			// handshake completes when the link carries it again, or the
+			// budget ends; a new attempt would only be refused.
+			if !time.Now().Before(deadline) {
+				return r.gaveUp(attempt-1, r.errorf(SideSource, "recover", fmt.Errorf("%w: %w: no recovery within %v: the source is held in postcopy-recover by a resume handshake that never completed (QEMU %s cannot pause it there); the last attempt: %s", ErrPostcopyFailed, ErrRecoveryFailed, max(budget, 0), r.src.Version(), last)), lostAt)
+			}
+			r.log.Info("the source's resume handshake is still under way: waiting for it", "attempt", attempt-1)
+			done, err = r.pauseBoth(ctx, true)
+		}
 		if err != nil {
 			return r.gaveUp(attempt-1, err, lostAt)
 		}
@@ -268,6 +285,9 @@ func (r *run) pauseBoth(ctx context.Context, afterAttempt bool) (done bool, err 
 			if sent[s.side] {
 				continue
 			}
+			if s.side == SideDestination && r.pc.stuckRecover && src == qmp.StatusPostcopyRecover {
+				continue // under the source's resume handshake
+			}
 			sent[s.side] = true
 			r.log.Info("migrate-pause", "side", s.side, "status", s.st)
 			if err := r.do(ctx, s.side, "migrate-pause", s.c.MigratePause); err != nil {
@@ -275,6 +295,9 @@ func (r *run) pauseBoth(ctx context.Context, afterAttempt bool) (done bool, err 
 					return false, r.postcopyCallErr(ctx, s.side, "migrate-pause", err)
 				}
 				r.log.Debug("migrate-pause refused", "side", s.side, "err", err)
+				if s.side == SideSource && s.st == qmp.StatusPostcopyRecover {
+					r.pc.stuckRecover = true
+				}
 			}
 		}
 		if !time.Now().Before(limit) {
@@ -285,6 +308,12 @@ func (r *run) pauseBoth(ctx context.Context, afterAttempt bool) (done bool, err 
 			return false, err
 		}
 	}
+}
+
+// handshakeHeld reports whether the source sits in postcopy-recover (as
+// pauseBoth last read it) and cannot be paused there.
+func (r *run) handshakeHeld() bool {
+	return r.pc.stuckRecover && r.lastInfo != nil && r.lastInfo.Status == qmp.StatusPostcopyRecover
 }
 
 // recoverOnce is one attempt: the destination listens again, the source
@@ -299,9 +328,22 @@ func (r *run) recoverOnce(ctx context.Context) (ok bool, detail string, err erro
 			return false, "", r.postcopyCallErr(ctx, SideDestination, "migrate-recover", err)
 		}
 		// It may listen already since an earlier attempt (QEMU refuses a
-		// second migrate-recover then): the resume tells.
+		// second migrate-recover then): the resume tells. A destination
+		// still in postcopy-paused that does not say so (7.1 to 9.0 drop
+		// the old listener and listen again) failed to listen: the source
+		// is not sent towards nobody (7.2's source, its connection cut
+		// in postcopy-recover, hangs there for good; CI, 7.2's bind of the
+		// port failed once as the paused connection closed), and the next
+		// attempt asks again.
 		refused = err
 		r.log.Debug("migrate-recover refused", "err", err)
+		dm, qerr := ask(r, ctx, SideDestination, "query-migrate", r.dst.QueryMigrate)
+		if qerr != nil {
+			return false, "", r.postcopyCallErr(ctx, SideDestination, "query-migrate", qerr)
+		}
+		if dm.Status == qmp.StatusPostcopyPaused && !strings.Contains(err.Error(), "triggered already") {
+			return false, "the destination could not listen again: " + err.Error(), nil
+		}
 	}
 	if r.listen.NeedsPort() && refused == nil {
 		// Adopted without the port the migration used: QEMU picked one.

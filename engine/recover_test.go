@@ -96,15 +96,7 @@ func TestRecoverLinkReset(t *testing.T) {
 		assert.Equal(t, []engine.RecoveryStep{engine.RecoveryLinkLost, engine.RecoveryAttempt, engine.RecoveryRecovered}, s.steps())
 		require.Len(t, p.RecoverAddresses(), 1)
 		assert.Equal(t, qmp.SocketAddress{Type: "inet", Host: "127.0.0.1", Port: "45678"}, p.RecoverAddresses()[0], "the port the migration used")
-		var resumes int
-		for _, c := range p.Src.CallsOf("migrate") {
-			var a qmp.MigrateArgs
-			require.NoError(t, json.Unmarshal(c.Args, &a))
-			if a.Resume {
-				resumes++
-			}
-		}
-		assert.Equal(t, 1, resumes)
+		assert.Equal(t, 1, resumes(t, p))
 		assert.Zero(t, p.Pauses(qemutest.Source)+p.Pauses(qemutest.Destination), "both paused by themselves")
 		noCancelNoResume(t, p)
 		assert.Equal(t, "running", p.DstRunState())
@@ -213,6 +205,69 @@ func TestRecoverBlackHoleDuringHandshake(t *testing.T) {
 		assert.Equal(t, 1, res.Recoveries)
 		assert.Greater(t, res.RecoveryAttempts, 1)
 		assert.GreaterOrEqual(t, p.Pauses(qemutest.Source), 1, "the hanging resume was paused")
+		noCancelNoResume(t, p)
+	})
+}
+
+// A destination that cannot listen again (7.2's migrate-recover once failed
+// to bind its port as the paused connection closed, CI): the source is not
+// sent towards nobody; the next attempt asks the destination again.
+func TestRecoverListenFails(t *testing.T) {
+	for _, v := range [][3]int{{7, 2, 22}, {10, 0, 2}} {
+		t.Run(qmp.Version{Major: v[0], Minor: v[1], Micro: v[2]}.String(), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				p, cfg := slowPostcopy(t, qemutest.Options{Version: v})
+				p.FailRecoverListen(1)
+				s := &script{after: 2 * time.Second, faults: []func(){p.LinkReset}}
+				var details []string
+				cfg.Observer = func(e engine.Event) {
+					s.observe(e)
+					if e.Kind == engine.EventRecovery && e.Recovery.Step == engine.RecoveryFailed {
+						details = append(details, e.Recovery.Detail)
+					}
+				}
+				res, err := engine.Migrate(t.Context(), cfg)
+				require.NoError(t, err)
+				assert.Equal(t, 1, res.Recoveries)
+				assert.Equal(t, 2, res.RecoveryAttempts)
+				require.Len(t, details, 1)
+				assert.Contains(t, details[0], "the destination could not listen again")
+				assert.Contains(t, details[0], "Address already in use")
+				assert.Len(t, p.RecoverAddresses(), 2, "asked again")
+				assert.Equal(t, 1, resumes(t, p), "the source resumed only towards a listening destination")
+				noCancelNoResume(t, p)
+			})
+		})
+	}
+}
+
+// QEMU before 8.2 cannot pause a source in postcopy-recover: a resume
+// handshake held up by a black hole is waited for (pausing the destination
+// under it would leave the source in postcopy-recover for good), and
+// completes once the link carries it again.
+func TestRecoverHeldHandshake(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := slowPostcopy(t, qemutest.Options{Version: [3]int{7, 2, 22}})
+		cfg.PostcopyStallTimeout = 2 * time.Second
+		first, holed := true, false
+		cfg.Observer = func(e engine.Event) {
+			if first && e.Kind == engine.EventStats && e.Stats.Status == "postcopy-active" {
+				first = false
+				time.AfterFunc(time.Second, p.LinkReset)
+			}
+			if !holed && e.Kind == engine.EventRecovery && e.Recovery.Step == engine.RecoveryAttempt {
+				holed = true
+				p.LinkBlackHole(true)
+				time.AfterFunc(10*time.Second, func() { p.LinkBlackHole(false) })
+			}
+		}
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.NoError(t, err)
+		assert.Equal(t, 1, res.Recoveries)
+		assert.Equal(t, 1, res.RecoveryAttempts, "the held handshake waited for, not tried again")
+		assert.GreaterOrEqual(t, res.PostcopyStall, 9*time.Second)
+		assert.Zero(t, p.Pauses(qemutest.Destination), "the destination not paused under the handshake")
+		assert.Equal(t, 1, resumes(t, p))
 		noCancelNoResume(t, p)
 	})
 }

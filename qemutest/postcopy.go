@@ -17,7 +17,12 @@ import (
 //     and nothing changes state (QEMU waits on TCP) until migrate-pause
 //     on each side still waiting; a recovery's connection hangs too.
 //   - migrate-pause (both sides): postcopy-active or postcopy-recover(-setup)
-//     to postcopy-paused; on a working link the other side follows.
+//     to postcopy-paused; on a working link the other side follows. Before
+//     8.2 only postcopy-active: a side in postcopy-recover refuses it (its
+//     resume handshake ends when the link carries it, or never).
+//   - FailRecoverListen: the next migrate-recover cannot bind its port (as
+//     7.2 once could not while the paused connection closed); it may be
+//     asked again (7.1+ drops the old listener first).
 //   - migrate-recover URI (destination, postcopy-paused): it listens again
 //     (port 0: Port+1), postcopy-recover-setup from 9.1; a second one
 //     while it listens is refused.
@@ -39,6 +44,7 @@ type postcopyFaults struct {
 	resumeAddr   qmp.SocketAddress   // where the source resumes to
 	resumeTicks  int                 // steps the resume handshake has been going
 	breakNext    int                 // recoveries still to break (BreakRecoveries)
+	failListen   int                 // migrate-recover binds still to fail (FailRecoverListen)
 	recoveries   int                 // recoveries that completed
 	pauses       [2]int              // migrate-pause received, by side
 	recoverCalls []qmp.SocketAddress // migrate-recover's addresses
@@ -54,6 +60,10 @@ func (p *Pair) LinkBlackHole(on bool) { p.mu.Lock(); p.pc.blackHole = on; p.mu.U
 // BreakRecoveries makes the next n recovery handshakes fail half-way (in
 // postcopy-recover): both sides fall back to postcopy-paused.
 func (p *Pair) BreakRecoveries(n int) { p.mu.Lock(); p.pc.breakNext = n; p.mu.Unlock() }
+
+// FailRecoverListen makes the next n migrate-recover commands fail to
+// bind their port ("Address already in use").
+func (p *Pair) FailRecoverListen(n int) { p.mu.Lock(); p.pc.failListen = n; p.mu.Unlock() }
 
 // Recoveries counts the postcopy recoveries that completed.
 func (p *Pair) Recoveries() int { p.mu.Lock(); defer p.mu.Unlock(); return p.pc.recoveries }
@@ -90,6 +100,9 @@ func (p *Pair) KillSrc() {
 // SrcGone reports whether the source QEMU exited (KillSrc).
 func (p *Pair) SrcGone() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.pc.srcDead }
 
+// pausesInRecover: migrate-pause works in postcopy-recover from 8.2.
+func pausesInRecover(v [3]int) bool { return v[0] > 8 || v[0] == 8 && v[1] >= 2 }
+
 // hasRecoverSetup: postcopy-recover-setup exists from 9.1.
 func hasRecoverSetup(v [3]int) bool { return hasExitOnError(v) }
 
@@ -106,8 +119,16 @@ func (q *QEMU) migratePause(json.RawMessage) (any, error) {
 	if q.side == Destination {
 		st = p.mig.dstStatus
 	}
+	v := p.opt.Version
+	if q.side == Destination {
+		v = p.opt.DstVersion
+	}
 	switch st {
-	case qmp.StatusPostcopyActive, qmp.StatusPostcopyRecover, qmp.StatusPostcopyRecoverSetup:
+	case qmp.StatusPostcopyActive:
+	case qmp.StatusPostcopyRecover, qmp.StatusPostcopyRecoverSetup:
+		if !pausesInRecover(v) {
+			return nil, errGeneric("migrate-pause is currently only supported during postcopy-active state")
+		}
 	default:
 		return nil, errGeneric("migrate-pause is currently only supported during postcopy-active or postcopy-recover state")
 	}
@@ -153,6 +174,11 @@ func (p *Pair) migrateRecover(args json.RawMessage) (any, error) {
 	sa, err := parseChannel(a.URI, nil)
 	if err != nil {
 		return nil, err
+	}
+	if p.pc.failListen > 0 {
+		p.pc.failListen--
+		p.pc.recoverCalls = append(p.pc.recoverCalls, sa)
+		return nil, errGeneric("Failed to find an available port: Address already in use")
 	}
 	if sa.Type == "inet" && sa.Port == "0" {
 		sa.Port = fmt.Sprint(Port + 1)
