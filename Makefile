@@ -34,7 +34,7 @@ vet:
 # Unit tests (fakes, no QEMU) with the race detector; fleet/etcdlimit is a
 # module of its own, tested against a real etcd it starts (setup installs it).
 unit:
-	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /integration)
+	scripts/failures.sh $(GO) test -race -count=1 $$($(GO) list ./... | grep -v /integration)
 	cd fleet/etcdlimit && $(GO) test -race -count=1 ./...
 
 integration: integration-7.2 integration-10.0
@@ -42,12 +42,12 @@ integration: integration-7.2 integration-10.0
 integration-7.2: setup
 	@echo "== integration suite on $$(grep '^QMIGRATE_QEMU=' $(CACHE)/qemu-7.2.env)"
 	set -a; source $(CACHE)/qemu-7.2.env; set +a; \
-	  $(GO) test -v -race -count=1 -p 1 -timeout $(ITEST_TIMEOUT) ./integration/...
+	  scripts/failures.sh $(GO) test -v -race -count=1 -p 1 -timeout $(ITEST_TIMEOUT) ./integration/...
 
 integration-10.0: setup
 	@echo "== integration suite on $$(grep '^QMIGRATE_QEMU=' $(CACHE)/qemu-10.0.env)"
 	set -a; source $(CACHE)/qemu-10.0.env; set +a; \
-	  $(GO) test -v -race -count=1 -p 1 -timeout $(ITEST_TIMEOUT) ./integration/...
+	  scripts/failures.sh $(GO) test -v -race -count=1 -p 1 -timeout $(ITEST_TIMEOUT) ./integration/...
 
 # The demo: two local QEMUs, a small embedded guest, a live migration, a verified guest.
 demo:
