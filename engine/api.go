@@ -199,7 +199,7 @@ type Recovery struct {
 	Step    RecoveryStep
 	Loss    int           // which loss of the link in this migration (1 for the first)
 	Attempt int           // the attempt for this loss (1 for the first; 0 with link-lost, and for a handshake Adopt found under way)
-	Detail  string        // how the loss was seen, or why an attempt failed
+	Detail  string        // how the loss was seen, why an attempt failed, or how an attempt reads a destination whose in-band monitor is blocked
 	Stalled time.Duration // since the loss: the guest waits for the pages it lacks
 	Backoff time.Duration // failed: the wait before the next attempt
 }

@@ -228,6 +228,10 @@ func (r *run) event(side Side, ev qmp.Event) {
 		if r.dstAt != dstKept {
 			r.dstAt = dstRan
 		}
+	case side == SideDestination && ev.Name == "MIGRATION":
+		if st := migrationStatus(ev); st != "" {
+			r.pc.dstEv = st
+		}
 	}
 }
 

@@ -38,7 +38,9 @@
 //     began there is no way back and a cancel is ignored. A link lost in
 //     postcopy is recovered (recover.go: migrate-pause, migrate-recover,
 //     migrate with resume, retried within Config.RecoveryTimeout, each step
-//     an EventRecovery); a QEMU gone in postcopy ends with ErrGuestLost or
+//     an EventRecovery; a destination whose in-band monitor is blocked,
+//     its main thread waiting for a page, is followed by its MIGRATION
+//     events and recovered out of band); a QEMU gone in postcopy ends with ErrGuestLost or
 //     ErrPagesLost (Result.Lost), both QEMUs left as they are.
 //     docs/faults.md has the whole fault matrix.
 //   - The guest runs exactly where the Result says: on the destination when

@@ -234,6 +234,7 @@ func (r *run) finish(err error) {
 }
 
 func (r *run) closeAll() {
+	r.endProbe()
 	if r.srcSub != nil {
 		r.srcSub.Close()
 	}

@@ -37,6 +37,22 @@ import (
 // attempts are retried with backoff until Config.RecoveryTimeout after the
 // loss. Each loss, attempt and outcome is an EventRecovery.
 //
+// The destination's main thread loads the device state at the start of
+// postcopy and may wait there on a guest page: a link lost before it loaded
+// it leaves that thread blocked until a recovery, and the monitor answers no
+// in-band command meanwhile (measured on 7.2 and 10.0: the first seconds of
+// postcopy). Out-of-band commands (migrate-recover, migrate-pause: exec-oob
+// where the monitor negotiated oob) are still served and the MIGRATION
+// events still sent. So the destination's status is read with one in-band
+// query-migrate at a time (dstStatus: QEMU queues in-band commands behind
+// the blocked thread, and stops reading the monitor, out-of-band commands
+// included, once eight wait); when it has not answered within
+// dstProbeGrace while the destination's last MIGRATION event reports a
+// paused postcopy or a recovery, the engine follows the destination's
+// events instead, and the recovery goes on out of band. A destination that
+// reported nothing of the kind and does not answer (SIGSTOP) is waited for
+// up to UnresponsiveTimeout, as any command.
+//
 // Recovery is impossible when a QEMU went away: the destination (the guest
 // ran there: lost, ErrGuestLost) or the source (the pages it alone held:
 // lost, ErrPagesLost). The engine then ends at once with that error and
@@ -48,6 +64,11 @@ const (
 	recoveryBackoffMin = 250 * time.Millisecond
 	recoveryBackoffMax = 5 * time.Second
 )
+
+// dstProbeGrace is how long the destination's in-band query-migrate may go
+// unanswered, while its events report postcopy paused or recovering, before
+// the engine follows its events (a main thread blocked on a page).
+const dstProbeGrace = time.Second
 
 // postcopyPreempt reports whether postcopy-preempt is wanted: postcopy
 // permitted, both QEMUs 8.0 or newer (7.2's preempt channel speaks another
@@ -73,6 +94,27 @@ type postcopyWatch struct {
 	// and the destination is not paused under it (that cut it for good in
 	// the 7.2 CI run's black hole: the source hung in postcopy-recover).
 	stuckRecover bool
+	// dstEv is the status of the destination's last MIGRATION event.
+	dstEv qmp.MigrationStatus
+	// probe is the destination's in-band query-migrate in flight (nil
+	// when none): at most one at a time (dstStatus).
+	probe *dstProbe
+	// dstBlocked: the destination's in-band monitor did not answer while
+	// its events reported postcopy paused or recovering: its status is
+	// followed from its events until the probe answers.
+	dstBlocked bool
+}
+
+// dstProbe is one in-band query-migrate of the destination.
+type dstProbe struct {
+	done   chan dstAnswer // buffered: the goroutine never blocks
+	cancel context.CancelFunc
+	sent   time.Time
+}
+
+type dstAnswer struct {
+	info *qmp.MigrationInfo
+	err  error
 }
 
 // dstEvent notes a destination MIGRATION event that reports postcopy
@@ -106,11 +148,11 @@ func (r *run) postcopyLost(ctx context.Context, info *qmp.MigrationInfo) (string
 	}
 	if w.dstPaused {
 		w.dstPaused = false
-		dm, err := ask(r, ctx, SideDestination, "query-migrate", r.dst.QueryMigrate)
+		dst, err := r.dstStatus(ctx)
 		if err != nil {
-			return "", r.postcopyCallErr(ctx, SideDestination, "query-migrate", err)
+			return "", err
 		}
-		if dm.Status == qmp.StatusPostcopyPaused {
+		if dst == qmp.StatusPostcopyPaused {
 			return "the destination reports postcopy-paused", nil
 		}
 	}
@@ -196,7 +238,11 @@ func (r *run) recoverPostcopy(ctx context.Context, why string) error {
 		}
 		r.enter(stageRecovering)
 		r.res.RecoveryAttempts++
-		r.emitRecovery(Recovery{Step: RecoveryAttempt, Attempt: attempt}, lostAt)
+		var detail string
+		if w.dstBlocked {
+			detail = "the destination's monitor answers no in-band command (its main thread blocked): its status followed from its events, migrate-recover out of band"
+		}
+		r.emitRecovery(Recovery{Step: RecoveryAttempt, Attempt: attempt, Detail: detail}, lostAt)
 		ok, detail, err := r.recoverOnce(ctx)
 		if err != nil {
 			return r.gaveUp(attempt, err, lostAt)
@@ -337,11 +383,11 @@ func (r *run) recoverOnce(ctx context.Context) (ok bool, detail string, err erro
 		// attempt asks again.
 		refused = err
 		r.log.Debug("migrate-recover refused", "err", err)
-		dm, qerr := ask(r, ctx, SideDestination, "query-migrate", r.dst.QueryMigrate)
+		dst, qerr := r.dstStatus(ctx)
 		if qerr != nil {
-			return false, "", r.postcopyCallErr(ctx, SideDestination, "query-migrate", qerr)
+			return false, "", qerr
 		}
-		if dm.Status == qmp.StatusPostcopyPaused && !strings.Contains(err.Error(), "triggered already") {
+		if dst == qmp.StatusPostcopyPaused && !strings.Contains(err.Error(), "triggered already") {
 			return false, "the destination could not listen again: " + err.Error(), nil
 		}
 	}
@@ -423,11 +469,130 @@ func (r *run) postcopyStatus(ctx context.Context) (src, dst qmp.MigrationStatus,
 		return "", "", r.postcopyCallErr(ctx, SideSource, "query-migrate", err)
 	}
 	r.lastInfo = info
-	dm, err := ask(r, ctx, SideDestination, "query-migrate", r.dst.QueryMigrate)
+	dst, err = r.dstStatus(ctx)
 	if err != nil {
-		return "", "", r.postcopyCallErr(ctx, SideDestination, "query-migrate", err)
+		return "", "", err
 	}
-	return info.Status, dm.Status, nil
+	return info.Status, dst, nil
+}
+
+// dstStatus reads the destination's migration status in postcopy: its
+// answer to an in-band query-migrate, or, when that goes unanswered for
+// dstProbeGrace while its last MIGRATION event reports postcopy paused or
+// recovering (and out-of-band commands can reach it), that event's status.
+// At most one query is in flight: one left unanswered by an earlier read is
+// waited for again rather than sent anew, and one answered before this
+// read began is stale and dropped. Unanswered otherwise within
+// UnresponsiveTimeout of being sent: ErrUnresponsive, as from ask.
+func (r *run) dstStatus(ctx context.Context) (qmp.MigrationStatus, error) {
+	w := &r.pc
+	if w.probe != nil {
+		select {
+		case <-w.probe.done:
+			// Answered since the last read: the monitor is not blocked
+			// any more, but the answer is stale.
+			w.probe.cancel()
+			w.probe = nil
+			w.dstBlocked = false
+		default:
+		}
+	}
+	if w.probe == nil {
+		pctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		p := &dstProbe{done: make(chan dstAnswer, 1), cancel: cancel, sent: time.Now()}
+		go func() {
+			info, err := r.dst.QueryMigrate(pctx)
+			p.done <- dstAnswer{info, err}
+		}()
+		w.probe = p
+	}
+	p := w.probe
+	unresponsive := r.cfg.unresponsiveTimeout()
+	grace := min(dstProbeGrace, unresponsive)
+	var dstEv <-chan qmp.Event
+	if r.dstSub != nil {
+		dstEv = r.dstSub.C
+	}
+	dstDone := r.dst.Done()
+	t := time.NewTimer(0)
+	defer t.Stop()
+	<-t.C
+	for {
+		waited := time.Since(p.sent)
+		if r.followDstEvents(waited >= grace) {
+			r.drain(SideDestination, r.dstSub)
+			return w.dstEv, nil
+		}
+		if waited >= unresponsive {
+			return "", r.unanswered(SideDestination, "query-migrate", callBound{wait: unresponsive})
+		}
+		next := unresponsive - waited
+		if waited < grace {
+			next = grace - waited
+		}
+		t.Reset(next)
+		select {
+		case a := <-p.done:
+			p.cancel()
+			w.probe = nil
+			if w.dstBlocked {
+				w.dstBlocked = false
+				r.log.Info("the destination's monitor answers in-band commands again", "after", time.Since(p.sent).Round(time.Millisecond))
+			}
+			if a.err != nil {
+				return "", r.postcopyCallErr(ctx, SideDestination, "query-migrate", a.err)
+			}
+			return a.info.Status, nil
+		case ev, ok := <-dstEv:
+			if !ok {
+				dstEv = nil
+				continue
+			}
+			r.event(SideDestination, ev)
+		case <-dstDone:
+			if err := r.lostSide(); err != nil {
+				return "", err
+			}
+			dstDone = nil
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// followDstEvents reports whether the destination's status is to be taken
+// from its events: its in-band monitor is blocked (graceSpent: the probe
+// went unanswered for dstProbeGrace) while its events report postcopy
+// paused or recovering, and out-of-band commands reach it.
+func (r *run) followDstEvents(graceSpent bool) bool {
+	w := &r.pc
+	if !r.dst.OOB() || r.dstSub == nil {
+		return false
+	}
+	if w.dstBlocked {
+		return true
+	}
+	switch w.dstEv {
+	case qmp.StatusPostcopyPaused, qmp.StatusPostcopyRecover, qmp.StatusPostcopyRecoverSetup:
+	default:
+		return false
+	}
+	if !graceSpent {
+		return false
+	}
+	w.dstBlocked = true
+	r.log.Warn("the destination's monitor answers no in-band command while its events report "+string(w.dstEv)+
+		" (its main thread waits for a page, loading the device state?): following its MIGRATION events, recovering out of band",
+		"waited", time.Since(w.probe.sent).Round(time.Millisecond))
+	return true
+}
+
+// endProbe gives up the destination's query in flight (the run ends).
+func (r *run) endProbe() {
+	if r.pc.probe != nil {
+		r.pc.probe.cancel()
+		r.pc.probe = nil
+	}
 }
 
 func (r *run) recoveryPoll() time.Duration { return min(r.cfg.pollInterval(), 100*time.Millisecond) }

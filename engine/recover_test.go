@@ -103,6 +103,115 @@ func TestRecoverLinkReset(t *testing.T) {
 	})
 }
 
+// The link reset before the destination loaded the device state (the
+// first seconds of postcopy on real QEMU): the destination goes to
+// postcopy-paused but its main thread waits for a page, so its monitor
+// answers no in-band command. The engine's query-migrate there goes
+// unanswered; after dstProbeGrace it follows the destination's MIGRATION
+// events, sends migrate-recover out of band, resumes the source, and the
+// migration completes (it used to end "state unknown" after
+// UnresponsiveTimeout). At most one in-band command waits on the blocked
+// monitor (QEMU stops reading it, out-of-band commands included, once 8
+// wait). 7.2 and 10.0 models.
+func TestRecoverLinkLostBeforeDeviceLoaded(t *testing.T) {
+	for _, v := range [][3]int{{7, 2, 22}, {10, 0, 2}} {
+		t.Run(qmp.Version{Major: v[0], Minor: v[1], Micro: v[2]}.String(), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				p, cfg := slowPostcopy(t, qemutest.Options{Version: v, DstDeviceLoad: 5 * time.Second})
+				var inBandAtReset, inBandAtRecovered int = -1, -1
+				s := &script{after: time.Second, faults: []func(){func() {
+					require.True(t, p.DstLoading())
+					inBandAtReset = inBand(p.Dst)
+					p.LinkReset()
+				}}}
+				cfg.Observer = func(e engine.Event) {
+					s.observe(e)
+					if e.Kind == engine.EventRecovery && e.Recovery.Step == engine.RecoveryRecovered {
+						inBandAtRecovered = inBand(p.Dst)
+					}
+				}
+				res, err := engine.Migrate(t.Context(), cfg)
+				require.NoError(t, err)
+				assert.Equal(t, engine.StatusCompleted, res.Status)
+				assert.False(t, res.StateUnknown)
+				assert.Equal(t, 1, res.Recoveries)
+				assert.Equal(t, 1, res.RecoveryAttempts)
+				assert.Equal(t, 1, p.Recoveries())
+				assert.Equal(t, []engine.RecoveryStep{engine.RecoveryLinkLost, engine.RecoveryAttempt, engine.RecoveryRecovered}, s.steps())
+				// The grace of the in-band query, then the recovery.
+				assert.GreaterOrEqual(t, res.PostcopyStall, time.Second)
+				assert.Less(t, res.PostcopyStall, 3*time.Second)
+				var attempt *engine.Recovery
+				for _, e := range s.rec.events {
+					if e.Kind == engine.EventRecovery && e.Recovery.Step == engine.RecoveryAttempt {
+						attempt = e.Recovery
+					}
+				}
+				require.NotNil(t, attempt)
+				assert.Contains(t, attempt.Detail, "followed from its events")
+				calls := p.Dst.CallsOf("migrate-recover")
+				require.Len(t, calls, 1)
+				assert.True(t, calls[0].OOB, "migrate-recover out of band")
+				assert.Equal(t, 1, resumes(t, p))
+				assert.Zero(t, p.Pauses(qemutest.Source)+p.Pauses(qemutest.Destination), "both paused by themselves")
+				require.GreaterOrEqual(t, inBandAtReset, 0)
+				assert.LessOrEqual(t, inBandAtRecovered-inBandAtReset, 1, "at most one in-band command sent to the blocked monitor")
+				noCancelNoResume(t, p)
+				assert.False(t, p.DstLoading())
+				assert.Equal(t, "running", p.DstRunState())
+			})
+		})
+	}
+}
+
+// Three losses, the first two before the destination loaded the device
+// state (its in-band monitor blocked throughout: the query left unanswered
+// by the first is waited for again, not sent anew), the third after it
+// loaded (its stale answer dropped, the destination read in band again).
+func TestRecoverLostBeforeAndAfterDeviceLoaded(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := slowPostcopy(t, qemutest.Options{DstDeviceLoad: 2500 * time.Millisecond})
+		var loading []bool
+		reset := func() { loading = append(loading, p.DstLoading()); p.LinkReset() }
+		s := &script{after: time.Second, faults: []func(){reset, reset, reset}}
+		var details []string
+		cfg.Observer = func(e engine.Event) {
+			s.observe(e)
+			s.rearm(e)
+			if e.Kind == engine.EventRecovery && e.Recovery.Step == engine.RecoveryAttempt {
+				details = append(details, e.Recovery.Detail)
+			}
+		}
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.NoError(t, err)
+		assert.Equal(t, engine.StatusCompleted, res.Status)
+		assert.Equal(t, []bool{true, true, false}, loading)
+		assert.Equal(t, 3, res.Recoveries)
+		assert.Equal(t, 3, res.RecoveryAttempts)
+		assert.Equal(t, 3, p.Recoveries())
+		require.Len(t, details, 3)
+		assert.Contains(t, details[0], "followed from its events")
+		assert.Contains(t, details[1], "followed from its events")
+		assert.Empty(t, details[2], "read in band once loaded")
+		for _, c := range p.Dst.CallsOf("migrate-recover") {
+			assert.True(t, c.OOB)
+		}
+		noCancelNoResume(t, p)
+		assert.Equal(t, "running", p.DstRunState())
+	})
+}
+
+// inBand counts the in-band commands q received.
+func inBand(q *qemutest.QEMU) int {
+	n := 0
+	for _, c := range q.Calls() {
+		if !c.OOB {
+			n++
+		}
+	}
+	return n
+}
+
 // A black hole mid-postcopy: nothing moves and QEMU notices nothing; after
 // the stall timeout the engine pauses both sides out of band, and retries
 // with backoff until the link works again.

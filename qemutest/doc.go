@@ -62,7 +62,8 @@
 // device, a blocker, an alias resolved differently), a failure at setup
 // (FailWith), how a late
 // cancel ends (LateCancel), a destination that fails loading
-// (DstFailsLoad), refused objects (RefuseObject). At run time: KillDst (the
+// (DstFailsLoad), one whose in-band monitor is held while it loads the
+// device state in postcopy (DstDeviceLoad), refused objects (RefuseObject). At run time: KillDst (the
 // destination exits), Freeze and Thaw (a QEMU stopped by SIGSTOP),
 // SetThroughput and SetDirtyRate, SetDiskWriteRate, and for the block
 // layer RefuseMirror, FailMirror, FailCreate and SetMirrorProgress. Any

@@ -333,5 +333,6 @@ func (p *Pair) dstExit() {
 		return
 	}
 	p.mig.dstDead = true
+	p.deviceLoaded() // its held commands end with it
 	go p.Dst.CloseConns()
 }

@@ -3,6 +3,7 @@ package qemutest
 import (
 	"encoding/json"
 	"fmt"
+	"time"
 
 	"github.com/qmigrate/qmigrate/qmp"
 )
@@ -30,6 +31,10 @@ import (
 //     (9.1+), postcopy-recover, then postcopy-active on both sides when the
 //     destination listens at that address and the link works; back to
 //     postcopy-paused otherwise, or when BreakRecoveries says so.
+//   - Options.DstDeviceLoad: the destination loads the device state for
+//     that long of a working link after postcopy starts; its in-band
+//     commands wait meanwhile (a link lost then holds them until a
+//     recovery), exec-oob ones and events do not.
 //   - KillSrc: the source exits; a destination in postcopy goes to
 //     postcopy-paused (its guest keeps running, stalled on missing pages),
 //     one loading a pre-copy stream exits. KillDst in postcopy leaves the
@@ -48,6 +53,68 @@ type postcopyFaults struct {
 	recoveries   int                 // recoveries that completed
 	pauses       [2]int              // migrate-pause received, by side
 	recoverCalls []qmp.SocketAddress // migrate-recover's addresses
+	// The destination's device state load (Options.DstDeviceLoad): the
+	// time it still needs, and the gate its in-band commands wait on
+	// (non-nil while it loads; closed once loaded).
+	loadLeft time.Duration
+	loading  chan struct{}
+}
+
+// DstLoading reports whether the destination is still loading the device
+// state in postcopy (Options.DstDeviceLoad): its in-band commands wait.
+func (p *Pair) DstLoading() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.pc.loading != nil }
+
+// startDeviceLoad begins the destination's device state load as postcopy
+// starts; without Options.DstDeviceLoad its guest runs at once.
+func (p *Pair) startDeviceLoad() {
+	if p.opt.DstDeviceLoad <= 0 {
+		p.dstRuns()
+		return
+	}
+	p.pc.loadLeft = p.opt.DstDeviceLoad
+	p.pc.loading = make(chan struct{})
+}
+
+// stepDeviceLoad advances the load by dt while the link works (both
+// sides in postcopy-active, no black hole, the destination not frozen).
+func (p *Pair) stepDeviceLoad(dt time.Duration) {
+	m := &p.mig
+	if p.pc.loading == nil || m.status != qmp.StatusPostcopyActive || m.dstStatus != qmp.StatusPostcopyActive || p.rate() == 0 {
+		return
+	}
+	p.pc.loadLeft -= dt
+	if p.pc.loadLeft <= 0 {
+		p.deviceLoaded()
+		p.dstRuns()
+	}
+}
+
+// deviceLoaded ends the load: the held in-band commands run.
+func (p *Pair) deviceLoaded() {
+	if p.pc.loading != nil {
+		close(p.pc.loading)
+		p.pc.loading = nil
+	}
+}
+
+// dstRuns starts the guest on the destination (postcopy).
+func (p *Pair) dstRuns() {
+	if p.mig.dstDead {
+		return
+	}
+	p.Dst.run = "running"
+	p.Dst.Emit("RESUME", nil)
+}
+
+// waitDeviceLoaded is the destination's in-band gate: it waits while the
+// device state loads.
+func (p *Pair) waitDeviceLoaded() {
+	p.mu.Lock()
+	ch := p.pc.loading
+	p.mu.Unlock()
+	if ch != nil {
+		<-ch
+	}
 }
 
 // LinkReset resets the migration stream's connection.

@@ -55,6 +55,17 @@ type Options struct {
 	SrcRunState    string        // "running"
 	// PostcopyRate is the throughput in postcopy (default Throughput).
 	PostcopyRate float64
+	// DstDeviceLoad is how long the destination takes, in postcopy, to
+	// load the device state before its guest runs (RESUME): time with the
+	// link working (0: at once). As in QEMU, whose main thread loads it
+	// and waits there on guest pages only the link brings, the
+	// destination's monitor answers no in-band command meanwhile (they
+	// wait, and are answered once it loaded); exec-oob commands
+	// (migrate-pause, migrate-recover) are answered and MIGRATION events
+	// sent. A link lost in that window holds the in-band commands until a
+	// recovery brings the link back and the load ends. Both versions alike
+	// (7.2 and 10.0 allow migrate-recover and migrate-pause out of band).
+	DstDeviceLoad time.Duration
 	// FailWith makes the migration fail in setup with this error-desc while
 	// the destination stays up (exit-on-error false).
 	FailWith string
@@ -278,6 +289,9 @@ func New(opt Options) *Pair {
 			p.Dst, q.run = q, opt.DstRunState
 		}
 	}
+	if opt.DstDeviceLoad > 0 {
+		p.Dst.SetInBandGate(p.waitDeviceLoaded)
+	}
 	for _, q := range []*QEMU{p.Src, p.Dst} {
 		q.installRunState()
 		q.installConfig()
@@ -347,6 +361,9 @@ func (p *Pair) version(s Side) [3]int {
 func (p *Pair) Close() {
 	p.Thaw(Source)
 	p.Thaw(Destination)
+	p.mu.Lock()
+	p.deviceLoaded()
+	p.mu.Unlock()
 	p.stopRAM()
 	p.Src.Server.Close()
 	p.Dst.Server.Close()
@@ -405,6 +422,7 @@ func (p *Pair) gate(s Side) {
 func (p *Pair) KillDst() {
 	p.mu.Lock()
 	p.mig.dstDead = true
+	p.deviceLoaded() // its held commands end with it
 	p.mu.Unlock()
 	p.Dst.CloseConns()
 }

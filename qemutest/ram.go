@@ -32,7 +32,7 @@ import (
 //     completes its incoming migration, or the Options.LateCancel and
 //     DstFailsLoad endings.
 //   - migrate-start-postcopy: at the next step the source stops, one more
-//     pass, the destination runs.
+//     pass, the destination runs (after Options.DstDeviceLoad).
 //   - cancelling: cancelled, the source resumed if it was running, the
 //     destination exits; a destination gone (KillDst) fails the migration.
 //
@@ -271,6 +271,7 @@ func (p *Pair) step(dt time.Duration) bool {
 		}
 		return false
 	case m.status == qmp.StatusDevice || m.status.Postcopy():
+		p.stepDeviceLoad(dt)
 		return p.stepFinal(dt)
 	}
 	return p.stepActive(dt)
@@ -332,6 +333,11 @@ func (p *Pair) stepFinal(dt time.Duration) bool {
 	}
 	src.run = "postmigrate"
 	p.setStatus(qmp.StatusCompleted)
+	if p.pc.loading != nil {
+		// Every page arrived: the load waits for nothing more.
+		p.deviceLoaded()
+		p.dstRuns()
+	}
 	if p.opt.DstFailsLoad {
 		p.dstExit()
 		return true
@@ -364,8 +370,7 @@ func (p *Pair) stepActive(dt time.Duration) bool {
 		p.pass()
 		p.setStatus(qmp.StatusPostcopyActive)
 		p.setDstStatus(qmp.StatusPostcopyActive)
-		p.Dst.run = "running"
-		p.Dst.Emit("RESUME", nil)
+		p.startDeviceLoad()
 	}
 	return false
 }

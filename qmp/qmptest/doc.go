@@ -17,7 +17,9 @@
 //     reply (ErrNoReply), a dropped connection (ErrCloseConn) or any raw
 //     line (Raw). Handlers may call any Server method.
 //   - By default each command runs in its own goroutine (replies out of
-//     order); WithSerial runs in-band commands one at a time as QEMU does.
+//     order); WithSerial runs in-band commands one at a time as QEMU does;
+//     SetInBandGate holds in-band commands (not exec-oob) as a blocked main
+//     thread holds QEMU's.
 //   - Sending never blocks a handler or Emit; events and replies keep their
 //     order per connection.
 //   - Args declares a command's arguments as QEMU's schema does and refuses

@@ -89,6 +89,7 @@ type Server struct {
 	serial     bool
 
 	mu         sync.Mutex
+	inBandGate func() // SetInBandGate
 	handlers   map[string]HandlerFunc
 	conns      map[*conn]struct{}
 	listeners  []net.Listener
@@ -124,6 +125,18 @@ func (s *Server) Handle(command string, h HandlerFunc) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.handlers[command] = h
+}
+
+// SetInBandGate makes every in-band command wait for gate to return before
+// its handler runs (on the command's own goroutine; with WithSerial while
+// holding the connection's turn, so the in-band commands behind it wait
+// too), as QEMU's in-band commands wait while its main thread is blocked.
+// exec-oob commands and qmp_capabilities do not wait, nor do events. nil
+// removes the gate. A gate that blocks must be released before Close.
+func (s *Server) SetInBandGate(gate func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.inBandGate = gate
 }
 
 // Handler returns the handler registered for command (nil when none), so
@@ -535,6 +548,14 @@ func (c *conn) request(req request) {
 		return
 	}
 	run := func() {
+		if !oob {
+			c.s.mu.Lock()
+			gate := c.s.inBandGate
+			c.s.mu.Unlock()
+			if gate != nil {
+				gate()
+			}
+		}
 		res, err := h(req.Arguments)
 		c.finish(req.ID, res, err)
 	}

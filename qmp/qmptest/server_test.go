@@ -140,6 +140,38 @@ func TestServerSerial(t *testing.T) {
 	})
 }
 
+// SetInBandGate holds in-band commands (a blocked main thread); exec-oob
+// and events still go through, and the held commands are answered once the
+// gate opens.
+func TestServerInBandGate(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		s := qmptest.NewServer(qmptest.WithSerial())
+		defer s.Close()
+		open := make(chan struct{})
+		s.SetInBandGate(func() { <-open })
+		s.Handle("query-migrate", qmptest.Return(map[string]any{"status": "postcopy-paused"}))
+		s.Handle("migrate-recover", qmptest.Return(nil))
+		c := newClient(t, s)
+		sub := c.SubscribeNames("MIGRATION")
+		defer sub.Close()
+		answered := make(chan error, 1)
+		go func() { answered <- c.Execute(t.Context(), "query-migrate", nil, nil) }()
+		synctest.Wait()
+		require.NoError(t, c.ExecuteOOB(t.Context(), "migrate-recover", map[string]any{"uri": "tcp:0:1"}, nil))
+		s.Emit("MIGRATION", map[string]any{"status": "postcopy-recover-setup"})
+		ev := <-sub.C
+		assert.Equal(t, "MIGRATION", ev.Name)
+		synctest.Wait()
+		select {
+		case err := <-answered:
+			t.Fatalf("in-band command answered through the gate: %v", err)
+		default:
+		}
+		close(open)
+		assert.NoError(t, <-answered)
+	})
+}
+
 func TestServerOOBNotOffered(t *testing.T) {
 	s := qmptest.NewServer(qmptest.WithCapabilities())
 	defer s.Close()
