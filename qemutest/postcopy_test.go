@@ -67,6 +67,7 @@ func TestDstDeviceLoadHoldsInBand(t *testing.T) {
 				for p.Recoveries() == 0 {
 					time.Sleep(10 * time.Millisecond)
 				}
+				synctest.Wait() // the events sent reach sub
 				assert.Equal(t, qmp.StatusPostcopyActive, lastStatus(sub))
 				assert.True(t, p.DstLoading(), "1.5 s of the load left")
 				info := <-held
