@@ -65,6 +65,13 @@ type Config struct {
 	// DefaultPostcopyStallTimeout (5s).
 	PostcopyStallTimeout time.Duration
 
+	// NoPostcopyPreempt keeps postcopy-preempt off. By default it is on
+	// whenever postcopy is permitted, both QEMUs are 8.0 or newer and
+	// multifd is off (urgent page requests then travel on their own
+	// channel, beside the background stream); this turns it off to compare
+	// (qmbench -no-preempt) or to work around a QEMU whose preempt fails.
+	NoPostcopyPreempt bool
+
 	// MultifdChannels > 0 enables multifd with that many channels on both
 	// sides; 0 means no multifd. Both QEMUs must then have the same -uuid (or
 	// none), which prepare checks.

@@ -72,9 +72,9 @@ const dstProbeGrace = time.Second
 
 // postcopyPreempt reports whether postcopy-preempt is wanted: postcopy
 // permitted, both QEMUs 8.0 or newer (7.2's preempt channel speaks another
-// protocol), and no multifd.
+// protocol), no multifd, and not turned off (Config.NoPostcopyPreempt).
 func (r *run) postcopyPreempt() bool {
-	return r.setup.Postcopy && r.cfg.MultifdChannels == 0 &&
+	return r.setup.Postcopy && r.cfg.MultifdChannels == 0 && !r.cfg.NoPostcopyPreempt &&
 		r.src.Version().AtLeast(8, 0) && r.dst.Version().AtLeast(8, 0)
 }
 

@@ -614,6 +614,18 @@ func TestPostcopyPreempt(t *testing.T) {
 			})
 		})
 	}
+	t.Run("turned off", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			p, cfg := slowPostcopy(t, qemutest.Options{Version: [3]int{10, 0, 2}})
+			cfg.NoPostcopyPreempt = true
+			res, err := engine.Migrate(t.Context(), cfg)
+			require.NoError(t, err)
+			assert.True(t, p.Caps(qemutest.Source)["postcopy-ram"])
+			assert.False(t, p.Caps(qemutest.Source)["postcopy-preempt"], "set off explicitly")
+			assert.False(t, p.Caps(qemutest.Destination)["postcopy-preempt"])
+			assert.Equal(t, engine.StatusCompleted, res.Status)
+		})
+	})
 	t.Run("not without postcopy", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			p, cfg := pair(t, qemutest.Options{})

@@ -49,6 +49,7 @@ type options struct {
 	budget, maxDowntime time.Duration
 	memMiB              int
 	quick, verbose      bool
+	noPreempt           bool // -no-preempt: postcopy-preempt off (engine.Config.NoPostcopyPreempt)
 	noPlots             bool // render only the report (tests)
 }
 
@@ -65,6 +66,7 @@ func main() {
 	flag.IntVar(&o.memMiB, "mem", qemulab.DefaultMemMiB, "guest RAM in MiB")
 	flag.BoolVar(&o.quick, "quick", false, "smoke run: 30 s budget, one calibration round, short baselines")
 	flag.BoolVar(&o.verbose, "v", false, "log QEMU command lines")
+	flag.BoolVar(&o.noPreempt, "no-preempt", false, "keep postcopy-preempt off (it is on by default where both QEMUs are 8.0+): its own section of the report, to compare")
 	flag.StringVar(&o.jsonOut, "json", "", "also write every run's raw results (samples, decisions) to this JSON file")
 	flag.StringVar(&o.baseline, "baseline", "", "with -render: -json files of earlier runs (comma-separated) that the Findings compare auto's runs with, section by section")
 	flag.StringVar(&o.predict, "predict", "", "with -render: TestPredictAccuracy's JSON files (comma-separated), rendered as check --predict against real migrations")
@@ -136,7 +138,7 @@ func run(ctx context.Context, o options) error {
 	logf("QEMU %s (%s)", version, q.Binary)
 
 	rate := o.rateMB * 1e6
-	r := &runner{q: q, memMiB: o.memMiB, budget: o.budget, maxDowntime: o.maxDowntime, warmup: 8 * time.Second, base: 3 * time.Second, logf: logf, verbose: o.verbose, waits: map[int]time.Duration{}}
+	r := &runner{q: q, memMiB: o.memMiB, budget: o.budget, maxDowntime: o.maxDowntime, noPreempt: o.noPreempt, warmup: 8 * time.Second, base: 3 * time.Second, logf: logf, verbose: o.verbose, waits: map[int]time.Duration{}}
 	rounds := 5
 	if o.quick {
 		r.budget, r.warmup, r.base, rounds = 30*time.Second, 4*time.Second, 1500*time.Millisecond, 1
@@ -157,7 +159,7 @@ func run(ctx context.Context, o options) error {
 
 	rp := &report{
 		Version: version, Command: "go run ./cmd/qmbench " + strings.Join(os.Args[1:], " "), Date: time.Now(),
-		Rate: rate, Budget: r.budget, MaxDowntime: o.maxDowntime, MemMiB: o.memMiB, Calib: map[string]float64{},
+		Rate: rate, Budget: r.budget, MaxDowntime: o.maxDowntime, NoPreempt: o.noPreempt, MemMiB: o.memMiB, Calib: map[string]float64{},
 		RAMKiB: q.RAMBytes(qemulab.Config{MemMiB: o.memMiB}) >> 10,
 		Host:   fmt.Sprintf("%d cores, %s/%s", runtime.NumCPU(), runtime.GOOS, runtime.GOARCH),
 	}

@@ -255,7 +255,9 @@ type report struct {
 	// MaxDowntime is every run's downtime ceiling (0 in files written
 	// before -max-downtime: defaultMaxDowntime).
 	MaxDowntime time.Duration `json:",omitempty"`
-	MemMiB      int
+	// NoPreempt: run with -no-preempt (postcopy-preempt kept off).
+	NoPreempt bool `json:",omitempty"`
+	MemMiB    int
 	// RAMKiB is the guest RAM QEMU was given (-m): qemulab adds 8 KiB to
 	// a TCG guest on QEMU before 9.0 (0 in files written before it was
 	// recorded).
@@ -280,7 +282,7 @@ type sourceFile struct {
 // so that their runs belong in one section.
 func (rp *report) sameConfig(o *report) bool {
 	return rp.Version == o.Version && rp.Rate == o.Rate && rp.maxDowntime() == o.maxDowntime() &&
-		rp.Budget == o.Budget && rp.MemMiB == o.MemMiB
+		rp.Budget == o.Budget && rp.MemMiB == o.MemMiB && rp.NoPreempt == o.NoPreempt
 }
 
 // defaultRate is -rate's default, in bytes/s.
@@ -289,18 +291,26 @@ const defaultRate = 32e6
 // configSuffix tells a section of a non-default configuration apart ("" for
 // the default one).
 func (rp *report) configSuffix() string {
-	if rp.Rate == defaultRate && rp.maxDowntime() == defaultMaxDowntime && rp.Budget == time.Minute {
-		return ""
+	pre := ""
+	if rp.NoPreempt {
+		pre = "-nopreempt"
 	}
-	return fmt.Sprintf("-%.0fMBps-%dms-%.0fs", rp.Rate/1e6, rp.maxDowntime().Milliseconds(), rp.Budget.Seconds())
+	if rp.Rate == defaultRate && rp.maxDowntime() == defaultMaxDowntime && rp.Budget == time.Minute {
+		return pre
+	}
+	return fmt.Sprintf("-%.0fMBps-%dms-%.0fs%s", rp.Rate/1e6, rp.maxDowntime().Milliseconds(), rp.Budget.Seconds(), pre)
 }
 
 // sectionID names the section in the report's markers.
 func (rp *report) sectionID() string {
-	if rp.configSuffix() == "" {
-		return rp.Version
+	pre := ""
+	if rp.NoPreempt {
+		pre = ", postcopy-preempt off"
 	}
-	return fmt.Sprintf("%s, link %s, ceiling %d ms, budget %v", rp.Version, rateStr(rp.Rate), rp.maxDowntime().Milliseconds(), rp.Budget)
+	if rp.Rate == defaultRate && rp.maxDowntime() == defaultMaxDowntime && rp.Budget == time.Minute {
+		return rp.Version + pre
+	}
+	return fmt.Sprintf("%s, link %s, ceiling %d ms, budget %v%s", rp.Version, rateStr(rp.Rate), rp.maxDowntime().Milliseconds(), rp.Budget, pre)
 }
 
 // plotBase is the file name, without extension, of a scenario's and

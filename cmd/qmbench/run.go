@@ -88,6 +88,7 @@ type runner struct {
 	net                 *qemulab.Network
 	memMiB              int
 	budget, maxDowntime time.Duration
+	noPreempt           bool
 	warmup              time.Duration // how long a freshly booted guest runs before the baseline (at most)
 	base                time.Duration // baseline measurement window
 	logf                func(format string, args ...any)
@@ -342,6 +343,8 @@ func (r *runner) run(ctx context.Context, sc scenario, prof profile, policy stri
 		Destination: engine.Endpoint{Client: dst.QMP},
 		URI:         fmt.Sprintf("tcp:%s:4444", r.net.B.Addr),
 		Strategy:    strategyConfig(policy, prof, r.budget, r.maxDowntime),
+		// NoPostcopyPreempt: -no-preempt.
+		NoPostcopyPreempt: r.noPreempt,
 		Observer: func(e engine.Event) {
 			switch e.Kind {
 			case engine.EventStats:
