@@ -67,6 +67,9 @@ func (r *run) converge(ctx context.Context) error {
 			case <-grace.C:
 			}
 			grace.Stop()
+			if err := r.postcopyStartFailed(ctx, info); err != nil {
+				return err
+			}
 			if r.dst.Err() != nil {
 				return r.dstGone("incoming migration: source reports " + info.ErrorDesc)
 			}
@@ -196,6 +199,41 @@ func orUnknown(s string) string {
 		return "QEMU gave no error-desc"
 	}
 	return s
+}
+
+// postcopyStartFailed handles a source whose migration failed in stage
+// postcopy before any loss of its link: once postcopy runs, QEMU pauses it
+// on a stream error instead, so a failure there is postcopy's start
+// failing (the destination dying as it starts, CI's 7.2 run), before the
+// destination could run the guest; QEMU then resumes the guest on the
+// source if it ran before. Found running there, with the destination gone
+// or not running it, the guest's latest state is on the source: the stage
+// goes back to pre-copy and the migration is rolled back as any failure
+// before the switchover (nil: the caller reports the failure). Otherwise
+// nothing is assumed: the error says what was seen.
+func (r *run) postcopyStartFailed(ctx context.Context, info *qmp.MigrationInfo) error {
+	if r.stage != stagePostcopy || r.been(stagePostcopyPaused) {
+		return nil
+	}
+	st, err := ask(r, ctx, SideSource, "query-status", r.src.QueryStatus)
+	if err != nil {
+		return r.postcopyCallErr(ctx, SideSource, "query-status", err)
+	}
+	why := fmt.Errorf("%w: postcopy failed as it started: %s", ErrMigrationFailed, orUnknown(info.ErrorDesc))
+	if !st.Running {
+		return r.errorf(SideSource, "postcopy", fmt.Errorf("%w; the source's guest is %s, not resumed by QEMU: it is left as it is (the destination may have run the guest)", why, st.Status))
+	}
+	if r.dst.Err() == nil {
+		dst, err := ask(r, ctx, SideDestination, "query-status", r.dst.QueryStatus)
+		if err != nil || dst.Running {
+			r.res.StateUnknown = true
+			return r.errorf(SideDestination, "postcopy", fmt.Errorf("%w; QEMU resumed the guest on the source, and the destination %s: check both QEMUs", why, map[bool]string{true: "runs it too", false: "did not answer"}[err == nil]))
+		}
+	}
+	r.log.Warn("postcopy failed as it started, before the destination ran the guest; QEMU resumed it on the source: rolling back", "desc", info.ErrorDesc)
+	r.revert(stagePostcopy)
+	r.res.Undone = append(r.res.Undone, "source: guest resumed by QEMU (postcopy failed as it started, before the destination ran it)")
+	return nil
 }
 
 // dstGone is the error for a destination that died mid-migration. A

@@ -660,6 +660,9 @@ func migrationStatus(ev qmp.Event) qmp.MigrationStatus {
 func (r *run) lostSide() error {
 	switch {
 	case r.dst.Err() != nil:
+		if handled, err := r.dstGoneAtPostcopyStart(); handled {
+			return err
+		}
 		r.res.Lost = GuestLost
 		return r.errorf(SideDestination, "postcopy", fmt.Errorf("%w: %w: %w: %w", ErrPostcopyFailed, ErrGuestLost, ErrDestinationGone, r.dst.Err()))
 	case r.src.Err() != nil:
@@ -667,6 +670,46 @@ func (r *run) lostSide() error {
 		return r.errorf(SideSource, "postcopy", fmt.Errorf("%w: %w: %w: %w", ErrPostcopyFailed, ErrPagesLost, ErrSourceGone, r.src.Err()))
 	}
 	return nil
+}
+
+// postcopyStartWait is how long a source still in postcopy-active is
+// watched, once the destination went away before any loss, for the
+// failure that says postcopy's start failed.
+const postcopyStartWait = time.Second
+
+// dstGoneAtPostcopyStart tells a destination that went away as postcopy
+// started, before it ran the guest, from one that went away running it:
+// QEMU fails the source's migration in the first case (and resumes its
+// guest), pauses it in the second. The source is read for up to
+// postcopyStartWait while it still reports postcopy-active. handled: the
+// start failed, err is the rollback's cause (postcopyStartFailed) or what
+// it found instead; not handled: the guest is lost, as lostSide says.
+func (r *run) dstGoneAtPostcopyStart() (handled bool, err error) {
+	if r.stage != stagePostcopy || r.been(stagePostcopyPaused) || r.src.Err() != nil {
+		return false, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), postcopyStartWait+r.cfg.unresponsiveTimeout())
+	defer cancel()
+	until := time.Now().Add(postcopyStartWait)
+	for {
+		info, qerr := ask(r, ctx, SideSource, "query-migrate", r.src.QueryMigrate)
+		if qerr != nil {
+			return false, nil
+		}
+		switch {
+		case info.Status == qmp.StatusFailed:
+			if err := r.postcopyStartFailed(ctx, info); err != nil {
+				return true, err
+			}
+			if r.stage.postcopy() {
+				return false, nil
+			}
+			return true, r.dstGone("postcopy start")
+		case info.Status != qmp.StatusPostcopyActive || !time.Now().Before(until):
+			return false, nil
+		}
+		time.Sleep(r.recoveryPoll())
+	}
 }
 
 // postcopyCallErr classifies a failed command in postcopy: a QEMU gone

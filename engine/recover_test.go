@@ -381,6 +381,32 @@ func TestRecoverHeldHandshake(t *testing.T) {
 	})
 }
 
+// The destination killed as postcopy starts, before it ran the guest (the
+// CI's 7.2 run: the source's migration failed instead of pausing): QEMU
+// resumed the guest on the source, so the migration is rolled back as one
+// that failed before the switchover, not reported as a postcopy failure.
+func TestPostcopyStartFailsRollsBack(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := slowPostcopy(t, qemutest.Options{Version: [3]int{7, 2, 22}})
+		p.KillDstAtPostcopyStart()
+		var rec recorder
+		cfg.Observer = rec.observe
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.Error(t, err)
+		t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
+		assert.ErrorIs(t, err, engine.ErrMigrationFailed)
+		assert.ErrorIs(t, err, engine.ErrDestinationGone)
+		assert.NotErrorIs(t, err, engine.ErrPostcopyFailed, "postcopy never took over")
+		assert.Equal(t, engine.StatusFailed, res.Status)
+		assert.Empty(t, res.Lost)
+		assert.False(t, res.StateUnknown)
+		assert.Equal(t, "running", p.SrcRunState(), "the guest runs on the source")
+		assert.Contains(t, res.Undone, "source: guest resumed by QEMU (postcopy failed as it started, before the destination ran it)")
+		assert.False(t, p.Caps(qemutest.Source)["postcopy-ram"], "the source's capabilities restored")
+		assert.Empty(t, p.Src.CallsOf("migrate_cancel"))
+	})
+}
+
 // The destination QEMU killed in postcopy: the guest is lost. A typed error
 // at once, naming the destination; the source is left as it is (paused,
 // never resumed, never cancelled).

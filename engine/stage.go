@@ -164,8 +164,9 @@ func (r *run) enter(t stage) {
 }
 
 // revert takes back a lever's stage that QEMU refused (stop, or
-// migrate-start-postcopy answered with an error: nothing happened), back to
-// pre-copy, as if it had never been entered.
+// migrate-start-postcopy answered with an error: nothing happened), or a
+// postcopy whose start failed before the destination ran the guest
+// (postcopyStartFailed), back to pre-copy, as if it had never been entered.
 func (r *run) revert(from stage) {
 	if r.stage != from || (from != stagePaused && from != stagePostcopy) {
 		panic(fmt.Sprintf("engine: revert of stage %s in stage %s", from, r.stage))

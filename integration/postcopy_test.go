@@ -36,6 +36,7 @@ func TestPostcopyFaults(t *testing.T) {
 	t.Run("LostDuringHandshake", func(t *testing.T) { testPostcopyLinkFault(t, q, v, "handshake", 1) })
 	t.Run("DestinationKilled", func(t *testing.T) { testPostcopyKilled(t, q, engine.SideDestination) })
 	t.Run("SourceKilled", func(t *testing.T) { testPostcopyKilled(t, q, engine.SideSource) })
+	t.Run("DestinationKilledAtStart", func(t *testing.T) { testPostcopyKilledAtStart(t, q) })
 	t.Run("CLIGuestLost", func(t *testing.T) { testPostcopyCLIGuestLost(t, q) })
 	t.Run("PostcopyBandwidth", func(t *testing.T) { testPostcopyBandwidth(t, q) })
 }
@@ -310,6 +311,54 @@ func testPostcopyKilled(t *testing.T, q *qemulab.QEMU, side engine.Side) {
 		require.NoError(t, err)
 		assert.NotEqual(t, "running", st.Status, "the source is never resumed")
 	}
+}
+
+// The destination killed at postcopy's first sample, perhaps before it ran
+// the guest. Either QEMU failed postcopy's start (the source's migration
+// failed and QEMU resumed its guest: the engine rolls back, the guest
+// intact on the source) or postcopy had taken over (the source paused:
+// guest lost). Whichever happened, the engine's report matches the source
+// QEMU's state.
+func testPostcopyKilledAtStart(t *testing.T, q *qemulab.QEMU) {
+	src, dst := enginePair(t, q, 500e6, true, "")
+	p := newLinkProxy(t)
+	cfg := postcopyConfig(t, src, dst, p)
+	killed := false
+	cfg.Observer = func(e engine.Event) {
+		if !killed && e.Kind == engine.EventStats && e.Stats.Status == string(qmp.StatusPostcopyActive) {
+			killed = true
+			t.Logf("killing the destination at the first postcopy sample, %d bytes left", e.Stats.RemainingBytes)
+			dst.Kill()
+		}
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	res, err := engine.Migrate(ctx, cfg)
+	require.True(t, killed, "postcopy seen")
+	require.Error(t, err)
+	t.Logf("ended: %v (lost %q, undone %q)", err, res.Lost, res.Undone)
+	assert.False(t, res.StateUnknown)
+	info, qerr := src.QMP.QueryMigrate(ctx)
+	require.NoError(t, qerr, "the source is left alive")
+	st, qerr := src.QMP.QueryStatus(ctx)
+	require.NoError(t, qerr)
+	if errors.Is(err, engine.ErrPostcopyFailed) {
+		t.Logf("postcopy had taken over: the source %s, migration %s", st.Status, info.Status)
+		assert.ErrorIs(t, err, engine.ErrGuestLost)
+		assert.Equal(t, engine.GuestLost, res.Lost)
+		assert.True(t, info.Status.Postcopy(), "the source left in postcopy (%s)", info.Status)
+		assert.False(t, st.Running, "the source never resumed")
+		return
+	}
+	t.Logf("postcopy's start failed: the source %s, migration %s", st.Status, info.Status)
+	assert.ErrorIs(t, err, engine.ErrMigrationFailed)
+	assert.ErrorIs(t, err, engine.ErrDestinationGone)
+	assert.Equal(t, engine.StatusFailed, res.Status)
+	assert.Empty(t, res.Lost)
+	assert.Equal(t, qmp.StatusFailed, info.Status)
+	assert.True(t, st.Running, "the guest runs on the source")
+	_, err = qemulab.CheckSweep(ctx, nil, src.QMP, qemulab.SweepCheckOptions{})
+	require.NoError(t, err, "the guest intact on the source")
 }
 
 // The CLI: a destination killed in postcopy is exit 1 with

@@ -35,6 +35,10 @@ import (
 //     that long of a working link after postcopy starts; its in-band
 //     commands wait meanwhile (a link lost then holds them until a
 //     recovery), exec-oob ones and events do not.
+//   - KillDstAtPostcopyStart: the destination exits as postcopy starts,
+//     before it runs the guest: the source reports postcopy-active for a
+//     step, then its postcopy start fails (failed, not postcopy-paused) and
+//     QEMU resumes its guest if it ran before (7.2, CI).
 //   - KillSrc: the source exits; a destination in postcopy goes to
 //     postcopy-paused (its guest keeps running, stalled on missing pages),
 //     one loading a pre-copy stream exits. KillDst in postcopy leaves the
@@ -50,6 +54,8 @@ type postcopyFaults struct {
 	resumeTicks  int                 // steps the resume handshake has been going
 	breakNext    int                 // recoveries still to break (BreakRecoveries)
 	failListen   int                 // migrate-recover binds still to fail (FailRecoverListen)
+	killAtStart  bool                // KillDstAtPostcopyStart armed
+	startFails   bool                // postcopy's start fails at the next step
 	recoveries   int                 // recoveries that completed
 	pauses       [2]int              // migrate-pause received, by side
 	recoverCalls []qmp.SocketAddress // migrate-recover's addresses
@@ -127,6 +133,10 @@ func (p *Pair) LinkBlackHole(on bool) { p.mu.Lock(); p.pc.blackHole = on; p.mu.U
 // BreakRecoveries makes the next n recovery handshakes fail half-way (in
 // postcopy-recover): both sides fall back to postcopy-paused.
 func (p *Pair) BreakRecoveries(n int) { p.mu.Lock(); p.pc.breakNext = n; p.mu.Unlock() }
+
+// KillDstAtPostcopyStart makes the destination exit as postcopy starts,
+// before it runs the guest: the source's postcopy start fails.
+func (p *Pair) KillDstAtPostcopyStart() { p.mu.Lock(); p.pc.killAtStart = true; p.mu.Unlock() }
 
 // FailRecoverListen makes the next n migrate-recover commands fail to
 // bind their port ("Address already in use").
@@ -278,6 +288,11 @@ func (p *Pair) resume(sa qmp.SocketAddress) (any, error) {
 // recovering states; handled says step has nothing more to do.
 func (p *Pair) stepPostcopyFault() (handled bool) {
 	m, pc := &p.mig, &p.pc
+	if pc.startFails {
+		pc.startFails = false
+		p.fail("Unable to write to socket: Broken pipe")
+		return true
+	}
 	if pc.reset && m.status.Postcopy() {
 		pc.reset = false
 		p.pausePostcopy(true, true)

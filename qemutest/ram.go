@@ -369,6 +369,12 @@ func (p *Pair) stepActive(dt time.Duration) bool {
 		p.switchover()
 		p.pass()
 		p.setStatus(qmp.StatusPostcopyActive)
+		if p.pc.killAtStart {
+			p.pc.killAtStart, p.pc.startFails = false, true
+			p.mig.dstDead = true
+			go p.Dst.CloseConns()
+			return false
+		}
 		p.setDstStatus(qmp.StatusPostcopyActive)
 		p.startDeviceLoad()
 	}
