@@ -202,15 +202,16 @@ func orUnknown(s string) string {
 }
 
 // postcopyStartFailed handles a source whose migration failed in stage
-// postcopy before any loss of its link: once postcopy runs, QEMU pauses it
-// on a stream error instead, so a failure there is postcopy's start
-// failing (the destination dying as it starts, CI's 7.2 run), before the
-// destination could run the guest; QEMU then resumes the guest on the
-// source if it ran before. Found running there, with the destination gone
-// or not running it, the guest's latest state is on the source: the stage
-// goes back to pre-copy and the migration is rolled back as any failure
-// before the switchover (nil: the caller reports the failure). Otherwise
-// nothing is assumed: the error says what was seen.
+// postcopy before any loss of its link (postcopy running, QEMU pauses it
+// on a stream error instead): postcopy's start failed, the destination
+// dying as it started (CI's 7.2 run). Found running there (QEMU resumed
+// it), with the destination gone or not running the guest, the guest's
+// latest state is on the source: the stage goes back to pre-copy and the
+// migration is rolled back as any failure before the switchover (nil: the
+// caller reports the failure). Found stopped, as 7.2 leaves it, with the
+// destination gone: the guest is lost as in postcopy (the destination may
+// have run it; the source is never resumed). Otherwise nothing is assumed:
+// the error says what was seen.
 func (r *run) postcopyStartFailed(ctx context.Context, info *qmp.MigrationInfo) error {
 	if r.stage != stagePostcopy || r.been(stagePostcopyPaused) {
 		return nil
@@ -221,6 +222,15 @@ func (r *run) postcopyStartFailed(ctx context.Context, info *qmp.MigrationInfo) 
 	}
 	why := fmt.Errorf("%w: postcopy failed as it started: %s", ErrMigrationFailed, orUnknown(info.ErrorDesc))
 	if !st.Running {
+		if r.dst.Err() != nil {
+			// Measured on 7.2 (3 of 4 kills at postcopy's first sample):
+			// the source's guest left stopped (postmigrate). Whether the
+			// destination ran it before it died cannot be told: the source
+			// is never resumed, as for any guest lost in postcopy.
+			r.res.Lost = GuestLost
+			return r.errorf(SideDestination, "postcopy", fmt.Errorf("%w: %w: %w as postcopy started; QEMU failed the source's migration (%s) and left its guest %s, with its state of the switchover (the destination may have run the guest): %w",
+				ErrPostcopyFailed, ErrGuestLost, ErrDestinationGone, orUnknown(info.ErrorDesc), st.Status, r.dst.Err()))
+		}
 		return r.errorf(SideSource, "postcopy", fmt.Errorf("%w; the source's guest is %s, not resumed by QEMU: it is left as it is (the destination may have run the guest)", why, st.Status))
 	}
 	if r.dst.Err() == nil {

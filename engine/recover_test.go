@@ -381,14 +381,37 @@ func TestRecoverHeldHandshake(t *testing.T) {
 	})
 }
 
-// The destination killed as postcopy starts, before it ran the guest (the
-// CI's 7.2 run: the source's migration failed instead of pausing): QEMU
-// resumed the guest on the source, so the migration is rolled back as one
-// that failed before the switchover, not reported as a postcopy failure.
+// The destination killed as postcopy starts (the CI's 7.2 run: the
+// source's migration failed instead of pausing), its guest left stopped, as
+// 7.2 does: the guest is lost as in postcopy, typed, the source never
+// resumed (the destination may have run the guest).
+func TestPostcopyStartFailsGuestLost(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := slowPostcopy(t, qemutest.Options{Version: [3]int{7, 2, 22}})
+		p.KillDstAtPostcopyStart(false)
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.Error(t, err)
+		t.Log(err)
+		assert.ErrorIs(t, err, engine.ErrPostcopyFailed)
+		assert.ErrorIs(t, err, engine.ErrGuestLost)
+		assert.ErrorIs(t, err, engine.ErrDestinationGone)
+		var ee *engine.Error
+		require.ErrorAs(t, err, &ee)
+		assert.Equal(t, engine.SideDestination, ee.Side)
+		assert.Equal(t, engine.GuestLost, res.Lost)
+		assert.Equal(t, "postmigrate", p.SrcRunState(), "the source never resumed")
+		assert.Empty(t, p.Src.CallsOf("cont"))
+		assert.Empty(t, p.Src.CallsOf("migrate_cancel"))
+	})
+}
+
+// The same with the source's guest running again after the failed start
+// (not seen on real QEMU): its latest state is there, so the migration is
+// rolled back as one that failed before the switchover.
 func TestPostcopyStartFailsRollsBack(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		p, cfg := slowPostcopy(t, qemutest.Options{Version: [3]int{7, 2, 22}})
-		p.KillDstAtPostcopyStart()
+		p.KillDstAtPostcopyStart(true)
 		var rec recorder
 		cfg.Observer = rec.observe
 		res, err := engine.Migrate(t.Context(), cfg)
