@@ -412,8 +412,6 @@ func TestPostcopyStartFailsRollsBack(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		p, cfg := slowPostcopy(t, qemutest.Options{Version: [3]int{7, 2, 22}})
 		p.KillDstAtPostcopyStart(true)
-		var rec recorder
-		cfg.Observer = rec.observe
 		res, err := engine.Migrate(t.Context(), cfg)
 		require.Error(t, err)
 		t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)

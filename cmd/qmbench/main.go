@@ -298,6 +298,7 @@ func render(o options) error {
 	var b strings.Builder
 	b.WriteString(docHeaderFor(renderCommand(o)))
 	b.WriteString(findings(groups))
+	b.WriteString(preemptFindings(groups))
 	if o.baseline != "" {
 		base, err := loadGroups(strings.Split(o.baseline, ","))
 		if err != nil {

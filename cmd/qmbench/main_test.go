@@ -269,9 +269,15 @@ func TestRenderRerunReplaces(t *testing.T) {
 // The committed report is what its own first lines' command renders from
 // the committed results, byte for byte, prose included.
 func TestCommittedReportReproduces(t *testing.T) {
+	for _, report := range []string{defaultOut, "docs/preempt.md"} {
+		t.Run(report, func(t *testing.T) { committedReportReproduces(t, report) })
+	}
+}
+
+func committedReportReproduces(t *testing.T, report string) {
 	root, err := filepath.Abs("../..")
 	require.NoError(t, err)
-	want, err := os.ReadFile(filepath.Join(root, defaultOut))
+	want, err := os.ReadFile(filepath.Join(root, report))
 	require.NoError(t, err)
 	var cmd string
 	for _, l := range strings.SplitN(string(want), "\n", 12) {
@@ -282,7 +288,7 @@ func TestCommittedReportReproduces(t *testing.T) {
 	}
 	require.NotEmpty(t, cmd, "the report's first lines give the command that re-renders it")
 	args := strings.Fields(strings.TrimPrefix(cmd, "go run ./cmd/qmbench "))
-	require.True(t, len(args)%2 == 0 && args[0] == "-render", "-render FILES [-baseline FILES] [-predict FILES]: the default -out and -plots: %q", args)
+	require.True(t, len(args)%2 == 0 && args[0] == "-render", "-render FILES [-baseline FILES] [-predict FILES] [-out FILE -plots DIR]: %q", args)
 	o := options{out: defaultOut, plots: defaultPlots, noPlots: true}
 	for i := 0; i < len(args); i += 2 {
 		switch args[i] {
@@ -292,10 +298,15 @@ func TestCommittedReportReproduces(t *testing.T) {
 			o.baseline = args[i+1]
 		case "-predict":
 			o.predict = args[i+1]
+		case "-out":
+			o.out = args[i+1]
+		case "-plots":
+			o.plots = args[i+1]
 		default:
-			t.Fatalf("the report's command has %s: only -render, -baseline and -predict", args[i])
+			t.Fatalf("the report's command has %s: only -render, -baseline, -predict, -out and -plots", args[i])
 		}
 	}
+	require.Equal(t, report, o.out, "the command renders this report")
 
 	// Render as that command would in a checkout: docs/results read from
 	// this one, the report and plots written to a copy of its layout.
@@ -306,10 +317,10 @@ func TestCommittedReportReproduces(t *testing.T) {
 	// The plots take a minute under -race: drawn by TestPlots, here only
 	// their links are checked against the committed ones.
 	require.NoError(t, run(t.Context(), o))
-	got, err := os.ReadFile(defaultOut)
+	got, err := os.ReadFile(o.out)
 	require.NoError(t, err)
 	if string(got) != string(want) {
-		t.Errorf("%s differs from what its command renders:\n%s", defaultOut, lineDiff(string(want), string(got)))
+		t.Errorf("%s differs from what its command renders:\n%s", report, lineDiff(string(want), string(got)))
 	}
 	// Every plot the report links to is committed.
 	links := regexp.MustCompile(`\]\((plots/[^)]+)\)`).FindAllStringSubmatch(string(got), -1)
@@ -339,4 +350,23 @@ func lineDiff(want, got string) string {
 		}
 	}
 	return b.String()
+}
+
+// The preempt comparison: medians over every postcopy run of the two
+// sections that differ only in -no-preempt; nothing without such a pair.
+func TestPreemptFindings(t *testing.T) {
+	run := func(total, at time.Duration, base, during float64) *runResult {
+		return &runResult{Scenario: "10x", Profile: "postcopy", Policy: "auto", Status: "completed", Postcopy: true,
+			Total: total, Downtime: 40 * time.Millisecond, BaseRate: base, DuringRate: during,
+			Decisions: []strategy.Decision{{Action: strategy.StartPostcopy, At: at}}}
+	}
+	on := &report{Version: "10.0.2", Rate: 32e6, Budget: time.Minute, MemMiB: 150,
+		All: []*runResult{run(7*time.Second, 3*time.Second, 100e6, 70e6), run(9*time.Second, 3*time.Second, 100e6, 50e6), {Scenario: "10x", Profile: "postcopy", Policy: "auto", Status: "aborted"}}}
+	off := &report{Version: "10.0.2", Rate: 32e6, Budget: time.Minute, MemMiB: 150, NoPreempt: true,
+		All: []*runResult{run(8*time.Second, 3*time.Second, 100e6, 60e6)}}
+	assert.Empty(t, preemptFindings([]*report{on}))
+	s := preemptFindings([]*report{on, off})
+	t.Log(s)
+	assert.Contains(t, s, "QEMU 10.0.2: 2 and 1 runs in postcopy.")
+	assert.Contains(t, s, "| 10x / postcopy | auto | 2 / 1 | 8.0 s [7.0–9.0 s] / 8.0 s | 5.0 s [4.0–6.0 s] / 5.0 s | 40 % [30–50 %] / 40 % | 3.3 s [2.1–4.5 s] / 3.2 s | 40 ms [40–40 ms] / 40 ms |")
 }
