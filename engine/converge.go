@@ -216,9 +216,18 @@ func (r *run) postcopyStartFailed(ctx context.Context, info *qmp.MigrationInfo) 
 	if r.stage != stagePostcopy || r.been(stagePostcopyPaused) {
 		return nil
 	}
+	ctx = context.WithoutCancel(ctx) // a cancel changes nothing here
 	st, err := ask(r, ctx, SideSource, "query-status", r.src.QueryStatus)
 	if err != nil {
-		return r.postcopyCallErr(ctx, SideSource, "query-status", err)
+		// Not postcopyCallErr: it may ask lostSide, which led here.
+		return r.errorf(SideSource, "query-status", fmt.Errorf("%w: after postcopy failed as it started: %w", ErrPostcopyFailed, err))
+	}
+	// The destination's RESUME, queued or seen, says it ran the guest.
+	r.drain(SideDestination, r.dstSub)
+	if r.dstAt == dstRan {
+		r.res.StateUnknown = true
+		return r.errorf(SideDestination, "postcopy", fmt.Errorf("%w: %w: the source's migration failed (%s) after the destination ran the guest; the source's guest is %s: check both QEMUs (the two copies diverged)",
+			ErrPostcopyFailed, ErrMigrationFailed, orUnknown(info.ErrorDesc), st.Status))
 	}
 	why := fmt.Errorf("%w: postcopy failed as it started: %s", ErrMigrationFailed, orUnknown(info.ErrorDesc))
 	if !st.Running {
@@ -237,7 +246,7 @@ func (r *run) postcopyStartFailed(ctx context.Context, info *qmp.MigrationInfo) 
 		dst, err := ask(r, ctx, SideDestination, "query-status", r.dst.QueryStatus)
 		if err != nil || dst.Running {
 			r.res.StateUnknown = true
-			return r.errorf(SideDestination, "postcopy", fmt.Errorf("%w; QEMU resumed the guest on the source, and the destination %s: check both QEMUs", why, map[bool]string{true: "runs it too", false: "did not answer"}[err == nil]))
+			return r.errorf(SideDestination, "postcopy", fmt.Errorf("%w: %w; QEMU resumed the guest on the source, and the destination %s: check both QEMUs", ErrPostcopyFailed, why, map[bool]string{true: "runs it too", false: "did not answer"}[err == nil]))
 		}
 	}
 	r.log.Warn("postcopy failed as it started, before the destination ran the guest; QEMU resumed it on the source: rolling back", "desc", info.ErrorDesc)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -94,6 +95,9 @@ type postcopyWatch struct {
 	// and the destination is not paused under it (that cut it for good in
 	// the 7.2 CI run's black hole: the source hung in postcopy-recover).
 	stuckRecover bool
+	// startCheck: dstGoneAtPostcopyStart is under way (it is not entered
+	// again from within).
+	startCheck bool
 	// dstEv is the status of the destination's last MIGRATION event.
 	dstEv qmp.MigrationStatus
 	// probe is the destination's in-band query-migrate in flight (nil
@@ -216,6 +220,9 @@ func (r *run) recoverPostcopy(ctx context.Context, why string) error {
 				return r.gaveUp(attempt-1, r.errorf(SideSource, "recover", fmt.Errorf("%w: %w: no recovery within %v: the source is held in postcopy-recover by a resume handshake that never completed (QEMU %s cannot pause it there); the last attempt: %s", ErrPostcopyFailed, ErrRecoveryFailed, max(budget, 0), r.src.Version(), last)), lostAt)
 			}
 			r.log.Info("the source's resume handshake is still under way: waiting for it", "attempt", attempt-1)
+			if _, err = r.watchFor(ctx, r.recoveryPoll()); err != nil {
+				break
+			}
 			done, err = r.pauseBoth(ctx, true)
 		}
 		if err != nil {
@@ -672,9 +679,10 @@ func (r *run) lostSide() error {
 	return nil
 }
 
-// postcopyStartWait is how long a source still in postcopy-active is
-// watched, once the destination went away before any loss, for the
-// failure that says postcopy's start failed.
+// postcopyStartWait is how long a source still in pre-copy, device or
+// postcopy-active is watched, once the destination went away in stage
+// postcopy before any loss, for the failure that says postcopy's start
+// failed (or never took effect: QEMU had not switched yet).
 const postcopyStartWait = time.Second
 
 // dstGoneAtPostcopyStart tells a destination that went away as postcopy
@@ -685,9 +693,11 @@ const postcopyStartWait = time.Second
 // start failed, err is the rollback's cause (postcopyStartFailed) or what
 // it found instead; not handled: the guest is lost, as lostSide says.
 func (r *run) dstGoneAtPostcopyStart() (handled bool, err error) {
-	if r.stage != stagePostcopy || r.been(stagePostcopyPaused) || r.src.Err() != nil {
+	if r.stage != stagePostcopy || r.been(stagePostcopyPaused) || r.src.Err() != nil || r.pc.startCheck {
 		return false, nil
 	}
+	r.pc.startCheck = true // not again from within (postcopyCallErr asks lostSide)
+	defer func() { r.pc.startCheck = false }()
 	ctx, cancel := context.WithTimeout(context.Background(), postcopyStartWait+r.cfg.unresponsiveTimeout())
 	defer cancel()
 	until := time.Now().Add(postcopyStartWait)
@@ -705,7 +715,9 @@ func (r *run) dstGoneAtPostcopyStart() (handled bool, err error) {
 				return false, nil
 			}
 			return true, r.dstGone("postcopy start")
-		case info.Status != qmp.StatusPostcopyActive || !time.Now().Before(until):
+		case !slices.Contains([]qmp.MigrationStatus{qmp.StatusActive, qmp.StatusDevice, qmp.StatusPostcopyDevice, qmp.StatusPostcopyActive}, info.Status) ||
+			!time.Now().Before(until):
+			// Paused (postcopy had taken over), or still undecided.
 			return false, nil
 		}
 		time.Sleep(r.recoveryPoll())
