@@ -666,6 +666,8 @@ func migrationStatus(ev qmp.Event) qmp.MigrationStatus {
 // there): the destination first (the guest ran there).
 func (r *run) lostSide() error {
 	switch {
+	case r.dst.Err() != nil && r.src.Err() != nil:
+		return r.bothGone()
 	case r.dst.Err() != nil:
 		if handled, err := r.dstGoneAtPostcopyStart(); handled {
 			return err
@@ -673,11 +675,32 @@ func (r *run) lostSide() error {
 		r.res.Lost = GuestLost
 		return r.errorf(SideDestination, "postcopy", fmt.Errorf("%w: %w: %w: %w", ErrPostcopyFailed, ErrGuestLost, ErrDestinationGone, r.dst.Err()))
 	case r.src.Err() != nil:
+		// A destination still loading the device state may go down with
+		// it (7.2, source killed at postcopy's first pages): given a
+		// moment, both gone is the guest lost, not pages lost.
+		grace := time.NewTimer(srcGoneGrace)
+		defer grace.Stop()
+		select {
+		case <-r.dst.Done():
+			return r.bothGone()
+		case <-grace.C:
+		}
 		r.res.Lost = PagesLost
 		return r.errorf(SideSource, "postcopy", fmt.Errorf("%w: %w: %w: %w", ErrPostcopyFailed, ErrPagesLost, ErrSourceGone, r.src.Err()))
 	}
 	return nil
 }
+
+// bothGone is the error for both QEMUs gone in postcopy: the guest is lost.
+func (r *run) bothGone() error {
+	r.res.Lost = GuestLost
+	lost := &quietWrap{"guest lost: both QEMUs went away", ErrGuestLost}
+	return r.errorf(SideSource, "postcopy", fmt.Errorf("%w: %w: %w, %w: %w", ErrPostcopyFailed, lost, ErrSourceGone, ErrDestinationGone, r.src.Err()))
+}
+
+// srcGoneGrace is how long a source gone in postcopy is reported late, to
+// see whether the destination goes down with it.
+const srcGoneGrace = 500 * time.Millisecond
 
 // postcopyStartWait is how long a source still in pre-copy, device or
 // postcopy-active is watched, once the destination went away in stage

@@ -478,6 +478,27 @@ func TestRecoverSourceKilled(t *testing.T) {
 	})
 }
 
+// The source killed while the destination (7.2) still loads the device
+// state: it goes down too (a CI rehearsal). Both gone is the guest lost,
+// not pages lost on a destination that holds the guest.
+func TestRecoverSourceKilledDuringDeviceLoad(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := slowPostcopy(t, qemutest.Options{Version: [3]int{7, 2, 22}, DstDeviceLoad: 5 * time.Second})
+		s := &script{after: time.Second, faults: []func(){p.KillSrc}}
+		cfg.Observer = s.observe
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.Error(t, err)
+		t.Log(err)
+		assert.True(t, p.DstGone(), "the destination went down with the source")
+		assert.ErrorIs(t, err, engine.ErrGuestLost)
+		assert.ErrorIs(t, err, engine.ErrSourceGone)
+		assert.ErrorIs(t, err, engine.ErrDestinationGone)
+		assert.NotErrorIs(t, err, engine.ErrPagesLost)
+		assert.Contains(t, err.Error(), "both QEMUs went away")
+		assert.Equal(t, engine.GuestLost, res.Lost)
+	})
+}
+
 // The source killed while the engine recovers a lost link: the same typed
 // error, not a recovery budget spent.
 func TestRecoverSourceKilledDuringRecovery(t *testing.T) {

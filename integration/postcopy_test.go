@@ -37,6 +37,7 @@ func TestPostcopyFaults(t *testing.T) {
 	t.Run("DestinationKilled", func(t *testing.T) { testPostcopyKilled(t, q, engine.SideDestination) })
 	t.Run("SourceKilled", func(t *testing.T) { testPostcopyKilled(t, q, engine.SideSource) })
 	t.Run("DestinationKilledAtStart", func(t *testing.T) { testPostcopyKilledAtStart(t, q) })
+	t.Run("SourceKilledAtStart", func(t *testing.T) { testPostcopySourceKilledAtStart(t, q) })
 	t.Run("CLIGuestLost", func(t *testing.T) { testPostcopyCLIGuestLost(t, q) })
 	t.Run("PostcopyBandwidth", func(t *testing.T) { testPostcopyBandwidth(t, q) })
 }
@@ -362,6 +363,50 @@ func testPostcopyKilledAtStart(t *testing.T, q *qemulab.QEMU) {
 	assert.True(t, st.Running, "the guest runs on the source")
 	_, err = qemulab.CheckSweep(ctx, nil, src.QMP, qemulab.SweepCheckOptions{})
 	require.NoError(t, err, "the guest intact on the source")
+}
+
+// The source killed at postcopy's first sample: the destination holds the
+// guest, stalled on the pages it lacks (pages lost), or, still loading the
+// device state, goes down with it (7.2, a CI rehearsal): the guest lost.
+// The report matches the destination QEMU's state.
+func testPostcopySourceKilledAtStart(t *testing.T, q *qemulab.QEMU) {
+	src, dst := enginePair(t, q, 500e6, true, "")
+	p := newLinkProxy(t)
+	cfg := postcopyConfig(t, src, dst, p)
+	killed := false
+	cfg.Observer = func(e engine.Event) {
+		if !killed && e.Kind == engine.EventStats && e.Stats.Status == string(qmp.StatusPostcopyActive) {
+			killed = true
+			t.Logf("killing the source at the first postcopy sample, %d bytes left", e.Stats.RemainingBytes)
+			src.Kill()
+		}
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	res, err := engine.Migrate(ctx, cfg)
+	require.True(t, killed, "postcopy seen")
+	require.Error(t, err)
+	t.Logf("ended: %v (lost %q)", err, res.Lost)
+	assert.ErrorIs(t, err, engine.ErrPostcopyFailed)
+	assert.ErrorIs(t, err, engine.ErrSourceGone)
+	// The destination's end may lag its monitor's close by a moment.
+	gone := dst.Exited()
+	for deadline := time.Now().Add(2 * time.Second); !gone && time.Now().Before(deadline); gone = dst.Exited() {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if errors.Is(err, engine.ErrPagesLost) {
+		assert.Equal(t, engine.PagesLost, res.Lost)
+		assert.False(t, gone, "pages lost: the destination holds the guest")
+		info, qerr := dst.QMP.QueryMigrate(ctx)
+		require.NoError(t, qerr, "the destination answers")
+		t.Logf("the destination: migration %s", info.Status)
+		assert.True(t, info.Status.Postcopy(), "left in postcopy (%s)", info.Status)
+		return
+	}
+	assert.ErrorIs(t, err, engine.ErrGuestLost)
+	assert.ErrorIs(t, err, engine.ErrDestinationGone)
+	assert.Equal(t, engine.GuestLost, res.Lost)
+	assert.True(t, gone, "guest lost: the destination went down with the source")
 }
 
 // The CLI: a destination killed in postcopy is exit 1 with

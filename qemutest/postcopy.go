@@ -42,8 +42,9 @@ import (
 //     first sample) or resumed (resume: not seen on real QEMU).
 //   - KillSrc: the source exits; a destination in postcopy goes to
 //     postcopy-paused (its guest keeps running, stalled on missing pages),
-//     one loading a pre-copy stream exits. KillDst in postcopy leaves the
-//     source in postcopy-paused.
+//     except one before 8.0 still loading the device state (DstDeviceLoad),
+//     which exits with it (7.2, a CI rehearsal); one loading a pre-copy
+//     stream exits. KillDst in postcopy leaves the source in postcopy-paused.
 
 // postcopyFaults is the link and recovery state (Pair.mu).
 type postcopyFaults struct {
@@ -170,7 +171,10 @@ func (p *Pair) RecoverAddresses() []qmp.SocketAddress {
 func (p *Pair) KillSrc() {
 	p.mu.Lock()
 	p.pc.srcDead = true
+	withIt := false
 	switch {
+	case p.mig.dstStatus.Postcopy() && p.pc.loading != nil && p.opt.DstVersion[0] < 8:
+		withIt = true // after the source's connections close, as QEMU would
 	case p.mig.dstStatus.Postcopy() && p.mig.dstStatus != qmp.StatusPostcopyPaused:
 		p.pc.recoverAddr = nil
 		p.setDstStatus(qmp.StatusPostcopyPaused)
@@ -179,6 +183,11 @@ func (p *Pair) KillSrc() {
 	}
 	p.mu.Unlock()
 	p.Src.CloseConns()
+	if withIt {
+		p.mu.Lock()
+		p.dstExit()
+		p.mu.Unlock()
+	}
 }
 
 // SrcGone reports whether the source QEMU exited (KillSrc).
