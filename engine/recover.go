@@ -685,10 +685,35 @@ func (r *run) lostSide() error {
 			return r.bothGone()
 		case <-grace.C:
 		}
+		if err := r.dstNeverTookOver(); err != nil {
+			return err
+		}
 		r.res.Lost = PagesLost
 		return r.errorf(SideSource, "postcopy", fmt.Errorf("%w: %w: %w: %w", ErrPostcopyFailed, ErrPagesLost, ErrSourceGone, r.src.Err()))
 	}
 	return nil
+}
+
+// dstNeverTookOver is the error for a source gone in stage postcopy
+// while the destination had not switched to postcopy yet (10.0, source
+// killed at postcopy's first sample: the destination stays in active,
+// loading): it never ran the guest and cannot, so the guest is lost, not
+// held by the destination. nil when the destination reports postcopy, or
+// does not answer within a moment (a main thread blocked on a page: it had
+// switched).
+func (r *run) dstNeverTookOver() error {
+	if r.been(stagePostcopyPaused) || r.dst.Err() != nil || r.silent.isMute(SideDestination) {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), dstProbeGrace)
+	defer cancel()
+	info, err := r.dst.QueryMigrate(ctx)
+	if err != nil || info.Status.Postcopy() || info.Status == qmp.StatusCompleted {
+		return nil
+	}
+	r.res.Lost = GuestLost
+	lost := &quietWrap{"guest lost: the source QEMU went away before the destination took the guest over (its incoming migration " + string(info.Status) + ", not postcopy): neither holds a guest that can run", ErrGuestLost}
+	return r.errorf(SideSource, "postcopy", fmt.Errorf("%w: %w: %w: %w", ErrPostcopyFailed, lost, ErrSourceGone, r.src.Err()))
 }
 
 // bothGone is the error for both QEMUs gone in postcopy: the guest is lost.
