@@ -321,23 +321,8 @@ func testPostcopyKilled(t *testing.T, q *qemulab.QEMU, side engine.Side) {
 // the source's guest running again, the engine would roll back. Whichever
 // happened, the engine's report matches the source QEMU's state.
 func testPostcopyKilledAtStart(t *testing.T, q *qemulab.QEMU) {
-	src, dst := enginePair(t, q, 500e6, true, "")
-	p := newLinkProxy(t)
-	cfg := postcopyConfig(t, src, dst, p)
-	killed := false
-	cfg.Observer = func(e engine.Event) {
-		if !killed && e.Kind == engine.EventStats && e.Stats.Status == string(qmp.StatusPostcopyActive) {
-			killed = true
-			t.Logf("killing the destination at the first postcopy sample, %d bytes left", e.Stats.RemainingBytes)
-			dst.Kill()
-		}
-	}
-	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
-	defer cancel()
-	res, err := engine.Migrate(ctx, cfg)
-	require.True(t, killed, "postcopy seen")
-	require.Error(t, err)
-	t.Logf("ended: %v (lost %q, undone %q)", err, res.Lost, res.Undone)
+	ctx, src, _, res, err := killAtPostcopyStart(t, q, engine.SideDestination)
+	t.Logf("undone %q", res.Undone)
 	assert.False(t, res.StateUnknown)
 	info, qerr := src.QMP.QueryMigrate(ctx)
 	require.NoError(t, qerr, "the source is left alive")
@@ -365,29 +350,38 @@ func testPostcopyKilledAtStart(t *testing.T, q *qemulab.QEMU) {
 	require.NoError(t, err, "the guest intact on the source")
 }
 
+// killAtPostcopyStart migrates a busy sweep guest that goes to postcopy
+// and kills side's QEMU at the first postcopy-active sample; it returns
+// the migration's end (an error is required) and the test's context.
+func killAtPostcopyStart(t *testing.T, q *qemulab.QEMU, side engine.Side) (context.Context, *qemulab.Instance, *qemulab.Instance, *engine.Result, error) {
+	src, dst := enginePair(t, q, 500e6, true, "")
+	p := newLinkProxy(t)
+	cfg := postcopyConfig(t, src, dst, p)
+	victim := map[engine.Side]*qemulab.Instance{engine.SideSource: src, engine.SideDestination: dst}[side]
+	killed := false
+	cfg.Observer = func(e engine.Event) {
+		if !killed && e.Kind == engine.EventStats && e.Stats.Status == string(qmp.StatusPostcopyActive) {
+			killed = true
+			t.Logf("killing the %s at the first postcopy sample, %d bytes left", side, e.Stats.RemainingBytes)
+			victim.Kill()
+		}
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	t.Cleanup(cancel)
+	res, err := engine.Migrate(ctx, cfg)
+	require.True(t, killed, "postcopy seen")
+	require.Error(t, err)
+	t.Logf("ended: %v (lost %q)", err, res.Lost)
+	return ctx, src, dst, res, err
+}
+
 // The source killed at postcopy's first sample: the destination holds the
 // guest, stalled on the pages it lacks (pages lost); or, still loading the
 // device state, it goes down with the source (7.2, a CI rehearsal), or
 // stays in pre-copy's active, never having switched (10.0): the guest lost.
 // The report matches the destination QEMU's state.
 func testPostcopySourceKilledAtStart(t *testing.T, q *qemulab.QEMU) {
-	src, dst := enginePair(t, q, 500e6, true, "")
-	p := newLinkProxy(t)
-	cfg := postcopyConfig(t, src, dst, p)
-	killed := false
-	cfg.Observer = func(e engine.Event) {
-		if !killed && e.Kind == engine.EventStats && e.Stats.Status == string(qmp.StatusPostcopyActive) {
-			killed = true
-			t.Logf("killing the source at the first postcopy sample, %d bytes left", e.Stats.RemainingBytes)
-			src.Kill()
-		}
-	}
-	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
-	defer cancel()
-	res, err := engine.Migrate(ctx, cfg)
-	require.True(t, killed, "postcopy seen")
-	require.Error(t, err)
-	t.Logf("ended: %v (lost %q)", err, res.Lost)
+	ctx, _, dst, res, err := killAtPostcopyStart(t, q, engine.SideSource)
 	assert.ErrorIs(t, err, engine.ErrPostcopyFailed)
 	assert.ErrorIs(t, err, engine.ErrSourceGone)
 	// The destination's end may lag its monitor's close by a moment.
