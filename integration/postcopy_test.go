@@ -207,11 +207,31 @@ func testPostcopyLinkFault(t *testing.T, q *qemulab.QEMU, v qmp.Version, fault s
 	res, err := engine.Migrate(ctx, cfg)
 	mu.Lock()
 	defer mu.Unlock()
-	if err != nil && !v.AtLeast(8, 0) && (errors.Is(err, engine.ErrRecoveryFailed) || errors.Is(err, engine.ErrGuestLost)) {
+	// A destination QEMU that dies during a recovery (nothing here kills
+	// it) is QEMU's fault: 7.2's when a handshake is cut; 10.0's was seen
+	// once in a CI rehearsal (2026-12-07, LostTwice: the destination died
+	// during the attempt after the second loss). The engine's typed ending
+	// is checked then: the guest lost, the source left alive in postcopy.
+	dstDied := false
+	if errors.Is(err, engine.ErrGuestLost) {
+		// Its process may be reaped a moment after its monitor closed.
+		for deadline := time.Now().Add(5 * time.Second); !dst.Exited() && time.Now().Before(deadline); {
+			time.Sleep(50 * time.Millisecond)
+		}
+		dstDied = dst.Exited()
+	}
+	if err != nil && (dstDied || !v.AtLeast(8, 0) && errors.Is(err, engine.ErrRecoveryFailed)) {
 		t.Logf("QEMU %s could not recover (%s, %d attempts, steps %v): %v", v, res.Lost, res.RecoveryAttempts, steps, err)
+		if dstDied {
+			t.Logf("the destination QEMU died on its own: %v; its log: %s", dst.ExitErr(), dst.LogTail())
+			assert.Equal(t, engine.GuestLost, res.Lost)
+		}
 		info, qerr := src.QMP.QueryMigrate(ctx)
 		require.NoError(t, qerr, "the source is left alive")
 		assert.True(t, info.Status.Postcopy(), "the source is left in postcopy (%s)", info.Status)
+		st, qerr := src.QMP.QueryStatus(ctx)
+		require.NoError(t, qerr)
+		assert.False(t, st.Running, "the source is never resumed")
 		return
 	}
 	require.NoError(t, err)
