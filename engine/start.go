@@ -204,9 +204,9 @@ func (r *run) waitMirrors(ctx context.Context) error {
 		case <-ctx.Done():
 			return r.cancelled(ctx, "wait for mirrors")
 		case <-r.dst.Done():
-			return r.errorf(SideDestination, "wait for mirrors", fmt.Errorf("%w: %w: %w", ErrDestinationGone, blockmirror.ErrDestinationGone, r.dst.Err()))
+			return r.mirrorErr(fmt.Errorf("%w: %w", blockmirror.ErrDestinationGone, r.dst.Err()))
 		case <-r.src.Done():
-			return r.errorf(SideSource, "wait for mirrors", fmt.Errorf("%w: %w: %w", ErrSourceGone, blockmirror.ErrSourceGone, r.src.Err()))
+			return r.mirrorErr(fmt.Errorf("%w: %w", blockmirror.ErrSourceGone, r.src.Err()))
 		case q := <-r.job.reqs:
 			if err := r.serve(ctx, q); err != nil {
 				return err
