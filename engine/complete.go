@@ -107,18 +107,36 @@ func (r *run) waitDestination(ctx context.Context) (string, error) {
 	poll := min(r.cfg.pollInterval(), 50*time.Millisecond)
 	t := time.NewTicker(poll)
 	defer t.Stop()
+	// ctx ends only at completeTimeout (complete ignores the caller's
+	// cancel): a call cut by it is that timeout, not a cancel.
+	var last qmp.MigrationStatus
+	timedOut := func() error {
+		st := string(last)
+		if st == "" {
+			st = "unread" // its first query-migrate got no answer
+		}
+		return r.errorf(SideDestination, "wait for completion", fmt.Errorf("destination still %s after %v: %w",
+			st, completeTimeout, ctx.Err()))
+	}
 	for {
 		r.drainEvents()
 		dm, err := ask(r, ctx, SideDestination, "query-migrate", r.dst.QueryMigrate)
 		if err != nil {
+			if ctx.Err() != nil {
+				return "", timedOut()
+			}
 			return "", r.callErr(ctx, SideDestination, "query-migrate", err)
 		}
+		last = dm.Status
 		switch dm.Status {
 		case qmp.StatusFailed:
 			return "", r.errorf(SideDestination, "incoming migration", fmt.Errorf("%w: %s", ErrMigrationFailed, orUnknown(dm.ErrorDesc)))
 		case qmp.StatusCompleted:
 			st, err := r.loadedRunState(ctx)
 			if err != nil {
+				if ctx.Err() != nil {
+					return "", timedOut()
+				}
 				return "", r.callErr(ctx, SideDestination, "query-status", err)
 			}
 			if st != "" {
@@ -127,7 +145,7 @@ func (r *run) waitDestination(ctx context.Context) (string, error) {
 		}
 		select {
 		case <-ctx.Done():
-			return "", r.errorf(SideDestination, "wait for completion", fmt.Errorf("destination still %s: %w", dm.Status, ctx.Err()))
+			return "", timedOut()
 		case <-r.dst.Done():
 			return "", r.dstGone("wait for completion")
 		case <-t.C:

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 	"testing/synctest"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -145,6 +146,31 @@ func TestDestinationFailsAfterSourceCompleted(t *testing.T) {
 		assert.Empty(t, p.Src.CallsOf("migrate_cancel"), "nothing to cancel: the source completed")
 		assert.False(t, p.Caps(qemutest.Source)["events"], "source capabilities restored")
 		assert.Contains(t, rec.phases(), engine.PhaseRollback)
+	})
+}
+
+// The source completed but its stream never reached the destination (a
+// proxy swallowed it; measured through the integration tests' proxy): at
+// completeTimeout the destination, never started, is stopped and the source
+// resumed. The Result says failed, naming the destination and its status,
+// not cancelled (nobody cancelled).
+func TestDestinationNeverTakesOver(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 20 << 20, DstNeverCompletes: true})
+		start := time.Now()
+		res, err := engine.Migrate(t.Context(), cfg)
+		require.Error(t, err)
+		t.Logf("after %v: result %s: %v; undone %q; undo errors %q", time.Since(start), res.Status, err, res.Undone, res.UndoErrors)
+		assert.Equal(t, engine.StatusFailed, res.Status)
+		assert.NotErrorIs(t, err, engine.ErrCancelled)
+		var ee *engine.Error
+		require.ErrorAs(t, err, &ee)
+		assert.Equal(t, engine.SideDestination, ee.Side)
+		assert.Contains(t, err.Error(), "destination still active after 1m0s")
+		assert.ErrorIs(t, err, context.DeadlineExceeded)
+		guestWhereResultSays(t, p, res)
+		assert.Equal(t, "running", p.SrcRunState(), "the source got the guest back")
+		assert.Positive(t, p.Stops(qemutest.Destination), "the destination was stopped first")
 	})
 }
 

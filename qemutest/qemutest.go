@@ -78,6 +78,10 @@ type Options struct {
 	// DstFailsLoad makes the destination fail loading the end of the
 	// stream and exit, after the source completed.
 	DstFailsLoad bool
+	// DstNeverCompletes makes the stream go elsewhere: the source
+	// completes, the destination stays as it was, listening (a proxy that
+	// swallowed the stream).
+	DstNeverCompletes bool
 	// RefuseObject makes object-add fail with this error text on the side
 	// RefuseObjectSide, as QEMU refuses TLS credentials whose files are
 	// missing.

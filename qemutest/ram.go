@@ -342,6 +342,9 @@ func (p *Pair) stepFinal(dt time.Duration) bool {
 		p.dstExit()
 		return true
 	}
+	if p.opt.DstNeverCompletes {
+		return true
+	}
 	p.dstComplete()
 	return true
 }
