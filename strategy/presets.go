@@ -13,21 +13,26 @@ type progress struct {
 	seen        bool
 	last        time.Duration
 	transferred uint64
+	remainSeen  bool // a sample counted the RAM left (minRemain holds)
 	minRemain   uint64
 	minStorage  uint64
 }
 
 func (p *progress) observe(s Sample, now time.Duration) {
+	// The RAM left is counted once QEMU's setup is done; the mirror
+	// phase's samples carry none (their zero is no new low).
+	counted := !s.Mirroring && s.Status != "setup"
 	if !p.seen {
-		*p = progress{seen: true, last: now, transferred: s.TransferredBytes, minRemain: s.RemainingBytes, minStorage: s.StorageRemaining}
-		return
-	}
-	if s.TransferredBytes > p.transferred || s.RemainingBytes < p.minRemain || s.StorageRemaining < p.minStorage {
+		*p = progress{seen: true, last: now, transferred: s.TransferredBytes, minStorage: s.StorageRemaining}
+	} else if s.TransferredBytes > p.transferred || s.StorageRemaining < p.minStorage ||
+		(counted && p.remainSeen && s.RemainingBytes < p.minRemain) {
 		p.last = now
 	}
 	p.transferred = max(p.transferred, s.TransferredBytes)
-	p.minRemain = min(p.minRemain, s.RemainingBytes)
 	p.minStorage = min(p.minStorage, s.StorageRemaining)
+	if counted && (!p.remainSeen || s.RemainingBytes < p.minRemain) {
+		p.remainSeen, p.minRemain = true, s.RemainingBytes
+	}
 }
 
 // stalled returns a reason when no progress was seen for timeout (> 0).
@@ -35,8 +40,12 @@ func (p *progress) stalled(now, timeout time.Duration) (string, bool) {
 	if timeout <= 0 || !p.seen || now-p.last < timeout {
 		return "", false
 	}
-	return fmt.Sprintf("no progress for %v (transferred stuck at %s, remaining never below %s): progress timeout %v",
-		roundDur(now-p.last), bytesStr(float64(p.transferred)), bytesStr(float64(p.minRemain)), timeout), true
+	remain := "the RAM left not counted yet"
+	if p.remainSeen {
+		remain = "remaining never below " + bytesStr(float64(p.minRemain))
+	}
+	return fmt.Sprintf("no progress for %v (transferred stuck at %s, %s): progress timeout %v",
+		roundDur(now-p.last), bytesStr(float64(p.transferred)), remain, timeout), true
 }
 
 // stallAbort is the Abort for a migration that made no progress: nothing

@@ -87,3 +87,32 @@ func TestStallAbortHasNoRemedy(t *testing.T) {
 	assert.True(t, d.Remedy.None())
 	assert.Equal(t, "abort: no progress for 2s, the link carries nothing", d.Text())
 }
+
+// TestStallReasonCountsRAMLeftAfterSetup: a sample in QEMU's setup (no RAM
+// counted yet, remaining 0) is no new low of the RAM left: the reason
+// gives the lowest counted afterwards, and a link that stalls in setup
+// says the RAM left was not counted (measured: a link black-holed as the
+// source connected read "remaining never below 0 B").
+func TestStallReasonCountsRAMLeftAfterSetup(t *testing.T) {
+	for _, pol := range []string{strategy.PolicyAuto, strategy.PolicyQEMU} {
+		t.Run(pol, func(t *testing.T) {
+			m, err := strategy.New(strategy.Config{Policy: pol, Limits: strategy.Limits{ProgressTimeout: time.Second}})
+			require.NoError(t, err)
+			m.Step(strategy.Sample{Status: "setup", TotalBytes: 64 * MiB})
+			s := strategy.Sample{Elapsed: 100 * time.Millisecond, Status: "active", Iteration: 1,
+				TransferredBytes: 4 * MiB, RemainingBytes: 60 * MiB, TotalBytes: 64 * MiB}
+			m.Step(s)
+			s.Elapsed = 2 * time.Second
+			d := m.Step(s)
+			require.Equal(t, strategy.Abort, d.Action)
+			assert.Contains(t, d.Reason, "transferred stuck at 4.0 MiB, remaining never below 60.0 MiB")
+
+			m, err = strategy.New(strategy.Config{Policy: pol, Limits: strategy.Limits{ProgressTimeout: time.Second}})
+			require.NoError(t, err)
+			m.Step(strategy.Sample{Status: "setup", TotalBytes: 64 * MiB})
+			d = m.Step(strategy.Sample{Elapsed: 2 * time.Second, Status: "setup", TotalBytes: 64 * MiB})
+			require.Equal(t, strategy.Abort, d.Action)
+			assert.Contains(t, d.Reason, "the RAM left not counted yet")
+		})
+	}
+}
