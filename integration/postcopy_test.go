@@ -492,10 +492,11 @@ type linkProxy struct {
 	ln     net.Listener
 	target string // host:port the destination listens on
 
-	mu        sync.Mutex
-	conns     map[net.Conn]bool
-	hole      chan struct{} // non-nil while black-holed; closed when it ends
-	resetNext bool
+	mu         sync.Mutex
+	conns      map[net.Conn]bool
+	hole       chan struct{} // non-nil while black-holed; closed when it ends
+	resetNext  bool
+	refuseNext bool
 }
 
 func newLinkProxy(t *testing.T) *linkProxy {
@@ -537,9 +538,14 @@ func (p *linkProxy) handle(c net.Conn) {
 	p.track(c)
 	p.gate()
 	p.mu.Lock()
-	reset := p.resetNext
-	p.resetNext = false
+	reset, refuse := p.resetNext, p.refuseNext
+	p.resetNext, p.refuseNext = false, false
 	p.mu.Unlock()
+	if refuse {
+		// The link drops before the destination saw the connection.
+		abort(c)
+		return
+	}
 	if reset {
 		// The link drops again during the recovery handshake: once the
 		// first bytes crossed.
@@ -561,9 +567,12 @@ func (p *linkProxy) handle(c net.Conn) {
 	// (a source paused by migrate-pause shuts its socket down) would never
 	// have reached the destination on a real link (its SYN was dropped):
 	// drop it instead of connecting it late.
+	// What such a client left in the buffers drains in a few ms; a live
+	// one keeps sending (a migration that waited at its setup): connect
+	// it after at most 300 ms.
 	var early []byte
 	buf := make([]byte, 64<<10)
-	for {
+	for until := time.Now().Add(300 * time.Millisecond); time.Now().Before(until); {
 		_ = c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
 		n, err := c.Read(buf)
 		early = append(early, buf[:n]...)
@@ -640,6 +649,14 @@ func (p *linkProxy) Reset() {
 func (p *linkProxy) ResetNextConnection() {
 	p.mu.Lock()
 	p.resetNext = true
+	p.mu.Unlock()
+}
+
+// RefuseNextConnection resets the next connection before it reaches the
+// destination.
+func (p *linkProxy) RefuseNextConnection() {
+	p.mu.Lock()
+	p.refuseNext = true
 	p.mu.Unlock()
 }
 
