@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"time"
 
 	"github.com/qmigrate/qmigrate/qmp"
 )
@@ -58,6 +59,36 @@ type Config struct {
 	// Shared are node names on storage both hosts see; they are never
 	// mirrored and may not appear in Disks.
 	Shared []string
+	// ReconnectDelay is how long a mirror's NBD requests wait for the
+	// source to reconnect after their connection broke (a reset by the
+	// network or a middlebox) before the mirror fails: QEMU's NBD
+	// reconnect-delay, in whole seconds (rounded up), with the requests
+	// that failed retried once connected again. 0 means
+	// DefaultReconnectDelay; negative fails the mirror at once, QEMU's
+	// own default. A destination that died is seen by the mirror this much
+	// later (the engine sees it sooner, by its monitor), and an Abort then
+	// waits up to this long for the requests in flight (a yank does not
+	// reach a connection being re-established).
+	ReconnectDelay time.Duration
+}
+
+// DefaultReconnectDelay is Config.ReconnectDelay's default.
+const DefaultReconnectDelay = 5 * time.Second
+
+// maxReconnectDelay bounds Config.ReconnectDelay.
+const maxReconnectDelay = time.Hour
+
+// reconnectSeconds is the reconnect-delay the NBD client nodes get (0:
+// none).
+func (c Config) reconnectSeconds() uint32 {
+	d := c.ReconnectDelay
+	switch {
+	case d < 0:
+		return 0
+	case d == 0:
+		d = DefaultReconnectDelay
+	}
+	return uint32((d + time.Second - 1) / time.Second)
 }
 
 // Sentinel errors. Match them with errors.Is.
@@ -133,6 +164,9 @@ func (c Config) Validate() error {
 		if err := checkNBDAddress(c.NBDAddress); err != nil {
 			return err
 		}
+	}
+	if c.ReconnectDelay > maxReconnectDelay {
+		return fmt.Errorf("%w: ReconnectDelay %v is more than %v", ErrPreflight, c.ReconnectDelay, maxReconnectDelay)
 	}
 	if c.TargetDir != "" && !c.CreateTargets {
 		return fmt.Errorf("%w: TargetDir set without CreateTargets", ErrPreflight)

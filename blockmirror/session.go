@@ -129,6 +129,9 @@ func (s *Session) start(ctx context.Context) error {
 	s.sub = s.src.Subscribe(qmp.EventFilter{Names: jobEvents, Match: func(e qmp.Event) bool { return strings.HasPrefix(e.Field("device"), prefix) }})
 	for _, d := range s.disks {
 		node := map[string]any{"driver": "nbd", "node-name": d.nbdNode, "server": s.addr.SocketAddress(), "export": d.export}
+		if rd := s.cfg.reconnectSeconds(); rd > 0 {
+			node["reconnect-delay"] = rd
+		}
 		if s.env.TLSCreds != "" {
 			node["tls-creds"] = s.env.TLSCreds
 			if s.env.TLSHostname != "" {

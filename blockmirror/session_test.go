@@ -68,6 +68,7 @@ func TestStartFinishCleanup(t *testing.T) {
 		add := src.args("blockdev-add", i)
 		assert.Equal(t, "nbd", add["driver"])
 		assert.Equal(t, name, add["export"])
+		assert.EqualValues(t, 5, add["reconnect-delay"], "a reset NBD connection is re-established (DefaultReconnectDelay)")
 		assert.Equal(t, map[string]any{"type": "unix", "path": sock}, add["server"])
 		m := src.args("blockdev-mirror", i)
 		assert.Equal(t, node, m["device"])
@@ -407,8 +408,24 @@ func TestWaitReadyTiming(t *testing.T) {
 	})
 }
 
+// ReconnectDelay goes to the NBD client nodes in whole seconds, rounded
+// up; negative leaves QEMU's default (no reconnection).
+func TestReconnectDelay(t *testing.T) {
+	for _, c := range []struct {
+		d    time.Duration
+		want any
+	}{{0, float64(5)}, {1500 * time.Millisecond, float64(2)}, {time.Minute, float64(60)}, {-1, nil}} {
+		src, dst := pair(t)
+		s, err := Start(context.Background(), Config{ReconnectDelay: c.d}, env(src, dst, uri))
+		require.NoError(t, err)
+		assert.Equal(t, c.want, src.args("blockdev-add", 0)["reconnect-delay"], "%v", c.d)
+		require.NoError(t, s.Abort(context.Background()))
+	}
+}
+
 func TestValidate(t *testing.T) {
 	require.NoError(t, Config{}.Validate())
+	require.NoError(t, Config{ReconnectDelay: -1}.Validate())
 	require.NoError(t, Config{Disks: []string{"a"}, Shared: []string{"b"}, NBDAddress: qmp.TCPAddress("::1", "10809")}.Validate())
 	for _, c := range []Config{
 		{Disks: []string{""}},
@@ -422,6 +439,7 @@ func TestValidate(t *testing.T) {
 		{NBDAddress: qmp.Address{Network: "vsock"}},
 		{TargetDir: "/x"},
 		{CreateTargets: true, TargetDir: "rel"},
+		{ReconnectDelay: time.Hour + time.Second},
 	} {
 		assert.ErrorIs(t, c.Validate(), ErrPreflight, "%+v", c)
 	}
