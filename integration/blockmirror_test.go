@@ -272,6 +272,8 @@ func TestBlockMirror(t *testing.T) {
 			t.Run("destination-killed", func(t *testing.T) { bmTestDestinationLost(t, q, false) })
 			t.Run("destination-frozen", func(t *testing.T) { bmTestDestinationLost(t, q, true) })
 			t.Run("link-cut-then-retry", func(t *testing.T) { bmTestLinkCut(t, q) })
+			t.Run("link-reset", func(t *testing.T) { bmTestLinkFault(t, q, "reset") })
+			t.Run("link-flap", func(t *testing.T) { bmTestLinkFault(t, q, "flap") })
 			t.Run("preflight", func(t *testing.T) { bmTestPreflight(t, q) })
 			t.Run("sparse", func(t *testing.T) { bmTestSparse(t, q) })
 			t.Run("heavy-writer", func(t *testing.T) { bmTestHeavyWriter(t, q) })
@@ -883,6 +885,65 @@ func bmTestLinkCut(t *testing.T, q *qemulab.QEMU) {
 	s, err = bmStart(ctx, t, src, dst, cfg, uri)
 	require.NoError(t, err)
 	require.NoError(t, s.WaitReady(ctx, nil))
+	bmMigrate(t, ctx, s, src, dst)
+	bmAssertNothingLeft(t, ctx, src, dst)
+	src.quit(ctx)
+	dst.quit(ctx)
+	bmCompare(t, q, src.disk, dst.disk)
+}
+
+// bmTestLinkFault breaks the NBD link mid-mirror, in two network
+// namespaces over a shaped veth link: "reset" resets the NBD connection
+// (ss -K from the source's namespace), "flap" takes the link down for 2 s.
+// Either way the mirror goes on to READY and the migration completes with
+// the destination's disk identical to the source's.
+func bmTestLinkFault(t *testing.T, q *qemulab.QEMU, fault string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	n, err := qemulab.NewNetwork(ctx, 8<<20)
+	if errors.Is(err, qemulab.ErrNetnsUnavailable) && os.Getenv("CI") == "" {
+		t.Skipf("no network namespaces: %v", err)
+	}
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = n.Close() })
+	dir := t.TempDir()
+	src := bmStartVM(t, q, dir, "src", bmOpts{size: "64M", netns: n.A.Netns})
+	dst := bmStartVM(t, q, dir, "dst", bmOpts{size: "64M", incoming: true, netns: n.B.Netns})
+	bmCaps(t, ctx, src, dst)
+	src.write(ctx, 0x11, 0, 48<<20)
+	cfg := blockmirror.Config{NBDAddress: qmp.TCPAddress(n.B.Addr, "10809")}
+	uri := "unix:" + filepath.Join(dir, "mig.sock")
+
+	s, err := bmStart(ctx, t, src, dst, cfg, uri)
+	require.NoError(t, err)
+	time.Sleep(time.Second)
+	p, err := s.Progress(ctx)
+	require.NoError(t, err)
+	require.False(t, p[0].Ready)
+	t.Logf("QEMU %s: %s at %d/%d bytes", q.Name(), fault, p[0].Done, p[0].Total)
+	start := time.Now()
+	switch fault {
+	case "reset":
+		nres, out, err := resetLink(ctx, n.A, n.B, 10809)
+		require.NoError(t, err)
+		require.Positive(t, nres, "the NBD connection was reset: %s", out)
+	case "flap":
+		require.NoError(t, n.Cut(ctx))
+		time.Sleep(2 * time.Second)
+		require.NoError(t, n.Restore(ctx))
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
+	err = s.WaitReady(wctx, nil)
+	wcancel()
+	if err != nil {
+		p, _ := s.Progress(ctx)
+		t.Logf("after the %s: %v (progress %+v)", fault, err, p)
+		require.NoError(t, s.Abort(ctx))
+		bmAssertNothingLeft(t, ctx, src, dst)
+		bmSourceIntact(t, ctx, src, map[uint64]byte{0: 0x11, 40 << 20: 0x11}, 1<<20)
+		t.FailNow()
+	}
+	t.Logf("READY %v after the %s", time.Since(start).Round(time.Millisecond), fault)
 	bmMigrate(t, ctx, s, src, dst)
 	bmAssertNothingLeft(t, ctx, src, dst)
 	src.quit(ctx)
