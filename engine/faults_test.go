@@ -306,6 +306,10 @@ func TestDestinationStopsAnsweringInPostcopy(t *testing.T) {
 		assert.Equal(t, qmp.StatusPostcopyActive, p.Status(), "the source is left as it is")
 		assert.Zero(t, p.Pauses(qemutest.Source))
 		assert.Empty(t, p.Dst.CallsOf("yank"))
+		// Its out-of-band probe went unanswered (a stopped process): sent
+		// once, waited for again, never sent anew; nothing paused.
+		assert.Len(t, p.Dst.CallsOf("query-yank"), 1)
+		assert.Empty(t, p.Dst.CallsOf("migrate-pause"))
 		noCancelNoResume(t, p)
 		p.Thaw(qemutest.Destination)
 	})

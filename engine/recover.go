@@ -50,9 +50,13 @@ import (
 // included, once eight wait); when it has not answered within
 // dstProbeGrace while the destination's last MIGRATION event reports a
 // paused postcopy or a recovery, the engine follows the destination's
-// events instead, and the recovery goes on out of band. A destination that
-// reported nothing of the kind and does not answer (SIGSTOP) is waited for
-// up to UnresponsiveTimeout, as any command.
+// events instead, and the recovery goes on out of band. A link lost in a
+// black hole there breaks nothing, so no event says paused: once the
+// engine took the link for lost (the stall), a destination whose events
+// still say postcopy-active is probed out of band (query-yank); one that
+// answers is followed the same way, and paused out of band. A destination
+// that answers neither (SIGSTOP) is waited for up to UnresponsiveTimeout,
+// as any command.
 //
 // Recovery is impossible when a QEMU went away: the destination (the guest
 // ran there: lost, ErrGuestLost) or the source (the pages it alone held:
@@ -107,6 +111,15 @@ type postcopyWatch struct {
 	// its events reported postcopy paused or recovering: its status is
 	// followed from its events until the probe answers.
 	dstBlocked bool
+	// live is the destination's out-of-band liveness probe in flight (nil
+	// when none): at most one at a time (dstAlive).
+	live *liveProbe
+}
+
+// liveProbe is one out-of-band query-yank of the destination.
+type liveProbe struct {
+	done   chan error // buffered: the goroutine never blocks
+	cancel context.CancelFunc
 }
 
 // dstProbe is one in-band query-migrate of the destination.
@@ -526,7 +539,7 @@ func (r *run) dstStatus(ctx context.Context) (qmp.MigrationStatus, error) {
 	<-t.C
 	for {
 		waited := time.Since(p.sent)
-		if r.followDstEvents(waited >= grace) {
+		if r.followDstEvents(waited >= grace, unresponsive-waited) {
 			r.drain(SideDestination, r.dstSub)
 			return w.dstEv, nil
 		}
@@ -536,6 +549,8 @@ func (r *run) dstStatus(ctx context.Context) (qmp.MigrationStatus, error) {
 		next := unresponsive - waited
 		if waited < grace {
 			next = grace - waited
+		} else if w.live != nil {
+			next = min(next, dstProbeGrace) // look again for its late answer
 		}
 		t.Reset(next)
 		select {
@@ -570,8 +585,15 @@ func (r *run) dstStatus(ctx context.Context) (qmp.MigrationStatus, error) {
 // followDstEvents reports whether the destination's status is to be taken
 // from its events: its in-band monitor is blocked (graceSpent: the probe
 // went unanswered for dstProbeGrace) while its events report postcopy
-// paused or recovering, and out-of-band commands reach it.
-func (r *run) followDstEvents(graceSpent bool) bool {
+// paused or recovering, and out-of-band commands reach it. Its events may
+// also still report postcopy-active when the link went into a black hole
+// while its main thread waited for a page (nothing broke, so nothing says
+// paused): once the engine took the link for lost, a destination that
+// answers an out-of-band probe (dstAlive) is followed too, and paused out
+// of band as any side of a lost link; a stopped process (SIGSTOP) answers
+// nothing and is waited for up to UnresponsiveTimeout, as before (left is
+// what remains of it).
+func (r *run) followDstEvents(graceSpent bool, left time.Duration) bool {
 	w := &r.pc
 	if !r.dst.OOB() || r.dstSub == nil {
 		return false
@@ -579,19 +601,54 @@ func (r *run) followDstEvents(graceSpent bool) bool {
 	if w.dstBlocked {
 		return true
 	}
-	switch w.dstEv {
-	case qmp.StatusPostcopyPaused, qmp.StatusPostcopyRecover, qmp.StatusPostcopyRecoverSetup:
-	default:
-		return false
-	}
 	if !graceSpent {
 		return false
 	}
+	why := "its events report " + string(w.dstEv)
+	switch w.dstEv {
+	case qmp.StatusPostcopyPaused, qmp.StatusPostcopyRecover, qmp.StatusPostcopyRecoverSetup:
+	case qmp.StatusPostcopyActive:
+		if r.stage != stagePostcopyPaused || !r.dstAlive(left) {
+			return false
+		}
+		why = "it answers out of band and its events still report postcopy-active (the link lost in a black hole)"
+	default:
+		return false
+	}
 	w.dstBlocked = true
-	r.log.Warn("the destination's monitor answers no in-band command while its events report "+string(w.dstEv)+
+	r.log.Warn("the destination's monitor answers no in-band command while "+why+
 		" (its main thread waits for a page, loading the device state?): following its MIGRATION events, recovering out of band",
 		"waited", time.Since(w.probe.sent).Round(time.Millisecond))
 	return true
+}
+
+// dstAlive probes the destination out of band with query-yank, which QEMU
+// runs in its monitor's own thread, harmless whenever it runs: an answer
+// (an error included) within dstProbeGrace (at most wait) says its process runs though
+// its main thread is blocked. At most one probe is in flight: a stopped
+// process keeps it queued (it is waited for again, not sent anew), and
+// QEMU stops reading a monitor whose out-of-band queue is full.
+func (r *run) dstAlive(wait time.Duration) bool {
+	w := &r.pc
+	if w.live == nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		p := &liveProbe{done: make(chan error, 1), cancel: cancel}
+		go func() { p.done <- r.dst.ExecuteOOB(ctx, "query-yank", nil, nil) }()
+		w.live = p
+	}
+	t := time.NewTimer(max(min(dstProbeGrace, wait), 0))
+	defer t.Stop()
+	select {
+	case err := <-w.live.done:
+		w.live.cancel()
+		w.live = nil
+		alive := err == nil || isQMPError(err)
+		r.log.Debug("the destination's out-of-band probe answered", "alive", alive, "err", err)
+		return alive
+	case <-t.C:
+		r.log.Debug("the destination's out-of-band probe is unanswered", "waited", min(dstProbeGrace, wait))
+		return false
+	}
 }
 
 // endProbe gives up the destination's query in flight (the run ends).
@@ -599,6 +656,10 @@ func (r *run) endProbe() {
 	if r.pc.probe != nil {
 		r.pc.probe.cancel()
 		r.pc.probe = nil
+	}
+	if r.pc.live != nil {
+		r.pc.live.cancel()
+		r.pc.live = nil
 	}
 }
 

@@ -164,6 +164,63 @@ func TestRecoverLinkLostBeforeDeviceLoaded(t *testing.T) {
 	}
 }
 
+// The link black-holed before the destination loaded the device state:
+// nothing breaks, so no event says paused, and its in-band monitor answers
+// nothing (its main thread waits for a page). The engine, having seen the
+// stall, probes it out of band (query-yank): alive, it is paused out of
+// band and recovered once the link returns. Measured on real QEMU 7.2
+// before: ErrUnresponsive after UnresponsiveTimeout, state unknown
+// (TestPostcopyTwoHost/LinkBlackHoleBeforeGuestRuns).
+func TestRecoverBlackHoleBeforeDeviceLoaded(t *testing.T) {
+	for _, v := range [][3]int{{7, 2, 22}, {10, 0, 2}} {
+		t.Run(qmp.Version{Major: v[0], Minor: v[1], Micro: v[2]}.String(), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				p, cfg := slowPostcopy(t, qemutest.Options{Version: v, DstDeviceLoad: 5 * time.Second})
+				cfg.PostcopyStallTimeout = 2 * time.Second
+				s := &script{after: time.Second, faults: []func(){func() {
+					require.True(t, p.DstLoading())
+					p.LinkBlackHole(true)
+				}}}
+				cfg.Observer = func(e engine.Event) {
+					s.observe(e)
+					// The link returns as the first attempt starts (both
+					// sides paused), as in the integration test; it would
+					// stay down for good without a recovery attempt.
+					if e.Kind == engine.EventRecovery && e.Recovery.Step == engine.RecoveryAttempt {
+						p.LinkBlackHole(false)
+					}
+				}
+				res, err := engine.Migrate(t.Context(), cfg)
+				require.NoError(t, err)
+				assert.Equal(t, engine.StatusCompleted, res.Status)
+				assert.False(t, res.StateUnknown)
+				assert.Equal(t, 1, res.Recoveries)
+				assert.Less(t, res.PostcopyStall, 10*time.Second, "well within UnresponsiveTimeout (30 s)")
+				probes := p.Dst.CallsOf("query-yank")
+				require.NotEmpty(t, probes, "the destination probed out of band")
+				for _, c := range probes {
+					assert.True(t, c.OOB)
+				}
+				assert.Equal(t, 1, p.Pauses(qemutest.Destination), "the destination paused out of band")
+				for _, c := range append(p.Dst.CallsOf("migrate-pause"), p.Dst.CallsOf("migrate-recover")...) {
+					assert.True(t, c.OOB, "%s out of band", c.Command)
+				}
+				var attempt *engine.Recovery
+				for _, e := range s.rec.events {
+					if e.Kind == engine.EventRecovery && e.Recovery.Step == engine.RecoveryAttempt {
+						attempt = e.Recovery
+					}
+				}
+				require.NotNil(t, attempt)
+				assert.Contains(t, attempt.Detail, "followed from its events")
+				noCancelNoResume(t, p)
+				assert.False(t, p.DstLoading())
+				assert.Equal(t, "running", p.DstRunState())
+			})
+		})
+	}
+}
+
 // Three losses, the first two before the destination loaded the device
 // state (its in-band monitor blocked throughout: the query left unanswered
 // by the first is waited for again, not sent anew), the third after it

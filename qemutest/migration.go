@@ -64,6 +64,19 @@ func (q *QEMU) installMigration() {
 	}
 	q.handle("migrate-incoming", qmptest.Args(q.p.migrateIncoming, incomingMembers(v)...))
 	q.handle("yank", q.p.yank)
+	q.handle("query-yank", q.p.queryYank)
+}
+
+// queryYank lists the yank instances: the monitor's chardev, and the
+// migration while the destination listens or loads. Real QEMU runs it out
+// of band too (its monitor thread): a destination whose main thread is
+// blocked answers it, a frozen one does not.
+func (p *Pair) queryYank(json.RawMessage) (any, error) {
+	out := []map[string]any{{"type": "chardev", "id": "monitor"}}
+	if p.mig.listening && !p.mig.dstStatus.Terminal() {
+		out = append(out, map[string]any{"type": "migration"})
+	}
+	return out, nil
 }
 
 func (q *QEMU) queryMigrate(json.RawMessage) (any, error) {
