@@ -725,13 +725,18 @@ func (s *Session) cancelJobs(ctx context.Context) error {
 	asked := map[string]bool{}
 	var yankAt time.Time // when to yank the NBD connections of jobs still stuck
 	yanked := false
+	var stuck []string // jobs still there after their yank
 	for {
 		s.drain()
 		jobs, err := s.src.QueryBlockJobs(ctx)
 		if err != nil {
+			if yanked && len(stuck) > 0 && ctx.Err() != nil {
+				return s.stuckErr(stuck, ctx.Err())
+			}
 			return fmt.Errorf("blockmirror: query-block-jobs: %w", err)
 		}
 		left := 0
+		stuck = stuck[:0]
 		for _, d := range s.disks {
 			if !d.mirroring && !d.ended {
 				continue
@@ -747,6 +752,7 @@ func (s *Session) cancelJobs(ctx context.Context) error {
 				continue
 			}
 			left++
+			stuck = append(stuck, d.job)
 			switch {
 			case j.Status == "concluded":
 				if err := s.src.JobDismiss(ctx, d.job); err != nil && !isGone(err) {
@@ -776,12 +782,27 @@ func (s *Session) cancelJobs(ctx context.Context) error {
 		}
 		select {
 		case <-ctx.Done():
+			if yanked {
+				return s.stuckErr(stuck, ctx.Err())
+			}
 			return fmt.Errorf("blockmirror: waiting for cancelled mirrors: %w", ctx.Err())
 		case <-s.src.Done():
 			return fmt.Errorf("%w: %w", ErrSourceGone, s.src.Err())
 		case <-t.C:
 		}
 	}
+}
+
+// stuckErr says which cancelled mirrors outlived the yank of their NBD
+// connections: their requests in flight wait on a destination that reads
+// nothing (a process stopped). Over TCP the yank ends them (measured on
+// 10.0); over a unix socket QEMU waits for the socket to turn writable,
+// which a shut-down unix socket never reports: they end only once the
+// destination reads again or exits. The source's disks and guest are not
+// touched meanwhile.
+func (s *Session) stuckErr(jobs []string, err error) error {
+	return fmt.Errorf("blockmirror: mirrors %s cancelled and their NBD connections yanked, still waiting for NBD requests in flight (a destination that reads nothing, stopped?; over a unix socket they end only once it reads again or exits): %w",
+		strings.Join(jobs, ", "), err)
 }
 
 // abortDestinationTimeout bounds Abort's clean-up on the destination.
@@ -810,13 +831,15 @@ func (s *Session) yank(ctx context.Context) {
 }
 
 // isGone reports whether a QMP error says the object does not exist (any
-// more): DeviceNotFound, or a GenericError for a missing job/node/export.
+// more): DeviceNotFound, DeviceNotActive (block-job-cancel of a job that
+// ended since it was listed: measured on 10.0, an Abort retried as a
+// stuck mirror ended), or a GenericError for a missing job/node/export.
 func isGone(err error) bool {
 	var qe *qmp.Error
 	if !errors.As(err, &qe) {
 		return false
 	}
-	return qe.Class == "DeviceNotFound" || qe.Class == "GenericError"
+	return qe.Class == "DeviceNotFound" || qe.Class == "DeviceNotActive" || qe.Class == "GenericError"
 }
 
 // delNBDNodes deletes the source NBD client nodes. Caller holds mu.

@@ -2,6 +2,7 @@ package blockmirror
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"regexp"
 	"testing"
@@ -549,4 +550,57 @@ func TestTLSCredentials(t *testing.T) {
 func tlsEnv(e Env, creds, host string) Env {
 	e.TLSCreds, e.TLSHostname = creds, host
 	return e
+}
+
+// A force-cancelled mirror that outlives the yank of its NBD connection
+// (real QEMU over a unix socket, the destination stopped with NBD
+// requests in flight: measured on 10.0) makes Abort end with an error
+// that says so, naming the job, not a bare query timeout.
+func TestAbortStuckMirrorSaysSo(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx := context.Background()
+		src, dst := pair(t)
+		s, err := Start(ctx, Config{Disks: []string{"disk0"}}, env(src, dst, uri))
+		require.NoError(t, err)
+		job := bmJobOf(t, s)
+		src.Handle("block-job-cancel", func(json.RawMessage) (any, error) { return nil, nil }) // accepted, never ends
+		src.Handle("yank", func(json.RawMessage) (any, error) { return nil, nil })
+		actx, cancel := context.WithTimeout(ctx, 5*time.Second+time.Millisecond)
+		defer cancel()
+		err = s.Abort(actx)
+		require.Error(t, err)
+		t.Log(err)
+		assert.ErrorIs(t, err, context.DeadlineExceeded)
+		assert.Contains(t, err.Error(), "mirrors "+job+" cancelled and their NBD connections yanked, still waiting for NBD requests in flight")
+		assert.Len(t, src.CallsOf("yank"), 1)
+	})
+}
+
+func bmJobOf(t *testing.T, s *Session) string {
+	t.Helper()
+	p, err := s.Progress(context.Background())
+	require.NoError(t, err)
+	require.Len(t, p, 1)
+	return p[0].Job
+}
+
+// A mirror that ends between Abort's query-block-jobs and its
+// block-job-cancel makes QEMU answer DeviceNotActive (measured on 10.0,
+// an Abort retried as a stuck mirror ended): nothing left to cancel, not
+// an error.
+func TestAbortJobEndedBeforeCancel(t *testing.T) {
+	ctx := context.Background()
+	src, dst := pair(t)
+	s, err := Start(ctx, Config{Disks: []string{"disk0"}}, env(src, dst, uri))
+	require.NoError(t, err)
+	job := bmJobOf(t, s)
+	cancelJob := src.Handler("block-job-cancel")
+	src.Handle("block-job-cancel", func(args json.RawMessage) (any, error) {
+		if _, err := cancelJob(args); err != nil {
+			return nil, err
+		}
+		return nil, &qmp.Error{Class: "DeviceNotActive", Desc: "Block job '" + job + "' not found"}
+	})
+	require.NoError(t, s.Abort(ctx))
+	nothingLeft(t, src, dst)
 }
