@@ -553,6 +553,54 @@ func TestMirrorQEMUKilled(t *testing.T) {
 	}
 }
 
+// pre-switchover x kill dst / kill src: a QEMU killed in the
+// pre-switchover window of a storage migration (the source paused there,
+// the mirrors about to finish) is named as gone (ErrDestinationGone,
+// ErrSourceGone), the side it was, as in the mirror phase; a destination
+// killed is rolled back, the source's guest running again. Found on real
+// QEMU (TestFaultMatrix/PreSwitchover): the error named the source and
+// no QEMU gone.
+func TestPreSwitchoverQEMUKilled(t *testing.T) {
+	for _, side := range []engine.Side{engine.SideSource, engine.SideDestination} {
+		t.Run(string(side), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				p, cfg := pair(t, qemutest.Options{Disk: 64 << 20})
+				cfg.Storage = &blockmirror.Config{}
+				kill, gone := p.KillSrc, engine.ErrSourceGone
+				if side == engine.SideDestination {
+					kill, gone = p.KillDst, engine.ErrDestinationGone
+				}
+				cfg.Observer = func(e engine.Event) {
+					if e.Kind == engine.EventPhase && e.Phase == engine.PhaseSwitchover {
+						require.Equal(t, qmp.StatusPreSwitchover, p.Status())
+						kill()
+					}
+				}
+				res, err := engine.Migrate(t.Context(), cfg)
+				require.Error(t, err)
+				t.Logf("%v\nundone %q\nundo errors %q", err, res.Undone, res.UndoErrors)
+				assert.ErrorIs(t, err, gone)
+				if side == engine.SideSource {
+					engineErr(t, err, engine.PhaseSwitchover, side, "finish mirrors")
+				} else {
+					// The fake's mirrors finish without the destination: its
+					// monitor's end is seen first (real QEMU: at the
+					// mirrors' finish, as for the source).
+					var ee *engine.Error
+					require.ErrorAs(t, err, &ee)
+					assert.Equal(t, engine.SideDestination, ee.Side)
+				}
+				assert.Equal(t, engine.StatusFailed, res.Status)
+				if side == engine.SideDestination {
+					assert.Equal(t, "running", p.SrcRunState(), "rolled back: the source runs the guest")
+					nodes, jobs, _, _ := p.Src.BlockLeft()
+					assert.Zero(t, nodes+jobs, "source: mirrors and nodes left")
+				}
+			})
+		})
+	}
+}
+
 // pre-switchover x stop dst / link black hole: the destination stops
 // reading in the stop-and-copy (SIGSTOP, or a link that drops every
 // packet). QEMU's migration thread then blocks writing the device state

@@ -179,7 +179,7 @@ func (r *run) waitMirrors(ctx context.Context) error {
 			if isUnanswered(err) {
 				return err
 			}
-			return r.mirrorErr(err)
+			return r.mirrorErr("wait for mirrors", err)
 		}
 		r.diskProgress(ps)
 		ready := true
@@ -204,9 +204,9 @@ func (r *run) waitMirrors(ctx context.Context) error {
 		case <-ctx.Done():
 			return r.cancelled(ctx, "wait for mirrors")
 		case <-r.dst.Done():
-			return r.mirrorErr(fmt.Errorf("%w: %w", blockmirror.ErrDestinationGone, r.dst.Err()))
+			return r.mirrorErr("wait for mirrors", fmt.Errorf("%w: %w", blockmirror.ErrDestinationGone, r.dst.Err()))
 		case <-r.src.Done():
-			return r.mirrorErr(fmt.Errorf("%w: %w", blockmirror.ErrSourceGone, r.src.Err()))
+			return r.mirrorErr("wait for mirrors", fmt.Errorf("%w: %w", blockmirror.ErrSourceGone, r.src.Err()))
 		case q := <-r.job.reqs:
 			if err := r.serve(ctx, q); err != nil {
 				return err
@@ -216,16 +216,17 @@ func (r *run) waitMirrors(ctx context.Context) error {
 	}
 }
 
-// mirrorErr is the error for a failed look at the mirrors: a QEMU gone is
-// ErrSourceGone or ErrDestinationGone, naming that side, as elsewhere.
-func (r *run) mirrorErr(err error) error {
+// mirrorErr is the error for a failed look at the mirrors (op): a QEMU
+// gone is ErrSourceGone or ErrDestinationGone, naming that side, as
+// elsewhere; any other failure is the source's mirrors'.
+func (r *run) mirrorErr(op string, err error) error {
 	switch {
 	case errors.Is(err, blockmirror.ErrSourceGone):
-		return r.errorf(SideSource, "wait for mirrors", fmt.Errorf("%w: %w", ErrSourceGone, err))
+		return r.errorf(SideSource, op, fmt.Errorf("%w: %w", ErrSourceGone, err))
 	case errors.Is(err, blockmirror.ErrDestinationGone):
-		return r.errorf(SideDestination, "wait for mirrors", fmt.Errorf("%w: %w", ErrDestinationGone, err))
+		return r.errorf(SideDestination, op, fmt.Errorf("%w: %w", ErrDestinationGone, err))
 	}
-	return r.errorf("", "wait for mirrors", err)
+	return r.errorf("", op, err)
 }
 
 // passFDs makes a socketpair and hands one end to each QEMU (getfd). QEMU

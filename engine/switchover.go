@@ -2,7 +2,9 @@ package engine
 
 import (
 	"context"
+	"errors"
 
+	"github.com/qmigrate/qmigrate/blockmirror"
 	"github.com/qmigrate/qmigrate/qmp"
 )
 
@@ -14,6 +16,9 @@ func (r *run) switchOver(ctx context.Context) error {
 		if err := r.mirror.Finish(ctx); err != nil {
 			if ctx.Err() != nil {
 				return r.cancelled(ctx, "finish mirrors")
+			}
+			if errors.Is(err, blockmirror.ErrSourceGone) || errors.Is(err, blockmirror.ErrDestinationGone) {
+				return r.mirrorErr("finish mirrors", err) // naming the QEMU that went away
 			}
 			return r.errorf(SideSource, "finish mirrors", err)
 		}
