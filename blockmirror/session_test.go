@@ -69,7 +69,7 @@ func TestStartFinishCleanup(t *testing.T) {
 		add := src.args("blockdev-add", i)
 		assert.Equal(t, "nbd", add["driver"])
 		assert.Equal(t, name, add["export"])
-		assert.EqualValues(t, 5, add["reconnect-delay"], "a reset NBD connection is re-established (DefaultReconnectDelay)")
+		assert.EqualValues(t, 1, add["reconnect-delay"], "a reset NBD connection is re-established (DefaultReconnectDelay)")
 		assert.Equal(t, map[string]any{"type": "unix", "path": sock}, add["server"])
 		m := src.args("blockdev-mirror", i)
 		assert.Equal(t, node, m["device"])
@@ -415,7 +415,7 @@ func TestReconnectDelay(t *testing.T) {
 	for _, c := range []struct {
 		d    time.Duration
 		want any
-	}{{0, float64(5)}, {1500 * time.Millisecond, float64(2)}, {time.Minute, float64(60)}, {-1, nil}} {
+	}{{0, float64(1)}, {1500 * time.Millisecond, float64(2)}, {time.Minute, float64(60)}, {-1, nil}} {
 		src, dst := pair(t)
 		s, err := Start(context.Background(), Config{ReconnectDelay: c.d}, env(src, dst, uri))
 		require.NoError(t, err)

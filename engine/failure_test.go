@@ -47,6 +47,9 @@ func TestValidate(t *testing.T) {
 		"timeout":        {func(c *engine.Config) { c.ConnectTimeout = -1 }, "ConnectTimeout"},
 		"policy":         {func(c *engine.Config) { c.Strategy.Policy = "yolo" }, "Strategy"},
 		"negative limit": {func(c *engine.Config) { c.Strategy.Limits.MaxDowntime = -time.Second }, "Strategy"},
+		"nbd reconnect": {func(c *engine.Config) {
+			c.Storage = &blockmirror.Config{ReconnectDelay: 5 * time.Second}
+		}, "Storage.ReconnectDelay"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			c := ok
