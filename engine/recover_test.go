@@ -61,6 +61,17 @@ func (s *script) rearm(e engine.Event) {
 	}
 }
 
+// lastAttempt is the last recovery attempt's event (nil: none).
+func (s *script) lastAttempt() *engine.Recovery {
+	var attempt *engine.Recovery
+	for _, e := range s.rec.events {
+		if e.Kind == engine.EventRecovery && e.Recovery.Step == engine.RecoveryAttempt {
+			attempt = e.Recovery
+		}
+	}
+	return attempt
+}
+
 func (s *script) steps() []engine.RecoveryStep {
 	var out []engine.RecoveryStep
 	for _, e := range s.rec.events {
@@ -141,12 +152,7 @@ func TestRecoverLinkLostBeforeDeviceLoaded(t *testing.T) {
 				// The grace of the in-band query, then the recovery.
 				assert.GreaterOrEqual(t, res.PostcopyStall, time.Second)
 				assert.Less(t, res.PostcopyStall, 3*time.Second)
-				var attempt *engine.Recovery
-				for _, e := range s.rec.events {
-					if e.Kind == engine.EventRecovery && e.Recovery.Step == engine.RecoveryAttempt {
-						attempt = e.Recovery
-					}
-				}
+				attempt := s.lastAttempt()
 				require.NotNil(t, attempt)
 				assert.Contains(t, attempt.Detail, "followed from its events")
 				calls := p.Dst.CallsOf("migrate-recover")
@@ -205,12 +211,7 @@ func TestRecoverBlackHoleBeforeDeviceLoaded(t *testing.T) {
 				for _, c := range append(p.Dst.CallsOf("migrate-pause"), p.Dst.CallsOf("migrate-recover")...) {
 					assert.True(t, c.OOB, "%s out of band", c.Command)
 				}
-				var attempt *engine.Recovery
-				for _, e := range s.rec.events {
-					if e.Kind == engine.EventRecovery && e.Recovery.Step == engine.RecoveryAttempt {
-						attempt = e.Recovery
-					}
-				}
+				attempt := s.lastAttempt()
 				require.NotNil(t, attempt)
 				assert.Contains(t, attempt.Detail, "followed from its events")
 				noCancelNoResume(t, p)

@@ -841,12 +841,22 @@ func bmTestLinuxGuest(t *testing.T, q *qemulab.QEMU, kernel, initrd string, useE
 	dst.quit(ctx)
 }
 
-// bmTestLinkCut runs source and destination in two network namespaces with
-// the NBD connection over a shaped veth link, cuts the link mid-mirror, aborts
-// (the stuck NBD connection is yanked), restores the link and migrates.
-func bmTestLinkCut(t *testing.T, q *qemulab.QEMU) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
+// bmLinked is a mirror between two network namespaces (bmStartLinked).
+type bmLinked struct {
+	n        *qemulab.Network
+	src, dst *bmVM
+	cfg      blockmirror.Config
+	uri      string
+	s        *blockmirror.Session
+	at       blockmirror.Progress // a second after the start, not READY
+}
+
+// bmStartLinked runs source and destination in two network namespaces over
+// a veth link shaped to 8 MiB/s, the NBD server on the destination's
+// address, and starts the mirror of 48 MiB written on a 64 MiB disk; it
+// returns a second later, the mirror not READY.
+func bmStartLinked(ctx context.Context, t *testing.T, q *qemulab.QEMU) *bmLinked {
+	t.Helper()
 	n, err := qemulab.NewNetwork(ctx, 8<<20)
 	if errors.Is(err, qemulab.ErrNetnsUnavailable) && os.Getenv("CI") == "" {
 		t.Skipf("no network namespaces: %v", err)
@@ -854,25 +864,36 @@ func bmTestLinkCut(t *testing.T, q *qemulab.QEMU) {
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = n.Close() })
 	dir := t.TempDir()
-	src := bmStartVM(t, q, dir, "src", bmOpts{size: "64M", netns: n.A.Netns})
-	dst := bmStartVM(t, q, dir, "dst", bmOpts{size: "64M", incoming: true, netns: n.B.Netns})
-	bmCaps(t, ctx, src, dst)
-	src.write(ctx, 0x11, 0, 48<<20)
-	cfg := blockmirror.Config{NBDAddress: qmp.TCPAddress(n.B.Addr, "10809")}
-	uri := "unix:" + filepath.Join(dir, "mig.sock")
-
-	s, err := bmStart(ctx, t, src, dst, cfg, uri)
+	l := &bmLinked{n: n, uri: "unix:" + filepath.Join(dir, "mig.sock"),
+		cfg: blockmirror.Config{NBDAddress: qmp.TCPAddress(n.B.Addr, "10809")}}
+	l.src = bmStartVM(t, q, dir, "src", bmOpts{size: "64M", netns: n.A.Netns})
+	l.dst = bmStartVM(t, q, dir, "dst", bmOpts{size: "64M", incoming: true, netns: n.B.Netns})
+	bmCaps(t, ctx, l.src, l.dst)
+	l.src.write(ctx, 0x11, 0, 48<<20)
+	l.s, err = bmStart(ctx, t, l.src, l.dst, l.cfg, l.uri)
 	require.NoError(t, err)
 	time.Sleep(time.Second)
-	p, err := s.Progress(ctx)
+	p, err := l.s.Progress(ctx)
 	require.NoError(t, err)
 	require.False(t, p[0].Ready)
+	l.at = p[0]
+	return l
+}
+
+// bmTestLinkCut runs source and destination in two network namespaces with
+// the NBD connection over a shaped veth link, cuts the link mid-mirror, aborts
+// (the stuck NBD connection is yanked), restores the link and migrates.
+func bmTestLinkCut(t *testing.T, q *qemulab.QEMU) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	l := bmStartLinked(ctx, t, q)
+	n, src, dst, cfg, uri, s := l.n, l.src, l.dst, l.cfg, l.uri, l.s
 	require.NoError(t, n.Cut(ctx))
 	wctx, wcancel := context.WithTimeout(ctx, 3*time.Second)
-	err = s.WaitReady(wctx, nil)
+	err := s.WaitReady(wctx, nil)
 	wcancel()
 	require.ErrorIs(t, err, context.DeadlineExceeded, "a cut link stalls the mirror")
-	p, err = s.Progress(ctx)
+	p, err := s.Progress(ctx)
 	require.NoError(t, err)
 	t.Logf("stalled at %d/%d bytes", p[0].Done, p[0].Total)
 	start := time.Now()
@@ -901,27 +922,9 @@ func bmTestLinkCut(t *testing.T, q *qemulab.QEMU) {
 func bmTestLinkFault(t *testing.T, q *qemulab.QEMU, fault string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	n, err := qemulab.NewNetwork(ctx, 8<<20)
-	if errors.Is(err, qemulab.ErrNetnsUnavailable) && os.Getenv("CI") == "" {
-		t.Skipf("no network namespaces: %v", err)
-	}
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = n.Close() })
-	dir := t.TempDir()
-	src := bmStartVM(t, q, dir, "src", bmOpts{size: "64M", netns: n.A.Netns})
-	dst := bmStartVM(t, q, dir, "dst", bmOpts{size: "64M", incoming: true, netns: n.B.Netns})
-	bmCaps(t, ctx, src, dst)
-	src.write(ctx, 0x11, 0, 48<<20)
-	cfg := blockmirror.Config{NBDAddress: qmp.TCPAddress(n.B.Addr, "10809")}
-	uri := "unix:" + filepath.Join(dir, "mig.sock")
-
-	s, err := bmStart(ctx, t, src, dst, cfg, uri)
-	require.NoError(t, err)
-	time.Sleep(time.Second)
-	p, err := s.Progress(ctx)
-	require.NoError(t, err)
-	require.False(t, p[0].Ready)
-	t.Logf("QEMU %s: %s at %d/%d bytes", q.Name(), fault, p[0].Done, p[0].Total)
+	l := bmStartLinked(ctx, t, q)
+	n, src, dst, s := l.n, l.src, l.dst, l.s
+	t.Logf("QEMU %s: %s at %d/%d bytes", q.Name(), fault, l.at.Done, l.at.Total)
 	start := time.Now()
 	switch fault {
 	case "reset":
@@ -934,7 +937,7 @@ func bmTestLinkFault(t *testing.T, q *qemulab.QEMU, fault string) {
 		require.NoError(t, n.Restore(ctx))
 	}
 	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
-	err = s.WaitReady(wctx, nil)
+	err := s.WaitReady(wctx, nil)
 	wcancel()
 	if err != nil {
 		p, _ := s.Progress(ctx)

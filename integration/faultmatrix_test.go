@@ -233,16 +233,9 @@ func testMatrixPostcopyStopDst(t *testing.T, q *qemulab.QEMU) {
 	cfg.PostcopyStallTimeout = 2 * time.Second
 	cfg.UnresponsiveTimeout = matrixUnresponsive
 	stopped := make(chan time.Time, 1)
-	var start uint64
+	var quarter postcopyQuarter
 	cfg.Observer = func(e engine.Event) {
-		if len(stopped) > 0 || e.Kind != engine.EventStats || e.Stats.Status != string(qmp.StatusPostcopyActive) {
-			return
-		}
-		left := e.Stats.RemainingBytes
-		switch {
-		case start == 0:
-			start = max(left, 1)
-		case left <= start*3/4 && left >= start/4:
+		if len(stopped) == 0 && quarter.reached(e) {
 			require.NoError(t, dst.Signal(syscall.SIGSTOP))
 			stopped <- time.Now()
 		}
@@ -339,20 +332,14 @@ func testMatrixRecovery(t *testing.T, q *qemulab.QEMU, fault string) {
 	cfg := postcopyConfig(t, src, dst, p)
 	cfg.PostcopyStallTimeout = 2 * time.Second
 	cfg.UnresponsiveTimeout = matrixUnresponsive
-	var start uint64
+	var quarter postcopyQuarter
 	holed := false
 	injectedAt := make(chan time.Time, 1)
 	cfg.Observer = func(e engine.Event) {
 		switch {
-		case e.Kind == engine.EventStats && e.Stats.Status == string(qmp.StatusPostcopyActive) && !holed:
-			left := e.Stats.RemainingBytes
-			switch {
-			case start == 0:
-				start = max(left, 1)
-			case left <= start*3/4 && left >= start/4:
-				holed = true
-				p.BlackHole(true)
-			}
+		case !holed && quarter.reached(e):
+			holed = true
+			p.BlackHole(true)
 		case e.Kind == engine.EventRecovery && e.Recovery.Step == engine.RecoveryAttempt && len(injectedAt) == 0:
 			injectedAt <- time.Now()
 			inject(t, fault, src, dst, nil)

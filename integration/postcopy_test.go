@@ -274,25 +274,19 @@ func testPostcopyKilled(t *testing.T, q *qemulab.QEMU, side engine.Side) {
 	// still to move (a kill then cannot miss postcopy, whatever the
 	// machine's speed).
 	killed := make(chan time.Time, 1)
-	var start uint64 // RemainingBytes at the first postcopy sample; 0 before it
+	var quarter postcopyQuarter
 	done := false
 	cfg.Observer = func(e engine.Event) {
-		if done || e.Kind != engine.EventStats || e.Stats.Status != string(qmp.StatusPostcopyActive) {
+		if done || !quarter.reached(e) {
 			return
 		}
-		left := e.Stats.RemainingBytes
-		switch {
-		case start == 0:
-			start = max(left, 1)
-		case left <= start*3/4 && left >= start/4:
-			done = true
-			t.Logf("killing the %s with %d of %d bytes left", side, left, start)
-			killed <- time.Now()
-			if side == engine.SideDestination {
-				go dst.Kill()
-			} else {
-				go src.Kill()
-			}
+		done = true
+		t.Logf("killing the %s with %d of %d bytes left", side, e.Stats.RemainingBytes, quarter.start)
+		killed <- time.Now()
+		if side == engine.SideDestination {
+			go dst.Kill()
+		} else {
+			go src.Kill()
 		}
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
@@ -483,6 +477,26 @@ func testPostcopyCLIGuestLost(t *testing.T, q *qemulab.QEMU) {
 	assert.Equal(t, "guest_lost", last["state"])
 	assert.Contains(t, last["error"], "guest lost")
 	assert.False(t, src.Exited(), "qmigrate kills nothing")
+}
+
+// postcopyQuarter sees, in postcopy's stats samples, when a quarter of
+// what postcopy had to move has moved while a quarter is still to move: a
+// fault injected then comes with the guest running on the destination and
+// cannot miss postcopy, whatever the machine's speed.
+type postcopyQuarter struct {
+	start uint64 // RemainingBytes at the first postcopy sample; 0 before it
+}
+
+func (q *postcopyQuarter) reached(e engine.Event) bool {
+	if e.Kind != engine.EventStats || e.Stats.Status != string(qmp.StatusPostcopyActive) {
+		return false
+	}
+	left := e.Stats.RemainingBytes
+	if q.start == 0 {
+		q.start = max(left, 1)
+		return false
+	}
+	return left <= q.start*3/4 && left >= q.start/4
 }
 
 // linkProxy is a TCP proxy between the source and the destination's
