@@ -110,13 +110,17 @@ func (r *run) waitDestination(ctx context.Context) (string, error) {
 	// ctx ends only at completeTimeout (complete ignores the caller's
 	// cancel): a call cut by it is that timeout, not a cancel.
 	var last qmp.MigrationStatus
+	// Not wrapping ctx's DeadlineExceeded: that says a caller's deadline
+	// (ErrCancelled).
 	timedOut := func() error {
-		st := string(last)
-		if st == "" {
-			st = "unread" // its first query-migrate got no answer
+		what := "still " + string(last)
+		switch last {
+		case "":
+			what = "unread (its query-migrate unanswered)"
+		case qmp.StatusCompleted:
+			what = "completed, its run state still loading"
 		}
-		return r.errorf(SideDestination, "wait for completion", fmt.Errorf("destination still %s after %v: %w",
-			st, completeTimeout, ctx.Err()))
+		return r.errorf(SideDestination, "wait for completion", fmt.Errorf("destination %s after %v", what, completeTimeout))
 	}
 	for {
 		r.drainEvents()

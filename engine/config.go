@@ -130,8 +130,9 @@ func (c Config) Validate() error {
 // maxStorageReconnect bounds Storage.ReconnectDelay: measured on 7.2 with
 // 5 s, a destination killed at the pre-switchover window held the source's
 // monitor past the rollback's bound (its guest left paused); 1 s (the
-// default) did not.
-const maxStorageReconnect = 3 * time.Second
+// default) did not. Longer was not measured, and a source the rollback
+// already suspects gets undoProbeTimeout (2 s) per command.
+const maxStorageReconnect = time.Second
 
 func (c Config) pollInterval() time.Duration { return orDefault(c.PollInterval, DefaultPollInterval) }
 

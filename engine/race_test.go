@@ -167,7 +167,7 @@ func TestDestinationNeverTakesOver(t *testing.T) {
 		require.ErrorAs(t, err, &ee)
 		assert.Equal(t, engine.SideDestination, ee.Side)
 		assert.Contains(t, err.Error(), "destination still active after 1m0s")
-		assert.ErrorIs(t, err, context.DeadlineExceeded)
+		assert.NotErrorIs(t, err, context.DeadlineExceeded, "no caller's deadline")
 		guestWhereResultSays(t, p, res)
 		assert.Equal(t, "running", p.SrcRunState(), "the source got the guest back")
 		assert.Positive(t, p.Stops(qemutest.Destination), "the destination was stopped first")

@@ -52,7 +52,8 @@ import (
 // paused postcopy or a recovery, the engine follows the destination's
 // events instead, and the recovery goes on out of band. A link lost in a
 // black hole there breaks nothing, so no event says paused: once the
-// engine took the link for lost (the stall), a destination whose events
+// engine took the link for lost (stage postcopy-paused: the stall, or any
+// loss), a destination whose events
 // still say postcopy-active is probed out of band (query-yank); one that
 // answers is followed the same way, and paused out of band. A destination
 // that answers neither (SIGSTOP) is waited for up to UnresponsiveTimeout,
@@ -71,8 +72,10 @@ const (
 )
 
 // dstProbeGrace is how long the destination's in-band query-migrate may go
-// unanswered, while its events report postcopy paused or recovering, before
-// the engine follows its events (a main thread blocked on a page).
+// unanswered, while its events report postcopy paused or recovering (or
+// still postcopy-active after a loss, and it answers out of band), before
+// the engine follows its events (a main thread blocked on a page); it also
+// bounds each wait for the out-of-band probe's answer (dstAlive).
 const dstProbeGrace = time.Second
 
 // postcopyPreempt reports whether postcopy-preempt is wanted: postcopy
@@ -108,8 +111,9 @@ type postcopyWatch struct {
 	// when none): at most one at a time (dstStatus).
 	probe *dstProbe
 	// dstBlocked: the destination's in-band monitor did not answer while
-	// its events reported postcopy paused or recovering: its status is
-	// followed from its events until the probe answers.
+	// its events reported postcopy paused or recovering (or, after a loss,
+	// still postcopy-active with its out-of-band probe answered): its
+	// status is followed from its events until the probe answers.
 	dstBlocked bool
 	// live is the destination's out-of-band liveness probe in flight (nil
 	// when none): at most one at a time (dstAlive).
@@ -499,13 +503,21 @@ func (r *run) postcopyStatus(ctx context.Context) (src, dst qmp.MigrationStatus,
 // dstStatus reads the destination's migration status in postcopy: its
 // answer to an in-band query-migrate, or, when that goes unanswered for
 // dstProbeGrace while its last MIGRATION event reports postcopy paused or
-// recovering (and out-of-band commands can reach it), that event's status.
-// At most one query is in flight: one left unanswered by an earlier read is
-// waited for again rather than sent anew, and one answered before this
-// read began is stale and dropped. Unanswered otherwise within
+// recovering (and out-of-band commands can reach it), that event's status;
+// after a loss, one whose events still say postcopy-active is followed so
+// too if it answers out of band (followDstEvents). At most one query, and
+// one out-of-band probe, is in flight: one left unanswered by an earlier
+// read is waited for again rather than sent anew, and one answered before
+// this read began is stale and dropped. Unanswered otherwise within
 // UnresponsiveTimeout of being sent: ErrUnresponsive, as from ask.
 func (r *run) dstStatus(ctx context.Context) (qmp.MigrationStatus, error) {
 	w := &r.pc
+	if w.live != nil && len(w.live.done) > 0 {
+		// Answered since the last read: stale (the process may have
+		// stopped since).
+		w.live.cancel()
+		w.live = nil
+	}
 	if w.probe != nil {
 		select {
 		case <-w.probe.done:
@@ -608,8 +620,11 @@ func (r *run) followDstEvents(graceSpent bool, left time.Duration) bool {
 	switch w.dstEv {
 	case qmp.StatusPostcopyPaused, qmp.StatusPostcopyRecover, qmp.StatusPostcopyRecoverSetup:
 	case qmp.StatusPostcopyActive:
-		if r.stage != stagePostcopyPaused || !r.dstAlive(left) {
+		if r.stage != stagePostcopyPaused || left <= 0 || !r.dstAlive(left) {
 			return false
+		}
+		if len(w.probe.done) > 0 {
+			return false // its in-band answer came meanwhile: dstStatus reads it
 		}
 		why = "it answers out of band and its events still report postcopy-active (the link lost in a black hole)"
 	default:

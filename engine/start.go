@@ -218,7 +218,7 @@ func (r *run) waitMirrors(ctx context.Context) error {
 
 // mirrorErr is the error for a failed look at the mirrors (op): a QEMU
 // gone is ErrSourceGone or ErrDestinationGone, naming that side, as
-// elsewhere; any other failure is the source's mirrors'.
+// elsewhere; any other failure names no side.
 func (r *run) mirrorErr(op string, err error) error {
 	switch {
 	case errors.Is(err, blockmirror.ErrSourceGone):

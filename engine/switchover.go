@@ -20,7 +20,9 @@ func (r *run) switchOver(ctx context.Context) error {
 			if errors.Is(err, blockmirror.ErrSourceGone) || errors.Is(err, blockmirror.ErrDestinationGone) {
 				return r.mirrorErr("finish mirrors", err) // naming the QEMU that went away
 			}
-			return r.errorf(SideSource, "finish mirrors", err)
+			// The source's (a connection closed under a command is its
+			// QEMU gone).
+			return r.callErr(ctx, SideSource, "finish mirrors", err)
 		}
 	}
 	r.log.Debug("migrate-continue pre-switchover")
