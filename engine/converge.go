@@ -23,7 +23,22 @@ func (r *run) converge(ctx context.Context) error {
 	if err := r.startDirtyRate(ctx); err != nil {
 		return err
 	}
+	ignoring := false
 	for {
+		if !ignoring && !r.stage.cancellable() {
+			// The guest runs on the destination (postcopy) or the source
+			// completed: a cancel can only be ignored from here on, and no
+			// call may fail for one that lands while it is under way
+			// (measured on 10.0: a cancel at the first postcopy sample
+			// ended the run "failure during postcopy: cancelled").
+			ignoring = true
+			caller := ctx
+			ctx = context.WithoutCancel(ctx)
+			stop := context.AfterFunc(caller, func() {
+				r.log.Warn("cancel ignored: postcopy started, the migration must finish", "err", caller.Err())
+			})
+			defer stop()
+		}
 		info, err := ask(r, ctx, SideSource, "query-migrate", r.src.QueryMigrate)
 		if err != nil {
 			if r.stage.postcopy() {
