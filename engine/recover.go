@@ -53,11 +53,10 @@ import (
 // events instead, and the recovery goes on out of band. A link lost in a
 // black hole there breaks nothing, so no event says paused: once the
 // engine took the link for lost (stage postcopy-paused: the stall, or any
-// loss), a destination whose events
-// still say postcopy-active is probed out of band (query-yank); one that
-// answers is followed the same way, and paused out of band. A destination
-// that answers neither (SIGSTOP) is waited for up to UnresponsiveTimeout,
-// as any command.
+// loss), a destination whose events still say postcopy-active is probed
+// out of band (query-yank); one that answers is followed the same way,
+// and paused out of band. A destination that answers neither (SIGSTOP) is
+// waited for up to UnresponsiveTimeout, as any command.
 //
 // Recovery is impossible when a QEMU went away: the destination (the guest
 // ran there: lost, ErrGuestLost) or the source (the pages it alone held:
@@ -639,10 +638,11 @@ func (r *run) followDstEvents(graceSpent bool, left time.Duration) bool {
 
 // dstAlive probes the destination out of band with query-yank, which QEMU
 // runs in its monitor's own thread, harmless whenever it runs: an answer
-// (an error included) within dstProbeGrace (at most wait) says its process runs though
-// its main thread is blocked. At most one probe is in flight: a stopped
-// process keeps it queued (it is waited for again, not sent anew), and
-// QEMU stops reading a monitor whose out-of-band queue is full.
+// (an error included) within dstProbeGrace, and at most wait, says its
+// process runs though its main thread is blocked. At most one probe is in
+// flight: a stopped process keeps it queued (it is waited for again, not
+// sent anew), and QEMU stops reading a monitor whose out-of-band queue is
+// full.
 func (r *run) dstAlive(wait time.Duration) bool {
 	w := &r.pc
 	if w.live == nil {
