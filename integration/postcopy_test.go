@@ -19,6 +19,7 @@ import (
 	"github.com/qmigrate/qmigrate/internal/qemulab"
 	"github.com/qmigrate/qmigrate/qmp"
 	"github.com/qmigrate/qmigrate/strategy"
+	"github.com/qmigrate/qmigrate/transport"
 )
 
 // TestPostcopyFaults breaks postcopy's link on real QEMUs, through a TCP
@@ -40,6 +41,45 @@ func TestPostcopyFaults(t *testing.T) {
 	t.Run("SourceKilledAtStart", func(t *testing.T) { testPostcopySourceKilledAtStart(t, q) })
 	t.Run("CLIGuestLost", func(t *testing.T) { testPostcopyCLIGuestLost(t, q) })
 	t.Run("PostcopyBandwidth", func(t *testing.T) { testPostcopyBandwidth(t, q) })
+	t.Run("LinkResetOverTLS", func(t *testing.T) { testPostcopyTLSReset(t, q) })
+}
+
+// Postcopy over TLS (x509, the certificate for 127.0.0.1), the link reset
+// once a quarter of postcopy moved: the recovery's channel is TLS too (the
+// destination's migrate-recover under the TLS parameters still in force,
+// the source's resume handshaking through the proxy: a plain channel
+// against a TLS one fails), and the migration completes, the guest intact.
+func testPostcopyTLSReset(t *testing.T, q *qemulab.QEMU) {
+	src, dst := enginePair(t, q, 500e6, true, "")
+	p := newLinkProxy(t)
+	cfg := postcopyConfig(t, src, dst, p)
+	cfg.TLS = &transport.TLS{Kind: transport.TLSX509, Dir: x509Dir(t, "127.0.0.1")}
+	var quarter postcopyQuarter
+	reset := false
+	var steps []string
+	var creds string
+	cfg.Observer = func(e engine.Event) {
+		switch {
+		case !reset && quarter.reached(e):
+			reset = true
+			if pr, err := dst.QMP.QueryMigrateParameters(t.Context()); err == nil && pr.TLSCreds != nil {
+				creds = *pr.TLSCreds
+			}
+			go p.Reset()
+		case e.Kind == engine.EventRecovery:
+			steps = append(steps, string(e.Recovery.Step))
+		}
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	res, err := engine.Migrate(ctx, cfg)
+	require.True(t, reset, "reset in postcopy (Migrate: %v)", err)
+	require.NoError(t, err, "steps %v", steps)
+	t.Logf("QEMU %s: completed over TLS (destination tls-creds %q at the reset): %d recoveries, stall %v, steps %v",
+		q.Name(), creds, res.Recoveries, res.PostcopyStall, steps)
+	assert.NotEmpty(t, creds, "TLS in force on the destination at the reset")
+	assert.GreaterOrEqual(t, res.Recoveries, 1, "the loss recovered")
+	completed(t, src, dst)
 }
 
 // The user's bandwidth limit holds in postcopy: with a guest that touches
