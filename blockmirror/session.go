@@ -725,18 +725,17 @@ func (s *Session) cancelJobs(ctx context.Context) error {
 	asked := map[string]bool{}
 	var yankAt time.Time // when to yank the NBD connections of jobs still stuck
 	yanked := false
-	var stuck []string // jobs still there after their yank
+	var left []string // the jobs still there at the last look
 	for {
 		s.drain()
 		jobs, err := s.src.QueryBlockJobs(ctx)
 		if err != nil {
-			if yanked && len(stuck) > 0 && ctx.Err() != nil {
-				return s.stuckErr(stuck, ctx.Err())
+			if yanked && len(left) > 0 && ctx.Err() != nil {
+				return s.stuckErr(left, ctx.Err())
 			}
 			return fmt.Errorf("blockmirror: query-block-jobs: %w", err)
 		}
-		left := 0
-		stuck = stuck[:0]
+		left = left[:0]
 		for _, d := range s.disks {
 			if !d.mirroring && !d.ended {
 				continue
@@ -751,8 +750,7 @@ func (s *Session) cancelJobs(ctx context.Context) error {
 				d.mirroring, d.ended = false, true
 				continue
 			}
-			left++
-			stuck = append(stuck, d.job)
+			left = append(left, d.job)
 			switch {
 			case j.Status == "concluded":
 				if err := s.src.JobDismiss(ctx, d.job); err != nil && !isGone(err) {
@@ -768,7 +766,7 @@ func (s *Session) cancelJobs(ctx context.Context) error {
 				s.log.Debug("mirror force-cancelled", "disk", d.name, "job", d.job)
 			}
 		}
-		if left == 0 {
+		if len(left) == 0 {
 			return nil
 		}
 		if yankAt.IsZero() {
@@ -783,7 +781,7 @@ func (s *Session) cancelJobs(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			if yanked {
-				return s.stuckErr(stuck, ctx.Err())
+				return s.stuckErr(left, ctx.Err())
 			}
 			return fmt.Errorf("blockmirror: waiting for cancelled mirrors: %w", ctx.Err())
 		case <-s.src.Done():
