@@ -425,9 +425,7 @@ func TestPostcopyNeverCancelled(t *testing.T) {
 // sample): "failure during postcopy: ... migration cancelled".
 func TestPostcopyCancelDuringCall(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p, cfg := pair(t, qemutest.Options{Throughput: 100 << 20, DirtyRate: 400 << 20, PostcopyRate: 10 << 20})
-		cfg.Strategy.Limits.Budget = 3 * time.Second
-		cfg.Strategy.Limits.AllowPostcopy = true
+		p, cfg := slowPostcopy(t, qemutest.Options{})
 		ctx, cancel := context.WithCancel(t.Context())
 		query := p.Src.Handler("query-migrate")
 		var once sync.Once
