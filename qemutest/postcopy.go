@@ -171,22 +171,21 @@ func (p *Pair) RecoverAddresses() []qmp.SocketAddress {
 func (p *Pair) KillSrc() {
 	p.mu.Lock()
 	p.pc.srcDead = true
-	withIt := false
+	p.mu.Unlock()
+	// The source's monitor goes first, as with QEMU (the process is gone
+	// before the destination notices the broken stream): a destination
+	// event must not reach the engine while the source still answers.
+	p.Src.CloseConns()
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	switch {
 	case p.mig.dstStatus.Postcopy() && p.pc.loading != nil && p.opt.DstVersion[0] < 8:
-		withIt = true // after the source's connections close, as QEMU would
+		p.dstExit()
 	case p.mig.dstStatus.Postcopy() && p.mig.dstStatus != qmp.StatusPostcopyPaused:
 		p.pc.recoverAddr = nil
 		p.setDstStatus(qmp.StatusPostcopyPaused)
 	case p.mig.dstStatus == qmp.StatusActive:
 		p.dstExit()
-	}
-	p.mu.Unlock()
-	p.Src.CloseConns()
-	if withIt {
-		p.mu.Lock()
-		p.dstExit()
-		p.mu.Unlock()
 	}
 }
 
