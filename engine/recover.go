@@ -748,6 +748,11 @@ func (r *run) lostSide() error {
 		if handled, err := r.dstGoneAtPostcopyStart(); handled {
 			return err
 		}
+		if r.src.Err() != nil {
+			// Seen gone meanwhile (its query failed): the source went
+			// first, the destination with it.
+			return r.bothGone()
+		}
 		r.res.Lost = GuestLost
 		return r.errorf(SideDestination, "postcopy", fmt.Errorf("%w: %w: %w: %w", ErrPostcopyFailed, ErrGuestLost, ErrDestinationGone, r.dst.Err()))
 	case r.src.Err() != nil:
