@@ -434,8 +434,7 @@ func bmTestDestinationLost(t *testing.T, q *qemulab.QEMU, freeze bool) {
 	}
 	time.Sleep(300 * time.Millisecond)
 	if freeze {
-		require.NoError(t, dst.inst.Signal(syscall.SIGSTOP))
-		defer func() { _ = dst.inst.Signal(syscall.SIGCONT) }()
+		stopQEMU(t, dst.inst)
 		// Unlimited speed so that in-flight NBD requests pile up against the frozen peer.
 		require.NoError(t, src.qmp.BlockJobSetSpeed(ctx, bmJob(t, ctx, s), 0))
 		wctx, wcancel := context.WithTimeout(ctx, 2*time.Second)
@@ -978,13 +977,7 @@ func bmTestFrozenInFlight(t *testing.T, q *qemulab.QEMU, tcp bool) {
 	s, err := bmStart(ctx, t, src, dst, cfg, "unix:"+filepath.Join(src.dir, "mig.sock"))
 	require.NoError(t, err)
 	time.Sleep(300 * time.Millisecond)
-	require.NoError(t, dst.inst.Signal(syscall.SIGSTOP))
-	thawed := false
-	defer func() {
-		if !thawed {
-			_ = dst.inst.Signal(syscall.SIGCONT)
-		}
-	}()
+	stopQEMU(t, dst.inst)
 	// Unlimited speed: requests pile up against the stopped destination.
 	job := bmJob(t, ctx, s)
 	require.NoError(t, src.qmp.BlockJobSetSpeed(ctx, job, 0))
@@ -1014,7 +1007,6 @@ func bmTestFrozenInFlight(t *testing.T, q *qemulab.QEMU, tcp bool) {
 
 	// The destination runs again: Abort finishes the clean-up.
 	require.NoError(t, dst.inst.Signal(syscall.SIGCONT))
-	thawed = true
 	require.NoError(t, s.Abort(ctx))
 	bmAssertNothingLeft(t, ctx, src, dst)
 	bmSourceIntact(t, ctx, src, map[uint64]byte{0: 0x11, 40 << 20: 0x11}, 1<<20)

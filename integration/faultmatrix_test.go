@@ -63,11 +63,18 @@ func inject(t *testing.T, fault string, src, dst *qemulab.Instance, cancel conte
 	case "kill-src":
 		src.Kill()
 	case "stop-dst":
-		require.NoError(t, dst.Signal(syscall.SIGSTOP))
-		t.Cleanup(func() { _ = dst.Signal(syscall.SIGCONT) })
+		stopQEMU(t, dst)
 	case "cancel":
 		cancel()
 	}
+}
+
+// stopQEMU stops inst (SIGSTOP); the test's clean-up lets it run again
+// (SIGCONT), pass or fail, so that no stopped QEMU is left behind.
+func stopQEMU(t *testing.T, inst *qemulab.Instance) {
+	t.Helper()
+	require.NoError(t, inst.Signal(syscall.SIGSTOP))
+	t.Cleanup(func() { _ = inst.Signal(syscall.SIGCONT) })
 }
 
 // Setup: the fault lands at the start phase, before migrate-incoming.
@@ -236,16 +243,10 @@ func testMatrixPostcopyStopDst(t *testing.T, q *qemulab.QEMU) {
 	var quarter postcopyQuarter
 	cfg.Observer = func(e engine.Event) {
 		if len(stopped) == 0 && quarter.reached(e) {
-			require.NoError(t, dst.Signal(syscall.SIGSTOP))
+			stopQEMU(t, dst)
 			stopped <- time.Now()
 		}
 	}
-	thawed := false
-	defer func() {
-		if !thawed {
-			_ = dst.Signal(syscall.SIGCONT)
-		}
-	}()
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
 	res, err := engine.Migrate(ctx, cfg)
@@ -271,7 +272,6 @@ func testMatrixPostcopyStopDst(t *testing.T, q *qemulab.QEMU) {
 
 	// Thawed: nothing was cut, the QEMUs finish postcopy by themselves.
 	require.NoError(t, dst.Signal(syscall.SIGCONT))
-	thawed = true
 	for info.Status != qmp.StatusCompleted {
 		require.False(t, info.Status.Terminal(), "the source's migration ended %s", info.Status)
 		select {
